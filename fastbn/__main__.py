@@ -1,0 +1,119 @@
+"""``python -m fastbn [info|bench]``: what this build is, a self-check, and the benchmark report."""
+import argparse
+import sys
+
+import numpy as np
+
+import fastbn
+
+from . import _cpu, _kernels, _openmp
+
+
+def _reference(x, weight, bias, mean=None, var=None, eps=1e-5):
+    """Plain float64 NumPy batch norm over axis 1 (batch statistics when mean is None)."""
+    x = x.astype(np.float64)
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if mean is None:
+        mean = x.mean(axis=axes)
+        var = ((x - mean.reshape(shape)) ** 2).mean(axis=axes)
+    xhat = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return xhat * weight.reshape(shape) + bias.reshape(shape), mean, var
+
+
+def _reference_backward(dy, x, weight, eps=1e-5):
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = x.mean(axis=axes)
+    invstd = 1 / np.sqrt(((x - mean.reshape(shape)) ** 2).mean(axis=axes) + eps)
+    xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
+    gb = dy.sum(axis=axes)
+    gw = (dy * xhat).sum(axis=axes)
+    m = x.size // x.shape[1]
+    dx = weight.reshape(shape) * invstd.reshape(shape) * (dy - (gb / m).reshape(shape) - xhat * (gw / m).reshape(shape))
+    return dx, gw, gb
+
+
+def self_check(out=sys.stdout):
+    """Run every kernel on every work-splitting path against the float64 reference; True if all pass."""
+    rng = np.random.default_rng(0)
+    cases = [((6, 4, 5, 7), "auto"), ((6, 4, 5, 7), "channels"), ((6, 3, 33, 17), "units"),
+             ((257, 19), "columns"), ((3, 1, 1000), "units")]
+    ok = True
+    for shape, path in cases:
+        for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+            x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+            C = shape[1]
+            w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            rm, rv = rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+            saved = dict(_cpu.tuning)
+            _cpu.tuning.update(path=path, unit=97)
+            try:
+                y, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
+                ye = fastbn.batch_norm(x, rm, rv, w, b, training=False)
+                dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=True)
+            finally:
+                _cpu.tuning.update(saved)
+            ref_y, _, _ = _reference(x, w, b)
+            ref_ye, _, _ = _reference(x, w, b, rm.astype(np.float64), rv.astype(np.float64))
+            ref_dx, ref_gw, ref_gb = _reference_backward(dy, x, w)
+            checks = {
+                "train forward": np.abs(y - ref_y).max(),
+                "eval forward": np.abs(ye - ref_ye).max(),
+                "backward dx": np.abs(dx - ref_dx).max(),
+                "backward dw": np.abs(gw - ref_gw).max() / max(1.0, np.abs(ref_gw).max()),
+                "backward db": np.abs(gb - ref_gb).max() / max(1.0, np.abs(ref_gb).max()),
+            }
+            failed = [name for name, err in checks.items() if not err <= tol]
+            ok &= not failed
+            worst = max(checks.values())
+            print(f"  {'FAIL' if failed else 'pass'}  {str(shape):<15} {np.dtype(dtype).name:<8} path={path:<9} "
+                  f"train/eval forward, backward: worst error {worst:.1e} (tolerance {tol:.0e})"
+                  + (f"  failed: {', '.join(failed)}" if failed else ""), file=out)
+    return ok
+
+
+def info(out=sys.stdout):
+    print(f"fastbn {fastbn.__version__}", file=out)
+    print(f"  numpy {np.__version__}, python {sys.version.split()[0]}", file=out)
+    print(f"  OpenMP: {'on' if _openmp.OPENMP else 'OFF (serial build)'}; threads in effect: {fastbn.get_num_threads()}", file=out)
+    print(f"  compile flags: {_openmp.BUILD_FLAGS}", file=out)
+    print(f"  backends: cpu (NumPy) available; cuda (CuPy) {_cuda_status()}", file=out)
+    print("self-check against a float64 NumPy reference:", file=out)
+    ok = self_check(out)
+    print(f"self-check: {'PASSED' if ok else 'FAILED'}", file=out)
+    return 0 if ok else 1
+
+
+def _cuda_status():
+    try:
+        from . import _cupy_backend
+
+        return _cupy_backend.status()
+    except ImportError as exc:  # the backend module itself is optional
+        return f"unavailable ({exc})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("info", help="build facts and a self-check of every kernel (the default)")
+    bench = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy and PyTorch")
+    try:
+        from . import _bench
+
+        _bench.add_arguments(bench)
+    except ImportError:
+        _bench = None
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        if _bench is None:
+            parser.error("the benchmark module is missing from this install")
+        return _bench.run(args)
+    return info()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""fastbn's CPU kernels: OpenMP-parallel batch norm over C-contiguous (N, C, S) buffers.
+
+Every operation is "reduce per channel, derive per-channel coefficients, apply elementwise".
+Three ways to split that work between threads (``path``):
+
+CHANNELS  each thread owns whole channels and runs reduce + apply back to back, so the second
+          pass over a channel re-reads it from L2 instead of DRAM.  Used when the channels
+          divide evenly between the threads (or there are many of them).
+UNITS     each channel is cut into units of ~``unit`` elements; partial results per unit are
+          merged in a fixed order, then the apply pass runs over the same units.  Used when there
+          are fewer channels than threads (C=1, C=3): no shape runs on one thread.
+COLUMNS   spatial size 1, an (N, C) matrix: threads take blocks of rows and reduce along the
+          columns with vector loads across C (per-thread accumulators, merged afterwards).
+
+The kernels trust their arguments: fastbn.functional validated them.  Statistics are
+accumulated in double for both float32 and float64.  The GIL is released for all the work.
+"""
+import numpy as np
+from cython cimport floating
+from cython.parallel cimport parallel, prange, threadid
+from libc.math cimport sqrt
+
+cdef extern from "_simd.h" nogil:
+    void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)
+    void fbn_moments_f32(const float *x, Py_ssize_t len, double *n, double *m, double *m2)
+    void fbn_moments_f64(const double *x, Py_ssize_t len, double *n, double *m, double *m2)
+    void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t C, double *n, double *m, double *m2, double *tmp)
+    void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t C, double *n, double *m, double *m2, double *tmp)
+    void fbn_affine_f32(const float *x, float *y, Py_ssize_t len, float mhi, float mlo, float a, float b)
+    void fbn_affine_f64(const double *x, double *y, Py_ssize_t len, double mhi, double mlo, double a, double b)
+    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t C, const float *mhi, const float *mlo, const float *a, const float *b)
+    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t C, const double *mhi, const double *mlo, const double *a, const double *b)
+    void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t len, double mean, double *sdy, double *sdyx)
+    void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t len, double mean, double *sdy, double *sdyx)
+    void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t C, const double *mean, double *sdy, double *sdyx)
+    void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t C, const double *mean, double *sdy, double *sdyx)
+    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t len, float mhi, float mlo, float kdy, float kx, float kc)
+    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t len, double mhi, double mlo, double kdy, double kx, double kc)
+    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t C, const float *mhi, const float *mlo, const float *kdy, const float *kx, const float *kc)
+    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t C, const double *mhi, const double *mlo, const double *kdy, const double *kx, const double *kc)
+
+# Work-splitting strategies; the Python layer passes AUTO unless a test forces one.
+cdef enum:
+    AUTO = 0
+    CHANNELS = 1
+    UNITS = 2
+    COLUMNS = 3
+PATHS = {"auto": AUTO, "channels": CHANNELS, "units": UNITS, "columns": COLUMNS}
+
+cdef enum:
+    # Below this many elements per thread, more threads cost more than they save.
+    MIN_PER_THREAD = 16384
+    # Elements per COLUMNS row block (~128 KiB of float32: stays in L2 for the second pass).
+    COLUMN_BLOCK = 32768
+    MIN_UNIT = 4096
+
+
+# ---------------------------------------------------------------- fused-type dispatch
+cdef inline void _moments(const floating *x, Py_ssize_t n, double *cn, double *m, double *m2) noexcept nogil:
+    if floating is float:
+        fbn_moments_f32(x, n, cn, m, m2)
+    else:
+        fbn_moments_f64(x, n, cn, m, m2)
+
+
+cdef inline void _affine(const floating *x, floating *y, Py_ssize_t n, const floating *cf, Py_ssize_t c,
+                         Py_ssize_t C) noexcept nogil:
+    # cf holds [mhi | mlo | a | b], C values each
+    if floating is float:
+        fbn_affine_f32(x, y, n, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c])
+    else:
+        fbn_affine_f64(x, y, n, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c])
+
+
+cdef inline void _grad_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean, double *s) noexcept nogil:
+    if floating is float:
+        fbn_grad_sums_f32(dy, x, n, mean, &s[0], &s[1])
+    else:
+        fbn_grad_sums_f64(dy, x, n, mean, &s[0], &s[1])
+
+
+cdef inline void _grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
+                             const floating *cf, Py_ssize_t c, Py_ssize_t C) noexcept nogil:
+    # cf holds [mhi | mlo | kdy | kx | kc], C values each
+    if floating is float:
+        fbn_grad_input_f32(dy, x, dx, n, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c], cf[4 * C + c])
+    else:
+        fbn_grad_input_f64(dy, x, dx, n, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c], cf[4 * C + c])
+
+
+# ---------------------------------------------------------------- walking one channel's elements
+# Channel c of an (N, C, S) buffer is N runs of S contiguous elements; element e of the channel
+# (0 <= e < N*S) lives at x[(e // S) * C * S + c * S + e % S].  These walk [e0, e1) run by run.
+
+cdef inline void _range_moments(const floating *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
+                                Py_ssize_t e0, Py_ssize_t e1, double *acc) noexcept nogil:
+    cdef Py_ssize_t r = e0 // S, s = e0 - r * S, ln
+    while e0 < e1:
+        ln = min(S - s, e1 - e0)
+        _moments(x + (r * C + c) * S + s, ln, &acc[0], &acc[1], &acc[2])
+        e0 += ln
+        r += 1
+        s = 0
+
+
+cdef inline void _range_affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
+                               Py_ssize_t e0, Py_ssize_t e1, const floating *cf) noexcept nogil:
+    cdef Py_ssize_t r = e0 // S, s = e0 - r * S, ln, off
+    while e0 < e1:
+        ln = min(S - s, e1 - e0)
+        off = (r * C + c) * S + s
+        _affine(x + off, y + off, ln, cf, c, C)
+        e0 += ln
+        r += 1
+        s = 0
+
+
+cdef inline void _range_grad_sums(const floating *dy, const floating *x, Py_ssize_t C, Py_ssize_t S,
+                                  Py_ssize_t c, Py_ssize_t e0, Py_ssize_t e1, double mean,
+                                  double *acc) noexcept nogil:
+    cdef Py_ssize_t r = e0 // S, s = e0 - r * S, ln, off
+    while e0 < e1:
+        ln = min(S - s, e1 - e0)
+        off = (r * C + c) * S + s
+        _grad_sums(dy + off, x + off, ln, mean, acc)
+        e0 += ln
+        r += 1
+        s = 0
+
+
+cdef inline void _range_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
+                                   Py_ssize_t S, Py_ssize_t c, Py_ssize_t e0, Py_ssize_t e1,
+                                   const floating *cf) noexcept nogil:
+    cdef Py_ssize_t r = e0 // S, s = e0 - r * S, ln, off
+    while e0 < e1:
+        ln = min(S - s, e1 - e0)
+        off = (r * C + c) * S + s
+        _grad_input(dy + off, x + off, dx + off, ln, cf, c, C)
+        e0 += ln
+        r += 1
+        s = 0
+
+
+# ---------------------------------------------------------------- per-channel coefficients
+cdef inline void _split_mean(double m, floating *hi, floating *lo) noexcept nogil:
+    # m ~= hi + lo in the input type; lo is 0 for float64
+    hi[0] = <floating>m
+    lo[0] = <floating>(m - <double>hi[0])
+
+
+cdef inline void _finish_stats(Py_ssize_t c, Py_ssize_t C, const double *acc, double eps,
+                               const floating *w, const floating *b, double *mean, double *var,
+                               double *invstd, floating *cf) noexcept nogil:
+    cdef double v = acc[2] / acc[0]
+    cdef double istd = 1.0 / sqrt(v + eps)
+    mean[c] = acc[1]
+    var[c] = v
+    invstd[c] = istd
+    _affine_coefs(c, C, acc[1], istd, w, b, cf)
+
+
+cdef inline void _affine_coefs(Py_ssize_t c, Py_ssize_t C, double mean, double istd,
+                               const floating *w, const floating *b, floating *cf) noexcept nogil:
+    _split_mean(mean, &cf[c], &cf[C + c])
+    cf[2 * C + c] = <floating>(<double>w[c] * istd)
+    cf[3 * C + c] = b[c]
+
+
+cdef inline void _finish_grad(Py_ssize_t c, Py_ssize_t C, const double *acc, double count, bint training,
+                              const floating *w, const double *mean, const double *invstd,
+                              double *gw, double *gb, floating *cf) noexcept nogil:
+    cdef double istd = invstd[c], k = <double>w[c] * istd
+    gb[c] = acc[0]
+    gw[c] = acc[1] * istd
+    _split_mean(mean[c], &cf[c], &cf[C + c])
+    cf[2 * C + c] = <floating>k
+    if training:
+        cf[3 * C + c] = <floating>(-k * istd * istd * acc[1] / count)
+        cf[4 * C + c] = <floating>(-k * acc[0] / count)
+    else:
+        cf[3 * C + c] = 0
+        cf[4 * C + c] = 0
+
+
+# ---------------------------------------------------------------- planning
+cdef int _plan_threads(int n_threads, Py_ssize_t total) noexcept nogil:
+    cdef Py_ssize_t t = total // MIN_PER_THREAD
+    if t < 1:
+        t = 1
+    return <int>min(<Py_ssize_t>n_threads, t)
+
+
+cdef int _plan_path(Py_ssize_t C, Py_ssize_t S, int T, int path) noexcept nogil:
+    if path == COLUMNS and S != 1:
+        return UNITS
+    if path != AUTO:
+        return path
+    if S == 1:
+        return COLUMNS
+    if T == 1 or C % T == 0 or C >= 4 * T:
+        return CHANNELS
+    return UNITS
+
+
+cdef Py_ssize_t _plan_unit(Py_ssize_t per_channel, Py_ssize_t C, int T, Py_ssize_t unit) noexcept nogil:
+    """Elements per unit: about 16 units per thread overall, none smaller than MIN_UNIT."""
+    cdef Py_ssize_t k
+    if unit > 0:
+        return unit
+    k = (16 * T + C - 1) // C
+    unit = (per_channel + k - 1) // k
+    return max(unit, <Py_ssize_t>MIN_UNIT)
+
+
+# ---------------------------------------------------------------- one whole channel (CHANNELS path)
+cdef void _channel_forward(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t NS,
+                           Py_ssize_t c, double eps, const floating *w, const floating *b, double *mean,
+                           double *var, double *invstd, floating *cf) noexcept nogil:
+    cdef double acc[3]
+    acc[0] = 0
+    acc[1] = 0
+    acc[2] = 0
+    _range_moments(x, C, S, c, 0, NS, acc)
+    _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
+    _range_affine(x, y, C, S, c, 0, NS, cf)  # re-reads the channel from cache
+
+
+cdef void _channel_backward(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
+                            Py_ssize_t S, Py_ssize_t NS, Py_ssize_t c, bint training, const floating *w,
+                            const double *mean, const double *invstd, double *gw, double *gb,
+                            floating *cf) noexcept nogil:
+    cdef double acc[2]
+    acc[0] = 0
+    acc[1] = 0
+    _range_grad_sums(dy, x, C, S, c, 0, NS, mean[c], acc)
+    _finish_grad(c, C, acc, <double>NS, training, w, mean, invstd, gw, gb, cf)
+    _range_grad_input(dy, x, dx, C, S, c, 0, NS, cf)
+
+
+# ---------------------------------------------------------------- forward, training mode
+def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
+                  floating[:, :, ::1] y,            # OUT (N, C, S); may be x itself
+                  const floating[::1] weight,       # IN  (C,)
+                  const floating[::1] bias,         # IN  (C,)
+                  double eps,
+                  double[::1] mean,                 # OUT (C,) batch mean
+                  double[::1] var,                  # OUT (C,) biased batch variance
+                  double[::1] invstd,               # OUT (C,) 1 / sqrt(var + eps)
+                  int n_threads, int path=AUTO, Py_ssize_t unit=0):
+    """Batch statistics and the fused normalize + affine in one call."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], NS = N * S
+    cdef int T = _plan_threads(n_threads, N * C * S)
+    path = _plan_path(C, S, T, path)
+    cdef floating[::1] coef = np.empty(4 * C, dtype=np.float32 if floating is float else np.float64)
+    cdef const floating *xp = &x[0, 0, 0]
+    cdef floating *yp = &y[0, 0, 0]
+    cdef floating *cf = &coef[0]
+    cdef const floating *wp = &weight[0]
+    cdef const floating *bp = &bias[0]
+    cdef double *mp = &mean[0]
+    cdef double *vp = &var[0]
+    cdef double *ip = &invstd[0]
+    cdef Py_ssize_t c, u, k, nu, U, e0, j, t, tid, R, nb, r0
+    cdef double acc[3]
+    cdef double[:, ::1] part
+    cdef double *pp
+    cdef double *th
+
+    if path == CHANNELS:
+        with nogil:
+            for c in prange(C, num_threads=min(<Py_ssize_t>T, C), schedule="static"):
+                _channel_forward(xp, yp, C, S, NS, c, eps, wp, bp, mp, vp, ip, cf)
+    elif path == UNITS:
+        U = _plan_unit(NS, C, T, unit)
+        k = (NS + U - 1) // U
+        nu = C * k
+        part = np.zeros((nu, 3))
+        pp = &part[0, 0]
+        with nogil:
+            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                e0 = (u % k) * U
+                _range_moments(xp, C, S, u // k, e0, min(NS, e0 + U), pp + 3 * u)
+            for c in range(C):
+                acc[0] = 0
+                acc[1] = 0
+                acc[2] = 0
+                for j in range(c * k, c * k + k):
+                    fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[3 * j], pp[3 * j + 1], pp[3 * j + 2])
+                _finish_stats(c, C, acc, eps, wp, bp, mp, vp, ip, cf)
+            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                e0 = (u % k) * U
+                _range_affine(xp, yp, C, S, u // k, e0, min(NS, e0 + U), cf)
+    else:  # COLUMNS: x is an (N, C) matrix
+        R = max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
+        nb = (N + R - 1) // R
+        T = <int>min(<Py_ssize_t>T, nb)
+        part = np.zeros((T, 4 * C + 1))  # per thread: [count | mean(C) | M2(C) | scratch(2C)]
+        pp = &part[0, 0]
+        with nogil, parallel(num_threads=T):
+            tid = threadid()
+            for j in prange(nb, schedule="static"):
+                r0 = j * R
+                _col_moments(xp + r0 * C, min(R, N - r0), C, pp + tid * (4 * C + 1))
+        with nogil:
+            for t in range(1, T):  # merge the threads' accumulators into thread 0's
+                th = pp + t * (4 * C + 1)
+                for c in range(C):
+                    acc[0] = pp[0]
+                    fbn_chan_merge(&acc[0], &pp[1 + c], &pp[1 + C + c], th[0], th[1 + c], th[1 + C + c])
+                pp[0] += th[0]
+            for c in range(C):
+                acc[0] = pp[0]
+                acc[1] = pp[1 + c]
+                acc[2] = pp[1 + C + c]
+                _finish_stats(c, C, acc, eps, wp, bp, mp, vp, ip, cf)
+            for j in prange(nb, num_threads=T, schedule="static"):
+                r0 = j * R
+                _col_affine(xp + r0 * C, yp + r0 * C, min(R, N - r0), C, cf)
+
+
+cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t C, double *th) noexcept nogil:
+    # th: one thread's [count | mean(C) | M2(C) | scratch(2C)]
+    if floating is float:
+        fbn_col_moments_f32(x, rows, C, th, th + 1, th + 1 + C, th + 1 + 2 * C)
+    else:
+        fbn_col_moments_f64(x, rows, C, th, th + 1, th + 1 + C, th + 1 + 2 * C)
+
+
+cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t C,
+                             const floating *cf) noexcept nogil:
+    if floating is float:
+        fbn_col_affine_f32(x, y, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
+    else:
+        fbn_col_affine_f64(x, y, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
+
+
+# ---------------------------------------------------------------- forward with given statistics
+def forward_eval(const floating[:, :, ::1] x,       # IN  (N, C, S)
+                 floating[:, :, ::1] y,             # OUT (N, C, S); may be x itself
+                 const floating[::1] weight,        # IN  (C,)
+                 const floating[::1] bias,          # IN  (C,)
+                 const double[::1] mean,            # IN  (C,) running mean
+                 const double[::1] invstd,          # IN  (C,) 1 / sqrt(running_var + eps)
+                 int n_threads, int path=AUTO, Py_ssize_t unit=0):
+    """y = (x - mean) * invstd * weight + bias: one read of x, one write of y."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], NS = N * S
+    cdef int T = _plan_threads(n_threads, N * C * S)
+    path = _plan_path(C, S, T, path)
+    cdef floating[::1] coef = np.empty(4 * C, dtype=np.float32 if floating is float else np.float64)
+    cdef const floating *xp = &x[0, 0, 0]
+    cdef floating *yp = &y[0, 0, 0]
+    cdef floating *cf = &coef[0]
+    cdef Py_ssize_t c, u, k, nu, U, e0, j, R, nb, r0
+    with nogil:
+        for c in range(C):
+            _affine_coefs(c, C, mean[c], invstd[c], &weight[0], &bias[0], cf)
+        if path == COLUMNS:
+            R = max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
+            nb = (N + R - 1) // R
+            for j in prange(nb, num_threads=min(<Py_ssize_t>T, nb), schedule="static"):
+                r0 = j * R
+                _col_affine(xp + r0 * C, yp + r0 * C, min(R, N - r0), C, cf)
+        else:  # no reduction: CHANNELS is UNITS with one unit per channel
+            U = NS if path == CHANNELS else _plan_unit(NS, C, T, unit)
+            k = (NS + U - 1) // U
+            nu = C * k
+            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                e0 = (u % k) * U
+                _range_affine(xp, yp, C, S, u // k, e0, min(NS, e0 + U), cf)
+
+
+# ---------------------------------------------------------------- backward
+def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
+             const floating[:, :, ::1] x,          # IN  (N, C, S) forward input
+             floating[:, :, ::1] dx,               # OUT (N, C, S) grad_input
+             const floating[::1] weight,           # IN  (C,)
+             const double[::1] mean,               # IN  (C,) mean used in the forward
+             const double[::1] invstd,             # IN  (C,) invstd used in the forward
+             bint training,                        # batch statistics (True) or fixed ones
+             double[::1] grad_weight,              # OUT (C,)
+             double[::1] grad_bias,                # OUT (C,)
+             int n_threads, int path=AUTO, Py_ssize_t unit=0):
+    """grad_input, grad_weight, grad_bias from the saved mean/invstd (no recomputation)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], NS = N * S
+    cdef int T = _plan_threads(n_threads, N * C * S)
+    path = _plan_path(C, S, T, path)
+    cdef floating[::1] coef = np.empty(5 * C, dtype=np.float32 if floating is float else np.float64)
+    cdef const floating *gp = &dy[0, 0, 0]
+    cdef const floating *xp = &x[0, 0, 0]
+    cdef floating *dp = &dx[0, 0, 0]
+    cdef floating *cf = &coef[0]
+    cdef const floating *wp = &weight[0]
+    cdef const double *mp = &mean[0]
+    cdef const double *ip = &invstd[0]
+    cdef double *gwp = &grad_weight[0]
+    cdef double *gbp = &grad_bias[0]
+    cdef double count = <double>NS
+    cdef Py_ssize_t c, u, k, nu, U, e0, j, t, tid, R, nb, r0
+    cdef double acc[2]
+    cdef double[:, ::1] part
+    cdef double *pp
+
+    if path == CHANNELS:
+        with nogil:
+            for c in prange(C, num_threads=min(<Py_ssize_t>T, C), schedule="static"):
+                _channel_backward(gp, xp, dp, C, S, NS, c, training, wp, mp, ip, gwp, gbp, cf)
+    elif path == UNITS:
+        U = _plan_unit(NS, C, T, unit)
+        k = (NS + U - 1) // U
+        nu = C * k
+        part = np.zeros((nu, 2))
+        pp = &part[0, 0]
+        with nogil:
+            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                e0 = (u % k) * U
+                _range_grad_sums(gp, xp, C, S, u // k, e0, min(NS, e0 + U), mp[u // k], pp + 2 * u)
+            for c in range(C):
+                acc[0] = 0
+                acc[1] = 0
+                for j in range(c * k, c * k + k):
+                    acc[0] += pp[2 * j]
+                    acc[1] += pp[2 * j + 1]
+                _finish_grad(c, C, acc, count, training, wp, mp, ip, gwp, gbp, cf)
+            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                e0 = (u % k) * U
+                _range_grad_input(gp, xp, dp, C, S, u // k, e0, min(NS, e0 + U), cf)
+    else:  # COLUMNS
+        R = max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
+        nb = (N + R - 1) // R
+        T = <int>min(<Py_ssize_t>T, nb)
+        part = np.zeros((T, 2 * C))  # per thread: [sum dy (C) | sum dy*(x-mean) (C)]
+        pp = &part[0, 0]
+        with nogil, parallel(num_threads=T):
+            tid = threadid()
+            for j in prange(nb, schedule="static"):
+                r0 = j * R
+                _col_grad_sums(gp + r0 * C, xp + r0 * C, min(R, N - r0), C, mp, pp + tid * 2 * C)
+        with nogil:
+            for c in range(C):
+                acc[0] = 0
+                acc[1] = 0
+                for t in range(T):
+                    acc[0] += pp[t * 2 * C + c]
+                    acc[1] += pp[t * 2 * C + C + c]
+                _finish_grad(c, C, acc, count, training, wp, mp, ip, gwp, gbp, cf)
+            for j in prange(nb, num_threads=T, schedule="static"):
+                r0 = j * R
+                _col_grad_input(gp + r0 * C, xp + r0 * C, dp + r0 * C, min(R, N - r0), C, cf)
+
+
+cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t C,
+                                const double *mean, double *th) noexcept nogil:
+    if floating is float:
+        fbn_col_grad_sums_f32(dy, x, rows, C, mean, th, th + C)
+    else:
+        fbn_col_grad_sums_f64(dy, x, rows, C, mean, th, th + C)
+
+
+cdef inline void _col_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
+                                 Py_ssize_t C, const floating *cf) noexcept nogil:
+    if floating is float:
+        fbn_col_grad_input_f32(dy, x, dx, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C, cf + 4 * C)
+    else:
+        fbn_col_grad_input_f64(dy, x, dx, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C, cf + 4 * C)

@@ -1,0 +1,55 @@
+"""OpenMP thread control for fastbn's kernels.
+
+The thread count follows the OpenMP runtime (OMP_NUM_THREADS, omp_set_num_threads,
+threadpoolctl's limits) so that every tool that steers OpenMP steers fastbn too.
+Without OpenMP in the build, everything runs on one thread.
+"""
+
+cdef extern from *:
+    """
+    #if FASTBN_HAVE_OPENMP
+    #include <omp.h>
+    #else
+    static int omp_get_max_threads(void) { return 1; }
+    static void omp_set_num_threads(int n) { (void)n; }
+    #endif
+    static const char *fastbn_build_flags = FASTBN_BUILD_FLAGS;
+    """
+    int FASTBN_HAVE_OPENMP
+    const char *fastbn_build_flags
+    int omp_get_max_threads() noexcept nogil
+    void omp_set_num_threads(int) noexcept nogil
+
+# A process-wide request from set_num_threads(); 0 means "follow the OpenMP runtime".
+cdef int _requested = 0
+
+OPENMP = bool(FASTBN_HAVE_OPENMP)
+BUILD_FLAGS = fastbn_build_flags.decode()
+
+
+cdef int effective_threads() noexcept nogil:
+    cdef int omp = omp_get_max_threads()
+    if _requested > 0 and _requested < omp:
+        return _requested
+    return omp if omp > 0 else 1
+
+
+def get_num_threads():
+    """Threads fastbn's kernels use in a call from this Python thread."""
+    return effective_threads()
+
+
+def set_num_threads(int n):
+    """Use ``n`` threads in fastbn's kernels (and in OpenMP code of this thread).
+
+    The default follows ``OMP_NUM_THREADS`` (else the core count); ``threadpoolctl``'s
+    ``threadpool_limits`` lowers it for the duration of its block.
+    """
+    global _requested
+    if n < 1:
+        raise ValueError(f"n_threads={n} is invalid: expected a positive number of threads")
+    if not FASTBN_HAVE_OPENMP and n > 1:
+        import warnings
+        warnings.warn("fastbn was built without OpenMP: kernels run on one thread", RuntimeWarning, stacklevel=2)
+    _requested = n
+    omp_set_num_threads(n)

@@ -1,0 +1,201 @@
+"""Batch normalization on NumPy (or CuPy) arrays, with ``torch.nn.functional.batch_norm``'s semantics.
+
+This module validates and dispatches; the arithmetic lives in the backends (``_cpu`` for NumPy,
+``_cupy_backend`` for CuPy).  Every check runs before any state changes, so a call that raises
+leaves the running buffers as they were, and the caller's input is never written (unless it is
+passed as ``out=`` on purpose).
+"""
+import math
+import numbers
+
+import numpy as np
+
+from . import _cpu
+
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def backend_of(a):
+    """The backend module for an array: ``_cpu`` for NumPy, ``_cupy_backend`` for CuPy."""
+    if isinstance(a, np.ndarray):
+        return _cpu
+    if type(a).__module__.split(".")[0] == "cupy":
+        from . import _cupy_backend
+
+        return _cupy_backend
+    raise TypeError(f"expected a numpy.ndarray (or cupy.ndarray), got {type(a).__module__}.{type(a).__name__}")
+
+
+def _float_dtype(a, name):
+    dt = a.dtype
+    if dt in _FLOATS:
+        return dt
+    if dt.kind == "f" and dt.itemsize in (4, 8):  # non-native byte order
+        return dt.newbyteorder("=")
+    hint = " (cast with .astype(np.float32); float16 is not supported)" if dt.kind == "f" else ""
+    raise TypeError(f"{name} must be float32 or float64, got dtype {dt}{hint}")
+
+
+def as_ncs(x, name="input"):
+    """Validate x as an (N, C, *spatial) float array; return (backend, contiguous (N, C, S) view)."""
+    be = backend_of(x)
+    dt = _float_dtype(x, name)
+    if x.ndim < 2:
+        raise ValueError(f"expected {name} of at least 2 dimensions (N, C, *spatial), got shape {tuple(x.shape)}")
+    if not x.flags.c_contiguous or x.dtype != dt:
+        x = be.xp.ascontiguousarray(x, dtype=dt)
+    N, C = x.shape[0], x.shape[1]
+    return be, x.reshape(N, C, x.size // (N * C) if N * C else math.prod(x.shape[2:]))
+
+
+def _channel_vector(v, name, be, C, dtype, writable=False):
+    """Check a per-channel array (weight, bias, running buffers, saved statistics)."""
+    if not be.is_array(v):
+        raise TypeError(
+            f"{name} must be a {be.xp.__name__} array of shape ({C},) on the same device as the input, "
+            f"got {type(v).__name__}"
+        )
+    if v.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {v.dtype}")
+    if v.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, got shape {tuple(v.shape)}")
+    if writable and not v.flags.writeable:
+        raise ValueError(f"{name} is read-only, but training updates it in place")
+    if dtype is not None and v.dtype != dtype:
+        v = v.astype(dtype)
+    return v
+
+
+def _fill(be, C, dtype, value):
+    return be.xp.full(C, value, dtype=dtype)
+
+
+def _check_scalar(value, name, low=0.0, high=math.inf):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (low <= value <= high):
+        rule = f"a real number in [{low}, {high}]" if high != math.inf else f"a real number >= {low}"
+        raise (TypeError if not isinstance(value, numbers.Real) else ValueError)(f"{name} must be {rule}, got {value!r}")
+    return float(value)
+
+
+def _prepare_out(be, out, x, x3):
+    """The (N, C, S) array the kernel writes, and whether it must be copied into ``out`` afterwards."""
+    if out is None:
+        return be.xp.empty_like(x3), False
+    if not be.is_array(out):
+        raise TypeError(f"out must be a {be.xp.__name__} array, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(x.shape) or out.dtype != x3.dtype:
+        raise ValueError(
+            f"out must have the input's shape {tuple(x.shape)} and dtype {x3.dtype}, "
+            f"got shape {tuple(out.shape)} and dtype {out.dtype}"
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if out.flags.c_contiguous:
+        o3 = out.reshape(x3.shape)
+        # Writing in place over the input itself is fine (elementwise); a partial overlap is not.
+        same = o3.__array_interface__["data"][0] == x3.__array_interface__["data"][0] if be is _cpu else o3.data.ptr == x3.data.ptr
+        if same or not be.xp.may_share_memory(o3, x3):
+            return o3, False
+    return be.xp.empty_like(x3), True
+
+
+def _training_check(x, N, S):
+    if N * S == 1:
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}")
+
+
+def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None, training=False,
+                       momentum=0.1, eps=1e-5, *, out=None):
+    """Like :func:`batch_norm`, and also return what :func:`batch_norm_backward` needs.
+
+    Returns ``(output, save_mean, save_invstd)``: the per-channel mean and ``1/sqrt(var + eps)``
+    that normalized the input (the batch's in training, the running buffers' otherwise), as
+    float64 arrays of shape ``(C,)``.
+    """
+    be, x3 = as_ncs(input)
+    N, C, S = x3.shape
+    dt = x3.dtype
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be arrays or both be None")
+    training = bool(training)
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")
+    eps = _check_scalar(eps, "eps")
+    if training and running_mean is not None:
+        if momentum is None:
+            raise TypeError("momentum must be a float; for a cumulative average pass 1/num_batches "
+                            "(the layers do this when momentum=None)")
+        momentum = _check_scalar(momentum, "momentum", 0.0, 1.0)
+    w = _fill(be, C, dt, 1.0) if weight is None else _channel_vector(weight, "weight", be, C, dt)
+    b = _fill(be, C, dt, 0.0) if bias is None else _channel_vector(bias, "bias", be, C, dt)
+    if running_mean is not None:
+        _channel_vector(running_mean, "running_mean", be, C, None, writable=training)
+        _channel_vector(running_var, "running_var", be, C, None, writable=training)
+    if training:
+        _training_check(input, N, S)
+    y3, copy_back = _prepare_out(be, out, input, x3)
+
+    if training:
+        if N * S == 0:  # PyTorch: empty output, running buffers untouched
+            mean, invstd = be.xp.zeros(C), be.xp.zeros(C)
+        else:
+            mean, var, invstd = be.forward_train(x3, y3, w, b, eps)
+            if running_mean is not None:
+                n = N * S
+                running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+                running_var[...] = (1.0 - momentum) * running_var + (momentum * n / (n - 1)) * var
+    else:
+        mean = running_mean.astype(np.float64)
+        invstd = 1.0 / be.xp.sqrt(running_var.astype(np.float64) + eps)
+        if y3.size:
+            be.forward_eval(x3, y3, w, b, mean, invstd)
+
+    if copy_back:
+        out[...] = y3.reshape(out.shape)
+        return out, mean, invstd
+    return (out if out is not None else y3.reshape(input.shape)), mean, invstd
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, out=None):
+    """Batch normalization over the channel axis 1 of ``input`` (N, C, *spatial).
+
+    Same semantics as ``torch.nn.functional.batch_norm``: in training, normalize with the batch
+    mean and biased variance and, when running buffers are given, update them in place
+    (``running = (1 - momentum) * running + momentum * batch``, unbiased variance for
+    ``running_var``); otherwise normalize with the running buffers.  ``out=`` receives the result
+    (it may be ``input`` itself for an in-place call).
+    """
+    return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, out=out)[0]
+
+
+def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=True):
+    """Gradients of batch norm from the statistics :func:`batch_norm_forward` returned.
+
+    ``training=True``: the forward normalized with batch statistics, so the gradient flows
+    through the mean and variance too.  ``training=False``: the statistics were constants
+    (evaluation mode), ``grad_input = grad_output * weight * save_invstd``.
+    Returns ``(grad_input, grad_weight, grad_bias)``; the parameter gradients are computed even
+    when ``weight`` is None (they are cheap), in the input's dtype.
+    """
+    be, x3 = as_ncs(input)
+    N, C, S = x3.shape
+    dt = x3.dtype
+    if backend_of(grad_output) is not be:
+        raise TypeError("grad_output and input must both be NumPy arrays or both CuPy arrays")
+    if tuple(grad_output.shape) != tuple(input.shape):
+        raise ValueError(f"grad_output must have the input's shape {tuple(input.shape)}, got {tuple(grad_output.shape)}")
+    if _float_dtype(grad_output, "grad_output") != dt:
+        raise TypeError(f"grad_output must have the input's dtype {dt}, got {grad_output.dtype}")
+    _, g3 = as_ncs(grad_output, "grad_output")
+    w = _fill(be, C, dt, 1.0) if weight is None else _channel_vector(weight, "weight", be, C, dt)
+    mean = _channel_vector(save_mean, "save_mean", be, C, np.float64)
+    invstd = _channel_vector(save_invstd, "save_invstd", be, C, np.float64)
+    dx3 = be.xp.empty_like(x3)
+    if x3.size:
+        gw, gb = be.backward(g3, x3, dx3, w, mean, invstd, bool(training))
+    else:
+        gw, gb = be.xp.zeros(C), be.xp.zeros(C)
+    return dx3.reshape(input.shape), gw.astype(dt), gb.astype(dt)
