@@ -11,8 +11,9 @@ from . import _kernels, _openmp
 xp = np
 name = "cpu"
 
-# Tests force a work-splitting path ("channels", "units", "columns") and a unit size here.
-tuning = {"path": "auto", "unit": 0}
+# Tests force a work-splitting path ("channels", "units", "columns"), a unit size and
+# streaming stores (stream: -1 decide by size, 0 off, 1 on) here.
+tuning = {"path": "auto", "unit": 0, "stream": -1}
 
 
 def is_array(a):
@@ -20,7 +21,7 @@ def is_array(a):
 
 
 def _plan():
-    return _openmp.get_num_threads(), _kernels.PATHS[tuning["path"]], tuning["unit"]
+    return _openmp.get_num_threads(), _kernels.PATHS[tuning["path"]], tuning["unit"], tuning["stream"]
 
 
 def forward_train(x, y, weight, bias, eps):

@@ -21,23 +21,26 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt
 
 cdef extern from "_simd.h" nogil:
+    # a "run" (x, S, stride, e0, len): channel elements [e0, e0 + len), rows of S, stride apart
+    void fbn_sfence()
     void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)
-    void fbn_moments_f32(const float *x, Py_ssize_t len, double *n, double *m, double *m2)
-    void fbn_moments_f64(const double *x, Py_ssize_t len, double *n, double *m, double *m2)
+    void fbn_moments_f32(const float *x, Py_ssize_t S, Py_ssize_t stride, Py_ssize_t e0, Py_ssize_t len, double *n, double *m, double *m2)
+    void fbn_moments_f64(const double *x, Py_ssize_t S, Py_ssize_t stride, Py_ssize_t e0, Py_ssize_t len, double *n, double *m, double *m2)
+    void fbn_affine_f32(const float *x, float *y, Py_ssize_t S, Py_ssize_t stride, Py_ssize_t e0, Py_ssize_t len, float mhi, float mlo, float a, float b, int nt)
+    void fbn_affine_f64(const double *x, double *y, Py_ssize_t S, Py_ssize_t stride, Py_ssize_t e0, Py_ssize_t len, double mhi, double mlo, double a, double b, int nt)
+    void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t S, Py_ssize_t stride, Py_ssize_t e0, Py_ssize_t len, double mean, double *sdy, double *sdyx)
+    void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t S, Py_ssize_t stride, Py_ssize_t e0, Py_ssize_t len, double mean, double *sdy, double *sdyx)
+    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t S, Py_ssize_t stride, Py_ssize_t e0, Py_ssize_t len, float mhi, float mlo, float kdy, float kx, float kc, int nt)
+    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t S, Py_ssize_t stride, Py_ssize_t e0, Py_ssize_t len, double mhi, double mlo, double kdy, double kx, double kc, int nt)
+    # spatial size 1: blocks of rows of an (N, C) matrix
     void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t C, double *n, double *m, double *m2, double *tmp)
     void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t C, double *n, double *m, double *m2, double *tmp)
-    void fbn_affine_f32(const float *x, float *y, Py_ssize_t len, float mhi, float mlo, float a, float b)
-    void fbn_affine_f64(const double *x, double *y, Py_ssize_t len, double mhi, double mlo, double a, double b)
-    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t C, const float *mhi, const float *mlo, const float *a, const float *b)
-    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t C, const double *mhi, const double *mlo, const double *a, const double *b)
-    void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t len, double mean, double *sdy, double *sdyx)
-    void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t len, double mean, double *sdy, double *sdyx)
+    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t C, const float *mhi, const float *mlo, const float *a, const float *b, int nt)
+    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t C, const double *mhi, const double *mlo, const double *a, const double *b, int nt)
     void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t C, const double *mean, double *sdy, double *sdyx)
     void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t C, const double *mean, double *sdy, double *sdyx)
-    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t len, float mhi, float mlo, float kdy, float kx, float kc)
-    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t len, double mhi, double mlo, double kdy, double kx, double kc)
-    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t C, const float *mhi, const float *mlo, const float *kdy, const float *kx, const float *kc)
-    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t C, const double *mhi, const double *mlo, const double *kdy, const double *kx, const double *kc)
+    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t C, const float *mhi, const float *mlo, const float *kdy, const float *kx, const float *kc, int nt)
+    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t C, const double *mhi, const double *mlo, const double *kdy, const double *kx, const double *kc, int nt)
 
 # Work-splitting strategies; the Python layer passes AUTO unless a test forces one.
 cdef enum:
@@ -53,92 +56,50 @@ cdef enum:
     # Elements per COLUMNS row block (~128 KiB of float32: stays in L2 for the second pass).
     COLUMN_BLOCK = 32768
     MIN_UNIT = 4096
+    # Outputs of at least this many bytes are written with streaming (non-temporal) stores.
+    STREAM_BYTES = 8 * 1024 * 1024
 
 
-# ---------------------------------------------------------------- fused-type dispatch
-cdef inline void _moments(const floating *x, Py_ssize_t n, double *cn, double *m, double *m2) noexcept nogil:
+# ---------------------------------------------------------------- runs of one channel, fused-type dispatch
+# Channel c of an (N, C, S) buffer at x: rows of S elements starting at x + c*S, C*S apart.
+# Each helper covers channel elements [e0, e1) (see _simd_impl.h).
+
+cdef inline void _run_moments(const floating *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
+                              Py_ssize_t e0, Py_ssize_t e1, double *acc) noexcept nogil:
     if floating is float:
-        fbn_moments_f32(x, n, cn, m, m2)
+        fbn_moments_f32(x + c * S, S, C * S, e0, e1 - e0, &acc[0], &acc[1], &acc[2])
     else:
-        fbn_moments_f64(x, n, cn, m, m2)
+        fbn_moments_f64(x + c * S, S, C * S, e0, e1 - e0, &acc[0], &acc[1], &acc[2])
 
 
-cdef inline void _affine(const floating *x, floating *y, Py_ssize_t n, const floating *cf, Py_ssize_t c,
-                         Py_ssize_t C) noexcept nogil:
+cdef inline void _run_affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
+                             Py_ssize_t e0, Py_ssize_t e1, const floating *cf, int nt) noexcept nogil:
     # cf holds [mhi | mlo | a | b], C values each
     if floating is float:
-        fbn_affine_f32(x, y, n, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c])
+        fbn_affine_f32(x + c * S, y + c * S, S, C * S, e0, e1 - e0, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c], nt)
     else:
-        fbn_affine_f64(x, y, n, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c])
+        fbn_affine_f64(x + c * S, y + c * S, S, C * S, e0, e1 - e0, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c], nt)
 
 
-cdef inline void _grad_sums(const floating *dy, const floating *x, Py_ssize_t n, double mean, double *s) noexcept nogil:
+cdef inline void _run_grad_sums(const floating *dy, const floating *x, Py_ssize_t C, Py_ssize_t S,
+                                Py_ssize_t c, Py_ssize_t e0, Py_ssize_t e1, double mean,
+                                double *acc) noexcept nogil:
     if floating is float:
-        fbn_grad_sums_f32(dy, x, n, mean, &s[0], &s[1])
+        fbn_grad_sums_f32(dy + c * S, x + c * S, S, C * S, e0, e1 - e0, mean, &acc[0], &acc[1])
     else:
-        fbn_grad_sums_f64(dy, x, n, mean, &s[0], &s[1])
+        fbn_grad_sums_f64(dy + c * S, x + c * S, S, C * S, e0, e1 - e0, mean, &acc[0], &acc[1])
 
 
-cdef inline void _grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t n,
-                             const floating *cf, Py_ssize_t c, Py_ssize_t C) noexcept nogil:
+cdef inline void _run_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
+                                 Py_ssize_t S, Py_ssize_t c, Py_ssize_t e0, Py_ssize_t e1,
+                                 const floating *cf, int nt) noexcept nogil:
     # cf holds [mhi | mlo | kdy | kx | kc], C values each
     if floating is float:
-        fbn_grad_input_f32(dy, x, dx, n, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c], cf[4 * C + c])
+        fbn_grad_input_f32(dy + c * S, x + c * S, dx + c * S, S, C * S, e0, e1 - e0,
+                           cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c], cf[4 * C + c], nt)
     else:
-        fbn_grad_input_f64(dy, x, dx, n, cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c], cf[4 * C + c])
-
-
-# ---------------------------------------------------------------- walking one channel's elements
-# Channel c of an (N, C, S) buffer is N runs of S contiguous elements; element e of the channel
-# (0 <= e < N*S) lives at x[(e // S) * C * S + c * S + e % S].  These walk [e0, e1) run by run.
-
-cdef inline void _range_moments(const floating *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
-                                Py_ssize_t e0, Py_ssize_t e1, double *acc) noexcept nogil:
-    cdef Py_ssize_t r = e0 // S, s = e0 - r * S, ln
-    while e0 < e1:
-        ln = min(S - s, e1 - e0)
-        _moments(x + (r * C + c) * S + s, ln, &acc[0], &acc[1], &acc[2])
-        e0 += ln
-        r += 1
-        s = 0
-
-
-cdef inline void _range_affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
-                               Py_ssize_t e0, Py_ssize_t e1, const floating *cf) noexcept nogil:
-    cdef Py_ssize_t r = e0 // S, s = e0 - r * S, ln, off
-    while e0 < e1:
-        ln = min(S - s, e1 - e0)
-        off = (r * C + c) * S + s
-        _affine(x + off, y + off, ln, cf, c, C)
-        e0 += ln
-        r += 1
-        s = 0
-
-
-cdef inline void _range_grad_sums(const floating *dy, const floating *x, Py_ssize_t C, Py_ssize_t S,
-                                  Py_ssize_t c, Py_ssize_t e0, Py_ssize_t e1, double mean,
-                                  double *acc) noexcept nogil:
-    cdef Py_ssize_t r = e0 // S, s = e0 - r * S, ln, off
-    while e0 < e1:
-        ln = min(S - s, e1 - e0)
-        off = (r * C + c) * S + s
-        _grad_sums(dy + off, x + off, ln, mean, acc)
-        e0 += ln
-        r += 1
-        s = 0
-
-
-cdef inline void _range_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
-                                   Py_ssize_t S, Py_ssize_t c, Py_ssize_t e0, Py_ssize_t e1,
-                                   const floating *cf) noexcept nogil:
-    cdef Py_ssize_t r = e0 // S, s = e0 - r * S, ln, off
-    while e0 < e1:
-        ln = min(S - s, e1 - e0)
-        off = (r * C + c) * S + s
-        _grad_input(dy + off, x + off, dx + off, ln, cf, c, C)
-        e0 += ln
-        r += 1
-        s = 0
+        fbn_grad_input_f64(dy + c * S, x + c * S, dx + c * S, S, C * S, e0, e1 - e0,
+                           cf[c], cf[C + c], cf[2 * C + c], cf[3 * C + c], cf[4 * C + c], nt)
 
 
 # ---------------------------------------------------------------- per-channel coefficients
@@ -202,6 +163,13 @@ cdef int _plan_path(Py_ssize_t C, Py_ssize_t S, int T, int path) noexcept nogil:
     return UNITS
 
 
+cdef int _plan_stream(Py_ssize_t out_bytes, int stream) noexcept nogil:
+    """Streaming stores for outputs too big to stay in the last-level cache (stream < 0: decide)."""
+    if stream >= 0:
+        return stream
+    return out_bytes >= STREAM_BYTES
+
+
 cdef Py_ssize_t _plan_unit(Py_ssize_t per_channel, Py_ssize_t C, int T, Py_ssize_t unit) noexcept nogil:
     """Elements per unit: about 16 units per thread overall, none smaller than MIN_UNIT."""
     cdef Py_ssize_t k
@@ -215,26 +183,30 @@ cdef Py_ssize_t _plan_unit(Py_ssize_t per_channel, Py_ssize_t C, int T, Py_ssize
 # ---------------------------------------------------------------- one whole channel (CHANNELS path)
 cdef void _channel_forward(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t NS,
                            Py_ssize_t c, double eps, const floating *w, const floating *b, double *mean,
-                           double *var, double *invstd, floating *cf) noexcept nogil:
+                           double *var, double *invstd, floating *cf, int nt) noexcept nogil:
     cdef double acc[3]
     acc[0] = 0
     acc[1] = 0
     acc[2] = 0
-    _range_moments(x, C, S, c, 0, NS, acc)
+    _run_moments(x, C, S, c, 0, NS, acc)
     _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
-    _range_affine(x, y, C, S, c, 0, NS, cf)  # re-reads the channel from cache
+    _run_affine(x, y, C, S, c, 0, NS, cf, nt)  # re-reads the channel from cache
+    if nt:
+        fbn_sfence()
 
 
 cdef void _channel_backward(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
                             Py_ssize_t S, Py_ssize_t NS, Py_ssize_t c, bint training, const floating *w,
                             const double *mean, const double *invstd, double *gw, double *gb,
-                            floating *cf) noexcept nogil:
+                            floating *cf, int nt) noexcept nogil:
     cdef double acc[2]
     acc[0] = 0
     acc[1] = 0
-    _range_grad_sums(dy, x, C, S, c, 0, NS, mean[c], acc)
+    _run_grad_sums(dy, x, C, S, c, 0, NS, mean[c], acc)
     _finish_grad(c, C, acc, <double>NS, training, w, mean, invstd, gw, gb, cf)
-    _range_grad_input(dy, x, dx, C, S, c, 0, NS, cf)
+    _run_grad_input(dy, x, dx, C, S, c, 0, NS, cf, nt)
+    if nt:
+        fbn_sfence()
 
 
 # ---------------------------------------------------------------- forward, training mode
@@ -246,10 +218,11 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
                   double[::1] mean,                 # OUT (C,) batch mean
                   double[::1] var,                  # OUT (C,) biased batch variance
                   double[::1] invstd,               # OUT (C,) 1 / sqrt(var + eps)
-                  int n_threads, int path=AUTO, Py_ssize_t unit=0):
+                  int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
     """Batch statistics and the fused normalize + affine in one call."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], NS = N * S
     cdef int T = _plan_threads(n_threads, N * C * S)
+    cdef int nt = _plan_stream(N * C * S * sizeof(floating), stream)
     path = _plan_path(C, S, T, path)
     cdef floating[::1] coef = np.empty(4 * C, dtype=np.float32 if floating is float else np.float64)
     cdef const floating *xp = &x[0, 0, 0]
@@ -269,7 +242,7 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
     if path == CHANNELS:
         with nogil:
             for c in prange(C, num_threads=min(<Py_ssize_t>T, C), schedule="static"):
-                _channel_forward(xp, yp, C, S, NS, c, eps, wp, bp, mp, vp, ip, cf)
+                _channel_forward(xp, yp, C, S, NS, c, eps, wp, bp, mp, vp, ip, cf, nt)
     elif path == UNITS:
         U = _plan_unit(NS, C, T, unit)
         k = (NS + U - 1) // U
@@ -279,7 +252,7 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
         with nogil:
             for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
                 e0 = (u % k) * U
-                _range_moments(xp, C, S, u // k, e0, min(NS, e0 + U), pp + 3 * u)
+                _run_moments(xp, C, S, u // k, e0, min(NS, e0 + U), pp + 3 * u)
             for c in range(C):
                 acc[0] = 0
                 acc[1] = 0
@@ -289,7 +262,9 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
                 _finish_stats(c, C, acc, eps, wp, bp, mp, vp, ip, cf)
             for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
                 e0 = (u % k) * U
-                _range_affine(xp, yp, C, S, u // k, e0, min(NS, e0 + U), cf)
+                _run_affine(xp, yp, C, S, u // k, e0, min(NS, e0 + U), cf, nt)
+                if nt:
+                    fbn_sfence()
     else:  # COLUMNS: x is an (N, C) matrix
         R = max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
         nb = (N + R - 1) // R
@@ -315,7 +290,7 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
                 _finish_stats(c, C, acc, eps, wp, bp, mp, vp, ip, cf)
             for j in prange(nb, num_threads=T, schedule="static"):
                 r0 = j * R
-                _col_affine(xp + r0 * C, yp + r0 * C, min(R, N - r0), C, cf)
+                _col_affine(xp + r0 * C, yp + r0 * C, min(R, N - r0), C, cf, nt)
 
 
 cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t C, double *th) noexcept nogil:
@@ -327,11 +302,13 @@ cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t C, 
 
 
 cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t C,
-                             const floating *cf) noexcept nogil:
+                             const floating *cf, int nt) noexcept nogil:
     if floating is float:
-        fbn_col_affine_f32(x, y, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
+        fbn_col_affine_f32(x, y, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C, nt)
     else:
-        fbn_col_affine_f64(x, y, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
+        fbn_col_affine_f64(x, y, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C, nt)
+    if nt:
+        fbn_sfence()
 
 
 # ---------------------------------------------------------------- forward with given statistics
@@ -341,10 +318,11 @@ def forward_eval(const floating[:, :, ::1] x,       # IN  (N, C, S)
                  const floating[::1] bias,          # IN  (C,)
                  const double[::1] mean,            # IN  (C,) running mean
                  const double[::1] invstd,          # IN  (C,) 1 / sqrt(running_var + eps)
-                 int n_threads, int path=AUTO, Py_ssize_t unit=0):
+                 int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
     """y = (x - mean) * invstd * weight + bias: one read of x, one write of y."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], NS = N * S
     cdef int T = _plan_threads(n_threads, N * C * S)
+    cdef int nt = _plan_stream(N * C * S * sizeof(floating), stream)
     path = _plan_path(C, S, T, path)
     cdef floating[::1] coef = np.empty(4 * C, dtype=np.float32 if floating is float else np.float64)
     cdef const floating *xp = &x[0, 0, 0]
@@ -359,14 +337,16 @@ def forward_eval(const floating[:, :, ::1] x,       # IN  (N, C, S)
             nb = (N + R - 1) // R
             for j in prange(nb, num_threads=min(<Py_ssize_t>T, nb), schedule="static"):
                 r0 = j * R
-                _col_affine(xp + r0 * C, yp + r0 * C, min(R, N - r0), C, cf)
+                _col_affine(xp + r0 * C, yp + r0 * C, min(R, N - r0), C, cf, nt)
         else:  # no reduction: CHANNELS is UNITS with one unit per channel
             U = NS if path == CHANNELS else _plan_unit(NS, C, T, unit)
             k = (NS + U - 1) // U
             nu = C * k
             for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
                 e0 = (u % k) * U
-                _range_affine(xp, yp, C, S, u // k, e0, min(NS, e0 + U), cf)
+                _run_affine(xp, yp, C, S, u // k, e0, min(NS, e0 + U), cf, nt)
+                if nt:
+                    fbn_sfence()
 
 
 # ---------------------------------------------------------------- backward
@@ -379,10 +359,11 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
              bint training,                        # batch statistics (True) or fixed ones
              double[::1] grad_weight,              # OUT (C,)
              double[::1] grad_bias,                # OUT (C,)
-             int n_threads, int path=AUTO, Py_ssize_t unit=0):
+             int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
     """grad_input, grad_weight, grad_bias from the saved mean/invstd (no recomputation)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], NS = N * S
     cdef int T = _plan_threads(n_threads, N * C * S)
+    cdef int nt = _plan_stream(N * C * S * sizeof(floating), stream)
     path = _plan_path(C, S, T, path)
     cdef floating[::1] coef = np.empty(5 * C, dtype=np.float32 if floating is float else np.float64)
     cdef const floating *gp = &dy[0, 0, 0]
@@ -403,7 +384,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
     if path == CHANNELS:
         with nogil:
             for c in prange(C, num_threads=min(<Py_ssize_t>T, C), schedule="static"):
-                _channel_backward(gp, xp, dp, C, S, NS, c, training, wp, mp, ip, gwp, gbp, cf)
+                _channel_backward(gp, xp, dp, C, S, NS, c, training, wp, mp, ip, gwp, gbp, cf, nt)
     elif path == UNITS:
         U = _plan_unit(NS, C, T, unit)
         k = (NS + U - 1) // U
@@ -413,7 +394,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
         with nogil:
             for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
                 e0 = (u % k) * U
-                _range_grad_sums(gp, xp, C, S, u // k, e0, min(NS, e0 + U), mp[u // k], pp + 2 * u)
+                _run_grad_sums(gp, xp, C, S, u // k, e0, min(NS, e0 + U), mp[u // k], pp + 2 * u)
             for c in range(C):
                 acc[0] = 0
                 acc[1] = 0
@@ -423,7 +404,9 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
                 _finish_grad(c, C, acc, count, training, wp, mp, ip, gwp, gbp, cf)
             for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
                 e0 = (u % k) * U
-                _range_grad_input(gp, xp, dp, C, S, u // k, e0, min(NS, e0 + U), cf)
+                _run_grad_input(gp, xp, dp, C, S, u // k, e0, min(NS, e0 + U), cf, nt)
+                if nt:
+                    fbn_sfence()
     else:  # COLUMNS
         R = max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
         nb = (N + R - 1) // R
@@ -445,7 +428,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
                 _finish_grad(c, C, acc, count, training, wp, mp, ip, gwp, gbp, cf)
             for j in prange(nb, num_threads=T, schedule="static"):
                 r0 = j * R
-                _col_grad_input(gp + r0 * C, xp + r0 * C, dp + r0 * C, min(R, N - r0), C, cf)
+                _col_grad_input(gp + r0 * C, xp + r0 * C, dp + r0 * C, min(R, N - r0), C, cf, nt)
 
 
 cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t C,
@@ -457,8 +440,10 @@ cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_
 
 
 cdef inline void _col_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
-                                 Py_ssize_t C, const floating *cf) noexcept nogil:
+                                 Py_ssize_t C, const floating *cf, int nt) noexcept nogil:
     if floating is float:
-        fbn_col_grad_input_f32(dy, x, dx, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C, cf + 4 * C)
+        fbn_col_grad_input_f32(dy, x, dx, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C, cf + 4 * C, nt)
     else:
-        fbn_col_grad_input_f64(dy, x, dx, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C, cf + 4 * C)
+        fbn_col_grad_input_f64(dy, x, dx, rows, C, cf, cf + C, cf + 2 * C, cf + 3 * C, cf + 4 * C, nt)
+    if nt:
+        fbn_sfence()

@@ -1,16 +1,19 @@
 /* fastbn/_simd.h -- the vector loops under fastbn's Cython kernels.
  *
- * Every function here works on one contiguous run of memory and is called from the
- * OpenMP-parallel loops in _kernels.pyx, which decide who works on what.  They live in C for two
+ * Every function here works on one thread's share of one channel (a "run", see _simd_impl.h) or
+ * on a block of rows, and is called from the OpenMP-parallel loops in _kernels.pyx, which decide
+ * who works on what.  They live in C for two
  * reasons Cython cannot express:
  *   - `#pragma omp simd reduction(...)` lets the compiler vectorize a floating-point sum
  *     without -ffast-math (which would break NaN propagation and the hi/lo mean split below);
  *   - on x86-64 with GCC, `target_clones` builds each loop for the baseline, AVX2+FMA and AVX-512
  *     and picks one at load time, so a portable wheel still runs wide vectors.
  *
- * Numerics:
- *   - moments: two-pass mean and M2 over blocks of FBN_BLOCK elements (they sit in L1 for the
- *     second pass), in double, merged with Chan et al.'s pairwise update.  Never E[x^2]-E[x]^2.
+ * The typed loops are in _simd_impl.h, included once for float (suffix _f32) and once for
+ * double (_f64).  Numerics:
+ *   - moments: mean and M2 per block of about FBN_BLOCK elements from sums shifted by a value
+ *     close to the mean (see moments in _simd_impl.h), in double, merged with Chan et al.'s
+ *     pairwise update.  Never E[x^2]-E[x]^2.
  *   - normalize: y = ((x - m_hi) - m_lo) * a + b, where m_hi + m_lo is the double mean split
  *     into two values of the input type.  x - m_hi is exact for x near the mean, so a float32
  *     input with mean 1e4 and std 1 keeps float32 precision in y (x * a + (b - m * a) would not).
@@ -27,7 +30,6 @@
 #endif
 
 #define FBN_BLOCK 2048
-#define FBN_PRAGMA(x) _Pragma(#x)
 
 /* Merge a block's (count nb, mean mb, M2 m2b) into the accumulator (*n, *m, *m2). */
 static inline void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)
@@ -41,135 +43,87 @@ static inline void fbn_chan_merge(double *n, double *m, double *m2, double nb, d
     *n = nn;
 }
 
-#define FBN_DEFINE(T, SUF)                                                                      \
-/* (count, mean, M2) of x[0:len], merged into the accumulators. */                            \
-FBN_CLONES static void fbn_moments_##SUF(const T *x, ptrdiff_t len, double *n, double *m,      \
-                                         double *m2)                                           \
-{                                                                                               \
-    for (ptrdiff_t i0 = 0; i0 < len; i0 += FBN_BLOCK) {                                         \
-        ptrdiff_t bl = len - i0 < FBN_BLOCK ? len - i0 : FBN_BLOCK;                             \
-        const T *p = x + i0;                                                                    \
-        double s = 0.0, q = 0.0;                                                                \
-        FBN_PRAGMA(omp simd reduction(+:s))                                                     \
-        for (ptrdiff_t i = 0; i < bl; i++)                                                      \
-            s += (double)p[i];                                                                  \
-        double bm = s / (double)bl;                                                             \
-        FBN_PRAGMA(omp simd reduction(+:q))                                                     \
-        for (ptrdiff_t i = 0; i < bl; i++) {                                                    \
-            double d = (double)p[i] - bm;                                                       \
-            q += d * d;                                                                         \
-        }                                                                                       \
-        fbn_chan_merge(n, m, m2, (double)bl, bm, q);                                            \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* Column moments of a rows x C row-major block, merged into per-column accumulators that     \
- * share the count *n.  tmp holds 2*C doubles of scratch. */                                   \
-FBN_CLONES static void fbn_col_moments_##SUF(const T *x, ptrdiff_t rows, ptrdiff_t C, double *n, \
-                                             double *m, double *m2, double *tmp)               \
-{                                                                                               \
-    double *bm = tmp, *bq = tmp + C;                                                            \
-    for (ptrdiff_t c = 0; c < C; c++)                                                           \
-        bm[c] = bq[c] = 0.0;                                                                    \
-    for (ptrdiff_t r = 0; r < rows; r++) {                                                      \
-        const T *p = x + r * C;                                                                 \
-        FBN_PRAGMA(omp simd)                                                                    \
-        for (ptrdiff_t c = 0; c < C; c++)                                                       \
-            bm[c] += (double)p[c];                                                              \
-    }                                                                                           \
-    for (ptrdiff_t c = 0; c < C; c++)                                                           \
-        bm[c] /= (double)rows;                                                                  \
-    for (ptrdiff_t r = 0; r < rows; r++) {                                                      \
-        const T *p = x + r * C;                                                                 \
-        FBN_PRAGMA(omp simd)                                                                    \
-        for (ptrdiff_t c = 0; c < C; c++) {                                                     \
-            double d = (double)p[c] - bm[c];                                                    \
-            bq[c] += d * d;                                                                     \
-        }                                                                                       \
-    }                                                                                           \
-    double n0 = *n;                                                                             \
-    for (ptrdiff_t c = 0; c < C; c++) {                                                         \
-        double nc = n0;                                                                         \
-        fbn_chan_merge(&nc, &m[c], &m2[c], (double)rows, bm[c], bq[c]);                         \
-    }                                                                                           \
-    *n = n0 + (double)rows;                                                                     \
-}                                                                                               \
-                                                                                                \
-/* y = ((x - mhi) - mlo) * a + b over a contiguous run (y may be x). */                       \
-FBN_CLONES static void fbn_affine_##SUF(const T *x, T *y, ptrdiff_t len, T mhi, T mlo, T a, T b) \
-{                                                                                               \
-    FBN_PRAGMA(omp simd)                                                                        \
-    for (ptrdiff_t i = 0; i < len; i++)                                                         \
-        y[i] = ((x[i] - mhi) - mlo) * a + b;                                                    \
-}                                                                                               \
-                                                                                                \
-/* The same per column of a rows x C block, coefficients per column. */                       \
-FBN_CLONES static void fbn_col_affine_##SUF(const T *x, T *y, ptrdiff_t rows, ptrdiff_t C,      \
-                                            const T *mhi, const T *mlo, const T *a, const T *b) \
-{                                                                                               \
-    for (ptrdiff_t r = 0; r < rows; r++) {                                                      \
-        const T *p = x + r * C;                                                                 \
-        T *q = y + r * C;                                                                       \
-        FBN_PRAGMA(omp simd)                                                                    \
-        for (ptrdiff_t c = 0; c < C; c++)                                                       \
-            q[c] = ((p[c] - mhi[c]) - mlo[c]) * a[c] + b[c];                                    \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* sum(dy) and sum(dy * (x - mean)) over a contiguous run, in double, added to *sdy, *sdyx. */ \
-FBN_CLONES static void fbn_grad_sums_##SUF(const T *dy, const T *x, ptrdiff_t len, double mean, \
-                                           double *sdy, double *sdyx)                          \
-{                                                                                               \
-    double a = 0.0, b = 0.0;                                                                    \
-    FBN_PRAGMA(omp simd reduction(+:a, b))                                                      \
-    for (ptrdiff_t i = 0; i < len; i++) {                                                       \
-        double g = (double)dy[i];                                                               \
-        a += g;                                                                                 \
-        b += g * ((double)x[i] - mean);                                                         \
-    }                                                                                           \
-    *sdy += a;                                                                                  \
-    *sdyx += b;                                                                                 \
-}                                                                                               \
-                                                                                                \
-FBN_CLONES static void fbn_col_grad_sums_##SUF(const T *dy, const T *x, ptrdiff_t rows,         \
-                                               ptrdiff_t C, const double *mean, double *sdy,    \
-                                               double *sdyx)                                    \
-{                                                                                               \
-    for (ptrdiff_t r = 0; r < rows; r++) {                                                      \
-        const T *g = dy + r * C;                                                                \
-        const T *p = x + r * C;                                                                 \
-        FBN_PRAGMA(omp simd)                                                                    \
-        for (ptrdiff_t c = 0; c < C; c++) {                                                     \
-            sdy[c] += (double)g[c];                                                             \
-            sdyx[c] += (double)g[c] * ((double)p[c] - mean[c]);                                 \
-        }                                                                                       \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* dx = kdy * dy + ((x - mhi) - mlo) * kx + kc over a contiguous run. */                      \
-FBN_CLONES static void fbn_grad_input_##SUF(const T *dy, const T *x, T *dx, ptrdiff_t len,      \
-                                            T mhi, T mlo, T kdy, T kx, T kc)                    \
-{                                                                                               \
-    FBN_PRAGMA(omp simd)                                                                        \
-    for (ptrdiff_t i = 0; i < len; i++)                                                         \
-        dx[i] = kdy * dy[i] + (((x[i] - mhi) - mlo) * kx + kc);                                 \
-}                                                                                               \
-                                                                                                \
-FBN_CLONES static void fbn_col_grad_input_##SUF(const T *dy, const T *x, T *dx, ptrdiff_t rows, \
-                                                ptrdiff_t C, const T *mhi, const T *mlo,        \
-                                                const T *kdy, const T *kx, const T *kc)         \
-{                                                                                               \
-    for (ptrdiff_t r = 0; r < rows; r++) {                                                      \
-        const T *g = dy + r * C;                                                                \
-        const T *p = x + r * C;                                                                 \
-        T *q = dx + r * C;                                                                      \
-        FBN_PRAGMA(omp simd)                                                                    \
-        for (ptrdiff_t c = 0; c < C; c++)                                                       \
-            q[c] = kdy[c] * g[c] + (((p[c] - mhi[c]) - mlo[c]) * kx[c] + kc[c]);                \
-    }                                                                                           \
+/* ---- streaming (non-temporal) stores ------------------------------------------------------
+ * An output much larger than the last-level cache is written with non-temporal stores: they skip
+ * the read-for-ownership a normal store does, so writing y costs one pass over memory instead of
+ * two, as in memcpy.  The kernels compute FBN_CHUNK results into an L1 buffer with the vector loop,
+ * then fbn_stream_store() moves the buffer out.  fbn_sfence() orders the stores before the data is
+ * handed to another thread. */
+#define FBN_CHUNK 1024
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+__attribute__((target("avx512f"))) static void fbn_nt_avx512(char *d, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i += 64)
+        _mm512_stream_si512((__m512i *)(d + i), _mm512_loadu_si512((const void *)(s + i)));
 }
 
-FBN_DEFINE(float, f32)
-FBN_DEFINE(double, f64)
+__attribute__((target("avx"))) static void fbn_nt_avx(char *d, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i += 64) {
+        _mm256_stream_si256((__m256i *)(d + i), _mm256_loadu_si256((const __m256i *)(s + i)));
+        _mm256_stream_si256((__m256i *)(d + i + 32), _mm256_loadu_si256((const __m256i *)(s + i + 32)));
+    }
+}
+
+static void fbn_nt_sse2(char *d, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i += 16)
+        _mm_stream_si128((__m128i *)(d + i), _mm_loadu_si128((const __m128i *)(s + i)));
+}
+
+static void fbn_stream_store(void *dst, const void *src, size_t n)
+{
+    static int isa = -1;  /* 2: AVX-512F, 1: AVX, 0: SSE2; a benign race: every thread finds the same */
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+    size_t head = (size_t)(-(uintptr_t)d) & 63;  /* normal stores up to the first 64-byte boundary */
+    if (head > n)
+        head = n;
+    memcpy(d, s, head);
+    d += head, s += head, n -= head;
+    size_t body = n & ~(size_t)63;
+    if (isa < 0)
+        isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx") ? 1 : 0;
+    if (isa == 2)
+        fbn_nt_avx512(d, s, body);
+    else if (isa == 1)
+        fbn_nt_avx(d, s, body);
+    else
+        fbn_nt_sse2(d, s, body);
+    memcpy(d + body, s + body, n - body);
+}
+
+static inline void fbn_sfence(void) { _mm_sfence(); }
+#else
+#include <string.h>
+static void fbn_stream_store(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+static inline void fbn_sfence(void) {}
+#endif
+
+/* The typed loops, once per input type (no C++ templates in a C extension). */
+#define FBN_CAT2(a, b) a##_##b
+#define FBN_CAT(a, b) FBN_CAT2(a, b)
+#define FBN_NAME(name) FBN_CAT(name, FBN_SUFFIX)
+
+#define T float
+#define FBN_SUFFIX f32
+#define FBN_TWO_PASS 0
+#include "_simd_impl.h"
+#undef T
+#undef FBN_SUFFIX
+#undef FBN_TWO_PASS
+
+#define T double
+#define FBN_SUFFIX f64
+#define FBN_TWO_PASS 1
+#include "_simd_impl.h"
+#undef T
+#undef FBN_SUFFIX
+#undef FBN_TWO_PASS
 
 #endif /* FASTBN_SIMD_H */
