@@ -63,8 +63,10 @@ def _channel_vector(v, name, be, C, dtype, writable=False):
         raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, got shape {tuple(v.shape)}")
     if writable and not v.flags.writeable:
         raise ValueError(f"{name} is read-only, but training updates it in place")
-    if dtype is not None and v.dtype != dtype:
-        v = v.astype(dtype)
+    if dtype is not None and (v.dtype != dtype or not v.flags.c_contiguous):
+        # The kernels read these as contiguous vectors of the input's dtype (a strided view such
+        # as w[::2] would otherwise be rejected deep in Cython with "ndarray is not C-contiguous").
+        v = be.xp.ascontiguousarray(v, dtype=dtype)
     return v
 
 

@@ -120,12 +120,16 @@ class _BatchNorm:
         if self.training and self.track_running_stats:
             factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         use_buffers = not self.training or self.track_running_stats
+        saved_input = input
+        if out is not None and type(out) is type(input) and self._xp.may_share_memory(out, input):
+            # An in-place forward (out=input) overwrites the input that backward() needs.
+            saved_input = input.copy()
         y, mean, invstd = F.batch_norm_forward(
             input, self.running_mean if use_buffers else None, self.running_var if use_buffers else None,
             self.weight, self.bias, batch_stats, factor, self.eps, out=out)
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
-        self._saved = (input, self.weight, mean, invstd, batch_stats)
+        self._saved = (saved_input, self.weight, mean, invstd, batch_stats)
         return y
 
     __call__ = forward
