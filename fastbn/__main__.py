@@ -38,10 +38,11 @@ def _reference_backward(dy, x, weight, eps=1e-5):
 def self_check(out=sys.stdout):
     """Run every kernel on every work-splitting path against the float64 reference; True if all pass."""
     rng = np.random.default_rng(0)
-    cases = [((6, 4, 5, 7), "auto"), ((6, 4, 5, 7), "channels"), ((6, 3, 33, 17), "units"),
-             ((257, 19), "columns"), ((3, 1, 1000), "units")]
+    # (shape, work-splitting path, streaming stores); unit=97 cuts channels into many units/waves
+    cases = [((6, 4, 5, 7), "auto", 0), ((6, 4, 5, 7), "channels", 1), ((6, 3, 33, 17), "units", 1),
+             ((257, 19), "columns", 1), ((300, 5), "columns", 0), ((3, 1, 1000), "units", 0)]
     ok = True
-    for shape, path in cases:
+    for shape, path, stream in cases:
         for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
             x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
             C = shape[1]
@@ -49,7 +50,7 @@ def self_check(out=sys.stdout):
             dy = rng.standard_normal(shape).astype(dtype)
             rm, rv = rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
             saved = dict(_cpu.tuning)
-            _cpu.tuning.update(path=path, unit=97)
+            _cpu.tuning.update(path=path, unit=97, stream=stream)
             try:
                 y, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
                 ye = fastbn.batch_norm(x, rm, rv, w, b, training=False)
@@ -69,7 +70,7 @@ def self_check(out=sys.stdout):
             failed = [name for name, err in checks.items() if not err <= tol]
             ok &= not failed
             worst = max(checks.values())
-            print(f"  {'FAIL' if failed else 'pass'}  {str(shape):<15} {np.dtype(dtype).name:<8} path={path:<9} "
+            print(f"  {'FAIL' if failed else 'pass'}  {str(shape):<15} {np.dtype(dtype).name:<8} path={path:<9} nt={stream} "
                   f"train/eval forward, backward: worst error {worst:.1e} (tolerance {tol:.0e})"
                   + (f"  failed: {', '.join(failed)}" if failed else ""), file=out)
     return ok

@@ -8,9 +8,14 @@ CHANNELS  each thread owns whole channels and runs reduce + apply back to back, 
           divide evenly between the threads (or there are many of them).
 UNITS     each channel is cut into units of ~``unit`` elements; partial results per unit are
           merged in a fixed order, then the apply pass runs over the same units.  Used when there
-          are fewer channels than threads (C=1, C=3): no shape runs on one thread.
+          are fewer channels than threads (C=1, C=3): no shape runs on one thread.  Channels go
+          in waves small enough for the apply pass to re-read them from the last-level cache.
 COLUMNS   spatial size 1, an (N, C) matrix: threads take blocks of rows and reduce along the
           columns with vector loads across C (per-thread accumulators, merged afterwards).
+
+``unit`` (0: choose) is the unit size in elements for UNITS, rows per block for COLUMNS; tests
+set it small to exercise many units, waves and blocks on small inputs.  ``stream`` (-1: choose by
+output size) switches the non-temporal stores of _simd.h on (1) or off (0).
 
 The kernels trust their arguments: fastbn.functional validated them.  Statistics are
 accumulated in double for both float32 and float64.  The GIL is released for all the work.
@@ -58,6 +63,8 @@ cdef enum:
     MIN_UNIT = 4096
     # Outputs of at least this many bytes are written with streaming (non-temporal) stores.
     STREAM_BYTES = 8 * 1024 * 1024
+    # UNITS path: inputs of one wave of channels (re-read by the apply pass) fit in this.
+    WAVE_BYTES = 16 * 1024 * 1024
 
 
 # ---------------------------------------------------------------- runs of one channel, fused-type dispatch
@@ -170,6 +177,15 @@ cdef int _plan_stream(Py_ssize_t out_bytes, int stream) noexcept nogil:
     return out_bytes >= STREAM_BYTES
 
 
+cdef Py_ssize_t _plan_wave(Py_ssize_t channel_bytes, Py_ssize_t C, Py_ssize_t unit) noexcept nogil:
+    """Channels per wave in the UNITS path: a wave's inputs are read twice, so they should still
+    be in the last-level cache the second time.  A forced unit size (tests) forces one channel
+    per wave, so small inputs run many waves."""
+    if unit > 0:
+        return 1
+    return max(1, min(C, WAVE_BYTES // channel_bytes))
+
+
 cdef Py_ssize_t _plan_unit(Py_ssize_t per_channel, Py_ssize_t C, int T, Py_ssize_t unit) noexcept nogil:
     """Elements per unit: about 16 units per thread overall, none smaller than MIN_UNIT."""
     cdef Py_ssize_t k
@@ -233,7 +249,7 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
     cdef double *mp = &mean[0]
     cdef double *vp = &var[0]
     cdef double *ip = &invstd[0]
-    cdef Py_ssize_t c, u, k, nu, U, e0, j, t, tid, R, nb, r0
+    cdef Py_ssize_t c, c0, c1, u, k, nu, U, W, e0, j, t, tid, R, nb, r0
     cdef double acc[3]
     cdef double[:, ::1] part
     cdef double *pp
@@ -244,29 +260,34 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
             for c in prange(C, num_threads=min(<Py_ssize_t>T, C), schedule="static"):
                 _channel_forward(xp, yp, C, S, NS, c, eps, wp, bp, mp, vp, ip, cf, nt)
     elif path == UNITS:
-        U = _plan_unit(NS, C, T, unit)
+        W = _plan_wave(NS * sizeof(floating), C, unit)
+        U = _plan_unit(NS, W, T, unit)
         k = (NS + U - 1) // U
-        nu = C * k
-        part = np.zeros((nu, 3))
+        part = np.zeros((C * k, 3))
         pp = &part[0, 0]
         with nogil:
-            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
-                e0 = (u % k) * U
-                _run_moments(xp, C, S, u // k, e0, min(NS, e0 + U), pp + 3 * u)
-            for c in range(C):
-                acc[0] = 0
-                acc[1] = 0
-                acc[2] = 0
-                for j in range(c * k, c * k + k):
-                    fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[3 * j], pp[3 * j + 1], pp[3 * j + 2])
-                _finish_stats(c, C, acc, eps, wp, bp, mp, vp, ip, cf)
-            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
-                e0 = (u % k) * U
-                _run_affine(xp, yp, C, S, u // k, e0, min(NS, e0 + U), cf, nt)
-                if nt:
-                    fbn_sfence()
+            c0 = 0
+            while c0 < C:  # one wave of W channels: reduce, merge, apply
+                c1 = min(C, c0 + W)
+                nu = (c1 - c0) * k
+                for u in prange(c0 * k, c1 * k, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                    e0 = (u % k) * U
+                    _run_moments(xp, C, S, u // k, e0, min(NS, e0 + U), pp + 3 * u)
+                for c in range(c0, c1):
+                    acc[0] = 0
+                    acc[1] = 0
+                    acc[2] = 0
+                    for j in range(c * k, c * k + k):
+                        fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[3 * j], pp[3 * j + 1], pp[3 * j + 2])
+                    _finish_stats(c, C, acc, eps, wp, bp, mp, vp, ip, cf)
+                for u in prange(c0 * k, c1 * k, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                    e0 = (u % k) * U
+                    _run_affine(xp, yp, C, S, u // k, e0, min(NS, e0 + U), cf, nt)
+                    if nt:
+                        fbn_sfence()
+                c0 = c1
     else:  # COLUMNS: x is an (N, C) matrix
-        R = max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
+        R = unit if unit > 0 else max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
         nb = (N + R - 1) // R
         T = <int>min(<Py_ssize_t>T, nb)
         part = np.zeros((T, 4 * C + 1))  # per thread: [count | mean(C) | M2(C) | scratch(2C)]
@@ -333,7 +354,7 @@ def forward_eval(const floating[:, :, ::1] x,       # IN  (N, C, S)
         for c in range(C):
             _affine_coefs(c, C, mean[c], invstd[c], &weight[0], &bias[0], cf)
         if path == COLUMNS:
-            R = max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
+            R = unit if unit > 0 else max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
             nb = (N + R - 1) // R
             for j in prange(nb, num_threads=min(<Py_ssize_t>T, nb), schedule="static"):
                 r0 = j * R
@@ -376,7 +397,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
     cdef double *gwp = &grad_weight[0]
     cdef double *gbp = &grad_bias[0]
     cdef double count = <double>NS
-    cdef Py_ssize_t c, u, k, nu, U, e0, j, t, tid, R, nb, r0
+    cdef Py_ssize_t c, c0, c1, u, k, nu, U, W, e0, j, t, tid, R, nb, r0
     cdef double acc[2]
     cdef double[:, ::1] part
     cdef double *pp
@@ -386,29 +407,34 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
             for c in prange(C, num_threads=min(<Py_ssize_t>T, C), schedule="static"):
                 _channel_backward(gp, xp, dp, C, S, NS, c, training, wp, mp, ip, gwp, gbp, cf, nt)
     elif path == UNITS:
-        U = _plan_unit(NS, C, T, unit)
+        W = _plan_wave(2 * NS * sizeof(floating), C, unit)
+        U = _plan_unit(NS, W, T, unit)
         k = (NS + U - 1) // U
-        nu = C * k
-        part = np.zeros((nu, 2))
+        part = np.zeros((C * k, 2))
         pp = &part[0, 0]
         with nogil:
-            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
-                e0 = (u % k) * U
-                _run_grad_sums(gp, xp, C, S, u // k, e0, min(NS, e0 + U), mp[u // k], pp + 2 * u)
-            for c in range(C):
-                acc[0] = 0
-                acc[1] = 0
-                for j in range(c * k, c * k + k):
-                    acc[0] += pp[2 * j]
-                    acc[1] += pp[2 * j + 1]
-                _finish_grad(c, C, acc, count, training, wp, mp, ip, gwp, gbp, cf)
-            for u in prange(nu, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
-                e0 = (u % k) * U
-                _run_grad_input(gp, xp, dp, C, S, u // k, e0, min(NS, e0 + U), cf, nt)
-                if nt:
-                    fbn_sfence()
+            c0 = 0
+            while c0 < C:  # one wave of W channels: reduce, merge, apply
+                c1 = min(C, c0 + W)
+                nu = (c1 - c0) * k
+                for u in prange(c0 * k, c1 * k, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                    e0 = (u % k) * U
+                    _run_grad_sums(gp, xp, C, S, u // k, e0, min(NS, e0 + U), mp[u // k], pp + 2 * u)
+                for c in range(c0, c1):
+                    acc[0] = 0
+                    acc[1] = 0
+                    for j in range(c * k, c * k + k):
+                        acc[0] += pp[2 * j]
+                        acc[1] += pp[2 * j + 1]
+                    _finish_grad(c, C, acc, count, training, wp, mp, ip, gwp, gbp, cf)
+                for u in prange(c0 * k, c1 * k, num_threads=min(<Py_ssize_t>T, nu), schedule="static"):
+                    e0 = (u % k) * U
+                    _run_grad_input(gp, xp, dp, C, S, u // k, e0, min(NS, e0 + U), cf, nt)
+                    if nt:
+                        fbn_sfence()
+                c0 = c1
     else:  # COLUMNS
-        R = max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
+        R = unit if unit > 0 else max(1, <Py_ssize_t>(COLUMN_BLOCK // C))
         nb = (N + R - 1) // R
         T = <int>min(<Py_ssize_t>T, nb)
         part = np.zeros((T, 2 * C))  # per thread: [sum dy (C) | sum dy*(x-mean) (C)]

@@ -115,35 +115,50 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
 
 /* ---- spatial size 1: an (N, C) matrix, a block of `rows` rows at a time, vectors across C ---- */
 
-/* Column moments of the block merged into per-column accumulators sharing the count *n
- * (two passes over the block, which is sized to stay in L2).  tmp: 2*C doubles of scratch. */
+/* Column moments of the block merged into per-column accumulators sharing the count *n.
+ * Shifted sums per column, as in fbn_moments: the shift is the exact column means of the block
+ * (a first pass; the block is sized to stay in L2) for a thread's first block, then the means
+ * merged so far.  tmp: 2*C doubles of scratch. */
 FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t C, double *n,
                                                  double *m, double *m2, double *tmp)
 {
-    double *bm = tmp, *bq = tmp + C;
+    double *s = tmp, *q = tmp + C, *k = m;
     for (ptrdiff_t c = 0; c < C; c++)
-        bm[c] = bq[c] = 0.0;
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const T *p = x + r * C;
+        s[c] = q[c] = 0.0;
+    if (*n == 0.0) {  /* k = the block's column means; m is still 0 and is free to hold them */
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const T *p = x + r * C;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < C; c++)
-            bm[c] += (double)p[c];
+            for (ptrdiff_t c = 0; c < C; c++)
+                s[c] += (double)p[c];
+        }
+        for (ptrdiff_t c = 0; c < C; c++) {
+            k[c] = s[c] / (double)rows;
+            s[c] = 0.0;
+        }
     }
-    for (ptrdiff_t c = 0; c < C; c++)
-        bm[c] /= (double)rows;
     for (ptrdiff_t r = 0; r < rows; r++) {
         const T *p = x + r * C;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < C; c++) {
-            double d = (double)p[c] - bm[c];
-            bq[c] += d * d;
+            double d = (double)p[c] - k[c];
+            s[c] += d;
+            q[c] += d * d;
         }
     }
-    for (ptrdiff_t c = 0; c < C; c++) {
-        double nc = *n;
-        fbn_chan_merge(&nc, &m[c], &m2[c], (double)rows, bm[c], bq[c]);
+    double b = (double)rows;
+    if (*n == 0.0) {
+        for (ptrdiff_t c = 0; c < C; c++) {
+            m[c] = k[c] + s[c] / b;
+            m2[c] = q[c] - s[c] * (s[c] / b);
+        }
+    } else {
+        for (ptrdiff_t c = 0; c < C; c++) {
+            double nc = *n;
+            fbn_chan_merge(&nc, &m[c], &m2[c], b, k[c] + s[c] / b, q[c] - s[c] * (s[c] / b));
+        }
     }
-    *n += (double)rows;
+    *n += b;
 }
 
 FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t C,
