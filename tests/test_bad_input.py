@@ -1,0 +1,274 @@
+"""Bad input: a ValueError/TypeError naming the value and the rule, and no state changed."""
+import re
+
+import numpy as np
+import pytest
+
+import fastbn
+from conftest import random_input, random_params, ref_backward
+
+SHAPE = (4, 3, 5)
+
+
+def _valid(rng):
+    x = random_input(rng, SHAPE, np.float32)
+    w, b, rm, rv = random_params(rng, 3, np.float32)
+    return dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, training=True,
+                momentum=0.1, eps=1e-5, out=np.full(SHAPE, 7.0, np.float32))
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+# (id, change to the valid arguments, exception, regex the message must match)
+FORWARD_CASES = [
+    ("int-input", dict(input=np.ones(SHAPE, np.int64)), TypeError, r"input must be float32 or float64, got dtype int64"),
+    ("int32-input", dict(input=np.ones(SHAPE, np.int32)), TypeError, r"float32 or float64.*int32"),
+    ("bool-input", dict(input=np.ones(SHAPE, bool)), TypeError, r"float32 or float64.*bool"),
+    ("complex-input", dict(input=np.ones(SHAPE, np.complex128)), TypeError, r"float32 or float64.*complex128"),
+    ("object-input", dict(input=np.ones(SHAPE, object)), TypeError, r"float32 or float64.*object"),
+    ("float16-input", dict(input=np.ones(SHAPE, np.float16)), TypeError, r"float32 or float64.*float16.*not supported"),
+    ("list-input", dict(input=[[1.0, 2.0, 3.0]] * 4), TypeError, r"numpy\.ndarray.*list"),
+    ("1d-input", dict(input=np.ones(5, np.float32)), ValueError, r"at least 2 dimensions.*\(5,\)"),
+    ("0d-input", dict(input=np.ones((), np.float32)), ValueError, r"at least 2 dimensions.*\(\)"),
+    ("weight-length", dict(weight=np.ones(4, np.float32)), ValueError, r"weight must have shape \(3,\).*3 channels.*\(4,\)"),
+    ("weight-2d", dict(weight=np.ones((3, 1), np.float32)), ValueError, r"weight must have shape \(3,\).*\(3, 1\)"),
+    ("weight-int", dict(weight=np.ones(3, np.int64)), TypeError, r"weight must be float32 or float64, got dtype int64"),
+    ("weight-float16", dict(weight=np.ones(3, np.float16)), TypeError, r"weight must be float32 or float64.*float16"),
+    ("weight-list", dict(weight=[1.0, 1.0, 1.0]), TypeError, r"weight must be a numpy array.*list"),
+    ("bias-length", dict(bias=np.zeros(2, np.float32)), ValueError, r"bias must have shape \(3,\).*\(2,\)"),
+    ("bias-complex", dict(bias=np.zeros(3, np.complex64)), TypeError, r"bias must be float32 or float64.*complex64"),
+    ("running-mean-length", dict(running_mean=np.zeros(5, np.float32)), ValueError, r"running_mean must have shape \(3,\).*\(5,\)"),
+    ("running-var-length", dict(running_var=np.ones(1, np.float32)), ValueError, r"running_var must have shape \(3,\).*\(1,\)"),
+    ("running-mean-int", dict(running_mean=np.zeros(3, np.int32)), TypeError, r"running_mean must be float32 or float64.*int32"),
+    ("running-var-float16", dict(running_var=np.ones(3, np.float16)), TypeError, r"running_var must be float32 or float64.*float16"),
+    ("running-var-read-only", dict(running_var=_read_only(np.ones(3, np.float32))), ValueError, r"running_var is read-only"),
+    ("only-running-mean", dict(running_var=None), ValueError, r"running_mean and running_var must both be"),
+    ("eval-without-buffers", dict(running_mean=None, running_var=None, training=False), ValueError,
+     r"running_mean and running_var must be given in evaluation mode"),
+    ("out-shape", dict(out=np.zeros((4, 3, 6), np.float32)), ValueError, r"out must have the input's shape \(4, 3, 5\).*\(4, 3, 6\)"),
+    ("out-dtype", dict(out=np.zeros(SHAPE, np.float64)), ValueError, r"out must have .*dtype float32.*float64"),
+    ("out-read-only", dict(out=_read_only(np.zeros(SHAPE, np.float32))), ValueError, r"out is read-only"),
+    ("out-list", dict(out=[0.0]), TypeError, r"out must be a numpy array, got list"),
+    ("one-value-per-channel", dict(input=np.ones((1, 3), np.float32), out=None), ValueError,
+     r"more than 1 value per channel.*\(1, 3\)"),
+    ("one-value-per-channel-3d", dict(input=np.ones((1, 3, 1), np.float32), out=None), ValueError,
+     r"more than 1 value per channel.*\(1, 3, 1\)"),
+    ("momentum-high", dict(momentum=1.5), ValueError, r"momentum must be a real number in \[0.0, 1.0\], got 1.5"),
+    ("momentum-negative", dict(momentum=-0.1), ValueError, r"momentum must be .*got -0.1"),
+    ("momentum-none", dict(momentum=None), TypeError, r"momentum must be a float"),
+    ("momentum-str", dict(momentum="0.1"), TypeError, r"momentum must be a real number.*'0.1'"),
+    ("eps-negative", dict(eps=-1e-5), ValueError, r"eps must be a real number >= 0.0, got -1e-05"),
+    ("eps-nan", dict(eps=float("nan")), ValueError, r"eps must be .*nan"),
+    ("eps-bool", dict(eps=True), ValueError, r"eps must be .*True"),
+]
+
+
+@pytest.mark.parametrize("func", [fastbn.batch_norm, fastbn.batch_norm_forward])
+@pytest.mark.parametrize("change,exc,message", [c[1:] for c in FORWARD_CASES], ids=[c[0] for c in FORWARD_CASES])
+def test_functional_forward_rejects(rng, func, change, exc, message):
+    args = _valid(rng)
+    args.update(change)
+    snapshot = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    kwargs = dict(args)
+    x = kwargs.pop("input")
+    out = kwargs.pop("out")
+    with pytest.raises(exc, match=message):
+        func(x, kwargs.pop("running_mean"), kwargs.pop("running_var"), out=out, **kwargs)
+    for k, v in args.items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(v, snapshot[k], err_msg=f"{k} was changed")
+            assert v.dtype == snapshot[k].dtype
+
+
+def test_functional_error_happens_before_any_running_update(rng):
+    """A bad out= (checked last) must not leave half-updated running buffers behind."""
+    args = _valid(rng)
+    rm, rv = args["running_mean"], args["running_var"]
+    rm0, rv0 = rm.copy(), rv.copy()
+    with pytest.raises(ValueError):
+        fastbn.batch_norm(args["input"], rm, rv, args["weight"], args["bias"], training=True,
+                          out=np.zeros((1, 1, 1), np.float32))
+    np.testing.assert_array_equal(rm, rm0)
+    np.testing.assert_array_equal(rv, rv0)
+
+
+BACKWARD_CASES = [
+    ("grad-shape", dict(grad_output=np.ones((4, 3, 6), np.float32)), ValueError,
+     r"grad_output must have the input's shape \(4, 3, 5\), got \(4, 3, 6\)"),
+    ("grad-dtype", dict(grad_output=np.ones(SHAPE, np.float64)), TypeError, r"grad_output must have the input's dtype float32, got float64"),
+    ("grad-int", dict(grad_output=np.ones(SHAPE, np.int64)), TypeError, r"grad_output must be float32 or float64, got dtype int64"),
+    ("grad-list", dict(grad_output=[1.0]), TypeError, r"numpy"),
+    ("input-int", dict(input=np.ones(SHAPE, np.int64)), TypeError, r"input must be float32 or float64, got dtype int64"),
+    ("input-1d", dict(input=np.ones(5, np.float32), grad_output=np.ones(5, np.float32)), ValueError, r"at least 2 dimensions"),
+    ("weight-length", dict(weight=np.ones(2, np.float32)), ValueError, r"weight must have shape \(3,\).*\(2,\)"),
+    ("save-mean-length", dict(save_mean=np.zeros(4)), ValueError, r"save_mean must have shape \(3,\).*\(4,\)"),
+    ("save-invstd-int", dict(save_invstd=np.ones(3, np.int64)), TypeError, r"save_invstd must be float32 or float64.*int64"),
+    ("save-invstd-none", dict(save_invstd=None), TypeError, r"save_invstd must be a numpy array.*NoneType"),
+]
+
+
+@pytest.mark.parametrize("change,exc,message", [c[1:] for c in BACKWARD_CASES], ids=[c[0] for c in BACKWARD_CASES])
+def test_functional_backward_rejects(rng, change, exc, message):
+    x = random_input(rng, SHAPE, np.float32)
+    w = random_params(rng, 3, np.float32)[0]
+    _, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, training=True)
+    args = dict(grad_output=np.ones(SHAPE, np.float32), input=x, weight=w, save_mean=mean, save_invstd=invstd)
+    args.update(change)
+    copies = {k: v.copy() for k, v in args.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(exc, match=message):
+        fastbn.batch_norm_backward(args["grad_output"], args["input"], args["weight"], args["save_mean"],
+                                   args["save_invstd"])
+    for k, v in copies.items():
+        np.testing.assert_array_equal(args[k], v)
+
+
+# ---------------------------------------------------------------------------------- layers
+def _layer_snapshot(bn):
+    return {k: np.array(v, copy=True) for k, v in bn.state_dict().items()}
+
+
+def _assert_layer_unchanged(bn, snapshot):
+    now = bn.state_dict()
+    assert list(now) == list(snapshot)
+    for k, v in snapshot.items():
+        np.testing.assert_array_equal(now[k], v, err_msg=f"{k} changed")
+
+
+LAYER_CASES = [
+    ("1d-gets-4d", fastbn.BatchNorm1d, np.ones((2, 3, 4, 4), np.float32), ValueError,
+     r"BatchNorm1d expected 2-D or 3-D .*got shape \(2, 3, 4, 4\)"),
+    ("1d-gets-1d", fastbn.BatchNorm1d, np.ones(3, np.float32), ValueError, r"BatchNorm1d expected 2-D or 3-D.*\(3,\)"),
+    ("2d-gets-3d", fastbn.BatchNorm2d, np.ones((2, 3, 4), np.float32), ValueError, r"BatchNorm2d expected 4-D .*\(2, 3, 4\)"),
+    ("2d-gets-5d", fastbn.BatchNorm2d, np.ones((2, 3, 2, 2, 2), np.float32), ValueError, r"BatchNorm2d expected 4-D"),
+    ("3d-gets-4d", fastbn.BatchNorm3d, np.ones((2, 3, 4, 4), np.float32), ValueError, r"BatchNorm3d expected 5-D .*\(2, 3, 4, 4\)"),
+    ("channels-1d", fastbn.BatchNorm1d, np.ones((2, 4), np.float32), ValueError,
+     r"BatchNorm1d\(3\) expected 3 channels \(axis 1\), got shape \(2, 4\)"),
+    ("channels-2d", fastbn.BatchNorm2d, np.ones((2, 2, 3, 3), np.float32), ValueError, r"expected 3 channels.*\(2, 2, 3, 3\)"),
+    ("int", fastbn.BatchNorm1d, np.ones((2, 3), np.int64), TypeError, r"float32 parameters, got input of dtype int64"),
+    ("bool", fastbn.BatchNorm2d, np.ones((2, 3, 2, 2), bool), TypeError, r"got input of dtype bool"),
+    ("complex", fastbn.BatchNorm1d, np.ones((2, 3, 2), np.complex64), TypeError, r"got input of dtype complex64"),
+    ("object", fastbn.BatchNorm1d, np.ones((2, 3), object), TypeError, r"got input of dtype object"),
+    ("float16", fastbn.BatchNorm3d, np.ones((2, 3, 1, 2, 2), np.float16), TypeError, r"got input of dtype float16"),
+    ("float64-into-float32", fastbn.BatchNorm1d, np.ones((2, 3), np.float64), TypeError,
+     r"holds float32 parameters, got input of dtype float64"),
+    ("list", fastbn.BatchNorm1d, [[1.0, 2.0, 3.0]] * 2, (TypeError, ValueError), r"BatchNorm1d expected .*list"),
+    ("one-value-1d", fastbn.BatchNorm1d, np.ones((1, 3), np.float32), ValueError, r"more than 1 value per channel.*\(1, 3\)"),
+    ("one-value-2d", fastbn.BatchNorm2d, np.ones((1, 3, 1, 1), np.float32), ValueError, r"more than 1 value per channel"),
+    ("one-value-3d", fastbn.BatchNorm3d, np.ones((1, 3, 1, 1, 1), np.float32), ValueError, r"more than 1 value per channel"),
+]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("cls,bad,exc,message", [c[1:] for c in LAYER_CASES], ids=[c[0] for c in LAYER_CASES])
+def test_layer_forward_rejects(rng, cls, bad, exc, message, momentum):
+    bn = cls(3, momentum=momentum)
+    shape = {fastbn.BatchNorm1d: (4, 3), fastbn.BatchNorm2d: (2, 3, 2, 2), fastbn.BatchNorm3d: (2, 3, 1, 2, 2)}[cls]
+    good = random_input(rng, shape, np.float32)
+    bn(good)  # one good step, then a failing one
+    snapshot = _layer_snapshot(bn)
+    bad_copy = np.array(bad, copy=True)
+    with pytest.raises(exc, match=message):
+        bn(bad)
+    _assert_layer_unchanged(bn, snapshot)
+    if isinstance(bad, np.ndarray):
+        np.testing.assert_array_equal(bad, bad_copy)
+    # the failed call did not replace what backward() works on
+    dy = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(bn.backward(dy), ref_backward(dy, good, bn.weight)[0], atol=1e-4)
+
+
+def test_layer_bad_out_changes_nothing(rng):
+    bn = fastbn.BatchNorm1d(3)
+    x = random_input(rng, (4, 3, 5), np.float32)
+    snapshot = _layer_snapshot(bn)
+    for out, exc in ((np.zeros((4, 3, 4), np.float32), ValueError), (np.zeros((4, 3, 5), np.float64), ValueError),
+                     ([0.0], TypeError)):
+        with pytest.raises(exc, match="out"):
+            bn(x, out=out)
+        _assert_layer_unchanged(bn, snapshot)
+    assert bn.num_batches_tracked == 0
+
+
+def test_layer_backward_misuse(rng):
+    bn = fastbn.BatchNorm2d(3)
+    dy = np.ones((2, 3, 2, 2), np.float32)
+    with pytest.raises(RuntimeError, match=r"backward\(\) needs a forward\(\)"):
+        bn.backward(dy)
+    x = random_input(rng, (2, 3, 2, 2), np.float32)
+    bn(x)
+    with pytest.raises(ValueError, match=r"grad_output must match .*\(2, 3, 2, 2\).*\(2, 3, 2, 3\)"):
+        bn.backward(np.ones((2, 3, 2, 3), np.float32))
+    with pytest.raises((TypeError, ValueError), match=r"ndarray.*list"):
+        bn.backward([1.0])
+    with pytest.raises(TypeError, match=r"grad_output must have the input's dtype float32, got float64"):
+        bn.backward(np.ones((2, 3, 2, 2), np.float64))
+    assert bn.grad_weight is None and bn.grad_bias is None
+    # the rejected gradients did not consume the saved forward
+    dx = bn.backward(dy)
+    np.testing.assert_allclose(dx, ref_backward(dy, x, bn.weight)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "shape", "dtype", "nbt-float", "nbt-shape", "late-bad-key"])
+def test_load_state_dict_rejects_and_changes_nothing(rng, case):
+    bn = fastbn.BatchNorm1d(3)
+    bn.weight[...] = [1.0, 2.0, 3.0]
+    bn(random_input(rng, (4, 3), np.float32))
+    snapshot = _layer_snapshot(bn)
+    state = {k: v * 2 + 1 if k != "num_batches_tracked" else np.array(9) for k, v in bn.state_dict().items()}
+    exc, message = ValueError, None
+    if case == "missing":
+        del state["running_var"]
+        message = r"missing keys \['running_var'\]"
+    elif case == "unexpected":
+        state["extra"] = np.zeros(3)
+        message = r"unexpected keys \['extra'\]"
+    elif case == "shape":
+        state["bias"] = np.zeros(4, np.float32)
+        message = r"bias must have shape \(3,\), got shape \(4,\)"
+    elif case == "dtype":
+        state["running_mean"] = np.zeros(3, np.int64)
+        exc, message = (TypeError, ValueError), r"running_mean must be a float array, got dtype int64"
+    elif case == "nbt-float":
+        state["num_batches_tracked"] = np.array(2.5)
+        message = r"num_batches_tracked must be a scalar integer"
+    elif case == "nbt-shape":
+        state["num_batches_tracked"] = np.array([2])
+        message = r"num_batches_tracked must be a scalar integer"
+    else:  # everything valid except the last buffer
+        state["running_var"] = np.ones((3, 1), np.float32)
+        message = r"running_var must have shape \(3,\)"
+    with pytest.raises(exc, match=message):
+        bn.load_state_dict(state)
+    _assert_layer_unchanged(bn, snapshot)
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(num_features=0), ValueError, r"num_features must be a positive integer, got 0"),
+    (dict(num_features=-2), ValueError, r"num_features must be a positive integer, got -2"),
+    (dict(num_features=2.5), ValueError, r"num_features must be a positive integer, got 2.5"),
+    (dict(num_features=True), ValueError, r"num_features must be a positive integer, got True"),
+    (dict(num_features=3, eps=-1.0), ValueError, r"eps must be a real number >= 0.0, got -1.0"),
+    (dict(num_features=3, momentum=2.0), ValueError, r"momentum must be a real number in \[0.0, 1.0\], got 2.0"),
+    (dict(num_features=3, momentum="fast"), TypeError, r"momentum must be a real number.*'fast'"),
+    (dict(num_features=3, dtype=np.float16), TypeError, r"dtype must be float32 or float64, got float16"),
+    (dict(num_features=3, dtype=np.int32), TypeError, r"dtype must be float32 or float64, got int32"),
+    (dict(num_features=3, device="tpu"), ValueError, r"device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+])
+def test_layer_constructor_rejects(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        fastbn.BatchNorm2d(**kwargs)
+
+
+def test_messages_name_the_value(rng):
+    """A spot check that messages carry the offending value verbatim (not just a generic text)."""
+    x = random_input(rng, (2, 5), np.float32)
+    with pytest.raises(ValueError) as info:
+        fastbn.BatchNorm1d(3)(x)
+    assert "(2, 5)" in str(info.value) and "3" in str(info.value)
+    with pytest.raises(TypeError) as info:
+        fastbn.batch_norm(x.astype(np.float16), None, None, training=True)
+    assert re.search(r"float16", str(info.value)) and "float32" in str(info.value)

@@ -1,0 +1,167 @@
+"""Thread control (set/get_num_threads, OMP_NUM_THREADS, threadpoolctl) and thread safety."""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
+
+import fastbn
+from conftest import assert_close, random_input, random_params, ref_backward, ref_forward
+
+# The kernels use one thread per 16384 elements at most, so these shapes (>= 32768 elements)
+# really run on two threads when two are allowed.
+BIG = [
+    ("channels", 0, (8, 4, 1024)),   # C divisible by the thread count
+    ("auto", 0, (16, 1, 4096)),      # C=1: units chosen automatically
+    ("units", 97, (5, 3, 2203)),     # forced small units, odd sizes
+    ("auto", 0, (4096, 16)),         # spatial size 1: columns, two row blocks
+    ("columns", 0, (3000, 33)),      # columns, uneven row blocks and a SIMD tail
+]
+STREAM = {"units": 1, "columns": 1}  # also force streaming stores on these
+BIG_IDS = [f"{p}-{'x'.join(map(str, s))}" for p, _, s in BIG]
+
+
+def _run_all(x, dy, w, b, rm, rv):
+    rm, rv = rm.copy(), rv.copy()
+    y, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, w, b, training=True)
+    ye = fastbn.batch_norm(x, rm, rv, w, b, training=False)
+    dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd)
+    dxe = fastbn.batch_norm_backward(dy, x, w, rm.astype(np.float64), 1 / np.sqrt(rv.astype(np.float64) + 1e-5),
+                                     training=False)[0]
+    return dict(y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, ye=ye, dx=dx, gw=gw, gb=gb, dxe=dxe)
+
+
+def test_set_and_get_num_threads(threads):
+    threads(1)
+    assert fastbn.get_num_threads() == 1
+    threads(2)
+    assert fastbn.get_num_threads() == 2
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"n_threads={bad} is invalid: expected a positive number"):
+            fastbn.set_num_threads(bad)
+        assert fastbn.get_num_threads() == 2
+    with pytest.raises(TypeError):
+        fastbn.set_num_threads("4")
+    assert fastbn.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path,unit,shape", BIG, ids=BIG_IDS)
+def test_one_and_two_threads_agree(rng, threads, force_path, path, unit, shape, dtype):
+    force_path(path, unit, STREAM.get(path))
+    x = random_input(rng, shape, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b, rm, rv = random_params(rng, shape[1], dtype)
+    threads(1)
+    one = _run_all(x, dy, w, b, rm, rv)
+    threads(2)
+    two = _run_all(x, dy, w, b, rm, rv)
+    eps = np.finfo(dtype).eps
+    for key in one:
+        assert_close(two[key], one[key], tol=64 * eps)
+    # and both are right
+    assert_close(two["y"], ref_forward(x, w, b)[0], dtype)
+    ref_dx = ref_backward(dy, x, w)[0]
+    assert_close(two["dx"], ref_dx, tol=1e-4 if dtype == np.float32 else 1e-10)
+
+
+def _fastbn_subprocess(code, **env):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+    environ = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    res = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_omp_num_threads_is_honoured(n):
+    code = ("import numpy as np, fastbn; print(fastbn.get_num_threads());"
+            "x = np.random.default_rng(0).standard_normal((8, 4, 2048)).astype(np.float32);"
+            "y = fastbn.batch_norm(x, None, None, training=True); print(float(abs(y.mean(axis=(0, 2))).max()))")
+    out = _fastbn_subprocess(code, OMP_NUM_THREADS=str(n)).split()
+    assert int(out[0]) == n
+    assert float(out[1]) < 1e-6
+
+
+def test_threadpool_limits(rng, threads):
+    threads(2)
+    x = random_input(rng, (8, 4, 1024), np.float32)
+    outside = fastbn.batch_norm(x, None, None, training=True)
+    with threadpool_limits(limits=1):
+        assert fastbn.get_num_threads() == 1
+        inside = fastbn.batch_norm(x, None, None, training=True)
+    assert fastbn.get_num_threads() == 2
+    np.testing.assert_array_equal(inside, outside)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        assert fastbn.get_num_threads() == 1
+    with threadpool_limits(limits=1, user_api="blas"):  # BLAS limits do not steer fastbn
+        assert fastbn.get_num_threads() == 2
+    assert fastbn.get_num_threads() == 2
+
+
+def test_fastbn_openmp_runtime_is_listed_by_threadpoolctl(threads):
+    threads(2)
+    info = threadpool_info()
+    listed = {os.path.realpath(d["filepath"]) for d in info if d["user_api"] == "openmp"}
+    assert listed, f"no OpenMP library in threadpool_info(): {info}"
+    steering = []
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api != "openmp":
+            continue
+        before = lib.num_threads
+        lib.set_num_threads(1)
+        try:
+            if fastbn.get_num_threads() == 1:
+                steering.append(os.path.realpath(lib.filepath))
+        finally:
+            lib.set_num_threads(before)
+    assert fastbn.get_num_threads() == 2
+    # the OpenMP runtime whose limit steers fastbn is one threadpool_info() reports
+    assert steering and set(steering) <= listed
+
+
+def test_concurrent_calls_match_serial_calls(rng):
+    cases = []
+    for i, shape in enumerate([(8, 4, 1024), (16, 1, 4096), (4096, 16), (6, 3, 17), (33, 5), (2, 2, 3, 4, 5)] * 2):
+        dtype = np.float32 if i % 2 == 0 else np.float64
+        x = random_input(rng, shape, dtype, offset=i)
+        dy = rng.standard_normal(shape).astype(dtype)
+        cases.append((x, dy) + random_params(rng, shape[1], dtype))
+    copies = [[a.copy() for a in case] for case in cases]
+    serial = [_run_all(*case) for case in cases]
+    for _ in range(3):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            parallel = list(pool.map(lambda case: _run_all(*case), cases))
+        for case, s, p in zip(cases, serial, parallel):
+            tol = 64 * np.finfo(case[0].dtype).eps
+            for key in s:
+                assert_close(p[key], s[key], tol=tol)
+    for case, saved in zip(cases, copies):
+        for a, c in zip(case, saved):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_concurrent_layers(rng):
+    """Several layers trained at once from several Python threads, each like a serial run."""
+    shapes = [(4, 3, 8), (6, 3), (2, 3, 4, 4), (3, 3, 5)]
+    data = [[random_input(rng, s, np.float64, offset=k) for k in range(4)] for s in shapes]
+
+    def train(inputs):
+        bn = fastbn.BatchNorm1d(3, dtype=np.float64) if inputs[0].ndim < 4 else fastbn.BatchNorm2d(3, dtype=np.float64)
+        outs = []
+        for x in inputs:
+            outs.append(bn(x))
+            outs.append(bn.backward(np.ones_like(x) + x))
+        return outs, bn.state_dict()
+
+    serial = [train(d) for d in data]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(train, data))
+    for (so, ss), (co, cs) in zip(serial, concurrent):
+        for a, b in zip(so, co):
+            assert_close(b, a, tol=1e-13)
+        for k in ss:
+            np.testing.assert_allclose(cs[k], ss[k], rtol=1e-13)
