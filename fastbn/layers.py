@@ -41,8 +41,8 @@ class _BatchNorm:
         if dt not in F._FLOATS:
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
         self.num_features = int(num_features)
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
+        self.eps = eps  # kept as given, so the repr matches PyTorch's (eps=0 stays 0)
+        self.momentum = momentum
         self.affine = bool(affine)
         self.has_bias = bool(affine and bias)
         self.track_running_stats = bool(track_running_stats)

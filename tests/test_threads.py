@@ -69,9 +69,12 @@ def test_one_and_two_threads_agree(rng, threads, force_path, path, unit, shape, 
 
 
 def _fastbn_subprocess(code, **env):
+    # Import the same fastbn as this process (installed or built in place), from a working
+    # directory where `python -c` cannot pick up an unbuilt source tree instead.
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
     environ = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    res = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(root))
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()
 
