@@ -5,6 +5,7 @@ This module validates and dispatches; the arithmetic lives in the backends (``_c
 leaves the running buffers as they were, and the caller's input is never written (unless it is
 passed as ``out=`` on purpose).
 """
+import functools
 import math
 import numbers
 
@@ -108,6 +109,24 @@ def _training_check(x, N, S):
         raise ValueError(f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}")
 
 
+def _on_device_of(position, name):
+    """Run the decorated function with a CuPy argument's GPU current, so every array it creates
+    (outputs, statistics, defaults) lives on the input's device; NumPy arguments: unchanged."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            a = args[position] if len(args) > position else kwargs.get(name)
+            if type(a).__module__.split(".")[0] == "cupy":
+                with a.device:
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@_on_device_of(0, "input")
 def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None, training=False,
                        momentum=0.1, eps=1e-5, *, out=None):
     """Like :func:`batch_norm`, and also return what :func:`batch_norm_backward` needs.
@@ -173,6 +192,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, out=out)[0]
 
 
+@_on_device_of(1, "input")
 def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=True):
     """Gradients of batch norm from the statistics :func:`batch_norm_forward` returned.
 

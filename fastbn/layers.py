@@ -5,6 +5,7 @@ parameters, or None), ``running_mean``, ``running_var`` (or None), ``num_batches
 Calling it runs the forward; ``backward(grad_output)`` returns ``grad_input`` and *sets*
 ``grad_weight`` and ``grad_bias``.
 """
+import contextlib
 import numbers
 
 import numpy as np
@@ -50,14 +51,15 @@ class _BatchNorm:
         self.device, self._cuda = _resolve_device(device)
         xp = self._xp
         C = self.num_features
-        self.weight = xp.ones(C, dtype=dt) if self.affine else None
-        self.bias = xp.zeros(C, dtype=dt) if self.has_bias else None
-        if self.track_running_stats:
-            self.running_mean = xp.zeros(C, dtype=dt)
-            self.running_var = xp.ones(C, dtype=dt)
-            self.num_batches_tracked = 0
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
+        with self._on_device():
+            self.weight = xp.ones(C, dtype=dt) if self.affine else None
+            self.bias = xp.zeros(C, dtype=dt) if self.has_bias else None
+            if self.track_running_stats:
+                self.running_mean = xp.zeros(C, dtype=dt)
+                self.running_var = xp.ones(C, dtype=dt)
+                self.num_batches_tracked = 0
+            else:
+                self.running_mean = self.running_var = self.num_batches_tracked = None
         self.grad_weight = self.grad_bias = None
         self.training = True
         self._saved = None
@@ -65,6 +67,10 @@ class _BatchNorm:
     @property
     def _xp(self):
         return np if self._cuda is None else self._cuda.xp
+
+    def _on_device(self):
+        """A context in which new arrays land on the layer's device (its GPU; nothing on the CPU)."""
+        return contextlib.nullcontext() if self._cuda is None else self._cuda.device
 
     # ------------------------------------------------------------------ modes and parameters
     def train(self, mode=True):
@@ -199,7 +205,8 @@ class _BatchNorm:
             if name == "num_batches_tracked":
                 self.num_batches_tracked = value
             else:
-                getattr(self, name)[...] = self._xp.asarray(value, dtype=self.dtype)
+                with self._on_device():
+                    getattr(self, name)[...] = self._xp.asarray(value, dtype=self.dtype)
 
     # ------------------------------------------------------------------ devices
     def to(self, device):

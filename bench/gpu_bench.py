@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""GPU benchmark: fastbn's CUDA kernels against PyTorch (cuDNN), a naive CuPy expression and a copy.
+
+Run on a machine with a CUDA GPU, CuPy (``pip install "fastbn[cuda]"``) and, for the PyTorch
+column, a CUDA build of torch::
+
+    python bench/gpu_bench.py                       # (64,64,56,56) and (256,256,14,14), float32
+    python bench/gpu_bench.py --shapes 32,3,224,224 --dtype float64 --json gpu.json
+
+Times are CUDA-event medians: each round launches an operation ``repeat`` times back to back
+between two events (so launch overhead counts when it is what limits the rate, as it does for a
+user), and the median over ``rounds`` rounds is reported per call.  Batch norm is memory-bound,
+so every row also shows its effective bandwidth and its time as a multiple of a device copy of
+the input (``y[...] = x`` via ``cupy.copyto``).  GB/s counts the least traffic the operation
+needs: forward reads x and writes y (2 arrays), backward reads dy and x and writes dx (3 arrays).
+
+Rows:
+  copy            cupy.copyto(y, x): the bandwidth yardstick
+  fastbn          the public API (fastbn.batch_norm_forward / batch_norm / batch_norm_backward),
+                  including its small per-channel CuPy ops (running-statistics update, casts)
+  fastbn kernels  fastbn._cupy_backend called directly with preallocated outputs: the CUDA
+                  kernels alone
+  torch           torch.nn.functional.batch_norm on CUDA (cuDNN where torch picks it); backward
+                  is torch.autograd.grad through it
+  naive cupy      the textbook CuPy expression (x.mean, x.var, broadcasting), several kernels
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import numpy as np
+
+try:
+    import cupy as cp
+except ImportError as exc:
+    sys.exit(f'gpu_bench needs CuPy ({exc}); install it with pip install "fastbn[cuda]"')
+
+try:
+    import fastbn
+except ImportError:  # run from a source checkout with the extensions built in place
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import fastbn
+from fastbn import _cupy_backend
+
+EPS = 1e-5
+MOMENTUM = 0.1
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not installed"
+    if not torch.cuda.is_available():
+        return None, f"torch {torch.__version__} has no CUDA"
+    return torch, None
+
+
+# ---------------------------------------------------------------- timing
+def sync():
+    cp.cuda.Device().synchronize()
+
+
+def time_op(fn, rounds, repeat=None, min_round_s=2e-3):
+    """Median seconds per call of fn over ``rounds`` rounds of ``repeat`` calls, by CUDA events."""
+    for _ in range(3):  # warm-up: compilation, memory pools, cuDNN heuristics
+        fn()
+    sync()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+
+    def one_round(n):
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end) * 1e-3 / n
+
+    if repeat is None:  # enough calls per round for ~2 ms between the events
+        repeat = max(3, min(1000, math.ceil(min_round_s / max(one_round(3), 1e-7))))
+    return statistics.median(one_round(repeat) for _ in range(rounds)), repeat
+
+
+# ---------------------------------------------------------------- the operations
+class Case:
+    """One shape and dtype: the arrays (CuPy and torch views of the same data) and the ops."""
+
+    def __init__(self, shape, dtype, torch, seed=0):
+        rng = np.random.default_rng(seed)
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        C = shape[1]
+        self.axes = (0,) + tuple(range(2, len(shape)))
+        self.bshape = (1, C) + (1,) * (len(shape) - 2)
+        self.n = math.prod(shape) // C
+        host = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+        self.x = cp.asarray(host)
+        self.dy = cp.asarray(rng.standard_normal(shape).astype(dtype))
+        self.w = cp.asarray(rng.uniform(0.5, 2, C).astype(dtype))
+        self.b = cp.asarray(rng.standard_normal(C).astype(dtype))
+        self.rm = cp.zeros(C, dtype=dtype)
+        self.rv = cp.ones(C, dtype=dtype)
+        self.y = cp.empty_like(self.x)
+        self.dx = cp.empty_like(self.x)
+        # what the backward needs: the batch statistics of x
+        _, self.mean, self.invstd = fastbn.batch_norm_forward(self.x, None, None, self.w, self.b, training=True)
+        self.x3 = self.x.reshape(shape[0], C, -1)
+        self.y3, self.dy3, self.dx3 = (a.reshape(self.x3.shape) for a in (self.y, self.dy, self.dx))
+        self.torch = torch
+        if torch is not None:
+            # Separate torch tensors (same values): autograd and torch's allocator stay torch's own.
+            self.tx = torch.as_tensor(host, device="cuda").requires_grad_(True)
+            self.tdy = torch.as_tensor(self.dy.get(), device="cuda")
+            self.tw = torch.as_tensor(self.w.get(), device="cuda").requires_grad_(True)
+            self.tb = torch.as_tensor(self.b.get(), device="cuda").requires_grad_(True)
+            self.trm = torch.zeros(C, device="cuda", dtype=self.tx.dtype)
+            self.trv = torch.ones(C, device="cuda", dtype=self.tx.dtype)
+            self.ty = torch.nn.functional.batch_norm(self.tx, self.trm, self.trv, self.tw, self.tb, True, MOMENTUM, EPS)
+
+    def nbytes(self):
+        return self.x.nbytes
+
+    # copy
+    def copy(self):
+        cp.copyto(self.y, self.x)
+
+    # training forward
+    def fastbn_train(self):
+        return fastbn.batch_norm_forward(self.x, self.rm, self.rv, self.w, self.b, training=True, momentum=MOMENTUM)
+
+    def kernels_train(self):
+        return _cupy_backend.forward_train(self.x3, self.y3, self.w, self.b, EPS)
+
+    def torch_train(self):
+        return self.torch.nn.functional.batch_norm(self.tx, self.trm, self.trv, self.tw, self.tb, True, MOMENTUM, EPS)
+
+    def naive_train(self):
+        m = self.x.mean(axis=self.axes, keepdims=True)
+        v = self.x.var(axis=self.axes, keepdims=True)
+        return (self.x - m) / cp.sqrt(v + EPS) * self.w.reshape(self.bshape) + self.b.reshape(self.bshape)
+
+    # evaluation forward
+    def fastbn_eval(self):
+        return fastbn.batch_norm(self.x, self.rm, self.rv, self.w, self.b, training=False)
+
+    def kernels_eval(self):
+        _cupy_backend.forward_eval(self.x3, self.y3, self.w, self.b, self.mean, self.invstd)
+
+    def torch_eval(self):
+        with self.torch.no_grad():
+            return self.torch.nn.functional.batch_norm(self.tx, self.trm, self.trv, self.tw, self.tb, False,
+                                                       MOMENTUM, EPS)
+
+    def naive_eval(self):
+        scale = self.w / cp.sqrt(self.rv + EPS)
+        return (self.x - self.rm.reshape(self.bshape)) * scale.reshape(self.bshape) + self.b.reshape(self.bshape)
+
+    # backward (training mode)
+    def fastbn_backward(self):
+        return fastbn.batch_norm_backward(self.dy, self.x, self.w, self.mean, self.invstd, training=True)
+
+    def kernels_backward(self):
+        return _cupy_backend.backward(self.dy3, self.x3, self.dx3, self.w, self.mean, self.invstd, True)
+
+    def torch_backward(self):
+        return self.torch.autograd.grad(self.ty, (self.tx, self.tw, self.tb), self.tdy, retain_graph=True)
+
+    def naive_backward(self):
+        bs = self.bshape
+        m = self.x.mean(axis=self.axes, keepdims=True)
+        invstd = 1 / cp.sqrt(self.x.var(axis=self.axes, keepdims=True) + EPS)
+        xhat = (self.x - m) * invstd
+        gb = self.dy.sum(axis=self.axes)
+        gw = (self.dy * xhat).sum(axis=self.axes)
+        dx = self.w.reshape(bs) * invstd * (self.dy - gb.reshape(bs) / self.n - xhat * gw.reshape(bs) / self.n)
+        return dx, gw, gb
+
+
+OPS = [  # (title, method suffix, arrays of traffic)
+    ("train forward", "train", 2),
+    ("eval forward", "eval", 2),
+    ("backward", "backward", 3),
+]
+
+
+def check(case):
+    """Max abs differences of fastbn against torch and the naive expression (a sanity check)."""
+    out = {}
+    y = case.fastbn_train()[0]
+    case.rm[...] = 0
+    case.rv[...] = 1
+    out["train forward vs naive"] = float(cp.abs(y - case.naive_train()).max())
+    dx, gw, gb = case.fastbn_backward()
+    ndx, ngw, ngb = case.naive_backward()
+    out["backward dx vs naive"] = float(cp.abs(dx - ndx).max())
+    if case.torch is not None:
+        ty = case.torch_train().detach()
+        case.trm.zero_()
+        case.trv.fill_(1)
+        out["train forward vs torch"] = float(np.abs(y.get() - ty.cpu().numpy()).max())
+        tdx, tgw, tgb = case.torch_backward()
+        out["backward dx vs torch"] = float(np.abs(dx.get() - tdx.cpu().numpy()).max())
+        out["backward dw vs torch"] = float(np.abs(gw.get() - tgw.cpu().numpy()).max())
+    return out
+
+
+def run_case(case, rounds, repeat, has_torch):
+    rows = []
+    t_copy, _ = time_op(case.copy, rounds, repeat)
+    for title, op, arrays in OPS:
+        impls = [("copy", case.copy), ("fastbn", getattr(case, f"fastbn_{op}")),
+                 ("fastbn kernels", getattr(case, f"kernels_{op}"))]
+        if has_torch:
+            impls.append(("torch", getattr(case, f"torch_{op}")))
+        impls.append(("naive cupy", getattr(case, f"naive_{op}")))
+        times = {}
+        for impl, fn in impls:
+            times[impl] = t_copy if impl == "copy" else time_op(fn, rounds, repeat)[0]
+        for impl, _ in impls:
+            t = times[impl]
+            traffic = 2 if impl == "copy" else arrays
+            rows.append({
+                "op": title, "impl": impl, "us": t * 1e6, "GB/s": traffic * case.nbytes() / t / 1e9,
+                "x copy": t / t_copy,
+                "torch/this": times["torch"] / t if "torch" in times else None,
+                "naive/this": times["naive cupy"] / t,
+            })
+    return rows
+
+
+def device_line():
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    sms = dev.attributes["MultiProcessorCount"]
+    return f"{name} (device {dev.id}, {sms} SMs, compute capability {props['major']}.{props['minor']})"
+
+
+def print_table(shape, dtype, rows, checks, nbytes):
+    print(f"\nshape {shape} {dtype}, {nbytes / 1e6:.1f} MB per array")
+    print("  check: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
+    head = f"  {'operation':<14}{'impl':<16}{'time (us)':>10}{'GB/s':>8}{'x copy':>8}{'vs torch':>10}{'vs naive':>10}"
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    last = None
+    for r in rows:
+        op = r["op"] if r["op"] != last else ""
+        last = r["op"]
+        vt = f"{r['torch/this']:.2f}x" if r["torch/this"] is not None else "-"
+        print(f"  {op:<14}{r['impl']:<16}{r['us']:>10.1f}{r['GB/s']:>8.0f}{r['x copy']:>7.2f}x{vt:>10}"
+              f"{r['naive/this']:>9.2f}x")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["64,64,56,56", "256,256,14,14"],
+                   help="comma-separated shapes (N,C,...) (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--rounds", type=int, default=15, help="timed rounds per measurement; the median is shown")
+    p.add_argument("--repeat", type=int, default=None, help="calls per round (default: enough for ~2 ms)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    torch, why_not = _torch()
+    print(f"device: {device_line()}")
+    print(f"CuPy {cp.__version__}, fastbn {fastbn.__version__}, backend: {_cupy_backend.status()}")
+    if torch is not None:
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        print(f"torch {torch.__version__}, cuDNN {cudnn} (enabled: {torch.backends.cudnn.enabled})")
+    else:
+        print(f"torch column skipped: {why_not}")
+    print("times: median of CUDA-event rounds, per call; GB/s: least traffic (fwd 2 arrays, bwd 3 arrays)")
+
+    results = {"device": device_line(), "cupy": cp.__version__, "fastbn": fastbn.__version__,
+               "torch": None if torch is None else torch.__version__, "cases": []}
+    for text in args.shapes:
+        shape = tuple(int(s) for s in text.split(","))
+        case = Case(shape, args.dtype, torch)
+        checks = check(case)
+        rows = run_case(case, args.rounds, args.repeat, torch is not None)
+        print_table(shape, args.dtype, rows, checks, case.nbytes())
+        results["cases"].append({"shape": shape, "dtype": args.dtype, "checks": checks, "rows": rows})
+        del case
+        cp.get_default_memory_pool().free_all_blocks()
+        if torch is not None:
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The CUDA backend: CuPy arrays, fastbn's own kernels (fastbn/_cuda/batch_norm.cu).
+
+Provides the same names and contracts as :mod:`fastbn._cpu` (``xp``, ``name``, ``is_array``,
+``forward_train``, ``forward_eval``, ``backward``) plus ``status()`` for ``python -m fastbn info``
+and ``device_module(index)`` for the layers' ``device="cuda[:N]"``.
+
+CuPy is optional: this module imports without it, and imports CuPy on first use (``xp`` is a
+lazy module attribute).  The CUDA source is compiled by NVRTC through ``cupy.RawModule`` the
+first time a dtype is used on a device, then kept (CuPy also caches the binary on disk).
+
+Work splitting (``tuning["path"]``, forced by the tests like ``_cpu.tuning``):
+``"channels"`` one block per channel does statistics and the normalize in one launch (many
+channels); ``"units"`` many blocks per channel write partial results that a merge kernel
+combines, then an elementwise kernel applies them (few channels with many elements each: C = 1,
+3, 64 on a big GPU); ``"columns"`` the same for spatial size 1, reading the (N, C) matrix a row
+of 32 channels at a time.  ``tuning["unit"]`` forces the partial size (elements per unit, or
+rows per row range for ``"columns"``).
+"""
+import os
+import threading
+
+import numpy as np
+
+name = "cuda"
+
+# Tests force a work-splitting path ("channels", "units", "columns") and a unit size here.
+tuning = {"path": "auto", "unit": 0}
+PATHS = ("auto", "channels", "units", "columns")
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda", "batch_norm.cu")
+# The kernel templates of SOURCE; each is compiled for float and double.
+KERNELS = (
+    "bn_forward_channels", "bn_moments_units", "bn_moments_columns", "bn_merge_moments",
+    "bn_eval_coefs", "bn_apply",
+    "bn_backward_channels", "bn_grad_sums_units", "bn_grad_sums_columns", "bn_merge_grad",
+    "bn_grad_input",
+)
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+OPTIONS = ("-std=c++17",)
+
+BLOCK = 256              # FBN_BLOCK in the source
+COLUMN_BLOCK = (32, 8)   # FBN_COL_X, FBN_COL_Y
+MERGE_WARPS = 4          # FBN_MERGE_WARPS
+MIN_UNIT = 8192          # fewest elements per block worth a partial of their own
+MIN_ROWS = 256           # fewest rows per row range on the columns path
+BLOCKS_PER_SM = 4        # how many blocks per SM the splits aim for
+MAX_GRID = 65535         # grid-stride kernels never need more blocks than this
+
+INSTALL = 'pip install "fastbn[cuda]"'
+WHEEL = "cupy-cuda12x, for NVIDIA drivers with CUDA 12 or newer"
+
+_lock = threading.Lock()
+_cupy = None             # the cupy module, once imported
+_source = None
+_modules = {}            # (device id, dtype char) -> {kernel name: cupy.RawKernel}
+_sm_counts = {}          # device id -> multiprocessor count
+
+
+# ---------------------------------------------------------------- CuPy, lazily
+def _import_cupy():
+    """The cupy module; ImportError (chained) with what to install when it cannot be imported."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except ImportError as exc:
+            raise ImportError(
+                f"fastbn's GPU backend needs CuPy, which could not be imported ({exc}); install it with: "
+                f"{INSTALL} (which installs {WHEEL})"
+            ) from exc
+        _cupy = cupy
+    return _cupy
+
+
+def available():
+    """True if CuPy can be imported (says nothing about a GPU being there: see :func:`status`)."""
+    try:
+        _import_cupy()
+    except Exception:
+        return False
+    return True
+
+
+def _reset():
+    """Forget the imported CuPy and the compiled kernels (tests simulate a machine without CuPy)."""
+    global _cupy, _source
+    with _lock:
+        _cupy = None
+        _source = None
+        _modules.clear()
+        _sm_counts.clear()
+
+
+def __getattr__(attr):  # PEP 562: ``_cupy_backend.xp`` imports CuPy on first access
+    if attr == "xp":
+        return _import_cupy()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def is_array(a):
+    if type(a).__module__.split(".")[0] != "cupy":
+        return False
+    try:
+        return isinstance(a, _import_cupy().ndarray)
+    except ImportError:
+        return False
+
+
+def _version(cp):
+    return ".".join(str(cp.__version__).split(".")[:2])
+
+
+def _device_name(cp, index):
+    props = cp.cuda.runtime.getDeviceProperties(index)
+    dev_name = props["name"]
+    if isinstance(dev_name, bytes):
+        dev_name = dev_name.decode(errors="replace")
+    return dev_name, props.get("major"), props.get("minor")
+
+
+def status():
+    """One line for ``python -m fastbn info``: "available: <GPU>, CuPy x.y" or "unavailable: <why>"."""
+    try:
+        cp = _import_cupy()
+    except ImportError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ModuleNotFoundError) and cause.name == "cupy":
+            return f"unavailable: CuPy is not installed; {INSTALL} adds it ({WHEEL})"
+        return f"unavailable: CuPy is installed but does not import ({cause or exc}); reinstall it: {INSTALL} ({WHEEL})"
+    except Exception as exc:  # a broken install can raise anything
+        return f"unavailable: importing CuPy failed ({type(exc).__name__}: {exc}); reinstall it: {INSTALL} ({WHEEL})"
+    try:
+        version = _version(cp)
+    except Exception:
+        version = "?"
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return (f"unavailable: CuPy {version} is installed but finds no CUDA driver or GPU ({exc}); "
+                f"check that `nvidia-smi` lists a GPU and that the driver supports CUDA 12")
+    if count < 1:
+        return f"unavailable: CuPy {version} is installed but finds no CUDA GPU (check `nvidia-smi`)"
+    try:
+        index = cp.cuda.runtime.getDevice()
+        dev_name, major, minor = _device_name(cp, index)
+        more = f", {count} GPUs" if count > 1 else ""
+        return f"available: {dev_name} (device {index}, compute capability {major}.{minor}{more}), CuPy {version}"
+    except Exception as exc:
+        return f"unavailable: CuPy {version} found {count} GPU(s) but could not query them ({exc})"
+
+
+# ---------------------------------------------------------------- devices (for the layers)
+class CudaDevice:
+    """What the layers need of a GPU: ``xp`` (cupy) and ``to_device(numpy_array)``."""
+
+    def __init__(self, cp, index):
+        self.xp = cp
+        self.index = index
+        self.device = cp.cuda.Device(index)
+
+    def to_device(self, value):
+        """A copy of ``value`` (a NumPy array) on this device."""
+        with self.device:
+            return self.xp.array(value, copy=True)
+
+    def __repr__(self):
+        return f"CudaDevice(cuda:{self.index})"
+
+
+def device_module(index=None):
+    """The GPU ``index`` (None: the current one) for ``device="cuda[:N]"``.
+
+    ImportError without CuPy, RuntimeError without a usable GPU/driver, ValueError for an index
+    that does not exist.
+    """
+    cp = _import_cupy()
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise RuntimeError(
+            f"CuPy {_version(cp)} is installed but CUDA is not usable ({exc}); check that `nvidia-smi` lists "
+            f"a GPU and that the NVIDIA driver supports CUDA 12 (the cupy-cuda12x wheel)"
+        ) from exc
+    if count < 1:
+        raise RuntimeError("CuPy finds no CUDA GPU on this machine (check `nvidia-smi`); use device='cpu'")
+    if index is None:
+        try:
+            index = cp.cuda.runtime.getDevice()
+        except Exception as exc:
+            raise RuntimeError(f"could not query the current CUDA device ({exc})") from exc
+    if not 0 <= index < count:
+        raise ValueError(f"device 'cuda:{index}' does not exist: this machine has {count} CUDA device(s)")
+    return CudaDevice(cp, index)
+
+
+# ---------------------------------------------------------------- kernels
+def _read_source():
+    global _source
+    if _source is None:
+        with open(SOURCE, encoding="utf-8") as f:
+            _source = f.read()
+    return _source
+
+
+def _kernels(device_id, dtype):
+    """The compiled kernels for one device and dtype, memoized."""
+    key = (device_id, dtype.char)
+    k = _modules.get(key)
+    if k is not None:
+        return k
+    with _lock:
+        k = _modules.get(key)
+        if k is None:
+            cp = _import_cupy()
+            t = CTYPES[dtype]
+            exprs = [f"{kn}<{t}>" for kn in KERNELS]
+            module = cp.RawModule(code=_read_source(), options=OPTIONS, name_expressions=exprs)
+            try:
+                with cp.cuda.Device(device_id):
+                    k = {kn: module.get_function(e) for kn, e in zip(KERNELS, exprs)}
+            except Exception as exc:
+                raise RuntimeError(
+                    f"compiling fastbn's CUDA kernels ({os.path.basename(SOURCE)}, {t}) with NVRTC failed: {exc}\n"
+                    f"CuPy needs NVRTC from a CUDA 12 toolkit (or, with CuPy >= 14, pip install \"cupy-cuda12x[ctk]\")"
+                ) from exc
+            _modules[key] = k
+    return k
+
+
+def _sm_count(cp, device_id):
+    n = _sm_counts.get(device_id)
+    if n is None:
+        n = int(cp.cuda.Device(device_id).attributes["MultiProcessorCount"])
+        _sm_counts[device_id] = n
+    return n
+
+
+def _i(v):
+    return np.int64(v)
+
+
+def _ceil(a, b):
+    return -(-a // b)
+
+
+def _plan(cp, device_id, C, S, NS):
+    """The work split for C channels of NS elements: (path, k partials per channel, unit size)."""
+    path, unit = tuning["path"], int(tuning["unit"])
+    if path not in PATHS:
+        raise ValueError(f"_cupy_backend.tuning['path'] must be one of {PATHS}, got {path!r}")
+    auto = path == "auto"
+    if path == "columns" and S != 1:
+        path = "units"
+    target = BLOCKS_PER_SM * _sm_count(cp, device_id)
+    if auto:
+        path = "columns" if S == 1 else "units"
+        if path == "units" and C >= target // 2:  # enough channels to fill the GPU
+            path = "channels"
+    if path == "channels":
+        return path, 1, NS
+    if path == "columns":  # units are row ranges of an (N, C) matrix
+        N = NS
+        tiles = _ceil(C, COLUMN_BLOCK[0])
+        R = unit if unit > 0 else max(_ceil(N, _ceil(target, tiles)), MIN_ROWS)
+        return path, _ceil(N, R), R
+    U = unit if unit > 0 else max(_ceil(NS, _ceil(target, C)), MIN_UNIT)
+    k = _ceil(NS, U)
+    if k == 1 and auto:  # one unit per channel: the fused kernel does the same in one launch
+        return "channels", 1, NS
+    return path, k, U
+
+
+def _grid(n):
+    return (max(1, min(int(n), MAX_GRID)),)
+
+
+def _check_device(dev_id, arrays):
+    for label, a in arrays:
+        if a.device.id != dev_id:
+            raise ValueError(
+                f"{label} is on CUDA device {a.device.id} but the input is on device {dev_id}; put every array on "
+                f"the input's device (and call fastbn inside `with cupy.cuda.Device({dev_id}):`)"
+            )
+
+
+def _vec(cp, a):
+    return cp.ascontiguousarray(a)
+
+
+def _apply_grid(sm, total):
+    return _grid(min(_ceil(total, BLOCK * 4), 32 * sm))
+
+
+def forward_train(x, y, weight, bias, eps):
+    """Write the normalized x into y; return the batch (mean, biased var, invstd), float64."""
+    cp = _import_cupy()
+    N, C, S = x.shape
+    dev = x.device
+    _check_device(dev.id, (("out", y), ("weight", weight), ("bias", bias)))
+    with dev:
+        mean, var, invstd = cp.empty(C), cp.empty(C), cp.empty(C)
+        if C == 0 or N * S == 0:
+            return mean, var, invstd
+        kern = _kernels(dev.id, x.dtype)
+        w, b = _vec(cp, weight), _vec(cp, bias)
+        NS = N * S
+        path, k, U = _plan(cp, dev.id, C, S, NS)
+        eps = np.float64(eps)
+        if path == "channels":
+            kern["bn_forward_channels"](_grid(C), (BLOCK,), (x, y, w, b, eps, _i(N), _i(C), _i(S), mean, var, invstd))
+            return mean, var, invstd
+        part = cp.empty(3 * C * k)
+        if path == "columns":
+            gx = _ceil(C, COLUMN_BLOCK[0])
+            kern["bn_moments_columns"]((gx, min(k, MAX_GRID)), COLUMN_BLOCK, (x, _i(N), _i(C), _i(U), _i(k), part))
+        else:
+            kern["bn_moments_units"](_grid(C * k), (BLOCK,), (x, _i(N), _i(C), _i(S), _i(k), _i(U), part))
+        coef = cp.empty(4 * C, dtype=x.dtype)
+        kern["bn_merge_moments"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
+                                 (part, _i(C), _i(k), eps, w, b, mean, var, invstd, coef))
+        total = N * C * S
+        kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,), (x, y, coef, _i(C), _i(S), _i(total)))
+    return mean, var, invstd
+
+
+def forward_eval(x, y, weight, bias, mean, invstd):
+    """Write (x - mean) * invstd * weight + bias into y."""
+    cp = _import_cupy()
+    N, C, S = x.shape
+    dev = x.device
+    _check_device(dev.id, (("out", y), ("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd)))
+    total = N * C * S
+    if total == 0:
+        return
+    with dev:
+        kern = _kernels(dev.id, x.dtype)
+        coef = cp.empty(4 * C, dtype=x.dtype)
+        kern["bn_eval_coefs"](_grid(_ceil(C, BLOCK)), (BLOCK,),
+                              (_vec(cp, mean), _vec(cp, invstd), _vec(cp, weight), _vec(cp, bias), _i(C), coef))
+        kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,), (x, y, coef, _i(C), _i(S), _i(total)))
+
+
+def backward(dy, x, dx, weight, mean, invstd, training):
+    """Write grad_input into dx; return (grad_weight, grad_bias), float64."""
+    cp = _import_cupy()
+    N, C, S = x.shape
+    dev = x.device
+    _check_device(dev.id, (("grad_output", dy), ("grad_input", dx), ("weight", weight), ("save_mean", mean),
+                           ("save_invstd", invstd)))
+    with dev:
+        gw, gb = cp.zeros(C), cp.zeros(C)
+        total = N * C * S
+        if total == 0:
+            return gw, gb
+        kern = _kernels(dev.id, x.dtype)
+        w, m, istd = _vec(cp, weight), _vec(cp, mean), _vec(cp, invstd)
+        NS = N * S
+        train = np.int32(1 if training else 0)
+        path, k, U = _plan(cp, dev.id, C, S, NS)
+        if path == "channels":
+            kern["bn_backward_channels"](_grid(C), (BLOCK,),
+                                         (dy, x, dx, w, m, istd, train, _i(N), _i(C), _i(S), gw, gb))
+            return gw, gb
+        part = cp.empty(2 * C * k)
+        if path == "columns":
+            gx = _ceil(C, COLUMN_BLOCK[0])
+            kern["bn_grad_sums_columns"]((gx, min(k, MAX_GRID)), COLUMN_BLOCK,
+                                         (dy, x, m, _i(N), _i(C), _i(U), _i(k), part))
+        else:
+            kern["bn_grad_sums_units"](_grid(C * k), (BLOCK,), (dy, x, m, _i(N), _i(C), _i(S), _i(k), _i(U), part))
+        coef = cp.empty(5 * C, dtype=x.dtype)
+        kern["bn_merge_grad"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
+                              (part, _i(C), _i(k), np.float64(NS), train, w, m, istd, gw, gb, coef))
+        kern["bn_grad_input"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
+                              (dy, x, dx, coef, _i(C), _i(S), _i(total)))
+    return gw, gb

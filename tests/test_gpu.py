@@ -1,0 +1,467 @@
+"""The CUDA backend (CuPy arrays) against the CPU backend, on a real GPU.
+
+Every test here is marked ``gpu`` and skipped, with the reason, where CuPy is missing or finds no
+usable GPU.  The CPU backend (NumPy arrays, already tested against a float64 reference and
+PyTorch) is the reference: same inputs, same operation, results compared within a tolerance
+that covers the different summation orders.  Each work-splitting path of the GPU kernels is
+forced through ``_cupy_backend.tuning`` (like ``_cpu.tuning``), and PyTorch's CUDA batch norm
+is compared too where torch has CUDA.
+
+Run on a GPU machine: ``pip install "fastbn[cuda]" && pytest tests/test_gpu.py -m gpu``.
+Set ``FASTBN_GPU_BIG=1`` to also run the > 2**31-element test (needs ~20 GB of GPU memory).
+"""
+import os
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import _cupy_backend
+
+
+def _gpu_skip_reason():
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken install
+        return f'CuPy is not installed or does not import ({exc}); pip install "fastbn[cuda]"'
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"CuPy finds no usable CUDA driver/GPU ({exc})"
+    if count < 1:
+        return "CuPy finds no CUDA GPU"
+    return None
+
+
+_SKIP = _gpu_skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_SKIP is not None, reason=f"no GPU: {_SKIP}")]
+
+if _SKIP is None:
+    import cupy as cp
+else:
+    cp = None
+
+SEED = 1234
+# (path, unit): unit 0 lets the backend size the partials; the small units cut every channel
+# into many partials (and 97 rows / 1000 elements are not multiples of any block size).
+PATHS = [("auto", 0), ("channels", 0), ("units", 0), ("units", 1000), ("columns", 0), ("columns", 97)]
+PATH_IDS = ["-".join([p] + ([str(u)] if u else [])) for p, u in PATHS]
+SHAPES = [
+    (8, 300, 7, 7),      # many channels: one block per channel
+    (16, 1, 64, 64),     # C = 1 with many elements: the two-stage path
+    (8, 3, 120, 100),    # C = 3, like an RGB input
+    (512, 64),           # spatial size 1 (BatchNorm1d on (N, C)): the columns path
+    (4099, 3),           # tall and narrow, N not a multiple of anything
+    (6, 5, 1, 1),        # 4-D with spatial size 1
+    (3, 7, 1000),        # BatchNorm1d on (N, C, L)
+]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+DTYPES = [np.float32, np.float64]
+# Tolerances against the CPU backend: both accumulate in double, so the statistics agree to
+# double rounding; outputs in the input dtype agree to a few ulps.
+STAT_RTOL = 1e-12
+OUT_TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+# ---------------------------------------------------------------------------------- helpers
+@pytest.fixture
+def gpu_path():
+    """``gpu_path(path, unit)`` forces a GPU work-splitting path for the rest of the test."""
+    saved = dict(_cupy_backend.tuning)
+
+    def force(path, unit=0):
+        _cupy_backend.tuning.update(path=path, unit=unit)
+
+    yield force
+    _cupy_backend.tuning.clear()
+    _cupy_backend.tuning.update(saved)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(SEED)
+
+
+def _data(rng, shape, dtype, offset=0.5, scale=2.0):
+    x = rng.standard_normal(shape) * scale + offset
+    if len(shape) > 1:
+        x = x + np.arange(shape[1]).reshape((1, -1) + (1,) * (len(shape) - 2))
+    return x.astype(dtype)
+
+
+def _params(rng, C, dtype):
+    w = (rng.uniform(0.5, 2.0, C) * rng.choice([-1.0, 1.0], C)).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    rm = rng.standard_normal(C).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, C).astype(dtype)
+    return w, b, rm, rv
+
+
+def _g(a):
+    """A copy on the GPU."""
+    return None if a is None else cp.asarray(a)
+
+
+def _close(gpu, cpu, tol, what=""):
+    assert isinstance(gpu, cp.ndarray), f"{what}: expected a cupy array, got {type(gpu)}"
+    got, want = gpu.get().astype(np.float64), np.asarray(cpu, dtype=np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert np.isfinite(got).all() == np.isfinite(want).all(), what
+    scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    err = float(np.max(np.abs(got - want), initial=0.0))
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------------- functional
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_forward_train_and_backward_match_cpu(gpu_path, rng, path, shape, dtype):
+    gpu_path(*path)
+    x = _data(rng, shape, dtype)
+    C = shape[1]
+    w, b, rm, rv = _params(rng, C, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    tol = OUT_TOL[np.dtype(dtype)]
+
+    rm_c, rv_c = rm.copy(), rv.copy()
+    y_c, mean_c, invstd_c = fastbn.batch_norm_forward(x, rm_c, rv_c, w, b, training=True, momentum=0.3)
+    rm_g, rv_g = _g(rm), _g(rv)
+    y_g, mean_g, invstd_g = fastbn.batch_norm_forward(_g(x), rm_g, rv_g, _g(w), _g(b), training=True, momentum=0.3)
+    assert y_g.dtype == dtype and y_g.shape == shape
+    _close(y_g, y_c, tol, "output")
+    _close(mean_g, mean_c, STAT_RTOL, "mean")
+    _close(invstd_g, invstd_c, 1e-10, "invstd")
+    _close(rm_g, rm_c, tol, "running_mean")
+    _close(rv_g, rv_c, tol, "running_var")
+
+    dx_c, gw_c, gb_c = fastbn.batch_norm_backward(dy, x, w, mean_c, invstd_c, training=True)
+    dx_g, gw_g, gb_g = fastbn.batch_norm_backward(_g(dy), _g(x), _g(w), mean_g, invstd_g, training=True)
+    _close(dx_g, dx_c, tol * 10, "grad_input")
+    _close(gw_g, gw_c, tol, "grad_weight")
+    _close(gb_g, gb_c, tol, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("path", [("auto", 0), ("units", 97), ("columns", 97)], ids=["auto", "units-97", "columns-97"])
+def test_eval_forward_and_backward_match_cpu(gpu_path, rng, path, shape, dtype):
+    gpu_path(*path)
+    x = _data(rng, shape, dtype)
+    w, b, rm, rv = _params(rng, shape[1], dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    tol = OUT_TOL[np.dtype(dtype)]
+
+    y_c, mean_c, invstd_c = fastbn.batch_norm_forward(x, rm, rv, w, b, training=False)
+    y_g, mean_g, invstd_g = fastbn.batch_norm_forward(_g(x), _g(rm), _g(rv), _g(w), _g(b), training=False)
+    _close(y_g, y_c, tol, "eval output")
+    _close(invstd_g, invstd_c, 1e-14, "invstd")
+
+    dx_c, gw_c, gb_c = fastbn.batch_norm_backward(dy, x, w, mean_c, invstd_c, training=False)
+    dx_g, gw_g, gb_g = fastbn.batch_norm_backward(_g(dy), _g(x), _g(w), mean_g, invstd_g, training=False)
+    _close(dx_g, dx_c, tol, "eval grad_input")
+    _close(gw_g, gw_c, tol, "eval grad_weight")
+    _close(gb_g, gb_c, tol, "eval grad_bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_auto_plan_on_realistic_shapes(rng, dtype):
+    """The shapes of the benchmark, smaller batch: whatever split the GPU's size picks."""
+    for shape in [(8, 64, 56, 56), (32, 256, 14, 14), (256, 1024), (4, 3, 224, 224)]:
+        x = _data(rng, shape, dtype)
+        w, b, _, _ = _params(rng, shape[1], dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        tol = OUT_TOL[np.dtype(dtype)]
+        y_c, m_c, i_c = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
+        y_g, m_g, i_g = fastbn.batch_norm_forward(_g(x), None, None, _g(w), _g(b), training=True)
+        _close(y_g, y_c, tol, f"{shape} output")
+        _close(m_g, m_c, STAT_RTOL, f"{shape} mean")
+        dx_c, gw_c, gb_c = fastbn.batch_norm_backward(dy, x, w, m_c, i_c)
+        dx_g, gw_g, gb_g = fastbn.batch_norm_backward(_g(dy), _g(x), _g(w), m_g, i_g)
+        _close(dx_g, dx_c, tol * 10, f"{shape} grad_input")
+        _close(gw_g, gw_c, tol, f"{shape} grad_weight")
+        _close(gb_g, gb_c, tol, f"{shape} grad_bias")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_in_place_and_out(gpu_path, rng, path):
+    gpu_path(*path)
+    for shape in [(4, 3, 50, 7), (300, 5)]:
+        x = _data(rng, shape, np.float32)
+        w, b, _, _ = _params(rng, shape[1], np.float32)
+        y_c = fastbn.batch_norm(x, None, None, w, b, training=True)
+        xg = _g(x)
+        res = fastbn.batch_norm(xg, None, None, _g(w), _g(b), training=True, out=xg)
+        assert res is xg
+        _close(xg, y_c, 1e-5, "in place")
+        out = cp.empty_like(xg)
+        res = fastbn.batch_norm(_g(x), None, None, _g(w), _g(b), training=True, out=out)
+        assert res is out
+        _close(out, y_c, 1e-5, "out=")
+
+
+def test_non_contiguous_and_strided_parameters(rng):
+    x = _data(rng, (6, 10, 5, 4), np.float64)
+    xt = np.swapaxes(x, 2, 3)                       # not C-contiguous
+    w = rng.standard_normal(20)[::2]                # strided weight
+    b = rng.standard_normal(10)
+    y_c, m_c, i_c = fastbn.batch_norm_forward(xt, None, None, w, b, training=True)
+    y_g, m_g, i_g = fastbn.batch_norm_forward(cp.swapaxes(_g(x), 2, 3), None, None, _g(np.ascontiguousarray(w))[:],
+                                              _g(b), training=True)
+    _close(y_g, y_c, 1e-12, "non-contiguous input")
+    wg = cp.asarray(rng.standard_normal(20))
+    wg[::2] = _g(w)
+    y_g2 = fastbn.batch_norm(cp.swapaxes(_g(x), 2, 3), None, None, wg[::2], _g(b), training=True)
+    _close(y_g2, y_c, 1e-12, "strided weight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_large_mean_keeps_precision(rng, dtype):
+    """Mean 1e4, std 1: the hi/lo mean split keeps the output accurate in float32 too."""
+    x = (1e4 + rng.standard_normal((16, 2, 4096))).astype(dtype)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2), keepdims=True)
+    ref = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(axis=(0, 2), keepdims=True) + 1e-5)
+    for path in ("channels", "units"):
+        saved = dict(_cupy_backend.tuning)
+        _cupy_backend.tuning.update(path=path, unit=1000)
+        try:
+            y = fastbn.batch_norm(_g(x), None, None, training=True)
+        finally:
+            _cupy_backend.tuning.update(saved)
+        _close(y, ref, 1e-4 if dtype == np.float32 else 1e-9, f"{path} large mean")
+
+
+def test_results_are_deterministic(rng, gpu_path):
+    for path in PATHS:
+        gpu_path(*path)
+        x = _g(_data(rng, (32, 4, 33, 33), np.float32))
+        dy = _g(rng.standard_normal((32, 4, 33, 33)).astype(np.float32))
+        a = fastbn.batch_norm_forward(x, None, None, training=True)
+        b = fastbn.batch_norm_forward(x, None, None, training=True)
+        for u, v in zip(a, b):
+            assert bool((u == v).all()), path
+        ga = fastbn.batch_norm_backward(dy, x, None, a[1], a[2])
+        gb = fastbn.batch_norm_backward(dy, x, None, a[1], a[2])
+        for u, v in zip(ga, gb):
+            assert bool((u == v).all()), path
+
+
+def test_empty_inputs():
+    x = cp.zeros((0, 3, 4), dtype=cp.float32)
+    rm, rv = cp.zeros(3, cp.float32), cp.ones(3, cp.float32)
+    y = fastbn.batch_norm(x, rm, rv, training=True)
+    assert y.shape == (0, 3, 4)
+    assert bool((rm == 0).all()) and bool((rv == 1).all())
+    y = fastbn.batch_norm(x, rm, rv, training=False)
+    assert y.shape == (0, 3, 4)
+    x = cp.zeros((4, 0, 5), dtype=cp.float64)
+    assert fastbn.batch_norm(x, None, None, training=True).shape == (4, 0, 5)
+    dx, gw, gb = fastbn.batch_norm_backward(x, x, None, cp.zeros(0), cp.zeros(0))
+    assert dx.shape == (4, 0, 5) and gw.shape == (0,)
+
+
+def test_nan_propagates(rng):
+    x = _data(rng, (4, 3, 10), np.float32)
+    x[1, 1, 3] = np.nan
+    y = fastbn.batch_norm(_g(x), None, None, training=True).get()
+    assert np.isnan(y[:, 1]).all()
+    assert np.isfinite(y[:, [0, 2]]).all()
+
+
+def test_mixing_numpy_parameters_with_cupy_input_raises(rng):
+    x = _g(_data(rng, (4, 3, 5), np.float32))
+    with pytest.raises(TypeError, match="cupy"):
+        fastbn.batch_norm(x, None, None, np.ones(3, np.float32), training=True)
+    with pytest.raises(TypeError):
+        fastbn.batch_norm_backward(np.ones((4, 3, 5), np.float32), x, None, cp.zeros(3), cp.ones(3))
+
+
+@pytest.mark.skipif(os.environ.get("FASTBN_GPU_BIG") != "1", reason="set FASTBN_GPU_BIG=1 (needs ~20 GB of GPU memory)")
+def test_more_than_2_31_elements():
+    """64-bit indexing: one channel of 2**30 + 7 float32 elements per sample, 2 channels."""
+    S = 2**30 + 7
+    x = cp.empty((1, 2, S), dtype=cp.float32)
+    ramp = (cp.arange(S, dtype=cp.int64) % 8).astype(cp.float32)
+    x[0, 0] = ramp
+    x[0, 1] = -2 * ramp
+    del ramp
+    mean_ref, var_ref = np.empty(2), np.empty(2)
+    base = np.arange(8, dtype=np.float64)
+    counts = np.full(8, S // 8, dtype=np.float64)
+    counts[: S % 8] += 1
+    for c, k in ((0, 1.0), (1, -2.0)):
+        vals = k * base
+        mean_ref[c] = (counts * vals).sum() / S
+        var_ref[c] = (counts * (vals - mean_ref[c]) ** 2).sum() / S
+    for path in ("channels", "units"):
+        saved = dict(_cupy_backend.tuning)
+        _cupy_backend.tuning.update(path=path, unit=0)
+        try:
+            y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True)
+        finally:
+            _cupy_backend.tuning.update(saved)
+        np.testing.assert_allclose(mean.get(), mean_ref, rtol=1e-12)
+        np.testing.assert_allclose(invstd.get(), 1 / np.sqrt(var_ref + 1e-5), rtol=1e-10)
+        tail = y[0, :, S - 16:].get().astype(np.float64)
+        idx = np.arange(S - 16, S) % 8
+        for c, k in ((0, 1.0), (1, -2.0)):
+            np.testing.assert_allclose(tail[c], (k * idx - mean_ref[c]) / np.sqrt(var_ref[c] + 1e-5), atol=1e-5)
+        del y
+
+
+# ---------------------------------------------------------------------------------- layers
+LAYERS = [(fastbn.BatchNorm1d, (64, 5)), (fastbn.BatchNorm1d, (8, 5, 30)), (fastbn.BatchNorm2d, (4, 5, 9, 7)),
+          (fastbn.BatchNorm3d, (2, 5, 3, 4, 5))]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("cls,shape", LAYERS, ids=["1d-NC", "1d-NCL", "2d", "3d"])
+def test_layer_on_cuda_matches_cpu_layer(rng, cls, shape, momentum):
+    C = shape[1]
+    cpu = cls(C, momentum=momentum)
+    gpu = cls(C, momentum=momentum, device="cuda")
+    assert gpu.device == "cuda"
+    assert isinstance(gpu.weight, cp.ndarray) and isinstance(gpu.running_var, cp.ndarray)
+    w, b, _, _ = _params(rng, C, np.float32)
+    cpu.weight[...] = w
+    cpu.bias[...] = b
+    gpu.load_state_dict(cpu.state_dict())
+    for step in range(3):
+        x = _data(rng, shape, np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        _close(gpu(_g(x)), cpu(x), 1e-5, f"train step {step}")
+        _close(gpu.backward(_g(dy)), cpu.backward(dy), 1e-4, f"grad_input step {step}")
+        _close(gpu.grad_weight, cpu.grad_weight, 1e-5, "grad_weight")
+        _close(gpu.grad_bias, cpu.grad_bias, 1e-5, "grad_bias")
+    _close(gpu.running_mean, cpu.running_mean, 1e-5, "running_mean")
+    _close(gpu.running_var, cpu.running_var, 1e-5, "running_var")
+    assert gpu.num_batches_tracked == cpu.num_batches_tracked == 3
+    gpu.eval()
+    cpu.eval()
+    x = _data(rng, shape, np.float32)
+    _close(gpu(_g(x)), cpu(x), 1e-5, "eval")
+
+
+def test_layer_state_dict_and_moves(rng):
+    x = _data(rng, (3, 4, 5, 5), np.float32)
+    ref = fastbn.BatchNorm2d(4)  # the same three training steps on the CPU
+    bn = fastbn.BatchNorm2d(4, device="cuda")
+    y_gpu = bn(_g(x))
+    _close(y_gpu, ref(x), 1e-5, "step 1 on cuda")
+    state = bn.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    for k, v in state.items():
+        assert isinstance(v, np.ndarray), (k, type(v))
+    assert state["num_batches_tracked"] == 1
+    _close(_g(state["running_mean"]), ref.running_mean, 1e-6, "state_dict running_mean")
+
+    bn.to("cpu")
+    assert bn.device == "cpu" and isinstance(bn.running_mean, np.ndarray) and isinstance(bn.weight, np.ndarray)
+    np.testing.assert_array_equal(bn.running_mean, state["running_mean"])
+    y_cpu = bn(x)
+    np.testing.assert_allclose(y_cpu, ref(x), atol=1e-5)
+    bn.to("cuda")
+    assert bn.device == "cuda" and isinstance(bn.running_mean, cp.ndarray) and isinstance(bn.bias, cp.ndarray)
+    _close(bn(_g(x)), ref(x), 1e-5, "step 3 back on cuda")
+    _close(bn.running_mean, ref.running_mean, 1e-5, "running_mean after moves")
+    _close(bn.running_var, ref.running_var, 1e-5, "running_var after moves")
+    assert bn.num_batches_tracked == ref.num_batches_tracked == 3
+
+    bn0 = fastbn.BatchNorm2d(4, device="cuda:0")
+    bn0.load_state_dict(bn.state_dict())
+    np.testing.assert_array_equal(bn0.running_var.get(), bn.running_var.get())
+    bn0.load_state_dict({k: cp.asarray(v) if k != "num_batches_tracked" else v for k, v in ref.state_dict().items()})
+    np.testing.assert_array_equal(bn0.running_mean.get(), ref.running_mean)
+
+
+def test_layer_device_mismatch_raises(rng):
+    x = _data(rng, (3, 4, 5, 5), np.float32)
+    cpu = fastbn.BatchNorm2d(4)
+    with pytest.raises(TypeError, match="CuPy"):
+        cpu(_g(x))
+    gpu = fastbn.BatchNorm2d(4, device="cuda")
+    with pytest.raises(TypeError, match="NumPy"):
+        gpu(x)
+    gpu(_g(x))
+    with pytest.raises(ValueError):
+        gpu.backward(rng.standard_normal(x.shape).astype(np.float32))
+
+
+def test_device_module_and_status():
+    dev = _cupy_backend.device_module(None)
+    assert dev.xp is cp
+    a = dev.to_device(np.arange(3.0))
+    assert isinstance(a, cp.ndarray) and a.device.id == dev.index
+    np.testing.assert_array_equal(a.get(), np.arange(3.0))
+    count = cp.cuda.runtime.getDeviceCount()
+    with pytest.raises(ValueError, match="does not exist"):
+        _cupy_backend.device_module(count)
+    with pytest.raises(ValueError):
+        fastbn.BatchNorm2d(2, device=f"cuda:{count}")
+    s = _cupy_backend.status()
+    assert s.startswith("available: ") and "CuPy" in s, s
+    assert _cupy_backend.available()
+    assert _cupy_backend.is_array(a) and not _cupy_backend.is_array(np.zeros(2))
+
+
+@pytest.mark.skipif(_SKIP is None and cp.cuda.runtime.getDeviceCount() < 2, reason="needs 2 GPUs")
+def test_second_gpu(rng):
+    x = _data(rng, (4, 3, 6, 6), np.float32)
+    ref = fastbn.BatchNorm2d(3)(x)
+    bn = fastbn.BatchNorm2d(3, device="cuda:1")
+    assert bn.weight.device.id == 1, "parameters of a cuda:1 layer must live on GPU 1"
+    with cp.cuda.Device(1):
+        y = bn(cp.asarray(x))
+    assert y.device.id == 1
+    _close(y, ref, 1e-5, "cuda:1")
+    with cp.cuda.Device(1):
+        x1 = cp.asarray(x)
+    with pytest.raises(ValueError, match="device"):  # weight on GPU 0, input on GPU 1
+        fastbn.batch_norm(x1, None, None, cp.ones(3, cp.float32), training=True)
+
+
+# ---------------------------------------------------------------------------------- PyTorch CUDA
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(8, 16, 12, 12), (256, 40), (4, 3, 64, 64)], ids=["2d", "1d", "rgb"])
+def test_matches_torch_cuda(rng, shape, training):
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("torch with CUDA is not installed")
+    C = shape[1]
+    x = _data(rng, shape, np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w, b, rm, rv = _params(rng, C, np.float32)
+
+    tx = torch.tensor(x, device="cuda", requires_grad=True)
+    tw = torch.tensor(w, device="cuda", requires_grad=True)
+    tb = torch.tensor(b, device="cuda", requires_grad=True)
+    trm, trv = torch.tensor(rm, device="cuda"), torch.tensor(rv, device="cuda")
+    ty = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=training, momentum=0.2, eps=1e-5)
+    ty.backward(torch.tensor(dy, device="cuda"))
+
+    xg, rmg, rvg = _g(x), _g(rm), _g(rv)
+    y, mean, invstd = fastbn.batch_norm_forward(xg, rmg, rvg, _g(w), _g(b), training=training, momentum=0.2)
+    dx, gw, gb = fastbn.batch_norm_backward(_g(dy), xg, _g(w), mean, invstd, training=training)
+
+    def t(a):
+        return a.detach().cpu().numpy()
+
+    # torch's CUDA kernels accumulate float32 statistics in float32: looser than against the CPU.
+    _close(y, t(ty), 1e-4, "output")
+    _close(rmg, t(trm), 1e-4, "running_mean")
+    _close(rvg, t(trv), 1e-4, "running_var")
+    _close(dx, t(tx.grad), 1e-3, "grad_input")
+    _close(gw, t(tw.grad), 1e-3, "grad_weight")
+    _close(gb, t(tb.grad), 1e-3, "grad_bias")
+    # zero-copy interop works both ways
+    y_from_torch = cp.from_dlpack(ty.detach())
+    _close(y_from_torch, t(ty), 0, "dlpack")
