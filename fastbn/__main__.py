@@ -38,9 +38,9 @@ def _reference_backward(dy, x, weight, eps=1e-5):
 def self_check(out=sys.stdout):
     """Run every kernel on every work-splitting path against the float64 reference; True if all pass."""
     rng = np.random.default_rng(0)
-    # (shape, work-splitting path, streaming stores); unit=97 cuts channels into many units/waves
-    cases = [((6, 4, 5, 7), "auto", 0), ((6, 4, 5, 7), "channels", 1), ((6, 3, 33, 17), "units", 1),
-             ((257, 19), "columns", 1), ((300, 5), "columns", 0), ((3, 1, 1000), "units", 0)]
+    # (shape, work-splitting path, streaming stores); unit=97: 97-element ranges, 97-row column blocks
+    cases = [((6, 4, 5, 7), "auto", 0), ((6, 4, 5, 7), "ranges", 1), ((6, 3, 33, 17), "ranges", 1),
+             ((257, 19), "columns", 1), ((300, 5), "columns", 0), ((3, 1, 1000), "ranges", 0), ((300, 2, 3), "columns", 1)]
     ok = True
     for shape, path, stream in cases:
         for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):

@@ -11,7 +11,7 @@ from . import _kernels, _openmp
 xp = np
 name = "cpu"
 
-# Tests force a work-splitting path ("channels", "units", "columns"), a unit size and
+# Tests force a work-splitting path ("ranges", "columns"), a unit size and
 # streaming stores (stream: -1 decide by size, 0 off, 1 on) here.
 tuning = {"path": "auto", "unit": 0, "stream": -1}
 

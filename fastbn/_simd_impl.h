@@ -1,66 +1,69 @@
 /* fastbn/_simd_impl.h -- the typed loops of _simd.h; included once per type with
  * T (float or double), FBN_SUFFIX (f32 or f64) and FBN_TWO_PASS defined.  No include guard.
  *
- * A "run" is a range of one channel's elements in an (N, C, S) buffer: `x` points at the channel's
- * first element (row 0), rows of S contiguous elements lie `stride` (= C * S) apart, and the run
- * covers channel elements [e0, e0 + len), which may start and end inside a row.
- * FBN_FOR_PIECES visits its contiguous pieces: `off` (offset from x) and `ln` (length). */
-#ifndef FBN_FOR_PIECES
-#define FBN_FOR_PIECES(S, stride, e0, len, off, ln)                                             \
-    for (ptrdiff_t r_ = (e0) / (S), o_ = (e0) - r_ * (S), left_ = (len), off = 0, ln = 0;      \
-         left_ > 0 && (ln = (S) - o_ < left_ ? (S) - o_ : left_, off = r_ * (stride) + o_, 1); \
-         left_ -= ln, r_++, o_ = 0)
+ * Two layouts:
+ *  - ranges: elements [f0, f1) of an (N, C, S) buffer in memory order.  Row r = f / S (S
+ *    contiguous elements) belongs to channel r % C.  Threads take consecutive ranges, so every
+ *    thread streams through memory front to back.  Per-channel accumulators and coefficients are
+ *    indexed by channel.
+ *  - blocks: `rows` rows of an (N, W) matrix (W = C*S columns; S is 1 or small), vectorized
+ *    across the columns.  Per-column accumulators and coefficients are indexed by column.
+ * FBN_FOR_ROWS visits a range's pieces: flat offset `off`, length `ln`, channel `c`. */
+#ifndef FBN_FOR_ROWS
+#define FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)                                                   \
+    for (ptrdiff_t r_ = (f0) / (S), end_ = (f1), off = (f0), ln = 0, c = 0;                     \
+         off < end_ && (ln = ((r_ + 1) * (S) < end_ ? (r_ + 1) * (S) : end_) - off,              \
+                        c = r_ % (C), 1);                                                       \
+         off += ln, r_++)
 #endif
 
-/* (count, mean, M2) of a run, merged into (*n, *m, *m2).  Shifted sums s = sum(x - k) and
- * q = sum((x - k)^2) in double over blocks of about FBN_BLOCK elements give each block's mean
- * k + s/b and M2 q - s^2/b; with k close to the mean there is no cancellation.  k is the exact mean
- * of the first block (a first pass over it, in L1), then the mean of everything merged so far;
- * with FBN_TWO_PASS (float64, where the conversion is free) every block gets its own first pass. */
-FBN_CLONES static void FBN_NAME(fbn_moments)(const T *x, ptrdiff_t S, ptrdiff_t stride, ptrdiff_t e0,
-                                             ptrdiff_t len, double *n, double *m, double *m2)
+/* Merge the moments of p[0:len] into one channel's (count, mean, M2) accumulator.  Shifted sums
+ * s = sum(x - k) and q = sum((x - k)^2) in double give the mean k + s/len and M2 q - s^2/len with
+ * no cancellation while k is close to the mean: k is the exact mean of the channel's first
+ * FBN_BLOCK elements (a first pass over them, in L1), then the channel's mean so far.  With
+ * FBN_TWO_PASS (float64, where there is no conversion to pay for) every block of FBN_BLOCK gets
+ * its own first pass. */
+static inline void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *acc)
 {
-    double k = *m, s = 0.0, q = 0.0, b = 0.0;
-    FBN_FOR_PIECES(S, stride, e0, len, off, ln) {
-        for (ptrdiff_t j = 0; j < ln; j += FBN_BLOCK) {
-            const T *p = x + off + j;
-            ptrdiff_t bl = ln - j < FBN_BLOCK ? ln - j : FBN_BLOCK;
-            if (FBN_TWO_PASS || (*n == 0.0 && b == 0.0)) {
-                if (b > 0.0) {
-                    fbn_chan_merge(n, m, m2, b, k + s / b, q - s * (s / b));
-                    s = q = b = 0.0;
-                }
-                double t = 0.0;
+    for (ptrdiff_t j = 0; j < len; ) {
+        ptrdiff_t bl = len - j;
+        double k = acc[1], s = 0.0, q = 0.0;
+        if (FBN_TWO_PASS || acc[0] == 0.0) {
+            if (bl > FBN_BLOCK)
+                bl = FBN_BLOCK;
+            double t = 0.0;
 #pragma omp simd reduction(+:t)
-                for (ptrdiff_t i = 0; i < bl; i++)
-                    t += (double)p[i];
-                k = t / (double)bl;
-            }
-#pragma omp simd reduction(+:s, q)
-            for (ptrdiff_t i = 0; i < bl; i++) {
-                double d = (double)p[i] - k;
-                s += d;
-                q += d * d;
-            }
-            b += (double)bl;
-            if (b >= FBN_BLOCK) {
-                fbn_chan_merge(n, m, m2, b, k + s / b, q - s * (s / b));
-                s = q = b = 0.0;
-                k = *m;
-            }
+            for (ptrdiff_t i = 0; i < bl; i++)
+                t += (double)p[j + i];
+            k = t / (double)bl;
         }
+#pragma omp simd reduction(+:s, q)
+        for (ptrdiff_t i = 0; i < bl; i++) {
+            double d = (double)p[j + i] - k;
+            s += d;
+            q += d * d;
+        }
+        fbn_chan_merge(&acc[0], &acc[1], &acc[2], (double)bl, k + s / (double)bl, q - s * (s / (double)bl));
+        j += bl;
     }
-    if (b > 0.0)
-        fbn_chan_merge(n, m, m2, b, k + s / b, q - s * (s / b));
 }
 
-/* y = ((x - mhi) - mlo) * a + b over a run (y may be x).  nt: streaming stores through an L1
- * buffer of FBN_CHUNK elements. */
-FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t S, ptrdiff_t stride, ptrdiff_t e0,
-                                            ptrdiff_t len, T mhi, T mlo, T a, T b, int nt)
+/* Moments of a range into per-channel accumulators acc[3*c .. 3*c+2] = (count, mean, M2). */
+FBN_CLONES static void FBN_NAME(fbn_moments)(const T *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+                                             ptrdiff_t f1, double *acc)
+{
+    FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)
+        FBN_NAME(fbn_piece_moments)(x + off, ln, acc + 3 * c);
+}
+
+/* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
+ * x.  nt: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
+FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+                                            ptrdiff_t f1, const T *cf, int nt)
 {
     T buf[FBN_CHUNK];
-    FBN_FOR_PIECES(S, stride, e0, len, off, ln) {
+    FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
+        const T mhi = cf[c], mlo = cf[C + c], a = cf[2 * C + c], b = cf[3 * C + c];
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
             const T *p = x + off + j;
@@ -74,32 +77,32 @@ FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t S, ptrdi
     }
 }
 
-/* sum(dy) and sum(dy * (x - mean)) over a run, in double, added to *sdy and *sdyx. */
-FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_t S, ptrdiff_t stride,
-                                               ptrdiff_t e0, ptrdiff_t len, double mean, double *sdy,
-                                               double *sdyx)
+/* sum(dy) and sum(dy * (x - mean[c])) of a range, in double, added to acc[2*c], acc[2*c+1]. */
+FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_t C, ptrdiff_t S,
+                                               ptrdiff_t f0, ptrdiff_t f1, const double *mean, double *acc)
 {
-    double a = 0.0, b = 0.0;
-    FBN_FOR_PIECES(S, stride, e0, len, off, ln) {
+    FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const T *g = dy + off, *p = x + off;
+        const double m = mean[c];
+        double a = 0.0, b = 0.0;
 #pragma omp simd reduction(+:a, b)
         for (ptrdiff_t i = 0; i < ln; i++) {
             double gi = (double)g[i];
             a += gi;
-            b += gi * ((double)p[i] - mean);
+            b += gi * ((double)p[i] - m);
         }
+        acc[2 * c] += a;
+        acc[2 * c + 1] += b;
     }
-    *sdy += a;
-    *sdyx += b;
 }
 
-/* dx = kdy * dy + ((x - mhi) - mlo) * kx + kc over a run; nt as in fbn_affine. */
-FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t S,
-                                                ptrdiff_t stride, ptrdiff_t e0, ptrdiff_t len, T mhi,
-                                                T mlo, T kdy, T kx, T kc, int nt)
+/* dx = kdy * dy + ((x - mhi) - mlo) * kx + kc over a range; cf = [mhi | mlo | kdy | kx | kc]. */
+FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
+                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int nt)
 {
     T buf[FBN_CHUNK];
-    FBN_FOR_PIECES(S, stride, e0, len, off, ln) {
+    FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
+        const T mhi = cf[c], mlo = cf[C + c], kdy = cf[2 * C + c], kx = cf[3 * C + c], kc = cf[4 * C + c];
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
             const T *g = dy + off + j, *p = x + off + j;
@@ -113,100 +116,166 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
     }
 }
 
-/* ---- spatial size 1: an (N, C) matrix, a block of `rows` rows at a time, vectors across C ---- */
+/* ---- blocks of rows of an (N, W) matrix, vectors across the W columns ----
+ * Rows go four at a time, so the per-column accumulators and coefficients are loaded (and
+ * stored) once per four rows instead of once per row: these loops are bound by L1 traffic. */
 
-/* Column moments of the block merged into per-column accumulators sharing the count *n.
- * Shifted sums per column, as in fbn_moments: the shift is the exact column means of the block
+/* Column moments of the block merged into per-column accumulators m, m2 that share the count *n.
+ * Shifted sums per column as in fbn_piece_moments: the shift is the block's exact column means
  * (a first pass; the block is sized to stay in L2) for a thread's first block, then the means
- * merged so far.  tmp: 2*C doubles of scratch. */
-FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t C, double *n,
+ * merged so far.  tmp: 2*W doubles of scratch. */
+FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t W, double *n,
                                                  double *m, double *m2, double *tmp)
 {
-    double *s = tmp, *q = tmp + C, *k = m;
-    for (ptrdiff_t c = 0; c < C; c++)
+    double *s = tmp, *q = tmp + W, *k = m;
+    const double b = (double)rows;
+    ptrdiff_t r = 0;
+    for (ptrdiff_t c = 0; c < W; c++)
         s[c] = q[c] = 0.0;
-    if (*n == 0.0) {  /* k = the block's column means; m is still 0 and is free to hold them */
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            const T *p = x + r * C;
+    if (*n == 0.0) {  /* k = the block's column means; m is still 0 and free to hold them */
+        for (r = 0; r + 4 <= rows; r += 4) {
+            const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < C; c++)
+            for (ptrdiff_t c = 0; c < W; c++)
+                s[c] += ((double)p0[c] + (double)p1[c]) + ((double)p2[c] + (double)p3[c]);
+        }
+        for (; r < rows; r++) {
+            const T *p = x + r * W;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < W; c++)
                 s[c] += (double)p[c];
         }
-        for (ptrdiff_t c = 0; c < C; c++) {
-            k[c] = s[c] / (double)rows;
+        for (ptrdiff_t c = 0; c < W; c++) {
+            k[c] = s[c] / b;
             s[c] = 0.0;
         }
     }
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const T *p = x + r * C;
+    for (r = 0; r + 4 <= rows; r += 4) {
+        const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < C; c++) {
+        for (ptrdiff_t c = 0; c < W; c++) {
+            double d0 = (double)p0[c] - k[c], d1 = (double)p1[c] - k[c];
+            double d2 = (double)p2[c] - k[c], d3 = (double)p3[c] - k[c];
+            s[c] += (d0 + d1) + (d2 + d3);
+            q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    }
+    for (; r < rows; r++) {
+        const T *p = x + r * W;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < W; c++) {
             double d = (double)p[c] - k[c];
             s[c] += d;
             q[c] += d * d;
         }
     }
-    double b = (double)rows;
-    if (*n == 0.0) {
-        for (ptrdiff_t c = 0; c < C; c++) {
-            m[c] = k[c] + s[c] / b;
-            m2[c] = q[c] - s[c] * (s[c] / b);
-        }
-    } else {
-        for (ptrdiff_t c = 0; c < C; c++) {
-            double nc = *n;
-            fbn_chan_merge(&nc, &m[c], &m2[c], b, k[c] + s[c] / b, q[c] - s[c] * (s[c] / b));
-        }
+    const double n0 = *n, nn = n0 + b, wb = b / nn, wn = n0 * wb;
+#pragma omp simd
+    for (ptrdiff_t c = 0; c < W; c++) {  /* Chan's merge, vectorized: every column has n0 before */
+        double bm = k[c] + s[c] / b, bq = q[c] - s[c] * (s[c] / b), d = bm - m[c];
+        m[c] += d * wb;
+        m2[c] += bq + d * d * wn;
     }
-    *n += b;
+    *n = nn;
 }
 
-FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t C,
-                                                const T *mhi, const T *mlo, const T *a, const T *b, int nt)
+/* cf = [mhi | mlo | a | b], W values each (one per column). */
+FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t W,
+                                                const T *cf, int nt)
 {
-    T buf[FBN_CHUNK];
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        for (ptrdiff_t c0 = 0; c0 < C; c0 += FBN_CHUNK) {
-            ptrdiff_t bl = C - c0 < FBN_CHUNK ? C - c0 : FBN_CHUNK;
-            const T *p = x + r * C + c0;
-            T *q = nt ? buf : y + r * C + c0;
+    const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
+    T buf[4 * FBN_CHUNK];
+    ptrdiff_t r = 0;
+    for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
+        ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
+        for (r = 0; r + 4 <= rows; r += 4) {
+            const T *p = x + r * W + c0;
+            T *q = nt ? buf : y + r * W + c0;
+            ptrdiff_t qs = nt ? FBN_CHUNK : W;  /* row stride of the destination */
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < bl; c++) {
+                const T h = mhi[c0 + c], l = mlo[c0 + c], s = a[c0 + c], t = b[c0 + c];
+                q[c] = ((p[c] - h) - l) * s + t;
+                q[qs + c] = ((p[W + c] - h) - l) * s + t;
+                q[2 * qs + c] = ((p[2 * W + c] - h) - l) * s + t;
+                q[3 * qs + c] = ((p[3 * W + c] - h) - l) * s + t;
+            }
+            if (nt)
+                for (int i = 0; i < 4; i++)
+                    fbn_stream_store(y + (r + i) * W + c0, buf + i * FBN_CHUNK, (size_t)bl * sizeof(T));
+        }
+        for (; r < rows; r++) {
+            const T *p = x + r * W + c0;
+            T *q = nt ? buf : y + r * W + c0;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < bl; c++)
                 q[c] = ((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
             if (nt)
-                fbn_stream_store(y + r * C + c0, buf, (size_t)bl * sizeof(T));
+                fbn_stream_store(y + r * W + c0, buf, (size_t)bl * sizeof(T));
         }
     }
 }
 
-FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t C,
-                                                   const double *mean, double *sdy, double *sdyx)
+/* acc = [sum dy | sum dy * (x - mean)], W values each. */
+FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t W,
+                                                   const double *mean, double *acc)
 {
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const T *g = dy + r * C, *p = x + r * C;
+    double *sdy = acc, *sdyx = acc + W;
+    ptrdiff_t r = 0;
+    for (r = 0; r + 4 <= rows; r += 4) {
+        const T *g = dy + r * W, *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < C; c++) {
+        for (ptrdiff_t c = 0; c < W; c++) {
+            double g0 = (double)g[c], g1 = (double)g[W + c], g2 = (double)g[2 * W + c], g3 = (double)g[3 * W + c];
+            double m = mean[c];
+            sdy[c] += (g0 + g1) + (g2 + g3);
+            sdyx[c] += (g0 * ((double)p[c] - m) + g1 * ((double)p[W + c] - m))
+                       + (g2 * ((double)p[2 * W + c] - m) + g3 * ((double)p[3 * W + c] - m));
+        }
+    }
+    for (; r < rows; r++) {
+        const T *g = dy + r * W, *p = x + r * W;
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < W; c++) {
             sdy[c] += (double)g[c];
             sdyx[c] += (double)g[c] * ((double)p[c] - mean[c]);
         }
     }
 }
 
+/* cf = [mhi | mlo | kdy | kx | kc], W values each. */
 FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t rows,
-                                                    ptrdiff_t C, const T *mhi, const T *mlo, const T *kdy,
-                                                    const T *kx, const T *kc, int nt)
+                                                    ptrdiff_t W, const T *cf, int nt)
 {
-    T buf[FBN_CHUNK];
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        for (ptrdiff_t c0 = 0; c0 < C; c0 += FBN_CHUNK) {
-            ptrdiff_t bl = C - c0 < FBN_CHUNK ? C - c0 : FBN_CHUNK;
-            const T *g = dy + r * C + c0, *p = x + r * C + c0;
-            T *q = nt ? buf : dx + r * C + c0;
+    const T *mhi = cf, *mlo = cf + W, *kdy = cf + 2 * W, *kx = cf + 3 * W, *kc = cf + 4 * W;
+    T buf[4 * FBN_CHUNK];
+    ptrdiff_t r = 0;
+    for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
+        ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
+        for (r = 0; r + 4 <= rows; r += 4) {
+            const T *g = dy + r * W + c0, *p = x + r * W + c0;
+            T *q = nt ? buf : dx + r * W + c0;
+            ptrdiff_t qs = nt ? FBN_CHUNK : W;
+#pragma omp simd
+            for (ptrdiff_t c = 0; c < bl; c++) {
+                const T h = mhi[c0 + c], l = mlo[c0 + c], u = kdy[c0 + c], v = kx[c0 + c], w = kc[c0 + c];
+                q[c] = u * g[c] + (((p[c] - h) - l) * v + w);
+                q[qs + c] = u * g[W + c] + (((p[W + c] - h) - l) * v + w);
+                q[2 * qs + c] = u * g[2 * W + c] + (((p[2 * W + c] - h) - l) * v + w);
+                q[3 * qs + c] = u * g[3 * W + c] + (((p[3 * W + c] - h) - l) * v + w);
+            }
+            if (nt)
+                for (int i = 0; i < 4; i++)
+                    fbn_stream_store(dx + (r + i) * W + c0, buf + i * FBN_CHUNK, (size_t)bl * sizeof(T));
+        }
+        for (; r < rows; r++) {
+            const T *g = dy + r * W + c0, *p = x + r * W + c0;
+            T *q = nt ? buf : dx + r * W + c0;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < bl; c++)
                 q[c] = kdy[c0 + c] * g[c] + (((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * kx[c0 + c] + kc[c0 + c]);
             if (nt)
-                fbn_stream_store(dx + r * C + c0, buf, (size_t)bl * sizeof(T));
+                fbn_stream_store(dx + r * W + c0, buf, (size_t)bl * sizeof(T));
         }
     }
 }

@@ -17,8 +17,8 @@ SEED = 20240611
 # on other shapes the kernels fall back to units, which is also worth running.  The third entry
 # forces the streaming (non-temporal) stores on (1) that otherwise only big outputs use; None
 # leaves the kernels' own choice.
-PATHS = [("auto", 0, None), ("channels", 0, None), ("units", 7, None), ("units", 97, None),
-         ("columns", 0, None), ("channels", 0, 1), ("units", 7, 1), ("columns", 0, 1)]
+PATHS = [("auto", 0, None), ("ranges", 0, None), ("ranges", 7, None), ("ranges", 97, None),
+         ("columns", 0, None), ("ranges", 0, 1), ("ranges", 7, 1), ("columns", 0, 1)]
 PATH_IDS = ["-".join([p] + ([str(u)] if u else []) + (["stream"] if s else [])) for p, u, s in PATHS]
 
 # Tolerances against the float64 reference (absolute, on O(1) outputs).

@@ -96,7 +96,7 @@ def test_float32_statistics_when_blocks_differ(force_path, rng, make, unit):
     constant head, an outlier first row) stay accurate to double rounding."""
     x = make(rng)
     _, ref_mean, ref_var, _ = ref_forward(x, eps=0.0)
-    for path in ("channels", "units"):
+    for path in ("ranges", "columns"):
         force_path(path, unit)
         y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True, eps=0.0)
         np.testing.assert_allclose(mean, ref_mean, rtol=1e-13)
@@ -141,14 +141,14 @@ def test_every_path_gives_the_same_result(force_path, rng):
             dy = rng.standard_normal(shape).astype(dtype)
             w, b, rm, rv = random_params(rng, shape[1], dtype)
             results = {}
-            for path, unit, stream in [("channels", 0, None), ("units", 1, None), ("units", 7, None),
-                                       ("units", 97, None), ("columns", 0, None), ("auto", 0, None),
-                                       ("channels", 0, 1), ("units", 7, 1), ("columns", 0, 1)]:
+            for path, unit, stream in [("ranges", 0, None), ("ranges", 1, None), ("ranges", 7, None),
+                                       ("ranges", 97, None), ("columns", 0, None), ("auto", 0, None),
+                                       ("ranges", 0, 1), ("ranges", 7, 1), ("columns", 0, 1)]:
                 force_path(path, unit, stream)
                 y, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
                 ye = fastbn.batch_norm(x, rm, rv, w, b)
                 results[path, unit, stream] = (y, ye, mean, invstd) + fastbn.batch_norm_backward(dy, x, w, mean, invstd)
-            first = results["channels", 0, None]
+            first = results["ranges", 0, None]
             for key, res in results.items():
                 for got, want in zip(res, first):
                     # only the summation order differs

@@ -14,13 +14,13 @@ from conftest import assert_close, random_input, random_params, ref_backward, re
 # The kernels use one thread per 16384 elements at most, so these shapes (>= 32768 elements)
 # really run on two threads when two are allowed.
 BIG = [
-    ("channels", 0, (8, 4, 1024)),   # C divisible by the thread count
-    ("auto", 0, (16, 1, 4096)),      # C=1: units chosen automatically
-    ("units", 97, (5, 3, 2203)),     # forced small units, odd sizes
+    ("ranges", 0, (8, 4, 1024)),   # one range per thread
+    ("auto", 0, (16, 1, 4096)),      # C=1: ranges split inside the channel
+    ("ranges", 97, (5, 3, 2203)),     # forced small ranges, odd sizes
     ("auto", 0, (4096, 16)),         # spatial size 1: columns, two row blocks
     ("columns", 0, (3000, 33)),      # columns, uneven row blocks and a SIMD tail
 ]
-STREAM = {"units": 1, "columns": 1}  # also force streaming stores on these
+STREAM = {"ranges": 1, "columns": 1}  # also force streaming stores on these
 BIG_IDS = [f"{p}-{'x'.join(map(str, s))}" for p, _, s in BIG]
 
 
