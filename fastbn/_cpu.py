@@ -32,6 +32,25 @@ def forward_train(x, y, weight, bias, eps):
     return mean, var, invstd
 
 
+def update_running(running_mean, running_var, mean, var, momentum, n):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
+    if running_mean.dtype == running_var.dtype and running_mean.flags.c_contiguous and running_var.flags.c_contiguous:
+        _kernels.update_running(running_mean, running_var, mean, var, momentum, n)
+    else:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1.0 - momentum) * running_var + (momentum * n / (n - 1)) * var
+
+
+def eval_stats(running_mean, running_var, eps):
+    """(running_mean, 1 / sqrt(running_var + eps)) as float64 vectors, for forward_eval."""
+    if running_mean.dtype == running_var.dtype and running_mean.flags.c_contiguous and running_var.flags.c_contiguous:
+        C = running_mean.shape[0]
+        mean, invstd = np.empty(C), np.empty(C)
+        _kernels.eval_stats(running_mean, running_var, eps, mean, invstd)
+        return mean, invstd
+    return running_mean.astype(np.float64), 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+
+
 def forward_eval(x, y, weight, bias, mean, invstd):
     """Write (x - mean) * invstd * weight + bias into y."""
     _kernels.forward_eval(x, y, weight, bias, mean, invstd, *_plan())

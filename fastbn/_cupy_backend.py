@@ -323,6 +323,18 @@ def forward_train(x, y, weight, bias, eps):
     return mean, var, invstd
 
 
+def update_running(running_mean, running_var, mean, var, momentum, n):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
+    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    running_var[...] = (1.0 - momentum) * running_var + (momentum * n / (n - 1)) * var
+
+
+def eval_stats(running_mean, running_var, eps):
+    """(running_mean, 1 / sqrt(running_var + eps)) as float64 vectors, for forward_eval."""
+    cp = _import_cupy()
+    return running_mean.astype(cp.float64), 1.0 / cp.sqrt(running_var.astype(cp.float64) + eps)
+
+
 def forward_eval(x, y, weight, bias, mean, invstd):
     """Write (x - mean) * invstd * weight + bias into y."""
     cp = _import_cupy()

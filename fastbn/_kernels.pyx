@@ -294,7 +294,32 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
             _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, &wide[0], nt)
 
 
+def update_running(floating[::1] running_mean,    # IN/OUT (C,)
+                   floating[::1] running_var,     # IN/OUT (C,)
+                   const double[::1] mean,        # IN (C,) batch mean
+                   const double[::1] var,         # IN (C,) biased batch variance
+                   double momentum, Py_ssize_t n):
+    """running = (1 - momentum) * running + momentum * batch, unbiased variance n / (n - 1)."""
+    cdef Py_ssize_t c
+    cdef double unbias = <double>n / <double>(n - 1)
+    for c in range(running_mean.shape[0]):
+        running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
+        running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * unbias * var[c])
+
+
 # ---------------------------------------------------------------- forward with given statistics
+def eval_stats(const floating[::1] running_mean,    # IN  (C,)
+               const floating[::1] running_var,     # IN  (C,)
+               double eps,
+               double[::1] mean,                    # OUT (C,) running_mean in float64
+               double[::1] invstd):                 # OUT (C,) 1 / sqrt(running_var + eps)
+    """The statistics an evaluation-mode forward normalizes with (one call, not four ufuncs)."""
+    cdef Py_ssize_t c
+    for c in range(running_mean.shape[0]):
+        mean[c] = running_mean[c]
+        invstd[c] = 1.0 / sqrt(<double>running_var[c] + eps)
+
+
 def forward_eval(const floating[:, :, ::1] x,       # IN  (N, C, S)
                  floating[:, :, ::1] y,             # OUT (N, C, S); may be x itself
                  const floating[::1] weight,        # IN  (C,)

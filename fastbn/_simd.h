@@ -29,6 +29,15 @@
 #define FBN_CLONES
 #endif
 
+/* Helpers called from a cloned function must be inlined into it to get its instruction set. */
+#if defined(__GNUC__)
+#define FBN_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define FBN_INLINE static __forceinline
+#else
+#define FBN_INLINE static inline
+#endif
+
 #define FBN_BLOCK 2048
 
 /* Merge a block's (count nb, mean mb, M2 m2b) into the accumulator (*n, *m, *m2). */

@@ -23,7 +23,7 @@
  * FBN_BLOCK elements (a first pass over them, in L1), then the channel's mean so far.  With
  * FBN_TWO_PASS (float64, where there is no conversion to pay for) every block of FBN_BLOCK gets
  * its own first pass. */
-static inline void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *acc)
+FBN_INLINE void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *acc)
 {
     for (ptrdiff_t j = 0; j < len; ) {
         ptrdiff_t bl = len - j;

@@ -53,6 +53,10 @@ def as_ncs(x, name="input"):
 
 def _channel_vector(v, name, be, C, dtype, writable=False):
     """Check a per-channel array (weight, bias, running buffers, saved statistics)."""
+    if be is _cpu and type(v) is np.ndarray and v.shape == (C,) and (v.dtype == dtype if dtype is not None else v.dtype in _FLOATS):
+        flags = v.flags  # the common case, cheaply: a float NumPy vector of the right length
+        if flags.c_contiguous and (flags.writeable or not writable):
+            return v
     if not be.is_array(v):
         raise TypeError(
             f"{name} must be a {be.xp.__name__} array of shape ({C},) on the same device as the input, "
@@ -76,6 +80,8 @@ def _fill(be, C, dtype, value):
 
 
 def _check_scalar(value, name, low=0.0, high=math.inf):
+    if type(value) is float and low <= value <= high:  # the common case, cheaply
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (low <= value <= high):
         rule = f"a real number in [{low}, {high}]" if high != math.inf else f"a real number >= {low}"
         raise (TypeError if not isinstance(value, numbers.Real) else ValueError)(f"{name} must be {rule}, got {value!r}")
@@ -116,7 +122,7 @@ def _on_device_of(position, name):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             a = args[position] if len(args) > position else kwargs.get(name)
-            if type(a).__module__.split(".")[0] == "cupy":
+            if type(a) is not np.ndarray and type(a).__module__.split(".")[0] == "cupy":
                 with a.device:
                     return fn(*args, **kwargs)
             return fn(*args, **kwargs)
@@ -164,12 +170,9 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
         else:
             mean, var, invstd = be.forward_train(x3, y3, w, b, eps)
             if running_mean is not None:
-                n = N * S
-                running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-                running_var[...] = (1.0 - momentum) * running_var + (momentum * n / (n - 1)) * var
+                be.update_running(running_mean, running_var, mean, var, momentum, N * S)
     else:
-        mean = running_mean.astype(np.float64)
-        invstd = 1.0 / be.xp.sqrt(running_var.astype(np.float64) + eps)
+        mean, invstd = be.eval_stats(running_mean, running_var, eps)
         if y3.size:
             be.forward_eval(x3, y3, w, b, mean, invstd)
 
