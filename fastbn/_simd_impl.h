@@ -117,8 +117,8 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
 }
 
 /* ---- blocks of rows of an (N, W) matrix, vectors across the W columns ----
- * Rows go four at a time, so the per-column accumulators and coefficients are loaded (and
- * stored) once per four rows instead of once per row: these loops are bound by L1 traffic. */
+ * The reductions take rows four at a time, so the per-column accumulators are loaded and stored
+ * once per four rows instead of once per row (they are bound by L1 traffic). */
 
 /* Column moments of the block merged into per-column accumulators m, m2 that share the count *n.
  * Shifted sums per column as in fbn_piece_moments: the shift is the block's exact column means
@@ -179,32 +179,16 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
     *n = nn;
 }
 
-/* cf = [mhi | mlo | a | b], W values each (one per column). */
+/* cf = [mhi | mlo | a | b], W values each (one per column).  One row at a time: unrolling rows
+ * here measured slower (the coefficients stay in L1 anyway). */
 FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t W,
                                                 const T *cf, int nt)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
-    T buf[4 * FBN_CHUNK];
-    ptrdiff_t r = 0;
-    for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
-        ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
-        for (r = 0; r + 4 <= rows; r += 4) {
-            const T *p = x + r * W + c0;
-            T *q = nt ? buf : y + r * W + c0;
-            ptrdiff_t qs = nt ? FBN_CHUNK : W;  /* row stride of the destination */
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < bl; c++) {
-                const T h = mhi[c0 + c], l = mlo[c0 + c], s = a[c0 + c], t = b[c0 + c];
-                q[c] = ((p[c] - h) - l) * s + t;
-                q[qs + c] = ((p[W + c] - h) - l) * s + t;
-                q[2 * qs + c] = ((p[2 * W + c] - h) - l) * s + t;
-                q[3 * qs + c] = ((p[3 * W + c] - h) - l) * s + t;
-            }
-            if (nt)
-                for (int i = 0; i < 4; i++)
-                    fbn_stream_store(y + (r + i) * W + c0, buf + i * FBN_CHUNK, (size_t)bl * sizeof(T));
-        }
-        for (; r < rows; r++) {
+    T buf[FBN_CHUNK];
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
+            ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
             const T *p = x + r * W + c0;
             T *q = nt ? buf : y + r * W + c0;
 #pragma omp simd
@@ -243,32 +227,15 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrd
     }
 }
 
-/* cf = [mhi | mlo | kdy | kx | kc], W values each. */
+/* cf = [mhi | mlo | kdy | kx | kc], W values each; one row at a time, as fbn_col_affine. */
 FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t rows,
                                                     ptrdiff_t W, const T *cf, int nt)
 {
     const T *mhi = cf, *mlo = cf + W, *kdy = cf + 2 * W, *kx = cf + 3 * W, *kc = cf + 4 * W;
-    T buf[4 * FBN_CHUNK];
-    ptrdiff_t r = 0;
-    for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
-        ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
-        for (r = 0; r + 4 <= rows; r += 4) {
-            const T *g = dy + r * W + c0, *p = x + r * W + c0;
-            T *q = nt ? buf : dx + r * W + c0;
-            ptrdiff_t qs = nt ? FBN_CHUNK : W;
-#pragma omp simd
-            for (ptrdiff_t c = 0; c < bl; c++) {
-                const T h = mhi[c0 + c], l = mlo[c0 + c], u = kdy[c0 + c], v = kx[c0 + c], w = kc[c0 + c];
-                q[c] = u * g[c] + (((p[c] - h) - l) * v + w);
-                q[qs + c] = u * g[W + c] + (((p[W + c] - h) - l) * v + w);
-                q[2 * qs + c] = u * g[2 * W + c] + (((p[2 * W + c] - h) - l) * v + w);
-                q[3 * qs + c] = u * g[3 * W + c] + (((p[3 * W + c] - h) - l) * v + w);
-            }
-            if (nt)
-                for (int i = 0; i < 4; i++)
-                    fbn_stream_store(dx + (r + i) * W + c0, buf + i * FBN_CHUNK, (size_t)bl * sizeof(T));
-        }
-        for (; r < rows; r++) {
+    T buf[FBN_CHUNK];
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
+            ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
             const T *g = dy + r * W + c0, *p = x + r * W + c0;
             T *q = nt ? buf : dx + r * W + c0;
 #pragma omp simd
