@@ -66,6 +66,26 @@ __device__ __forceinline__ void fbn_chan_merge(double &n, double &m, double &m2,
 }
 
 /* Chan-merge the (count, mean, M2) of all 32 lanes into lane 0 (shuffle tree, fixed order). */
+/* Two-pass moments of the first cnt of a thread's FBN_CHUNK loaded values, merged into (n, m, m2). */
+__device__ __forceinline__ void fbn_chunk_merge(const double *v, int cnt, double &n, double &m, double &m2)
+{
+    double s = 0.0;
+#pragma unroll
+    for (int j = 0; j < FBN_CHUNK; j++)
+        if (j < cnt)
+            s += v[j];
+    const double bm = s / (double)cnt;
+    double q = 0.0;
+#pragma unroll
+    for (int j = 0; j < FBN_CHUNK; j++) {
+        if (j < cnt) {
+            const double d = v[j] - bm;
+            q = fbn_fma(d, d, q);
+        }
+    }
+    fbn_chan_merge(n, m, m2, (double)cnt, bm, q);
+}
+
 __device__ __forceinline__ void fbn_warp_merge(double &n, double &m, double &m2)
 {
 #pragma unroll
@@ -210,21 +230,7 @@ __device__ __forceinline__ void fbn_thread_moments(const T *x, i64 C, i64 S, i64
             }
             w.next();
         }
-        double s = 0.0;
-#pragma unroll
-        for (int j = 0; j < FBN_CHUNK; j++)
-            if (j < cnt)
-                s += v[j];
-        const double bm = s / (double)cnt;
-        double q = 0.0;
-#pragma unroll
-        for (int j = 0; j < FBN_CHUNK; j++) {
-            if (j < cnt) {
-                const double d = v[j] - bm;
-                q = fbn_fma(d, d, q);
-            }
-        }
-        fbn_chan_merge(n, m, m2, (double)cnt, bm, q);
+        fbn_chunk_merge(v, cnt, n, m, m2);
     }
 }
 
@@ -418,21 +424,7 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
                         cnt = t + 1;
                     }
                 }
-                double s = 0.0;
-#pragma unroll
-                for (int t = 0; t < FBN_CHUNK; t++)
-                    if (t < cnt)
-                        s += v[t];
-                const double bm = s / (double)cnt;
-                double q = 0.0;
-#pragma unroll
-                for (int t = 0; t < FBN_CHUNK; t++) {
-                    if (t < cnt) {
-                        const double d = v[t] - bm;
-                        q = fbn_fma(d, d, q);
-                    }
-                }
-                fbn_chan_merge(n, m, m2, (double)cnt, bm, q);
+                fbn_chunk_merge(v, cnt, n, m, m2);
             }
         }
         sh[0][ty][tx] = n;
