@@ -64,9 +64,11 @@ cdef enum:
     # second pass; larger blocks mean fewer merges).
     COLUMN_BLOCK = 131072
 
-# Outputs of at least this many bytes (about a last-level cache) get streaming stores: they would
-# not stay in cache anyway, and skipping the read-for-ownership saves a pass over memory.
-cdef Py_ssize_t STREAM_BYTES = 32 * 1024 * 1024
+# A call whose arrays (inputs and output) take more than this (1.5x this machine's 32 MiB L3)
+# writes its output with streaming stores: it would not stay in cache anyway, and skipping the
+# read-for-ownership saves a pass over memory.  Below it, normal stores keep the output in L3 for
+# whoever reads it next (measured: eval (32, 3, 224, 224) 0.56x copy with, 0.91x without).
+cdef Py_ssize_t STREAM_BYTES = 48 * 1024 * 1024
 
 
 # ---------------------------------------------------------------- planning
@@ -80,8 +82,9 @@ cdef int _plan_path(Py_ssize_t C, Py_ssize_t S, int path) noexcept nogil:
     return COLUMNS if S < SMALL_S and C * S <= MAX_COLUMNS else RANGES
 
 
-cdef int _plan_stream(Py_ssize_t out_bytes, int stream) noexcept nogil:
-    return stream if stream >= 0 else out_bytes >= STREAM_BYTES
+cdef int _plan_stream(Py_ssize_t touched_bytes, int stream) noexcept nogil:
+    """Streaming stores when the call's arrays (inputs and output) overflow the cache."""
+    return stream if stream >= 0 else touched_bytes > STREAM_BYTES
 
 
 cdef Py_ssize_t _plan_ranges(Py_ssize_t L, int T, Py_ssize_t unit) noexcept nogil:
@@ -237,7 +240,7 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
     """Batch statistics and the fused normalize + affine."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S, W = C * S
     cdef int T = _plan_threads(n_threads, L)
-    cdef int nt = _plan_stream(L * sizeof(floating), stream)
+    cdef int nt = _plan_stream(2 * L * sizeof(floating), stream)
     cdef floating[::1] coef = np.empty(4 * C, dtype=np.float32 if floating is float else np.float64)
     cdef floating[::1] wide
     cdef const floating *xp = &x[0, 0, 0]
@@ -330,7 +333,7 @@ def forward_eval(const floating[:, :, ::1] x,       # IN  (N, C, S)
     """y = (x - mean) * invstd * weight + bias: one read of x, one write of y."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S, W = C * S
     cdef int T = _plan_threads(n_threads, L)
-    cdef int nt = _plan_stream(L * sizeof(floating), stream)
+    cdef int nt = _plan_stream(2 * L * sizeof(floating), stream)
     cdef floating[::1] coef = np.empty(4 * C, dtype=np.float32 if floating is float else np.float64)
     cdef floating[::1] wide
     cdef const floating *xp = &x[0, 0, 0]
@@ -369,7 +372,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
     """grad_input, grad_weight, grad_bias from the saved mean/invstd (no recomputation)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S, W = C * S
     cdef int T = _plan_threads(n_threads, L)
-    cdef int nt = _plan_stream(L * sizeof(floating), stream)
+    cdef int nt = _plan_stream(3 * L * sizeof(floating), stream)
     cdef floating[::1] coef = np.empty(5 * C, dtype=np.float32 if floating is float else np.float64)
     cdef floating[::1] wide
     cdef double[::1] wide_mean
