@@ -36,9 +36,9 @@ def update_running(running_mean, running_var, mean, var, momentum, n):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
     if running_mean.dtype == running_var.dtype and running_mean.flags.c_contiguous and running_var.flags.c_contiguous:
         _kernels.update_running(running_mean, running_var, mean, var, momentum, n)
-    else:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        running_var[...] = (1.0 - momentum) * running_var + (momentum * n / (n - 1)) * var
+    else:  # mixed dtypes or strided buffers: the same arithmetic, in float64, through NumPy
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * (n / (n - 1)) * var
 
 
 def eval_stats(running_mean, running_var, eps):

@@ -103,9 +103,12 @@ def _prepare_out(be, out, x, x3):
         raise ValueError("out is read-only")
     if out.flags.c_contiguous:
         o3 = out.reshape(x3.shape)
+        if not be.xp.may_share_memory(o3, x3):
+            return o3, False
         # Writing in place over the input itself is fine (elementwise); a partial overlap is not.
-        same = o3.__array_interface__["data"][0] == x3.__array_interface__["data"][0] if be is _cpu else o3.data.ptr == x3.data.ptr
-        if same or not be.xp.may_share_memory(o3, x3):
+        if be is _cpu and o3.__array_interface__["data"][0] == x3.__array_interface__["data"][0]:
+            return o3, False
+        if be is not _cpu and o3.data.ptr == x3.data.ptr:
             return o3, False
     return be.xp.empty_like(x3), True
 

@@ -66,6 +66,31 @@ def test_running_stats_follow_momentum_over_several_steps(rng, momentum):
         np.testing.assert_array_equal(rv, 1.0)
 
 
+@pytest.mark.parametrize("buffers", ["float64", "float32-strided"])
+def test_running_buffers_of_another_dtype_or_layout(rng, buffers):
+    """float32 input with float64 running buffers, or strided ones: the same update as the fast
+    path (float64 arithmetic), also in evaluation mode."""
+    x = random_input(rng, (6, 3, 7), np.float32)
+    if buffers == "float64":
+        rm, rv = np.zeros(3), np.ones(3)
+    else:
+        rm, rv = np.zeros(6, np.float32)[::2], np.ones(6, np.float32)[::2]
+    rm_c, rv_c = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for _ in range(3):
+        fastbn.batch_norm(x, rm, rv, training=True, momentum=0.3)
+        fastbn.batch_norm(x, rm_c, rv_c, training=True, momentum=0.3)
+    exp_rm, exp_rv = np.zeros(3), np.ones(3)
+    for _ in range(3):
+        exp_rm, exp_rv = ref_running_update(exp_rm, exp_rv, x.astype(np.float64), 0.3)
+    assert_close(rm, exp_rm, tol=1e-6)
+    assert_close(rv, exp_rv, tol=1e-6)
+    if buffers == "float32-strided":
+        np.testing.assert_array_equal(rm, rm_c)
+        np.testing.assert_array_equal(rv, rv_c)
+    y = fastbn.batch_norm(x, rm, rv, training=False)
+    assert_close(y, fastbn.batch_norm(x, rm.astype(np.float32), rv.astype(np.float32), training=False), tol=1e-6)
+
+
 def test_running_var_uses_unbiased_estimate():
     # two values per channel: biased var = 1, unbiased var = 2
     x = np.array([[0.0, 10.0], [2.0, 14.0]])
