@@ -52,16 +52,21 @@ def self_check(out=sys.stdout):
             saved = dict(_cpu.tuning)
             _cpu.tuning.update(path=path, unit=97, stream=stream)
             try:
-                y, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
+                rm1, rv1 = rm.copy(), rv.copy()
+                y, mean, invstd = fastbn.batch_norm_forward(x, rm1, rv1, w, b, training=True, momentum=0.25)
                 ye = fastbn.batch_norm(x, rm, rv, w, b, training=False)
                 dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=True)
             finally:
                 _cpu.tuning.update(saved)
-            ref_y, _, _ = _reference(x, w, b)
+            ref_y, ref_mean, ref_var = _reference(x, w, b)
+            n = x.size // C
+            ref_rm = 0.75 * rm.astype(np.float64) + 0.25 * ref_mean
+            ref_rv = 0.75 * rv.astype(np.float64) + 0.25 * ref_var * n / (n - 1)
             ref_ye, _, _ = _reference(x, w, b, rm.astype(np.float64), rv.astype(np.float64))
             ref_dx, ref_gw, ref_gb = _reference_backward(dy, x, w)
             checks = {
                 "train forward": np.abs(y - ref_y).max(),
+                "running stats": max(np.abs(rm1 - ref_rm).max(), np.abs(rv1 - ref_rv).max()),
                 "eval forward": np.abs(ye - ref_ye).max(),
                 "backward dx": np.abs(dx - ref_dx).max(),
                 "backward dw": np.abs(gw - ref_gw).max() / max(1.0, np.abs(ref_gw).max()),
@@ -71,7 +76,7 @@ def self_check(out=sys.stdout):
             ok &= not failed
             worst = max(checks.values())
             print(f"  {'FAIL' if failed else 'pass'}  {str(shape):<15} {np.dtype(dtype).name:<8} path={path:<9} nt={stream} "
-                  f"train/eval forward, backward: worst error {worst:.1e} (tolerance {tol:.0e})"
+                  f"train/eval forward, running stats, backward: worst error {worst:.1e} (tolerance {tol:.0e})"
                   + (f"  failed: {', '.join(failed)}" if failed else ""), file=out)
     return ok
 
