@@ -35,8 +35,9 @@ def _reference_backward(dy, x, weight, eps=1e-5):
     return dx, gw, gb
 
 
-def self_check(out=sys.stdout):
+def self_check(out=None):
     """Run every kernel on every work-splitting path against the float64 reference; True if all pass."""
+    out = out or sys.stdout
     rng = np.random.default_rng(0)
     # (shape, work-splitting path, streaming stores); unit=97: 97-element ranges, 97-row column blocks
     cases = [((6, 4, 5, 7), "auto", 0), ((6, 4, 5, 7), "ranges", 1), ((6, 3, 33, 17), "ranges", 1),
@@ -81,7 +82,8 @@ def self_check(out=sys.stdout):
     return ok
 
 
-def info(out=sys.stdout):
+def info(out=None):
+    out = out or sys.stdout
     print(f"fastbn {fastbn.__version__}", file=out)
     print(f"  numpy {np.__version__}, python {sys.version.split()[0]}", file=out)
     print(f"  OpenMP: {'on' if _openmp.OPENMP else 'OFF (serial build)'}; threads in effect: {fastbn.get_num_threads()}", file=out)

@@ -1,0 +1,37 @@
+"""`python -m fastbn`: the build facts and the self-check (the README's main job)."""
+import pytest
+
+from fastbn import __main__ as cli
+
+
+def test_info_prints_build_facts_and_passes_its_self_check(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "OpenMP:" in out and "threads in effect:" in out and "compile flags:" in out
+    assert "backends: cpu (NumPy) available; cuda (CuPy)" in out
+    assert "self-check: PASSED" in out and "FAIL" not in out
+
+
+def test_self_check_fails_on_a_broken_kernel(monkeypatch):
+    """The self-check compares with its own float64 reference, so a wrong kernel fails it."""
+    real = cli.fastbn.batch_norm_forward
+
+    def off_by_a_little(*args, **kwargs):
+        y, mean, invstd = real(*args, **kwargs)
+        return y + 1e-3, mean, invstd
+
+    monkeypatch.setattr(cli.fastbn, "batch_norm_forward", off_by_a_little)
+    lines = []
+
+    class Sink:
+        def write(self, text):
+            lines.append(text)
+
+    assert cli.self_check(out=Sink()) is False
+    assert any("FAIL" in line for line in lines)
+
+
+def test_bench_subcommand_is_wired():
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
