@@ -2,6 +2,7 @@
 
 Environment switches:
   FASTBN_REQUIRE_OPENMP=1   fail the build instead of falling back to serial kernels
+  FASTBN_DISABLE_OPENMP=1   build serial kernels even where OpenMP works (tests the fallback)
   FASTBN_MARCH_NATIVE=1     add -march=native (not portable: only for a build you run where you built it)
   FASTBN_BOUNDSCHECK=1      turn Cython bounds and wraparound checks back on (debugging)
 """
@@ -75,7 +76,7 @@ class BuildExt(build_ext):
             if os.environ.get("FASTBN_MARCH_NATIVE") == "1":
                 cflags.append("-march=native")
         omp_c, omp_l = _openmp_flags(ctype)
-        openmp = _openmp_works(self.compiler, omp_c, omp_l)
+        openmp = os.environ.get("FASTBN_DISABLE_OPENMP") != "1" and _openmp_works(self.compiler, omp_c, omp_l)
         if openmp:
             cflags += omp_c
             ldflags += omp_l

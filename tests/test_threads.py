@@ -9,7 +9,11 @@ import pytest
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastbn
+from fastbn import _openmp
 from conftest import assert_close, random_input, random_params, ref_backward, ref_forward
+
+# These test the OpenMP thread count; a serial build (no OpenMP in the compiler) has one thread.
+needs_openmp = pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built without OpenMP: serial kernels")
 
 # The kernels use one thread per 16384 elements at most, so these shapes (>= 32768 elements)
 # really run on two threads when two are allowed.
@@ -34,6 +38,7 @@ def _run_all(x, dy, w, b, rm, rv):
     return dict(y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, ye=ye, dx=dx, gw=gw, gb=gb, dxe=dxe)
 
 
+@needs_openmp
 def test_set_and_get_num_threads(threads):
     threads(1)
     assert fastbn.get_num_threads() == 1
@@ -48,6 +53,7 @@ def test_set_and_get_num_threads(threads):
     assert fastbn.get_num_threads() == 2
 
 
+@needs_openmp
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("path,unit,shape", BIG, ids=BIG_IDS)
 def test_one_and_two_threads_agree(rng, threads, force_path, path, unit, shape, dtype):
@@ -79,6 +85,7 @@ def _fastbn_subprocess(code, **env):
     return res.stdout.strip()
 
 
+@needs_openmp
 @pytest.mark.parametrize("n", [1, 3])
 def test_omp_num_threads_is_honoured(n):
     code = ("import numpy as np, fastbn; print(fastbn.get_num_threads());"
@@ -89,6 +96,7 @@ def test_omp_num_threads_is_honoured(n):
     assert float(out[1]) < 1e-6
 
 
+@needs_openmp
 def test_threadpool_limits(rng, threads):
     threads(2)
     x = random_input(rng, (8, 4, 1024), np.float32)
@@ -105,6 +113,7 @@ def test_threadpool_limits(rng, threads):
     assert fastbn.get_num_threads() == 2
 
 
+@needs_openmp
 def test_fastbn_openmp_runtime_is_listed_by_threadpoolctl(threads):
     threads(2)
     info = threadpool_info()
