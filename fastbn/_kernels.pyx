@@ -218,13 +218,75 @@ cdef inline void _finish_grad(Py_ssize_t c, Py_ssize_t C, double sdy, double sdy
     cf[4 * C + c] = <floating>(-k * sdy / count) if training else 0
 
 
-cdef void _expand(const floating *cf, Py_ssize_t C, Py_ssize_t S, Py_ssize_t ncoef, floating *cfw) noexcept nogil:
-    """Per-channel coefficients (ncoef blocks of C) to per-column ones (ncoef blocks of C*S)."""
-    cdef Py_ssize_t i, c, s, W = C * S
+cdef inline void _expand(const floating *cf, Py_ssize_t C, Py_ssize_t S, Py_ssize_t ncoef, Py_ssize_t c,
+                         floating *cfw) noexcept nogil:
+    """Channel c's coefficients (ncoef blocks of C) copied to its S columns of the per-column
+    ones (ncoef blocks of C*S), for the COLUMNS path."""
+    cdef Py_ssize_t i, s, W = C * S
     for i in range(ncoef):
-        for c in range(C):
-            for s in range(S):
-                cfw[i * W + c * S + s] = cf[i * C + c]
+        for s in range(S):
+            cfw[i * W + c * S + s] = cf[i * C + c]
+
+
+# ---------------------------------------------------------------- merging the partials of one channel
+# Each runs inside the parallel region, one channel per iteration, between the reduce and the
+# apply loops (so a whole call is one fork/join of the thread team).
+
+cdef void _merge_range_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const double *pp, double eps,
+                             const floating *w, const floating *b, double *mean, double *var,
+                             double *invstd, floating *cf) noexcept nogil:
+    # pp: K ranges x C channels x (count, mean, M2), merged in range order
+    cdef double acc[3]
+    cdef Py_ssize_t k
+    acc[0] = 0
+    acc[1] = 0
+    acc[2] = 0
+    for k in range(K):
+        fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[(k * C + c) * 3], pp[(k * C + c) * 3 + 1], pp[(k * C + c) * 3 + 2])
+    _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
+
+
+cdef void _merge_column_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, double eps,
+                              const floating *w, const floating *b, double *mean, double *var,
+                              double *invstd, floating *cf, floating *cfw) noexcept nogil:
+    # pp: per thread [count | mean (W) | M2 (W) | scratch (2W)]; channel c owns columns c*S .. c*S+S-1
+    cdef double acc[3]
+    cdef Py_ssize_t t, s, W = C * S, j
+    acc[0] = 0
+    acc[1] = 0
+    acc[2] = 0
+    for t in range(T):
+        j = t * (4 * W + 1)
+        for s in range(S):
+            fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[j], pp[j + 1 + c * S + s], pp[j + 1 + W + c * S + s])
+    _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
+    _expand(cf, C, S, 4, c, cfw)
+
+
+cdef void _merge_range_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const double *pp, double count, bint training,
+                            const floating *w, const double *mean, const double *invstd, double *gw, double *gb,
+                            floating *cf) noexcept nogil:
+    # pp: K ranges x C channels x (sum dy, sum dy*(x-mean))
+    cdef double sdy = 0, sdyx = 0
+    cdef Py_ssize_t k
+    for k in range(K):
+        sdy += pp[(k * C + c) * 2]
+        sdyx += pp[(k * C + c) * 2 + 1]
+    _finish_grad(c, C, sdy, sdyx, count, training, w, mean, invstd, gw, gb, cf)
+
+
+cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, double count,
+                             bint training, const floating *w, const double *mean, const double *invstd,
+                             double *gw, double *gb, floating *cf, floating *cfw) noexcept nogil:
+    # pp: per thread [sum dy (W) | sum dy*(x-mean) (W)]
+    cdef double sdy = 0, sdyx = 0
+    cdef Py_ssize_t t, s, W = C * S
+    for t in range(T):
+        for s in range(S):
+            sdy += pp[t * 2 * W + c * S + s]
+            sdyx += pp[t * 2 * W + W + c * S + s]
+    _finish_grad(c, C, sdy, sdyx, count, training, w, mean, invstd, gw, gb, cf)
+    _expand(cf, C, S, 5, c, cfw)
 
 
 # ---------------------------------------------------------------- forward, training mode
@@ -246,27 +308,26 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
     cdef const floating *xp = &x[0, 0, 0]
     cdef floating *yp = &y[0, 0, 0]
     cdef floating *cf = &coef[0]
+    cdef floating *cw
+    cdef const floating *wp = &weight[0]
+    cdef const floating *bp = &bias[0]
+    cdef double *mp = &mean[0]
+    cdef double *vp = &var[0]
+    cdef double *ip = &invstd[0]
     cdef double[:, ::1] part
     cdef double *pp
-    cdef double acc[3]
-    cdef Py_ssize_t K, k, c, s, t, tid, R, nb, j
+    cdef Py_ssize_t K, k, c, tid, R, nb, j
 
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
         part = np.zeros((K, 3 * C))  # per range: (count, mean, M2) per channel
         pp = &part[0, 0]
-        with nogil:
-            for k in prange(K, num_threads=T, schedule="static"):
+        with nogil, parallel(num_threads=T):
+            for k in prange(K, schedule="static"):
                 _moments(xp, C, S, _split(L, K, k), _split(L, K, k + 1), pp + k * 3 * C)
-            for c in range(C):
-                acc[0] = 0
-                acc[1] = 0
-                acc[2] = 0
-                for k in range(K):
-                    fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[k * 3 * C + 3 * c], pp[k * 3 * C + 3 * c + 1],
-                                   pp[k * 3 * C + 3 * c + 2])
-                _finish_stats(c, C, acc, eps, &weight[0], &bias[0], &mean[0], &var[0], &invstd[0], cf)
-            for k in prange(K, num_threads=T, schedule="static"):
+            for c in prange(C, schedule="static"):
+                _merge_range_stats(c, C, K, pp, eps, wp, bp, mp, vp, ip, cf)
+            for k in prange(K, schedule="static"):
                 _affine(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
         return
 
@@ -277,24 +338,15 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
     part = np.zeros((T, 4 * W + 1))  # per thread: [count | mean (W) | M2 (W) | scratch (2W)]
     pp = &part[0, 0]
     wide = np.empty(4 * W, dtype=np.float32 if floating is float else np.float64)
+    cw = &wide[0]
     with nogil, parallel(num_threads=T):
         tid = threadid()
         for j in prange(nb, schedule="static"):
             _col_moments(xp + j * R * W, min(R, N - j * R), W, pp + tid * (4 * W + 1))
-    with nogil:
-        for c in range(C):  # merge the threads' columns, then the S columns of channel c
-            acc[0] = 0
-            acc[1] = 0
-            acc[2] = 0
-            for t in range(T):
-                for s in range(S):
-                    j = t * (4 * W + 1)
-                    fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[j], pp[j + 1 + c * S + s],
-                                   pp[j + 1 + W + c * S + s])
-            _finish_stats(c, C, acc, eps, &weight[0], &bias[0], &mean[0], &var[0], &invstd[0], cf)
-        _expand(cf, C, S, 4, &wide[0])
-        for j in prange(nb, num_threads=T, schedule="static"):
-            _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, &wide[0], nt)
+        for c in prange(C, schedule="static"):
+            _merge_column_stats(c, C, S, T, pp, eps, wp, bp, mp, vp, ip, cf, cw)
+        for j in prange(nb, schedule="static"):
+            _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, cw, nt)
 
 
 def update_running(floating[::1] running_mean,    # IN/OUT (C,)
@@ -353,7 +405,8 @@ def forward_eval(const floating[:, :, ::1] x,       # IN  (N, C, S)
     nb = (N + R - 1) // R
     wide = np.empty(4 * W, dtype=np.float32 if floating is float else np.float64)
     with nogil:
-        _expand(cf, C, S, 4, &wide[0])
+        for c in range(C):
+            _expand(cf, C, S, 4, c, &wide[0])
         for j in prange(nb, num_threads=min(<Py_ssize_t>T, nb), schedule="static"):
             _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, &wide[0], nt)
 
@@ -380,28 +433,27 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
     cdef const floating *xp = &x[0, 0, 0]
     cdef floating *dp = &dx[0, 0, 0]
     cdef floating *cf = &coef[0]
+    cdef floating *cw
+    cdef const floating *wp = &weight[0]
+    cdef const double *mp = &mean[0]
+    cdef const double *ip = &invstd[0]
+    cdef double *gwp = &grad_weight[0]
+    cdef double *gbp = &grad_bias[0]
     cdef double count = <double>(N * S)
     cdef double[:, ::1] part
     cdef double *pp
-    cdef double sdy, sdyx
-    cdef Py_ssize_t K, k, c, s, t, tid, R, nb, j
+    cdef Py_ssize_t K, k, c, tid, R, nb, j
 
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
         part = np.zeros((K, 2 * C))  # per range: (sum dy, sum dy*(x-mean)) per channel
         pp = &part[0, 0]
-        with nogil:
-            for k in prange(K, num_threads=T, schedule="static"):
-                _grad_sums(gp, xp, C, S, _split(L, K, k), _split(L, K, k + 1), &mean[0], pp + k * 2 * C)
-            for c in range(C):
-                sdy = 0
-                sdyx = 0
-                for k in range(K):
-                    sdy += pp[k * 2 * C + 2 * c]
-                    sdyx += pp[k * 2 * C + 2 * c + 1]
-                _finish_grad(c, C, sdy, sdyx, count, training, &weight[0], &mean[0], &invstd[0],
-                             &grad_weight[0], &grad_bias[0], cf)
-            for k in prange(K, num_threads=T, schedule="static"):
+        with nogil, parallel(num_threads=T):
+            for k in prange(K, schedule="static"):
+                _grad_sums(gp, xp, C, S, _split(L, K, k), _split(L, K, k + 1), mp, pp + k * 2 * C)
+            for c in prange(C, schedule="static"):
+                _merge_range_grad(c, C, K, pp, count, training, wp, mp, ip, gwp, gbp, cf)
+            for k in prange(K, schedule="static"):
                 _grad_input(gp, xp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
         return
 
@@ -412,21 +464,13 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
     part = np.zeros((T, 2 * W))  # per thread: [sum dy (W) | sum dy*(x-mean) (W)]
     pp = &part[0, 0]
     wide = np.empty(5 * W, dtype=np.float32 if floating is float else np.float64)
+    cw = &wide[0]
     wide_mean = np.repeat(np.asarray(mean), S)
     with nogil, parallel(num_threads=T):
         tid = threadid()
         for j in prange(nb, schedule="static"):
             _col_grad_sums(gp + j * R * W, xp + j * R * W, min(R, N - j * R), W, &wide_mean[0], pp + tid * 2 * W)
-    with nogil:
-        for c in range(C):
-            sdy = 0
-            sdyx = 0
-            for t in range(T):
-                for s in range(S):
-                    sdy += pp[t * 2 * W + c * S + s]
-                    sdyx += pp[t * 2 * W + W + c * S + s]
-            _finish_grad(c, C, sdy, sdyx, count, training, &weight[0], &mean[0], &invstd[0],
-                         &grad_weight[0], &grad_bias[0], cf)
-        _expand(cf, C, S, 5, &wide[0])
-        for j in prange(nb, num_threads=T, schedule="static"):
-            _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, &wide[0], nt)
+        for c in prange(C, schedule="static"):
+            _merge_column_grad(c, C, S, T, pp, count, training, wp, mp, ip, gwp, gbp, cf, cw)
+        for j in prange(nb, schedule="static"):
+            _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
