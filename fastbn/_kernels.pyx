@@ -46,6 +46,9 @@ cdef extern from "_simd.h" nogil:
     void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t W, const double *mean, double *acc)
     void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t W, const float *cf, int nt)
     void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t W, const double *cf, int nt)
+    # the benchmark's floor
+    double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n)
+    double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n)
 
 cdef enum:
     AUTO = 0
@@ -474,3 +477,36 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
             _merge_column_grad(c, C, S, T, pp, count, training, wp, mp, ip, gwp, gbp, cf, cw)
         for j in prange(nb, schedule="static"):
             _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
+
+
+# ---------------------------------------------------------------- the benchmark's floor
+def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=None, int n_threads=1):
+    """The least memory traffic of one pass of batch norm, for ``python -m fastbn bench``: reads a
+    (and b), writes y = a (+ b) when y is given, on n_threads threads with the kernels' split of
+    work (equal consecutive ranges).  Returns a sum of what it read when y is None.  Not part of
+    fastbn's API."""
+    cdef Py_ssize_t n = a.shape[0], k
+    cdef int T = _plan_threads(n_threads, n)
+    cdef const floating *ap = &a[0]
+    cdef const floating *bp = NULL
+    cdef floating *yp = NULL
+    cdef double total = 0
+    if (b is not None and b.shape[0] != n) or (y is not None and y.shape[0] != n):
+        raise ValueError("traffic: the arrays must have the same length")
+    if n == 0:
+        return 0.0
+    if b is not None:
+        bp = &b[0]
+    if y is not None:
+        yp = &y[0]
+    with nogil:
+        for k in prange(T, num_threads=T, schedule="static"):
+            if floating is float:
+                total += fbn_traffic_f32(ap + _split(n, T, k), NULL if bp == NULL else bp + _split(n, T, k),
+                                         NULL if yp == NULL else yp + _split(n, T, k),
+                                         _split(n, T, k + 1) - _split(n, T, k))
+            else:
+                total += fbn_traffic_f64(ap + _split(n, T, k), NULL if bp == NULL else bp + _split(n, T, k),
+                                         NULL if yp == NULL else yp + _split(n, T, k),
+                                         _split(n, T, k + 1) - _split(n, T, k))
+    return total

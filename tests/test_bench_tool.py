@@ -1,0 +1,105 @@
+"""The machinery of ``python -m fastbn bench`` (fastbn._bench): the floor kernel, the interleaved
+timing, and how targets are judged.  No timing is asserted here: these check the logic only."""
+import numpy as np
+import pytest
+
+from fastbn import _bench, _kernels
+
+
+# ---------------------------------------------------------------- the floor kernel
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads):
+    n = 50_001  # odd, and above one thread's minimum share, so two threads split it
+    a = rng.standard_normal(n).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype)
+    a0, b0 = a.copy(), b.copy()
+    y = np.full(n, np.nan, dtype)
+    _kernels.traffic(a, b, y, threads)
+    np.testing.assert_array_equal(y, a + b)
+    _kernels.traffic(a, None, y, threads)
+    np.testing.assert_array_equal(y, a)
+    tol = 1e-3 * n if dtype == np.float32 else 1e-9 * n
+    assert _kernels.traffic(a, None, None, threads) == pytest.approx(a.astype(np.float64).sum(), abs=tol)
+    assert _kernels.traffic(a, b, None, threads) == pytest.approx((a.astype(np.float64) + b).sum(), abs=tol)
+    np.testing.assert_array_equal(a, a0)  # the inputs are only read
+    np.testing.assert_array_equal(b, b0)
+
+
+def test_traffic_rejects_mismatched_lengths_and_accepts_empty():
+    a = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="same length"):
+        _kernels.traffic(a, np.zeros(9, np.float32), None, 1)
+    with pytest.raises(ValueError, match="same length"):
+        _kernels.traffic(a, None, np.zeros(11, np.float32), 1)
+    assert _kernels.traffic(np.zeros(0, np.float32), None, None, 2) == 0.0
+
+
+@pytest.mark.parametrize("op", list(_bench.OPS))
+def test_floor_bench_runs_every_operation(rng, op):
+    p = _bench.Problem((3, 4, 5, 6), "float32", rng)
+    out = _bench.make_bench(op, "floor", p).run()
+    if op == "backward":
+        np.testing.assert_array_equal(out, (p.dy + p.x).reshape(-1))
+    elif not np.isscalar(out):
+        np.testing.assert_array_equal(out, p.x.reshape(-1))
+
+
+# ---------------------------------------------------------------- interleaved timing
+def test_time_calls_samples_in_rounds_and_honours_each_repeat_count():
+    log = []
+
+    def bench(name, setup=False):
+        return _bench.Bench(lambda: log.append(name), (lambda: log.append(name + ".setup")) if setup else None)
+
+    benches = {"a": bench("a"), "b": bench("b", setup=True), "c": bench("c")}
+    timings = _bench.time_calls(benches, {"a": 3, "b": 3, "c": 1}, sample_s=0)
+    assert {k: t.samples for k, t in timings.items()} == {"a": 3, "b": 3, "c": 1}
+    assert all(0 <= t.min <= t.median for t in timings.values())
+    timed = [name for name in log if name != "b.setup"]
+    # two warm-up calls each (calibration), then rounds: a b c, a b, a b
+    assert timed == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c", "a", "b", "a", "b"]
+    assert log.count("b.setup") == 2 + 3  # before every call of b, warm-ups included
+
+
+# ---------------------------------------------------------------- judging targets
+def _row(op, shape=(64, 64, 56, 56), **times):
+    row = {"op": op, "shape": list(shape)}
+    row.update({f"{impl}_min_s": t for impl, t in times.items()})
+    row["x_copy"] = row["fastbn_min_s"] / row["copy_min_s"]
+    row["floor_x_copy"] = row["floor_min_s"] / row["copy_min_s"]
+    row["speedup_torch"] = row["torch_min_s"] / row["fastbn_min_s"] if "torch_min_s" in row else None
+    row["speedup_numpy"] = row["numpy_min_s"] / row["fastbn_min_s"] if "numpy_min_s" in row else None
+    return row
+
+
+def test_a_target_the_floor_also_misses_is_reported_out_of_reach():
+    # eval: x copy <= 1.15 (met: 1.0), >= 2x torch (missed: 1.5x; the floor is only 1.875x faster)
+    row = _row("eval", copy=1.0, fastbn=1.0, floor=0.8, torch=1.5)
+    row["targets"] = _bench.evaluate_targets(row)
+    by_name = {t["name"]: t for t in row["targets"]}
+    assert by_name["x copy <= 1.15"]["met"] and by_name["x copy <= 1.15"]["reachable"]
+    torch_t = by_name["vs torch >= 2x"]
+    assert not torch_t["met"] and not torch_t["reachable"]
+    assert torch_t["floor"] == pytest.approx(1.875)
+    row["error"] = None
+    assert _bench._fmt_targets(row) == "MISS vs torch >= 2x (1.5; floor 1.88: out of reach)"
+
+
+def test_a_target_the_floor_meets_is_a_plain_miss():
+    # backward: x copy <= 2.4 missed (3.0) though the floor (1.5) meets it
+    row = _row("backward", copy=1.0, fastbn=3.0, floor=1.5, torch=9.0)
+    row["targets"] = _bench.evaluate_targets(row)
+    row["error"] = None
+    copy_t = next(t for t in row["targets"] if t["name"] == "x copy <= 2.4")
+    assert not copy_t["met"] and copy_t["reachable"]
+    assert _bench._fmt_targets(row) == "MISS x copy <= 2.4 (3)"
+
+
+def test_measure_gives_a_checked_row_with_the_floor(rng):
+    p = _bench.Problem((8, 3, 16, 16), "float32", rng)  # not tiny: the copy targets apply
+    row = _bench.measure("train", p, repeat=2, numpy_repeat=1)
+    assert row["error"] is None
+    assert row["floor_min_s"] > 0 and row["floor_x_copy"] == row["floor_min_s"] / row["copy_min_s"]
+    assert row["fastbn_samples"] == 2 and row["numpy_samples"] == 1
+    assert {t["name"] for t in row["targets"]} >= {"x copy <= 1.6", "vs numpy >= 5x"}
