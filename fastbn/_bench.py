@@ -262,7 +262,8 @@ def _torch(op, p):
 
 def _floor(op, p):
     """The least memory traffic of the operation's passes (fastbn._kernels.traffic: no arithmetic
-    to speak of) on fastbn's threads, allocating its output as fastbn's call does: how fast any
+    to speak of) on fastbn's threads, allocating its output as fastbn's call does and writing it
+    with streaming stores where fastbn's kernels would (they measured faster there): how fast any
     implementation of the operation could possibly run on this machine.  A training forward needs
     the whole batch's statistics before it can write its first output, so it passes over x twice
     (read; read and write y); a backward passes over dy and x twice (read both; read both, write dx)."""

@@ -47,8 +47,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t W, const float *cf, int nt)
     void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t W, const double *cf, int nt)
     # the benchmark's floor
-    double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n)
-    double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n)
+    double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int nt)
+    double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int nt)
 
 cdef enum:
     AUTO = 0
@@ -480,14 +480,18 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
 
 
 # ---------------------------------------------------------------- the benchmark's floor
-def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=None, int n_threads=1):
+def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=None, int n_threads=1,
+            int stream=-1):
     """The least memory traffic of one pass of batch norm, for ``python -m fastbn bench``: reads a
     (and b), writes y = a (+ b) when y is given, on n_threads threads with the kernels' split of
-    work (equal consecutive ranges).  Returns a sum of what it read when y is None.  Not part of
-    fastbn's API."""
-    cdef Py_ssize_t n = a.shape[0], k
+    work (equal consecutive ranges) and their rule for streaming stores (``stream`` as in the
+    kernels: -1 by the bytes the pass touches).  Returns a sum of what it read when y is None.
+    Not part of fastbn's API."""
+    cdef Py_ssize_t n = a.shape[0], k, f0, f1
     cdef int T = _plan_threads(n_threads, n)
-    cdef const floating *ap = &a[0]
+    cdef int arrays = 1 + (b is not None) + (y is not None)
+    cdef int nt = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream)
+    cdef const floating *ap = &a[0] if n else NULL
     cdef const floating *bp = NULL
     cdef floating *yp = NULL
     cdef double total = 0
@@ -501,12 +505,14 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
         yp = &y[0]
     with nogil:
         for k in prange(T, num_threads=T, schedule="static"):
+            f0 = _split(n, T, k)
+            f1 = _split(n, T, k + 1)
             if floating is float:
-                total += fbn_traffic_f32(ap + _split(n, T, k), NULL if bp == NULL else bp + _split(n, T, k),
-                                         NULL if yp == NULL else yp + _split(n, T, k),
-                                         _split(n, T, k + 1) - _split(n, T, k))
+                total += fbn_traffic_f32(ap + f0, NULL if bp == NULL else bp + f0, NULL if yp == NULL else yp + f0,
+                                         f1 - f0, nt)
             else:
-                total += fbn_traffic_f64(ap + _split(n, T, k), NULL if bp == NULL else bp + _split(n, T, k),
-                                         NULL if yp == NULL else yp + _split(n, T, k),
-                                         _split(n, T, k + 1) - _split(n, T, k))
+                total += fbn_traffic_f64(ap + f0, NULL if bp == NULL else bp + f0, NULL if yp == NULL else yp + f0,
+                                         f1 - f0, nt)
+            if nt:
+                fbn_sfence()
     return total

@@ -293,20 +293,31 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
 
 /* ---- the benchmark's floor ----
  * The least memory traffic a pass of batch norm can make, with next to no arithmetic: reads
- * a[0:n] and, when given, b[0:n]; with y, writes y = a (+ b); without, returns a sum of what it
- * read, so that the reads cannot be optimized away.  `python -m fastbn bench` times a batch-norm
- * operation's passes with it to show how fast that operation could possibly be on the machine. */
-FBN_CLONES static double FBN_NAME(fbn_traffic)(const T *a, const T *b, T *y, ptrdiff_t n)
+ * a[0:n] and, when given, b[0:n]; with y, writes y = a (+ b), with streaming stores when nt
+ * (as the kernels do for outputs beyond the cache); without y, returns a sum of what it read, so
+ * that the reads cannot be optimized away.  `python -m fastbn bench` times an operation's passes
+ * with it to show how fast that operation could possibly be on the machine. */
+FBN_CLONES static double FBN_NAME(fbn_traffic)(const T *a, const T *b, T *y, ptrdiff_t n, int nt)
 {
-    T s = 0;
-    if (y && b) {
-#pragma omp simd
-        for (ptrdiff_t i = 0; i < n; i++)
-            y[i] = a[i] + b[i];
+    T s = 0, buf[FBN_CHUNK];
+    if (y && nt && !b) {
+        fbn_stream_store(y, a, (size_t)n * sizeof(T));
     } else if (y) {
+        for (ptrdiff_t j = 0; j < n; j += FBN_CHUNK) {
+            ptrdiff_t bl = n - j < FBN_CHUNK ? n - j : FBN_CHUNK;
+            T *q = nt ? buf : y + j;
+            if (b) {
 #pragma omp simd
-        for (ptrdiff_t i = 0; i < n; i++)
-            y[i] = a[i];
+                for (ptrdiff_t i = 0; i < bl; i++)
+                    q[i] = a[j + i] + b[j + i];
+            } else {
+#pragma omp simd
+                for (ptrdiff_t i = 0; i < bl; i++)
+                    q[i] = a[j + i];
+            }
+            if (nt)
+                fbn_stream_store(y + j, buf, (size_t)bl * sizeof(T));
+        }
     } else if (b) {
 #pragma omp simd reduction(+:s)
         for (ptrdiff_t i = 0; i < n; i++)

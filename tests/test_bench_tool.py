@@ -9,15 +9,16 @@ from fastbn import _bench, _kernels
 # ---------------------------------------------------------------- the floor kernel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads):
+@pytest.mark.parametrize("stream", [-1, 0, 1], ids=["stream-by-size", "normal-stores", "streaming-stores"])
+def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads, stream):
     n = 50_001  # odd, and above one thread's minimum share, so two threads split it
     a = rng.standard_normal(n).astype(dtype)
     b = rng.standard_normal(n).astype(dtype)
     a0, b0 = a.copy(), b.copy()
-    y = np.full(n, np.nan, dtype)
-    _kernels.traffic(a, b, y, threads)
+    y = np.full(n + 1, np.nan, dtype)[1:]  # off 64-byte alignment: the streaming stores' head and tail
+    _kernels.traffic(a, b, y, threads, stream)
     np.testing.assert_array_equal(y, a + b)
-    _kernels.traffic(a, None, y, threads)
+    _kernels.traffic(a, None, y, threads, stream)
     np.testing.assert_array_equal(y, a)
     tol = 1e-3 * n if dtype == np.float32 else 1e-9 * n
     assert _kernels.traffic(a, None, None, threads) == pytest.approx(a.astype(np.float64).sum(), abs=tol)
