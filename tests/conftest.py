@@ -13,8 +13,9 @@ from fastbn import _cpu
 SEED = 20240611
 
 # Every work-splitting path of the CPU kernels, with unit sizes that cut channels into many
-# pieces (7 and 97 are not multiples of any SIMD width).  "columns" only applies to spatial size 1;
-# on other shapes the kernels fall back to units, which is also worth running.  The third entry
+# pieces (7 and 97 are not multiples of any SIMD width).  "columns" treats any input as an
+# (N, C*S) matrix when forced (on its own the kernels take it for spatial sizes below 32), so
+# forcing it on larger spatial sizes runs the column loops on wide rows.  The third entry
 # forces the streaming (non-temporal) stores on (1) that otherwise only big outputs use; None
 # leaves the kernels' own choice.
 PATHS = [("auto", 0, None), ("ranges", 0, None), ("ranges", 7, None), ("ranges", 97, None),
