@@ -204,3 +204,30 @@ def test_huge_eps_and_zero_eps(rng):
     assert_close(fastbn.batch_norm(x, None, None, training=True, eps=1e6), ref_forward(x, eps=1e6)[0])
     y = fastbn.batch_norm(x, None, None, training=True, eps=0.0)
     np.testing.assert_allclose(y.var(axis=(0, 2)), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stream", [0, 1], ids=["normal-stores", "streaming-stores"])
+@pytest.mark.parametrize("unit", [1, 3, 4, 5, 8, 9, 15, 16, 17])
+def test_column_loops_every_row_remainder(force_path, rng, dtype, stream, unit):
+    """The column loops take rows eight (moments) and four (normalize, backward) at a time: blocks
+    of 1 to 17 rows, over 41 rows, leave every remainder, in the first block and the later ones;
+    W = 3 * 5 = 15 columns also leaves a SIMD tail.  In place, too."""
+    force_path("columns", unit, stream)
+    x = (3.0 + rng.standard_normal((41, 3, 5))).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w, b = rng.uniform(0.5, 1.5, 3).astype(dtype), rng.standard_normal(3).astype(dtype)
+    rm, rv = rng.standard_normal(3).astype(dtype), rng.uniform(0.5, 2, 3).astype(dtype)
+    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
+    want, want_mean, want_var, want_invstd = ref_forward(x, w, b)
+    assert_close(y, want)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(invstd, want_invstd, rtol=1e-10)
+    assert_close(fastbn.batch_norm(x, rm, rv, w, b), ref_forward(x, w, b, rm, rv)[0])
+    xi = x.copy()
+    assert_close(fastbn.batch_norm(xi, rm, rv, w, b, out=xi), ref_forward(x, w, b, rm, rv)[0])
+    dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd)
+    want_dx, want_gw, want_gb = ref_backward(dy, x, w)
+    assert_close(dx, want_dx)
+    np.testing.assert_allclose(gw, want_gw, rtol=1e-5 if dtype == np.float32 else 1e-10, atol=1e-5)
+    np.testing.assert_allclose(gb, want_gb, rtol=1e-5 if dtype == np.float32 else 1e-10, atol=1e-5)
