@@ -265,7 +265,7 @@ def _floor(op, p):
     to speak of) on fastbn's threads, allocating its output as fastbn's call does and writing it
     with streaming stores where fastbn's kernels would (they measured faster there): about as fast
     as any implementation of the operation can run on this machine (within the noise of a
-    measurement: fastbn's backward on large NCHW shapes measures 0.93-1.0x the floor's time).
+    measurement: fastbn's backward on large NCHW shapes measures 0.92-1.1x the floor's time).
     A training forward needs the whole batch's statistics before it can write its first output,
     so it passes over x twice (read; read and write y); a backward passes over dy and x twice
     (read both; read both, write dx)."""
