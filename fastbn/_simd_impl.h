@@ -56,8 +56,6 @@ FBN_CLONES static void FBN_NAME(fbn_moments)(const T *x, ptrdiff_t C, ptrdiff_t 
         FBN_NAME(fbn_piece_moments)(x + off, ln, acc + 3 * c);
 }
 
-/* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
- * x.  nt: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
 /* q = ((p - mhi) - mlo) * a + b over n elements; lo is a constant where this is inlined, and
  * with lo = 0 the `- mlo` (which is then 0) folds away: the same result to the bit. */
 FBN_INLINE void FBN_NAME(fbn_affine_run)(const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T a, T b, const int lo)
@@ -67,6 +65,8 @@ FBN_INLINE void FBN_NAME(fbn_affine_run)(const T *p, T *q, ptrdiff_t n, T mhi, T
         q[i] = ((p[i] - mhi) - (lo ? mlo : (T)0)) * a + b;
 }
 
+/* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
+ * x.  nt: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
 FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
                                             ptrdiff_t f1, const T *cf, int nt)
 {
@@ -197,15 +197,6 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
     *n = nn;
 }
 
-/* cf = [mhi | mlo | a | b], W values each (one per column).  Normal stores take rows four at a
- * time, so the four coefficient vectors are loaded once per four rows: the loop is bound by L1
- * loads, and this measured 9% faster on (4096, 1024) than one row at a time.
- * FBN_4K: the four rows' loads all come before their stores.  NumPy's large arrays start at the
- * same offset within a 4 KiB page, so with W*sizeof(T) a multiple of 4 KiB, a load of x's row
- * r+1 has the same low 12 address bits as the store just made to y's row r, and the core takes it
- * for a dependency on that store until the full addresses are compared (4K aliasing).  Measured
- * on (4096, 1024) float32: the eval forward ran 1.5x faster with y 2 KiB off x's alignment than
- * with y aligned as NumPy allocates it; loading first removes that difference. */
 /* Rows in fours with normal stores (the body of fbn_col_affine); returns the rows done.  lo is a
  * constant where this is inlined: with lo = 0 the low part of the mean is not loaded and
  * `- 0` folds away (x - 0 is x for every x), so the result is the same to the bit. */
@@ -230,18 +221,28 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
     return r;
 }
 
+/* cf = [mhi | mlo | a | b], W values each (one per column).  Normal stores take rows four at a
+ * time, so the four coefficient vectors are loaded once per four rows: the loop is bound by L1
+ * loads, and this measured 9% faster on (4096, 1024) than one row at a time.
+ * FBN_4K: the four rows' loads all come before their stores.  NumPy's large arrays start at the
+ * same offset within a 4 KiB page, so with W*sizeof(T) a multiple of 4 KiB, a load of x's row
+ * r+1 has the same low 12 address bits as the store just made to y's row r, and the core takes it
+ * for a dependency on that store until the full addresses are compared (4K aliasing).  Measured
+ * on (4096, 1024) float32: the eval forward ran 1.5x faster with y 2 KiB off x's alignment than
+ * with y aligned as NumPy allocates it; loading first removes that difference. */
 FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t W,
                                                 const T *cf, int nt)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
-    int lo = 0;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
-    for (ptrdiff_t c = 0; c < W; c++)
-        lo |= mlo[c] != 0;
-    if (!nt)
+    if (!nt) {
+        int lo = 0;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
+        for (ptrdiff_t c = 0; c < W; c++)
+            lo |= mlo[c] != 0;
         r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, W, cf, 1)
                : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, W, cf, 0);
+    }
     for (; r < rows; r++) {
         for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
             ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
