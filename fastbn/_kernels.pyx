@@ -22,7 +22,7 @@ accumulated in double for float32 and float64 alike.  The GIL is released for al
 """
 import numpy as np
 from cython cimport floating
-from cython.parallel cimport parallel, prange, threadid
+from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 
 cdef extern from "_simd.h" nogil:
@@ -73,6 +73,13 @@ cdef enum:
 # whoever reads it next (measured: eval (32, 3, 224, 224) 0.56x copy with, 0.91x without).
 cdef Py_ssize_t STREAM_BYTES = 48 * 1024 * 1024
 
+# A two-pass operation (training forward, backward) makes its second pass over each thread's share
+# from the share's end back to its start, in pieces of about this many bytes (each piece front to
+# back).  The first pass went front to back, so the cache (L2, then L3) holds the end of the share:
+# walking back meets those bytes first, while front to back would start with bytes long evicted and
+# push out the cached ones before reaching them.  See "two passes" in bench/RESULTS.md.
+cdef Py_ssize_t PIECE_BYTES = 512 * 1024
+
 
 # ---------------------------------------------------------------- planning
 cdef int _plan_threads(int n_threads, Py_ssize_t total) noexcept nogil:
@@ -98,6 +105,17 @@ cdef Py_ssize_t _plan_ranges(Py_ssize_t L, int T, Py_ssize_t unit) noexcept nogi
 cdef Py_ssize_t _plan_rows(Py_ssize_t W, Py_ssize_t unit) noexcept nogil:
     """Rows per COLUMNS block."""
     return unit if unit > 0 else max(<Py_ssize_t>1, COLUMN_BLOCK // W)
+
+
+cdef inline Py_ssize_t _share(Py_ssize_t n, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
+    """Start of share k of n COLUMNS blocks over K threads, dealt as OpenMP's static schedule would."""
+    return k * (n // K) + min(k, n % K)
+
+
+cdef inline Py_ssize_t _piece_start(Py_ssize_t f0, Py_ssize_t e, Py_ssize_t piece) noexcept nogil:
+    """Start of the last piece of [f0, e) in a backwards walk: about ``piece`` elements before e, on
+    a multiple of 16 elements."""
+    return max(f0, (e - piece) & ~(<Py_ssize_t>15))
 
 
 cdef inline Py_ssize_t _split(Py_ssize_t L, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
@@ -127,6 +145,16 @@ cdef inline void _affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_
         fbn_sfence()
 
 
+cdef void _affine_backwards(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
+                            Py_ssize_t f1, const floating *cf, int nt) noexcept nogil:
+    """_affine over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
+    cdef Py_ssize_t s, piece = PIECE_BYTES // sizeof(floating)
+    while f1 > f0:
+        s = _piece_start(f0, f1, piece)
+        _affine(x, y, C, S, s, f1, cf, nt)
+        f1 = s
+
+
 cdef inline void _grad_sums(const floating *dy, const floating *x, Py_ssize_t C, Py_ssize_t S,
                             Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc) noexcept nogil:
     if floating is float:
@@ -143,6 +171,16 @@ cdef inline void _grad_input(const floating *dy, const floating *x, floating *dx
         fbn_grad_input_f64(dy, x, dx, C, S, f0, f1, cf, nt)
     if nt:
         fbn_sfence()
+
+
+cdef void _grad_input_backwards(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
+                                Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int nt) noexcept nogil:
+    """_grad_input over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
+    cdef Py_ssize_t s, piece = PIECE_BYTES // sizeof(floating)
+    while f1 > f0:
+        s = _piece_start(f0, f1, piece)
+        _grad_input(dy, x, dx, C, S, s, f1, cf, nt)
+        f1 = s
 
 
 cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t W, double *th) noexcept nogil:
@@ -319,7 +357,7 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
     cdef double *ip = &invstd[0]
     cdef double[:, ::1] part
     cdef double *pp
-    cdef Py_ssize_t K, k, c, tid, R, nb, j
+    cdef Py_ssize_t K, k, c, R, nb, j
 
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
@@ -330,26 +368,29 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
                 _moments(xp, C, S, _split(L, K, k), _split(L, K, k + 1), pp + k * 3 * C)
             for c in prange(C, schedule="static"):
                 _merge_range_stats(c, C, K, pp, eps, wp, bp, mp, vp, ip, cf)
-            for k in prange(K, schedule="static"):
-                _affine(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
+            for k in prange(K, schedule="static"):  # the same thread per k as above; backwards
+                _affine_backwards(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
         return
 
     # COLUMNS: an (N, W) matrix
     R = _plan_rows(W, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
-    part = np.zeros((T, 4 * W + 1))  # per thread: [count | mean (W) | M2 (W) | scratch (2W)]
+    part = np.zeros((T, 4 * W + 1))  # per share: [count | mean (W) | M2 (W) | scratch (2W)]
     pp = &part[0, 0]
     wide = np.empty(4 * W, dtype=np.float32 if floating is float else np.float64)
     cw = &wide[0]
     with nogil, parallel(num_threads=T):
-        tid = threadid()
-        for j in prange(nb, schedule="static"):
-            _col_moments(xp + j * R * W, min(R, N - j * R), W, pp + tid * (4 * W + 1))
+        for k in prange(T, schedule="static"):  # share k of the blocks, front to back
+            for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
+                _col_moments(xp + j * R * W, min(R, N - j * R), W, pp + k * (4 * W + 1))
         for c in prange(C, schedule="static"):
             _merge_column_stats(c, C, S, T, pp, eps, wp, bp, mp, vp, ip, cf, cw)
-        for j in prange(nb, schedule="static"):
-            _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, cw, nt)
+        for k in prange(T, schedule="static"):  # the same shares on the same threads, back to front
+            j = _share(nb, T, k + 1)
+            while j > _share(nb, T, k):
+                j = j - 1
+                _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, cw, nt)
 
 
 def update_running(floating[::1] running_mean,    # IN/OUT (C,)
@@ -445,7 +486,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
     cdef double count = <double>(N * S)
     cdef double[:, ::1] part
     cdef double *pp
-    cdef Py_ssize_t K, k, c, tid, R, nb, j
+    cdef Py_ssize_t K, k, c, R, nb, j
 
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
@@ -456,38 +497,58 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
                 _grad_sums(gp, xp, C, S, _split(L, K, k), _split(L, K, k + 1), mp, pp + k * 2 * C)
             for c in prange(C, schedule="static"):
                 _merge_range_grad(c, C, K, pp, count, training, wp, mp, ip, gwp, gbp, cf)
-            for k in prange(K, schedule="static"):
-                _grad_input(gp, xp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
+            for k in prange(K, schedule="static"):  # the same thread per k as above; backwards
+                _grad_input_backwards(gp, xp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
         return
 
     # COLUMNS
     R = _plan_rows(W, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
-    part = np.zeros((T, 2 * W))  # per thread: [sum dy (W) | sum dy*(x-mean) (W)]
+    part = np.zeros((T, 2 * W))  # per share: [sum dy (W) | sum dy*(x-mean) (W)]
     pp = &part[0, 0]
     wide = np.empty(5 * W, dtype=np.float32 if floating is float else np.float64)
     cw = &wide[0]
     wide_mean = np.repeat(np.asarray(mean), S)
     with nogil, parallel(num_threads=T):
-        tid = threadid()
-        for j in prange(nb, schedule="static"):
-            _col_grad_sums(gp + j * R * W, xp + j * R * W, min(R, N - j * R), W, &wide_mean[0], pp + tid * 2 * W)
+        for k in prange(T, schedule="static"):  # share k of the blocks, front to back
+            for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
+                _col_grad_sums(gp + j * R * W, xp + j * R * W, min(R, N - j * R), W, &wide_mean[0], pp + k * 2 * W)
         for c in prange(C, schedule="static"):
             _merge_column_grad(c, C, S, T, pp, count, training, wp, mp, ip, gwp, gbp, cf, cw)
-        for j in prange(nb, schedule="static"):
-            _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
+        for k in prange(T, schedule="static"):  # the same shares on the same threads, back to front
+            j = _share(nb, T, k + 1)
+            while j > _share(nb, T, k):
+                j = j - 1
+                _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
 
 
 # ---------------------------------------------------------------- the benchmark's floor
+cdef double _traffic(const floating *a, const floating *b, floating *y, Py_ssize_t f0, Py_ssize_t f1,
+                     int nt) noexcept nogil:
+    """fbn_traffic over elements [f0, f1) of a (and b, and y, where not NULL)."""
+    cdef const floating *bq = NULL
+    cdef floating *yq = NULL
+    if b != NULL:
+        bq = b + f0
+    if y != NULL:
+        yq = y + f0
+    if floating is float:
+        return fbn_traffic_f32(a + f0, bq, yq, f1 - f0, nt)
+    else:
+        return fbn_traffic_f64(a + f0, bq, yq, f1 - f0, nt)
+
+
 def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=None, int n_threads=1,
-            int stream=-1):
+            int stream=-1, bint backwards=False):
     """The least memory traffic of one pass of batch norm, for ``python -m fastbn bench``: reads a
     (and b), writes y = a (+ b) when y is given, on n_threads threads with the kernels' split of
     work (equal consecutive ranges) and their rule for streaming stores (``stream`` as in the
-    kernels: -1 by the bytes the pass touches).  Returns a sum of what it read when y is None.
-    Not part of fastbn's API."""
-    cdef Py_ssize_t n = a.shape[0], k, f0, f1
+    kernels: -1 by the bytes the pass touches).  ``backwards``: each thread walks its range back to
+    front in pieces, as the kernels' second passes do (PIECE_BYTES).  Returns a sum of what it read
+    when y is None.  Not part of fastbn's API."""
+    cdef Py_ssize_t n = a.shape[0], k, f0, f1, s
+    cdef Py_ssize_t piece = PIECE_BYTES // sizeof(floating)
     cdef int T = _plan_threads(n_threads, n)
     cdef int arrays = 1 + (b is not None) + (y is not None)
     cdef int nt = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream)
@@ -507,12 +568,10 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
         for k in prange(T, num_threads=T, schedule="static"):
             f0 = _split(n, T, k)
             f1 = _split(n, T, k + 1)
-            if floating is float:
-                total += fbn_traffic_f32(ap + f0, NULL if bp == NULL else bp + f0, NULL if yp == NULL else yp + f0,
-                                         f1 - f0, nt)
-            else:
-                total += fbn_traffic_f64(ap + f0, NULL if bp == NULL else bp + f0, NULL if yp == NULL else yp + f0,
-                                         f1 - f0, nt)
+            while f1 > f0:
+                s = _piece_start(f0, f1, piece) if backwards else f0
+                total += _traffic(ap, bp, yp, s, f1, nt)
+                f1 = s
             if nt:
                 fbn_sfence()
     return total

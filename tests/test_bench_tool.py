@@ -10,19 +10,22 @@ from fastbn import _bench, _kernels
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("stream", [-1, 0, 1], ids=["stream-by-size", "normal-stores", "streaming-stores"])
-def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads, stream):
-    n = 50_001  # odd, and above one thread's minimum share, so two threads split it
+@pytest.mark.parametrize("backwards", [False, True], ids=["front-to-back", "backwards"])
+def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads, stream, backwards):
+    # odd, above one thread's minimum share (two threads split it), and several 512 KiB pieces of
+    # the backwards walk per thread, the first one short
+    n = 300_001
     a = rng.standard_normal(n).astype(dtype)
     b = rng.standard_normal(n).astype(dtype)
     a0, b0 = a.copy(), b.copy()
     y = np.full(n + 1, np.nan, dtype)[1:]  # off 64-byte alignment: the streaming stores' head and tail
-    _kernels.traffic(a, b, y, threads, stream)
+    _kernels.traffic(a, b, y, threads, stream, backwards)
     np.testing.assert_array_equal(y, a + b)
-    _kernels.traffic(a, None, y, threads, stream)
+    _kernels.traffic(a, None, y, threads, stream, backwards)
     np.testing.assert_array_equal(y, a)
     tol = 1e-3 * n if dtype == np.float32 else 1e-9 * n
-    assert _kernels.traffic(a, None, None, threads) == pytest.approx(a.astype(np.float64).sum(), abs=tol)
-    assert _kernels.traffic(a, b, None, threads) == pytest.approx((a.astype(np.float64) + b).sum(), abs=tol)
+    assert _kernels.traffic(a, None, None, threads, -1, backwards) == pytest.approx(a.astype(np.float64).sum(), abs=tol)
+    assert _kernels.traffic(a, b, None, threads, -1, backwards) == pytest.approx((a.astype(np.float64) + b).sum(), abs=tol)
     np.testing.assert_array_equal(a, a0)  # the inputs are only read
     np.testing.assert_array_equal(b, b0)
 

@@ -18,11 +18,14 @@ needs_openmp = pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built w
 # The kernels use one thread per 16384 elements at most, so these shapes (>= 32768 elements)
 # really run on two threads when two are allowed.
 BIG = [
-    ("ranges", 0, (8, 4, 1024)),   # one range per thread
+    ("ranges", 0, (8, 4, 1024)),     # one range per thread
     ("auto", 0, (16, 1, 4096)),      # C=1: ranges split inside the channel
-    ("ranges", 97, (5, 3, 2203)),     # forced small ranges, odd sizes
-    ("auto", 0, (4096, 16)),         # spatial size 1: columns, two row blocks
-    ("columns", 0, (3000, 33)),      # columns, uneven row blocks and a SIMD tail
+    ("ranges", 97, (5, 3, 2203)),    # forced small ranges, odd sizes
+    ("auto", 0, (6, 5, 13331)),      # every thread's range is several pieces of the backwards
+                                     # second pass (512 KiB), cut inside rows
+    ("auto", 0, (4096, 64)),         # spatial size 1: columns, two row blocks, one per thread
+    ("columns", 700, (3000, 33)),    # columns, five row blocks (uneven shares: 3 and 2), a short
+                                     # last block and a SIMD tail
 ]
 STREAM = {"ranges": 1, "columns": 1}  # also force streaming stores on these
 BIG_IDS = [f"{p}-{'x'.join(map(str, s))}" for p, _, s in BIG]
