@@ -1,8 +1,7 @@
 """The CPU backend: NumPy arrays, fastbn's Cython/OpenMP kernels.
 
-A backend module provides ``xp`` (its array module), ``is_array(a)``, ``empty_output(x, *inputs)``
-(a new array for a kernel to write) and the three operations below on C-contiguous (N, C, S)
-arrays that fastbn.functional has already validated.
+A backend module provides ``xp`` (its array module), ``is_array(a)`` and the three operations
+below on C-contiguous (N, C, S) arrays that fastbn.functional has already validated.
 fastbn._cupy_backend provides the same names for CuPy arrays.
 """
 import numpy as np
@@ -19,36 +18,6 @@ tuning = {"path": "auto", "unit": 0, "stream": -1}
 
 def is_array(a):
     return isinstance(a, np.ndarray)
-
-
-# Outputs of at least this many bytes that fastbn allocates itself are placed away from the inputs
-# within a 4 KiB page (empty_output); smaller ones are not worth the extra call.
-APART_MIN_BYTES = 1 << 18
-
-
-def empty_output(x, *inputs):
-    """An uninitialized C-contiguous array like ``x`` for a kernel to write, placed where its address
-    modulo 4 KiB is far from those of ``x`` and ``inputs`` (the arrays the kernel reads with it).
-
-    4K aliasing: a load whose address has the same low 12 bits as a store still in flight waits
-    until the full addresses are compared.  The column loops store a few vectors behind where they
-    load, so an output 0 to 64 bytes after (or up to 256 bytes before) an input, modulo 4 KiB, ran
-    1.2-1.4x slower than one in the middle of the page (measured on (4096, 1024) float32; see
-    bench/RESULTS.md).  NumPy gives every large array the same offset in its page, so a fresh output
-    would often sit at 0.  The array is a view into a buffer 4 KiB larger; it keeps x's offset
-    within a 64-byte line, which measured faster for the backward than a line-aligned output.
-    """
-    if x.nbytes < APART_MIN_BYTES:
-        return np.empty_like(x)
-    xo = x.__array_interface__["data"][0] % 4096
-    marks = sorted({xo, *(a.__array_interface__["data"][0] % 4096 for a in inputs)})
-    # the middle of the widest gap between the inputs' offsets, on the circle of 4096 bytes
-    width, start = max(((marks[(i + 1) % len(marks)] - m) % 4096 or 4096, m) for i, m in enumerate(marks))
-    target = start + width // 2
-    target -= (target - xo) % 64
-    buf = np.empty(x.nbytes + 4096, np.uint8)
-    skip = (target - buf.__array_interface__["data"][0]) % 4096
-    return buf[skip:skip + x.nbytes].view(x.dtype).reshape(x.shape)
 
 
 def _plan():

@@ -106,12 +106,6 @@ def is_array(a):
         return False
 
 
-def empty_output(x, *inputs):
-    """An uninitialized array like ``x`` for a kernel to write (the CPU backend also places it in
-    the page; on the GPU that does not matter)."""
-    return _import_cupy().empty_like(x)
-
-
 def _version(cp):
     return ".".join(str(cp.__version__).split(".")[:2])
 

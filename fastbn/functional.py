@@ -91,7 +91,7 @@ def _check_scalar(value, name, low=0.0, high=math.inf):
 def _prepare_out(be, out, x, x3):
     """The (N, C, S) array the kernel writes, and whether it must be copied into ``out`` afterwards."""
     if out is None:
-        return be.empty_output(x3), False
+        return be.xp.empty_like(x3), False
     if not be.is_array(out):
         raise TypeError(f"out must be a {be.xp.__name__} array, got {type(out).__name__}")
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x3.dtype:
@@ -110,7 +110,7 @@ def _prepare_out(be, out, x, x3):
             return o3, False
         if be is not _cpu and o3.data.ptr == x3.data.ptr:
             return o3, False
-    return be.empty_output(x3), True
+    return be.xp.empty_like(x3), True
 
 
 def _training_check(x, N, S):
@@ -221,7 +221,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     w = _fill(be, C, dt, 1.0) if weight is None else _channel_vector(weight, "weight", be, C, dt)
     mean = _channel_vector(save_mean, "save_mean", be, C, np.float64)
     invstd = _channel_vector(save_invstd, "save_invstd", be, C, np.float64)
-    dx3 = be.empty_output(x3, g3)
+    dx3 = be.xp.empty_like(x3)
     if x3.size:
         gw, gb = be.backward(g3, x3, dx3, w, mean, invstd, bool(training))
     else:

@@ -261,39 +261,6 @@ def test_out_non_contiguous_and_partially_overlapping(rng):
     assert_close(dst, expected, tol=1e-14)
 
 
-# ---------------------------------------------------------------------------------- new outputs
-def _page_offset(a):
-    return a.__array_interface__["data"][0] % 4096
-
-
-def _page_distance(a, b):
-    d = (_page_offset(a) - _page_offset(b)) % 4096
-    return min(d, 4096 - d)
-
-
-@pytest.mark.parametrize("shift", [0, 1, 100, 1000], ids=lambda s: f"dy-{s}-floats-off")
-def test_new_outputs_sit_away_from_the_inputs_in_the_page(rng, shift):
-    """Large outputs fastbn allocates are placed mid-page relative to the arrays the kernel reads
-    (4K aliasing, see _cpu.empty_output); they are ordinary, independent, writable arrays."""
-    shape = (512, 256)  # 512 KiB of float32: above _cpu.APART_MIN_BYTES
-    x = random_input(rng, shape, np.float32)
-    dy_buf = rng.standard_normal(x.size + shift).astype(np.float32)
-    dy = dy_buf[shift:].reshape(shape)
-    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True)
-    ye = fastbn.batch_norm(x, np.zeros(256, np.float32), np.ones(256, np.float32))
-    dx = fastbn.batch_norm_backward(dy, x, None, mean, invstd)[0]
-    for out in (y, ye):
-        assert _page_distance(out, x) == 2048
-    assert _page_distance(dx, x) >= 1024 and _page_distance(dx, dy) >= 1024
-    for out in (y, ye, dx):
-        assert (_page_offset(out) - _page_offset(x)) % 64 == 0  # x's phase within a cache line
-        assert out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable
-        assert not np.shares_memory(out, x) and not np.shares_memory(out, dy)
-    assert not np.shares_memory(y, ye) and not np.shares_memory(y, dx)
-    assert_close(y, ref_forward(x)[0])
-    assert_close(dx, ref_backward(dy, x)[0])
-
-
 # ---------------------------------------------------------------------------------- memory layouts
 def _layouts(x):
     """Non-C-contiguous arrays equal to x."""
