@@ -88,8 +88,10 @@ def _check_scalar(value, name, low=0.0, high=math.inf):
     return float(value)
 
 
-def _prepare_out(be, out, x, x3):
-    """The (N, C, S) array the kernel writes, and whether it must be copied into ``out`` afterwards."""
+def _prepare_out(be, out, x, x3, *more):
+    """The (N, C, S) array the kernel writes, and whether it must be copied into ``out`` afterwards.
+    ``x3`` and ``more`` are the (N, C, S) arrays the kernel reads: ``out`` may be one of them
+    exactly (the kernels work elementwise), but not overlap one partly."""
     if out is None:
         return be.xp.empty_like(x3), False
     if not be.is_array(out):
@@ -103,14 +105,18 @@ def _prepare_out(be, out, x, x3):
         raise ValueError("out is read-only")
     if out.flags.c_contiguous:
         o3 = out.reshape(x3.shape)
-        if not be.xp.may_share_memory(o3, x3):
-            return o3, False
-        # Writing in place over the input itself is fine (elementwise); a partial overlap is not.
-        if be is _cpu and o3.__array_interface__["data"][0] == x3.__array_interface__["data"][0]:
-            return o3, False
-        if be is not _cpu and o3.data.ptr == x3.data.ptr:
+        if all(_disjoint_or_same(be, o3, a) for a in (x3, *more)):
             return o3, False
     return be.xp.empty_like(x3), True
+
+
+def _disjoint_or_same(be, o3, a):
+    """Writing over an input array itself is fine (elementwise); a partial overlap is not."""
+    if not be.xp.may_share_memory(o3, a):
+        return True
+    if be is _cpu:
+        return o3.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+    return o3.data.ptr == a.data.ptr
 
 
 def _training_check(x, N, S):
@@ -199,14 +205,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 @_on_device_of(1, "input")
-def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=True):
+def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=True, *, out=None):
     """Gradients of batch norm from the statistics :func:`batch_norm_forward` returned.
 
     ``training=True``: the forward normalized with batch statistics, so the gradient flows
     through the mean and variance too.  ``training=False``: the statistics were constants
     (evaluation mode), ``grad_input = grad_output * weight * save_invstd``.
     Returns ``(grad_input, grad_weight, grad_bias)``; the parameter gradients are computed even
-    when ``weight`` is None (they are cheap), in the input's dtype.
+    when ``weight`` is None (they are cheap), in the input's dtype.  ``out=`` receives grad_input
+    (it may be ``grad_output`` or ``input`` itself): a training loop that reuses one buffer saves
+    the allocation and first-touch page faults of a new array every step.
     """
     be, x3 = as_ncs(input)
     N, C, S = x3.shape
@@ -221,9 +229,11 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     w = _fill(be, C, dt, 1.0) if weight is None else _channel_vector(weight, "weight", be, C, dt)
     mean = _channel_vector(save_mean, "save_mean", be, C, np.float64)
     invstd = _channel_vector(save_invstd, "save_invstd", be, C, np.float64)
-    dx3 = be.xp.empty_like(x3)
+    dx3, copy_back = _prepare_out(be, out, input, x3, g3)
     if x3.size:
         gw, gb = be.backward(g3, x3, dx3, w, mean, invstd, bool(training))
     else:
         gw, gb = be.xp.zeros(C), be.xp.zeros(C)
-    return dx3.reshape(input.shape), gw.astype(dt), gb.astype(dt)
+    if copy_back:
+        out[...] = dx3.reshape(out.shape)
+    return (out if out is not None else dx3.reshape(input.shape)), gw.astype(dt), gb.astype(dt)

@@ -140,15 +140,16 @@ class _BatchNorm:
 
     __call__ = forward
 
-    def backward(self, grad_output):
-        """Return grad_input for the last forward, and set ``grad_weight``/``grad_bias``."""
+    def backward(self, grad_output, *, out=None):
+        """Return grad_input for the last forward, and set ``grad_weight``/``grad_bias``.
+        ``out=``: an array to receive grad_input, as in :func:`fastbn.batch_norm_backward`."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first (each forward allows one backward)")
         x, weight, mean, invstd, batch_stats = self._saved
         if F.backend_of(grad_output) is not F.backend_of(x) or tuple(grad_output.shape) != tuple(x.shape):
             raise ValueError(f"grad_output must match the forward's input: shape {tuple(x.shape)}, "
                              f"got {type(grad_output).__name__} of shape {tuple(getattr(grad_output, 'shape', ()))}")
-        dx, gw, gb = F.batch_norm_backward(grad_output, x, weight, mean, invstd, training=batch_stats)
+        dx, gw, gb = F.batch_norm_backward(grad_output, x, weight, mean, invstd, training=batch_stats, out=out)
         self.grad_weight = gw if self.weight is not None else None
         self.grad_bias = gb if self.bias is not None else None
         self._saved = None

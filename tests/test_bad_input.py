@@ -108,6 +108,10 @@ BACKWARD_CASES = [
     ("save-mean-length", dict(save_mean=np.zeros(4)), ValueError, r"save_mean must have shape \(3,\).*\(4,\)"),
     ("save-invstd-int", dict(save_invstd=np.ones(3, np.int64)), TypeError, r"save_invstd must be float32 or float64.*int64"),
     ("save-invstd-none", dict(save_invstd=None), TypeError, r"save_invstd must be a numpy array.*NoneType"),
+    ("out-shape", dict(out=np.zeros((4, 3, 6), np.float32)), ValueError, r"out must have the input's shape \(4, 3, 5\).*\(4, 3, 6\)"),
+    ("out-dtype", dict(out=np.zeros(SHAPE, np.float64)), ValueError, r"out must have .*dtype float32.*float64"),
+    ("out-read-only", dict(out=_read_only(np.zeros(SHAPE, np.float32))), ValueError, r"out is read-only"),
+    ("out-list", dict(out=[0.0]), TypeError, r"out must be a numpy array, got list"),
 ]
 
 
@@ -121,7 +125,7 @@ def test_functional_backward_rejects(rng, change, exc, message):
     copies = {k: v.copy() for k, v in args.items() if isinstance(v, np.ndarray)}
     with pytest.raises(exc, match=message):
         fastbn.batch_norm_backward(args["grad_output"], args["input"], args["weight"], args["save_mean"],
-                                   args["save_invstd"])
+                                   args["save_invstd"], out=args.get("out"))
     for k, v in copies.items():
         np.testing.assert_array_equal(args[k], v)
 
@@ -206,9 +210,13 @@ def test_layer_backward_misuse(rng):
         bn.backward([1.0])
     with pytest.raises(TypeError, match=r"grad_output must have the input's dtype float32, got float64"):
         bn.backward(np.ones((2, 3, 2, 2), np.float64))
+    with pytest.raises(ValueError, match=r"out must have the input's shape"):
+        bn.backward(dy, out=np.empty((2, 3, 2, 3), np.float32))
     assert bn.grad_weight is None and bn.grad_bias is None
-    # the rejected gradients did not consume the saved forward
-    dx = bn.backward(dy)
+    # the rejected calls did not consume the saved forward
+    out = np.empty_like(dy)
+    dx = bn.backward(dy, out=out)
+    assert dx is out
     np.testing.assert_allclose(dx, ref_backward(dy, x, bn.weight)[0], atol=1e-4)
 
 

@@ -261,6 +261,42 @@ def test_out_non_contiguous_and_partially_overlapping(rng):
     assert_close(dst, expected, tol=1e-14)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_out_receives_grad_input(rng, kernel_path, training, dtype):
+    x = random_input(rng, (5, 3, 7), dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w = random_params(rng, 3, dtype)[0]
+    _, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, training=True)
+    want_dx, want_gw, want_gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training)
+    assert_close(want_dx, ref_backward(dy, x, w, training=True)[0] if training else dy * w[:, None] * invstd[:, None],
+                 tol=1e-4 if dtype == np.float32 else 1e-10)
+    tol = 4 * np.finfo(dtype).eps
+    out = np.full_like(x, np.nan)
+    dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training, out=out)
+    assert dx is out
+    assert_close(out, want_dx, tol=tol)
+    np.testing.assert_array_equal(gw, want_gw)
+    np.testing.assert_array_equal(gb, want_gb)
+    # in place over grad_output, and over the input (both are read elementwise)
+    d = dy.copy()
+    assert fastbn.batch_norm_backward(d, x, w, mean, invstd, training, out=d)[0] is d
+    assert_close(d, want_dx, tol=tol)
+    xi = x.copy()
+    assert fastbn.batch_norm_backward(dy, xi, w, mean, invstd, training, out=xi)[0] is xi
+    assert_close(xi, want_dx, tol=tol)
+    # partly overlapping grad_output (shifted by one element), and a non-contiguous out
+    buf = np.zeros(x.size + 1, dtype)
+    buf[:-1] = dy.ravel()
+    dst = buf[1:].reshape(x.shape)
+    fastbn.batch_norm_backward(buf[:-1].reshape(x.shape), x, w, mean, invstd, training, out=dst)
+    assert_close(dst, want_dx, tol=tol)
+    big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype)
+    fastbn.batch_norm_backward(dy, x, w, mean, invstd, training, out=big[..., ::2])
+    assert_close(big[..., ::2], want_dx, tol=tol)
+    np.testing.assert_array_equal(big[..., 1::2], 0)
+
+
 # ---------------------------------------------------------------------------------- memory layouts
 def _layouts(x):
     """Non-C-contiguous arrays equal to x."""

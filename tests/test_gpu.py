@@ -198,6 +198,17 @@ def test_in_place_and_out(gpu_path, rng, path):
         res = fastbn.batch_norm(_g(x), None, None, _g(w), _g(b), training=True, out=out)
         assert res is out
         _close(out, y_c, 1e-5, "out=")
+        # the backward's out=: a buffer, and grad_output itself
+        dy = rng.standard_normal(shape).astype(np.float32)
+        _, m_c, i_c = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
+        dx_c = fastbn.batch_norm_backward(dy, x, w, m_c, i_c)[0]
+        res = fastbn.batch_norm_backward(_g(dy), _g(x), _g(w), _g(m_c), _g(i_c), out=out)[0]
+        assert res is out
+        _close(out, dx_c, 1e-4, "backward out=")
+        dyg = _g(dy)
+        res = fastbn.batch_norm_backward(dyg, _g(x), _g(w), _g(m_c), _g(i_c), out=dyg)[0]
+        assert res is dyg
+        _close(dyg, dx_c, 1e-4, "backward in place")
 
 
 def test_non_contiguous_and_strided_parameters(rng):
