@@ -17,13 +17,17 @@ COLUMNS  spatial size below SMALL_S, e.g. an (N, C) matrix: the buffer is an (N,
 tests set it small so small inputs run many ranges and blocks.  ``stream`` (-1: choose by output
 size, 0 off, 1 on) switches the non-temporal stores of _simd.h.
 
-The kernels trust their arguments: fastbn.functional validated them.  Statistics are
-accumulated in double for float32 and float64 alike.  The GIL is released for all the work.
+The entry points check what memory safety needs of their arrays (see "arguments" below);
+fastbn.functional validated the rest.  Statistics are accumulated in double for float32 and
+float64 alike.  The GIL is released for all the work.
 """
 import numpy as np
+cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
+
+cnp.import_array()
 
 cdef extern from "_simd.h" nogil:
     void fbn_sfence()
@@ -330,39 +334,90 @@ cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, co
     _expand(cf, C, S, 5, c, cfw)
 
 
+# ---------------------------------------------------------------- arguments
+# The entry points below take NumPy arrays and check, cheaply, what memory safety needs: element
+# type, native byte order, alignment, C order, element count, and writability for outputs.  Typed
+# memoryviews check the same but cost about 1 us per call for six arguments, which showed in the
+# per-call time of small inputs; fastbn.functional has validated everything else.
+
+cdef int _float_type(object x) except -1:
+    """NPY_FLOAT or NPY_DOUBLE: the element type of the (N, C, S) input x."""
+    if not cnp.PyArray_Check(x) or cnp.PyArray_NDIM(<cnp.ndarray>x) != 3:
+        raise TypeError(f"expected a 3-D numpy array (N, C, S), got {type(x).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
+        raise TypeError(f"expected float32 or float64 data, got {x.dtype}")
+    return t
+
+
+cdef void *_data(object a, int typenum, Py_ssize_t n, bint out, str name) except NULL:
+    """The buffer of ``a``: an aligned, native-order, C-contiguous numpy array of ``n`` elements
+    of ``typenum`` (writable if ``out``); anything else raises instead of becoming a wild pointer."""
+    cdef cnp.ndarray arr
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    arr = <cnp.ndarray>a
+    if (cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_SIZE(arr) != n or not cnp.PyArray_ISNOTSWAPPED(arr)
+            or not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_CARRAY if out else cnp.NPY_ARRAY_CARRAY_RO)):
+        want = "float32" if typenum == cnp.NPY_FLOAT else "float64"
+        raise ValueError(f"{name} must be an aligned, C-contiguous, native-order{', writable' if out else ''} "
+                         f"{want} array of {n} elements, got {a.dtype} of shape {a.shape}")
+    return cnp.PyArray_DATA(arr)
+
+
+cdef inline object _new(Py_ssize_t n, int typenum, bint zero):
+    """A new 1-D array of n elements (zeros, or uninitialized) for a kernel's scratch."""
+    cdef cnp.npy_intp d = n
+    return cnp.PyArray_ZEROS(1, &d, typenum, 0) if zero else cnp.PyArray_EMPTY(1, &d, typenum, 0)
+
+
+cdef inline void *_ptr(object a) noexcept:
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
 # ---------------------------------------------------------------- forward, training mode
-def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
-                  floating[:, :, ::1] y,            # OUT (N, C, S); may be x itself
-                  const floating[::1] weight,       # IN  (C,)
-                  const floating[::1] bias,         # IN  (C,)
-                  double eps,
-                  double[::1] mean,                 # OUT (C,) batch mean
-                  double[::1] var,                  # OUT (C,) biased batch variance
-                  double[::1] invstd,               # OUT (C,) 1 / sqrt(var + eps)
+def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
                   int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
-    """Batch statistics and the fused normalize + affine."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S, W = C * S
+    """Batch statistics and the fused normalize + affine.
+
+    x: (N, C, S) float32 or float64; y: its output, the same size and dtype (may be x itself);
+    weight, bias: (C,) of x's dtype; mean, var (biased), invstd: (C,) float64 outputs."""
+    cdef int t = _float_type(x)
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
+    cdef void *xp = _data(x, t, L, False, "x")
+    cdef void *yp = _data(y, t, L, True, "y")
+    cdef void *wp = _data(weight, t, C, False, "weight")
+    cdef void *bp = _data(bias, t, C, False, "bias")
+    cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
+    cdef double *vp = <double *>_data(var, cnp.NPY_DOUBLE, C, True, "var")
+    cdef double *ip = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
+    if t == cnp.NPY_FLOAT:
+        _forward_train(<float>0, xp, yp, wp, bp, eps, mp, vp, ip, N, C, S, n_threads, path, unit, stream)
+    else:
+        _forward_train(<double>0, xp, yp, wp, bp, eps, mp, vp, ip, N, C, S, n_threads, path, unit, stream)
+
+
+cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, double eps, double *mp, double *vp,
+                        double *ip, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads, int path,
+                        Py_ssize_t unit, int stream) except -1:
+    cdef Py_ssize_t L = N * C * S, W = C * S
+    cdef int tn = cnp.NPY_FLOAT if floating is float else cnp.NPY_DOUBLE
     cdef int T = _plan_threads(n_threads, L)
     cdef int nt = _plan_stream(2 * L * sizeof(floating), stream)
-    cdef floating[::1] coef = np.empty(4 * C, dtype=np.float32 if floating is float else np.float64)
-    cdef floating[::1] wide
-    cdef const floating *xp = &x[0, 0, 0]
-    cdef floating *yp = &y[0, 0, 0]
-    cdef floating *cf = &coef[0]
+    cdef const floating *xp = <const floating *>xv
+    cdef floating *yp = <floating *>yv
+    cdef const floating *wp = <const floating *>wv
+    cdef const floating *bp = <const floating *>bv
+    cdef object coef = _new(4 * C, tn, False), part, wide
+    cdef floating *cf = <floating *>_ptr(coef)
     cdef floating *cw
-    cdef const floating *wp = &weight[0]
-    cdef const floating *bp = &bias[0]
-    cdef double *mp = &mean[0]
-    cdef double *vp = &var[0]
-    cdef double *ip = &invstd[0]
-    cdef double[:, ::1] part
     cdef double *pp
     cdef Py_ssize_t K, k, c, R, nb, j
 
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
-        part = np.zeros((K, 3 * C))  # per range: (count, mean, M2) per channel
-        pp = &part[0, 0]
+        part = _new(K * 3 * C, cnp.NPY_DOUBLE, True)  # per range: (count, mean, M2) per channel
+        pp = <double *>_ptr(part)
         with nogil, parallel(num_threads=T):
             for k in prange(K, schedule="static"):
                 _moments(xp, C, S, _split(L, K, k), _split(L, K, k + 1), pp + k * 3 * C)
@@ -370,16 +425,16 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
                 _merge_range_stats(c, C, K, pp, eps, wp, bp, mp, vp, ip, cf)
             for k in prange(K, schedule="static"):  # the same thread per k as above; backwards
                 _affine_backwards(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
-        return
+        return 0
 
     # COLUMNS: an (N, W) matrix
     R = _plan_rows(W, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
-    part = np.zeros((T, 4 * W + 1))  # per share: [count | mean (W) | M2 (W) | scratch (2W)]
-    pp = &part[0, 0]
-    wide = np.empty(4 * W, dtype=np.float32 if floating is float else np.float64)
-    cw = &wide[0]
+    part = _new(T * (4 * W + 1), cnp.NPY_DOUBLE, True)  # per share: [count | mean (W) | M2 (W) | scratch (2W)]
+    pp = <double *>_ptr(part)
+    wide = _new(4 * W, tn, False)
+    cw = <floating *>_ptr(wide)
     with nogil, parallel(num_threads=T):
         for k in prange(T, schedule="static"):  # share k of the blocks, front to back
             for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
@@ -391,107 +446,168 @@ def forward_train(const floating[:, :, ::1] x,      # IN  (N, C, S)
             while j > _share(nb, T, k):
                 j = j - 1
                 _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, cw, nt)
+    return 0
 
 
-def update_running(floating[::1] running_mean,    # IN/OUT (C,)
-                   floating[::1] running_var,     # IN/OUT (C,)
-                   const double[::1] mean,        # IN (C,) batch mean
-                   const double[::1] var,         # IN (C,) biased batch variance
-                   double momentum, Py_ssize_t n):
-    """running = (1 - momentum) * running + momentum * batch, unbiased variance n / (n - 1)."""
+def update_running(running_mean, running_var, mean, var, double momentum, Py_ssize_t n):
+    """running = (1 - momentum) * running + momentum * batch, unbiased variance n / (n - 1).
+
+    running_mean, running_var: (C,) float32 or float64, updated in place; mean, var: (C,) float64."""
+    if not cnp.PyArray_Check(running_mean):
+        raise TypeError(f"running_mean must be a numpy array, got {type(running_mean).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>running_mean)
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(<cnp.ndarray>running_mean)
+    if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
+        raise TypeError(f"running_mean must be float32 or float64, got {running_mean.dtype}")
+    cdef void *rm = _data(running_mean, t, C, True, "running_mean")
+    cdef void *rv = _data(running_var, t, C, True, "running_var")
+    cdef const double *mp = <const double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
+    cdef const double *vp = <const double *>_data(var, cnp.NPY_DOUBLE, C, False, "var")
+    if t == cnp.NPY_FLOAT:
+        _update_running(<float *>rm, <float *>rv, mp, vp, momentum, n, C)
+    else:
+        _update_running(<double *>rm, <double *>rv, mp, vp, momentum, n, C)
+
+
+cdef void _update_running(floating *rm, floating *rv, const double *mean, const double *var, double momentum,
+                          Py_ssize_t n, Py_ssize_t C) noexcept:
     cdef Py_ssize_t c
     cdef double unbias = <double>n / <double>(n - 1)
-    for c in range(running_mean.shape[0]):
-        running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
-        running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * unbias * var[c])
+    for c in range(C):
+        rm[c] = <floating>((1.0 - momentum) * rm[c] + momentum * mean[c])
+        rv[c] = <floating>((1.0 - momentum) * rv[c] + momentum * unbias * var[c])
 
 
 # ---------------------------------------------------------------- forward with given statistics
-def eval_stats(const floating[::1] running_mean,    # IN  (C,)
-               const floating[::1] running_var,     # IN  (C,)
-               double eps,
-               double[::1] mean,                    # OUT (C,) running_mean in float64
-               double[::1] invstd):                 # OUT (C,) 1 / sqrt(running_var + eps)
-    """The statistics an evaluation-mode forward normalizes with (one call, not four ufuncs)."""
+def eval_stats(running_mean, running_var, double eps, mean, invstd):
+    """The statistics an evaluation-mode forward normalizes with (one call, not four ufuncs):
+    mean = running_mean and invstd = 1 / sqrt(running_var + eps), (C,) float64 outputs, from
+    running buffers of one float dtype."""
+    if not cnp.PyArray_Check(running_mean):
+        raise TypeError(f"running_mean must be a numpy array, got {type(running_mean).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>running_mean)
+    cdef Py_ssize_t C = cnp.PyArray_SIZE(<cnp.ndarray>running_mean)
+    if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
+        raise TypeError(f"running_mean must be float32 or float64, got {running_mean.dtype}")
+    cdef void *rm = _data(running_mean, t, C, False, "running_mean")
+    cdef void *rv = _data(running_var, t, C, False, "running_var")
+    cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
+    cdef double *ip = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
+    if t == cnp.NPY_FLOAT:
+        _eval_stats(<const float *>rm, <const float *>rv, eps, mp, ip, C)
+    else:
+        _eval_stats(<const double *>rm, <const double *>rv, eps, mp, ip, C)
+
+
+cdef void _eval_stats(const floating *rm, const floating *rv, double eps, double *mean, double *invstd,
+                      Py_ssize_t C) noexcept:
     cdef Py_ssize_t c
-    for c in range(running_mean.shape[0]):
-        mean[c] = running_mean[c]
-        invstd[c] = 1.0 / sqrt(<double>running_var[c] + eps)
+    for c in range(C):
+        mean[c] = rm[c]
+        invstd[c] = 1.0 / sqrt(<double>rv[c] + eps)
 
 
-def forward_eval(const floating[:, :, ::1] x,       # IN  (N, C, S)
-                 floating[:, :, ::1] y,             # OUT (N, C, S); may be x itself
-                 const floating[::1] weight,        # IN  (C,)
-                 const floating[::1] bias,          # IN  (C,)
-                 const double[::1] mean,            # IN  (C,) running mean
-                 const double[::1] invstd,          # IN  (C,) 1 / sqrt(running_var + eps)
-                 int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
-    """y = (x - mean) * invstd * weight + bias: one read of x, one write of y."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S, W = C * S
+def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
+    """y = (x - mean) * invstd * weight + bias: one read of x, one write of y.
+
+    x: (N, C, S) float32 or float64; y: its output (may be x itself); weight, bias: (C,) of x's
+    dtype; mean (the running mean), invstd (1 / sqrt(running_var + eps)): (C,) float64."""
+    cdef int t = _float_type(x)
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
+    cdef void *xp = _data(x, t, L, False, "x")
+    cdef void *yp = _data(y, t, L, True, "y")
+    cdef void *wp = _data(weight, t, C, False, "weight")
+    cdef void *bp = _data(bias, t, C, False, "bias")
+    cdef const double *mp = <const double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
+    cdef const double *ip = <const double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
+    if t == cnp.NPY_FLOAT:
+        _forward_eval(<float>0, xp, yp, wp, bp, mp, ip, N, C, S, n_threads, path, unit, stream)
+    else:
+        _forward_eval(<double>0, xp, yp, wp, bp, mp, ip, N, C, S, n_threads, path, unit, stream)
+
+
+cdef int _forward_eval(floating tag, void *xv, void *yv, void *wv, void *bv, const double *mp, const double *ip,
+                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads, int path, Py_ssize_t unit,
+                       int stream) except -1:
+    cdef Py_ssize_t L = N * C * S, W = C * S
+    cdef int tn = cnp.NPY_FLOAT if floating is float else cnp.NPY_DOUBLE
     cdef int T = _plan_threads(n_threads, L)
     cdef int nt = _plan_stream(2 * L * sizeof(floating), stream)
-    cdef floating[::1] coef = np.empty(4 * C, dtype=np.float32 if floating is float else np.float64)
-    cdef floating[::1] wide
-    cdef const floating *xp = &x[0, 0, 0]
-    cdef floating *yp = &y[0, 0, 0]
-    cdef floating *cf = &coef[0]
+    cdef const floating *xp = <const floating *>xv
+    cdef floating *yp = <floating *>yv
+    cdef object coef = _new(4 * C, tn, False), wide
+    cdef floating *cf = <floating *>_ptr(coef)
+    cdef floating *cw
     cdef Py_ssize_t K, k, c, R, nb, j
     with nogil:
         for c in range(C):
-            _affine_coefs(c, C, mean[c], invstd[c], &weight[0], &bias[0], cf)
+            _affine_coefs(c, C, mp[c], ip[c], <const floating *>wv, <const floating *>bv, cf)
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
         with nogil:
             for k in prange(K, num_threads=T, schedule="static"):
                 _affine(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
-        return
+        return 0
     R = _plan_rows(W, unit)
     nb = (N + R - 1) // R
-    wide = np.empty(4 * W, dtype=np.float32 if floating is float else np.float64)
+    wide = _new(4 * W, tn, False)
+    cw = <floating *>_ptr(wide)
     with nogil:
         for c in range(C):
-            _expand(cf, C, S, 4, c, &wide[0])
+            _expand(cf, C, S, 4, c, cw)
         for j in prange(nb, num_threads=min(<Py_ssize_t>T, nb), schedule="static"):
-            _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, &wide[0], nt)
+            _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, cw, nt)
+    return 0
 
 
 # ---------------------------------------------------------------- backward
-def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
-             const floating[:, :, ::1] x,          # IN  (N, C, S) forward input
-             floating[:, :, ::1] dx,               # OUT (N, C, S) grad_input
-             const floating[::1] weight,           # IN  (C,)
-             const double[::1] mean,               # IN  (C,) mean used in the forward
-             const double[::1] invstd,             # IN  (C,) invstd used in the forward
-             bint training,                        # batch statistics (True) or fixed ones
-             double[::1] grad_weight,              # OUT (C,)
-             double[::1] grad_bias,                # OUT (C,)
+def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_bias,
              int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
-    """grad_input, grad_weight, grad_bias from the saved mean/invstd (no recomputation)."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S, W = C * S
+    """grad_input, grad_weight, grad_bias from the saved mean/invstd (no recomputation).
+
+    dy (grad_output), x (the forward's input): (N, C, S) float32 or float64; dx: grad_input, an
+    output of the same size and dtype; weight: (C,) of x's dtype; mean, invstd: (C,) float64, the
+    statistics the forward used; training: they were the batch's (True) or fixed (False);
+    grad_weight, grad_bias: (C,) float64 outputs."""
+    cdef int t = _float_type(x)
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
+    cdef void *gp = _data(dy, t, L, False, "dy")
+    cdef void *xp = _data(x, t, L, False, "x")
+    cdef void *dp = _data(dx, t, L, True, "dx")
+    cdef void *wp = _data(weight, t, C, False, "weight")
+    cdef const double *mp = <const double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
+    cdef const double *ip = <const double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
+    cdef double *gwp = <double *>_data(grad_weight, cnp.NPY_DOUBLE, C, True, "grad_weight")
+    cdef double *gbp = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
+    if t == cnp.NPY_FLOAT:
+        _backward(<float>0, gp, xp, dp, wp, mp, ip, training, gwp, gbp, N, C, S, n_threads, path, unit, stream)
+    else:
+        _backward(<double>0, gp, xp, dp, wp, mp, ip, training, gwp, gbp, N, C, S, n_threads, path, unit, stream)
+
+
+cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const double *mp, const double *ip,
+                   bint training, double *gwp, double *gbp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                   int n_threads, int path, Py_ssize_t unit, int stream) except -1:
+    cdef Py_ssize_t L = N * C * S, W = C * S
+    cdef int tn = cnp.NPY_FLOAT if floating is float else cnp.NPY_DOUBLE
     cdef int T = _plan_threads(n_threads, L)
     cdef int nt = _plan_stream(3 * L * sizeof(floating), stream)
-    cdef floating[::1] coef = np.empty(5 * C, dtype=np.float32 if floating is float else np.float64)
-    cdef floating[::1] wide
-    cdef double[::1] wide_mean
-    cdef const floating *gp = &dy[0, 0, 0]
-    cdef const floating *xp = &x[0, 0, 0]
-    cdef floating *dp = &dx[0, 0, 0]
-    cdef floating *cf = &coef[0]
+    cdef const floating *gp = <const floating *>gv
+    cdef const floating *xp = <const floating *>xv
+    cdef floating *dp = <floating *>dv
+    cdef const floating *wp = <const floating *>wv
+    cdef object coef = _new(5 * C, tn, False), part, wide, wide_mean
+    cdef floating *cf = <floating *>_ptr(coef)
     cdef floating *cw
-    cdef const floating *wp = &weight[0]
-    cdef const double *mp = &mean[0]
-    cdef const double *ip = &invstd[0]
-    cdef double *gwp = &grad_weight[0]
-    cdef double *gbp = &grad_bias[0]
+    cdef double *wm
     cdef double count = <double>(N * S)
-    cdef double[:, ::1] part
     cdef double *pp
     cdef Py_ssize_t K, k, c, R, nb, j
 
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
-        part = np.zeros((K, 2 * C))  # per range: (sum dy, sum dy*(x-mean)) per channel
-        pp = &part[0, 0]
+        part = _new(K * 2 * C, cnp.NPY_DOUBLE, True)  # per range: (sum dy, sum dy*(x-mean)) per channel
+        pp = <double *>_ptr(part)
         with nogil, parallel(num_threads=T):
             for k in prange(K, schedule="static"):
                 _grad_sums(gp, xp, C, S, _split(L, K, k), _split(L, K, k + 1), mp, pp + k * 2 * C)
@@ -499,21 +615,25 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
                 _merge_range_grad(c, C, K, pp, count, training, wp, mp, ip, gwp, gbp, cf)
             for k in prange(K, schedule="static"):  # the same thread per k as above; backwards
                 _grad_input_backwards(gp, xp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
-        return
+        return 0
 
     # COLUMNS
     R = _plan_rows(W, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
-    part = np.zeros((T, 2 * W))  # per share: [sum dy (W) | sum dy*(x-mean) (W)]
-    pp = &part[0, 0]
-    wide = np.empty(5 * W, dtype=np.float32 if floating is float else np.float64)
-    cw = &wide[0]
-    wide_mean = np.repeat(np.asarray(mean), S)
+    part = _new(T * 2 * W, cnp.NPY_DOUBLE, True)  # per share: [sum dy (W) | sum dy*(x-mean) (W)]
+    pp = <double *>_ptr(part)
+    wide = _new(5 * W, tn, False)
+    cw = <floating *>_ptr(wide)
+    wide_mean = _new(W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
+    wm = <double *>_ptr(wide_mean)
+    with nogil:
+        for j in range(W):
+            wm[j] = mp[j // S]
     with nogil, parallel(num_threads=T):
         for k in prange(T, schedule="static"):  # share k of the blocks, front to back
             for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
-                _col_grad_sums(gp + j * R * W, xp + j * R * W, min(R, N - j * R), W, &wide_mean[0], pp + k * 2 * W)
+                _col_grad_sums(gp + j * R * W, xp + j * R * W, min(R, N - j * R), W, wm, pp + k * 2 * W)
         for c in prange(C, schedule="static"):
             _merge_column_grad(c, C, S, T, pp, count, training, wp, mp, ip, gwp, gbp, cf, cw)
         for k in prange(T, schedule="static"):  # the same shares on the same threads, back to front
@@ -521,6 +641,7 @@ def backward(const floating[:, :, ::1] dy,         # IN  (N, C, S) grad_output
             while j > _share(nb, T, k):
                 j = j - 1
                 _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
+    return 0
 
 
 # ---------------------------------------------------------------- the benchmark's floor

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _kernels
 from conftest import random_input, random_params, ref_backward
 
 SHAPE = (4, 3, 5)
@@ -280,3 +281,56 @@ def test_messages_name_the_value(rng):
     with pytest.raises(TypeError) as info:
         fastbn.batch_norm(x.astype(np.float16), None, None, training=True)
     assert re.search(r"float16", str(info.value)) and "float32" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------- the kernels' own checks
+def _kernel_args(rng):
+    x = random_input(rng, (4, 3, 5), np.float32)
+    c32 = np.ones(3, np.float32)
+    c64 = lambda: np.ones(3)  # noqa: E731 (fresh float64 vectors)
+    return dict(
+        forward_train=(x, np.empty_like(x), c32, c32, 1e-5, c64(), c64(), c64(), 1),
+        forward_eval=(x, np.empty_like(x), c32, c32, c64(), c64(), 1),
+        backward=(x, x, np.empty_like(x), c32, c64(), c64(), True, c64(), c64(), 1),
+        eval_stats=(c32, c32, 1e-5, c64(), c64()),
+        update_running=(c32.copy(), c32.copy(), c64(), c64(), 0.1, 20),
+    )
+
+
+def _spoil(a, how):
+    if how == "dtype":
+        return a.astype(np.float64 if a.dtype == np.float32 else np.float32)
+    if how == "length":
+        return np.concatenate([a.ravel(), a.ravel()[:1]])
+    if how == "strided":
+        return np.repeat(a, 2, axis=-1)[..., ::2]
+    if how == "byte-order":
+        return a.astype(a.dtype.newbyteorder())
+    if how == "read-only":
+        a = a.copy()
+        a.flags.writeable = False
+        return a
+    return a.tolist()  # "list"
+
+
+@pytest.mark.parametrize("how", ["dtype", "length", "strided", "byte-order", "read-only", "list"])
+@pytest.mark.parametrize("name", ["forward_train", "forward_eval", "backward", "eval_stats", "update_running"])
+def test_kernel_entry_points_refuse_bad_buffers(rng, name, how):
+    """fastbn.functional validates everything, but the kernels still check, cheaply, each array they
+    take a pointer to (so a wrong call from inside fastbn is an exception, never a stray write or
+    read); a read-only array is only refused where the kernel writes."""
+    fn = getattr(_kernels, name)
+    args = _kernel_args(rng)[name]
+    fn(*args)  # the good call works
+    for i, a in enumerate(args):
+        if not isinstance(a, np.ndarray) or (how == "read-only" and not _written(name, i)):
+            continue
+        bad = list(_kernel_args(rng)[name])
+        bad[i] = _spoil(a, how)
+        with pytest.raises((TypeError, ValueError), match=r"numpy array|float32 or float64|must be an aligned"):
+            fn(*bad)
+
+
+def _written(name, i):
+    return i in {"forward_train": (1, 5, 6, 7), "forward_eval": (1,), "backward": (2, 7, 8),
+                 "eval_stats": (3, 4), "update_running": (0, 1)}[name]
