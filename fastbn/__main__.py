@@ -39,11 +39,14 @@ def self_check(out=None):
     """Run every kernel on every work-splitting path against the float64 reference; True if all pass."""
     out = out or sys.stdout
     rng = np.random.default_rng(0)
-    # (shape, work-splitting path, streaming stores); unit=97: 97-element ranges, 97-row column blocks
-    cases = [((6, 4, 5, 7), "auto", 0), ((6, 4, 5, 7), "ranges", 1), ((6, 3, 33, 17), "ranges", 1),
-             ((257, 19), "columns", 1), ((300, 5), "columns", 0), ((3, 1, 1000), "ranges", 0), ((300, 2, 3), "columns", 1)]
+    # (shape, work-splitting path, streaming stores, unit); unit=97: 97-element ranges, 97-row
+    # column blocks; unit=0, the kernels' own split: ranges long enough for the second pass to walk
+    # back over several 512 KiB pieces
+    cases = [((6, 4, 5, 7), "auto", 0, 97), ((6, 4, 5, 7), "ranges", 1, 97), ((6, 3, 33, 17), "ranges", 1, 97),
+             ((257, 19), "columns", 1, 97), ((300, 5), "columns", 0, 97), ((3, 1, 1000), "ranges", 0, 97),
+             ((300, 2, 3), "columns", 1, 97), ((4, 5, 13331), "ranges", 0, 0)]
     ok = True
-    for shape, path, stream in cases:
+    for shape, path, stream, unit in cases:
         for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
             x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
             C = shape[1]
@@ -51,7 +54,7 @@ def self_check(out=None):
             dy = rng.standard_normal(shape).astype(dtype)
             rm, rv = rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
             saved = dict(_cpu.tuning)
-            _cpu.tuning.update(path=path, unit=97, stream=stream)
+            _cpu.tuning.update(path=path, unit=unit, stream=stream)
             try:
                 rm1, rv1 = rm.copy(), rv.copy()
                 y, mean, invstd = fastbn.batch_norm_forward(x, rm1, rv1, w, b, training=True, momentum=0.25)
