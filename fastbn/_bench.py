@@ -55,6 +55,10 @@ TARGETS = {
     "backward": {"copy": 2.4, "torch": 1.7},
 }
 TINY_TARGETS = {"train": {"torch": 1.0}, "eval": {"torch": 1.0}}
+# Thread scaling: the training forward of SCALING_CASE through the layer, 2 threads at least this
+# many times faster than 1 (measured with --full).
+SCALING_CASE = ((64, 64, 56, 56), "float32")
+SCALING_TARGET = 1.5
 
 
 def is_tiny(shape):
@@ -260,7 +264,7 @@ def _torch(op, p):
     return Bench(lambda: torch.autograd.grad(y, params, tdy, retain_graph=True))
 
 
-def _floor(op, p):
+def _floor(op, p, n=None):
     """The least memory traffic of the operation's passes (fastbn._kernels.traffic: no arithmetic
     to speak of) on fastbn's threads, allocating its output as fastbn's call does and writing it
     with streaming stores where fastbn's kernels would (they measured faster there): about as fast
@@ -270,7 +274,7 @@ def _floor(op, p):
     so it passes over x twice (read; read and write y); a backward passes over dy and x twice
     (read both; read both, write dx).  The second pass walks back, as fastbn's kernels do, so that
     it starts with what the cache still holds from the first."""
-    n = fastbn.get_num_threads()
+    n = n or fastbn.get_num_threads()
     x = p.x.reshape(-1)
     if op == "eval_out":
         out = np.empty_like(x)
@@ -437,6 +441,46 @@ def evaluate_targets(row):
     return results
 
 
+def measure_scaling(p, threads, repeat):
+    """Thread scaling of the training forward: fastbn's layer and the floor on 1 and ``threads``
+    threads, sampled in the same interleaved rounds.  A dict like a row: times, speedups, targets
+    (the target applies to 2 threads)."""
+    def on(n, bench):
+        def run():
+            fastbn.set_num_threads(n)
+            return bench.run()
+        return Bench(run)
+
+    benches = {}
+    for n in (1, threads):
+        benches[f"fastbn_{n}"] = on(n, make_bench("train", "fastbn", p))
+        benches[f"floor_{n}"] = on(n, _floor("train", p, n))
+    try:
+        timings = time_calls(benches, {key: repeat for key in benches})
+    finally:
+        fastbn.set_num_threads(threads)
+    row = {"shape": list(p.shape), "dtype": p.dtype.name, "op": "train", "operation": OPS["train"].title,
+           "threads": threads, "error": None}
+    for key, t in timings.items():
+        row[f"{key}_min_s"] = t.min
+    row["speedup"] = row["fastbn_1_min_s"] / row[f"fastbn_{threads}_min_s"]
+    row["floor_speedup"] = row["floor_1_min_s"] / row[f"floor_{threads}_min_s"]
+    row["targets"] = []
+    if threads == 2:
+        row["targets"].append({"name": f"2 threads >= {SCALING_TARGET:g}x 1 thread", "limit": SCALING_TARGET,
+                               "value": row["speedup"], "met": row["speedup"] >= SCALING_TARGET,
+                               "floor": row["floor_speedup"], "reachable": row["floor_speedup"] >= SCALING_TARGET})
+    return row
+
+
+def _fmt_scaling(row):
+    n = row["threads"]
+    return (f"thread scaling, {row['operation']} {tuple(row['shape'])} {row['dtype']}: {n} threads "
+            f"{row['speedup']:.2f}x faster than 1 ({_fmt_time(row['fastbn_1_min_s'])} -> "
+            f"{_fmt_time(row[f'fastbn_{n}_min_s'])}), the floor {row['floor_speedup']:.2f}x: "
+            + (_fmt_targets(row) if row["targets"] else "no target (it is for 2 threads)"))
+
+
 # ---------------------------------------------------------------- report
 def busy_cpu_seconds():
     """CPU seconds the whole machine has spent busy since boot (from /proc/stat), or None off Linux."""
@@ -524,7 +568,8 @@ floor     the least memory traffic of the operation (its passes over the arrays,
 vs numpy  naive NumPy time / fastbn time (higher is better); vs torch: the same for torch.nn.BatchNorm*d
 targets   train: x copy <= 1.6, >= 3x torch, >= 5x numpy; eval: x copy <= 1.15, >= 2x torch;
           eval out=: <= 1.1x np.copyto; backward: x copy <= 2.4, >= 1.7x torch;
-          tiny {TINY}: fastbn per call <= torch per call (train and eval forward)"""
+          tiny {TINY}: fastbn per call <= torch per call (train and eval forward);
+          --full: 2 threads >= {SCALING_TARGET:g}x faster than 1 on the train forward of {SCALING_CASE[0]}"""
 
 
 def targets_met(rows):
@@ -533,7 +578,7 @@ def targets_met(rows):
     return sum(t["met"] and not r["error"] for t, r in checked), len(checked)
 
 
-def print_report(rows, info, out=sys.stdout):
+def print_report(rows, info, out=sys.stdout, scaling=None):
     torch_v = info["torch"] or "not installed"
     others = info["other_processes_busy_cores"]
     print(f"fastbn {info['fastbn']} | numpy {info['numpy']} | torch {torch_v} | {info['cpu']}, "
@@ -567,6 +612,9 @@ def print_report(rows, info, out=sys.stdout):
     for r in rows:
         if r["error"]:
             print(f"WRONG RESULT: {r['operation']} {tuple(r['shape'])} {r['dtype']}: {r['error']}", file=out)
+    if scaling is not None:
+        print(_fmt_scaling(scaling), file=out)
+        rows = rows + [scaling]
     met, checked = targets_met(rows)
     unreachable = sum(not t["met"] and not t["reachable"] for r in rows for t in r["targets"])
     print(f"targets met: {met}/{checked}" + (f"; {unreachable} of the misses out of reach (the floor misses them too)"
@@ -676,13 +724,19 @@ def run(args):
                 problem = Problem(shape, dtype, rng)
             print(f"[{i}/{len(jobs)}] {OPS[op].title} {shape} {dtype}", file=sys.stderr, flush=True)
             rows.append(measure(op, problem, repeat))
+        scaling = None
+        if args.full and fastbn.get_num_threads() > 1:
+            problem = None
+            print(f"[thread scaling] {OPS['train'].title} {SCALING_CASE[0]} {SCALING_CASE[1]}, 1 and "
+                  f"{fastbn.get_num_threads()} threads", file=sys.stderr, flush=True)
+            scaling = measure_scaling(Problem(*SCALING_CASE, rng), fastbn.get_num_threads(), repeat)
     info["other_processes_busy_cores"] = contention.cores
-    print_report(rows, info)
+    print_report(rows, info, scaling=scaling)
     if args.json:
         with open(args.json, "w") as f:
-            met, checked = targets_met(rows)
+            met, checked = targets_met(rows + ([scaling] if scaling else []))
             json.dump({"machine": info, "repeat": repeat, "targets_met": met, "targets_checked": checked,
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "scaling": scaling}, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
         plot(rows, info, args.plot)

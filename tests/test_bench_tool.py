@@ -3,6 +3,7 @@ timing, and how targets are judged.  No timing is asserted here: these check the
 import numpy as np
 import pytest
 
+import fastbn
 from fastbn import _bench, _kernels
 
 
@@ -107,3 +108,31 @@ def test_measure_gives_a_checked_row_with_the_floor(rng):
     assert row["floor_min_s"] > 0 and row["floor_x_copy"] == row["floor_min_s"] / row["copy_min_s"]
     assert row["fastbn_samples"] == 2 and row["numpy_samples"] == 1
     assert {t["name"] for t in row["targets"]} >= {"x copy <= 1.6", "vs numpy >= 5x"}
+
+
+# ---------------------------------------------------------------- thread scaling
+@pytest.mark.parametrize("threads", [2, 3])
+def test_measure_scaling_times_one_and_n_threads_of_fastbn_and_the_floor(rng, threads):
+    p = _bench.Problem((8, 4, 32, 32), "float32", rng)
+    before = fastbn.get_num_threads()
+    row = _bench.measure_scaling(p, threads, repeat=2)
+    assert fastbn.get_num_threads() == threads  # left on the report's thread count
+    fastbn.set_num_threads(before)
+    for key in ("fastbn_1", f"fastbn_{threads}", "floor_1", f"floor_{threads}"):
+        assert row[f"{key}_min_s"] > 0
+    assert row["speedup"] == pytest.approx(row["fastbn_1_min_s"] / row[f"fastbn_{threads}_min_s"])
+    assert row["floor_speedup"] == pytest.approx(row["floor_1_min_s"] / row[f"floor_{threads}_min_s"])
+    # the target is defined for 2 threads against 1
+    assert [t["name"] for t in row["targets"]] == (["2 threads >= 1.5x 1 thread"] if threads == 2 else [])
+    assert _bench._fmt_scaling(row).startswith(f"thread scaling, train forward (8, 4, 32, 32) float32: {threads} threads")
+
+
+def test_a_scaling_miss_the_floor_shares_is_out_of_reach_and_counted(rng):
+    row = {"shape": [64, 64, 56, 56], "dtype": "float32", "op": "train", "operation": "train forward",
+           "threads": 2, "error": None, "fastbn_1_min_s": 8.6e-3, "fastbn_2_min_s": 6.0e-3,
+           "floor_1_min_s": 6.5e-3, "floor_2_min_s": 5.0e-3}
+    row["speedup"], row["floor_speedup"] = 8.6 / 6.0, 6.5 / 5.0
+    row["targets"] = [{"name": "2 threads >= 1.5x 1 thread", "limit": 1.5, "value": row["speedup"], "met": False,
+                       "floor": row["floor_speedup"], "reachable": False}]
+    assert _bench._fmt_scaling(row).endswith("the floor 1.30x: MISS 2 threads >= 1.5x 1 thread (1.43; floor 1.3: out of reach)")
+    assert _bench.targets_met([row]) == (0, 1)
