@@ -340,13 +340,14 @@ cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, co
 # memoryviews check the same but cost about 1 us per call for six arguments, which showed in the
 # per-call time of small inputs; fastbn.functional has validated everything else.
 
-cdef int _float_type(object x) except -1:
-    """NPY_FLOAT or NPY_DOUBLE: the element type of the (N, C, S) input x."""
-    if not cnp.PyArray_Check(x) or cnp.PyArray_NDIM(<cnp.ndarray>x) != 3:
-        raise TypeError(f"expected a 3-D numpy array (N, C, S), got {type(x).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+cdef int _float_type(object a, int ndim, str name) except -1:
+    """NPY_FLOAT or NPY_DOUBLE: the element type of ``a``, which must be a float32 or float64
+    numpy array of ``ndim`` dimensions (the (N, C, S) input, or a (C,) running buffer)."""
+    if not cnp.PyArray_Check(a) or cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim:
+        raise TypeError(f"{name} must be a {ndim}-D numpy array, got {type(a).__name__} of shape {getattr(a, 'shape', None)}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
     if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
-        raise TypeError(f"expected float32 or float64 data, got {x.dtype}")
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
     return t
 
 
@@ -382,7 +383,7 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
 
     x: (N, C, S) float32 or float64; y: its output, the same size and dtype (may be x itself);
     weight, bias: (C,) of x's dtype; mean, var (biased), invstd: (C,) float64 outputs."""
-    cdef int t = _float_type(x)
+    cdef int t = _float_type(x, 3, "x")
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
     cdef void *xp = _data(x, t, L, False, "x")
     cdef void *yp = _data(y, t, L, True, "y")
@@ -453,12 +454,8 @@ def update_running(running_mean, running_var, mean, var, double momentum, Py_ssi
     """running = (1 - momentum) * running + momentum * batch, unbiased variance n / (n - 1).
 
     running_mean, running_var: (C,) float32 or float64, updated in place; mean, var: (C,) float64."""
-    if not cnp.PyArray_Check(running_mean):
-        raise TypeError(f"running_mean must be a numpy array, got {type(running_mean).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>running_mean)
-    cdef Py_ssize_t C = cnp.PyArray_SIZE(<cnp.ndarray>running_mean)
-    if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
-        raise TypeError(f"running_mean must be float32 or float64, got {running_mean.dtype}")
+    cdef int t = _float_type(running_mean, 1, "running_mean")
+    cdef Py_ssize_t C = running_mean.shape[0]
     cdef void *rm = _data(running_mean, t, C, True, "running_mean")
     cdef void *rv = _data(running_var, t, C, True, "running_var")
     cdef const double *mp = <const double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
@@ -483,12 +480,8 @@ def eval_stats(running_mean, running_var, double eps, mean, invstd):
     """The statistics an evaluation-mode forward normalizes with (one call, not four ufuncs):
     mean = running_mean and invstd = 1 / sqrt(running_var + eps), (C,) float64 outputs, from
     running buffers of one float dtype."""
-    if not cnp.PyArray_Check(running_mean):
-        raise TypeError(f"running_mean must be a numpy array, got {type(running_mean).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>running_mean)
-    cdef Py_ssize_t C = cnp.PyArray_SIZE(<cnp.ndarray>running_mean)
-    if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
-        raise TypeError(f"running_mean must be float32 or float64, got {running_mean.dtype}")
+    cdef int t = _float_type(running_mean, 1, "running_mean")
+    cdef Py_ssize_t C = running_mean.shape[0]
     cdef void *rm = _data(running_mean, t, C, False, "running_mean")
     cdef void *rv = _data(running_var, t, C, False, "running_var")
     cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
@@ -512,7 +505,7 @@ def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO,
 
     x: (N, C, S) float32 or float64; y: its output (may be x itself); weight, bias: (C,) of x's
     dtype; mean (the running mean), invstd (1 / sqrt(running_var + eps)): (C,) float64."""
-    cdef int t = _float_type(x)
+    cdef int t = _float_type(x, 3, "x")
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
     cdef void *xp = _data(x, t, L, False, "x")
     cdef void *yp = _data(y, t, L, True, "y")
@@ -569,7 +562,7 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     output of the same size and dtype; weight: (C,) of x's dtype; mean, invstd: (C,) float64, the
     statistics the forward used; training: they were the batch's (True) or fixed (False);
     grad_weight, grad_bias: (C,) float64 outputs."""
-    cdef int t = _float_type(x)
+    cdef int t = _float_type(x, 3, "x")
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
     cdef void *gp = _data(dy, t, L, False, "dy")
     cdef void *xp = _data(x, t, L, False, "x")
