@@ -6,12 +6,13 @@ batch norm is memory-bound, so what matters is how threads walk memory.  Two way
 RANGES   the buffer is cut into equal consecutive ranges in memory order, one per thread; each
          thread streams through its range front to back, accumulating per-channel partial sums
          (row r of S elements is channel r % C), the partials are merged in a fixed order, and
-         the apply pass walks the same ranges.  Streaming in memory order is what the hardware
-         prefetchers and the page-fault path of a fresh output like best; any shape splits evenly
-         whatever C is (C=1 and C=3 included).
+         the apply pass walks the same ranges, back to front in pieces of PIECE_BYTES so that it
+         starts with what the cache still holds.  Any shape splits evenly whatever C is (C=1 and
+         C=3 included).
 COLUMNS  spatial size below SMALL_S, e.g. an (N, C) matrix: the buffer is an (N, C*S) matrix and
          threads take blocks of rows, reducing down the columns with vector loads across them
-         (per-thread accumulators merged afterwards; the S columns of a channel merged last).
+         (per-thread accumulators merged afterwards; the S columns of a channel merged last); the
+         apply pass takes each thread's blocks in reverse order.
 
 ``unit`` (0: choose) forces the range size in elements (RANGES) or the rows per block (COLUMNS);
 tests set it small so small inputs run many ranges and blocks.  ``stream`` (-1: choose by output
