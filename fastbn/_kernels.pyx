@@ -108,8 +108,8 @@ cdef Py_ssize_t _plan_ranges(Py_ssize_t L, int T, Py_ssize_t unit) noexcept nogi
 
 
 cdef Py_ssize_t _plan_rows(Py_ssize_t W, Py_ssize_t unit) noexcept nogil:
-    """Rows per COLUMNS block."""
-    return unit if unit > 0 else max(<Py_ssize_t>1, COLUMN_BLOCK // W)
+    """Rows per COLUMNS block (W = 0, no channels: any)."""
+    return unit if unit > 0 else max(<Py_ssize_t>1, COLUMN_BLOCK // max(W, <Py_ssize_t>1))
 
 
 cdef inline Py_ssize_t _share(Py_ssize_t n, Py_ssize_t K, Py_ssize_t k) noexcept nogil:

@@ -174,7 +174,7 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     y3, copy_back = _prepare_out(be, out, input, x3)
 
     if training:
-        if N * S == 0:  # PyTorch: empty output, running buffers untouched
+        if x3.size == 0:  # PyTorch: empty output, running buffers untouched (also with C = 0)
             mean, invstd = be.xp.zeros(C), be.xp.zeros(C)
         else:
             mean, var, invstd = be.forward_train(x3, y3, w, b, eps)

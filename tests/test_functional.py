@@ -422,3 +422,19 @@ def test_empty_batch(rng, shape):
     assert dx.shape == shape
     np.testing.assert_array_equal(gw, 0)
     np.testing.assert_array_equal(gb, 0)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (3, 0, 5), (0, 0), (2, 0, 4, 4)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_channels(shape, dtype):
+    """C = 0, as PyTorch's functional batch_norm allows: empty results, in every mode (this used to
+    divide by zero in the kernels' planning: a crash, not an exception)."""
+    x = np.ones(shape, dtype)
+    rm, rv = np.zeros(0, dtype), np.ones(0, dtype)
+    for training in (True, False):
+        y, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, training=training)
+        assert y.shape == shape and mean.shape == (0,) and invstd.shape == (0,)
+        dx, gw, gb = fastbn.batch_norm_backward(x, x, None, mean, invstd, training=training)
+        assert dx.shape == shape and gw.shape == (0,) and gb.shape == (0,)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fastbn.batch_norm(np.ones((1, 0), dtype), None, None, training=True)
