@@ -39,6 +39,7 @@
 #endif
 
 #define FBN_BLOCK 2048
+#define FBN_SHORT 128  /* rows shorter than this reduce with 8 lanes (see _simd_impl.h) */
 
 /* Merge a block's (count nb, mean mb, M2 m2b) into the accumulator (*n, *m, *m2). */
 static inline void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)

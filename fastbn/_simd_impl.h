@@ -17,6 +17,76 @@
          off += ln, r_++)
 #endif
 
+/* The reductions over one row.  Rows shorter than FBN_SHORT elements (7x7 and 10x10 feature maps)
+ * reduce with 8 lanes (`narrow`, a constant where these are inlined) instead of the 16 GCC picks:
+ * GCC ends an `omp simd reduction` by adding its lanes one at a time, which took half the time of
+ * a 49-element row (perf); on (32, 512, 7, 7) float32 the training forward got 16% and the backward
+ * 12% faster.  Long rows keep 16 lanes: with 8, cache-resident ones ran 8-13% slower. */
+
+/* sum(p[0:n]) in double. */
+FBN_INLINE double FBN_NAME(fbn_sum)(const T *p, ptrdiff_t n, const int narrow)
+{
+    double t = 0.0;
+    if (narrow) {
+#pragma omp simd simdlen(8) reduction(+:t)
+        for (ptrdiff_t i = 0; i < n; i++)
+            t += (double)p[i];
+    } else {
+#pragma omp simd reduction(+:t)
+        for (ptrdiff_t i = 0; i < n; i++)
+            t += (double)p[i];
+    }
+    return t;
+}
+
+/* *s = sum(p - k) and *q = sum((p - k)^2) over p[0:n], in double. */
+FBN_INLINE void FBN_NAME(fbn_shifted_sums)(const T *p, ptrdiff_t n, double k, double *s_out, double *q_out,
+                                           const int narrow)
+{
+    double s = 0.0, q = 0.0;
+    if (narrow) {
+#pragma omp simd simdlen(8) reduction(+:s, q)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            double d = (double)p[i] - k;
+            s += d;
+            q += d * d;
+        }
+    } else {
+#pragma omp simd reduction(+:s, q)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            double d = (double)p[i] - k;
+            s += d;
+            q += d * d;
+        }
+    }
+    *s_out = s;
+    *q_out = q;
+}
+
+/* *a = sum(g) and *b = sum(g * (p - m)) over n elements, in double. */
+FBN_INLINE void FBN_NAME(fbn_grad_run)(const T *g, const T *p, ptrdiff_t n, double m, double *a_out,
+                                       double *b_out, const int narrow)
+{
+    double a = 0.0, b = 0.0;
+    if (narrow) {
+#pragma omp simd simdlen(8) reduction(+:a, b)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            double gi = (double)g[i];
+            a += gi;
+            b += gi * ((double)p[i] - m);
+        }
+    } else {
+#pragma omp simd reduction(+:a, b)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            double gi = (double)g[i];
+            a += gi;
+            b += gi * ((double)p[i] - m);
+        }
+    }
+    *a_out = a;
+    *b_out = b;
+}
+
 /* Merge the moments of p[0:len] into one channel's (count, mean, M2) accumulator.  Shifted sums
  * s = sum(x - k) and q = sum((x - k)^2) in double give the mean k + s/len and M2 q - s^2/len with
  * no cancellation while k is close to the mean: k is the exact mean of the channel's first
@@ -31,18 +101,12 @@ FBN_INLINE void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *a
         if (FBN_TWO_PASS || acc[0] == 0.0) {
             if (bl > FBN_BLOCK)
                 bl = FBN_BLOCK;
-            double t = 0.0;
-#pragma omp simd reduction(+:t)
-            for (ptrdiff_t i = 0; i < bl; i++)
-                t += (double)p[j + i];
-            k = t / (double)bl;
+            k = (bl < FBN_SHORT ? FBN_NAME(fbn_sum)(p + j, bl, 1) : FBN_NAME(fbn_sum)(p + j, bl, 0)) / (double)bl;
         }
-#pragma omp simd reduction(+:s, q)
-        for (ptrdiff_t i = 0; i < bl; i++) {
-            double d = (double)p[j + i] - k;
-            s += d;
-            q += d * d;
-        }
+        if (bl < FBN_SHORT)
+            FBN_NAME(fbn_shifted_sums)(p + j, bl, k, &s, &q, 1);
+        else
+            FBN_NAME(fbn_shifted_sums)(p + j, bl, k, &s, &q, 0);
         fbn_chan_merge(&acc[0], &acc[1], &acc[2], (double)bl, k + s / (double)bl, q - s * (s / (double)bl));
         j += bl;
     }
@@ -92,15 +156,11 @@ FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_
                                                ptrdiff_t f0, ptrdiff_t f1, const double *mean, double *acc)
 {
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
-        const T *g = dy + off, *p = x + off;
-        const double m = mean[c];
-        double a = 0.0, b = 0.0;
-#pragma omp simd reduction(+:a, b)
-        for (ptrdiff_t i = 0; i < ln; i++) {
-            double gi = (double)g[i];
-            a += gi;
-            b += gi * ((double)p[i] - m);
-        }
+        double a, b;
+        if (ln < FBN_SHORT)
+            FBN_NAME(fbn_grad_run)(dy + off, x + off, ln, mean[c], &a, &b, 1);
+        else
+            FBN_NAME(fbn_grad_run)(dy + off, x + off, ln, mean[c], &a, &b, 0);
         acc[2 * c] += a;
         acc[2 * c + 1] += b;
     }
