@@ -32,9 +32,17 @@ def forward_train(x, y, weight, bias, eps):
     return mean, var, invstd
 
 
+def _kernel_ready(a, b):
+    """Running buffers the kernels can update in place: one float dtype in native byte order,
+    C-contiguous and aligned; anything else (views, mixed dtypes) goes through NumPy."""
+    fa, fb = a.flags, b.flags
+    return (a.dtype == b.dtype and a.dtype.isnative and fa.c_contiguous and fb.c_contiguous
+            and fa.aligned and fb.aligned)
+
+
 def update_running(running_mean, running_var, mean, var, momentum, n):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
-    if running_mean.dtype == running_var.dtype and running_mean.flags.c_contiguous and running_var.flags.c_contiguous:
+    if _kernel_ready(running_mean, running_var):
         _kernels.update_running(running_mean, running_var, mean, var, momentum, n)
     else:  # mixed dtypes or strided buffers: the same arithmetic, in float64, through NumPy
         running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
@@ -43,7 +51,7 @@ def update_running(running_mean, running_var, mean, var, momentum, n):
 
 def eval_stats(running_mean, running_var, eps):
     """(running_mean, 1 / sqrt(running_var + eps)) as float64 vectors, for forward_eval."""
-    if running_mean.dtype == running_var.dtype and running_mean.flags.c_contiguous and running_var.flags.c_contiguous:
+    if _kernel_ready(running_mean, running_var):
         C = running_mean.shape[0]
         mean, invstd = np.empty(C), np.empty(C)
         _kernels.eval_stats(running_mean, running_var, eps, mean, invstd)

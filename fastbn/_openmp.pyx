@@ -5,6 +5,8 @@ threadpoolctl's limits) so that every tool that steers OpenMP steers fastbn too.
 Without OpenMP in the build, everything runs on one thread.
 """
 
+import numbers
+
 cdef extern from *:
     """
     #if FASTBN_HAVE_OPENMP
@@ -39,17 +41,25 @@ def get_num_threads():
     return effective_threads()
 
 
-def set_num_threads(int n):
+# More threads than this is a typo, not a machine: the OpenMP runtime would try to start them all
+# and end the process when the system refuses (it cannot raise a Python exception).
+MAX_THREADS = 1024
+
+
+def set_num_threads(n):
     """Use ``n`` threads in fastbn's kernels (and in OpenMP code of this thread).
 
-    The default follows ``OMP_NUM_THREADS`` (else the core count); ``threadpoolctl``'s
-    ``threadpool_limits`` lowers it for the duration of its block.
+    ``n`` is an integer from 1 to ``MAX_THREADS`` (1024).  The default follows
+    ``OMP_NUM_THREADS`` (else the core count); ``threadpoolctl``'s ``threadpool_limits``
+    lowers it for the duration of its block.
     """
     global _requested
-    if n < 1:
-        raise ValueError(f"n_threads={n} is invalid: expected a positive number of threads")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"set_num_threads expects an integer number of threads, got {n!r}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"set_num_threads({n}) is invalid: expected a number of threads from 1 to {MAX_THREADS}")
     if not FASTBN_HAVE_OPENMP and n > 1:
         import warnings
         warnings.warn("fastbn was built without OpenMP: kernels run on one thread", RuntimeWarning, stacklevel=2)
-    _requested = n
-    omp_set_num_threads(n)
+    _requested = int(n)
+    omp_set_num_threads(_requested)

@@ -21,6 +21,9 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 def backend_of(a):
     """The backend module for an array: ``_cpu`` for NumPy, ``_cupy_backend`` for CuPy."""
     if isinstance(a, np.ndarray):
+        if isinstance(a, (np.matrix, np.ma.MaskedArray)):
+            what = "np.matrix" if isinstance(a, np.matrix) else "a masked array (its mask would be ignored)"
+            raise TypeError(f"expected a numpy.ndarray, got {what}; pass np.asarray(...) of it")
         return _cpu
     if type(a).__module__.split(".")[0] == "cupy":
         from . import _cupy_backend
@@ -35,7 +38,7 @@ def _float_dtype(a, name):
         return dt
     if dt.kind == "f" and dt.itemsize in (4, 8):  # non-native byte order
         return dt.newbyteorder("=")
-    hint = " (cast with .astype(np.float32); float16 is not supported)" if dt.kind == "f" else ""
+    hint = "; cast it with .astype(np.float32) or .astype(np.float64)" if dt.kind == "f" else ""
     raise TypeError(f"{name} must be float32 or float64, got dtype {dt}{hint}")
 
 
@@ -45,33 +48,48 @@ def as_ncs(x, name="input"):
     dt = _float_dtype(x, name)
     if x.ndim < 2:
         raise ValueError(f"expected {name} of at least 2 dimensions (N, C, *spatial), got shape {tuple(x.shape)}")
-    if not x.flags.c_contiguous or x.dtype != dt:
-        x = be.xp.ascontiguousarray(x, dtype=dt)
+    flags = x.flags
+    if not flags.c_contiguous or x.dtype != dt or not getattr(flags, "aligned", True):
+        x = _contiguous(be, x, dt)
     N, C = x.shape[0], x.shape[1]
     return be, x.reshape(N, C, x.size // (N * C) if N * C else math.prod(x.shape[2:]))
 
 
+def _aligned(a):
+    """NumPy's flag for element-aligned memory (a view at an odd byte offset is not); CuPy's
+    arrays always are."""
+    return getattr(a.flags, "aligned", True)
+
+
+def _contiguous(be, a, dtype):
+    """A C-contiguous, aligned copy of ``a`` in ``dtype`` (native byte order) where ``a`` is not one."""
+    if be is _cpu and not _aligned(a):
+        return np.array(a, dtype=dtype, order="C")  # ascontiguousarray would keep a misaligned buffer
+    return be.xp.ascontiguousarray(a, dtype=dtype)
+
+
 def _channel_vector(v, name, be, C, dtype, writable=False):
-    """Check a per-channel array (weight, bias, running buffers, saved statistics)."""
+    """Check a per-channel array (weight, bias, running buffers, saved statistics).  With a
+    ``dtype``, return it as a contiguous, aligned vector of that dtype (a copy where needed);
+    without (running buffers, updated in place), return ``v`` itself."""
     if be is _cpu and type(v) is np.ndarray and v.shape == (C,) and (v.dtype == dtype if dtype is not None else v.dtype in _FLOATS):
         flags = v.flags  # the common case, cheaply: a float NumPy vector of the right length
-        if flags.c_contiguous and (flags.writeable or not writable):
+        if flags.c_contiguous and flags.aligned and (flags.writeable or not writable):
             return v
     if not be.is_array(v):
         raise TypeError(
             f"{name} must be a {be.xp.__name__} array of shape ({C},) on the same device as the input, "
             f"got {type(v).__name__}"
         )
-    if v.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {v.dtype}")
+    _float_dtype(v, name)
     if v.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, got shape {tuple(v.shape)}")
     if writable and not v.flags.writeable:
         raise ValueError(f"{name} is read-only, but training updates it in place")
-    if dtype is not None and (v.dtype != dtype or not v.flags.c_contiguous):
-        # The kernels read these as contiguous vectors of the input's dtype (a strided view such
-        # as w[::2] would otherwise be rejected deep in Cython with "ndarray is not C-contiguous").
-        v = be.xp.ascontiguousarray(v, dtype=dtype)
+    if dtype is not None and (v.dtype != dtype or not v.flags.c_contiguous or not _aligned(v)):
+        # The kernels read these as contiguous, aligned vectors of the input's dtype (a strided
+        # view such as w[::2] would otherwise be rejected deep in Cython).
+        v = _contiguous(be, v, dtype)
     return v
 
 
@@ -82,7 +100,11 @@ def _fill(be, C, dtype, value):
 def _check_scalar(value, name, low=0.0, high=math.inf):
     if type(value) is float and low <= value <= high:  # the common case, cheaply
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (low <= value <= high):
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and low <= float(value) <= high
+    except OverflowError:  # an int beyond float's range
+        ok = False
+    if not ok:
         rule = f"a real number in [{low}, {high}]" if high != math.inf else f"a real number >= {low}"
         raise (TypeError if not isinstance(value, numbers.Real) else ValueError)(f"{name} must be {rule}, got {value!r}")
     return float(value)
@@ -103,7 +125,7 @@ def _prepare_out(be, out, x, x3, *more):
         )
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    if out.flags.c_contiguous:
+    if out.flags.c_contiguous and _aligned(out):
         o3 = out.reshape(x3.shape)
         if all(_disjoint_or_same(be, o3, a) for a in (x3, *more)):
             return o3, False
@@ -159,6 +181,8 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")
     eps = _check_scalar(eps, "eps")
+    if training and not eps > 0:  # as PyTorch: a constant channel would divide by zero
+        raise ValueError(f"eps must be positive in training, got {eps!r}")
     if training and running_mean is not None:
         if momentum is None:
             raise TypeError("momentum must be a float; for a cumulative average pass 1/num_batches "
@@ -172,6 +196,11 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     if training:
         _training_check(input, N, S)
     y3, copy_back = _prepare_out(be, out, input, x3)
+    if training and running_mean is not None and out is not None:
+        for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+            if be.xp.may_share_memory(out, buf):  # the update would overwrite the output, or read it
+                raise ValueError(f"out shares memory with {name}, which training updates after writing out; "
+                                 f"pass a separate out")
 
     if training:
         if x3.size == 0:  # PyTorch: empty output, running buffers untouched (also with C = 0)

@@ -38,7 +38,7 @@ class _BatchNorm:
         F._check_scalar(eps, "eps")
         if momentum is not None:
             F._check_scalar(momentum, "momentum", 0.0, 1.0)
-        dt = np.dtype(dtype)
+        dt = np.dtype(np.float32 if dtype is None else dtype)  # None: PyTorch's default dtype
         if dt not in F._FLOATS:
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
         self.num_features = int(num_features)
@@ -101,6 +101,7 @@ class _BatchNorm:
 
     # ------------------------------------------------------------------ forward / backward
     def _check_input(self, x):
+        be = F.backend_of(x)
         ndim = getattr(x, "ndim", None)
         if ndim not in self._ndims:
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
@@ -110,10 +111,10 @@ class _BatchNorm:
                 f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels "
                 f"(axis 1), got shape {tuple(x.shape)}"
             )
-        if x.dtype != self.dtype:
+        if x.dtype != self.dtype and not (x.dtype.kind == "f" and x.dtype.newbyteorder("=") == self.dtype):
+            hint = f" or build the layer with dtype=np.{x.dtype.name}" if x.dtype in F._FLOATS else ""
             raise TypeError(f"{type(self).__name__} holds {self.dtype} parameters, got input of dtype {x.dtype}; "
-                            f"cast the input or build the layer with dtype=np.{x.dtype}")
-        be = F.backend_of(x)
+                            f"cast the input{hint}")
         if (be is F._cpu) != (self._cuda is None):
             where = "CuPy (GPU)" if be is not F._cpu else "NumPy (CPU)"
             raise TypeError(f"{type(self).__name__} lives on device {self.device!r} but got a {where} array; "
@@ -127,7 +128,7 @@ class _BatchNorm:
             factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         use_buffers = not self.training or self.track_running_stats
         saved_input = input
-        if out is not None and type(out) is type(input) and self._xp.may_share_memory(out, input):
+        if out is not None and F.backend_of(input).is_array(out) and self._xp.may_share_memory(out, input):
             # An in-place forward (out=input) overwrites the input that backward() needs.
             saved_input = input.copy()
         y, mean, invstd = F.batch_norm_forward(
@@ -179,7 +180,9 @@ class _BatchNorm:
         Everything is checked before anything is written, so a bad dict changes nothing.
         """
         names = self._state_names()
-        missing = [n for n in names if n not in state_dict]
+        # PyTorch loads a dict without num_batches_tracked (a checkpoint from before it existed)
+        # and keeps the layer's own count; so does this.
+        missing = [n for n in names if n not in state_dict and n != "num_batches_tracked"]
         unexpected = [k for k in state_dict if k not in names]
         if strict and (missing or unexpected):
             raise ValueError(f"load_state_dict for {type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}")
@@ -191,16 +194,19 @@ class _BatchNorm:
             value = state_dict[name]
             if type(value).__module__.split(".")[0] == "cupy":
                 value = value.get()
-            value = np.asarray(value)
+            try:
+                value = np.asarray(value)
+            except ValueError as e:  # e.g. a ragged nested list
+                raise ValueError(f"{name} is not an array: {e}") from None
             if name == "num_batches_tracked":
-                if value.shape != () or value.dtype.kind not in "iu":
-                    raise ValueError(f"num_batches_tracked must be a scalar integer, got {value!r}")
+                if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
+                    raise ValueError(f"num_batches_tracked must be a scalar integer from 0 to 2**63 - 1, got {value!r}")
                 staged[name] = int(value)
                 continue
-            if value.shape != (C,):
-                raise ValueError(f"{name} must have shape ({C},), got shape {value.shape}")
             if value.dtype.kind != "f":
                 raise TypeError(f"{name} must be a float array, got dtype {value.dtype}")
+            if value.shape != (C,):
+                raise ValueError(f"{name} must have shape ({C},), got shape {value.shape}")
             staged[name] = value
         for name, value in staged.items():
             if name == "num_batches_tracked":

@@ -320,3 +320,19 @@ def test_layer_non_contiguous_input(rng):
     y = bn(xt)
     assert_close(y, ref_forward(x, bn.weight, bn.bias)[0])
     assert_close(bn.backward(np.asfortranarray(dy)), ref_backward(dy, x, bn.weight)[0])
+
+
+def test_dtype_none_is_float32_as_in_pytorch():
+    assert fastbn.BatchNorm2d(3, dtype=None).weight.dtype == np.float32
+
+
+def test_load_state_dict_without_num_batches_tracked_keeps_the_count():
+    """PyTorch loads an old checkpoint (no num_batches_tracked) and keeps the layer's own count."""
+    bn = fastbn.BatchNorm1d(2)
+    bn(np.ones((3, 2), np.float32))
+    state = bn.state_dict()
+    del state["num_batches_tracked"]
+    state["running_mean"] = np.array([5.0, 6.0], np.float32)
+    bn.load_state_dict(state)
+    assert bn.num_batches_tracked == 1
+    np.testing.assert_array_equal(bn.running_mean, [5.0, 6.0])

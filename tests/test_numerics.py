@@ -5,6 +5,10 @@ import pytest
 import fastbn
 from conftest import assert_close, random_input, random_params, ref_backward, ref_forward, ref_stats
 
+# The least eps, for exact comparisons: eps = 0 is refused in training (as PyTorch does), and
+# var + 1e-300 is var for any variance these tests make.
+EPS0 = 1e-300
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(6, 3, 5), (40, 3), (2, 3, 3000)], ids=str)
@@ -53,25 +57,25 @@ def test_float64_large_offset_variance_is_exact(kernel_path, rng, offset):
     """E[x^2] - E[x]^2 would lose every digit here; a two-pass/Welford variance keeps them."""
     x = rng.standard_normal((50, 2, 7)) + offset
     rm, rv = np.zeros(2), np.zeros(2)
-    y = fastbn.batch_norm(x, rm, rv, training=True, momentum=1.0, eps=0.0)
+    y = fastbn.batch_norm(x, rm, rv, training=True, momentum=1.0, eps=EPS0)
     mean, var = ref_stats(x)
     n = x.size // 2
     np.testing.assert_allclose(rm, mean, rtol=1e-15)
     # E[x^2] - E[x]^2 would be off by ~offset^2 * 1e-16, i.e. by more than the variance itself
     np.testing.assert_allclose(rv, var * n / (n - 1), rtol=1e-6)
     # the mean itself is only known to ~1 ulp of the offset (4.8e-7 at 3e9)
-    assert_close(y, ref_forward(x, eps=0.0)[0], tol=1e-5)
+    assert_close(y, ref_forward(x, eps=EPS0)[0], tol=1e-5)
 
 
 def test_statistics_accumulate_in_float64_for_float32(kernel_path, rng):
     # mean 1 and std 1e-3 over 5000 values: a float32 sum would be off by ~1e-7 relative,
     # i.e. ~1e-4 in the normalized output
     x = (1 + 1e-3 * rng.standard_normal((2, 2, 2500))).astype(np.float32)
-    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True, eps=0.0)
-    _, ref_mean, _, ref_invstd = ref_forward(x, eps=0.0)
+    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True, eps=EPS0)
+    _, ref_mean, _, ref_invstd = ref_forward(x, eps=EPS0)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-14)
     np.testing.assert_allclose(invstd, ref_invstd, rtol=1e-10)
-    assert_close(y, ref_forward(x, eps=0.0)[0], tol=2e-6)
+    assert_close(y, ref_forward(x, eps=EPS0)[0], tol=2e-6)
 
 
 def _ramp(rng):
@@ -95,23 +99,23 @@ def test_float32_statistics_when_blocks_differ(force_path, rng, make, unit):
     """Statistics over many blocks whose means differ from the first block's (a drifting mean, a
     constant head, an outlier first row) stay accurate to double rounding."""
     x = make(rng)
-    _, ref_mean, ref_var, _ = ref_forward(x, eps=0.0)
+    _, ref_mean, ref_var, _ = ref_forward(x, eps=EPS0)
     for path in ("ranges", "columns"):
         force_path(path, unit)
-        y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True, eps=0.0)
+        y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True, eps=EPS0)
         np.testing.assert_allclose(mean, ref_mean, rtol=1e-13)
         np.testing.assert_allclose(1.0 / invstd**2, ref_var, rtol=1e-9)
-        assert_close(y, ref_forward(x, eps=0.0)[0], tol=5e-6)
+        assert_close(y, ref_forward(x, eps=EPS0)[0], tol=5e-6)
 
 
 @pytest.mark.parametrize("scale", [1e20, 1e-20])
 def test_float32_extreme_magnitudes(kernel_path, rng, scale):
     """Squares of 1e20 overflow float32 and squares of 1e-20 underflow it; double accumulators don't."""
     x = (rng.standard_normal((5, 2, 6)) * scale).astype(np.float32)
-    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True, eps=0.0)
+    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, training=True, eps=EPS0)
     assert np.all(np.isfinite(y))
-    assert_close(y, ref_forward(x, eps=0.0)[0], tol=1e-5)
-    np.testing.assert_allclose(invstd, ref_forward(x, eps=0.0)[3], rtol=1e-9)
+    assert_close(y, ref_forward(x, eps=EPS0)[0], tol=1e-5)
+    np.testing.assert_allclose(invstd, ref_forward(x, eps=EPS0)[3], rtol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -202,8 +206,13 @@ def test_nan_and_inf_like_torch(rng):
 def test_huge_eps_and_zero_eps(rng):
     x = random_input(rng, (4, 2, 3), np.float64)
     assert_close(fastbn.batch_norm(x, None, None, training=True, eps=1e6), ref_forward(x, eps=1e6)[0])
-    y = fastbn.batch_norm(x, None, None, training=True, eps=0.0)
+    y = fastbn.batch_norm(x, None, None, training=True, eps=EPS0)
     np.testing.assert_allclose(y.var(axis=(0, 2)), 1.0, rtol=1e-12)
+    # eps = 0 divides a constant channel by zero: refused in training, as PyTorch does
+    with pytest.raises(ValueError, match=r"eps must be positive in training, got 0.0"):
+        fastbn.batch_norm(x, None, None, training=True, eps=0.0)
+    rm, rv = np.zeros(2), np.full(2, 4.0)
+    np.testing.assert_array_equal(fastbn.batch_norm(x, rm, rv, training=False, eps=0.0), x / 2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -47,13 +47,16 @@ def test_set_and_get_num_threads(threads):
     assert fastbn.get_num_threads() == 1
     threads(2)
     assert fastbn.get_num_threads() == 2
-    for bad in (0, -3):
-        with pytest.raises(ValueError, match=rf"n_threads={bad} is invalid: expected a positive number"):
+    for bad in (0, -3, 1025, 2**40):
+        with pytest.raises(ValueError, match=rf"set_num_threads\({bad}\) is invalid: expected a number of threads from 1 to 1024"):
             fastbn.set_num_threads(bad)
         assert fastbn.get_num_threads() == 2
-    with pytest.raises(TypeError):
-        fastbn.set_num_threads("4")
-    assert fastbn.get_num_threads() == 2
+    for bad in ("4", 2.9, 0.5, True, None):  # a float is not silently truncated
+        with pytest.raises(TypeError, match="set_num_threads expects an integer number of threads"):
+            fastbn.set_num_threads(bad)
+        assert fastbn.get_num_threads() == 2
+    fastbn.set_num_threads(np.int64(1))
+    assert fastbn.get_num_threads() == 1
 
 
 @needs_openmp
