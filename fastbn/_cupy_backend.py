@@ -383,6 +383,9 @@ def backward(dy, x, dx, weight, mean, invstd, training):
         coef = cp.empty(5 * C, dtype=x.dtype)
         kern["bn_merge_grad"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
                               (part, _i(C), _i(k), np.float64(NS), train, w, m, istd, gw, gb, coef))
-        kern["bn_grad_input"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
-                              (dy, x, dx, coef, _i(C), _i(S), _i(total)))
+        if training:
+            kern["bn_grad_input"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
+                                  (dy, x, dx, coef, _i(C), _i(S), _i(total)))
+        else:  # dx = dy * kdy: coef starts with the affine's [0 | 0 | kdy | 0] (see fbn_finish_grad)
+            kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,), (dy, dx, coef, _i(C), _i(S), _i(total)))
     return gw, gb

@@ -226,8 +226,10 @@ cdef inline void _col_grad_input(const floating *dy, const floating *x, floating
 
 # ---------------------------------------------------------------- per-channel coefficients
 # cf arrays hold one block of C values per coefficient: [mhi | mlo | a | b] for the forward,
-# [mhi | mlo | kdy | kx | kc] for the backward, where mhi + mlo is the float64 mean split into
-# two values of the input type (mlo is 0 for float64).
+# [mhi | mlo | kdy | kx | kc] for the training backward, where mhi + mlo is the float64 mean split
+# into two values of the input type (mlo is 0 for float64).  The evaluation-mode backward,
+# dx = dy * kdy, is the forward's affine applied to dy with [0 | 0 | kdy | 0]: it must not touch
+# x or the mean, or a NaN there would turn dx into NaN (x * 0 is NaN), where PyTorch's is finite.
 
 cdef inline void _mean_coefs(Py_ssize_t c, Py_ssize_t C, double mean, floating *cf) noexcept nogil:
     cf[c] = <floating>mean
@@ -258,10 +260,16 @@ cdef inline void _finish_grad(Py_ssize_t c, Py_ssize_t C, double sdy, double sdy
     cdef double istd = invstd[c], k = <double>w[c] * istd
     gb[c] = sdy
     gw[c] = sdyx * istd
-    _mean_coefs(c, C, mean[c], cf)
     cf[2 * C + c] = <floating>k
-    cf[3 * C + c] = <floating>(-k * istd * istd * sdyx / count) if training else 0
-    cf[4 * C + c] = <floating>(-k * sdy / count) if training else 0
+    if training:
+        _mean_coefs(c, C, mean[c], cf)
+        cf[3 * C + c] = <floating>(-k * istd * istd * sdyx / count)
+        cf[4 * C + c] = <floating>(-k * sdy / count)
+    else:  # the affine's [0 | 0 | kdy | 0]
+        cf[c] = 0
+        cf[C + c] = 0
+        cf[3 * C + c] = 0
+        cf[4 * C + c] = 0
 
 
 cdef inline void _expand(const floating *cf, Py_ssize_t C, Py_ssize_t S, Py_ssize_t ncoef, Py_ssize_t c,
@@ -608,7 +616,10 @@ cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const d
             for c in prange(C, schedule="static"):
                 _merge_range_grad(c, C, K, pp, count, training, wp, mp, ip, gwp, gbp, cf)
             for k in prange(K, schedule="static"):  # the same thread per k as above; backwards
-                _grad_input_backwards(gp, xp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
+                if training:
+                    _grad_input_backwards(gp, xp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
+                else:
+                    _affine_backwards(gp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
         return 0
 
     # COLUMNS
@@ -634,7 +645,10 @@ cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const d
             j = _share(nb, T, k + 1)
             while j > _share(nb, T, k):
                 j = j - 1
-                _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
+                if training:
+                    _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
+                else:
+                    _col_affine(gp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
     return 0
 
 

@@ -438,3 +438,19 @@ def test_no_channels(shape, dtype):
         assert dx.shape == shape and gw.shape == (0,) and gb.shape == (0,)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         fastbn.batch_norm(np.ones((1, 0), dtype), None, None, training=True)
+
+
+def test_eval_backward_does_not_read_the_input_or_the_mean(kernel_path):
+    """With fixed statistics dx = dy * weight * invstd: a NaN or inf in x, or a NaN running mean,
+    must not reach dx (it would through x * 0), as in PyTorch; grad_weight does see them."""
+    x = np.tile(np.array([[1.0, 2.0, 3.0]], np.float32), (40, 1))
+    x[1, 0], x[2, 0] = np.inf, np.nan
+    dy = np.ones_like(x)
+    w = np.array([2.0, 3.0, 4.0], np.float32)
+    rm = np.array([0.0, np.nan, 0.0], np.float32)
+    rv = np.array([4.0, 1.0, 0.25], np.float32)
+    _, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, w, training=False, eps=1e-300)
+    dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=False)
+    np.testing.assert_array_equal(dx, np.broadcast_to(np.float32([1.0, 3.0, 8.0]), x.shape))
+    assert np.isnan(gw[:2]).all() and np.isfinite(gw[2])
+    np.testing.assert_array_equal(gb, 40.0)

@@ -164,6 +164,23 @@ def test_eval_forward_and_backward_match_cpu(gpu_path, rng, path, shape, dtype):
     _close(gb_g, gb_c, tol, "eval grad_bias")
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_eval_backward_does_not_read_the_input_or_the_mean(gpu_path, rng, path):
+    """dx = dy * weight * invstd with fixed statistics: a NaN or inf in x, or a NaN running mean,
+    must not reach dx (x * 0 is NaN), as on the CPU and in PyTorch."""
+    gpu_path(*path)
+    x = _data(rng, (6, 3, 20, 20), np.float32)
+    x[1, 0, 2, 3], x[4, 0, 0, 0] = np.nan, np.inf
+    w, b, rm, rv = _params(rng, 3, np.float32)
+    rm[1] = np.nan
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    _, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, w, b, training=False)
+    dx_c = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=False)[0]
+    dx_g = fastbn.batch_norm_backward(_g(dy), _g(x), _g(w), _g(mean), _g(invstd), training=False)[0]
+    assert np.isfinite(dx_c).all()
+    _close(dx_g, dx_c, OUT_TOL[np.dtype(np.float32)], "eval grad_input")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_auto_plan_on_realistic_shapes(rng, dtype):
     """The shapes of the benchmark, smaller batch: whatever split the GPU's size picks."""

@@ -287,7 +287,9 @@ __device__ __forceinline__ void fbn_finish_stats(i64 c, double n, double m, doub
 }
 
 /* Parameter gradients of channel c from its sums; grad_input coefficients into cf[0..4] =
- * (m_hi, m_lo, kdy, kx, kc). */
+ * (m_hi, m_lo, kdy, kx, kc).  Evaluation mode: (0, 0, kdy, 0, 0), whose first four are the
+ * affine's coefficients for dx = dy * kdy: that pass must not read x or the mean, where a NaN
+ * would make dx NaN (NaN * 0), while PyTorch's dx is finite. */
 template <typename T>
 __device__ __forceinline__ void fbn_finish_grad(i64 c, double sdy, double sdyx, double count, int training,
                                                 const T *weight, const double *mean, const double *invstd,
@@ -296,14 +298,13 @@ __device__ __forceinline__ void fbn_finish_grad(i64 c, double sdy, double sdyx, 
     const double istd = invstd[c], k = (double)weight[c] * istd;
     grad_bias[c] = sdy;
     grad_weight[c] = sdyx * istd;
-    fbn_split_mean(mean[c], cf[0], cf[1]);
     cf[2] = (T)k;
     if (training) {
+        fbn_split_mean(mean[c], cf[0], cf[1]);
         cf[3] = (T)(-k * istd * istd * sdyx / count);
         cf[4] = (T)(-k * sdy / count);
     } else {
-        cf[3] = (T)0;
-        cf[4] = (T)0;
+        cf[0] = cf[1] = cf[3] = cf[4] = (T)0;
     }
 }
 
@@ -537,7 +538,10 @@ bn_backward_channels(const T *dy, const T *x, T *dx, const T *weight, const doub
 #pragma unroll
         for (int j = 0; j < 5; j++)
             cr[j] = cf[j];
-        fbn_channel_grad_input(dy, x, dx, C, S, c, NS, cr);
+        if (training)
+            fbn_channel_grad_input(dy, x, dx, C, S, c, NS, cr);
+        else
+            fbn_channel_affine(dy, dx, C, S, c, NS, cr[0], cr[1], cr[2], cr[3]);
         __syncthreads();
     }
 }
