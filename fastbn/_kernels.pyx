@@ -32,7 +32,9 @@ cnp.import_array()
 
 cdef extern from "_simd.h" nogil:
     void fbn_sfence()
-    void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)
+    void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
+    double fbn_acc_mean(const double *acc)
+    enum: FBN_N, FBN_K, FBN_REL, FBN_M2, FBN_ACC
     # ranges [f0, f1) of an (N, C, S) buffer in memory order
     void fbn_moments_f32(const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
     void fbn_moments_f64(const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
@@ -43,8 +45,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
     void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int nt)
     # blocks of rows of an (N, W) matrix
-    void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t W, double *n, double *m, double *m2, double *tmp)
-    void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t W, double *n, double *m, double *m2, double *tmp)
+    void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
+    void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
     void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t W, const float *cf, int nt)
     void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t W, const double *cf, int nt)
     void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t W, const double *mean, double *acc)
@@ -188,12 +190,15 @@ cdef void _grad_input_backwards(const floating *dy, const floating *x, floating 
         f1 = s
 
 
+cdef enum:
+    # one COLUMNS thread's moments: [count | shift K (W) | mean - K (W) | M2 (W) | scratch (3W)]
+    COL_MOMENTS = 6
+
 cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t W, double *th) noexcept nogil:
-    # th: one thread's [count | mean (W) | M2 (W) | scratch (2W)]
     if floating is float:
-        fbn_col_moments_f32(x, rows, W, th, th + 1, th + 1 + W, th + 1 + 2 * W)
+        fbn_col_moments_f32(x, rows, W, th, th + 1, th + 1 + W, th + 1 + 2 * W, th + 1 + 3 * W)
     else:
-        fbn_col_moments_f64(x, rows, W, th, th + 1, th + 1 + W, th + 1 + 2 * W)
+        fbn_col_moments_f64(x, rows, W, th, th + 1, th + 1 + W, th + 1 + 2 * W, th + 1 + 3 * W)
 
 
 cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t W,
@@ -246,9 +251,9 @@ cdef inline void _affine_coefs(Py_ssize_t c, Py_ssize_t C, double mean, double i
 cdef inline void _finish_stats(Py_ssize_t c, Py_ssize_t C, const double *acc, double eps, const floating *w,
                                const floating *b, double *mean, double *var, double *invstd,
                                floating *cf) noexcept nogil:
-    # acc: the channel's merged (count, mean, M2)
-    cdef double v = acc[2] / acc[0]
-    mean[c] = acc[1]
+    # acc: the channel's merged moments (fbn_shift_merge)
+    cdef double v = acc[<int>FBN_M2] / acc[<int>FBN_N]
+    mean[c] = fbn_acc_mean(acc)
     var[c] = v
     invstd[c] = 1.0 / sqrt(v + eps)
     _affine_coefs(c, C, mean[c], invstd[c], w, b, cf)
@@ -289,30 +294,29 @@ cdef inline void _expand(const floating *cf, Py_ssize_t C, Py_ssize_t S, Py_ssiz
 cdef void _merge_range_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const double *pp, double eps,
                              const floating *w, const floating *b, double *mean, double *var,
                              double *invstd, floating *cf) noexcept nogil:
-    # pp: K ranges x C channels x (count, mean, M2), merged in range order
-    cdef double acc[3]
+    # pp: K ranges x C channels x FBN_ACC moments, merged in range order
+    cdef double acc[4]
+    cdef const double *r
     cdef Py_ssize_t k
-    acc[0] = 0
-    acc[1] = 0
-    acc[2] = 0
+    acc[0] = acc[1] = acc[2] = acc[3] = 0
     for k in range(K):
-        fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[(k * C + c) * 3], pp[(k * C + c) * 3 + 1], pp[(k * C + c) * 3 + 2])
+        r = pp + (k * C + c) * FBN_ACC
+        fbn_shift_merge(acc, r[<int>FBN_N], r[<int>FBN_K], r[<int>FBN_REL], r[<int>FBN_M2])
     _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
 
 
 cdef void _merge_column_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, double eps,
                               const floating *w, const floating *b, double *mean, double *var,
                               double *invstd, floating *cf, floating *cfw) noexcept nogil:
-    # pp: per thread [count | mean (W) | M2 (W) | scratch (2W)]; channel c owns columns c*S .. c*S+S-1
-    cdef double acc[3]
-    cdef Py_ssize_t t, s, W = C * S, j
-    acc[0] = 0
-    acc[1] = 0
-    acc[2] = 0
+    # pp: per thread COL_MOMENTS * W + 1 (see _col_moments); channel c owns columns c*S .. c*S+S-1
+    cdef double acc[4]
+    cdef Py_ssize_t t, s, W = C * S, j, col
+    acc[0] = acc[1] = acc[2] = acc[3] = 0
     for t in range(T):
-        j = t * (4 * W + 1)
+        j = t * (COL_MOMENTS * W + 1)
         for s in range(S):
-            fbn_chan_merge(&acc[0], &acc[1], &acc[2], pp[j], pp[j + 1 + c * S + s], pp[j + 1 + W + c * S + s])
+            col = j + 1 + c * S + s
+            fbn_shift_merge(acc, pp[j], pp[col], pp[col + W], pp[col + 2 * W])
     _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
     _expand(cf, C, S, 4, c, cfw)
 
@@ -426,11 +430,11 @@ cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, do
 
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
-        part = _new(K * 3 * C, cnp.NPY_DOUBLE, True)  # per range: (count, mean, M2) per channel
+        part = _new(K * FBN_ACC * C, cnp.NPY_DOUBLE, True)  # per range: moments per channel (fbn_shift_merge)
         pp = <double *>_ptr(part)
         with nogil, parallel(num_threads=T):
             for k in prange(K, schedule="static"):
-                _moments(xp, C, S, _split(L, K, k), _split(L, K, k + 1), pp + k * 3 * C)
+                _moments(xp, C, S, _split(L, K, k), _split(L, K, k + 1), pp + k * FBN_ACC * C)
             for c in prange(C, schedule="static"):
                 _merge_range_stats(c, C, K, pp, eps, wp, bp, mp, vp, ip, cf)
             for k in prange(K, schedule="static"):  # the same thread per k as above; backwards
@@ -441,14 +445,14 @@ cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, do
     R = _plan_rows(W, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
-    part = _new(T * (4 * W + 1), cnp.NPY_DOUBLE, True)  # per share: [count | mean (W) | M2 (W) | scratch (2W)]
+    part = _new(T * (COL_MOMENTS * W + 1), cnp.NPY_DOUBLE, True)  # per share: see _col_moments
     pp = <double *>_ptr(part)
     wide = _new(4 * W, tn, False)
     cw = <floating *>_ptr(wide)
     with nogil, parallel(num_threads=T):
         for k in prange(T, schedule="static"):  # share k of the blocks, front to back
             for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
-                _col_moments(xp + j * R * W, min(R, N - j * R), W, pp + k * (4 * W + 1))
+                _col_moments(xp + j * R * W, min(R, N - j * R), W, pp + k * (COL_MOMENTS * W + 1))
         for c in prange(C, schedule="static"):
             _merge_column_stats(c, C, S, T, pp, eps, wp, bp, mp, vp, ip, cf, cw)
         for k in prange(T, schedule="static"):  # the same shares on the same threads, back to front

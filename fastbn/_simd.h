@@ -13,7 +13,7 @@
  * double (_f64).  Numerics:
  *   - moments: mean and M2 per block of about FBN_BLOCK elements from sums shifted by a value
  *     close to the mean (see moments in _simd_impl.h), in double, merged with Chan et al.'s
- *     pairwise update.  Never E[x^2]-E[x]^2.
+ *     pairwise update relative to a fixed shift (fbn_shift_merge).  Never E[x^2]-E[x]^2.
  *   - normalize: y = ((x - m_hi) - m_lo) * a + b, where m_hi + m_lo is the double mean split
  *     into two values of the input type.  x - m_hi is exact for x near the mean, so a float32
  *     input with mean 1e4 and std 1 keeps float32 precision in y (x * a + (b - m * a) would not).
@@ -41,17 +41,35 @@
 #define FBN_BLOCK 2048
 #define FBN_SHORT 128  /* rows shorter than this reduce with 8 lanes (see _simd_impl.h) */
 
-/* Merge a block's (count nb, mean mb, M2 m2b) into the accumulator (*n, *m, *m2). */
-static inline void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)
+/* Moments accumulators hold (count, shift K, mean - K, M2): the mean relative to a shift fixed by
+ * the first merge, near the data.  Merging a part (count nb, mean kb + rb, M2 m2b) takes the
+ * difference of the means as (kb - K - rel) + rb: kb - K is exact when the two are within a
+ * factor 2 (Sterbenz), so it carries no rounding of the means' magnitude.  Holding absolute
+ * means instead, each merge's d*d term took an error of about 1e-16 * |mean| * d, which made a
+ * float64 variance with mean/std = 1e8 lose 9 digits (d is of the order of std).  With the shift
+ * far from the data (an outlier first), it is as good as absolute means, no worse. */
+enum { FBN_N = 0, FBN_K = 1, FBN_REL = 2, FBN_M2 = 3, FBN_ACC = 4 };
+
+static inline void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
 {
     if (nb <= 0.0)
         return;
-    double nn = *n + nb;
-    double d = mb - *m;
-    *m += d * (nb / nn);
-    *m2 += m2b + d * d * (*n * (nb / nn));
-    *n = nn;
+    if (acc[FBN_N] == 0.0) {
+        acc[FBN_N] = nb;
+        acc[FBN_K] = kb;
+        acc[FBN_REL] = rb;
+        acc[FBN_M2] = m2b;
+        return;
+    }
+    double n = acc[FBN_N], nn = n + nb;
+    double d = ((kb - acc[FBN_K]) - acc[FBN_REL]) + rb;
+    acc[FBN_REL] += d * (nb / nn);
+    acc[FBN_M2] += m2b + d * d * (n * (nb / nn));
+    acc[FBN_N] = nn;
 }
+
+/* The accumulator's mean. */
+static inline double fbn_acc_mean(const double *acc) { return acc[FBN_K] + acc[FBN_REL]; }
 
 /* ---- streaming (non-temporal) stores ------------------------------------------------------
  * An output much larger than the last-level cache is written with non-temporal stores: they skip

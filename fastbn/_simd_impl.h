@@ -87,18 +87,18 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const T *g, const T *p, ptrdiff_t n, doub
     *b_out = b;
 }
 
-/* Merge the moments of p[0:len] into one channel's (count, mean, M2) accumulator.  Shifted sums
- * s = sum(x - k) and q = sum((x - k)^2) in double give the mean k + s/len and M2 q - s^2/len with
- * no cancellation while k is close to the mean: k is the exact mean of the channel's first
- * FBN_BLOCK elements (a first pass over them, in L1), then the channel's mean so far.  With
- * FBN_TWO_PASS (float64, where there is no conversion to pay for) every block of FBN_BLOCK gets
- * its own first pass. */
+/* Merge the moments of p[0:len] into one channel's accumulator (see fbn_shift_merge).  Shifted sums
+ * s = sum(x - k) and q = sum((x - k)^2) in double give the block's mean k + s/len and M2
+ * q - s^2/len with no cancellation while k is close to the mean: k is the exact mean of the
+ * channel's first FBN_BLOCK elements (a first pass over them, in L1), then the channel's mean so
+ * far.  With FBN_TWO_PASS (float64, where there is no conversion to pay for) every block of
+ * FBN_BLOCK gets its own first pass. */
 FBN_INLINE void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *acc)
 {
     for (ptrdiff_t j = 0; j < len; ) {
         ptrdiff_t bl = len - j;
-        double k = acc[1], s = 0.0, q = 0.0;
-        if (FBN_TWO_PASS || acc[0] == 0.0) {
+        double k = fbn_acc_mean(acc), s = 0.0, q = 0.0;
+        if (FBN_TWO_PASS || acc[FBN_N] == 0.0) {
             if (bl > FBN_BLOCK)
                 bl = FBN_BLOCK;
             k = (bl < FBN_SHORT ? FBN_NAME(fbn_sum)(p + j, bl, 1) : FBN_NAME(fbn_sum)(p + j, bl, 0)) / (double)bl;
@@ -107,17 +107,17 @@ FBN_INLINE void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *a
             FBN_NAME(fbn_shifted_sums)(p + j, bl, k, &s, &q, 1);
         else
             FBN_NAME(fbn_shifted_sums)(p + j, bl, k, &s, &q, 0);
-        fbn_chan_merge(&acc[0], &acc[1], &acc[2], (double)bl, k + s / (double)bl, q - s * (s / (double)bl));
+        fbn_shift_merge(acc, (double)bl, k, s / (double)bl, q - s * (s / (double)bl));
         j += bl;
     }
 }
 
-/* Moments of a range into per-channel accumulators acc[3*c .. 3*c+2] = (count, mean, M2). */
+/* Moments of a range into per-channel accumulators acc[FBN_ACC*c ..] (see fbn_shift_merge). */
 FBN_CLONES static void FBN_NAME(fbn_moments)(const T *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
                                              ptrdiff_t f1, double *acc)
 {
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)
-        FBN_NAME(fbn_piece_moments)(x + off, ln, acc + 3 * c);
+        FBN_NAME(fbn_piece_moments)(x + off, ln, acc + FBN_ACC * c);
 }
 
 /* q = ((p - mhi) - mlo) * a + b over n elements; lo is a constant where this is inlined, and
@@ -195,19 +195,22 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
  * forward got 13% faster than with four rows and a tree of adds (the sums stay in double, only
  * their order changed).  The backward's sums measured 30% slower that way and keep four rows. */
 
-/* Column moments of the block merged into per-column accumulators m, m2 that share the count *n.
+/* Column moments of the block merged into per-column accumulators that share the count *n: the
+ * shift K, the mean relative to it rel, and M2 (one value per column each; see fbn_shift_merge).
  * Shifted sums per column as in fbn_piece_moments: the shift is the block's exact column means
- * (a first pass; the block is sized to stay in L2) for a thread's first block, then the means
- * merged so far.  tmp: 2*W doubles of scratch. */
+ * (a first pass; the block is sized to stay in L2) for a thread's first block, which become K,
+ * then the means merged so far (K + rel, rounded: any shift near the mean will do, as long as the
+ * merge knows which).  tmp: 3*W doubles of scratch. */
 FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t W, double *n,
-                                                 double *m, double *m2, double *tmp)
+                                                 double *K, double *rel, double *m2, double *tmp)
 {
-    double *s = tmp, *q = tmp + W, *k = m;
+    double *s = tmp, *q = tmp + W, *k = tmp + 2 * W;
     const double b = (double)rows;
+    const int first = *n == 0.0;
     ptrdiff_t r = 0;
     for (ptrdiff_t c = 0; c < W; c++)
         s[c] = q[c] = 0.0;
-    if (*n == 0.0) {  /* k = the block's column means; m is still 0 and free to hold them */
+    if (first) {  /* k = the block's column means */
         for (r = 0; r + 4 <= rows; r += 4) {
             const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
 #pragma omp simd
@@ -221,9 +224,13 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
                 s[c] += (double)p[c];
         }
         for (ptrdiff_t c = 0; c < W; c++) {
-            k[c] = s[c] / b;
+            k[c] = K[c] = s[c] / b;
             s[c] = 0.0;
         }
+    } else {
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < W; c++)
+            k[c] = K[c] + rel[c];
     }
     for (r = 0; r + 8 <= rows; r += 8) {  /* q as a chain of multiply-adds: see FBN_ROWS8 */
         const T *p = x + r * W;
@@ -247,12 +254,19 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
             q[c] += d * d;
         }
     }
+    /* fbn_shift_merge, vectorized: every column has the same count n0 before */
     const double n0 = *n, nn = n0 + b, wb = b / nn, wn = n0 * wb;
 #pragma omp simd
-    for (ptrdiff_t c = 0; c < W; c++) {  /* Chan's merge, vectorized: every column has n0 before */
-        double bm = k[c] + s[c] / b, bq = q[c] - s[c] * (s[c] / b), d = bm - m[c];
-        m[c] += d * wb;
-        m2[c] += bq + d * d * wn;
+    for (ptrdiff_t c = 0; c < W; c++) {
+        const double sb = s[c] / b, bq = q[c] - s[c] * sb;
+        if (first) {
+            rel[c] = sb;
+            m2[c] = bq;
+        } else {
+            double d = ((k[c] - K[c]) - rel[c]) + sb;
+            rel[c] += d * wb;
+            m2[c] += bq + d * d * wn;
+        }
     }
     *n = nn;
 }

@@ -67,6 +67,22 @@ def test_float64_large_offset_variance_is_exact(kernel_path, rng, offset):
     assert_close(y, ref_forward(x, eps=EPS0)[0], tol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 3, 7), (8, 3, 64, 64), (4, 1, 13331), (300, 64)],
+                         ids=["rows-of-20", "one-row", "rows-of-4096", "one-long-row", "columns"])
+def test_float64_variance_keeps_full_precision_far_from_zero(kernel_path, rng, shape):
+    """mean / std = 1e8: the partial moments merge relative to a shift near the data, so the
+    variance keeps double precision (merging absolute means lost 9 digits here: 2e-9 relative
+    on (2, 3, 4, 5), where PyTorch's two-pass variance gets 6e-16)."""
+    x = rng.standard_normal(shape) + 1e8
+    rm, rv = np.zeros(shape[1]), np.zeros(shape[1])
+    fastbn.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    axes = (0,) + tuple(range(2, x.ndim))
+    xl = x.astype(np.longdouble)
+    var = ((xl - xl.mean(axis=axes, keepdims=True)) ** 2).mean(axis=axes)
+    n = x.size // shape[1]
+    np.testing.assert_allclose(rv, (var * n / (n - 1)).astype(np.float64), rtol=1e-13)
+
+
 def test_statistics_accumulate_in_float64_for_float32(kernel_path, rng):
     # mean 1 and std 1e-3 over 5000 values: a float32 sum would be off by ~1e-7 relative,
     # i.e. ~1e-4 in the normalized output
