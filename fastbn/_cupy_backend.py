@@ -317,7 +317,7 @@ def forward_train(x, y, weight, bias, eps):
             kern["bn_moments_units"](_grid(C * k), (BLOCK,), (x, _i(N), _i(C), _i(S), _i(k), _i(U), part))
         coef = cp.empty(4 * C, dtype=x.dtype)
         kern["bn_merge_moments"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
-                                 (part, _i(C), _i(k), eps, w, b, mean, var, invstd, coef))
+                                 (part, x, _i(C), _i(S), _i(k), eps, w, b, mean, var, invstd, coef))
         total = N * C * S
         kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,), (x, y, coef, _i(C), _i(S), _i(total)))
     return mean, var, invstd

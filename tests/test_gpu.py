@@ -260,6 +260,20 @@ def test_large_mean_keeps_precision(rng, dtype):
         _close(y, ref, 1e-4 if dtype == np.float32 else 1e-9, f"{path} large mean")
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (8, 3, 64, 64), (300, 64)], ids=["rows-of-20", "rows-of-4096", "columns"])
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_float64_variance_keeps_full_precision_far_from_zero(gpu_path, rng, path, shape):
+    """mean / std = 1e8: the moments are shifted by a value of the channel, so the merged means
+    carry no rounding of the mean's magnitude and the variance keeps double precision."""
+    gpu_path(*path)
+    x = rng.standard_normal(shape) + 1e8
+    _, _, invstd = fastbn.batch_norm_forward(_g(x), None, None, training=True, eps=1e-300)
+    axes = (0,) + tuple(range(2, x.ndim))
+    xl = x.astype(np.longdouble)
+    var = ((xl - xl.mean(axis=axes, keepdims=True)) ** 2).mean(axis=axes).astype(np.float64)
+    np.testing.assert_allclose(1.0 / invstd.get() ** 2, var, rtol=1e-13)
+
+
 def test_results_are_deterministic(rng, gpu_path):
     for path in PATHS:
         gpu_path(*path)

@@ -23,6 +23,10 @@
  *     registers, computes the chunk's exact two-pass mean and M2, and merges it into its running
  *     (count, mean, M2) with Chan et al.'s update; threads, warps, blocks and units are merged
  *     with the same update (warp shuffles, then shared memory).  Never E[x^2] - E[x]^2.
+ *     Every value is shifted by its channel's first element (fbn_shift) as it is loaded, and the
+ *     shift is added back to the merged mean: the means merged are then of the order of the
+ *     spread, not of the mean, whose rounding (1e-16 * |mean| in each merge's d * d term) made a
+ *     float64 variance with mean/std = 1e8 lose 9 digits.
  *   - normalize: y = ((x - m_hi) - m_lo) * a + b in the input type, m_hi + m_lo the double mean
  *     split into two input-type values, a = (T)(weight * invstd).
  *   - backward from the saved mean/invstd: sums of dy and dy * (x - mean) in double;
@@ -212,12 +216,20 @@ struct FbnFlatWalker {
 };
 
 /* ------------------------------------------------------------------ per-thread reductions */
-/* (count, mean, M2) of this thread's share of channel c's elements [e0, e1) (thread t takes
- * e0 + t, e0 + t + blockDim.x, ...), merged into (n, m, m2). */
+/* The shift of channel c's moments: its first element, a value of the data (see Numerics). */
+template <typename T>
+__device__ __forceinline__ double fbn_shift(const T *x, i64 S, i64 c)
+{
+    return (double)x[c * S];
+}
+
+/* (count, mean - shift, M2) of this thread's share of channel c's elements [e0, e1) (thread t
+ * takes e0 + t, e0 + t + blockDim.x, ...), merged into (n, m, m2); shift = fbn_shift(x, S, c). */
 template <typename T>
 __device__ __forceinline__ void fbn_thread_moments(const T *x, i64 C, i64 S, i64 c, i64 e0, i64 e1,
                                                    double &n, double &m, double &m2)
 {
+    const double shift = fbn_shift(x, S, c);
     FbnChannelWalker w(e0 + threadIdx.x, C, S, c, blockDim.x);
     while (w.e < e1) {
         double v[FBN_CHUNK];
@@ -225,7 +237,7 @@ __device__ __forceinline__ void fbn_thread_moments(const T *x, i64 C, i64 S, i64
 #pragma unroll
         for (int j = 0; j < FBN_CHUNK; j++) { /* all loads first: FBN_CHUNK in flight */
             if (w.e < e1) {
-                v[j] = (double)x[w.off];
+                v[j] = (double)x[w.off] - shift;
                 cnt = j + 1;
             }
             w.next();
@@ -372,7 +384,7 @@ bn_forward_channels(const T *x, T *y, const T *weight, const T *bias, double eps
         fbn_thread_moments(x, C, S, c, 0, NS, n, m, m2);
         fbn_block_merge(n, m, m2);
         if (threadIdx.x == 0)
-            fbn_finish_stats(c, n, m, m2, eps, weight, bias, mean, var, invstd, cf);
+            fbn_finish_stats(c, n, m + fbn_shift(x, S, c), m2, eps, weight, bias, mean, var, invstd, cf);
         __syncthreads();
         const T mhi = cf[0], mlo = cf[1], a = cf[2], b = cf[3];
         fbn_channel_affine(x, y, C, S, c, NS, mhi, mlo, a, b);
@@ -381,7 +393,7 @@ bn_forward_channels(const T *x, T *y, const T *weight, const T *bias, double eps
 }
 
 /* units path, stage 1: unit u = (channel u / k, elements [(u % k) * U, min(NS, (u % k + 1) * U)))
- * writes its (count, mean, M2) to part[3u .. 3u + 2]. */
+ * writes its (count, mean - shift, M2) to part[3u .. 3u + 2]. */
 template <typename T>
 __global__ void __launch_bounds__(FBN_BLOCK)
 bn_moments_units(const T *__restrict__ x, i64 N, i64 C, i64 S, i64 k, i64 U, double *__restrict__ part)
@@ -402,7 +414,7 @@ bn_moments_units(const T *__restrict__ x, i64 N, i64 C, i64 S, i64 k, i64 U, dou
 
 /* columns path (S == 1, x is an (N, C) matrix), stage 1: block (bx, by) takes columns
  * [32 bx, 32 bx + 32) and row ranges j = by, by + gridDim.y, ... of R rows each; column c's
- * (count, mean, M2) over row range j goes to part[3 (c k + j) .. + 2].  Block: (32, 8). */
+ * (count, mean - shift, M2) over row range j goes to part[3 (c k + j) .. + 2].  Block: (32, 8). */
 template <typename T>
 __global__ void __launch_bounds__(FBN_COL_X *FBN_COL_Y)
 bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *__restrict__ part)
@@ -414,6 +426,7 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
         const i64 r1 = fbn_min(N, (j + 1) * R);
         double n = 0.0, m = 0.0, m2 = 0.0;
         if (c < C) {
+            const double shift = fbn_shift(x, (i64)1, c);
             for (i64 r = j * R + ty; r < r1; r += FBN_CHUNK * FBN_COL_Y) {
                 double v[FBN_CHUNK];
                 int cnt = 0;
@@ -421,7 +434,7 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
                 for (int t = 0; t < FBN_CHUNK; t++) {
                     const i64 rr = r + (i64)t * FBN_COL_Y;
                     if (rr < r1) {
-                        v[t] = (double)x[rr * C + c];
+                        v[t] = (double)x[rr * C + c] - shift;
                         cnt = t + 1;
                     }
                 }
@@ -445,12 +458,13 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
 }
 
 /* units/columns path, stage 2: merge channel c's k partials (in a fixed order), write the
- * statistics and the affine coefficients coef = [m_hi (C) | m_lo (C) | a (C) | b (C)].
- * One warp per channel: block (FBN_MERGE_WARPS * 32). */
+ * statistics and the affine coefficients coef = [m_hi (C) | m_lo (C) | a (C) | b (C)].  x and S:
+ * for the shift the partials' means are relative to.  One warp per channel: block
+ * (FBN_MERGE_WARPS * 32). */
 template <typename T>
 __global__ void __launch_bounds__(FBN_MERGE_WARPS * 32)
-bn_merge_moments(const double *part, i64 C, i64 k, double eps, const T *weight, const T *bias, double *mean,
-                 double *var, double *invstd, T *coef)
+bn_merge_moments(const double *part, const T *x, i64 C, i64 S, i64 k, double eps, const T *weight, const T *bias,
+                 double *mean, double *var, double *invstd, T *coef)
 {
     const int lane = threadIdx.x & 31;
     const i64 warps = (i64)gridDim.x * FBN_MERGE_WARPS;
@@ -463,7 +477,7 @@ bn_merge_moments(const double *part, i64 C, i64 k, double eps, const T *weight, 
         fbn_warp_merge(n, m, m2);
         if (lane == 0) {
             T cf[4];
-            fbn_finish_stats(c, n, m, m2, eps, weight, bias, mean, var, invstd, cf);
+            fbn_finish_stats(c, n, m + fbn_shift(x, S, c), m2, eps, weight, bias, mean, var, invstd, cf);
             coef[c] = cf[0];
             coef[C + c] = cf[1];
             coef[2 * C + c] = cf[2];
