@@ -687,11 +687,43 @@ def _positive_int(text):
     return value
 
 
+def _thread_count(text):
+    value = _positive_int(text)
+    if value > _openmp.MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {_openmp.MAX_THREADS} threads, got {text!r}")
+    return value
+
+
+def _output_problem(path, kind):
+    """Why ``path`` cannot receive the --json or --plot output (None when it can): checked before
+    the run, so that a typo does not cost a whole benchmark."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"--{kind} {path}: the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"--{kind} {path}: the folder {folder} is not writable"
+    if os.path.isdir(path):
+        return f"--{kind} {path}: is a folder, expected a file name"
+    if kind == "plot":
+        try:
+            import matplotlib
+        except ImportError:
+            return "--plot needs matplotlib: pip install 'fastbn[plot]'"
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        if ext not in formats:
+            return f"--plot {path}: unknown image format {ext!r}, expected one of {', '.join(sorted(formats))}"
+    return None
+
+
 def add_arguments(parser):
     parser.description = ("Time fastbn's train forward, eval forward and backward against a memory copy of the "
                           "same array, naive NumPy and PyTorch (when installed) at the same thread count, "
                           "and check them against the project's targets.")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=_thread_count, default=None,
                         help="threads for fastbn and torch (default: fastbn.get_num_threads())")
     parser.add_argument("--full", action="store_true",
                         help="all shapes (also float64) and more repeats; the default is a quick run")
@@ -702,11 +734,11 @@ def add_arguments(parser):
 
 
 def run(args):
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("--plot needs matplotlib: pip install 'fastbn[plot]'", file=sys.stderr)
+    for kind in ("json", "plot"):
+        path = getattr(args, kind)
+        problem = path and _output_problem(path, kind)
+        if problem:
+            print(problem, file=sys.stderr)
             return 2
     cases = FULL_CASES if args.full else QUICK_CASES
     repeat = args.repeat or (15 if args.full else 7)

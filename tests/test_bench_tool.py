@@ -136,3 +136,12 @@ def test_a_scaling_miss_the_floor_shares_is_out_of_reach_and_counted(rng):
                        "floor": row["floor_speedup"], "reachable": False}]
     assert _bench._fmt_scaling(row).endswith("the floor 1.30x: MISS 2 threads >= 1.5x 1 thread (1.43; floor 1.3: out of reach)")
     assert _bench.targets_met([row]) == (0, 1)
+
+
+def test_plot_draws_big_and_tiny_rows_into_a_png(rng, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (fastbn[plot]; CI installs it)")
+    rows = [_bench.measure(op, _bench.Problem(shape, "float32", rng), repeat=1, numpy_repeat=1)
+            for op, shape in (("eval", (8, 3, 16, 16)), ("train", _bench.TINY))]
+    path = tmp_path / "chart.png"
+    _bench.plot(rows, _bench.machine_info(None, 1), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

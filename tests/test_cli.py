@@ -35,3 +35,28 @@ def test_bench_subcommand_is_wired():
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--help"])
     assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--json", "/nonexistent-folder/x.json"], "--json /nonexistent-folder/x.json: the folder /nonexistent-folder does not exist"),
+    (["--json", "."], "is a folder, expected a file name"),
+])
+def test_bench_refuses_an_unwritable_output_before_running(capsys, argv, message):
+    """A typo in --json / --plot is reported at once, not after the whole benchmark."""
+    assert cli.main(["bench", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "[1/" not in captured.err
+
+
+def test_bench_refuses_an_unknown_plot_format(capsys, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (fastbn[plot])")
+    assert cli.main(["bench", "--plot", str(tmp_path / "chart.txt")]) == 2
+    assert "unknown image format 'txt', expected one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", ["0", "1025", "x"])
+def test_bench_threads_must_be_a_thread_count(capsys, threads):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--threads", threads])
+    assert exc.value.code == 2
+    assert "argument --threads: expected" in capsys.readouterr().err
