@@ -35,9 +35,10 @@ def forward_train(x, y, weight, bias, eps):
 def _kernel_ready(a, b):
     """Running buffers the kernels can update in place: one float dtype in native byte order,
     C-contiguous and aligned; anything else (views, mixed dtypes) goes through NumPy."""
+    if a.dtype != b.dtype or not a.dtype.isnative:
+        return False
     fa, fb = a.flags, b.flags
-    return (a.dtype == b.dtype and a.dtype.isnative and fa.c_contiguous and fb.c_contiguous
-            and fa.aligned and fb.aligned)
+    return fa.c_contiguous and fb.c_contiguous and fa.aligned and fb.aligned
 
 
 def update_running(running_mean, running_var, mean, var, momentum, n):

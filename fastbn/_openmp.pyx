@@ -42,14 +42,16 @@ def get_num_threads():
 
 
 # More threads than this is a typo, not a machine: the OpenMP runtime would try to start them all
-# and end the process when the system refuses (it cannot raise a Python exception).
-MAX_THREADS = 1024
+# and end the process when the system refuses (it cannot raise a Python exception).  A runtime
+# started with more (OMP_NUM_THREADS) keeps its own count as the limit, so that a value read with
+# get_num_threads() can always be set back.
+MAX_THREADS = max(1024, omp_get_max_threads())
 
 
 def set_num_threads(n):
     """Use ``n`` threads in fastbn's kernels (and in OpenMP code of this thread).
 
-    ``n`` is an integer from 1 to ``MAX_THREADS`` (1024).  The default follows
+    ``n`` is an integer from 1 to ``MAX_THREADS`` (1024, or OMP_NUM_THREADS if larger).  The default follows
     ``OMP_NUM_THREADS`` (else the core count); ``threadpoolctl``'s ``threadpool_limits``
     lowers it for the duration of its block.
     """

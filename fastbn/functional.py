@@ -20,16 +20,24 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def backend_of(a):
     """The backend module for an array: ``_cpu`` for NumPy, ``_cupy_backend`` for CuPy."""
+    if type(a) is np.ndarray:  # the common case, cheaply
+        return _cpu
     if isinstance(a, np.ndarray):
-        if isinstance(a, (np.matrix, np.ma.MaskedArray)):
-            what = "np.matrix" if isinstance(a, np.matrix) else "a masked array (its mask would be ignored)"
-            raise TypeError(f"expected a numpy.ndarray, got {what}; pass np.asarray(...) of it")
+        _refuse_matrix_and_masked(a, "input")
         return _cpu
     if type(a).__module__.split(".")[0] == "cupy":
         from . import _cupy_backend
 
         return _cupy_backend
     raise TypeError(f"expected a numpy.ndarray (or cupy.ndarray), got {type(a).__module__}.{type(a).__name__}")
+
+
+def _refuse_matrix_and_masked(a, name):
+    """NumPy subclasses whose data means something else: np.matrix (always 2-D) and masked arrays
+    (the kernels would ignore the mask)."""
+    if type(a) is not np.ndarray and isinstance(a, (np.matrix, np.ma.MaskedArray)):
+        what = "np.matrix" if isinstance(a, np.matrix) else "a masked array (its mask would be ignored)"
+        raise TypeError(f"{name} must be a numpy.ndarray, got {what}; pass np.asarray(...) of it")
 
 
 def _float_dtype(a, name):
@@ -81,6 +89,7 @@ def _channel_vector(v, name, be, C, dtype, writable=False):
             f"{name} must be a {be.xp.__name__} array of shape ({C},) on the same device as the input, "
             f"got {type(v).__name__}"
         )
+    _refuse_matrix_and_masked(v, name)
     _float_dtype(v, name)
     if v.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, got shape {tuple(v.shape)}")
@@ -118,6 +127,7 @@ def _prepare_out(be, out, x, x3, *more):
         return be.xp.empty_like(x3), False
     if not be.is_array(out):
         raise TypeError(f"out must be a {be.xp.__name__} array, got {type(out).__name__}")
+    _refuse_matrix_and_masked(out, "out")
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x3.dtype:
         raise ValueError(
             f"out must have the input's shape {tuple(x.shape)} and dtype {x3.dtype}, "

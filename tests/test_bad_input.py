@@ -427,6 +427,18 @@ def test_matrix_and_masked_inputs_are_refused(make, message):
         fastbn.BatchNorm1d(3, dtype=np.float64)(bad)
 
 
+@pytest.mark.parametrize("where", ["weight", "bias", "running_mean", "out"])
+def test_masked_parameters_buffers_and_out_are_refused(rng, where):
+    x = random_input(rng, (4, 3), np.float64)
+    args = dict(running_mean=np.zeros(3), running_var=np.ones(3), weight=np.ones(3), bias=np.zeros(3), out=None)
+    args[where] = np.ma.masked_array(np.zeros(x.shape if where == "out" else 3), mask=False)
+    before = {k: np.array(v, copy=True) for k, v in args.items() if v is not None}
+    with pytest.raises(TypeError, match=rf"{where} must be a numpy.ndarray, got a masked array"):
+        fastbn.batch_norm(x, training=True, **args)
+    for k, v in before.items():
+        np.testing.assert_array_equal(np.asarray(args[k]), v)
+
+
 def test_huge_integer_eps_is_a_value_error():
     with pytest.raises(ValueError, match=r"eps must be a real number >= 0.0"):
         fastbn.batch_norm(np.ones((2, 3)), None, None, training=True, eps=10**400)

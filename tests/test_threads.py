@@ -60,6 +60,16 @@ def test_set_and_get_num_threads(threads):
 
 
 @needs_openmp
+def test_a_thread_count_read_back_can_be_set_again():
+    """With OMP_NUM_THREADS above the 1024 cap, get_num_threads() still round-trips (the benchmark
+    restores the count it found)."""
+    code = "import fastbn; n = fastbn.get_num_threads(); fastbn.set_num_threads(n); print(n)"
+    env = dict(os.environ, OMP_NUM_THREADS="2000")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "2000", r.stderr
+
+
+@needs_openmp
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("path,unit,shape", BIG, ids=BIG_IDS)
 def test_one_and_two_threads_agree(rng, threads, force_path, path, unit, shape, dtype):
