@@ -7,12 +7,17 @@ Calling it runs the forward; ``backward(grad_output)`` returns ``grad_input`` an
 """
 import contextlib
 import numbers
+from collections import namedtuple
 
 import numpy as np
 
 from . import functional as F
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+# What load_state_dict returns, as PyTorch's: the keys it expected and did not find, and the ones
+# it did not expect (both empty after a strict load, which raises otherwise).
+IncompatibleKeys = namedtuple("IncompatibleKeys", "missing_keys unexpected_keys")
 
 
 def _resolve_device(device):
@@ -33,8 +38,8 @@ class _BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device="cpu", dtype=np.float32, *, bias=True):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 0:
+            raise ValueError(f"num_features must be a non-negative integer, got {num_features!r}")
         F._check_scalar(eps, "eps")
         if momentum is not None:
             F._check_scalar(momentum, "momentum", 0.0, 1.0)
@@ -75,7 +80,7 @@ class _BatchNorm:
     # ------------------------------------------------------------------ modes and parameters
     def train(self, mode=True):
         if not isinstance(mode, bool):
-            raise TypeError(f"train(mode) expects a bool, got {mode!r}")
+            raise ValueError(f"train(mode) expects a bool, got {mode!r}")  # PyTorch's exception
         self.training = mode
         return self
 
@@ -177,7 +182,8 @@ class _BatchNorm:
     def load_state_dict(self, state_dict, strict=True):
         """Load PyTorch-keyed arrays (e.g. ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``).
 
-        Everything is checked before anything is written, so a bad dict changes nothing.
+        Everything is checked before anything is written, so a bad dict changes nothing.  Returns
+        ``IncompatibleKeys(missing_keys, unexpected_keys)``, as PyTorch does.
         """
         names = self._state_names()
         # PyTorch loads a dict without num_batches_tracked (a checkpoint from before it existed)
@@ -214,6 +220,7 @@ class _BatchNorm:
             else:
                 with self._on_device():
                     getattr(self, name)[...] = self._xp.asarray(value, dtype=self.dtype)
+        return IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------------------------ devices
     def to(self, device):

@@ -53,7 +53,7 @@ def test_train_eval_return_the_layer():
     assert bn.eval() is bn and bn.training is False
     assert bn.train() is bn and bn.training is True
     assert bn.train(False) is bn and bn.training is False
-    with pytest.raises(TypeError, match="bool"):
+    with pytest.raises(ValueError, match="bool"):  # PyTorch's exception type
         bn.train("yes")
     assert bn.training is False
 
@@ -336,3 +336,29 @@ def test_load_state_dict_without_num_batches_tracked_keeps_the_count():
     bn.load_state_dict(state)
     assert bn.num_batches_tracked == 1
     np.testing.assert_array_equal(bn.running_mean, [5.0, 6.0])
+
+
+def test_load_state_dict_returns_the_incompatible_keys_as_pytorch():
+    bn = fastbn.BatchNorm1d(2)
+    result = bn.load_state_dict({"weight": np.full(2, 3.0), "extra": np.zeros(1)}, strict=False)
+    assert result == (["bias", "running_mean", "running_var"], ["extra"])
+    assert result.missing_keys == ["bias", "running_mean", "running_var"] and result.unexpected_keys == ["extra"]
+    np.testing.assert_array_equal(bn.weight, 3.0)
+    assert bn.load_state_dict(bn.state_dict()) == ([], [])
+
+
+def test_train_mode_must_be_a_bool_as_in_pytorch():
+    bn = fastbn.BatchNorm1d(2)
+    with pytest.raises(ValueError, match=r"train\(mode\) expects a bool, got 1"):
+        bn.train(1)
+    assert bn.training is True
+
+
+def test_a_layer_with_no_features_gives_empty_results():
+    """PyTorch builds BatchNorm2d(0) (and then fails in forward); fastbn's works on empty inputs."""
+    bn = fastbn.BatchNorm2d(0)
+    assert bn.weight.shape == (0,) and set(bn.state_dict()) >= {"running_mean", "num_batches_tracked"}
+    x = np.zeros((2, 0, 3, 3), np.float32)
+    assert bn(x).shape == x.shape
+    assert bn.backward(np.zeros_like(x)).shape == x.shape
+    assert bn.eval()(x).shape == x.shape
