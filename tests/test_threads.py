@@ -64,9 +64,7 @@ def test_a_thread_count_read_back_can_be_set_again():
     """With OMP_NUM_THREADS above the 1024 cap, get_num_threads() still round-trips (the benchmark
     restores the count it found)."""
     code = "import fastbn; n = fastbn.get_num_threads(); fastbn.set_num_threads(n); print(n)"
-    env = dict(os.environ, OMP_NUM_THREADS="2000")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "2000", r.stderr
+    assert _fastbn_subprocess(code, OMP_NUM_THREADS="2000") == "2000"
 
 
 @needs_openmp
