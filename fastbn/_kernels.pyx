@@ -109,9 +109,12 @@ cdef Py_ssize_t _plan_ranges(Py_ssize_t L, int T, Py_ssize_t unit) noexcept nogi
     return T if unit <= 0 else max(<Py_ssize_t>1, (L + unit - 1) // unit)
 
 
-cdef Py_ssize_t _plan_rows(Py_ssize_t W, Py_ssize_t unit) noexcept nogil:
-    """Rows per COLUMNS block (W = 0, no channels: any)."""
-    return unit if unit > 0 else max(<Py_ssize_t>1, COLUMN_BLOCK // max(W, <Py_ssize_t>1))
+cdef Py_ssize_t _plan_rows(Py_ssize_t N, Py_ssize_t W, int T, Py_ssize_t unit) noexcept nogil:
+    """Rows per COLUMNS block: COLUMN_BLOCK elements, but no more than a T-th of the N rows, so that
+    a matrix of fewer blocks than threads still splits across all T (W = 0, no channels: any)."""
+    if unit > 0:
+        return unit
+    return max(<Py_ssize_t>1, min(COLUMN_BLOCK // max(W, <Py_ssize_t>1), (N + T - 1) // T))
 
 
 cdef inline Py_ssize_t _share(Py_ssize_t n, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
@@ -442,7 +445,7 @@ cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, do
         return 0
 
     # COLUMNS: an (N, W) matrix
-    R = _plan_rows(W, unit)
+    R = _plan_rows(N, W, T, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
     part = _new(T * (COL_MOMENTS * W + 1), cnp.NPY_DOUBLE, True)  # per share: see _col_moments
@@ -554,7 +557,7 @@ cdef int _forward_eval(floating tag, void *xv, void *yv, void *wv, void *bv, con
             for k in prange(K, num_threads=T, schedule="static"):
                 _affine(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
         return 0
-    R = _plan_rows(W, unit)
+    R = _plan_rows(N, W, T, unit)
     nb = (N + R - 1) // R
     wide = _new(4 * W, tn, False)
     cw = <floating *>_ptr(wide)
@@ -627,7 +630,7 @@ cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const d
         return 0
 
     # COLUMNS
-    R = _plan_rows(W, unit)
+    R = _plan_rows(N, W, T, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
     part = _new(T * 2 * W, cnp.NPY_DOUBLE, True)  # per share: [sum dy (W) | sum dy*(x-mean) (W)]
