@@ -274,6 +274,12 @@ def _grid(n):
     return (max(1, min(int(n), MAX_GRID)),)
 
 
+def check_device(x, arrays):
+    """Raise unless every (label, array) in ``arrays`` is on the device of ``x`` (before any kernel
+    runs: a call that fails must change nothing)."""
+    _check_device(x.device.id, arrays)
+
+
 def _check_device(dev_id, arrays):
     for label, a in arrays:
         if a.device.id != dev_id:
@@ -285,6 +291,13 @@ def _check_device(dev_id, arrays):
 
 def _vec(cp, a):
     return cp.ascontiguousarray(a)
+
+
+def _vec_apart(cp, a, out):
+    """_vec, copied where it shares memory with ``out``: the channels kernels read the per-channel
+    vectors while other blocks already write ``out``."""
+    v = _vec(cp, a)
+    return v.copy() if cp.may_share_memory(v, out) else v
 
 
 def _apply_grid(sm, total):
@@ -302,7 +315,7 @@ def forward_train(x, y, weight, bias, eps):
         if C == 0 or N * S == 0:
             return mean, var, invstd
         kern = _kernels(dev.id, x.dtype)
-        w, b = _vec(cp, weight), _vec(cp, bias)
+        w, b = _vec_apart(cp, weight, y), _vec_apart(cp, bias, y)
         NS = N * S
         path, k, U = _plan(cp, dev.id, C, S, NS)
         eps = np.float64(eps)
@@ -365,7 +378,7 @@ def backward(dy, x, dx, weight, mean, invstd, training):
         if total == 0:
             return gw, gb
         kern = _kernels(dev.id, x.dtype)
-        w, m, istd = _vec(cp, weight), _vec(cp, mean), _vec(cp, invstd)
+        w, m, istd = _vec_apart(cp, weight, dx), _vec_apart(cp, mean, dx), _vec_apart(cp, invstd, dx)
         NS = N * S
         train = np.int32(1 if training else 0)
         path, k, U = _plan(cp, dev.id, C, S, NS)

@@ -63,6 +63,11 @@ def as_ncs(x, name="input"):
     return be, x.reshape(N, C, x.size // (N * C) if N * C else math.prod(x.shape[2:]))
 
 
+def _writeable(a):
+    """NumPy's writeable flag; CuPy's flags have no such attribute (its arrays always are)."""
+    return getattr(a.flags, "writeable", True)
+
+
 def _aligned(a):
     """NumPy's flag for element-aligned memory (a view at an odd byte offset is not); CuPy's
     arrays always are."""
@@ -87,13 +92,13 @@ def _channel_vector(v, name, be, C, dtype, writable=False):
     if not be.is_array(v):
         raise TypeError(
             f"{name} must be a {be.xp.__name__} array of shape ({C},) on the same device as the input, "
-            f"got {type(v).__name__}"
+            f"got {type(v).__module__}.{type(v).__name__}"
         )
     _refuse_matrix_and_masked(v, name)
     _float_dtype(v, name)
     if v.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, got shape {tuple(v.shape)}")
-    if writable and not v.flags.writeable:
+    if writable and not _writeable(v):
         raise ValueError(f"{name} is read-only, but training updates it in place")
     if dtype is not None and (v.dtype != dtype or not v.flags.c_contiguous or not _aligned(v)):
         # The kernels read these as contiguous, aligned vectors of the input's dtype (a strided
@@ -133,7 +138,7 @@ def _prepare_out(be, out, x, x3, *more):
             f"out must have the input's shape {tuple(x.shape)} and dtype {x3.dtype}, "
             f"got shape {tuple(out.shape)} and dtype {out.dtype}"
         )
-    if not out.flags.writeable:
+    if not _writeable(out):
         raise ValueError("out is read-only")
     if out.flags.c_contiguous and _aligned(out):
         o3 = out.reshape(x3.shape)
@@ -203,6 +208,8 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     if running_mean is not None:
         _channel_vector(running_mean, "running_mean", be, C, None, writable=training)
         _channel_vector(running_var, "running_var", be, C, None, writable=training)
+        if be is not _cpu:  # updated after the kernel has written out: check before it runs
+            be.check_device(x3, (("running_mean", running_mean), ("running_var", running_var)))
     if training:
         _training_check(input, N, S)
     y3, copy_back = _prepare_out(be, out, input, x3)

@@ -27,8 +27,10 @@ def _resolve_device(device):
     if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
         from . import _cupy_backend
 
-        index = int(device.split(":")[1]) if ":" in device else None
-        return device, _cupy_backend.device_module(index)
+        index = device[5:]  # after "cuda:"
+        if device != "cuda" and not (index.isascii() and index.isdigit()):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' with N a device number, got {device!r}")
+        return device, _cupy_backend.device_module(int(index) if index else None)
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
@@ -152,7 +154,11 @@ class _BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first (each forward allows one backward)")
         x, weight, mean, invstd, batch_stats = self._saved
-        if F.backend_of(grad_output) is not F.backend_of(x) or tuple(grad_output.shape) != tuple(x.shape):
+        if F.backend_of(grad_output) is not F.backend_of(x):
+            where = "CuPy (GPU)" if F.backend_of(x) is not F._cpu else "NumPy (CPU)"
+            raise TypeError(f"grad_output must be a {where} array like the forward's input, "
+                            f"got {type(grad_output).__module__}.{type(grad_output).__name__}")
+        if tuple(grad_output.shape) != tuple(x.shape):
             raise ValueError(f"grad_output must match the forward's input: shape {tuple(x.shape)}, "
                              f"got {type(grad_output).__name__} of shape {tuple(getattr(grad_output, 'shape', ()))}")
         dx, gw, gb = F.batch_norm_backward(grad_output, x, weight, mean, invstd, training=batch_stats, out=out)

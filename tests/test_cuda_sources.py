@@ -364,7 +364,8 @@ def emulator(tmp_path_factory):
     root = tmp_path_factory.mktemp("fake_cupy")
     write_fake_cupy(str(root))
     os.makedirs(str(root / "build") + "_cwd")
-    return _env(str(root), FAKE_CUPY_SMS="2", FAKE_CUPY_BUILD=str(root / "build"))
+    # two emulated devices, so that the suite's two-GPU test (devices checked before any kernel) runs
+    return _env(str(root), FAKE_CUPY_SMS="2", FAKE_CUPY_DEVICES="2", FAKE_CUPY_BUILD=str(root / "build"))
 
 
 def _run(cmd, env, timeout=600):
@@ -440,6 +441,13 @@ def _wrap(v):
     return v
 
 
+class _Flags:
+    """CuPy's flags: only these three (no writeable, no aligned, unlike NumPy's)."""
+
+    def __init__(self, f):
+        self.c_contiguous, self.f_contiguous, self.owndata = f.c_contiguous, f.f_contiguous, f.owndata
+
+
 class _Data:
     def __init__(self, a):
         self.ptr = a.__array_interface__["data"][0]
@@ -455,7 +463,7 @@ class ndarray(NDArrayOperatorsMixin):
     dtype = property(lambda self: self._a.dtype)
     ndim = property(lambda self: self._a.ndim)
     size = property(lambda self: self._a.size)
-    flags = property(lambda self: self._a.flags)
+    flags = property(lambda self: _Flags(self._a.flags))
     strides = property(lambda self: self._a.strides)
     itemsize = property(lambda self: self._a.itemsize)
     nbytes = property(lambda self: self._a.nbytes)

@@ -274,6 +274,40 @@ def test_float64_variance_keeps_full_precision_far_from_zero(gpu_path, rng, path
     np.testing.assert_allclose(1.0 / invstd.get() ** 2, var, rtol=1e-13)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_float64_spread_beyond_1e154_gives_the_cpu_result(gpu_path, path):
+    """var = inf gives invstd = 0 and outputs 0 (CPU and PyTorch); the first merge into an empty
+    accumulator used to compute d * d * 0 = inf * 0 = NaN."""
+    gpu_path(*path)
+    x = np.array([[0.0], [1e155]])
+    y_c, _, invstd_c = fastbn.batch_norm_forward(x, None, None, training=True)
+    y_g, _, invstd_g = fastbn.batch_norm_forward(_g(x), None, None, training=True)
+    np.testing.assert_array_equal(invstd_g.get(), invstd_c)
+    np.testing.assert_array_equal(y_g.get(), y_c)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_out_sharing_memory_with_the_parameters_is_still_right(gpu_path, rng, path):
+    """The channels kernels read weight, bias (and the saved statistics) while other blocks write
+    the output: a weight that lives inside out's buffer must be read before it is overwritten."""
+    gpu_path(*path)
+    x = _data(rng, (4, 3, 5), np.float64)
+    dy = rng.standard_normal(x.shape)
+    w, b = np.array([1.5, 1.2, 1.8]), np.array([0.1, 0.2, 0.3])
+    y_c, mean_c, invstd_c = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
+    dx_c = fastbn.batch_norm_backward(dy, x, w, mean_c, invstd_c)[0]
+    buf = cp.zeros(60)
+    out = buf.reshape(x.shape)
+    wg, bg = buf[5:8], buf[20:23]
+    wg[...], bg[...] = _g(w), _g(b)
+    _close(fastbn.batch_norm(_g(x), None, None, wg, bg, training=True, out=out), y_c, 1e-12, "forward")
+    buf[...] = 0
+    wg[...] = _g(w)
+    mean_g, invstd_g = buf[40:43], buf[50:53]
+    mean_g[...], invstd_g[...] = _g(mean_c), _g(invstd_c)
+    _close(fastbn.batch_norm_backward(_g(dy), _g(x), wg, mean_g, invstd_g, out=out)[0], dx_c, 1e-12, "backward")
+
+
 def test_results_are_deterministic(rng, gpu_path):
     for path in PATHS:
         gpu_path(*path)
@@ -426,7 +460,7 @@ def test_layer_device_mismatch_raises(rng):
     with pytest.raises(TypeError, match="NumPy"):
         gpu(x)
     gpu(_g(x))
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match=r"grad_output must be a CuPy \(GPU\) array like the forward's input, got numpy"):
         gpu.backward(rng.standard_normal(x.shape).astype(np.float32))
 
 
@@ -461,6 +495,11 @@ def test_second_gpu(rng):
         x1 = cp.asarray(x)
     with pytest.raises(ValueError, match="device"):  # weight on GPU 0, input on GPU 1
         fastbn.batch_norm(x1, None, None, cp.ones(3, cp.float32), training=True)
+    # running buffers on GPU 0, an in-place call on GPU 1: refused before the kernel overwrites x1
+    before = x1.get()
+    with pytest.raises(ValueError, match="running_mean is on CUDA device 0"):
+        fastbn.batch_norm(x1, cp.zeros(3, cp.float32), cp.ones(3, cp.float32), training=True, out=x1)
+    np.testing.assert_array_equal(x1.get(), before)
 
 
 # ---------------------------------------------------------------------------------- PyTorch CUDA

@@ -362,3 +362,9 @@ def test_a_layer_with_no_features_gives_empty_results():
     assert bn(x).shape == x.shape
     assert bn.backward(np.zeros_like(x)).shape == x.shape
     assert bn.eval()(x).shape == x.shape
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:", "cuda:0:1", "cuda:-1", "gpu"])
+def test_device_strings_are_checked(device):
+    with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
+        fastbn.BatchNorm1d(2, device=device)

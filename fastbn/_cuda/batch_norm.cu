@@ -62,6 +62,12 @@ __device__ __forceinline__ void fbn_chan_merge(double &n, double &m, double &m2,
 {
     if (nb <= 0.0)
         return;
+    if (n == 0.0) { /* the first part: taken as it is (d * d * 0 would be NaN for |d| > 1e154) */
+        n = nb;
+        m = mb;
+        m2 = m2b;
+        return;
+    }
     double nn = n + nb;
     double d = mb - m;
     m += d * (nb / nn);
