@@ -280,11 +280,20 @@ cdef inline void _finish_grad(Py_ssize_t c, Py_ssize_t C, double sdy, double sdy
         cf[4 * C + c] = 0
 
 
+cdef inline object _columns_coefs(object coef, Py_ssize_t S, int typenum):
+    """The per-column coefficients of the COLUMNS path: the per-channel ones (blocks of C) themselves
+    when S = 1, an (N, C) matrix with the same layout; else a new array of blocks of C*S."""
+    return coef if S == 1 else _new(cnp.PyArray_SIZE(<cnp.ndarray>coef) * S, typenum, False)
+
+
 cdef inline void _expand(const floating *cf, Py_ssize_t C, Py_ssize_t S, Py_ssize_t ncoef, Py_ssize_t c,
                          floating *cfw) noexcept nogil:
     """Channel c's coefficients (ncoef blocks of C) copied to its S columns of the per-column
-    ones (ncoef blocks of C*S), for the COLUMNS path."""
+    ones (ncoef blocks of C*S), for the COLUMNS path.  With S = 1 the two are one array (see
+    _columns_coefs), and there is nothing to copy."""
     cdef Py_ssize_t i, s, W = C * S
+    if cfw == cf:
+        return
     for i in range(ncoef):
         for s in range(S):
             cfw[i * W + c * S + s] = cf[i * C + c]
@@ -450,7 +459,7 @@ cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, do
     T = <int>min(<Py_ssize_t>T, nb)
     part = _new(T * (COL_MOMENTS * W + 1), cnp.NPY_DOUBLE, True)  # per share: see _col_moments
     pp = <double *>_ptr(part)
-    wide = _new(4 * W, tn, False)
+    wide = _columns_coefs(coef, S, tn)
     cw = <floating *>_ptr(wide)
     with nogil, parallel(num_threads=T):
         for k in prange(T, schedule="static"):  # share k of the blocks, front to back
@@ -559,11 +568,12 @@ cdef int _forward_eval(floating tag, void *xv, void *yv, void *wv, void *bv, con
         return 0
     R = _plan_rows(N, W, T, unit)
     nb = (N + R - 1) // R
-    wide = _new(4 * W, tn, False)
+    wide = _columns_coefs(coef, S, tn)
     cw = <floating *>_ptr(wide)
     with nogil:
-        for c in range(C):
-            _expand(cf, C, S, 4, c, cw)
+        if cw != cf:
+            for c in range(C):
+                _expand(cf, C, S, 4, c, cw)
         for j in prange(nb, num_threads=min(<Py_ssize_t>T, nb), schedule="static"):
             _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, cw, nt)
     return 0
@@ -635,7 +645,7 @@ cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const d
     T = <int>min(<Py_ssize_t>T, nb)
     part = _new(T * 2 * W, cnp.NPY_DOUBLE, True)  # per share: [sum dy (W) | sum dy*(x-mean) (W)]
     pp = <double *>_ptr(part)
-    wide = _new(5 * W, tn, False)
+    wide = _columns_coefs(coef, S, tn)
     cw = <floating *>_ptr(wide)
     wide_mean = _new(W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
     wm = <double *>_ptr(wide_mean)
