@@ -53,6 +53,11 @@ cdef extern from "_simd.h" nogil:
     void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t W, const double *mean, double *acc)
     void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t W, const float *cf, int nt)
     void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t W, const double *cf, int nt)
+    # evaluation mode's statistics and coefficients
+    void fbn_eval_stats_f32(const float *rm, const float *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
+    void fbn_eval_stats_f64(const double *rm, const double *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
+    void fbn_eval_coefs_f32(const double *mean, const double *invstd, const float *w, const float *b, float *cf, Py_ssize_t C)
+    void fbn_eval_coefs_f64(const double *mean, const double *invstd, const double *w, const double *b, double *cf, Py_ssize_t C)
     # the benchmark's floor
     double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int nt)
     double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int nt)
@@ -512,17 +517,9 @@ def eval_stats(running_mean, running_var, double eps, mean, invstd):
     cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
     cdef double *ip = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
     if t == cnp.NPY_FLOAT:
-        _eval_stats(<const float *>rm, <const float *>rv, eps, mp, ip, C)
+        fbn_eval_stats_f32(<const float *>rm, <const float *>rv, eps, mp, ip, C)
     else:
-        _eval_stats(<const double *>rm, <const double *>rv, eps, mp, ip, C)
-
-
-cdef void _eval_stats(const floating *rm, const floating *rv, double eps, double *mean, double *invstd,
-                      Py_ssize_t C) noexcept:
-    cdef Py_ssize_t c
-    for c in range(C):
-        mean[c] = rm[c]
-        invstd[c] = 1.0 / sqrt(<double>rv[c] + eps)
+        fbn_eval_stats_f64(<const double *>rm, <const double *>rv, eps, mp, ip, C)
 
 
 def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
@@ -557,9 +554,10 @@ cdef int _forward_eval(floating tag, void *xv, void *yv, void *wv, void *bv, con
     cdef floating *cf = <floating *>_ptr(coef)
     cdef floating *cw
     cdef Py_ssize_t K, k, c, R, nb, j
-    with nogil:
-        for c in range(C):
-            _affine_coefs(c, C, mp[c], ip[c], <const floating *>wv, <const floating *>bv, cf)
+    if floating is float:
+        fbn_eval_coefs_f32(mp, ip, <const float *>wv, <const float *>bv, cf, C)
+    else:
+        fbn_eval_coefs_f64(mp, ip, <const double *>wv, <const double *>bv, cf, C)
     if _plan_path(C, S, path) == RANGES:
         K = _plan_ranges(L, T, unit)
         with nogil:

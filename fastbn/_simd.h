@@ -21,6 +21,7 @@
 #ifndef FASTBN_SIMD_H
 #define FASTBN_SIMD_H
 
+#include <math.h>
 #include <stddef.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)

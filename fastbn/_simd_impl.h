@@ -393,6 +393,36 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
     }
 }
 
+/* ---- evaluation mode: per-channel statistics and coefficients, vectorized ----
+ * One vector loop over the channels each, instead of a scalar loop whose division and square root
+ * per channel took 2 ns: 8 us of a 20 us evaluation call on a (1, 4096) input. */
+
+/* mean = running_mean and invstd = 1 / sqrt(running_var + eps), in double. */
+FBN_CLONES static void FBN_NAME(fbn_eval_stats)(const T *rm, const T *rv, double eps, double *restrict mean,
+                                                double *restrict invstd, ptrdiff_t C)
+{
+#pragma omp simd
+    for (ptrdiff_t c = 0; c < C; c++) {
+        mean[c] = (double)rm[c];
+        invstd[c] = 1.0 / sqrt((double)rv[c] + eps);
+    }
+}
+
+/* cf = [mhi | mlo | a | b] (C values each) from the double mean and invstd: the mean split into two
+ * values of T, a = weight * invstd, b = bias (as _affine_coefs in _kernels.pyx, per channel). */
+FBN_CLONES static void FBN_NAME(fbn_eval_coefs)(const double *mean, const double *invstd, const T *w, const T *b,
+                                                T *restrict cf, ptrdiff_t C)
+{
+#pragma omp simd
+    for (ptrdiff_t c = 0; c < C; c++) {
+        const T hi = (T)mean[c];
+        cf[c] = hi;
+        cf[C + c] = (T)(mean[c] - (double)hi);
+        cf[2 * C + c] = (T)((double)w[c] * invstd[c]);
+        cf[3 * C + c] = b[c];
+    }
+}
+
 /* ---- the benchmark's floor ----
  * The least memory traffic a pass of batch norm can make, with next to no arithmetic: reads
  * a[0:n] and, when given, b[0:n]; with y, writes y = a (+ b), with streaming stores when nt
