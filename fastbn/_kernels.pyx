@@ -245,8 +245,10 @@ cdef inline void _col_grad_input(const floating *dy, const floating *x, floating
 # x or the mean, or a NaN there would turn dx into NaN (x * 0 is NaN), where PyTorch's is finite.
 
 cdef inline void _mean_coefs(Py_ssize_t c, Py_ssize_t C, double mean, floating *cf) noexcept nogil:
+    # an infinite high part (an infinite mean, or a float64 mean beyond float32's range) has no low
+    # part: inf - inf would make every output NaN, where x - inf is the answer (PyTorch's too)
     cf[c] = <floating>mean
-    cf[C + c] = <floating>(mean - <double>cf[c])
+    cf[C + c] = <floating>(mean - <double>cf[c]) if cf[c] - cf[c] == 0 else 0
 
 
 cdef inline void _affine_coefs(Py_ssize_t c, Py_ssize_t C, double mean, double istd, const floating *w,

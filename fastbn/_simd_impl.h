@@ -415,9 +415,9 @@ FBN_CLONES static void FBN_NAME(fbn_eval_coefs)(const double *mean, const double
 {
 #pragma omp simd
     for (ptrdiff_t c = 0; c < C; c++) {
-        const T hi = (T)mean[c];
+        const T hi = (T)mean[c], lo = (T)(mean[c] - (double)hi);
         cf[c] = hi;
-        cf[C + c] = (T)(mean[c] - (double)hi);
+        cf[C + c] = hi - hi == 0 ? lo : (T)0; /* no low part to an infinite high part (_mean_coefs) */
         cf[2 * C + c] = (T)((double)w[c] * invstd[c]);
         cf[3 * C + c] = b[c];
     }

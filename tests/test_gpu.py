@@ -308,6 +308,17 @@ def test_out_sharing_memory_with_the_parameters_is_still_right(gpu_path, rng, pa
     _close(fastbn.batch_norm_backward(_g(dy), _g(x), wg, mean_g, invstd_g, out=out)[0], dx_c, 1e-12, "backward")
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_infinite_running_mean_gives_infinite_outputs_in_eval(gpu_path, path):
+    """x - inf is -inf (CPU and PyTorch); splitting an infinite mean into high and low parts gave NaN."""
+    gpu_path(*path)
+    x = np.ones((6, 4, 3), np.float32)
+    rm, rv = np.array([np.inf, -np.inf, 1e39, 0.0]), np.ones(4)
+    y = fastbn.batch_norm(_g(x), _g(rm), _g(rv), training=False).get()
+    np.testing.assert_array_equal(y, fastbn.batch_norm(x, rm, rv, training=False))
+    assert np.isinf(y[:, :3]).all()
+
+
 def test_results_are_deterministic(rng, gpu_path):
     for path in PATHS:
         gpu_path(*path)

@@ -256,3 +256,18 @@ def test_column_loops_every_row_remainder(force_path, rng, dtype, stream, unit):
     assert_close(dx, want_dx)
     np.testing.assert_allclose(gw, want_gw, rtol=1e-5 if dtype == np.float32 else 1e-10, atol=1e-5)
     np.testing.assert_allclose(gb, want_gb, rtol=1e-5 if dtype == np.float32 else 1e-10, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_infinite_running_mean_gives_infinite_outputs_in_eval(kernel_path, dtype):
+    """x - inf is -inf, as in PyTorch; splitting an infinite mean into high and low parts gave
+    inf - inf = NaN.  A float64 mean beyond float32's range, with float32 input, likewise."""
+    x = np.ones((6, 4, 3), dtype)
+    rm = np.array([np.inf, -np.inf, 1e39, 0.0])
+    rv = np.ones(4)
+    y = fastbn.batch_norm(x, rm, rv, training=False)
+    with np.errstate(over="ignore"):  # -1e39 is -inf in float32
+        expect = ((x.astype(np.float64) - rm.reshape(1, 4, 1)) / np.sqrt(1 + 1e-5)).astype(dtype)
+    np.testing.assert_array_equal(y[:, :2], expect[:, :2])
+    assert (y[:, 2] == (-np.inf if dtype == np.float32 else expect[:, 2])).all()
+    assert_close(y[:, 3], expect[:, 3], dtype)

@@ -285,7 +285,7 @@ template <typename T>
 __device__ __forceinline__ void fbn_split_mean(double m, T &hi, T &lo)
 {
     hi = (T)m;
-    lo = (T)(m - (double)hi);
+    lo = hi - hi == (T)0 ? (T)(m - (double)hi) : (T)0; /* an infinite hi has no low part: inf - inf is NaN */
 }
 
 /* Batch statistics of channel c from its merged moments; the affine coefficients into cf[0..3]
