@@ -53,7 +53,9 @@ cdef extern from "_simd.h" nogil:
     void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t W, const double *mean, double *acc)
     void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t W, const float *cf, int nt)
     void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t W, const double *cf, int nt)
-    # evaluation mode's statistics and coefficients
+    # the low part of a split mean, and evaluation mode's statistics and coefficients
+    float fbn_mean_lo_f32(double m, float hi)
+    double fbn_mean_lo_f64(double m, double hi)
     void fbn_eval_stats_f32(const float *rm, const float *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
     void fbn_eval_stats_f64(const double *rm, const double *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
     void fbn_eval_coefs_f32(const double *mean, const double *invstd, const float *w, const float *b, float *cf, Py_ssize_t C)
@@ -245,10 +247,11 @@ cdef inline void _col_grad_input(const floating *dy, const floating *x, floating
 # x or the mean, or a NaN there would turn dx into NaN (x * 0 is NaN), where PyTorch's is finite.
 
 cdef inline void _mean_coefs(Py_ssize_t c, Py_ssize_t C, double mean, floating *cf) noexcept nogil:
-    # an infinite high part (an infinite mean, or a float64 mean beyond float32's range) has no low
-    # part: inf - inf would make every output NaN, where x - inf is the answer (PyTorch's too)
     cf[c] = <floating>mean
-    cf[C + c] = <floating>(mean - <double>cf[c]) if cf[c] - cf[c] == 0 else 0
+    if floating is float:
+        cf[C + c] = fbn_mean_lo_f32(mean, cf[c])
+    else:
+        cf[C + c] = fbn_mean_lo_f64(mean, cf[c])
 
 
 cdef inline void _affine_coefs(Py_ssize_t c, Py_ssize_t C, double mean, double istd, const floating *w,

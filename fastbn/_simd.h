@@ -23,6 +23,8 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FBN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
@@ -141,18 +143,26 @@ static inline void fbn_sfence(void) {}
 
 #define T float
 #define FBN_SUFFIX f32
+#define FBN_UINT uint32_t /* T's bits, and its exponent field */
+#define FBN_EXP_BITS 0x7f800000u
 #define FBN_TWO_PASS 0
 #include "_simd_impl.h"
 #undef T
 #undef FBN_SUFFIX
 #undef FBN_TWO_PASS
+#undef FBN_UINT
+#undef FBN_EXP_BITS
 
 #define T double
 #define FBN_SUFFIX f64
+#define FBN_UINT uint64_t
+#define FBN_EXP_BITS 0x7ff0000000000000ull
 #define FBN_TWO_PASS 1
 #include "_simd_impl.h"
 #undef T
 #undef FBN_SUFFIX
 #undef FBN_TWO_PASS
+#undef FBN_UINT
+#undef FBN_EXP_BITS
 
 #endif /* FASTBN_SIMD_H */

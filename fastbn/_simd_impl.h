@@ -397,6 +397,23 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
  * One vector loop over the channels each, instead of a scalar loop whose division and square root
  * per channel took 2 ns: 8 us of a 20 us evaluation call on a (1, 4096) input. */
 
+/* The low part of the double mean m split into hi = (T)m and lo = (T)(m - hi), which the normalize
+ * subtracts in turn.  An infinite hi (an infinite mean, or a double mean beyond float's range) has
+ * no low part: inf - inf would make every output NaN, where x - inf is the answer (PyTorch's too).
+ * (A NaN hi gets none either: its outputs are NaN anyway.) */
+FBN_INLINE T FBN_NAME(fbn_mean_lo)(double m, T hi)
+{
+    T lo = (T)(m - (double)hi);
+    FBN_UINT hb, lb;
+    memcpy(&hb, &hi, sizeof hb);
+    memcpy(&lb, &lo, sizeof lb);
+    /* zero lo where hi's exponent is all ones, with an integer mask: GCC does not vectorize a
+     * floating-point select here (without -fno-trapping-math) */
+    lb &= -(FBN_UINT)((hb & FBN_EXP_BITS) != FBN_EXP_BITS);
+    memcpy(&lo, &lb, sizeof lo);
+    return lo;
+}
+
 /* mean = running_mean and invstd = 1 / sqrt(running_var + eps), in double. */
 FBN_CLONES static void FBN_NAME(fbn_eval_stats)(const T *rm, const T *rv, double eps, double *restrict mean,
                                                 double *restrict invstd, ptrdiff_t C)
@@ -415,9 +432,9 @@ FBN_CLONES static void FBN_NAME(fbn_eval_coefs)(const double *mean, const double
 {
 #pragma omp simd
     for (ptrdiff_t c = 0; c < C; c++) {
-        const T hi = (T)mean[c], lo = (T)(mean[c] - (double)hi);
+        const T hi = (T)mean[c];
         cf[c] = hi;
-        cf[C + c] = hi - hi == 0 ? lo : (T)0; /* no low part to an infinite high part (_mean_coefs) */
+        cf[C + c] = FBN_NAME(fbn_mean_lo)(mean[c], hi);
         cf[2 * C + c] = (T)((double)w[c] * invstd[c]);
         cf[3 * C + c] = b[c];
     }
