@@ -13,9 +13,15 @@ COLUMNS  spatial size below SMALL_S, e.g. an (N, C) matrix: the buffer is an (N,
          threads take blocks of rows, reducing down the columns with vector loads across them
          (per-thread accumulators merged afterwards; the S columns of a channel merged last); the
          apply pass takes each thread's blocks in reverse order.
+SLICES   the same (N, C*S) matrix for few rows per thread (a small batch of many features): each
+         thread takes a slice of the channels, i.e. of the columns, over all the rows, and does
+         everything for them alone (reduce, statistics, apply), so nothing is merged across
+         threads and no thread reads what another wrote: with blocks of rows instead, on
+         (16, 8192) float32 two threads took 117 us for an evaluation forward and one thread 25,
+         from reading the coefficients the other thread had just written.
 
-``unit`` (0: choose) forces the range size in elements (RANGES) or the rows per block (COLUMNS);
-tests set it small so small inputs run many ranges and blocks.  ``stream`` (-1: choose by output
+``unit`` (0: choose) forces the range size in elements (RANGES) or the rows per block (COLUMNS,
+SLICES); tests set it small so small inputs run many ranges and blocks.  ``stream`` (-1: choose by output
 size, 0 off, 1 on) switches the non-temporal stores of _simd.h.
 
 The entry points check what memory safety needs of their arrays (see "arguments" below);
@@ -45,21 +51,25 @@ cdef extern from "_simd.h" nogil:
     void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
     void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int nt)
     # blocks of rows of an (N, W) matrix
-    void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
-    void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
-    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t W, const float *cf, int nt)
-    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t W, const double *cf, int nt)
-    void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t W, const double *mean, double *acc)
-    void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t W, const double *mean, double *acc)
-    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t W, const float *cf, int nt)
-    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t W, const double *cf, int nt)
+    void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
+    void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
+    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const float *cf, int nt)
+    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const double *cf, int nt)
+    void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
+    void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
+    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const float *cf, int nt)
+    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const double *cf, int nt)
     # the low part of a split mean, and evaluation mode's statistics and coefficients
     float fbn_mean_lo_f32(double m, float hi)
     double fbn_mean_lo_f64(double m, double hi)
     void fbn_eval_stats_f32(const float *rm, const float *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
     void fbn_eval_stats_f64(const double *rm, const double *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
-    void fbn_eval_coefs_f32(const double *mean, const double *invstd, const float *w, const float *b, float *cf, Py_ssize_t C)
-    void fbn_eval_coefs_f64(const double *mean, const double *invstd, const double *w, const double *b, double *cf, Py_ssize_t C)
+    void fbn_eval_coefs_f32(const double *mean, const double *invstd, const float *w, const float *b, float *cf, Py_ssize_t n, Py_ssize_t C)
+    void fbn_eval_coefs_f64(const double *mean, const double *invstd, const double *w, const double *b, double *cf, Py_ssize_t n, Py_ssize_t C)
+    void fbn_col_finish_stats_f32(double count, const double *K, const double *rel, const double *m2, double eps, const float *w, const float *b, double *mean, double *var, double *invstd, float *cf, Py_ssize_t n, Py_ssize_t C)
+    void fbn_col_finish_stats_f64(double count, const double *K, const double *rel, const double *m2, double eps, const double *w, const double *b, double *mean, double *var, double *invstd, double *cf, Py_ssize_t n, Py_ssize_t C)
+    void fbn_col_finish_grad_f32(double count, const double *sdy, const double *sdyx, int training, const float *w, const double *mean, const double *invstd, double *gw, double *gb, float *cf, Py_ssize_t n, Py_ssize_t C)
+    void fbn_col_finish_grad_f64(double count, const double *sdy, const double *sdyx, int training, const double *w, const double *mean, const double *invstd, double *gw, double *gb, double *cf, Py_ssize_t n, Py_ssize_t C)
     # the benchmark's floor
     double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int nt)
     double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int nt)
@@ -68,15 +78,22 @@ cdef enum:
     AUTO = 0
     RANGES = 1
     COLUMNS = 2
-PATHS = {"auto": AUTO, "ranges": RANGES, "columns": COLUMNS}
+    SLICES = 3
+PATHS = {"auto": AUTO, "ranges": RANGES, "columns": COLUMNS, "slices": SLICES}
 
 cdef enum:
     # Below this many elements per thread, another thread costs more than it saves.
     MIN_PER_THREAD = 16384
     # Spatial sizes below this take the COLUMNS path (rows that short would each cost a call) ...
     SMALL_S = 32
-    # ... unless the matrix is wider than this many columns (per-thread accumulators get large).
+    # ... as blocks of rows (COLUMNS), unless the matrix is wider than this many columns (per-thread
+    # accumulators get large) or more than SLICE_RATIO times as wide as it is tall: then in SLICES.
+    # Measured at kernel level on 2 threads, float32 (N, W), blocks of rows -> SLICES: (8, 16384)
+    # train forward 180 -> 51 us, eval 55 -> 20, backward 159 -> 58; (32, 4096) 64 -> 36, 27 -> 20,
+    # 65 -> 39; at W = 32 N about even; below it SLICES loses, most in eval, e.g. (64, 1024) eval
+    # 9 -> 19 us, (128, 1024) 13 -> 40 (two threads writing the two halves of every 4 KiB row).
     MAX_COLUMNS = 1 << 16
+    SLICE_RATIO = 32
     # Elements per COLUMNS row block (~512 KiB of float32: still in L2 for the first block's
     # second pass; larger blocks mean fewer merges).
     COLUMN_BLOCK = 131072
@@ -100,10 +117,16 @@ cdef int _plan_threads(int n_threads, Py_ssize_t total) noexcept nogil:
     return <int>max(1, min(<Py_ssize_t>n_threads, total // MIN_PER_THREAD))
 
 
-cdef int _plan_path(Py_ssize_t C, Py_ssize_t S, int path) noexcept nogil:
+cdef int _plan_path(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int path) noexcept nogil:
+    if path == SLICES and S > SLICE_CHUNK:  # a channel must fit a SLICES chunk (only when forced)
+        return COLUMNS
     if path != AUTO:
         return path
-    return COLUMNS if S < SMALL_S and C * S <= MAX_COLUMNS else RANGES
+    if S >= SMALL_S:
+        return RANGES
+    if C * S > MAX_COLUMNS or C * S > SLICE_RATIO * N:
+        return SLICES
+    return COLUMNS
 
 
 cdef int _plan_stream(Py_ssize_t touched_bytes, int stream) noexcept nogil:
@@ -122,6 +145,25 @@ cdef Py_ssize_t _plan_rows(Py_ssize_t N, Py_ssize_t W, int T, Py_ssize_t unit) n
     if unit > 0:
         return unit
     return max(<Py_ssize_t>1, min(COLUMN_BLOCK // max(W, <Py_ssize_t>1), (N + T - 1) // T))
+
+
+cdef Py_ssize_t _slice_start(Py_ssize_t C, Py_ssize_t S, int T, int k) noexcept nogil:
+    """First channel of SLICES thread k's share of the C channels: equal shares, inner boundaries on
+    channels whose first column is a multiple of 16 elements, so that neighbouring threads write no
+    common 64-byte line of a float32 row (C below that step leaves the later threads nothing)."""
+    cdef Py_ssize_t g = 16, a = S, t
+    while a:  # g = gcd(16, S): channels of S columns start on a multiple of 16 every 16 / g channels
+        t = g % a
+        g = a
+        a = t
+    if k >= T:
+        return C
+    return min(C, ((C * k) // T + 16 // g - 1) // (16 // g) * (16 // g))
+
+
+cdef inline Py_ssize_t _slice_rows(Py_ssize_t w, Py_ssize_t unit) noexcept nogil:
+    """Rows per block of a SLICES thread's w columns: COLUMN_BLOCK elements, at least 8 rows."""
+    return unit if unit > 0 else max(<Py_ssize_t>8, COLUMN_BLOCK // max(w, <Py_ssize_t>1))
 
 
 cdef inline Py_ssize_t _share(Py_ssize_t n, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
@@ -204,39 +246,72 @@ cdef enum:
     # one COLUMNS thread's moments: [count | shift K (W) | mean - K (W) | M2 (W) | scratch (3W)]
     COL_MOMENTS = 6
 
-cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t W, double *th) noexcept nogil:
+# The column loops take columns [0, w) of rows W apart (per-column coefficients in blocks W apart):
+# w = W for the COLUMNS blocks of whole rows; a SLICES thread passes its first column and width.
+cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W,
+                              double *th) noexcept nogil:
+    # th: one share's moments, [count | shift K (w) | mean - K (w) | M2 (w) | scratch (3w)]
     if floating is float:
-        fbn_col_moments_f32(x, rows, W, th, th + 1, th + 1 + W, th + 1 + 2 * W, th + 1 + 3 * W)
+        fbn_col_moments_f32(x, rows, w, W, th, th + 1, th + 1 + w, th + 1 + 2 * w, th + 1 + 3 * w)
     else:
-        fbn_col_moments_f64(x, rows, W, th, th + 1, th + 1 + W, th + 1 + 2 * W, th + 1 + 3 * W)
+        fbn_col_moments_f64(x, rows, w, W, th, th + 1, th + 1 + w, th + 1 + 2 * w, th + 1 + 3 * w)
 
 
-cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t W,
+cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W,
                              const floating *cf, int nt) noexcept nogil:
     if floating is float:
-        fbn_col_affine_f32(x, y, rows, W, cf, nt)
+        fbn_col_affine_f32(x, y, rows, w, W, cf, nt)
     else:
-        fbn_col_affine_f64(x, y, rows, W, cf, nt)
+        fbn_col_affine_f64(x, y, rows, w, W, cf, nt)
     if nt:
         fbn_sfence()
 
 
-cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t W,
-                                const double *mean, double *th) noexcept nogil:
+cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t w,
+                                Py_ssize_t W, const double *mean, double *th) noexcept nogil:
+    # th: one share's sums, [sum dy (w) | sum dy*(x-mean) (w)]
     if floating is float:
-        fbn_col_grad_sums_f32(dy, x, rows, W, mean, th)
+        fbn_col_grad_sums_f32(dy, x, rows, w, W, mean, th, th + w)
     else:
-        fbn_col_grad_sums_f64(dy, x, rows, W, mean, th)
+        fbn_col_grad_sums_f64(dy, x, rows, w, W, mean, th, th + w)
 
 
 cdef inline void _col_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
-                                 Py_ssize_t W, const floating *cf, int nt) noexcept nogil:
+                                 Py_ssize_t w, Py_ssize_t W, const floating *cf, int nt) noexcept nogil:
     if floating is float:
-        fbn_col_grad_input_f32(dy, x, dx, rows, W, cf, nt)
+        fbn_col_grad_input_f32(dy, x, dx, rows, w, W, cf, nt)
     else:
-        fbn_col_grad_input_f64(dy, x, dx, rows, W, cf, nt)
+        fbn_col_grad_input_f64(dy, x, dx, rows, w, W, cf, nt)
     if nt:
         fbn_sfence()
+
+
+cdef inline void _eval_coefs(const double *mean, const double *invstd, const floating *w, const floating *b,
+                             floating *cf, Py_ssize_t n, Py_ssize_t C) noexcept nogil:
+    # channels [0, n) of cf's blocks C apart (the pointers at the first channel)
+    if floating is float:
+        fbn_eval_coefs_f32(mean, invstd, w, b, cf, n, C)
+    else:
+        fbn_eval_coefs_f64(mean, invstd, w, b, cf, n, C)
+
+
+cdef inline void _col_finish_stats(const double *th, Py_ssize_t w, double eps, const floating *wt, const floating *b,
+                                   double *mean, double *var, double *invstd, floating *cf, Py_ssize_t C) noexcept nogil:
+    # th: one share's moments of w columns that are channels (S = 1), see _col_moments
+    if floating is float:
+        fbn_col_finish_stats_f32(th[0], th + 1, th + 1 + w, th + 1 + 2 * w, eps, wt, b, mean, var, invstd, cf, w, C)
+    else:
+        fbn_col_finish_stats_f64(th[0], th + 1, th + 1 + w, th + 1 + 2 * w, eps, wt, b, mean, var, invstd, cf, w, C)
+
+
+cdef inline void _col_finish_grad(const double *th, Py_ssize_t w, double count, bint training, const floating *wt,
+                                  const double *mean, const double *invstd, double *gw, double *gb, floating *cf,
+                                  Py_ssize_t C) noexcept nogil:
+    # th: one share's [sum dy (w) | sum dy*(x-mean) (w)] of w columns that are channels (S = 1)
+    if floating is float:
+        fbn_col_finish_grad_f32(count, th, th + w, training, wt, mean, invstd, gw, gb, cf, w, C)
+    else:
+        fbn_col_finish_grad_f64(count, th, th + w, training, wt, mean, invstd, gw, gb, cf, w, C)
 
 
 # ---------------------------------------------------------------- per-channel coefficients
@@ -327,19 +402,20 @@ cdef void _merge_range_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const dou
     _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
 
 
-cdef void _merge_column_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, double eps,
-                              const floating *w, const floating *b, double *mean, double *var,
-                              double *invstd, floating *cf, floating *cfw) noexcept nogil:
-    # pp: per thread COL_MOMENTS * W + 1 (see _col_moments); channel c owns columns c*S .. c*S+S-1
+cdef void _merge_column_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, Py_ssize_t w,
+                              Py_ssize_t col0, double eps, const floating *wt, const floating *b, double *mean,
+                              double *var, double *invstd, floating *cf, floating *cfw) noexcept nogil:
+    # pp: T shares of COL_MOMENTS * w + 1 (see _col_moments) over columns col0 .. col0 + w - 1 (all
+    # W columns for COLUMNS, a thread's own for SLICES); channel c owns columns c*S .. c*S+S-1
     cdef double acc[4]
-    cdef Py_ssize_t t, s, W = C * S, j, col
+    cdef Py_ssize_t t, s, j, col
     acc[0] = acc[1] = acc[2] = acc[3] = 0
     for t in range(T):
-        j = t * (COL_MOMENTS * W + 1)
+        j = t * (COL_MOMENTS * w + 1)
         for s in range(S):
-            col = j + 1 + c * S + s
-            fbn_shift_merge(acc, pp[j], pp[col], pp[col + W], pp[col + 2 * W])
-    _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
+            col = j + 1 + c * S + s - col0
+            fbn_shift_merge(acc, pp[j], pp[col], pp[col + w], pp[col + 2 * w])
+    _finish_stats(c, C, acc, eps, wt, b, mean, var, invstd, cf)
     _expand(cf, C, S, 4, c, cfw)
 
 
@@ -355,18 +431,104 @@ cdef void _merge_range_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const doub
     _finish_grad(c, C, sdy, sdyx, count, training, w, mean, invstd, gw, gb, cf)
 
 
-cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, double count,
-                             bint training, const floating *w, const double *mean, const double *invstd,
-                             double *gw, double *gb, floating *cf, floating *cfw) noexcept nogil:
-    # pp: per thread [sum dy (W) | sum dy*(x-mean) (W)]
+cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, Py_ssize_t w,
+                             Py_ssize_t col0, double count, bint training, const floating *wt, const double *mean,
+                             const double *invstd, double *gw, double *gb, floating *cf, floating *cfw) noexcept nogil:
+    # pp: T shares of [sum dy (w) | sum dy*(x-mean) (w)] over columns col0 .. col0 + w - 1
     cdef double sdy = 0, sdyx = 0
-    cdef Py_ssize_t t, s, W = C * S
+    cdef Py_ssize_t t, s, col
     for t in range(T):
         for s in range(S):
-            sdy += pp[t * 2 * W + c * S + s]
-            sdyx += pp[t * 2 * W + W + c * S + s]
-    _finish_grad(c, C, sdy, sdyx, count, training, w, mean, invstd, gw, gb, cf)
+            col = t * 2 * w + c * S + s - col0
+            sdy += pp[col]
+            sdyx += pp[col + w]
+    _finish_grad(c, C, sdy, sdyx, count, training, wt, mean, invstd, gw, gb, cf)
     _expand(cf, C, S, 5, c, cfw)
+
+
+# ---------------------------------------------------------------- SLICES: one thread's columns
+# Thread k of T takes channels _slice_start(k) .. _slice_start(k + 1) and does the whole operation for
+# them alone, SLICE_CHUNK columns (whole channels) at a time: reduce over all the rows in blocks front
+# to back, the chunk's statistics and coefficients, apply in blocks back to front (see "two passes";
+# a chunk of a small batch is still in L1/L2 for the apply).  Its scratch is on its own stack.
+
+cdef enum:
+    SLICE_CHUNK = 1024  # columns; spatial sizes up to this (auto takes SLICES below SMALL_S)
+
+
+cdef void _slice_train(int k, int T, const floating *xp, floating *yp, const floating *wp, const floating *bp,
+                       double eps, double *mp, double *vp, double *ip, floating *cf, floating *cw,
+                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t unit, int nt) noexcept nogil:
+    cdef double th[COL_MOMENTS * SLICE_CHUNK + 1]  # [count | K | rel | M2 | scratch], see _col_moments
+    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1)
+    cdef Py_ssize_t col0, w, R, nb, j, c, e
+    while c0 < c1:
+        e = min(c1, c0 + max(<Py_ssize_t>1, SLICE_CHUNK // S))
+        col0, w = c0 * S, (e - c0) * S
+        R = _slice_rows(w, unit)
+        nb = (N + R - 1) // R
+        th[0] = 0
+        for j in range(nb):
+            _col_moments(xp + j * R * W + col0, min(R, N - j * R), w, W, th)
+        if S == 1:
+            _col_finish_stats(th, w, eps, wp + c0, bp + c0, mp + c0, vp + c0, ip + c0, cf + c0, C)
+        else:
+            for c in range(c0, e):
+                _merge_column_stats(c, C, S, 1, th, w, col0, eps, wp, bp, mp, vp, ip, cf, cw)
+        for j in range(nb - 1, -1, -1):
+            _col_affine(xp + j * R * W + col0, yp + j * R * W + col0, min(R, N - j * R), w, W, cw + col0, nt)
+        c0 = e
+
+
+cdef void _slice_eval(int k, int T, const floating *xp, floating *yp, const floating *wp, const floating *bp,
+                      const double *mp, const double *ip, floating *cf, floating *cw, Py_ssize_t N, Py_ssize_t C,
+                      Py_ssize_t S, Py_ssize_t unit, int nt) noexcept nogil:
+    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1)
+    cdef Py_ssize_t col0 = c0 * S, w = (c1 - c0) * S, R = _slice_rows(w, unit), nb = (N + R - 1) // R, j, c
+    if w == 0:
+        return
+    _eval_coefs(mp + c0, ip + c0, wp + c0, bp + c0, cf + c0, c1 - c0, C)
+    for c in range(c0, c1):
+        _expand(cf, C, S, 4, c, cw)
+    for j in range(nb):
+        _col_affine(xp + j * R * W + col0, yp + j * R * W + col0, min(R, N - j * R), w, W, cw + col0, nt)
+
+
+cdef void _slice_backward(int k, int T, const floating *gp, const floating *xp, floating *dp, const floating *wp,
+                          const double *mp, const double *ip, bint training, double *gwp, double *gbp,
+                          floating *cf, floating *cw, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t unit,
+                          int nt) noexcept nogil:
+    cdef double th[2 * SLICE_CHUNK]  # [sum dy (w) | sum dy*(x-mean) (w)]
+    cdef double wm[SLICE_CHUNK]  # each column's channel mean
+    cdef const double *m
+    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1)
+    cdef Py_ssize_t col0, w, R, nb, j, c, e
+    while c0 < c1:
+        e = min(c1, c0 + max(<Py_ssize_t>1, SLICE_CHUNK // S))
+        col0, w = c0 * S, (e - c0) * S
+        R = _slice_rows(w, unit)
+        nb = (N + R - 1) // R
+        for j in range(2 * w):
+            th[j] = 0
+        m = mp + c0  # one column per channel: the channel means themselves
+        if S > 1:
+            for j in range(w):
+                wm[j] = mp[c0 + j // S]
+            m = wm
+        for j in range(nb):
+            _col_grad_sums(gp + j * R * W + col0, xp + j * R * W + col0, min(R, N - j * R), w, W, m, th)
+        if S == 1:
+            _col_finish_grad(th, w, <double>N, training, wp + c0, mp + c0, ip + c0, gwp + c0, gbp + c0, cf + c0, C)
+        else:
+            for c in range(c0, e):
+                _merge_column_grad(c, C, S, 1, th, w, col0, <double>(N * S), training, wp, mp, ip, gwp, gbp, cf, cw)
+        for j in range(nb - 1, -1, -1):
+            if training:
+                _col_grad_input(gp + j * R * W + col0, xp + j * R * W + col0, dp + j * R * W + col0,
+                                min(R, N - j * R), w, W, cw + col0, nt)
+            else:
+                _col_affine(gp + j * R * W + col0, dp + j * R * W + col0, min(R, N - j * R), w, W, cw + col0, nt)
+        c0 = e
 
 
 # ---------------------------------------------------------------- arguments
@@ -449,8 +611,9 @@ cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, do
     cdef floating *cw
     cdef double *pp
     cdef Py_ssize_t K, k, c, R, nb, j
+    cdef int how = _plan_path(N, C, S, path)
 
-    if _plan_path(C, S, path) == RANGES:
+    if how == RANGES:
         K = _plan_ranges(L, T, unit)
         part = _new(K * FBN_ACC * C, cnp.NPY_DOUBLE, True)  # per range: moments per channel (fbn_shift_merge)
         pp = <double *>_ptr(part)
@@ -463,25 +626,31 @@ cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, do
                 _affine_backwards(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
         return 0
 
+    wide = _columns_coefs(coef, S, tn)
+    cw = <floating *>_ptr(wide)
+    if how == SLICES:
+        with nogil:
+            for k in prange(T, num_threads=T, schedule="static"):
+                _slice_train(k, T, xp, yp, wp, bp, eps, mp, vp, ip, cf, cw, N, C, S, unit, nt)
+        return 0
+
     # COLUMNS: an (N, W) matrix
     R = _plan_rows(N, W, T, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
     part = _new(T * (COL_MOMENTS * W + 1), cnp.NPY_DOUBLE, True)  # per share: see _col_moments
     pp = <double *>_ptr(part)
-    wide = _columns_coefs(coef, S, tn)
-    cw = <floating *>_ptr(wide)
     with nogil, parallel(num_threads=T):
         for k in prange(T, schedule="static"):  # share k of the blocks, front to back
             for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
-                _col_moments(xp + j * R * W, min(R, N - j * R), W, pp + k * (COL_MOMENTS * W + 1))
+                _col_moments(xp + j * R * W, min(R, N - j * R), W, W, pp + k * (COL_MOMENTS * W + 1))
         for c in prange(C, schedule="static"):
-            _merge_column_stats(c, C, S, T, pp, eps, wp, bp, mp, vp, ip, cf, cw)
+            _merge_column_stats(c, C, S, T, pp, W, 0, eps, wp, bp, mp, vp, ip, cf, cw)
         for k in prange(T, schedule="static"):  # the same shares on the same threads, back to front
             j = _share(nb, T, k + 1)
             while j > _share(nb, T, k):
                 j = j - 1
-                _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, cw, nt)
+                _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, W, cw, nt)
     return 0
 
 
@@ -559,11 +728,17 @@ cdef int _forward_eval(floating tag, void *xv, void *yv, void *wv, void *bv, con
     cdef floating *cf = <floating *>_ptr(coef)
     cdef floating *cw
     cdef Py_ssize_t K, k, c, R, nb, j
-    if floating is float:
-        fbn_eval_coefs_f32(mp, ip, <const float *>wv, <const float *>bv, cf, C)
-    else:
-        fbn_eval_coefs_f64(mp, ip, <const double *>wv, <const double *>bv, cf, C)
-    if _plan_path(C, S, path) == RANGES:
+    cdef int how = _plan_path(N, C, S, path)
+    if how == SLICES:  # each thread makes its own channels' coefficients
+        wide = _columns_coefs(coef, S, tn)
+        cw = <floating *>_ptr(wide)
+        with nogil:
+            for k in prange(T, num_threads=T, schedule="static"):
+                _slice_eval(k, T, xp, yp, <const floating *>wv, <const floating *>bv, mp, ip, cf, cw, N, C, S,
+                            unit, nt)
+        return 0
+    _eval_coefs(mp, ip, <const floating *>wv, <const floating *>bv, cf, C, C)
+    if how == RANGES:
         K = _plan_ranges(L, T, unit)
         with nogil:
             for k in prange(K, num_threads=T, schedule="static"):
@@ -578,7 +753,7 @@ cdef int _forward_eval(floating tag, void *xv, void *yv, void *wv, void *bv, con
             for c in range(C):
                 _expand(cf, C, S, 4, c, cw)
         for j in prange(nb, num_threads=min(<Py_ssize_t>T, nb), schedule="static"):
-            _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, cw, nt)
+            _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, W, cw, nt)
     return 0
 
 
@@ -625,8 +800,9 @@ cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const d
     cdef double count = <double>(N * S)
     cdef double *pp
     cdef Py_ssize_t K, k, c, R, nb, j
+    cdef int how = _plan_path(N, C, S, path)
 
-    if _plan_path(C, S, path) == RANGES:
+    if how == RANGES:
         K = _plan_ranges(L, T, unit)
         part = _new(K * 2 * C, cnp.NPY_DOUBLE, True)  # per range: (sum dy, sum dy*(x-mean)) per channel
         pp = <double *>_ptr(part)
@@ -642,33 +818,39 @@ cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const d
                     _affine_backwards(gp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
         return 0
 
+    wide = _columns_coefs(coef, S, tn)
+    cw = <floating *>_ptr(wide)
+    if how == SLICES:
+        with nogil:
+            for k in prange(T, num_threads=T, schedule="static"):
+                _slice_backward(k, T, gp, xp, dp, wp, mp, ip, training, gwp, gbp, cf, cw, N, C, S, unit, nt)
+        return 0
+    wide_mean = _new(W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
+    wm = <double *>_ptr(wide_mean)
+
     # COLUMNS
     R = _plan_rows(N, W, T, unit)
     nb = (N + R - 1) // R
     T = <int>min(<Py_ssize_t>T, nb)
     part = _new(T * 2 * W, cnp.NPY_DOUBLE, True)  # per share: [sum dy (W) | sum dy*(x-mean) (W)]
     pp = <double *>_ptr(part)
-    wide = _columns_coefs(coef, S, tn)
-    cw = <floating *>_ptr(wide)
-    wide_mean = _new(W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
-    wm = <double *>_ptr(wide_mean)
     with nogil:
         for j in range(W):
             wm[j] = mp[j // S]
     with nogil, parallel(num_threads=T):
         for k in prange(T, schedule="static"):  # share k of the blocks, front to back
             for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
-                _col_grad_sums(gp + j * R * W, xp + j * R * W, min(R, N - j * R), W, wm, pp + k * 2 * W)
+                _col_grad_sums(gp + j * R * W, xp + j * R * W, min(R, N - j * R), W, W, wm, pp + k * 2 * W)
         for c in prange(C, schedule="static"):
-            _merge_column_grad(c, C, S, T, pp, count, training, wp, mp, ip, gwp, gbp, cf, cw)
+            _merge_column_grad(c, C, S, T, pp, W, 0, count, training, wp, mp, ip, gwp, gbp, cf, cw)
         for k in prange(T, schedule="static"):  # the same shares on the same threads, back to front
             j = _share(nb, T, k + 1)
             while j > _share(nb, T, k):
                 j = j - 1
                 if training:
-                    _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
+                    _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, W, cw, nt)
                 else:
-                    _col_affine(gp + j * R * W, dp + j * R * W, min(R, N - j * R), W, cw, nt)
+                    _col_affine(gp + j * R * W, dp + j * R * W, min(R, N - j * R), W, W, cw, nt)
     return 0
 
 

@@ -193,49 +193,52 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
  * sum of squares as one chain of multiply-adds (contracted to FMA in the AVX2 and AVX-512
  * clones), which moves half the adds to the FMA units: on (4096, 1024) float32 the training
  * forward got 13% faster than with four rows and a tree of adds (the sums stay in double, only
- * their order changed).  The backward's sums measured 30% slower that way and keep four rows. */
+ * their order changed).  The backward's sums measured 30% slower that way and keep four rows.
+ * Every loop takes columns [0, w) of rows W elements apart, with the per-column coefficients in
+ * blocks W apart as well: a block of whole rows has w = W; a thread's slice of the columns (the
+ * SLICES split of _kernels.pyx) passes pointers to its first column and its own width w. */
 
 /* Column moments of the block merged into per-column accumulators that share the count *n: the
  * shift K, the mean relative to it rel, and M2 (one value per column each; see fbn_shift_merge).
  * Shifted sums per column as in fbn_piece_moments: the shift is the block's exact column means
  * (a first pass; the block is sized to stay in L2) for a thread's first block, which become K,
  * then the means merged so far (K + rel, rounded: any shift near the mean will do, as long as the
- * merge knows which).  tmp: 3*W doubles of scratch. */
-FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t W, double *n,
-                                                 double *K, double *rel, double *m2, double *tmp)
+ * merge knows which).  K, rel, m2: w values each; tmp: 3*w doubles of scratch. */
+FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t W,
+                                                 double *n, double *K, double *rel, double *m2, double *tmp)
 {
-    double *s = tmp, *q = tmp + W, *k = tmp + 2 * W;
+    double *s = tmp, *q = tmp + w, *k = tmp + 2 * w;
     const double b = (double)rows;
     const int first = *n == 0.0;
     ptrdiff_t r = 0;
-    for (ptrdiff_t c = 0; c < W; c++)
+    for (ptrdiff_t c = 0; c < w; c++)
         s[c] = q[c] = 0.0;
     if (first) {  /* k = the block's column means */
         for (r = 0; r + 4 <= rows; r += 4) {
             const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < W; c++)
+            for (ptrdiff_t c = 0; c < w; c++)
                 s[c] += ((double)p0[c] + (double)p1[c]) + ((double)p2[c] + (double)p3[c]);
         }
         for (; r < rows; r++) {
             const T *p = x + r * W;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < W; c++)
+            for (ptrdiff_t c = 0; c < w; c++)
                 s[c] += (double)p[c];
         }
-        for (ptrdiff_t c = 0; c < W; c++) {
+        for (ptrdiff_t c = 0; c < w; c++) {
             k[c] = K[c] = s[c] / b;
             s[c] = 0.0;
         }
     } else {
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < W; c++)
+        for (ptrdiff_t c = 0; c < w; c++)
             k[c] = K[c] + rel[c];
     }
     for (r = 0; r + 8 <= rows; r += 8) {  /* q as a chain of multiply-adds: see FBN_ROWS8 */
         const T *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < W; c++) {
+        for (ptrdiff_t c = 0; c < w; c++) {
             const double kc = k[c];
             double d0 = (double)p[c] - kc, d1 = (double)p[W + c] - kc;
             double d2 = (double)p[2 * W + c] - kc, d3 = (double)p[3 * W + c] - kc;
@@ -248,7 +251,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
     for (; r < rows; r++) {
         const T *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < W; c++) {
+        for (ptrdiff_t c = 0; c < w; c++) {
             double d = (double)p[c] - k[c];
             s[c] += d;
             q[c] += d * d;
@@ -257,7 +260,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
     /* fbn_shift_merge, vectorized: every column has the same count n0 before */
     const double n0 = *n, nn = n0 + b, wb = b / nn, wn = n0 * wb;
 #pragma omp simd
-    for (ptrdiff_t c = 0; c < W; c++) {
+    for (ptrdiff_t c = 0; c < w; c++) {
         const double sb = s[c] / b, bq = q[c] - s[c] * sb;
         if (first) {
             rel[c] = sb;
@@ -274,8 +277,8 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
 /* Rows in fours with normal stores (the body of fbn_col_affine); returns the rows done.  lo is a
  * constant where this is inlined: with lo = 0 the low part of the mean is not loaded and
  * `- 0` folds away (x - 0 is x for every x), so the result is the same to the bit. */
-FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t W,
-                                                    const T *cf, const int lo)
+FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t w,
+                                                    ptrdiff_t W, const T *cf, const int lo)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     ptrdiff_t r = 0;
@@ -283,7 +286,7 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
         const T *p = x + r * W;
         T *q = y + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < W; c++) {  /* all loads before the stores: FBN_4K */
+        for (ptrdiff_t c = 0; c < w; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = lo ? mlo[c] : (T)0, ac = a[c], bc = b[c];
             const T x0 = p[c], x1 = p[W + c], x2 = p[2 * W + c], x3 = p[3 * W + c];
             q[c] = ((x0 - m1) - m2) * ac + bc;
@@ -295,8 +298,8 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
     return r;
 }
 
-/* cf = [mhi | mlo | a | b], W values each (one per column).  Normal stores take rows four at a
- * time, so the four coefficient vectors are loaded once per four rows: the loop is bound by L1
+/* cf = [mhi | mlo | a | b], one value per column each, blocks W apart.  Normal stores take rows four
+ * at a time, so the four coefficient vectors are loaded once per four rows: the loop is bound by L1
  * loads, and this measured 9% faster on (4096, 1024) than one row at a time.
  * FBN_4K: the four rows' loads all come before their stores.  NumPy's large arrays start at the
  * same offset within a 4 KiB page, so with W*sizeof(T) a multiple of 4 KiB, a load of x's row
@@ -304,22 +307,22 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
  * for a dependency on that store until the full addresses are compared (4K aliasing).  Measured
  * on (4096, 1024) float32: the eval forward ran 1.5x faster with y 2 KiB off x's alignment than
  * with y aligned as NumPy allocates it; loading first removes that difference. */
-FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t W,
-                                                const T *cf, int nt)
+FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t w,
+                                                ptrdiff_t W, const T *cf, int nt)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
     if (!nt) {
         int lo = 0;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
-        for (ptrdiff_t c = 0; c < W; c++)
+        for (ptrdiff_t c = 0; c < w; c++)
             lo |= mlo[c] != 0;
-        r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, W, cf, 1)
-               : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, W, cf, 0);
+        r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, w, W, cf, 1)
+               : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, w, W, cf, 0);
     }
     for (; r < rows; r++) {
-        for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
-            ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
+        for (ptrdiff_t c0 = 0; c0 < w; c0 += FBN_CHUNK) {
+            ptrdiff_t bl = w - c0 < FBN_CHUNK ? w - c0 : FBN_CHUNK;
             const T *p = x + r * W + c0;
             T *q = nt ? buf : y + r * W + c0;
 #pragma omp simd
@@ -331,16 +334,15 @@ FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows
     }
 }
 
-/* acc = [sum dy | sum dy * (x - mean)], W values each. */
-FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t W,
-                                                   const double *mean, double *acc)
+/* sdy += sum dy and sdyx += sum dy * (x - mean), per column (w values each). */
+FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t W,
+                                                   const double *mean, double *sdy, double *sdyx)
 {
-    double *sdy = acc, *sdyx = acc + W;
     ptrdiff_t r = 0;
     for (r = 0; r + 4 <= rows; r += 4) {
         const T *g = dy + r * W, *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < W; c++) {
+        for (ptrdiff_t c = 0; c < w; c++) {
             double g0 = (double)g[c], g1 = (double)g[W + c], g2 = (double)g[2 * W + c], g3 = (double)g[3 * W + c];
             double m = mean[c];
             sdy[c] += (g0 + g1) + (g2 + g3);
@@ -351,16 +353,16 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrd
     for (; r < rows; r++) {
         const T *g = dy + r * W, *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < W; c++) {
+        for (ptrdiff_t c = 0; c < w; c++) {
             sdy[c] += (double)g[c];
             sdyx[c] += (double)g[c] * ((double)p[c] - mean[c]);
         }
     }
 }
 
-/* cf = [mhi | mlo | kdy | kx | kc], W values each; four rows at a time, as fbn_col_affine. */
+/* cf = [mhi | mlo | kdy | kx | kc], blocks W apart; four rows at a time, as fbn_col_affine. */
 FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t rows,
-                                                    ptrdiff_t W, const T *cf, int nt)
+                                                    ptrdiff_t w, ptrdiff_t W, const T *cf, int nt)
 {
     const T *mhi = cf, *mlo = cf + W, *kdy = cf + 2 * W, *kx = cf + 3 * W, *kc = cf + 4 * W;
     T buf[FBN_CHUNK];
@@ -369,7 +371,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
         const T *g = dy + r * W, *p = x + r * W;
         T *q = dx + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < W; c++) {  /* all loads before the stores: FBN_4K */
+        for (ptrdiff_t c = 0; c < w; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = mlo[c], k1 = kdy[c], k2 = kx[c], k3 = kc[c];
             const T g0 = g[c], g1 = g[W + c], g2 = g[2 * W + c], g3 = g[3 * W + c];
             const T x0 = p[c], x1 = p[W + c], x2 = p[2 * W + c], x3 = p[3 * W + c];
@@ -380,8 +382,8 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
         }
     }
     for (; r < rows; r++) {
-        for (ptrdiff_t c0 = 0; c0 < W; c0 += FBN_CHUNK) {
-            ptrdiff_t bl = W - c0 < FBN_CHUNK ? W - c0 : FBN_CHUNK;
+        for (ptrdiff_t c0 = 0; c0 < w; c0 += FBN_CHUNK) {
+            ptrdiff_t bl = w - c0 < FBN_CHUNK ? w - c0 : FBN_CHUNK;
             const T *g = dy + r * W + c0, *p = x + r * W + c0;
             T *q = nt ? buf : dx + r * W + c0;
 #pragma omp simd
@@ -425,19 +427,73 @@ FBN_CLONES static void FBN_NAME(fbn_eval_stats)(const T *rm, const T *rv, double
     }
 }
 
-/* cf = [mhi | mlo | a | b] (C values each) from the double mean and invstd: the mean split into two
- * values of T, a = weight * invstd, b = bias (as _affine_coefs in _kernels.pyx, per channel). */
+/* cf = [mhi | mlo | a | b] (blocks C apart) for n channels from the double mean and invstd: the mean
+ * split into two values of T, a = weight * invstd, b = bias (as _affine_coefs in _kernels.pyx, per
+ * channel). */
 FBN_CLONES static void FBN_NAME(fbn_eval_coefs)(const double *mean, const double *invstd, const T *w, const T *b,
-                                                T *restrict cf, ptrdiff_t C)
+                                                T *restrict cf, ptrdiff_t n, ptrdiff_t C)
 {
 #pragma omp simd
-    for (ptrdiff_t c = 0; c < C; c++) {
+    for (ptrdiff_t c = 0; c < n; c++) {
         const T hi = (T)mean[c];
         cf[c] = hi;
         cf[C + c] = FBN_NAME(fbn_mean_lo)(mean[c], hi);
         cf[2 * C + c] = (T)((double)w[c] * invstd[c]);
         cf[3 * C + c] = b[c];
     }
+}
+
+/* ---- channels of one column each (spatial size 1): statistics and coefficients, vectorized ----
+ * The SLICES split of _kernels.pyx ends a thread's slice of an (N, C) matrix with the statistics of
+ * its columns: n channels whose moments it holds alone (no merge), in one vector loop instead of a
+ * scalar one per channel (whose division and square root took half of a (8, 16384) training call).
+ * The same arithmetic as _finish_stats and _finish_grad in _kernels.pyx, so the same bits. */
+
+/* mean, var, invstd and cf = [mhi | mlo | a | b] (blocks C apart) of n columns from their moments
+ * (count, shift K, mean - K, M2: see fbn_shift_merge). */
+FBN_CLONES static void FBN_NAME(fbn_col_finish_stats)(double count, const double *K, const double *rel,
+                                                      const double *m2, double eps, const T *w, const T *b,
+                                                      double *restrict mean, double *restrict var,
+                                                      double *restrict invstd, T *restrict cf, ptrdiff_t n,
+                                                      ptrdiff_t C)
+{
+#pragma omp simd
+    for (ptrdiff_t c = 0; c < n; c++) {
+        const double m = K[c] + rel[c], v = m2[c] / count, is = 1.0 / sqrt(v + eps);
+        const T hi = (T)m;
+        mean[c] = m;
+        var[c] = v;
+        invstd[c] = is;
+        cf[c] = hi;
+        cf[C + c] = FBN_NAME(fbn_mean_lo)(m, hi);
+        cf[2 * C + c] = (T)((double)w[c] * is);
+        cf[3 * C + c] = b[c];
+    }
+}
+
+/* grad_weight, grad_bias and cf = [mhi | mlo | kdy | kx | kc] (blocks C apart) of n columns from
+ * sum dy and sum dy * (x - mean); training = 0: the affine's [0 | 0 | kdy | 0 | 0]. */
+FBN_CLONES static void FBN_NAME(fbn_col_finish_grad)(double count, const double *sdy, const double *sdyx,
+                                                     int training, const T *w, const double *mean,
+                                                     const double *invstd, double *restrict gw,
+                                                     double *restrict gb, T *restrict cf, ptrdiff_t n, ptrdiff_t C)
+{
+#pragma omp simd
+    for (ptrdiff_t c = 0; c < n; c++) {
+        /* 0 + s: a sum of -0 gives +0, as the merges' sums that start at 0 */
+        const double a = 0.0 + sdy[c], d = 0.0 + sdyx[c], is = invstd[c], k = (double)w[c] * is;
+        const T hi = (T)mean[c];
+        gb[c] = a;
+        gw[c] = d * is;
+        cf[c] = hi;
+        cf[C + c] = FBN_NAME(fbn_mean_lo)(mean[c], hi);
+        cf[2 * C + c] = (T)k;
+        cf[3 * C + c] = (T)(-k * is * is * d / count);
+        cf[4 * C + c] = (T)(-k * a / count);
+    }
+    if (!training)
+        for (ptrdiff_t c = 0; c < n; c++)
+            cf[c] = cf[C + c] = cf[3 * C + c] = cf[4 * C + c] = 0;
 }
 
 /* ---- the benchmark's floor ----

@@ -13,13 +13,15 @@ from fastbn import _cpu
 SEED = 20240611
 
 # Every work-splitting path of the CPU kernels, with unit sizes that cut channels into many
-# pieces (7 and 97 are not multiples of any SIMD width).  "columns" treats any input as an
-# (N, C*S) matrix when forced (on its own the kernels take it for spatial sizes below 32), so
-# forcing it on larger spatial sizes runs the column loops on wide rows.  The third entry
-# forces the streaming (non-temporal) stores on (1) that otherwise only big outputs use; None
-# leaves the kernels' own choice.
+# pieces (7 and 97 are not multiples of any SIMD width).  "columns" and "slices" treat any input
+# as an (N, C*S) matrix when forced (on their own the kernels take them for spatial sizes below
+# 32), so forcing them on larger spatial sizes runs the column loops on wide rows; "slices" with
+# unit 3 takes the rows 3 at a time.  The third entry forces the streaming (non-temporal) stores
+# on (1) that otherwise only big outputs use; None leaves the kernels' own choice.  (These small
+# inputs run on one thread: tests/test_threads.py splits big ones between two.)
 PATHS = [("auto", 0, None), ("ranges", 0, None), ("ranges", 7, None), ("ranges", 97, None),
-         ("columns", 0, None), ("ranges", 0, 1), ("ranges", 7, 1), ("columns", 0, 1)]
+         ("columns", 0, None), ("slices", 0, None), ("slices", 3, None), ("ranges", 0, 1), ("ranges", 7, 1),
+         ("columns", 0, 1), ("slices", 3, 1)]
 PATH_IDS = ["-".join([p] + ([str(u)] if u else []) + (["stream"] if s else [])) for p, u, s in PATHS]
 
 # Tolerances against the float64 reference (absolute, on O(1) outputs).

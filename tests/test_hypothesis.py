@@ -15,7 +15,8 @@ shapes = st.integers(2, 5).flatmap(lambda rank: st.tuples(*[st.integers(1, 6)] *
 dtypes = st.sampled_from([np.float32, np.float64])
 paths = st.sampled_from([("auto", 0, None), ("ranges", 0, None), ("ranges", 1, None), ("ranges", 3, None),
                          ("ranges", 7, None), ("ranges", 97, None), ("columns", 0, None), ("ranges", 0, 1),
-                         ("ranges", 3, 1), ("columns", 0, 1), ("auto", 0, 0)])
+                         ("ranges", 3, 1), ("columns", 0, 1), ("auto", 0, 0), ("slices", 0, None),
+                         ("slices", 2, None), ("slices", 1, 1)])
 
 
 def _data(seed, shape, dtype, offset, scale):

@@ -26,8 +26,13 @@ BIG = [
     ("auto", 0, (4096, 64)),         # spatial size 1: columns, two row blocks, one per thread
     ("columns", 700, (3000, 33)),    # columns, five row blocks (uneven shares: 3 and 2), a short
                                      # last block and a SIMD tail
+    ("auto", 0, (8, 4100)),          # 512 times as wide as tall: slices of 2048 and 2052 columns,
+                                     # each in chunks of 1024 (and 4)
+    ("slices", 5, (12, 1100, 3)),    # slices of 560 and 540 channels of 3 columns, each in two
+                                     # chunks of at most 341 channels, 5-row blocks (5, 5, 2)
+    ("auto", 0, (8, 66000)),         # wider than MAX_COLUMNS: slices, 33 chunks each (the last short)
 ]
-STREAM = {"ranges": 1, "columns": 1}  # also force streaming stores on these
+STREAM = {"ranges": 1, "columns": 1, "slices": 1}  # also force streaming stores on these
 BIG_IDS = [f"{p}-{'x'.join(map(str, s))}" for p, _, s in BIG]
 
 
