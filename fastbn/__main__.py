@@ -41,10 +41,11 @@ def self_check(out=None):
     rng = np.random.default_rng(0)
     # (shape, work-splitting path, streaming stores, unit); unit=97: 97-element ranges, 97-row
     # column blocks; unit=0, the kernels' own split: ranges long enough for the second pass to walk
-    # back over several 512 KiB pieces
+    # back over several 512 KiB pieces, and slices of a wide batch in several 1024-column chunks
     cases = [((6, 4, 5, 7), "auto", 0, 97), ((6, 4, 5, 7), "ranges", 1, 97), ((6, 3, 33, 17), "ranges", 1, 97),
              ((257, 19), "columns", 1, 97), ((300, 5), "columns", 0, 97), ((3, 1, 1000), "ranges", 0, 97),
-             ((300, 2, 3), "columns", 1, 97), ((4, 5, 13331), "ranges", 0, 0)]
+             ((300, 2, 3), "columns", 1, 97), ((4, 5, 13331), "ranges", 0, 0), ((5, 3000), "auto", 0, 0),
+             ((9, 700, 3), "slices", 1, 4)]
     ok = True
     for shape, path, stream, unit in cases:
         for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
