@@ -456,28 +456,43 @@ cdef enum:
     SLICE_CHUNK = 1024  # columns; spatial sizes up to this (auto takes SLICES below SMALL_S)
 
 
+cdef struct _Chunk:  # channels c0 .. end - 1 of a slice: columns col0 .. col0 + w - 1, nb blocks of R rows
+    Py_ssize_t end, col0, w, R, nb
+
+
+cdef inline _Chunk _slice_chunk(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N, Py_ssize_t S,
+                                Py_ssize_t unit) noexcept nogil:
+    """The chunk of a slice's channels c0 .. c1 - 1 that starts at c0."""
+    cdef _Chunk ch
+    ch.end = min(c1, c0 + max(<Py_ssize_t>1, SLICE_CHUNK // S))
+    ch.col0 = c0 * S
+    ch.w = (ch.end - c0) * S
+    ch.R = _slice_rows(ch.w, unit)
+    ch.nb = (N + ch.R - 1) // ch.R
+    return ch
+
+
 cdef void _slice_train(int k, int T, const floating *xp, floating *yp, const floating *wp, const floating *bp,
                        double eps, double *mp, double *vp, double *ip, floating *cf, floating *cw,
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t unit, int nt) noexcept nogil:
     cdef double th[COL_MOMENTS * SLICE_CHUNK + 1]  # [count | K | rel | M2 | scratch], see _col_moments
-    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1)
-    cdef Py_ssize_t col0, w, R, nb, j, c, e
+    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1), j, c, o
+    cdef _Chunk ch
     while c0 < c1:
-        e = min(c1, c0 + max(<Py_ssize_t>1, SLICE_CHUNK // S))
-        col0, w = c0 * S, (e - c0) * S
-        R = _slice_rows(w, unit)
-        nb = (N + R - 1) // R
+        ch = _slice_chunk(c0, c1, N, S, unit)
         th[0] = 0
-        for j in range(nb):
-            _col_moments(xp + j * R * W + col0, min(R, N - j * R), w, W, th)
+        for j in range(ch.nb):
+            o = j * ch.R * W + ch.col0
+            _col_moments(xp + o, min(ch.R, N - j * ch.R), ch.w, W, th)
         if S == 1:
-            _col_finish_stats(th, w, eps, wp + c0, bp + c0, mp + c0, vp + c0, ip + c0, cf + c0, C)
+            _col_finish_stats(th, ch.w, eps, wp + c0, bp + c0, mp + c0, vp + c0, ip + c0, cf + c0, C)
         else:
-            for c in range(c0, e):
-                _merge_column_stats(c, C, S, 1, th, w, col0, eps, wp, bp, mp, vp, ip, cf, cw)
-        for j in range(nb - 1, -1, -1):
-            _col_affine(xp + j * R * W + col0, yp + j * R * W + col0, min(R, N - j * R), w, W, cw + col0, nt)
-        c0 = e
+            for c in range(c0, ch.end):
+                _merge_column_stats(c, C, S, 1, th, ch.w, ch.col0, eps, wp, bp, mp, vp, ip, cf, cw)
+        for j in range(ch.nb - 1, -1, -1):
+            o = j * ch.R * W + ch.col0
+            _col_affine(xp + o, yp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, nt)
+        c0 = ch.end
 
 
 cdef void _slice_eval(int k, int T, const floating *xp, floating *yp, const floating *wp, const floating *bp,
@@ -501,34 +516,33 @@ cdef void _slice_backward(int k, int T, const floating *gp, const floating *xp, 
     cdef double th[2 * SLICE_CHUNK]  # [sum dy (w) | sum dy*(x-mean) (w)]
     cdef double wm[SLICE_CHUNK]  # each column's channel mean
     cdef const double *m
-    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1)
-    cdef Py_ssize_t col0, w, R, nb, j, c, e
+    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1), j, c, o
+    cdef _Chunk ch
     while c0 < c1:
-        e = min(c1, c0 + max(<Py_ssize_t>1, SLICE_CHUNK // S))
-        col0, w = c0 * S, (e - c0) * S
-        R = _slice_rows(w, unit)
-        nb = (N + R - 1) // R
-        for j in range(2 * w):
+        ch = _slice_chunk(c0, c1, N, S, unit)
+        for j in range(2 * ch.w):
             th[j] = 0
         m = mp + c0  # one column per channel: the channel means themselves
         if S > 1:
-            for j in range(w):
+            for j in range(ch.w):
                 wm[j] = mp[c0 + j // S]
             m = wm
-        for j in range(nb):
-            _col_grad_sums(gp + j * R * W + col0, xp + j * R * W + col0, min(R, N - j * R), w, W, m, th)
+        for j in range(ch.nb):
+            o = j * ch.R * W + ch.col0
+            _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.w, W, m, th)
         if S == 1:
-            _col_finish_grad(th, w, <double>N, training, wp + c0, mp + c0, ip + c0, gwp + c0, gbp + c0, cf + c0, C)
+            _col_finish_grad(th, ch.w, <double>N, training, wp + c0, mp + c0, ip + c0, gwp + c0, gbp + c0, cf + c0, C)
         else:
-            for c in range(c0, e):
-                _merge_column_grad(c, C, S, 1, th, w, col0, <double>(N * S), training, wp, mp, ip, gwp, gbp, cf, cw)
-        for j in range(nb - 1, -1, -1):
+            for c in range(c0, ch.end):
+                _merge_column_grad(c, C, S, 1, th, ch.w, ch.col0, <double>(N * S), training, wp, mp, ip, gwp, gbp,
+                                   cf, cw)
+        for j in range(ch.nb - 1, -1, -1):
+            o = j * ch.R * W + ch.col0
             if training:
-                _col_grad_input(gp + j * R * W + col0, xp + j * R * W + col0, dp + j * R * W + col0,
-                                min(R, N - j * R), w, W, cw + col0, nt)
+                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, nt)
             else:
-                _col_affine(gp + j * R * W + col0, dp + j * R * W + col0, min(R, N - j * R), w, W, cw + col0, nt)
-        c0 = e
+                _col_affine(gp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, nt)
+        c0 = ch.end
 
 
 # ---------------------------------------------------------------- arguments
