@@ -13,7 +13,7 @@ COLUMNS  spatial size below SMALL_S, e.g. an (N, C) matrix: the buffer is an (N,
          threads take blocks of rows, reducing down the columns with vector loads across them
          (per-thread accumulators merged afterwards; the S columns of a channel merged last); the
          apply pass takes each thread's blocks in reverse order.
-SLICES   the same (N, C*S) matrix for few rows per thread (a small batch of many features): each
+SLICES   the same (N, C*S) matrix when it is much wider than tall (a small batch of many features): each
          thread takes a slice of the channels, i.e. of the columns, over all the rows, and does
          everything for them alone (reduce, statistics, apply), so nothing is merged across
          threads and no thread reads what another wrote: with blocks of rows instead, on
@@ -148,17 +148,15 @@ cdef Py_ssize_t _plan_rows(Py_ssize_t N, Py_ssize_t W, int T, Py_ssize_t unit) n
 
 
 cdef Py_ssize_t _slice_start(Py_ssize_t C, Py_ssize_t S, int T, int k) noexcept nogil:
-    """First channel of SLICES thread k's share of the C channels: equal shares, inner boundaries on
-    channels whose first column is a multiple of 16 elements, so that neighbouring threads write no
-    common 64-byte line of a float32 row (C below that step leaves the later threads nothing)."""
-    cdef Py_ssize_t g = 16, a = S, t
-    while a:  # g = gcd(16, S): channels of S columns start on a multiple of 16 every 16 / g channels
-        t = g % a
-        g = a
-        a = t
+    """First channel of SLICES thread k's share of the C channels: equal shares; with S = 1, inner
+    boundaries on multiples of 16 channels (64 bytes of float32), so that neighbouring threads share
+    at most one cache line per row (none where rows start on a line).  Channels of S > 1 columns are
+    split evenly as they are: rounding there cost balance ((34, 31) went 32 / 2)."""
     if k >= T:
         return C
-    return min(C, ((C * k) // T + 16 // g - 1) // (16 // g) * (16 // g))
+    if S > 1:
+        return (C * k) // T
+    return min(C, ((C * k) // T + 15) & ~(<Py_ssize_t>15))
 
 
 cdef inline Py_ssize_t _slice_rows(Py_ssize_t w, Py_ssize_t unit) noexcept nogil:
@@ -450,10 +448,15 @@ cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, co
 # Thread k of T takes channels _slice_start(k) .. _slice_start(k + 1) and does the whole operation for
 # them alone, SLICE_CHUNK columns (whole channels) at a time: reduce over all the rows in blocks front
 # to back, the chunk's statistics and coefficients, apply in blocks back to front (see "two passes";
-# a chunk of a small batch is still in L1/L2 for the apply).  Its scratch is on its own stack.
+# a chunk of a small batch is still in L1/L2 for the apply).  Its scratch is its own share of one
+# array per call, SLICE_SCRATCH doubles a thread (on the stack it took 49 KiB, which crashed threads
+# given small stacks on purpose: threading.stack_size(48 KiB), OMP_STACKSIZE=56K).
 
 cdef enum:
     SLICE_CHUNK = 1024  # columns; spatial sizes up to this (auto takes SLICES below SMALL_S)
+    # doubles a thread: a training chunk's moments (the count, then 6 per column), a backward's sums and
+    # column means (3 per column); rounded up to whole 64-byte lines
+    SLICE_SCRATCH = COL_MOMENTS * SLICE_CHUNK + 8
 
 
 cdef struct _Chunk:  # channels c0 .. end - 1 of a slice: columns col0 .. col0 + w - 1, nb blocks of R rows
@@ -473,9 +476,9 @@ cdef inline _Chunk _slice_chunk(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N, Py_s
 
 
 cdef void _slice_train(int k, int T, const floating *xp, floating *yp, const floating *wp, const floating *bp,
-                       double eps, double *mp, double *vp, double *ip, floating *cf, floating *cw,
+                       double eps, double *mp, double *vp, double *ip, floating *cf, floating *cw, double *scratch,
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t unit, int nt) noexcept nogil:
-    cdef double th[COL_MOMENTS * SLICE_CHUNK + 1]  # [count | K | rel | M2 | scratch], see _col_moments
+    cdef double *th = scratch + k * SLICE_SCRATCH  # [count | K | rel | M2 | scratch], see _col_moments
     cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1), j, c, o
     cdef _Chunk ch
     while c0 < c1:
@@ -511,10 +514,10 @@ cdef void _slice_eval(int k, int T, const floating *xp, floating *yp, const floa
 
 cdef void _slice_backward(int k, int T, const floating *gp, const floating *xp, floating *dp, const floating *wp,
                           const double *mp, const double *ip, bint training, double *gwp, double *gbp,
-                          floating *cf, floating *cw, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t unit,
-                          int nt) noexcept nogil:
-    cdef double th[2 * SLICE_CHUNK]  # [sum dy (w) | sum dy*(x-mean) (w)]
-    cdef double wm[SLICE_CHUNK]  # each column's channel mean
+                          floating *cf, floating *cw, double *scratch, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                          Py_ssize_t unit, int nt) noexcept nogil:
+    cdef double *th = scratch + k * SLICE_SCRATCH  # [sum dy (w) | sum dy*(x-mean) (w)]
+    cdef double *wm = th + 2 * SLICE_CHUNK  # each column's channel mean
     cdef const double *m
     cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1), j, c, o
     cdef _Chunk ch
@@ -643,9 +646,11 @@ cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, do
     wide = _columns_coefs(coef, S, tn)
     cw = <floating *>_ptr(wide)
     if how == SLICES:
+        part = _new(T * SLICE_SCRATCH, cnp.NPY_DOUBLE, False)
+        pp = <double *>_ptr(part)
         with nogil:
             for k in prange(T, num_threads=T, schedule="static"):
-                _slice_train(k, T, xp, yp, wp, bp, eps, mp, vp, ip, cf, cw, N, C, S, unit, nt)
+                _slice_train(k, T, xp, yp, wp, bp, eps, mp, vp, ip, cf, cw, pp, N, C, S, unit, nt)
         return 0
 
     # COLUMNS: an (N, W) matrix
@@ -835,9 +840,11 @@ cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const d
     wide = _columns_coefs(coef, S, tn)
     cw = <floating *>_ptr(wide)
     if how == SLICES:
+        part = _new(T * SLICE_SCRATCH, cnp.NPY_DOUBLE, False)
+        pp = <double *>_ptr(part)
         with nogil:
             for k in prange(T, num_threads=T, schedule="static"):
-                _slice_backward(k, T, gp, xp, dp, wp, mp, ip, training, gwp, gbp, cf, cw, N, C, S, unit, nt)
+                _slice_backward(k, T, gp, xp, dp, wp, mp, ip, training, gwp, gbp, cf, cw, pp, N, C, S, unit, nt)
         return 0
     wide_mean = _new(W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
     wm = <double *>_ptr(wide_mean)

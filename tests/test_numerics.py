@@ -163,7 +163,8 @@ def test_every_path_gives_the_same_result(force_path, rng):
             results = {}
             for path, unit, stream in [("ranges", 0, None), ("ranges", 1, None), ("ranges", 7, None),
                                        ("ranges", 97, None), ("columns", 0, None), ("auto", 0, None),
-                                       ("ranges", 0, 1), ("ranges", 7, 1), ("columns", 0, 1)]:
+                                       ("ranges", 0, 1), ("ranges", 7, 1), ("columns", 0, 1), ("slices", 0, None),
+                                       ("slices", 3, None), ("slices", 2, 1)]:
                 force_path(path, unit, stream)
                 y, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
                 ye = fastbn.batch_norm(x, rm, rv, w, b)
@@ -234,11 +235,12 @@ def test_huge_eps_and_zero_eps(rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stream", [0, 1], ids=["normal-stores", "streaming-stores"])
 @pytest.mark.parametrize("unit", [1, 3, 4, 5, 8, 9, 15, 16, 17])
-def test_column_loops_every_row_remainder(force_path, rng, dtype, stream, unit):
+@pytest.mark.parametrize("path", ["columns", "slices"])
+def test_column_loops_every_row_remainder(force_path, rng, path, dtype, stream, unit):
     """The column loops take rows eight (moments) and four (normalize, backward) at a time: blocks
     of 1 to 17 rows, over 41 rows, leave every remainder, in the first block and the later ones;
     W = 3 * 5 = 15 columns also leaves a SIMD tail.  In place, too."""
-    force_path("columns", unit, stream)
+    force_path(path, unit, stream)
     x = (3.0 + rng.standard_normal((41, 3, 5))).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     w, b = rng.uniform(0.5, 1.5, 3).astype(dtype), rng.standard_normal(3).astype(dtype)
@@ -256,6 +258,32 @@ def test_column_loops_every_row_remainder(force_path, rng, dtype, stream, unit):
     assert_close(dx, want_dx)
     np.testing.assert_allclose(gw, want_gw, rtol=1e-5 if dtype == np.float32 else 1e-10, atol=1e-5)
     np.testing.assert_allclose(gb, want_gb, rtol=1e-5 if dtype == np.float32 else 1e-10, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_slices_vector_finish_gives_the_bits_of_the_per_channel_one(force_path, threads, rng, dtype):
+    """With one column per channel, SLICES derives statistics, coefficients and the parameter
+    gradients in one vector loop (fbn_col_finish_stats/grad), COLUMNS channel by channel.  On one
+    thread both take these matrices as one block of rows, so their moments are the same, and every
+    output must be the same to the bit, in training and evaluation mode, with -0 and NaN."""
+    threads(1)
+    for shape in [(7, 300), (64, 1024), (128, 33)]:
+        x = random_input(rng, shape, dtype, offset=1e3)
+        x[2, 5] = np.nan
+        dy = rng.standard_normal(shape).astype(dtype)
+        dy[:, 7] = -0.0
+        w, b, rm, rv = random_params(rng, shape[1], dtype)
+        results = {}
+        for path in ("columns", "slices"):
+            force_path(path)
+            rm1, rv1 = rm.copy(), rv.copy()
+            y, mean, invstd = fastbn.batch_norm_forward(x, rm1, rv1, w, b, training=True)
+            ye = fastbn.batch_norm(x, rm, rv, w, b)
+            grads = fastbn.batch_norm_backward(dy, x, w, mean, invstd)
+            grads_eval = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=False)
+            results[path] = (y, mean, invstd, rm1, rv1, ye) + grads + grads_eval
+        for got, want in zip(results["slices"], results["columns"]):
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -26,11 +26,15 @@ BIG = [
     ("auto", 0, (4096, 64)),         # spatial size 1: columns, two row blocks, one per thread
     ("columns", 700, (3000, 33)),    # columns, five row blocks (uneven shares: 3 and 2), a short
                                      # last block and a SIMD tail
-    ("auto", 0, (8, 4100)),          # 512 times as wide as tall: slices of 2048 and 2052 columns,
-                                     # each in chunks of 1024 (and 4)
-    ("slices", 5, (12, 1100, 3)),    # slices of 560 and 540 channels of 3 columns, each in two
-                                     # chunks of at most 341 channels, 5-row blocks (5, 5, 2)
+    ("auto", 0, (8, 4100)),          # 512 times as wide as tall: slices of 2064 and 2036 columns,
+                                     # in chunks of 1024, 1024, 16 and 1024, 1012
+    ("slices", 5, (12, 1100, 3)),    # slices of 550 channels of 3 columns, each in two chunks of at
+                                     # most 341 channels, 5-row blocks (5, 5, 2)
     ("auto", 0, (8, 66000)),         # wider than MAX_COLUMNS: slices, 33 chunks each (the last short)
+    ("auto", 0, (200, 700, 10)),     # two row blocks (128 + 72) per chunk of 102 channels
+    ("auto", 0, (32, 34, 31)),       # S = 31: 17 channels a thread, chunks of 33 channels
+    ("slices", 0, (4, 9, 1024)),     # S = SLICE_CHUNK: chunks of one channel, 1024 columns
+    ("slices", 0, (4096, 8)),        # 8 channels: thread 1's slice is empty
 ]
 STREAM = {"ranges": 1, "columns": 1, "slices": 1}  # also force streaming stores on these
 BIG_IDS = [f"{p}-{'x'.join(map(str, s))}" for p, _, s in BIG]
@@ -91,6 +95,45 @@ def test_one_and_two_threads_agree(rng, threads, force_path, path, unit, shape, 
     assert_close(two["y"], ref_forward(x, w, b)[0], dtype)
     ref_dx = ref_backward(dy, x, w)[0]
     assert_close(two["dx"], ref_dx, tol=1e-4 if dtype == np.float32 else 1e-10)
+
+
+@needs_openmp
+@pytest.mark.parametrize("training", [True, False])
+def test_slices_in_place_on_two_threads(rng, threads, training):
+    """A wide batch (SLICES on two threads) written over its own input, forward and backward."""
+    threads(2)
+    x = random_input(rng, (8, 4100), np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w, b, rm, rv = random_params(rng, x.shape[1], np.float32)
+    want = fastbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training)
+    xi = x.copy()
+    got = fastbn.batch_norm(xi, rm.copy(), rv.copy(), w, b, training=training, out=xi)
+    assert got is xi
+    np.testing.assert_array_equal(got, want)
+    _, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, training=True)
+    want_dx = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=training)[0]
+    dyi = dy.copy()
+    got_dx = fastbn.batch_norm_backward(dyi, x, w, mean, invstd, training=training, out=dyi)[0]
+    assert got_dx is dyi
+    np.testing.assert_array_equal(got_dx, want_dx)
+
+
+def test_small_thread_stacks_are_enough():
+    """The kernels keep no large scratch on the stack: a wide batch (SLICES) in a Python thread of
+    48 KiB stack, with OpenMP workers of 48 KiB, as with the default sizes.  (SLICES kept 49 KiB
+    of moments on the stack at first, and crashed here.)  In a subprocess: a crash is a failure,
+    not the end of the test run."""
+    code = ("import threading, numpy as np, fastbn\n"
+            "x = np.random.default_rng(0).standard_normal((8, 8192)).astype(np.float32)\n"
+            "def work():\n"
+            "    y, m, i = fastbn.batch_norm_forward(x, None, None, training=True)\n"
+            "    dx = fastbn.batch_norm_backward(x, x, None, m, i)[0]\n"
+            "    print(float(abs(y.mean(axis=0)).max()) < 1e-5, dx.shape)\n"
+            "threading.stack_size(48 * 1024)\n"
+            "t = threading.Thread(target=work)\n"
+            "t.start()\n"
+            "t.join()\n")
+    assert _fastbn_subprocess(code, OMP_STACKSIZE="48K") == "True (8, 8192)"
 
 
 def _fastbn_subprocess(code, **env):
