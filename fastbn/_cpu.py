@@ -55,7 +55,7 @@ def eval_stats(running_mean, running_var, eps):
     if _kernel_ready(running_mean, running_var):
         C = running_mean.shape[0]
         mean, invstd = np.empty(C), np.empty(C)
-        _kernels.eval_stats(running_mean, running_var, eps, mean, invstd)
+        _kernels.eval_stats(running_mean, running_var, eps, mean, invstd, _openmp.get_num_threads())
         return mean, invstd
     return running_mean.astype(np.float64), 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
 
