@@ -1,6 +1,6 @@
 """The CPU backend: NumPy arrays, fastbn's Cython/OpenMP kernels.
 
-A backend module provides ``xp`` (its array module), ``is_array(a)`` and the three operations
+A backend module provides ``xp`` (its array module), ``is_array(a)`` and the operations
 below on C-contiguous (N, C, S) arrays that fastbn.functional has already validated.
 fastbn._cupy_backend provides the same names for CuPy arrays.
 """
@@ -63,6 +63,16 @@ def eval_stats(running_mean, running_var, eps):
 def forward_eval(x, y, weight, bias, mean, invstd):
     """Write (x - mean) * invstd * weight + bias into y."""
     _kernels.forward_eval(x, y, weight, bias, mean, invstd, *_plan())
+
+
+def forward_eval_running(x, y, weight, bias, running_mean, running_var, eps):
+    """eval_stats, then forward_eval with them, in one kernel call where the buffers allow; returns
+    (mean, invstd) as eval_stats."""
+    if _kernel_ready(running_mean, running_var):
+        return _kernels.forward_eval_running(x, y, weight, bias, running_mean, running_var, eps, *_plan())
+    mean, invstd = eval_stats(running_mean, running_var, eps)
+    forward_eval(x, y, weight, bias, mean, invstd)
+    return mean, invstd
 
 
 def backward(dy, x, dx, weight, mean, invstd, training):

@@ -1,7 +1,7 @@
 """The CUDA backend: CuPy arrays, fastbn's own kernels (fastbn/_cuda/batch_norm.cu).
 
 Provides the same names and contracts as :mod:`fastbn._cpu` (``xp``, ``name``, ``is_array``,
-``forward_train``, ``forward_eval``, ``backward``) plus ``status()`` for ``python -m fastbn info``
+``forward_train``, ``forward_eval``, ``forward_eval_running``, ``backward``) plus ``status()`` for ``python -m fastbn info``
 and ``device_module(index)`` for the layers' ``device="cuda[:N]"``.
 
 CuPy is optional: this module imports without it, and imports CuPy on first use (``xp`` is a
@@ -346,6 +346,13 @@ def eval_stats(running_mean, running_var, eps):
     """(running_mean, 1 / sqrt(running_var + eps)) as float64 vectors, for forward_eval."""
     cp = _import_cupy()
     return running_mean.astype(cp.float64), 1.0 / cp.sqrt(running_var.astype(cp.float64) + eps)
+
+
+def forward_eval_running(x, y, weight, bias, running_mean, running_var, eps):
+    """eval_stats, then forward_eval with them; returns (mean, invstd)."""
+    mean, invstd = eval_stats(running_mean, running_var, eps)
+    forward_eval(x, y, weight, bias, mean, invstd)
+    return mean, invstd
 
 
 def forward_eval(x, y, weight, bias, mean, invstd):

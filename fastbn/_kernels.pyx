@@ -501,12 +501,15 @@ cdef void _slice_train(int k, int T, const floating *xp, floating *yp, const flo
 
 
 cdef void _slice_eval(int k, int T, const floating *xp, floating *yp, const floating *wp, const floating *bp,
-                      const double *mp, const double *ip, floating *cf, floating *cw, Py_ssize_t N, Py_ssize_t C,
-                      Py_ssize_t S, Py_ssize_t unit, int nt) noexcept nogil:
+                      double *mp, double *ip, const void *rm, const void *rv, double eps, bint rsingle, floating *cf,
+                      floating *cw, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t unit, int nt) noexcept nogil:
+    # rm != NULL: first mp, ip of the slice's channels from the running buffers (see _forward_eval)
     cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1)
     cdef Py_ssize_t col0 = c0 * S, w = (c1 - c0) * S, R = _slice_rows(w, unit), nb = (N + R - 1) // R, j, c
     if w == 0:
         return
+    if rm != NULL:
+        _eval_stats(rm, rv, eps, mp, ip, c0, c1, rsingle)
     _eval_coefs(mp + c0, ip + c0, wp + c0, bp + c0, cf + c0, c1 - c0, C)
     for c in range(c0, c1):
         _expand(cf, C, S, 4, c, cw)
@@ -704,25 +707,30 @@ cdef void _update_running(floating *rm, floating *rv, const double *mean, const 
 def eval_stats(running_mean, running_var, double eps, mean, invstd, int n_threads=1):
     """The statistics an evaluation-mode forward normalizes with (one call, not four ufuncs):
     mean = running_mean and invstd = 1 / sqrt(running_var + eps), (C,) float64 outputs, from
-    running buffers of one float dtype.  A square root and a division per channel: 15 us for
-    16384 channels on one thread here, so from 2 * EVAL_STATS_SHARE channels on the threads share
-    them (7-8 us on two)."""
+    running buffers of one float dtype."""
     cdef int t = _float_type(running_mean, 1, "running_mean")
     cdef Py_ssize_t C = running_mean.shape[0]
     cdef void *rm = _data(running_mean, t, C, False, "running_mean")
     cdef void *rv = _data(running_var, t, C, False, "running_var")
     cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
     cdef double *ip = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
+    with nogil:
+        _eval_stats_all(rm, rv, eps, mp, ip, C, n_threads, t == cnp.NPY_FLOAT)
+
+
+cdef void _eval_stats_all(const void *rm, const void *rv, double eps, double *mp, double *ip, Py_ssize_t C,
+                          int n_threads, bint single) noexcept nogil:
+    """eval_stats of C channels: a square root and a division each, 15 us for 16384 channels on one
+    thread here, so from 2 * EVAL_STATS_SHARE channels on the threads share them (7-8 us on two)."""
     cdef int T = <int>max(1, min(<Py_ssize_t>n_threads, C // EVAL_STATS_SHARE))
     cdef Py_ssize_t k
-    with nogil:
-        for k in prange(T, num_threads=T, schedule="static"):
-            _eval_stats(rm, rv, eps, mp, ip, _split(C, T, k), _split(C, T, k + 1), t == cnp.NPY_FLOAT)
+    for k in prange(T, num_threads=T, schedule="static"):
+        _eval_stats(rm, rv, eps, mp, ip, _split(C, T, k), _split(C, T, k + 1), single)
 
 
 cdef inline void _eval_stats(const void *rm, const void *rv, double eps, double *mp, double *ip, Py_ssize_t c0,
                              Py_ssize_t c1, bint single) noexcept nogil:
-    # channels c0 .. c1 - 1 of eval_stats
+    # channels c0 .. c1 - 1 of eval_stats (running buffers of float32 if single, else float64)
     if single:
         fbn_eval_stats_f32(<const float *>rm + c0, <const float *>rv + c0, eps, mp + c0, ip + c0, c1 - c0)
     else:
@@ -740,36 +748,73 @@ def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO,
     cdef void *yp = _data(y, t, L, True, "y")
     cdef void *wp = _data(weight, t, C, False, "weight")
     cdef void *bp = _data(bias, t, C, False, "bias")
-    cdef const double *mp = <const double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
-    cdef const double *ip = <const double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
+    cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
+    cdef double *ip = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
+    cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b], see _eval_coefs
     if t == cnp.NPY_FLOAT:
-        _forward_eval(<float>0, xp, yp, wp, bp, mp, ip, N, C, S, n_threads, path, unit, stream)
+        _forward_eval(<float *>_ptr(coef), xp, yp, wp, bp, mp, ip, NULL, NULL, 0, False, N, C, S, n_threads, path,
+                      unit, stream)
     else:
-        _forward_eval(<double>0, xp, yp, wp, bp, mp, ip, N, C, S, n_threads, path, unit, stream)
+        _forward_eval(<double *>_ptr(coef), xp, yp, wp, bp, mp, ip, NULL, NULL, 0, False, N, C, S, n_threads, path,
+                      unit, stream)
 
 
-cdef int _forward_eval(floating tag, void *xv, void *yv, void *wv, void *bv, const double *mp, const double *ip,
-                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads, int path, Py_ssize_t unit,
-                       int stream) except -1:
+def forward_eval_running(x, y, weight, bias, running_mean, running_var, double eps, int n_threads, int path=AUTO,
+                         Py_ssize_t unit=0, int stream=-1):
+    """eval_stats and forward_eval in one call: y from x and the running buffers (of one float dtype,
+    x's or the other); returns (mean, invstd), (C,) float64, as eval_stats.  Everything the call
+    makes is one array (the statistics and the coefficients): with three, a wide small batch
+    ((1, 16384) float32) added more than twice the size of the largest to the heap in every call,
+    which made glibc give the memory back and the next call fault it in again (33 -> 90 us); and a
+    SLICES thread computes its own channels' statistics."""
+    cdef int t = _float_type(x, 3, "x"), rt = _float_type(running_mean, 1, "running_mean")
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
+    cdef void *xp = _data(x, t, L, False, "x")
+    cdef void *yp = _data(y, t, L, True, "y")
+    cdef void *wp = _data(weight, t, C, False, "weight")
+    cdef void *bp = _data(bias, t, C, False, "bias")
+    cdef void *rm = _data(running_mean, rt, C, False, "running_mean")
+    cdef void *rv = _data(running_var, rt, C, False, "running_var")
+    cdef object block = _new(6 * C, cnp.NPY_DOUBLE, False)  # [mean | invstd | coefficients (4C of x's type)]
+    cdef double *mp = <double *>_ptr(block)
+    if t == cnp.NPY_FLOAT:
+        _forward_eval(<float *>(mp + 2 * C), xp, yp, wp, bp, mp, mp + C, rm, rv, eps, rt == cnp.NPY_FLOAT, N, C, S,
+                      n_threads, path, unit, stream)
+    else:
+        _forward_eval(<double *>(mp + 2 * C), xp, yp, wp, bp, mp, mp + C, rm, rv, eps, rt == cnp.NPY_FLOAT, N, C, S,
+                      n_threads, path, unit, stream)
+    return block[:C], block[C:2 * C]
+
+
+cdef int _forward_eval(floating *cf, void *xv, void *yv, void *wv, void *bv, double *mp, double *ip,
+                       const void *rm, const void *rv, double eps, bint rsingle, Py_ssize_t N, Py_ssize_t C,
+                       Py_ssize_t S, int n_threads, int path, Py_ssize_t unit, int stream) except -1:
+    # cf: room for the 4C coefficients; rm != NULL: mp, ip are outputs, the statistics of the running
+    # buffers rm, rv (float32 if rsingle), else inputs
     cdef Py_ssize_t L = N * C * S, W = C * S
     cdef int tn = cnp.NPY_FLOAT if floating is float else cnp.NPY_DOUBLE
     cdef int T = _plan_threads(n_threads, L)
     cdef int nt = _plan_stream(2 * L * sizeof(floating), stream)
     cdef const floating *xp = <const floating *>xv
     cdef floating *yp = <floating *>yv
-    cdef object coef = _new(4 * C, tn, False), wide
-    cdef floating *cf = <floating *>_ptr(coef)
-    cdef floating *cw
+    cdef object wide = None
+    cdef floating *cw = cf
     cdef Py_ssize_t K, k, c, R, nb, j
     cdef int how = _plan_path(N, C, S, path)
-    if how == SLICES:  # each thread makes its own channels' coefficients
-        wide = _columns_coefs(coef, S, tn)
+    if S > 1 and how != RANGES:  # per-column coefficients: see _columns_coefs
+        wide = _new(4 * W, tn, False)
         cw = <floating *>_ptr(wide)
+    if how == SLICES:  # each thread makes its own channels' statistics and coefficients
+        if rm != NULL:  # the square roots alone are worth threads (_eval_stats_all), however small x is
+            T = <int>max(<Py_ssize_t>T, min(<Py_ssize_t>n_threads, C // EVAL_STATS_SHARE))
         with nogil:
             for k in prange(T, num_threads=T, schedule="static"):
-                _slice_eval(k, T, xp, yp, <const floating *>wv, <const floating *>bv, mp, ip, cf, cw, N, C, S,
-                            unit, nt)
+                _slice_eval(k, T, xp, yp, <const floating *>wv, <const floating *>bv, mp, ip, rm, rv, eps, rsingle,
+                            cf, cw, N, C, S, unit, nt)
         return 0
+    if rm != NULL:
+        with nogil:
+            _eval_stats_all(rm, rv, eps, mp, ip, C, n_threads, rsingle)
     _eval_coefs(mp, ip, <const floating *>wv, <const floating *>bv, cf, C, C)
     if how == RANGES:
         K = _plan_ranges(L, T, unit)
@@ -779,8 +824,6 @@ cdef int _forward_eval(floating tag, void *xv, void *yv, void *wv, void *bv, con
         return 0
     R = _plan_rows(N, W, T, unit)
     nb = (N + R - 1) // R
-    wide = _columns_coefs(coef, S, tn)
-    cw = <floating *>_ptr(wide)
     with nogil:
         if cw != cf:
             for c in range(C):

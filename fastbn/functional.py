@@ -226,10 +226,10 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
             mean, var, invstd = be.forward_train(x3, y3, w, b, eps)
             if running_mean is not None:
                 be.update_running(running_mean, running_var, mean, var, momentum, N * S)
+    elif y3.size:
+        mean, invstd = be.forward_eval_running(x3, y3, w, b, running_mean, running_var, eps)
     else:
         mean, invstd = be.eval_stats(running_mean, running_var, eps)
-        if y3.size:
-            be.forward_eval(x3, y3, w, b, mean, invstd)
 
     if copy_back:
         out[...] = y3.reshape(out.shape)

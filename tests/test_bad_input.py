@@ -290,6 +290,7 @@ def _kernel_args(rng):
     return dict(
         forward_train=(x, np.empty_like(x), c32, c32, 1e-5, c64(), c64(), c64(), 1),
         forward_eval=(x, np.empty_like(x), c32, c32, c64(), c64(), 1),
+        forward_eval_running=(x, np.empty_like(x), c32, c32, c32.copy(), c32.copy(), 1e-5, 1),
         backward=(x, x, np.empty_like(x), c32, c64(), c64(), True, c64(), c64(), 1),
         eval_stats=(c32, c32, 1e-5, c64(), c64()),
         update_running=(c32.copy(), c32.copy(), c64(), c64(), 0.1, 20),
@@ -313,7 +314,8 @@ def _spoil(a, how):
 
 
 @pytest.mark.parametrize("how", ["dtype", "length", "strided", "byte-order", "read-only", "list"])
-@pytest.mark.parametrize("name", ["forward_train", "forward_eval", "backward", "eval_stats", "update_running"])
+@pytest.mark.parametrize("name", ["forward_train", "forward_eval", "forward_eval_running", "backward", "eval_stats",
+                                  "update_running"])
 def test_kernel_entry_points_refuse_bad_buffers(rng, name, how):
     """fastbn.functional validates everything, but the kernels still check, cheaply, each array they
     take a pointer to (so a wrong call from inside fastbn is an exception, never a stray write or
@@ -331,7 +333,7 @@ def test_kernel_entry_points_refuse_bad_buffers(rng, name, how):
 
 
 def _written(name, i):
-    return i in {"forward_train": (1, 5, 6, 7), "forward_eval": (1,), "backward": (2, 7, 8),
+    return i in {"forward_train": (1, 5, 6, 7), "forward_eval": (1,), "forward_eval_running": (1,), "backward": (2, 7, 8),
                  "eval_stats": (3, 4), "update_running": (0, 1)}[name]
 
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _cpu
 from conftest import (TOL, assert_close, random_input, random_params, ref_backward, ref_forward,
                       ref_running_update)
 
@@ -89,6 +90,24 @@ def test_running_buffers_of_another_dtype_or_layout(rng, buffers):
         np.testing.assert_array_equal(rv, rv_c)
     y = fastbn.batch_norm(x, rm, rv, training=False)
     assert_close(y, fastbn.batch_norm(x, rm.astype(np.float32), rv.astype(np.float32), training=False), tol=1e-6)
+
+
+@pytest.mark.parametrize("buffer_dtype", [np.float32, np.float64])
+def test_eval_statistics_from_running_buffers(rng, kernel_path, buffer_dtype):
+    """An evaluation forward computes mean and 1/sqrt(running_var + eps) in the same kernel call as
+    the normalize (on SLICES each thread its own channels'), from running buffers of the input's
+    dtype or the other: the same statistics, to the bit, as the separate eval_stats, and the output
+    of the reference."""
+    for shape in [(2, 40, 3), (3, 300), (5, 7, 9)]:
+        x = random_input(rng, shape, np.float32)
+        w, b, rm, rv = random_params(rng, shape[1], np.float32)
+        rm, rv = rm.astype(buffer_dtype), rv.astype(buffer_dtype)
+        y, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, w, b, eps=1e-3)
+        want_mean, want_invstd = _cpu.eval_stats(rm, rv, 1e-3)
+        np.testing.assert_array_equal(mean, want_mean)
+        np.testing.assert_array_equal(invstd, want_invstd)
+        assert not np.shares_memory(mean, invstd) and mean.flags.writeable and invstd.flags.c_contiguous
+        assert_close(y, ref_forward(x, w, b, rm.astype(np.float64), rv.astype(np.float64), eps=1e-3)[0], np.float32)
 
 
 def test_running_var_uses_unbiased_estimate():
