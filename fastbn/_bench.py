@@ -363,21 +363,26 @@ def time_calls(benches, repeats, sample_s=1e-3):
     """Seconds per call of each Bench in ``benches`` (a dict): a Timing (min and median of the
     samples) per key, after a warm-up.
 
-    The samples are taken in rounds, one sample of each bench per round in the dict's order
-    (``repeats[key]`` rounds for each), not all of one bench and then all of the next: on a shared
-    machine whose speed drifts over seconds, every implementation then samples the same stretch of
-    time, and each starts from the cache state the others leave behind, as a call in a real
-    program would, rather than from its own warm copy.  A sample is one call, or (for calls
-    faster than ``sample_s`` without a setup) a loop of calls long enough to time reliably,
-    divided by the count.
+    The samples are taken in rounds, one sample of each bench per round (``repeats[key]`` rounds
+    for each), not all of one bench and then all of the next: on a shared machine whose speed
+    drifts over seconds, every implementation then samples the same stretch of time, and each
+    starts from the cache state the others leave behind, as a call in a real program would,
+    rather than from its own warm copy.  Each round starts one bench later in the dict's order
+    (a b c, b c a, c a b, ...), so that no bench always follows the same one: a call right after
+    ``x.copy()`` of a 16 MiB array, whose output the allocator had just taken back, measured up to
+    1.7x its time elsewhere in the round (fastbn's eval forward of (4096, 1024) float32, which
+    always came second).  A sample is one call, or (for calls faster than ``sample_s`` without a
+    setup) a loop of calls long enough to time reliably, divided by the count.
     """
     number = {}
     for key, bench in benches.items():
         first = calibrate(bench)
         number[key] = 1 if bench.setup is not None else max(1, math.ceil(sample_s / first))
     samples = {key: [] for key in benches}
+    keys = list(benches)
     for i in range(max(repeats.values())):
-        for key, bench in benches.items():
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            bench = benches[key]
             if i >= repeats[key]:
                 continue
             if bench.setup is not None:

@@ -62,8 +62,8 @@ def test_time_calls_samples_in_rounds_and_honours_each_repeat_count():
     assert {k: t.samples for k, t in timings.items()} == {"a": 3, "b": 3, "c": 1}
     assert all(0 <= t.min <= t.median for t in timings.values())
     timed = [name for name in log if name != "b.setup"]
-    # two warm-up calls each (calibration), then rounds: a b c, a b, a b
-    assert timed == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c", "a", "b", "a", "b"]
+    # two warm-up calls each (calibration), then rounds, each starting one later: a b c, b (c) a, (c) a b
+    assert timed == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c", "b", "a", "a", "b"]
     assert log.count("b.setup") == 2 + 3  # before every call of b, warm-ups included
 
 
