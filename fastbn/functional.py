@@ -147,6 +147,16 @@ def _prepare_out(be, out, x, x3, *more):
     return be.xp.empty_like(x3), True
 
 
+def _apart(be, out, *vectors):
+    """The per-channel vectors a kernel reads, each copied where it shares memory with ``out``: the
+    kernels read a channel's vectors while other threads write other channels' outputs (SLICES: each
+    thread its own channels, start to end), so a vector inside ``out`` could be overwritten before
+    it is read."""
+    if out is None:
+        return vectors
+    return tuple(v.copy() if v is not None and be.xp.may_share_memory(out, v) else v for v in vectors)
+
+
 def _disjoint_or_same(be, o3, a):
     """Writing over an input array itself is fine (elementwise); a partial overlap is not."""
     if not be.xp.may_share_memory(o3, a):
@@ -223,11 +233,11 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
         if x3.size == 0:  # PyTorch: empty output, running buffers untouched (also with C = 0)
             mean, invstd = be.xp.zeros(C), be.xp.zeros(C)
         else:
-            mean, var, invstd = be.forward_train(x3, y3, w, b, eps)
+            mean, var, invstd = be.forward_train(x3, y3, *_apart(be, out, w, b), eps)
             if running_mean is not None:
                 be.update_running(running_mean, running_var, mean, var, momentum, N * S)
     elif y3.size:
-        mean, invstd = be.forward_eval_running(x3, y3, w, b, running_mean, running_var, eps)
+        mean, invstd = be.forward_eval_running(x3, y3, *_apart(be, out, w, b, running_mean, running_var), eps)
     else:
         mean, invstd = be.eval_stats(running_mean, running_var, eps)
 
@@ -277,7 +287,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     invstd = _channel_vector(save_invstd, "save_invstd", be, C, np.float64)
     dx3, copy_back = _prepare_out(be, out, input, x3, g3)
     if x3.size:
-        gw, gb = be.backward(g3, x3, dx3, w, mean, invstd, bool(training))
+        gw, gb = be.backward(g3, x3, dx3, *_apart(be, out, w, mean, invstd), bool(training))
     else:
         gw, gb = be.xp.zeros(C), be.xp.zeros(C)
     if copy_back:

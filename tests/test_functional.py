@@ -95,9 +95,9 @@ def test_running_buffers_of_another_dtype_or_layout(rng, buffers):
 @pytest.mark.parametrize("buffer_dtype", [np.float32, np.float64])
 def test_eval_statistics_from_running_buffers(rng, kernel_path, buffer_dtype):
     """An evaluation forward computes mean and 1/sqrt(running_var + eps) in the same kernel call as
-    the normalize (on SLICES each thread its own channels'), from running buffers of the input's
-    dtype or the other: the same statistics, to the bit, as the separate eval_stats, and the output
-    of the reference."""
+    the normalize, from running buffers of the input's dtype or the other: the same statistics, to
+    the bit, as the separate eval_stats, and the output of the reference (one thread at these
+    sizes; tests/test_threads.py splits many channels between two)."""
     for shape in [(2, 40, 3), (3, 300), (5, 7, 9)]:
         x = random_input(rng, shape, np.float32)
         w, b, rm, rv = random_params(rng, shape[1], np.float32)

@@ -9,7 +9,7 @@ import pytest
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastbn
-from fastbn import _openmp
+from fastbn import _cpu, _openmp
 from conftest import assert_close, random_input, random_params, ref_backward, ref_forward
 
 # These test the OpenMP thread count; a serial build (no OpenMP in the compiler) has one thread.
@@ -116,6 +116,75 @@ def test_slices_in_place_on_two_threads(rng, threads, training):
     got_dx = fastbn.batch_norm_backward(dyi, x, w, mean, invstd, training=training, out=dyi)[0]
     assert got_dx is dyi
     np.testing.assert_array_equal(got_dx, want_dx)
+
+
+@needs_openmp
+@pytest.mark.parametrize("vector,training", [("running_mean", False), ("running_var", False), ("weight", False),
+                                             ("bias", False), ("weight", True), ("bias", True)])
+def test_out_overlapping_a_channel_vector_on_two_threads(rng, threads, vector, training):
+    """An out= that holds a per-channel vector, shifted by half the channels, on a wide batch
+    (SLICES: each thread reads its channels' vectors while the other writes its outputs): the
+    vector is read as it was before the call, every time.  (Found by a review: 2-10% of such calls
+    were wrong.)  Training refuses an out over a running buffer, so those cases are eval only."""
+    threads(2)
+    N, C = 4, 16384
+    x = random_input(rng, (N, C), np.float32)
+    w, b, rm, rv = random_params(rng, C, np.float32)
+    vectors = dict(running_mean=rm, running_var=rv, weight=w, bias=b)
+    want = fastbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training)
+    for _ in range(20):
+        buf = np.empty(N * C + C // 2, np.float32)
+        out, inside = buf[:N * C].reshape(N, C), buf[C // 2:C // 2 + C]
+        inside[...] = vectors[vector]
+        args = dict(vectors, **{vector: inside})
+        got = fastbn.batch_norm(x, args["running_mean"].copy() if training else args["running_mean"],
+                                args["running_var"].copy() if training else args["running_var"],
+                                args["weight"], args["bias"], training=training, out=out)
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_openmp
+@pytest.mark.parametrize("vector", ["weight", "save_mean", "save_invstd"])
+def test_backward_out_overlapping_a_channel_vector_on_two_threads(rng, threads, vector):
+    """The backward's out= over one of the vectors it reads, on a wide batch (SLICES), as above."""
+    threads(2)
+    N, C = 4, 16384
+    x = random_input(rng, (N, C), np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = random_params(rng, C, np.float32)[0]
+    _, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, None, training=True)
+    want = fastbn.batch_norm_backward(dy, x, w, mean, invstd)[0]
+    vectors = dict(weight=w, save_mean=mean, save_invstd=invstd)
+    for _ in range(20):
+        dtype = np.float64 if vector.startswith("save") else np.float32
+        buf = np.empty(2 * N * C + C, dtype)  # room for out (float32) and a shifted vector in one buffer
+        out = buf.view(np.uint8)[:N * C * 4].view(np.float32).reshape(N, C)
+        inside = buf[C // 4:C // 4 + C]
+        inside[...] = vectors[vector]
+        args = dict(vectors, **{vector: inside})
+        got = fastbn.batch_norm_backward(dy, x, args["weight"], args["save_mean"], args["save_invstd"], out=out)[0]
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_openmp
+@pytest.mark.parametrize("path,shape", [("auto", (1, 16384)), ("auto", (3, 9000)), ("ranges", (2, 9000, 2)),
+                                        ("columns", (2, 9000, 2))])
+def test_eval_statistics_of_many_channels_on_two_threads(rng, threads, force_path, path, shape):
+    """From 8192 channels on, an evaluation forward shares the statistics' square roots between the
+    threads (SLICES: each thread its own channels, even where x alone would take one thread): the
+    same statistics and output, to the bit, as one thread and as eval_stats."""
+    force_path(path)
+    x = random_input(rng, shape, np.float32)
+    w, b, rm, rv = random_params(rng, shape[1], np.float32)
+    threads(1)
+    one = fastbn.batch_norm_forward(x, rm, rv, w, b)
+    threads(2)
+    two = fastbn.batch_norm_forward(x, rm, rv, w, b)
+    for got, want in zip(two, one):
+        np.testing.assert_array_equal(got, want)
+    want_mean, want_invstd = _cpu.eval_stats(rm, rv, 1e-5)
+    np.testing.assert_array_equal(two[1], want_mean)
+    np.testing.assert_array_equal(two[2], want_invstd)
 
 
 def test_small_thread_stacks_are_enough():
