@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ OPS = {
     "eval_out": Op("eval forward out=", 2, "copyto"),  # read x, write into out
     "backward": Op("backward", 3, "copy"),          # read dy and x, write dx
 }
-IMPLS = ("copy", "fastbn", "floor", "torch", "numpy")  # sampled in this order in every round: copy next to fastbn
+IMPLS = ("copy", "fastbn", "floor", "torch", "numpy")  # sampled once each per round, in a shuffled order
 
 TINY = (2, 16, 4, 4)
 QUICK_CASES = [((64, 64, 56, 56), "float32"), ((4096, 1024), "float32"), (TINY, "float32")]
@@ -367,8 +368,8 @@ def time_calls(benches, repeats, sample_s=1e-3):
     for each), not all of one bench and then all of the next: on a shared machine whose speed
     drifts over seconds, every implementation then samples the same stretch of time, and each
     starts from the cache state the others leave behind, as a call in a real program would,
-    rather than from its own warm copy.  Each round starts one bench later in the dict's order
-    (a b c, b c a, c a b, ...), so that no bench always follows the same one: a call right after
+    rather than from its own warm copy.  Each round takes the benches in a new order (shuffled,
+    the same every run), so that no bench always follows the same one: a call right after
     ``x.copy()`` of a 16 MiB array, whose output the allocator had just taken back, measured up to
     1.7x its time elsewhere in the round (fastbn's eval forward of (4096, 1024) float32, which
     always came second).  A sample is one call, or (for calls faster than ``sample_s`` without a
@@ -379,9 +380,11 @@ def time_calls(benches, repeats, sample_s=1e-3):
         first = calibrate(bench)
         number[key] = 1 if bench.setup is not None else max(1, math.ceil(sample_s / first))
     samples = {key: [] for key in benches}
-    keys = list(benches)
+    order, shuffle = list(benches), random.Random(0).shuffle
     for i in range(max(repeats.values())):
-        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+        if i:
+            shuffle(order)
+        for key in order:
             bench = benches[key]
             if i >= repeats[key]:
                 continue

@@ -62,9 +62,18 @@ def test_time_calls_samples_in_rounds_and_honours_each_repeat_count():
     assert {k: t.samples for k, t in timings.items()} == {"a": 3, "b": 3, "c": 1}
     assert all(0 <= t.min <= t.median for t in timings.values())
     timed = [name for name in log if name != "b.setup"]
-    # two warm-up calls each (calibration), then rounds, each starting one later: a b c, b (c) a, (c) a b
-    assert timed == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c", "b", "a", "a", "b"]
+    # two warm-up calls each (calibration), then rounds: a b c in order, then each in a shuffled order
+    assert timed[:9] == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"]
+    assert sorted(timed[9:11]) == sorted(timed[11:13]) == ["a", "b"]
     assert log.count("b.setup") == 2 + 3  # before every call of b, warm-ups included
+    # over many rounds no bench always follows the same one
+    log.clear()
+    _bench.time_calls({k: bench(k) for k in "abcde"}, dict.fromkeys("abcde", 25), sample_s=0)
+    rounds = [log[10 + 5 * i:15 + 5 * i] for i in range(25)]
+    assert all(sorted(r) == list("abcde") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 10
+    after_a = {r[r.index("a") + 1] for r in rounds if r.index("a") < 4}
+    assert len(after_a) >= 3
 
 
 # ---------------------------------------------------------------- judging targets
