@@ -293,13 +293,6 @@ def _vec(cp, a):
     return cp.ascontiguousarray(a)
 
 
-def _vec_apart(cp, a, out):
-    """_vec, copied where it shares memory with ``out``: the channels kernels read the per-channel
-    vectors while other blocks already write ``out``."""
-    v = _vec(cp, a)
-    return v.copy() if cp.may_share_memory(v, out) else v
-
-
 def _apply_grid(sm, total):
     return _grid(min(_ceil(total, BLOCK * 4), 32 * sm))
 
@@ -315,7 +308,7 @@ def forward_train(x, y, weight, bias, eps):
         if C == 0 or N * S == 0:
             return mean, var, invstd
         kern = _kernels(dev.id, x.dtype)
-        w, b = _vec_apart(cp, weight, y), _vec_apart(cp, bias, y)
+        w, b = _vec(cp, weight), _vec(cp, bias)  # apart from y: functional._apart
         NS = N * S
         path, k, U = _plan(cp, dev.id, C, S, NS)
         eps = np.float64(eps)
@@ -385,7 +378,7 @@ def backward(dy, x, dx, weight, mean, invstd, training):
         if total == 0:
             return gw, gb
         kern = _kernels(dev.id, x.dtype)
-        w, m, istd = _vec_apart(cp, weight, dx), _vec_apart(cp, mean, dx), _vec_apart(cp, invstd, dx)
+        w, m, istd = _vec(cp, weight), _vec(cp, mean), _vec(cp, invstd)  # apart from dx: functional._apart
         NS = N * S
         train = np.int32(1 if training else 0)
         path, k, U = _plan(cp, dev.id, C, S, NS)

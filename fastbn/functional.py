@@ -149,9 +149,9 @@ def _prepare_out(be, out, x, x3, *more):
 
 def _apart(be, out, *vectors):
     """The per-channel vectors a kernel reads, each copied where it shares memory with ``out``: the
-    kernels read a channel's vectors while other threads write other channels' outputs (SLICES: each
-    thread its own channels, start to end), so a vector inside ``out`` could be overwritten before
-    it is read."""
+    kernels read a channel's vectors while other threads (CPU SLICES) or blocks (GPU) write other
+    channels' outputs, so a vector inside ``out`` could be overwritten before it is read.  The one
+    place both backends rely on for this."""
     if out is None:
         return vectors
     return tuple(v.copy() if v is not None and be.xp.may_share_memory(out, v) else v for v in vectors)
