@@ -1,4 +1,4 @@
-"""The CPU backend: NumPy arrays, fastbn's Cython/OpenMP kernels.
+"""The CPU backend: NumPy arrays, fastbn's Cython kernels on fastbn's own thread pool.
 
 A backend module provides ``xp`` (its array module), ``is_array(a)`` and the operations
 below on C-contiguous (N, C, S) arrays that fastbn.functional has already validated.

@@ -1,40 +1,52 @@
-"""fastbn's CPU kernels: OpenMP-parallel batch norm over C-contiguous (N, C, S) buffers.
+"""fastbn's CPU kernels: batch norm over C-contiguous (N, C, S) buffers, on fastbn's thread pool.
 
 Every operation is "reduce per channel, derive per-channel coefficients, apply elementwise", and
-batch norm is memory-bound, so what matters is how threads walk memory.  Two ways (``path``):
+batch norm is memory-bound, so what matters is how threads walk memory.  A call is cut into
+tasks by its shape alone (never by the thread count: see PLAN_WIDTH), which threads of the pool
+in _pool.h claim one by one, the calling thread first; three ways to cut (``path``):
 
-RANGES   the buffer is cut into equal consecutive ranges in memory order, one per thread; each
-         thread streams through its range front to back, accumulating per-channel partial sums
-         (row r of S elements is channel r % C), the partials are merged in a fixed order, and
-         the apply pass walks the same ranges, back to front in pieces of PIECE_BYTES so that it
-         starts with what the cache still holds.  Any shape splits evenly whatever C is (C=1 and
-         C=3 included).
+RANGES   the buffer is cut into equal consecutive ranges in memory order, a task each; a task
+         streams through its range front to back, accumulating per-channel partial sums (row r of
+         S elements is channel r % C) into its own slot, the slots are merged in task order, and
+         the apply pass takes the ranges in reverse order, each back to front in pieces of
+         PIECE_BYTES, so that it starts with what the cache still holds.  Any shape splits
+         evenly whatever C is (C=1 and C=3 included).
 COLUMNS  spatial size below SMALL_S, e.g. an (N, C) matrix: the buffer is an (N, C*S) matrix and
-         threads take blocks of rows, reducing down the columns with vector loads across them
-         (per-thread accumulators merged afterwards; the S columns of a channel merged last); the
-         apply pass takes each thread's blocks in reverse order.
+         tasks take shares of consecutive row blocks, reducing down the columns with vector loads
+         across them (per-task accumulators merged afterwards; the S columns of a channel merged
+         last); the apply pass takes the shares, and their blocks, in reverse order.
 SLICES   the same (N, C*S) matrix when it is much wider than tall (a small batch of many features): each
-         thread takes a slice of the channels, i.e. of the columns, over all the rows, and does
+         task takes a slice of the channels, i.e. of the columns, over all the rows, and does
          everything for them alone (reduce, statistics, apply), so nothing is merged across
-         threads and no thread reads what another wrote: with blocks of rows instead, on
+         tasks and no thread reads what another wrote: with blocks of rows instead, on
          (16, 8192) float32 two threads took 117 us for an evaluation forward and one thread 25,
          from reading the coefficients the other thread had just written.
 
 ``unit`` (0: choose) forces the range size in elements (RANGES) or the rows per block (COLUMNS,
-SLICES); tests set it small so small inputs run many ranges and blocks.  ``stream`` (-1: choose by output
+SLICES; then every COLUMNS block is a task); tests set it small so small inputs run many tasks.  ``stream`` (-1: choose by output
 size, 0 off, 1 on) switches the non-temporal stores of _simd.h.
 
 The entry points check what memory safety needs of their arrays (see "arguments" below);
 fastbn.functional validated the rest.  Statistics are accumulated in double for float32 and
 float64 alike.  The GIL is released for all the work.
 """
+import os
+
 import numpy as np
 cimport numpy as cnp
 from cython cimport floating
-from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
+from libc.stdint cimport int64_t
+from libc.string cimport memset
 
 cnp.import_array()
+
+cdef extern from "_pool.h" nogil:
+    ctypedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task) noexcept nogil
+    void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
+    int fbn_pool_helpers()
+    void fbn_pool_counters(int64_t *c)
+    int64_t fbn_pool_spin_ns
 
 cdef extern from "_simd.h" nogil:
     void fbn_sfence()
@@ -82,11 +94,16 @@ cdef enum:
 PATHS = {"auto": AUTO, "ranges": RANGES, "columns": COLUMNS, "slices": SLICES}
 
 cdef enum:
-    # Below this many elements per thread, another thread costs more than it saves.
-    MIN_PER_THREAD = 16384
+    # Below this many elements a task, the task's bookkeeping starts to show.
+    MIN_TASK = 16384
+    # Below this many elements a thread, another thread costs more than it saves: waking a helper
+    # costs the caller a system call, and a helper that then loses its core to another process
+    # holds up the call until it gets one back.  (450, 100) forward + backward right after a
+    # matmul, whose BLAS threads still spin, took 3.8x its 1-thread time on 2 threads.
+    MIN_PER_THREAD = 131072
     # Spatial sizes below this take the COLUMNS path (rows that short would each cost a call) ...
     SMALL_S = 32
-    # ... as blocks of rows (COLUMNS), unless the matrix is wider than this many columns (per-thread
+    # ... as blocks of rows (COLUMNS), unless the matrix is wider than this many columns (per-task
     # accumulators get large) or more than SLICE_RATIO times as wide as it is tall: then in SLICES.
     # Measured at kernel level on 2 threads, float32 (N, W), blocks of rows -> SLICES: (8, 16384)
     # train forward 180 -> 51 us, eval 55 -> 20, backward 159 -> 58; (32, 4096) 64 -> 36, 27 -> 20,
@@ -94,11 +111,62 @@ cdef enum:
     # 9 -> 19 us, (128, 1024) 13 -> 40 (two threads writing the two halves of every 4 KiB row).
     MAX_COLUMNS = 1 << 16
     SLICE_RATIO = 32
-    # Channels per thread, at least, for eval_stats' square roots to be shared between threads.
+    # Channels per task, at least, for eval_stats' square roots to be shared between threads.
     EVAL_STATS_SHARE = 4096
     # Elements per COLUMNS row block (~512 KiB of float32: still in L2 for the first block's
     # second pass; larger blocks mean fewer merges).
     COLUMN_BLOCK = 131072
+    # Channels per task of a merge of the tasks' partials; merges of fewer than MERGE_ALONE
+    # partials in all run on the calling thread.
+    MERGE_CHANNELS = 256
+    MERGE_ALONE = 8192
+
+# The most tasks a call is cut into, whatever the thread count: the tasks (not the threads) fix
+# where partial sums are cut and merged, so results are the same on 1 thread or 16.  At least 16
+# (8 per core on 2 cores: a helper that comes late still finds work), more on machines with more
+# than 8 cores; fixed at import from the cores this process may use.
+cdef Py_ssize_t PLAN_WIDTH
+
+
+def _usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+PLAN_WIDTH = max(16, min(256, 2 * _usable_cores()))
+
+
+def plan_width():
+    """The most tasks a call is cut into (see PLAN_WIDTH)."""
+    return PLAN_WIDTH
+
+
+def pool_helpers():
+    """Helper threads fastbn's pool has started in this process (0 in a fresh fork child)."""
+    return fbn_pool_helpers()
+
+
+def pool_counters():
+    """The pool's counters since the process started (for the benchmark): jobs run with helpers,
+    tasks the helpers ran, the caller's waits for tasks a helper held, how many of those slept,
+    and the seconds it waited in all."""
+    cdef int64_t c[5]
+    fbn_pool_counters(c)
+    return {"jobs": c[0], "helper_tasks": c[1], "waits": c[2], "sleeps": c[3], "wait_s": c[4] * 1e-9}
+
+
+def pool_spin_us(us=None):
+    """How long (microseconds) an idle helper spins before it sleeps; sets it when given.  Not part
+    of fastbn's API: for the benchmark's experiments."""
+    global fbn_pool_spin_ns
+    if us is not None:
+        if not 0 <= us <= 1000000:
+            raise ValueError(f"pool_spin_us({us!r}): expected 0 to 1000000 microseconds")
+        fbn_pool_spin_ns = <int64_t>(us * 1000)
+    return fbn_pool_spin_ns / 1000
+
 
 # A call whose arrays (inputs and output) take more than this (1.5x this machine's 32 MiB L3)
 # writes its output with streaming stores: it would not stay in cache anyway, and skipping the
@@ -106,17 +174,40 @@ cdef enum:
 # whoever reads it next (measured: eval (32, 3, 224, 224) 0.56x copy with, 0.91x without).
 cdef Py_ssize_t STREAM_BYTES = 48 * 1024 * 1024
 
-# A two-pass operation (training forward, backward) makes its second pass over each thread's share
-# from the share's end back to its start, in pieces of about this many bytes (each piece front to
-# back).  The first pass went front to back, so the cache (L2, then L3) holds the end of the share:
-# walking back meets those bytes first, while front to back would start with bytes long evicted and
-# push out the cached ones before reaching them.  See "two passes" in bench/RESULTS.md.
+# A two-pass operation (training forward, backward) makes its second pass over each task's range
+# from the range's end back to its start, in pieces of about this many bytes (each piece front to
+# back), and takes the tasks in reverse order.  The first pass went front to back, so the cache
+# (L2, then L3) holds the end of the data: walking back meets those bytes first, while front to
+# back would start with bytes long evicted and push out the cached ones before reaching them.  See
+# "two passes" in bench/RESULTS.md.
 cdef Py_ssize_t PIECE_BYTES = 512 * 1024
 
 
 # ---------------------------------------------------------------- planning
+# A plan depends on the shape (and a forced unit), never on the thread count: see PLAN_WIDTH.
 cdef int _plan_threads(int n_threads, Py_ssize_t total) noexcept nogil:
-    return <int>max(1, min(<Py_ssize_t>n_threads, total // MIN_PER_THREAD))
+    """Threads for ``total`` elements of work (they change how fast, never what it computes)."""
+    return <int>max(1, min(<Py_ssize_t>n_threads, total // min_per_thread))
+
+
+# MIN_PER_THREAD, unless tests lower it to put small inputs on several threads.
+cdef Py_ssize_t min_per_thread = MIN_PER_THREAD
+
+
+def thread_threshold(n=None):
+    """Elements a thread at least (MIN_PER_THREAD); sets it when given (tests: 1 puts every task
+    of a small input up for the helpers).  Not part of fastbn's API."""
+    global min_per_thread
+    if n is not None:
+        if not 1 <= n <= (1 << 40):
+            raise ValueError(f"thread_threshold({n!r}): expected 1 to 2**40 elements")
+        min_per_thread = n
+    return min_per_thread
+
+
+cdef Py_ssize_t _plan_tasks(Py_ssize_t total) noexcept nogil:
+    """Tasks for ``total`` elements of work: one per MIN_TASK elements, at most PLAN_WIDTH."""
+    return max(<Py_ssize_t>1, min(PLAN_WIDTH, total // MIN_TASK))
 
 
 cdef int _plan_path(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int path) noexcept nogil:
@@ -136,24 +227,36 @@ cdef int _plan_stream(Py_ssize_t touched_bytes, int stream) noexcept nogil:
     return stream if stream >= 0 else touched_bytes > STREAM_BYTES
 
 
-cdef Py_ssize_t _plan_ranges(Py_ssize_t L, int T, Py_ssize_t unit) noexcept nogil:
-    """How many ranges RANGES cuts L elements into: one per thread, or L / unit when forced."""
-    return T if unit <= 0 else max(<Py_ssize_t>1, (L + unit - 1) // unit)
+cdef Py_ssize_t _plan_ranges(Py_ssize_t L, Py_ssize_t unit) noexcept nogil:
+    """How many ranges (tasks) RANGES cuts L elements into: _plan_tasks, or L / unit when forced."""
+    return _plan_tasks(L) if unit <= 0 else max(<Py_ssize_t>1, (L + unit - 1) // unit)
 
 
-cdef Py_ssize_t _plan_rows(Py_ssize_t N, Py_ssize_t W, int T, Py_ssize_t unit) noexcept nogil:
-    """Rows per COLUMNS block: COLUMN_BLOCK elements, but no more than a T-th of the N rows, so that
-    a matrix of fewer blocks than threads still splits across all T (W = 0, no channels: any)."""
+cdef Py_ssize_t _plan_rows(Py_ssize_t N, Py_ssize_t W, Py_ssize_t unit) noexcept nogil:
+    """Rows per COLUMNS block: COLUMN_BLOCK elements, but no more than a _plan_tasks-th of the N
+    rows, so that a matrix of few blocks still gives every thread work (W = 0, no channels: any)."""
+    cdef Py_ssize_t P = _plan_tasks(N * W)
     if unit > 0:
         return unit
-    return max(<Py_ssize_t>1, min(COLUMN_BLOCK // max(W, <Py_ssize_t>1), (N + T - 1) // T))
+    return max(<Py_ssize_t>1, min(COLUMN_BLOCK // max(W, <Py_ssize_t>1), (N + P - 1) // P))
 
 
-cdef Py_ssize_t _slice_start(Py_ssize_t C, Py_ssize_t S, int T, int k) noexcept nogil:
-    """First channel of SLICES thread k's share of the C channels: equal shares; with S = 1, inner
-    boundaries on multiples of 16 channels (64 bytes of float32), so that neighbouring threads share
-    at most one cache line per row (none where rows start on a line).  Channels of S > 1 columns are
-    split evenly as they are: rounding there cost balance ((34, 31) went 32 / 2)."""
+cdef Py_ssize_t _plan_shares(Py_ssize_t nb, Py_ssize_t L, Py_ssize_t unit) noexcept nogil:
+    """COLUMNS tasks: shares of consecutive blocks, each with its own accumulators (every block
+    its own when the unit is forced)."""
+    return nb if unit > 0 else min(nb, _plan_tasks(L))
+
+
+cdef Py_ssize_t _plan_slices(Py_ssize_t C, Py_ssize_t S, Py_ssize_t L) noexcept nogil:
+    """SLICES tasks: slices of the channels (at least 16 channels a slice when S = 1)."""
+    return max(<Py_ssize_t>1, min(_plan_tasks(L), C // 16 if S == 1 else C))
+
+
+cdef Py_ssize_t _slice_start(Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, Py_ssize_t k) noexcept nogil:
+    """First channel of SLICES task k's share of the C channels (T tasks): equal shares; with S = 1,
+    inner boundaries on multiples of 16 channels (64 bytes of float32), so that neighbouring tasks
+    share at most one cache line per row (none where rows start on a line).  Channels of S > 1
+    columns are split evenly as they are: rounding there cost balance ((34, 31) went 32 / 2)."""
     if k >= T:
         return C
     if S > 1:
@@ -162,12 +265,12 @@ cdef Py_ssize_t _slice_start(Py_ssize_t C, Py_ssize_t S, int T, int k) noexcept 
 
 
 cdef inline Py_ssize_t _slice_rows(Py_ssize_t w, Py_ssize_t unit) noexcept nogil:
-    """Rows per block of a SLICES thread's w columns: COLUMN_BLOCK elements, at least 8 rows."""
+    """Rows per block of a SLICES task's w columns: COLUMN_BLOCK elements, at least 8 rows."""
     return unit if unit > 0 else max(<Py_ssize_t>8, COLUMN_BLOCK // max(w, <Py_ssize_t>1))
 
 
 cdef inline Py_ssize_t _share(Py_ssize_t n, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
-    """Start of share k of n COLUMNS blocks over K threads, dealt as OpenMP's static schedule would."""
+    """Start of share k of n COLUMNS blocks over K tasks: n / K blocks each, the first n % K one more."""
     return k * (n // K) + min(k, n % K)
 
 
@@ -179,7 +282,7 @@ cdef inline Py_ssize_t _piece_start(Py_ssize_t f0, Py_ssize_t e, Py_ssize_t piec
 
 cdef inline Py_ssize_t _split(Py_ssize_t L, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
     """Start of range k of K over L elements: equal shares, inner boundaries on multiples of 16
-    elements (64 bytes of float32), so that neighbouring threads do not write the same line."""
+    elements (64 bytes of float32), so that neighbouring tasks do not write the same line."""
     if k >= K:
         return L
     return min(L, ((L * k) // K + 15) & ~(<Py_ssize_t>15))
@@ -243,11 +346,11 @@ cdef void _grad_input_backwards(const floating *dy, const floating *x, floating 
 
 
 cdef enum:
-    # one COLUMNS thread's moments: [count | shift K (W) | mean - K (W) | M2 (W) | scratch (3W)]
+    # one COLUMNS task's moments: [count | shift K (W) | mean - K (W) | M2 (W) | scratch (3W)]
     COL_MOMENTS = 6
 
 # The column loops take columns [0, w) of rows W apart (per-column coefficients in blocks W apart):
-# w = W for the COLUMNS blocks of whole rows; a SLICES thread passes its first column and width.
+# w = W for the COLUMNS blocks of whole rows; a SLICES task passes its first column and width.
 cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W,
                               double *th) noexcept nogil:
     # th: one share's moments, [count | shift K (w) | mean - K (w) | M2 (w) | scratch (3w)]
@@ -385,8 +488,9 @@ cdef inline void _expand(const floating *cf, Py_ssize_t C, Py_ssize_t S, Py_ssiz
 
 
 # ---------------------------------------------------------------- merging the partials of one channel
-# Each runs inside the parallel region, one channel per iteration, between the reduce and the
-# apply loops (so a whole call is one fork/join of the thread team).
+# Each merges the partials of its K tasks in task order, so which thread ran a task does not
+# matter; the drivers run them in tasks of MERGE_CHANNELS channels, between the reduce and the
+# apply passes.
 
 cdef void _merge_range_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const double *pp, double eps,
                              const floating *w, const floating *b, double *mean, double *var,
@@ -402,11 +506,11 @@ cdef void _merge_range_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const dou
     _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
 
 
-cdef void _merge_column_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, Py_ssize_t w,
+cdef void _merge_column_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, const double *pp, Py_ssize_t w,
                               Py_ssize_t col0, double eps, const floating *wt, const floating *b, double *mean,
                               double *var, double *invstd, floating *cf, floating *cfw) noexcept nogil:
     # pp: T shares of COL_MOMENTS * w + 1 (see _col_moments) over columns col0 .. col0 + w - 1 (all
-    # W columns for COLUMNS, a thread's own for SLICES); channel c owns columns c*S .. c*S+S-1
+    # W columns for COLUMNS, a task's own for SLICES); channel c owns columns c*S .. c*S+S-1
     cdef double acc[4]
     cdef Py_ssize_t t, s, j, col
     acc[0] = acc[1] = acc[2] = acc[3] = 0
@@ -431,7 +535,7 @@ cdef void _merge_range_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const doub
     _finish_grad(c, C, sdy, sdyx, count, training, w, mean, invstd, gw, gb, cf)
 
 
-cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, const double *pp, Py_ssize_t w,
+cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, const double *pp, Py_ssize_t w,
                              Py_ssize_t col0, double count, bint training, const floating *wt, const double *mean,
                              const double *invstd, double *gw, double *gb, floating *cf, floating *cfw) noexcept nogil:
     # pp: T shares of [sum dy (w) | sum dy*(x-mean) (w)] over columns col0 .. col0 + w - 1
@@ -446,17 +550,69 @@ cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, int T, co
     _expand(cf, C, S, 5, c, cfw)
 
 
-# ---------------------------------------------------------------- SLICES: one thread's columns
-# Thread k of T takes channels _slice_start(k) .. _slice_start(k + 1) and does the whole operation for
+# ---------------------------------------------------------------- a call's job
+# A call fills one _Job and runs it as passes of tasks on fastbn's thread pool (_pool.h):
+# fbn_pool_run(_task, &job, n, T) runs _task(&job, k) for k = 0 .. n-1 on up to T threads, the
+# caller one of them, and returns when all n ran.  job.op says which pass; _task dispatches on the
+# element type once, and _pass does task k of the pass.  Each task writes its partial sums to its
+# own slot of job.part, and the merges read them in task order: a result does not depend on which
+# thread ran which task, nor on how many threads there were.
+
+cdef enum:  # job.op: the passes
+    REDUCE = 1      # task k's partial sums: moments (forward) or gradient sums (backward)
+    MERGE = 2       # channels of merge task k: merge the partials, statistics, coefficients
+    APPLY_BACK = 3  # the second pass: task K-1-k, back to front (see PIECE_BYTES)
+    APPLY = 4       # evaluation forward: range k (RANGES) or row block k (COLUMNS), front to back
+    SLICE = 5       # SLICES: slice k, all of it
+    EVAL_STATS = 6  # channels of task k: statistics from the running buffers
+    TRAFFIC = 7     # the benchmark's floor: range k
+
+cdef enum:  # job.kind
+    TRAIN = 1
+    EVAL = 2
+    BACKWARD = 3
+
+
+cdef struct _Job:
+    int op, kind, how       # the pass, the operation, the work split (RANGES, COLUMNS, SLICES)
+    bint single             # float32 elements, else float64
+    bint training           # backward: the forward used batch statistics (else fixed ones)
+    bint rsingle            # evaluation: float32 running buffers, else float64
+    int nt                  # streaming stores
+    const void *x
+    const void *dy          # backward: grad_output
+    void *y                 # the output: y, or grad_input
+    const void *w
+    const void *b
+    void *cf                # per-channel coefficients, blocks of C (see "per-channel coefficients")
+    void *cw                # per-column coefficients, blocks of W (cf itself when S = 1)
+    double *mean
+    double *var
+    double *invstd
+    double *gw
+    double *gb
+    const double *wm        # COLUMNS backward: each column's channel mean
+    double *part            # the tasks' partial sums, a slot each
+    const void *rm          # evaluation: running buffers (NULL: mean and invstd are given)
+    const void *rv
+    double eps
+    Py_ssize_t N, C, S, L, W
+    Py_ssize_t K            # tasks that cut the data: ranges, shares of row blocks, or slices
+    Py_ssize_t R, nb        # COLUMNS: rows per block, blocks
+    Py_ssize_t unit
+
+
+# ---------------------------------------------------------------- SLICES: one task's columns
+# Task k of T takes channels _slice_start(k) .. _slice_start(k + 1) and does the whole operation for
 # them alone, SLICE_CHUNK columns (whole channels) at a time: reduce over all the rows in blocks front
 # to back, the chunk's statistics and coefficients, apply in blocks back to front (see "two passes";
 # a chunk of a small batch is still in L1/L2 for the apply).  Its scratch is its own share of one
-# array per call, SLICE_SCRATCH doubles a thread (on the stack it took 49 KiB, which crashed threads
+# array per call, SLICE_SCRATCH doubles a task (on the stack it took 49 KiB, which crashed threads
 # given small stacks on purpose: threading.stack_size(48 KiB), OMP_STACKSIZE=56K).
 
 cdef enum:
     SLICE_CHUNK = 1024  # columns; spatial sizes up to this (auto takes SLICES below SMALL_S)
-    # doubles a thread: a training chunk's moments (the count, then 6 per column), a backward's sums and
+    # doubles a task: a training chunk's moments (the count, then 6 per column), a backward's sums and
     # column means (3 per column); rounded up to whole 64-byte lines
     SLICE_SCRATCH = COL_MOMENTS * SLICE_CHUNK + 8
 
@@ -477,57 +633,70 @@ cdef inline _Chunk _slice_chunk(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N, Py_s
     return ch
 
 
-cdef void _slice_train(int k, int T, const floating *xp, floating *yp, const floating *wp, const floating *bp,
-                       double eps, double *mp, double *vp, double *ip, floating *cf, floating *cw, double *scratch,
-                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t unit, int nt) noexcept nogil:
-    cdef double *th = scratch + k * SLICE_SCRATCH  # [count | K | rel | M2 | scratch], see _col_moments
-    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1), j, c, o
+cdef void _slice_train(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
+    cdef const floating *xp = <const floating *>jb.x
+    cdef const floating *wp = <const floating *>jb.w
+    cdef const floating *bp = <const floating *>jb.b
+    cdef floating *yp = <floating *>jb.y
+    cdef floating *cf = <floating *>jb.cf
+    cdef floating *cw = <floating *>jb.cw
+    cdef double *th = jb.part + k * SLICE_SCRATCH  # [count | K | rel | M2 | scratch], see _col_moments
+    cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c, o
+    cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
     cdef _Chunk ch
     while c0 < c1:
-        ch = _slice_chunk(c0, c1, N, S, unit)
+        ch = _slice_chunk(c0, c1, N, S, jb.unit)
         th[0] = 0
         for j in range(ch.nb):
             o = j * ch.R * W + ch.col0
             _col_moments(xp + o, min(ch.R, N - j * ch.R), ch.w, W, th)
         if S == 1:
-            _col_finish_stats(th, ch.w, eps, wp + c0, bp + c0, mp + c0, vp + c0, ip + c0, cf + c0, C)
+            _col_finish_stats(th, ch.w, jb.eps, wp + c0, bp + c0, jb.mean + c0, jb.var + c0, jb.invstd + c0, cf + c0, C)
         else:
             for c in range(c0, ch.end):
-                _merge_column_stats(c, C, S, 1, th, ch.w, ch.col0, eps, wp, bp, mp, vp, ip, cf, cw)
+                _merge_column_stats(c, C, S, 1, th, ch.w, ch.col0, jb.eps, wp, bp, jb.mean, jb.var, jb.invstd, cf, cw)
         for j in range(ch.nb - 1, -1, -1):
             o = j * ch.R * W + ch.col0
-            _col_affine(xp + o, yp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, nt)
+            _col_affine(xp + o, yp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, jb.nt)
         c0 = ch.end
 
 
-cdef void _slice_eval(int k, int T, const floating *xp, floating *yp, const floating *wp, const floating *bp,
-                      double *mp, double *ip, const void *rm, const void *rv, double eps, bint rsingle, floating *cf,
-                      floating *cw, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t unit, int nt) noexcept nogil:
-    # rm != NULL: first mp, ip of the slice's channels from the running buffers (see _forward_eval)
-    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1)
-    cdef Py_ssize_t col0 = c0 * S, w = (c1 - c0) * S, R = _slice_rows(w, unit), nb = (N + R - 1) // R, j, c
+cdef void _slice_eval(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
+    # jb.rm != NULL: first the slice's channels' statistics from the running buffers (see _forward_eval)
+    cdef floating *cf = <floating *>jb.cf
+    cdef floating *cw = <floating *>jb.cw
+    cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c
+    cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
+    cdef Py_ssize_t col0 = c0 * S, w = (c1 - c0) * S, R = _slice_rows(w, jb.unit), nb = (N + R - 1) // R
     if w == 0:
         return
-    if rm != NULL:
-        _eval_stats(rm, rv, eps, mp, ip, c0, c1, rsingle)
-    _eval_coefs(mp + c0, ip + c0, wp + c0, bp + c0, cf + c0, c1 - c0, C)
+    if jb.rm != NULL:
+        _eval_stats(jb.rm, jb.rv, jb.eps, jb.mean, jb.invstd, c0, c1, jb.rsingle)
+    _eval_coefs(jb.mean + c0, jb.invstd + c0, <const floating *>jb.w + c0, <const floating *>jb.b + c0, cf + c0,
+                c1 - c0, C)
     for c in range(c0, c1):
         _expand(cf, C, S, 4, c, cw)
     for j in range(nb):
-        _col_affine(xp + j * R * W + col0, yp + j * R * W + col0, min(R, N - j * R), w, W, cw + col0, nt)
+        _col_affine(<const floating *>jb.x + j * R * W + col0, <floating *>jb.y + j * R * W + col0,
+                    min(R, N - j * R), w, W, cw + col0, jb.nt)
 
 
-cdef void _slice_backward(int k, int T, const floating *gp, const floating *xp, floating *dp, const floating *wp,
-                          const double *mp, const double *ip, bint training, double *gwp, double *gbp,
-                          floating *cf, floating *cw, double *scratch, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                          Py_ssize_t unit, int nt) noexcept nogil:
-    cdef double *th = scratch + k * SLICE_SCRATCH  # [sum dy (w) | sum dy*(x-mean) (w)]
+cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
+    cdef const floating *gp = <const floating *>jb.dy
+    cdef const floating *xp = <const floating *>jb.x
+    cdef const floating *wp = <const floating *>jb.w
+    cdef floating *dp = <floating *>jb.y
+    cdef floating *cf = <floating *>jb.cf
+    cdef floating *cw = <floating *>jb.cw
+    cdef double *th = jb.part + k * SLICE_SCRATCH  # [sum dy (w) | sum dy*(x-mean) (w)]
     cdef double *wm = th + 2 * SLICE_CHUNK  # each column's channel mean
     cdef const double *m
-    cdef Py_ssize_t W = C * S, c0 = _slice_start(C, S, T, k), c1 = _slice_start(C, S, T, k + 1), j, c, o
+    cdef const double *mp = jb.mean
+    cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c, o
+    cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
     cdef _Chunk ch
     while c0 < c1:
-        ch = _slice_chunk(c0, c1, N, S, unit)
+        ch = _slice_chunk(c0, c1, N, S, jb.unit)
         for j in range(2 * ch.w):
             th[j] = 0
         m = mp + c0  # one column per channel: the channel means themselves
@@ -539,17 +708,18 @@ cdef void _slice_backward(int k, int T, const floating *gp, const floating *xp, 
             o = j * ch.R * W + ch.col0
             _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.w, W, m, th)
         if S == 1:
-            _col_finish_grad(th, ch.w, <double>N, training, wp + c0, mp + c0, ip + c0, gwp + c0, gbp + c0, cf + c0, C)
+            _col_finish_grad(th, ch.w, <double>N, jb.training, wp + c0, mp + c0, jb.invstd + c0, jb.gw + c0,
+                             jb.gb + c0, cf + c0, C)
         else:
             for c in range(c0, ch.end):
-                _merge_column_grad(c, C, S, 1, th, ch.w, ch.col0, <double>(N * S), training, wp, mp, ip, gwp, gbp,
-                                   cf, cw)
+                _merge_column_grad(c, C, S, 1, th, ch.w, ch.col0, <double>(N * S), jb.training, wp, mp, jb.invstd,
+                                   jb.gw, jb.gb, cf, cw)
         for j in range(ch.nb - 1, -1, -1):
             o = j * ch.R * W + ch.col0
-            if training:
-                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, nt)
+            if jb.training:
+                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, jb.nt)
             else:
-                _col_affine(gp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, nt)
+                _col_affine(gp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, jb.nt)
         c0 = ch.end
 
 
@@ -595,6 +765,164 @@ cdef inline void *_ptr(object a) noexcept:
     return cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+# ---------------------------------------------------------------- the passes
+cdef void _task(void *p, Py_ssize_t k) noexcept nogil:
+    cdef _Job *jb = <_Job *>p
+    if jb.single:
+        _pass(jb, k, <float>0)
+    else:
+        _pass(jb, k, <double>0)
+
+
+cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
+    cdef const floating *xp = <const floating *>jb.x
+    cdef const floating *gp = <const floating *>jb.dy
+    cdef floating *yp = <floating *>jb.y
+    cdef const floating *cw = <const floating *>jb.cw
+    cdef Py_ssize_t C = jb.C, S = jb.S, W = jb.W, N = jb.N, f0, f1, j, c, c1
+    cdef double *th
+    if jb.op == SLICE:
+        if jb.kind == TRAIN:
+            _slice_train(jb, k, tag)
+        elif jb.kind == EVAL:
+            _slice_eval(jb, k, tag)
+        else:
+            _slice_backward(jb, k, tag)
+    elif jb.op == MERGE:
+        c1 = min(C, (k + 1) * MERGE_CHANNELS)
+        for c in range(k * MERGE_CHANNELS, c1):
+            if jb.how == RANGES and jb.kind == TRAIN:
+                _merge_range_stats(c, C, jb.K, jb.part, jb.eps, <const floating *>jb.w, <const floating *>jb.b,
+                                   jb.mean, jb.var, jb.invstd, <floating *>jb.cf)
+            elif jb.how == RANGES:
+                _merge_range_grad(c, C, jb.K, jb.part, <double>(N * S), jb.training, <const floating *>jb.w,
+                                  jb.mean, jb.invstd, jb.gw, jb.gb, <floating *>jb.cf)
+            elif jb.kind == TRAIN:
+                _merge_column_stats(c, C, S, jb.K, jb.part, W, 0, jb.eps, <const floating *>jb.w,
+                                    <const floating *>jb.b, jb.mean, jb.var, jb.invstd, <floating *>jb.cf,
+                                    <floating *>jb.cw)
+            else:
+                _merge_column_grad(c, C, S, jb.K, jb.part, W, 0, <double>(N * S), jb.training,
+                                   <const floating *>jb.w, jb.mean, jb.invstd, jb.gw, jb.gb, <floating *>jb.cf,
+                                   <floating *>jb.cw)
+    elif jb.op == EVAL_STATS:
+        _eval_stats(jb.rm, jb.rv, jb.eps, jb.mean, jb.invstd, _split(C, jb.K, k), _split(C, jb.K, k + 1), jb.rsingle)
+    elif jb.op == TRAFFIC:
+        if jb.training:  # walking back: the tasks in reverse order too, as APPLY_BACK
+            k = jb.K - 1 - k
+        jb.part[k] = _traffic_range(jb, _split(jb.L, jb.K, k), _split(jb.L, jb.K, k + 1), tag)
+    elif jb.how == RANGES:
+        if jb.op == APPLY_BACK:
+            k = jb.K - 1 - k
+        f0 = _split(jb.L, jb.K, k)
+        f1 = _split(jb.L, jb.K, k + 1)
+        if jb.op == REDUCE and jb.kind == TRAIN:
+            _moments(xp, C, S, f0, f1, jb.part + k * FBN_ACC * C)
+        elif jb.op == REDUCE:
+            _grad_sums(gp, xp, C, S, f0, f1, jb.mean, jb.part + k * 2 * C)
+        elif jb.op == APPLY:
+            _affine(xp, yp, C, S, f0, f1, cw, jb.nt)
+        elif jb.kind == TRAIN:
+            _affine_backwards(xp, yp, C, S, f0, f1, cw, jb.nt)
+        elif jb.training:
+            _grad_input_backwards(gp, xp, yp, C, S, f0, f1, cw, jb.nt)
+        else:  # fixed statistics: dx = dy * kdy, the affine applied to dy (see the coefficients)
+            _affine_backwards(gp, yp, C, S, f0, f1, cw, jb.nt)
+    elif jb.op == APPLY:  # COLUMNS, evaluation: row block k
+        j = k * jb.R * W
+        _col_affine(xp + j, yp + j, min(jb.R, N - k * jb.R), W, W, cw, jb.nt)
+    elif jb.op == REDUCE:  # COLUMNS: share k of the row blocks, front to back
+        if jb.kind == TRAIN:
+            th = jb.part + k * (COL_MOMENTS * W + 1)
+            th[0] = 0
+        else:
+            th = jb.part + k * 2 * W
+            for j in range(2 * W):
+                th[j] = 0
+        for j in range(_share(jb.nb, jb.K, k), _share(jb.nb, jb.K, k + 1)):
+            if jb.kind == TRAIN:
+                _col_moments(xp + j * jb.R * W, min(jb.R, N - j * jb.R), W, W, th)
+            else:
+                _col_grad_sums(gp + j * jb.R * W, xp + j * jb.R * W, min(jb.R, N - j * jb.R), W, W, jb.wm, th)
+    else:  # COLUMNS, APPLY_BACK: share K-1-k, its blocks back to front
+        k = jb.K - 1 - k
+        j = _share(jb.nb, jb.K, k + 1)
+        while j > _share(jb.nb, jb.K, k):
+            j = j - 1
+            f0 = j * jb.R * W
+            if jb.kind == TRAIN:
+                _col_affine(xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.nt)
+            elif jb.training:
+                _col_grad_input(gp + f0, xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.nt)
+            else:
+                _col_affine(gp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.nt)
+
+
+cdef inline void _run(_Job *jb, int op, Py_ssize_t n, int T) noexcept nogil:
+    jb.op = op
+    fbn_pool_run(_task, jb, n, T)
+
+
+cdef inline void _merge(_Job *jb, Py_ssize_t merges, int T) noexcept nogil:
+    """The MERGE pass: MERGE_CHANNELS channels a task, on the calling thread alone when the
+    ``merges`` of partials in all are too few to be worth another thread."""
+    _run(jb, MERGE, (jb.C + MERGE_CHANNELS - 1) // MERGE_CHANNELS, T if merges >= MERGE_ALONE else 1)
+
+
+cdef void _job(_Job *jb, int kind, int t, object x, Py_ssize_t unit):
+    """A job for x, an (N, C, S) array of element type t, everything else empty."""
+    memset(jb, 0, sizeof(_Job))
+    jb.kind = kind
+    jb.single = t == cnp.NPY_FLOAT
+    jb.N, jb.C, jb.S = x.shape[0], x.shape[1], x.shape[2]
+    jb.W = jb.C * jb.S
+    jb.L = jb.N * jb.W
+    jb.unit = unit
+
+
+cdef inline Py_ssize_t _itemsize(const _Job *jb) noexcept nogil:
+    return 4 if jb.single else 8
+
+
+cdef object _setup_split(_Job *jb, int path, int t, object coef, Py_ssize_t slot_doubles):
+    """Plan the work split of a two-pass job (training forward, backward): jb.how and its tasks,
+    jb.cw (coef itself, or a new array) and jb.part (slot_doubles for each RANGES task; COLUMNS
+    and SLICES size their own).  Returns what must live as long as the job (the arrays)."""
+    cdef Py_ssize_t N = jb.N, W = jb.W
+    cdef object part, wide
+    jb.how = _plan_path(N, jb.C, jb.S, path)
+    jb.cf = _ptr(coef)
+    if jb.how == RANGES:
+        jb.K = _plan_ranges(jb.L, jb.unit)
+        part = _new(jb.K * slot_doubles, cnp.NPY_DOUBLE, True)
+        jb.cw = jb.cf
+        jb.part = <double *>_ptr(part)
+        return part
+    wide = _columns_coefs(coef, jb.S, t)
+    jb.cw = _ptr(wide)
+    if jb.how == SLICES:
+        jb.K = _plan_slices(jb.C, jb.S, jb.L)
+        part = _new(jb.K * SLICE_SCRATCH, cnp.NPY_DOUBLE, False)
+    else:
+        jb.R = _plan_rows(N, W, jb.unit)
+        jb.nb = (N + jb.R - 1) // jb.R
+        jb.K = _plan_shares(jb.nb, jb.L, jb.unit)
+        # per share: moments [count | K | rel | M2 | scratch] (training) or [sum dy | sum dy*(x-mean)]
+        part = _new(jb.K * (COL_MOMENTS * W + 1 if jb.kind == TRAIN else 2 * W), cnp.NPY_DOUBLE, False)
+    jb.part = <double *>_ptr(part)
+    return (part, wide)
+
+
+cdef void _run_two_pass(_Job *jb, int T) noexcept nogil:
+    """Reduce, merge, apply back to front: a training forward or a backward, planned by _setup_split."""
+    if jb.how == SLICES:
+        _run(jb, SLICE, jb.K, T)
+        return
+    _run(jb, REDUCE, jb.K, T)
+    _merge(jb, jb.K * (jb.C if jb.how == RANGES else jb.W), T)
+    _run(jb, APPLY_BACK, jb.K, T)
+
+
 # ---------------------------------------------------------------- forward, training mode
 def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
                   int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
@@ -603,79 +931,23 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
     x: (N, C, S) float32 or float64; y: its output, the same size and dtype (may be x itself);
     weight, bias: (C,) of x's dtype; mean, var (biased), invstd: (C,) float64 outputs."""
     cdef int t = _float_type(x, 3, "x")
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
-    cdef void *xp = _data(x, t, L, False, "x")
-    cdef void *yp = _data(y, t, L, True, "y")
-    cdef void *wp = _data(weight, t, C, False, "weight")
-    cdef void *bp = _data(bias, t, C, False, "bias")
-    cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
-    cdef double *vp = <double *>_data(var, cnp.NPY_DOUBLE, C, True, "var")
-    cdef double *ip = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
-    if t == cnp.NPY_FLOAT:
-        _forward_train(<float>0, xp, yp, wp, bp, eps, mp, vp, ip, N, C, S, n_threads, path, unit, stream)
-    else:
-        _forward_train(<double>0, xp, yp, wp, bp, eps, mp, vp, ip, N, C, S, n_threads, path, unit, stream)
-
-
-cdef int _forward_train(floating tag, void *xv, void *yv, void *wv, void *bv, double eps, double *mp, double *vp,
-                        double *ip, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int n_threads, int path,
-                        Py_ssize_t unit, int stream) except -1:
-    cdef Py_ssize_t L = N * C * S, W = C * S
-    cdef int tn = cnp.NPY_FLOAT if floating is float else cnp.NPY_DOUBLE
+    cdef _Job jb
+    _job(&jb, TRAIN, t, x, unit)
+    cdef Py_ssize_t C = jb.C, L = jb.L
+    jb.x = _data(x, t, L, False, "x")
+    jb.y = _data(y, t, L, True, "y")
+    jb.w = _data(weight, t, C, False, "weight")
+    jb.b = _data(bias, t, C, False, "bias")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
+    jb.var = <double *>_data(var, cnp.NPY_DOUBLE, C, True, "var")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
+    jb.eps = eps
+    jb.nt = _plan_stream(2 * L * _itemsize(&jb), stream)
+    cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
+    cdef object keep = _setup_split(&jb, path, t, coef, FBN_ACC * C)
     cdef int T = _plan_threads(n_threads, L)
-    cdef int nt = _plan_stream(2 * L * sizeof(floating), stream)
-    cdef const floating *xp = <const floating *>xv
-    cdef floating *yp = <floating *>yv
-    cdef const floating *wp = <const floating *>wv
-    cdef const floating *bp = <const floating *>bv
-    cdef object coef = _new(4 * C, tn, False), part, wide
-    cdef floating *cf = <floating *>_ptr(coef)
-    cdef floating *cw
-    cdef double *pp
-    cdef Py_ssize_t K, k, c, R, nb, j
-    cdef int how = _plan_path(N, C, S, path)
-
-    if how == RANGES:
-        K = _plan_ranges(L, T, unit)
-        part = _new(K * FBN_ACC * C, cnp.NPY_DOUBLE, True)  # per range: moments per channel (fbn_shift_merge)
-        pp = <double *>_ptr(part)
-        with nogil, parallel(num_threads=T):
-            for k in prange(K, schedule="static"):
-                _moments(xp, C, S, _split(L, K, k), _split(L, K, k + 1), pp + k * FBN_ACC * C)
-            for c in prange(C, schedule="static"):
-                _merge_range_stats(c, C, K, pp, eps, wp, bp, mp, vp, ip, cf)
-            for k in prange(K, schedule="static"):  # the same thread per k as above; backwards
-                _affine_backwards(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
-        return 0
-
-    wide = _columns_coefs(coef, S, tn)
-    cw = <floating *>_ptr(wide)
-    if how == SLICES:
-        part = _new(T * SLICE_SCRATCH, cnp.NPY_DOUBLE, False)
-        pp = <double *>_ptr(part)
-        with nogil:
-            for k in prange(T, num_threads=T, schedule="static"):
-                _slice_train(k, T, xp, yp, wp, bp, eps, mp, vp, ip, cf, cw, pp, N, C, S, unit, nt)
-        return 0
-
-    # COLUMNS: an (N, W) matrix
-    R = _plan_rows(N, W, T, unit)
-    nb = (N + R - 1) // R
-    T = <int>min(<Py_ssize_t>T, nb)
-    part = _new(T * (COL_MOMENTS * W + 1), cnp.NPY_DOUBLE, True)  # per share: see _col_moments
-    pp = <double *>_ptr(part)
-    with nogil, parallel(num_threads=T):
-        for k in prange(T, schedule="static"):  # share k of the blocks, front to back
-            for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
-                _col_moments(xp + j * R * W, min(R, N - j * R), W, W, pp + k * (COL_MOMENTS * W + 1))
-        for c in prange(C, schedule="static"):
-            _merge_column_stats(c, C, S, T, pp, W, 0, eps, wp, bp, mp, vp, ip, cf, cw)
-        for k in prange(T, schedule="static"):  # the same shares on the same threads, back to front
-            j = _share(nb, T, k + 1)
-            while j > _share(nb, T, k):
-                j = j - 1
-                _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, W, cw, nt)
-    return 0
+    with nogil:
+        _run_two_pass(&jb, T)
 
 
 def update_running(running_mean, running_var, mean, var, double momentum, Py_ssize_t n):
@@ -703,29 +975,36 @@ cdef void _update_running(floating *rm, floating *rv, const double *mean, const 
         rv[c] = <floating>((1.0 - momentum) * rv[c] + momentum * unbias * var[c])
 
 
+
 # ---------------------------------------------------------------- forward with given statistics
 def eval_stats(running_mean, running_var, double eps, mean, invstd, int n_threads=1):
     """The statistics an evaluation-mode forward normalizes with (one call, not four ufuncs):
     mean = running_mean and invstd = 1 / sqrt(running_var + eps), (C,) float64 outputs, from
     running buffers of one float dtype."""
     cdef int t = _float_type(running_mean, 1, "running_mean")
-    cdef Py_ssize_t C = running_mean.shape[0]
-    cdef void *rm = _data(running_mean, t, C, False, "running_mean")
-    cdef void *rv = _data(running_var, t, C, False, "running_var")
-    cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
-    cdef double *ip = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
+    cdef _Job jb
+    memset(&jb, 0, sizeof(_Job))
+    jb.C = running_mean.shape[0]
+    jb.rm = _data(running_mean, t, jb.C, False, "running_mean")
+    jb.rv = _data(running_var, t, jb.C, False, "running_var")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, jb.C, True, "mean")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, jb.C, True, "invstd")
+    jb.eps = eps
+    jb.rsingle = t == cnp.NPY_FLOAT
     with nogil:
-        _eval_stats_all(rm, rv, eps, mp, ip, C, n_threads, t == cnp.NPY_FLOAT)
+        _eval_stats_all(&jb, n_threads)
 
 
-cdef void _eval_stats_all(const void *rm, const void *rv, double eps, double *mp, double *ip, Py_ssize_t C,
-                          int n_threads, bint single) noexcept nogil:
-    """eval_stats of C channels: a square root and a division each, 15 us for 16384 channels on one
-    thread here, so from 2 * EVAL_STATS_SHARE channels on the threads share them (7-8 us on two)."""
-    cdef int T = <int>max(1, min(<Py_ssize_t>n_threads, C // EVAL_STATS_SHARE))
-    cdef Py_ssize_t k
-    for k in prange(T, num_threads=T, schedule="static"):
-        _eval_stats(rm, rv, eps, mp, ip, _split(C, T, k), _split(C, T, k + 1), single)
+cdef inline Py_ssize_t _eval_stats_tasks(Py_ssize_t C) noexcept nogil:
+    """Tasks for C channels' eval_stats: a square root and a division each, 15 us for 16384 channels on
+    one thread here, so from 2 * EVAL_STATS_SHARE channels on they are shared (7-8 us on two)."""
+    return max(<Py_ssize_t>1, min(PLAN_WIDTH, C // EVAL_STATS_SHARE))
+
+
+cdef void _eval_stats_all(_Job *jb, int n_threads) noexcept nogil:
+    """EVAL_STATS of all jb.C channels (jb.rm, jb.rv, jb.eps, jb.rsingle -> jb.mean, jb.invstd)."""
+    jb.K = _eval_stats_tasks(jb.C)
+    _run(jb, EVAL_STATS, jb.K, n_threads)
 
 
 cdef inline void _eval_stats(const void *rm, const void *rv, double eps, double *mp, double *ip, Py_ssize_t c0,
@@ -737,26 +1016,30 @@ cdef inline void _eval_stats(const void *rm, const void *rv, double eps, double 
         fbn_eval_stats_f64(<const double *>rm + c0, <const double *>rv + c0, eps, mp + c0, ip + c0, c1 - c0)
 
 
+cdef _Job _eval_job(x, y, weight, bias, Py_ssize_t unit, int *t) except *:
+    """The job of an evaluation forward, with its arrays checked (t: x's element type)."""
+    cdef _Job jb
+    t[0] = _float_type(x, 3, "x")
+    _job(&jb, EVAL, t[0], x, unit)
+    jb.x = _data(x, t[0], jb.L, False, "x")
+    jb.y = _data(y, t[0], jb.L, True, "y")
+    jb.w = _data(weight, t[0], jb.C, False, "weight")
+    jb.b = _data(bias, t[0], jb.C, False, "bias")
+    return jb
+
+
 def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
     """y = (x - mean) * invstd * weight + bias: one read of x, one write of y.
 
     x: (N, C, S) float32 or float64; y: its output (may be x itself); weight, bias: (C,) of x's
     dtype; mean (the running mean), invstd (1 / sqrt(running_var + eps)): (C,) float64."""
-    cdef int t = _float_type(x, 3, "x")
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
-    cdef void *xp = _data(x, t, L, False, "x")
-    cdef void *yp = _data(y, t, L, True, "y")
-    cdef void *wp = _data(weight, t, C, False, "weight")
-    cdef void *bp = _data(bias, t, C, False, "bias")
-    cdef double *mp = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
-    cdef double *ip = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
-    cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b], see _eval_coefs
-    if t == cnp.NPY_FLOAT:
-        _forward_eval(<float *>_ptr(coef), xp, yp, wp, bp, mp, ip, NULL, NULL, 0, False, N, C, S, n_threads, path,
-                      unit, stream)
-    else:
-        _forward_eval(<double *>_ptr(coef), xp, yp, wp, bp, mp, ip, NULL, NULL, 0, False, N, C, S, n_threads, path,
-                      unit, stream)
+    cdef int t
+    cdef _Job jb = _eval_job(x, y, weight, bias, unit, &t)
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, jb.C, False, "mean")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, jb.C, False, "invstd")
+    cdef object coef = _new(4 * jb.C, t, False)  # [mhi | mlo | a | b], see _eval_coefs
+    jb.cf = _ptr(coef)
+    _forward_eval(&jb, t, n_threads, path, stream)
 
 
 def forward_eval_running(x, y, weight, bias, running_mean, running_var, double eps, int n_threads, int path=AUTO,
@@ -766,70 +1049,61 @@ def forward_eval_running(x, y, weight, bias, running_mean, running_var, double e
     makes is one array (the statistics and the coefficients): with three, a wide small batch
     ((1, 16384) float32) added more than twice the size of the largest to the heap in every call,
     which made glibc give the memory back and the next call fault it in again (33 -> 90 us); and a
-    SLICES thread computes its own channels' statistics."""
-    cdef int t = _float_type(x, 3, "x"), rt = _float_type(running_mean, 1, "running_mean")
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
-    cdef void *xp = _data(x, t, L, False, "x")
-    cdef void *yp = _data(y, t, L, True, "y")
-    cdef void *wp = _data(weight, t, C, False, "weight")
-    cdef void *bp = _data(bias, t, C, False, "bias")
-    cdef void *rm = _data(running_mean, rt, C, False, "running_mean")
-    cdef void *rv = _data(running_var, rt, C, False, "running_var")
+    SLICES task computes its own channels' statistics."""
+    cdef int t
+    cdef _Job jb = _eval_job(x, y, weight, bias, unit, &t)
+    cdef Py_ssize_t C = jb.C
+    cdef int rt = _float_type(running_mean, 1, "running_mean")
+    jb.rm = _data(running_mean, rt, C, False, "running_mean")
+    jb.rv = _data(running_var, rt, C, False, "running_var")
+    jb.rsingle = rt == cnp.NPY_FLOAT
+    jb.eps = eps
     cdef object block = _new(6 * C, cnp.NPY_DOUBLE, False)  # [mean | invstd | coefficients (4C of x's type)]
-    cdef double *mp = <double *>_ptr(block)
-    if t == cnp.NPY_FLOAT:
-        _forward_eval(<float *>(mp + 2 * C), xp, yp, wp, bp, mp, mp + C, rm, rv, eps, rt == cnp.NPY_FLOAT, N, C, S,
-                      n_threads, path, unit, stream)
-    else:
-        _forward_eval(<double *>(mp + 2 * C), xp, yp, wp, bp, mp, mp + C, rm, rv, eps, rt == cnp.NPY_FLOAT, N, C, S,
-                      n_threads, path, unit, stream)
+    jb.mean = <double *>_ptr(block)
+    jb.invstd = jb.mean + C
+    jb.cf = jb.mean + 2 * C
+    _forward_eval(&jb, t, n_threads, path, stream)
     return block[:C], block[C:2 * C]
 
 
-cdef int _forward_eval(floating *cf, void *xv, void *yv, void *wv, void *bv, double *mp, double *ip,
-                       const void *rm, const void *rv, double eps, bint rsingle, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t S, int n_threads, int path, Py_ssize_t unit, int stream) except -1:
-    # cf: room for the 4C coefficients; rm != NULL: mp, ip are outputs, the statistics of the running
-    # buffers rm, rv (float32 if rsingle), else inputs
-    cdef Py_ssize_t L = N * C * S, W = C * S
-    cdef int tn = cnp.NPY_FLOAT if floating is float else cnp.NPY_DOUBLE
-    cdef int T = _plan_threads(n_threads, L)
-    cdef int nt = _plan_stream(2 * L * sizeof(floating), stream)
-    cdef const floating *xp = <const floating *>xv
-    cdef floating *yp = <floating *>yv
+cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) except -1:
+    # jb.cf: room for the 4C coefficients; jb.rm != NULL: jb.mean, jb.invstd are outputs, the
+    # statistics of the running buffers, else inputs
+    cdef Py_ssize_t C = jb.C, c
+    cdef int T = _plan_threads(n_threads, jb.L)
     cdef object wide = None
-    cdef floating *cw = cf
-    cdef Py_ssize_t K, k, c, R, nb, j
-    cdef int how = _plan_path(N, C, S, path)
-    if S > 1 and how != RANGES:  # per-column coefficients: see _columns_coefs
-        wide = _new(4 * W, tn, False)
-        cw = <floating *>_ptr(wide)
-    if how == SLICES:  # each thread makes its own channels' statistics and coefficients
-        if rm != NULL:  # the square roots alone are worth threads (_eval_stats_all), however small x is
-            T = <int>max(<Py_ssize_t>T, min(<Py_ssize_t>n_threads, C // EVAL_STATS_SHARE))
+    jb.nt = _plan_stream(2 * jb.L * _itemsize(jb), stream)
+    jb.how = _plan_path(jb.N, C, jb.S, path)
+    jb.cw = jb.cf
+    if jb.S > 1 and jb.how != RANGES:  # per-column coefficients: see _columns_coefs
+        wide = _new(4 * jb.W, t, False)
+        jb.cw = _ptr(wide)
+    if jb.how == SLICES:  # each task makes its own channels' statistics and coefficients
+        jb.K = _plan_slices(C, jb.S, jb.L)
+        if jb.rm != NULL:  # the square roots alone are worth threads, however small x is
+            jb.K = max(jb.K, _eval_stats_tasks(C))
+            T = <int>max(<Py_ssize_t>T, min(<Py_ssize_t>n_threads, _eval_stats_tasks(C)))
         with nogil:
-            for k in prange(T, num_threads=T, schedule="static"):
-                _slice_eval(k, T, xp, yp, <const floating *>wv, <const floating *>bv, mp, ip, rm, rv, eps, rsingle,
-                            cf, cw, N, C, S, unit, nt)
+            _run(jb, SLICE, jb.K, T)
         return 0
-    if rm != NULL:
-        with nogil:
-            _eval_stats_all(rm, rv, eps, mp, ip, C, n_threads, rsingle)
-    _eval_coefs(mp, ip, <const floating *>wv, <const floating *>bv, cf, C, C)
-    if how == RANGES:
-        K = _plan_ranges(L, T, unit)
-        with nogil:
-            for k in prange(K, num_threads=T, schedule="static"):
-                _affine(xp, yp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
-        return 0
-    R = _plan_rows(N, W, T, unit)
-    nb = (N + R - 1) // R
     with nogil:
-        if cw != cf:
-            for c in range(C):
-                _expand(cf, C, S, 4, c, cw)
-        for j in prange(nb, num_threads=min(<Py_ssize_t>T, nb), schedule="static"):
-            _col_affine(xp + j * R * W, yp + j * R * W, min(R, N - j * R), W, W, cw, nt)
+        if jb.rm != NULL:
+            _eval_stats_all(jb, n_threads)
+        if jb.single:
+            _eval_coefs(jb.mean, jb.invstd, <const float *>jb.w, <const float *>jb.b, <float *>jb.cf, C, C)
+            for c in range(C if jb.cw != jb.cf else 0):
+                _expand(<float *>jb.cf, C, jb.S, 4, c, <float *>jb.cw)
+        else:
+            _eval_coefs(jb.mean, jb.invstd, <const double *>jb.w, <const double *>jb.b, <double *>jb.cf, C, C)
+            for c in range(C if jb.cw != jb.cf else 0):
+                _expand(<double *>jb.cf, C, jb.S, 4, c, <double *>jb.cw)
+        if jb.how == RANGES:
+            jb.K = _plan_ranges(jb.L, jb.unit)
+            _run(jb, APPLY, jb.K, T)
+        else:
+            jb.R = _plan_rows(jb.N, jb.W, jb.unit)
+            jb.nb = (jb.N + jb.R - 1) // jb.R
+            _run(jb, APPLY, jb.nb, T)
     return 0
 
 
@@ -843,144 +1117,87 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     statistics the forward used; training: they were the batch's (True) or fixed (False);
     grad_weight, grad_bias: (C,) float64 outputs."""
     cdef int t = _float_type(x, 3, "x")
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], L = N * C * S
-    cdef void *gp = _data(dy, t, L, False, "dy")
-    cdef void *xp = _data(x, t, L, False, "x")
-    cdef void *dp = _data(dx, t, L, True, "dx")
-    cdef void *wp = _data(weight, t, C, False, "weight")
-    cdef const double *mp = <const double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
-    cdef const double *ip = <const double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
-    cdef double *gwp = <double *>_data(grad_weight, cnp.NPY_DOUBLE, C, True, "grad_weight")
-    cdef double *gbp = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
-    if t == cnp.NPY_FLOAT:
-        _backward(<float>0, gp, xp, dp, wp, mp, ip, training, gwp, gbp, N, C, S, n_threads, path, unit, stream)
-    else:
-        _backward(<double>0, gp, xp, dp, wp, mp, ip, training, gwp, gbp, N, C, S, n_threads, path, unit, stream)
-
-
-cdef int _backward(floating tag, void *gv, void *xv, void *dv, void *wv, const double *mp, const double *ip,
-                   bint training, double *gwp, double *gbp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                   int n_threads, int path, Py_ssize_t unit, int stream) except -1:
-    cdef Py_ssize_t L = N * C * S, W = C * S
-    cdef int tn = cnp.NPY_FLOAT if floating is float else cnp.NPY_DOUBLE
-    cdef int T = _plan_threads(n_threads, L)
-    cdef int nt = _plan_stream(3 * L * sizeof(floating), stream)
-    cdef const floating *gp = <const floating *>gv
-    cdef const floating *xp = <const floating *>xv
-    cdef floating *dp = <floating *>dv
-    cdef const floating *wp = <const floating *>wv
-    cdef object coef = _new(5 * C, tn, False), part, wide, wide_mean
-    cdef floating *cf = <floating *>_ptr(coef)
-    cdef floating *cw
+    cdef _Job jb
+    _job(&jb, BACKWARD, t, x, unit)
+    cdef Py_ssize_t C = jb.C, L = jb.L, j
+    jb.dy = _data(dy, t, L, False, "dy")
+    jb.x = _data(x, t, L, False, "x")
+    jb.y = _data(dx, t, L, True, "dx")
+    jb.w = _data(weight, t, C, False, "weight")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
+    jb.gw = <double *>_data(grad_weight, cnp.NPY_DOUBLE, C, True, "grad_weight")
+    jb.gb = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
+    jb.training = training
+    jb.nt = _plan_stream(3 * L * _itemsize(&jb), stream)
+    cdef object coef = _new(5 * C, t, False)  # [mhi | mlo | kdy | kx | kc]
+    cdef object keep = _setup_split(&jb, path, t, coef, 2 * C), wide_mean = None
     cdef double *wm
-    cdef double count = <double>(N * S)
-    cdef double *pp
-    cdef Py_ssize_t K, k, c, R, nb, j
-    cdef int how = _plan_path(N, C, S, path)
-
-    if how == RANGES:
-        K = _plan_ranges(L, T, unit)
-        part = _new(K * 2 * C, cnp.NPY_DOUBLE, True)  # per range: (sum dy, sum dy*(x-mean)) per channel
-        pp = <double *>_ptr(part)
-        with nogil, parallel(num_threads=T):
-            for k in prange(K, schedule="static"):
-                _grad_sums(gp, xp, C, S, _split(L, K, k), _split(L, K, k + 1), mp, pp + k * 2 * C)
-            for c in prange(C, schedule="static"):
-                _merge_range_grad(c, C, K, pp, count, training, wp, mp, ip, gwp, gbp, cf)
-            for k in prange(K, schedule="static"):  # the same thread per k as above; backwards
-                if training:
-                    _grad_input_backwards(gp, xp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
-                else:
-                    _affine_backwards(gp, dp, C, S, _split(L, K, k), _split(L, K, k + 1), cf, nt)
-        return 0
-
-    wide = _columns_coefs(coef, S, tn)
-    cw = <floating *>_ptr(wide)
-    if how == SLICES:
-        part = _new(T * SLICE_SCRATCH, cnp.NPY_DOUBLE, False)
-        pp = <double *>_ptr(part)
-        with nogil:
-            for k in prange(T, num_threads=T, schedule="static"):
-                _slice_backward(k, T, gp, xp, dp, wp, mp, ip, training, gwp, gbp, cf, cw, pp, N, C, S, unit, nt)
-        return 0
-    wide_mean = _new(W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
-    wm = <double *>_ptr(wide_mean)
-
-    # COLUMNS
-    R = _plan_rows(N, W, T, unit)
-    nb = (N + R - 1) // R
-    T = <int>min(<Py_ssize_t>T, nb)
-    part = _new(T * 2 * W, cnp.NPY_DOUBLE, True)  # per share: [sum dy (W) | sum dy*(x-mean) (W)]
-    pp = <double *>_ptr(part)
+    if jb.how == COLUMNS:
+        wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
+        wm = <double *>_ptr(wide_mean)
+        for j in range(jb.W):
+            wm[j] = jb.mean[j // jb.S]
+        jb.wm = wm
+    cdef int T = _plan_threads(n_threads, L)
     with nogil:
-        for j in range(W):
-            wm[j] = mp[j // S]
-    with nogil, parallel(num_threads=T):
-        for k in prange(T, schedule="static"):  # share k of the blocks, front to back
-            for j in range(_share(nb, T, k), _share(nb, T, k + 1)):
-                _col_grad_sums(gp + j * R * W, xp + j * R * W, min(R, N - j * R), W, W, wm, pp + k * 2 * W)
-        for c in prange(C, schedule="static"):
-            _merge_column_grad(c, C, S, T, pp, W, 0, count, training, wp, mp, ip, gwp, gbp, cf, cw)
-        for k in prange(T, schedule="static"):  # the same shares on the same threads, back to front
-            j = _share(nb, T, k + 1)
-            while j > _share(nb, T, k):
-                j = j - 1
-                if training:
-                    _col_grad_input(gp + j * R * W, xp + j * R * W, dp + j * R * W, min(R, N - j * R), W, W, cw, nt)
-                else:
-                    _col_affine(gp + j * R * W, dp + j * R * W, min(R, N - j * R), W, W, cw, nt)
-    return 0
+        _run_two_pass(&jb, T)
 
 
 # ---------------------------------------------------------------- the benchmark's floor
-cdef double _traffic(const floating *a, const floating *b, floating *y, Py_ssize_t f0, Py_ssize_t f1,
-                     int nt) noexcept nogil:
-    """fbn_traffic over elements [f0, f1) of a (and b, and y, where not NULL)."""
-    cdef const floating *bq = NULL
-    cdef floating *yq = NULL
-    if b != NULL:
-        bq = b + f0
-    if y != NULL:
-        yq = y + f0
-    if floating is float:
-        return fbn_traffic_f32(a + f0, bq, yq, f1 - f0, nt)
-    else:
-        return fbn_traffic_f64(a + f0, bq, yq, f1 - f0, nt)
+cdef double _traffic_range(const _Job *jb, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
+    """fbn_traffic over elements [f0, f1) of x (and dy, and y, where not NULL); back to front in
+    pieces when jb.training (the second passes' walk)."""
+    cdef Py_ssize_t s, piece = PIECE_BYTES // sizeof(floating)
+    cdef const floating *a = <const floating *>jb.x
+    cdef const floating *bq
+    cdef floating *yq
+    cdef double total = 0
+    while f1 > f0:
+        s = _piece_start(f0, f1, piece) if jb.training else f0
+        bq = NULL if jb.dy == NULL else <const floating *>jb.dy + s
+        yq = NULL if jb.y == NULL else <floating *>jb.y + s
+        if floating is float:
+            total += fbn_traffic_f32(a + s, bq, yq, f1 - s, jb.nt)
+        else:
+            total += fbn_traffic_f64(a + s, bq, yq, f1 - s, jb.nt)
+        f1 = s
+    if jb.nt:
+        fbn_sfence()
+    return total
 
 
 def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=None, int n_threads=1,
             int stream=-1, bint backwards=False):
-    """The least memory traffic of one pass of batch norm, for ``python -m fastbn bench``: reads a
-    (and b), writes y = a (+ b) when y is given, on n_threads threads with the kernels' split of
-    work (equal consecutive ranges) and their rule for streaming stores (``stream`` as in the
-    kernels: -1 by the bytes the pass touches).  ``backwards``: each thread walks its range back to
-    front in pieces, as the kernels' second passes do (PIECE_BYTES).  Returns a sum of what it read
-    when y is None.  Not part of fastbn's API."""
-    cdef Py_ssize_t n = a.shape[0], k, f0, f1, s
-    cdef Py_ssize_t piece = PIECE_BYTES // sizeof(floating)
-    cdef int T = _plan_threads(n_threads, n)
+    """The least memory traffic of one pass of batch norm, for ``fastbn bench``: reads a (and b),
+    writes y = a (+ b) when y is given, on n_threads threads with the kernels' split of work
+    (RANGES' tasks) and their rule for streaming stores (``stream`` as in the kernels: -1 by the
+    bytes the pass touches).  ``backwards``: tasks in reverse order, each walked back to front in
+    pieces, as the kernels' second passes do (PIECE_BYTES).  Returns a sum of what it read when y is
+    None.  Not part of fastbn's API."""
+    cdef Py_ssize_t n = a.shape[0], k
     cdef int arrays = 1 + (b is not None) + (y is not None)
-    cdef int nt = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream)
-    cdef const floating *ap = &a[0] if n else NULL
-    cdef const floating *bp = NULL
-    cdef floating *yp = NULL
+    cdef _Job jb
     cdef double total = 0
     if (b is not None and b.shape[0] != n) or (y is not None and y.shape[0] != n):
         raise ValueError("traffic: the arrays must have the same length")
     if n == 0:
         return 0.0
+    memset(&jb, 0, sizeof(_Job))
+    jb.single = floating is float
+    jb.L = n
+    jb.K = _plan_ranges(n, 0)
+    jb.x = &a[0]
     if b is not None:
-        bp = &b[0]
+        jb.dy = &b[0]
     if y is not None:
-        yp = &y[0]
+        jb.y = &y[0]
+    jb.nt = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream)
+    jb.training = backwards
+    part = _new(jb.K, cnp.NPY_DOUBLE, True)
+    jb.part = <double *>_ptr(part)
     with nogil:
-        for k in prange(T, num_threads=T, schedule="static"):
-            f0 = _split(n, T, k)
-            f1 = _split(n, T, k + 1)
-            while f1 > f0:
-                s = _piece_start(f0, f1, piece) if backwards else f0
-                total += _traffic(ap, bp, yp, s, f1, nt)
-                f1 = s
-            if nt:
-                fbn_sfence()
+        _run(&jb, TRAFFIC, jb.K, _plan_threads(n_threads, n))
+    for k in range(jb.K):
+        total += jb.part[k]
     return total

@@ -1,8 +1,10 @@
-"""OpenMP thread control for fastbn's kernels.
+"""The thread count of fastbn's kernels, read from the OpenMP runtime.
 
-The thread count follows the OpenMP runtime (OMP_NUM_THREADS, omp_set_num_threads,
-threadpoolctl's limits) so that every tool that steers OpenMP steers fastbn too.
-Without OpenMP in the build, everything runs on one thread.
+The kernels run on fastbn's own thread pool (_pool.h), not in OpenMP parallel regions, but the
+count follows the OpenMP runtime's setting (OMP_NUM_THREADS, omp_set_num_threads,
+threadpoolctl's limits) so that every tool that steers OpenMP steers fastbn too; the OpenMP
+runtime itself never starts a thread for fastbn.  Without OpenMP in the build, everything runs
+on one thread.
 """
 
 import numbers

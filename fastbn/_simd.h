@@ -1,7 +1,7 @@
 /* fastbn/_simd.h -- the vector loops under fastbn's Cython kernels.
  *
  * Every function here works on one thread's share of one channel (a "run", see _simd_impl.h) or
- * on a block of rows, and is called from the OpenMP-parallel loops in _kernels.pyx, which decide
+ * on a block of rows, and is called from the tasks of _kernels.pyx (run on _pool.h's threads), which decide
  * who works on what.  They live in C for two
  * reasons Cython cannot express:
  *   - `#pragma omp simd reduction(...)` lets the compiler vectorize a floating-point sum
@@ -109,7 +109,9 @@ static void fbn_nt_sse2(char *d, const char *s, size_t n)
 
 static void fbn_stream_store(void *dst, const void *src, size_t n)
 {
-    static int isa = -1;  /* 2: AVX-512F, 1: AVX, 0: SSE2; a benign race: every thread finds the same */
+    /* 2: AVX-512F, 1: AVX, 0: SSE2; found by the first call (every thread finds the same),
+     * read and written atomically so that it is no data race (ThreadSanitizer reported one) */
+    static int isa = -1;
     char *d = (char *)dst;
     const char *s = (const char *)src;
     size_t head = (size_t)(-(uintptr_t)d) & 63;  /* normal stores up to the first 64-byte boundary */
@@ -118,11 +120,14 @@ static void fbn_stream_store(void *dst, const void *src, size_t n)
     memcpy(d, s, head);
     d += head, s += head, n -= head;
     size_t body = n & ~(size_t)63;
-    if (isa < 0)
-        isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx") ? 1 : 0;
-    if (isa == 2)
+    int level = __atomic_load_n(&isa, __ATOMIC_RELAXED);
+    if (level < 0) {
+        level = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx") ? 1 : 0;
+        __atomic_store_n(&isa, level, __ATOMIC_RELAXED);
+    }
+    if (level == 2)
         fbn_nt_avx512(d, s, body);
-    else if (isa == 1)
+    else if (level == 1)
         fbn_nt_avx(d, s, body);
     else
         fbn_nt_sse2(d, s, body);

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cpu
+from fastbn import _cpu, _kernels
 
 SEED = 20240611
 
@@ -62,15 +62,19 @@ def kernel_path(request, force_path):
 
 @pytest.fixture
 def threads():
-    """``threads(n)`` sets fastbn's thread count for the rest of the test, then restores it."""
-    original = fastbn.get_num_threads()
+    """``threads(n)`` sets fastbn's thread count for the rest of the test, then restores it.  It
+    also lets every call use all n threads, however small its input (the kernels otherwise keep
+    inputs under 2 x MIN_PER_THREAD elements on the calling thread)."""
+    original, threshold = fastbn.get_num_threads(), _kernels.thread_threshold()
 
     def set_threads(n):
         fastbn.set_num_threads(n)
+        _kernels.thread_threshold(1)
         assert fastbn.get_num_threads() == n
 
     yield set_threads
     fastbn.set_num_threads(original)
+    _kernels.thread_threshold(threshold)
 
 
 # ---------------------------------------------------------------------------------- reference

@@ -263,9 +263,9 @@ def test_column_loops_every_row_remainder(force_path, rng, path, dtype, stream, 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_slices_vector_finish_gives_the_bits_of_the_per_channel_one(force_path, threads, rng, dtype):
     """With one column per channel, SLICES derives statistics, coefficients and the parameter
-    gradients in one vector loop (fbn_col_finish_stats/grad), COLUMNS channel by channel.  On one
-    thread both take these matrices as one block of rows, so their moments are the same, and every
-    output must be the same to the bit, in training and evaluation mode, with -0 and NaN."""
+    gradients in one vector loop (fbn_col_finish_stats/grad), COLUMNS channel by channel.  Forced
+    to one block of all the rows (unit = N), both take the same moments, and every output must be
+    the same to the bit, in training and evaluation mode, with -0 and NaN."""
     threads(1)
     for shape in [(7, 300), (64, 1024), (128, 33)]:
         x = random_input(rng, shape, dtype, offset=1e3)
@@ -275,7 +275,7 @@ def test_slices_vector_finish_gives_the_bits_of_the_per_channel_one(force_path, 
         w, b, rm, rv = random_params(rng, shape[1], dtype)
         results = {}
         for path in ("columns", "slices"):
-            force_path(path)
+            force_path(path, shape[0])
             rm1, rv1 = rm.copy(), rv.copy()
             y, mean, invstd = fastbn.batch_norm_forward(x, rm1, rv1, w, b, training=True)
             ye = fastbn.batch_norm(x, rm, rv, w, b)

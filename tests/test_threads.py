@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -9,32 +11,32 @@ import pytest
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastbn
-from fastbn import _cpu, _openmp
+from fastbn import _cpu, _kernels, _openmp
 from conftest import assert_close, random_input, random_params, ref_backward, ref_forward
 
 # These test the OpenMP thread count; a serial build (no OpenMP in the compiler) has one thread.
 needs_openmp = pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built without OpenMP: serial kernels")
 
-# The kernels use one thread per 16384 elements at most, so these shapes (>= 32768 elements)
-# really run on two threads when two are allowed.
+# The kernels cut a call into one task per 16384 elements (at most PLAN_WIDTH), so these shapes
+# (>= 32768 elements) are several tasks, which the `threads` fixture lets run on every thread.
 BIG = [
-    ("ranges", 0, (8, 4, 1024)),     # one range per thread
+    ("ranges", 0, (8, 4, 1024)),     # two ranges
     ("auto", 0, (16, 1, 4096)),      # C=1: ranges split inside the channel
     ("ranges", 97, (5, 3, 2203)),    # forced small ranges, odd sizes
-    ("auto", 0, (6, 5, 13331)),      # every thread's range is several pieces of the backwards
+    ("auto", 0, (6, 5, 13331)),      # every task's range is several pieces of the backwards
                                      # second pass (512 KiB), cut inside rows
-    ("auto", 0, (4096, 64)),         # spatial size 1: columns, two row blocks, one per thread
-    ("columns", 700, (3000, 33)),    # columns, five row blocks (uneven shares: 3 and 2), a short
-                                     # last block and a SIMD tail
+    ("auto", 0, (4096, 64)),         # spatial size 1: columns, 16 row blocks, one per task
+    ("columns", 700, (3000, 33)),    # columns, five row blocks, a task each, a short last block
+                                     # and a SIMD tail
     ("auto", 0, (8, 4100)),          # 512 times as wide as tall: slices of 2064 and 2036 columns,
                                      # in chunks of 1024, 1024, 16 and 1024, 1012
     ("slices", 5, (12, 1100, 3)),    # slices of 550 channels of 3 columns, each in two chunks of at
                                      # most 341 channels, 5-row blocks (5, 5, 2)
-    ("auto", 0, (8, 66000)),         # wider than MAX_COLUMNS: slices, 33 chunks each (the last short)
-    ("auto", 0, (200, 700, 10)),     # two row blocks (128 + 72) per chunk of 102 channels
-    ("auto", 0, (32, 34, 31)),       # S = 31: 17 channels a thread, chunks of 33 channels
+    ("auto", 0, (8, 66000)),         # wider than MAX_COLUMNS: 16 slices of 4125 columns, 5 chunks each
+    ("auto", 0, (200, 700, 10)),     # 16 slices of 43 or 44 channels of 10 columns, a block each
+    ("auto", 0, (32, 34, 31)),       # S = 31: 17 channels a task, chunks of 33 channels
     ("slices", 0, (4, 9, 1024)),     # S = SLICE_CHUNK: chunks of one channel, 1024 columns
-    ("slices", 0, (4096, 8)),        # 8 channels: thread 1's slice is empty
+    ("slices", 0, (4096, 8)),        # 8 channels: one slice (at least 16 channels a slice)
 ]
 STREAM = {"ranges": 1, "columns": 1, "slices": 1}  # also force streaming stores on these
 BIG_IDS = [f"{p}-{'x'.join(map(str, s))}" for p, _, s in BIG]
@@ -79,19 +81,22 @@ def test_a_thread_count_read_back_can_be_set_again():
 @needs_openmp
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("path,unit,shape", BIG, ids=BIG_IDS)
-def test_one_and_two_threads_agree(rng, threads, force_path, path, unit, shape, dtype):
+def test_results_are_the_same_bits_on_any_thread_count(rng, threads, force_path, path, unit, shape, dtype):
+    """A call's tasks, and where partial sums are cut and merged, depend on the shape alone: 1, 2,
+    3 or 4 threads (whichever thread runs which task) give the same bits."""
     force_path(path, unit, STREAM.get(path))
     x = random_input(rng, shape, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     w, b, rm, rv = random_params(rng, shape[1], dtype)
     threads(1)
     one = _run_all(x, dy, w, b, rm, rv)
-    threads(2)
-    two = _run_all(x, dy, w, b, rm, rv)
-    eps = np.finfo(dtype).eps
-    for key in one:
-        assert_close(two[key], one[key], tol=64 * eps)
-    # and both are right
+    for n in (2, 3, 4):
+        threads(n)
+        for _ in range(2):
+            two = _run_all(x, dy, w, b, rm, rv)
+            for key in one:
+                np.testing.assert_array_equal(two[key].view(np.uint8), one[key].view(np.uint8), err_msg=f"{key}, {n} threads")
+    # and they are right
     assert_close(two["y"], ref_forward(x, w, b)[0], dtype)
     ref_dx = ref_backward(dy, x, w)[0]
     assert_close(two["dx"], ref_dx, tol=1e-4 if dtype == np.float32 else 1e-10)
@@ -308,3 +313,112 @@ def test_concurrent_layers(rng):
             assert_close(b, a, tol=1e-13)
         for k in ss:
             np.testing.assert_allclose(cs[k], ss[k], rtol=1e-13)
+
+
+# ---------------------------------------------------------------- the thread pool (_pool.h)
+_FORK_CHILD = """
+import os, sys, numpy as np, fastbn
+from fastbn import _kernels
+fastbn.set_num_threads(2)
+_kernels.thread_threshold(1)
+x = np.random.default_rng(0).standard_normal((64, 8, 1024)).astype(np.float32)
+want = fastbn.batch_norm(x, None, None, training=True)   # the parent's helpers start here
+assert _kernels.pool_helpers() >= 1
+pid = os.fork()
+if pid == 0:
+    ok = _kernels.pool_helpers() == 0                     # the child has none of the parent's
+    y = fastbn.batch_norm(x, None, None, training=True)   # and starts its own
+    ok = ok and _kernels.pool_helpers() >= 1 and np.array_equal(y, want)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@needs_openmp
+def test_a_forked_child_runs_fastbn():
+    """After a multi-threaded call, a child made by os.fork() runs fastbn on threads of its own
+    (libgomp's teams hung there: a child's first parallel region waited for the parent's threads)."""
+    assert _fastbn_subprocess(_FORK_CHILD) == "0"
+
+
+_FORK_POOL = """
+import multiprocessing as mp, numpy as np, fastbn
+from fastbn import _kernels
+
+def work(seed):
+    x = np.random.default_rng(seed).standard_normal((64, 8, 1024)).astype(np.float32)
+    return fastbn.batch_norm(x, None, None, training=True).sum(dtype=np.float64), _kernels.pool_helpers()
+
+if __name__ == "__main__":
+    fastbn.set_num_threads(2)
+    _kernels.thread_threshold(1)
+    here = [work(s)[0] for s in range(4)]
+    with mp.get_context("fork").Pool(2) as pool:
+        there = pool.map(work, range(4))
+    print(all(abs(a - b) == 0 for a, (b, _) in zip(here, there)), all(h >= 1 for _, h in there))
+"""
+
+
+@needs_openmp
+def test_multiprocessing_fork_workers_run_fastbn(tmp_path):
+    script = tmp_path / "fork_pool.py"
+    script.write_text(_FORK_POOL)
+    assert _fastbn_subprocess(f"exec(open({str(script)!r}).read())") == "True True"
+
+
+@needs_openmp
+def test_idle_helpers_sleep(rng, threads):
+    """After a call, the helpers spin for a few microseconds and then sleep: they leave the cores
+    to whatever runs next (another library's threads) instead of burning them."""
+    threads(2)
+    x = random_input(rng, (64, 8, 1024), np.float32)
+    for _ in range(3):
+        fastbn.batch_norm(x, None, None, training=True)
+    assert _kernels.pool_helpers() >= 1
+    cpu, wall = time.process_time(), time.perf_counter()
+    time.sleep(0.3)
+    used = time.process_time() - cpu
+    assert used < 0.05 * (time.perf_counter() - wall), f"idle helpers used {used:.3f} s of CPU in 0.3 s"
+
+
+@needs_openmp
+def test_helpers_run_tasks_and_the_caller_never_needs_them(rng, threads):
+    """Helpers take part in a call's tasks; with a helper that cannot keep up (here: a spin budget of
+    zero, so each sleeps between calls and must be woken), the caller still finishes every call
+    with the same bits."""
+    threads(2)
+    x = random_input(rng, (64, 8, 1024), np.float32)
+    want = fastbn.batch_norm(x, None, None, training=True)
+    before = _kernels.pool_counters()
+    for _ in range(20):
+        np.testing.assert_array_equal(fastbn.batch_norm(x, None, None, training=True), want)
+    after = _kernels.pool_counters()
+    assert after["jobs"] > before["jobs"]
+    spin = _kernels.pool_spin_us()
+    try:
+        _kernels.pool_spin_us(0)
+        for _ in range(20):
+            np.testing.assert_array_equal(fastbn.batch_norm(x, None, None, training=True), want)
+    finally:
+        _kernels.pool_spin_us(spin)
+    with pytest.raises(ValueError, match="pool_spin_us"):
+        _kernels.pool_spin_us(-1)
+
+
+@needs_openmp
+def test_two_python_threads_at_once_get_their_own_results(rng, threads):
+    """One job runs on the pool at a time; a call from a second Python thread meanwhile runs its
+    tasks on its own thread, with the same tasks, so the same bits."""
+    threads(2)
+    inputs = [random_input(rng, (32, 8, 1024), np.float32, offset=k) for k in range(2)]
+    want = [fastbn.batch_norm(x, None, None, training=True) for x in inputs]
+    barrier = threading.Barrier(2)
+
+    def loop(k):
+        barrier.wait()
+        return all(np.array_equal(fastbn.batch_norm(inputs[k], None, None, training=True), want[k])
+                   for _ in range(50))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert list(pool.map(loop, range(2))) == [True, True]
