@@ -311,6 +311,7 @@ targets     fastbn, matmul: median <= 1.3, p90 <= 2, matmul <= 1.3x control; nei
 
 
 def print_report(rows, info, out=None):
+    """The machine, one table line per row, the legend, a warning on a busy machine, the target count."""
     out = out or sys.stdout
     others = info["other_processes_busy_cores"]
     print(f"fastbn {info['fastbn']} | numpy {info['numpy']} | torch {info['torch'] or 'not installed'} | "
@@ -329,7 +330,8 @@ def print_report(rows, info, out=None):
     print("\n" + LEGEND, file=out)
     if others is not None and others > 0.2:
         print(f"WARNING: other processes kept {others:.2f} of the {info['cores']} cores busy outside the neighbours "
-              "scenario: the idle times were not idle; rerun on a quiet machine.", file=out)
+              "scenario: the idle yardstick and every scenario shared the cores with them; rerun on a quiet machine.",
+              file=out)
     print("targets met: {}/{}".format(*targets_met(rows)), file=out)
 
 
