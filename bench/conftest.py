@@ -46,11 +46,13 @@ def case_id(shape, dtype):
 
 
 def pytest_generate_tests(metafunc):
+    # a test file may name its own CASES and IMPLS (test_pipeline.py does)
     if "shape" in metafunc.fixturenames:
+        cases = getattr(metafunc.module, "CASES", CASES)
         # module scope: each case's arrays are made once per file and shared by the implementations
-        metafunc.parametrize("shape,dtype", [pytest.param(s, d, id=case_id(s, d)) for s, d in CASES], scope="module")
+        metafunc.parametrize("shape,dtype", [pytest.param(s, d, id=case_id(s, d)) for s, d in cases], scope="module")
     if "impl" in metafunc.fixturenames:
-        metafunc.parametrize("impl", _bench.IMPLS)
+        metafunc.parametrize("impl", getattr(metafunc.module, "IMPLS", _bench.IMPLS))
 
 
 def pytest_report_header(config):

@@ -739,9 +739,16 @@ def add_arguments(parser):
                         help="timed samples per implementation (default 7, 15 with --full; naive NumPy gets at most 3)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows and machine facts as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart (needs matplotlib: fastbn[plot])")
+    from . import _pipeline
+
+    _pipeline.add_arguments(parser)  # --pipeline, --shape
 
 
 def run(args):
+    if args.pipeline or args.shape:
+        from . import _pipeline
+
+        return _pipeline.run(args)
     for kind in ("json", "plot"):
         path = getattr(args, kind)
         problem = path and _output_problem(path, kind)
