@@ -46,7 +46,8 @@ cdef extern from "_pool.h" nogil:
     void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
     int fbn_pool_helpers()
     void fbn_pool_counters(int64_t *c)
-    int64_t fbn_pool_spin_ns
+    int64_t fbn_pool_spin()
+    void fbn_pool_set_spin(int64_t ns)
 
 cdef extern from "_simd.h" nogil:
     void fbn_sfence()
@@ -160,12 +161,11 @@ def pool_counters():
 def pool_spin_us(us=None):
     """How long (microseconds) an idle helper spins before it sleeps; sets it when given.  Not part
     of fastbn's API: for the benchmark's experiments."""
-    global fbn_pool_spin_ns
     if us is not None:
         if not 0 <= us <= 1000000:
             raise ValueError(f"pool_spin_us({us!r}): expected 0 to 1000000 microseconds")
-        fbn_pool_spin_ns = <int64_t>(us * 1000)
-    return fbn_pool_spin_ns / 1000
+        fbn_pool_set_spin(<int64_t>(us * 1000))
+    return fbn_pool_spin() / 1000
 
 
 # A call whose arrays (inputs and output) take more than this (1.5x this machine's 32 MiB L3)

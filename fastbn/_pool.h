@@ -45,8 +45,12 @@ typedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task);
 #define FBN_COUNT_BITS 22                      /* task count and claim counter, each */
 #define FBN_TASKS_MAX (((int64_t)1 << FBN_COUNT_BITS) - 1)
 
-/* Nanoseconds an idle helper (and a caller waiting for a claimed task) spins before it sleeps. */
+/* Nanoseconds an idle helper (and a caller waiting for a claimed task) spins before it sleeps;
+ * read and written atomically (fbn_pool_spin, fbn_pool_set_spin): the benchmark changes it. */
 static int64_t fbn_pool_spin_ns = 20000;
+
+static inline int64_t fbn_pool_spin(void) { return __atomic_load_n(&fbn_pool_spin_ns, __ATOMIC_RELAXED); }
+static inline void fbn_pool_set_spin(int64_t ns) { __atomic_store_n(&fbn_pool_spin_ns, ns, __ATOMIC_RELAXED); }
 
 #if FBN_POOL_THREADS
 
@@ -127,7 +131,7 @@ static void *fbn_helper_main(void *arg)
     fbn_helper *h = (fbn_helper *)arg;
     uint32_t seen = 0, gen;
     for (;;) {
-        int64_t until = fbn_now_ns() + fbn_pool_spin_ns;
+        int64_t until = fbn_now_ns() + fbn_pool_spin();
         for (int i = 1;; i++) {  /* spin a little: the next call often comes at once */
             gen = __atomic_load_n(&h->mail, __ATOMIC_ACQUIRE);
             if (gen != seen || ((i & 63) == 0 && fbn_now_ns() > until))
@@ -235,7 +239,7 @@ static void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
     fbn_pool.jobs++;
     /* Every task is claimed; wait for the ones helpers hold: spin a little, then sleep. */
     if (__atomic_load_n(&fbn_pool.done, __ATOMIC_ACQUIRE) < n) {
-        int64_t start = fbn_now_ns(), until = start + fbn_pool_spin_ns;
+        int64_t start = fbn_now_ns(), until = start + fbn_pool_spin();
         fbn_pool.waits++;
         for (int i = 1; __atomic_load_n(&fbn_pool.done, __ATOMIC_ACQUIRE) < n; i++) {
             if ((i & 63) == 0 && fbn_now_ns() > until) {
