@@ -293,3 +293,92 @@ def test_group_norm_hypothesis_float64(N, G, Cg, S, scale, offset, seed):
     dx, gw, _ = fastbn.group_norm_backward(g, x, G, w, m, s)
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-6, atol=1e-6 / scale)
     np.testing.assert_allclose(gw, wt.grad.numpy(), rtol=1e-7, atol=1e-7)
+
+
+# ---------------------------------------------------------------- layers against torch.nn
+def _layer_pair(kind, rng, dt):
+    tdt = torch.float32 if dt == np.float32 else torch.float64
+    if kind == "group":
+        G = int(rng.integers(1, 4))
+        C = G * int(rng.integers(1, 4))
+        affine, bias = bool(rng.integers(2)), bool(rng.integers(2))
+        args = dict(eps=float(rng.choice([1e-5, 1e-3])), affine=affine, bias=bias)
+        ours = fastbn.GroupNorm(G, C, dtype=dt, **args)
+        theirs = torch.nn.GroupNorm(G, C, dtype=tdt, **args)
+        shape = (int(rng.integers(2, 4)), C) + tuple(int(rng.integers(2, 5)) for _ in range(int(rng.integers(0, 3))))
+        # (torch refuses N * prod(spatial) == 1 in group_norm, even when a group has several
+        # channels; fastbn normalizes such an input: not compared here)
+    elif kind == "layer":
+        ns = tuple(int(rng.integers(2, 6)) for _ in range(int(rng.integers(1, 3))))
+        args = dict(eps=1e-5, elementwise_affine=bool(rng.integers(2)), bias=bool(rng.integers(2)))
+        arg = ns[0] if len(ns) == 1 and rng.integers(2) else ns
+        ours = fastbn.LayerNorm(arg, dtype=dt, **args)
+        theirs = torch.nn.LayerNorm(arg, dtype=tdt, **args)
+        shape = tuple(int(rng.integers(1, 4)) for _ in range(int(rng.integers(0, 3)))) + ns
+    else:
+        d = int(rng.integers(1, 4))
+        C = int(rng.integers(1, 5))
+        args = dict(eps=1e-5, momentum=[0.1, 0.5, None][int(rng.integers(3))], affine=bool(rng.integers(2)),
+                    track_running_stats=bool(rng.integers(2)), bias=bool(rng.integers(2)))
+        ours = getattr(fastbn, f"InstanceNorm{d}d")(C, dtype=dt, **args)
+        theirs = getattr(torch.nn, f"InstanceNorm{d}d")(C, dtype=tdt, **args)
+        shape = ((int(rng.integers(1, 4)),) if rng.integers(4) else ()) + (C,) + tuple(
+            int(rng.integers(2, 5)) for _ in range(d))
+    return ours, theirs, shape
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["group", "layer", "instance"])
+@pytest.mark.parametrize("seed", range(8))
+def test_layer_parity_over_steps(kind, seed, dt):
+    """Random layer options; train and eval steps interleaved; forward, backward, parameter
+    gradients, running statistics, state_dict keys and values and repr against torch.nn."""
+    rng = np.random.default_rng(4000 + seed)
+    ours, theirs, shape = _layer_pair(kind, rng, dt)
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    # random parameters and buffers, loaded into both from torch's state_dict
+    with torch.no_grad():
+        for name, t in theirs.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.tensor(rng.standard_normal(tuple(t.shape))).abs() + 0.5 if "var" in name else
+                        torch.tensor(rng.standard_normal(tuple(t.shape))))
+    ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+    for step in range(4):
+        train = step != 2
+        ours.train(train)
+        theirs.train(train)
+        x = (rng.standard_normal(shape) * 2 + 1).astype(dt)
+        g = rng.standard_normal(shape).astype(dt)
+        xt = torch.tensor(x, requires_grad=True)
+        yt = theirs(xt)
+        y = ours(x)
+        _close(y, yt, dt)
+        yt.backward(torch.tensor(g))
+        dx = ours.backward(g)
+        _close(dx, xt.grad, dt, 10)
+        for name, p in theirs.named_parameters():
+            _close(getattr(ours, "grad_" + name), p.grad, dt, 10 * np.sqrt(x.size))
+            p.grad = None
+        for k, v in theirs.state_dict().items():
+            np.testing.assert_allclose(ours.state_dict()[k], v.numpy(), rtol=1e-5, atol=1e-6)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+
+
+def test_layer_bad_input_and_cuda():
+    with pytest.raises(ValueError, match=r"num_channels \(6\) must be divisible by num_groups \(4\)"):
+        fastbn.GroupNorm(4, 6)
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        fastbn.LayerNorm(4, device="cuda")
+    with pytest.raises(ValueError, match=r"expected \(N, 4, \*\)"):
+        fastbn.GroupNorm(2, 4)(np.zeros((2, 3, 5), np.float32))
+    with pytest.raises(TypeError, match="float32 parameters.*float64"):
+        fastbn.LayerNorm(5)(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"3-D \(unbatched\) or 4-D"):
+        fastbn.InstanceNorm2d(3)(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        fastbn.InstanceNorm1d(3, affine=True)(np.zeros((2, 5, 4), np.float32))
+    with pytest.warns(UserWarning, match="num_features is not used"):
+        fastbn.InstanceNorm1d(3)(np.ones((2, 5, 4), np.float32))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3, 4\)"):
+        fastbn.LayerNorm((3, 4)).load_state_dict({"weight": np.ones(12), "bias": np.zeros((3, 4))})
