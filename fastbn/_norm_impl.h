@@ -54,3 +54,28 @@ FBN_CLONES static void FBN_NAME(fbn_ln_grad_input)(const T *dy, const T *x, T *d
             fbn_stream_store(dx + j, buf, (size_t)bl * sizeof(T));
     }
 }
+
+/* Moments of p[0:n] merged into acc (fbn_shift_merge), in one pass: the shift is the exact mean
+ * of the first FBN_NORM_HEAD elements (or all of them), then sums of (x - k) and (x - k)^2 in
+ * double with FBN_NORM_LANES lanes (several vector accumulators: one would make the loop wait on
+ * the latency of its adds).  No cancellation to speak of: the head's mean is within
+ * sqrt(n / head) standard deviations of the mean (the head's deviation counts in the variance),
+ * so M2's relative rounding is below 1e-16 * (1 + n / head). */
+FBN_CLONES static void FBN_NAME(fbn_row_moments)(const T *p, ptrdiff_t n, double *acc)
+{
+    if (n <= 0)
+        return;
+    const ptrdiff_t h = n < FBN_NORM_HEAD ? n : FBN_NORM_HEAD;
+    double k = 0.0, s = 0.0, q = 0.0;
+#pragma omp simd simdlen(8) reduction(+:k)
+    for (ptrdiff_t i = 0; i < h; i++)
+        k += (double)p[i];
+    k /= (double)h;
+#pragma omp simd simdlen(FBN_NORM_LANES) reduction(+:s, q)
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const double d = (double)p[i] - k;
+        s += d;
+        q += d * d;
+    }
+    fbn_shift_merge(acc, (double)n, k, s / (double)n, q - s * (s / (double)n));
+}

@@ -53,6 +53,8 @@ cdef extern from "_norm_simd.h" nogil:
     float fbn_mean_lo_f32(double m, float hi)
     double fbn_mean_lo_f64(double m, double hi)
     void fbn_sfence()
+    void fbn_row_moments_f32(const float *p, Py_ssize_t n, double *acc)
+    void fbn_row_moments_f64(const double *p, Py_ssize_t n, double *acc)
     void fbn_ln_apply_f32(const float *x, float *y, Py_ssize_t n, float mhi, float mlo, float istd, const float *w, const float *b, int nt)
     void fbn_ln_apply_f64(const double *x, double *y, Py_ssize_t n, double mhi, double mlo, double istd, const double *w, const double *b, int nt)
     void fbn_ln_grad_sums_f32(const float *dy, const float *x, const float *w, Py_ssize_t n, double m, double istd, double *a, double *s, double *gw, double *gb)
@@ -199,9 +201,9 @@ cdef void _moments(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, do
     cdef const floating *x = <const floating *>jb.x + r * jb.L
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0
     if floating is float:
-        fbn_moments_f32(x, 1, jb.L, f0, f1, acc)
+        fbn_row_moments_f32(x + f0, f1 - f0, acc)
     else:
-        fbn_moments_f64(x, 1, jb.L, f0, f1, acc)
+        fbn_row_moments_f64(x + f0, f1 - f0, acc)
 
 
 cdef void _group_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:

@@ -11,6 +11,11 @@
 
 #include "_simd.h"
 
+#define FBN_NORM_HEAD 256  /* elements whose mean shifts a row's sums */
+#ifndef FBN_NORM_LANES
+#define FBN_NORM_LANES 32  /* lanes of the row reductions: 4 AVX-512 / 8 AVX2 accumulators */
+#endif
+
 #define T float
 #define FBN_SUFFIX f32
 #include "_norm_impl.h"
