@@ -55,27 +55,64 @@ FBN_CLONES static void FBN_NAME(fbn_ln_grad_input)(const T *dy, const T *x, T *d
     }
 }
 
+/* sum((p - k)) and sum((p - k)^2) over p[0:n] in double, with `lanes` lanes (a constant where
+ * this is inlined).  Several vector accumulators keep the loop from waiting on the latency of
+ * its adds, but GCC ends the reduction by adding the lanes one after the other: 2 x 32 lanes cost
+ * about as much as a 768-element row (perf, LayerNorm(768)), so short rows take fewer lanes. */
+FBN_INLINE void FBN_NAME(fbn_row_sums)(const T *p, ptrdiff_t n, double k, double *s_out, double *q_out,
+                                       const int lanes)
+{
+    double s = 0.0, q = 0.0;
+    if (lanes == 8) {
+#pragma omp simd simdlen(8) reduction(+:s, q)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            const double d = (double)p[i] - k;
+            s += d;
+            q += d * d;
+        }
+    } else if (lanes == 16) {
+#pragma omp simd simdlen(16) reduction(+:s, q)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            const double d = (double)p[i] - k;
+            s += d;
+            q += d * d;
+        }
+    } else {
+#pragma omp simd simdlen(32) reduction(+:s, q)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            const double d = (double)p[i] - k;
+            s += d;
+            q += d * d;
+        }
+    }
+    *s_out = s;
+    *q_out = q;
+}
+
 /* Moments of p[0:n] merged into acc (fbn_shift_merge), in one pass: the shift is the exact mean
- * of the first FBN_NORM_HEAD elements (or all of them), then sums of (x - k) and (x - k)^2 in
- * double with FBN_NORM_LANES lanes (several vector accumulators: one would make the loop wait on
- * the latency of its adds).  No cancellation to speak of: the head's mean is within
- * sqrt(n / head) standard deviations of the mean (the head's deviation counts in the variance),
- * so M2's relative rounding is below 1e-16 * (1 + n / head). */
+ * of the first h = min(n, max(32, min(256, n / 8))) elements, then sums of (x - k) and
+ * (x - k)^2 in double (fbn_row_sums).  No cancellation to speak of: the head's mean is within
+ * sqrt(n / h) standard deviations of the mean (the head's deviation counts in the variance), so
+ * M2's relative rounding is below 1e-16 * (1 + n / h). */
 FBN_CLONES static void FBN_NAME(fbn_row_moments)(const T *p, ptrdiff_t n, double *acc)
 {
     if (n <= 0)
         return;
-    const ptrdiff_t h = n < FBN_NORM_HEAD ? n : FBN_NORM_HEAD;
-    double k = 0.0, s = 0.0, q = 0.0;
+    ptrdiff_t h = n / 8 < 256 ? n / 8 : 256;
+    if (h < 32)
+        h = 32;
+    if (h > n)
+        h = n;
+    double k = 0.0, s, q;
 #pragma omp simd simdlen(8) reduction(+:k)
     for (ptrdiff_t i = 0; i < h; i++)
         k += (double)p[i];
     k /= (double)h;
-#pragma omp simd simdlen(FBN_NORM_LANES) reduction(+:s, q)
-    for (ptrdiff_t i = 0; i < n; i++) {
-        const double d = (double)p[i] - k;
-        s += d;
-        q += d * d;
-    }
+    if (n < FBN_NORM_SHORT)
+        FBN_NAME(fbn_row_sums)(p, n, k, &s, &q, 8);
+    else if (n < FBN_NORM_LONG)
+        FBN_NAME(fbn_row_sums)(p, n, k, &s, &q, 16);
+    else
+        FBN_NAME(fbn_row_sums)(p, n, k, &s, &q, 32);
     fbn_shift_merge(acc, (double)n, k, s / (double)n, q - s * (s / (double)n));
 }

@@ -11,9 +11,12 @@
 
 #include "_simd.h"
 
-#define FBN_NORM_HEAD 256  /* elements whose mean shifts a row's sums */
-#ifndef FBN_NORM_LANES
-#define FBN_NORM_LANES 32  /* lanes of the row reductions: 4 AVX-512 / 8 AVX2 accumulators */
+/* Row lengths below which the row reductions take 8, then 16 lanes (32 above): see fbn_row_sums. */
+#ifndef FBN_NORM_SHORT
+#define FBN_NORM_SHORT 256
+#endif
+#ifndef FBN_NORM_LONG
+#define FBN_NORM_LONG 2048
 #endif
 
 #define T float
