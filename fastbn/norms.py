@@ -83,9 +83,8 @@ def _out(out, x, dt, *reads):
     if out.flags.c_contiguous and out.flags.aligned and all(
             not np.may_share_memory(out, a) or out.__array_interface__["data"][0] == a.__array_interface__["data"][0]
             for a in reads):
-        # Writing over an input itself is fine for the fused row kernels only when every read of
-        # an element precedes its write: true within a row (stats pass, then apply) but the
-        # per-row coefficients are copies, so only exact aliasing is allowed.
+        # out may be one of the inputs exactly (in place): every pass reads an element before it
+        # writes it, at the same place.  A partial overlap goes through a temporary instead.
         return out, False
     return np.empty(x.shape, dtype=dt), True
 
