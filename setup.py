@@ -121,6 +121,14 @@ def extensions():
         )
         for name in ("fastbn._openmp", "fastbn._kernels")
     ]
+    exts.append(Extension(  # group / layer / instance norm (issue 13)
+        "fastbn._norm_kernels",
+        ["fastbn/_norm_kernels.pyx"],
+        include_dirs=[np.get_include(), "fastbn"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=["fastbn/_simd.h", "fastbn/_simd_impl.h", "fastbn/_pool.h", "fastbn/_norm_simd.h",
+                 "fastbn/_norm_impl.h"],
+    ))
     return cythonize(exts, compiler_directives=directives)
 
 

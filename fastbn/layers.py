@@ -1,5 +1,9 @@
 """BatchNorm1d/2d/3d layers with PyTorch's constructor, semantics, attributes and state_dict keys.
 
+The protocol every fastbn layer follows (one forward, one backward, per thread; no_grad;
+params_and_grads) is :class:`fastbn.layers.Layer`'s; GroupNorm, LayerNorm and InstanceNorm1d/2d/3d
+are in :mod:`fastbn.norm_layers`.
+
 A layer holds NumPy arrays (CuPy arrays on ``device="cuda"``): ``weight``, ``bias`` (the affine
 parameters, or None), ``running_mean``, ``running_var`` (or None), ``num_batches_tracked``.
 Calling it runs the forward; ``backward(grad_output)`` returns ``grad_input`` and *sets*
@@ -7,17 +11,13 @@ Calling it runs the forward; ``backward(grad_output)`` returns ``grad_input`` an
 """
 import contextlib
 import numbers
-from collections import namedtuple
 
 import numpy as np
 
 from . import functional as F
+from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer  # noqa: F401 (IncompatibleKeys: API)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
-
-# What load_state_dict returns, as PyTorch's: the keys it expected and did not find, and the ones
-# it did not expect (both empty after a strict load, which raises otherwise).
-IncompatibleKeys = namedtuple("IncompatibleKeys", "missing_keys unexpected_keys")
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Layer"]
 
 
 def _resolve_device(device):
@@ -34,7 +34,7 @@ def _resolve_device(device):
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-class _BatchNorm:
+class _BatchNorm(Layer):
     _ndims = ()  # accepted input ranks
     _layout = ""
 
@@ -67,9 +67,7 @@ class _BatchNorm:
                 self.num_batches_tracked = 0
             else:
                 self.running_mean = self.running_var = self.num_batches_tracked = None
-        self.grad_weight = self.grad_bias = None
-        self.training = True
-        self._saved = None
+        self._init_layer()
 
     @property
     def _xp(self):
@@ -79,20 +77,7 @@ class _BatchNorm:
         """A context in which new arrays land on the layer's device (its GPU; nothing on the CPU)."""
         return contextlib.nullcontext() if self._cuda is None else self._cuda.device
 
-    # ------------------------------------------------------------------ modes and parameters
-    def train(self, mode=True):
-        if not isinstance(mode, bool):
-            raise ValueError(f"train(mode) expects a bool, got {mode!r}")  # PyTorch's exception
-        self.training = mode
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def parameters(self):
-        """The affine parameters (``[weight, bias]``, the ones that exist), for an optimizer loop."""
-        return [p for p in (self.weight, self.bias) if p is not None]
-
+    # ------------------------------------------------------------------ buffers
     def reset_running_stats(self):
         if self.track_running_stats:
             self.running_mean[...] = 0
@@ -127,106 +112,23 @@ class _BatchNorm:
             raise TypeError(f"{type(self).__name__} lives on device {self.device!r} but got a {where} array; "
                             f"move the layer with .to(...) or the array")
 
-    def forward(self, input, *, out=None):
-        self._check_input(input)
+    def _forward(self, input, out, update, saved_input, record):
         batch_stats = self.training or not self.track_running_stats
+        update = update and self.training and self.track_running_stats
         factor = 0.0
-        if self.training and self.track_running_stats:
+        if update:
             factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-        use_buffers = not self.training or self.track_running_stats
-        saved_input = input
-        if out is not None and F.backend_of(input).is_array(out) and self._xp.may_share_memory(out, input):
-            # An in-place forward (out=input) overwrites the input that backward() needs.
-            saved_input = input.copy()
+        use_buffers = (not self.training and self.track_running_stats) or update
         y, mean, invstd = F.batch_norm_forward(
             input, self.running_mean if use_buffers else None, self.running_var if use_buffers else None,
             self.weight, self.bias, batch_stats, factor, self.eps, out=out)
-        if self.training and self.track_running_stats:
+        if update:
             self.num_batches_tracked += 1
-        self._saved = (saved_input, self.weight, mean, invstd, batch_stats)
-        return y
+        return y, (saved_input, self._saved_weight(record), mean, invstd, batch_stats)
 
-    __call__ = forward
-
-    def backward(self, grad_output, *, out=None):
-        """Return grad_input for the last forward, and set ``grad_weight``/``grad_bias``.
-        ``out=``: an array to receive grad_input, as in :func:`fastbn.batch_norm_backward`."""
-        if self._saved is None:
-            raise RuntimeError("backward() needs a forward() first (each forward allows one backward)")
-        x, weight, mean, invstd, batch_stats = self._saved
-        if F.backend_of(grad_output) is not F.backend_of(x):
-            where = "CuPy (GPU)" if F.backend_of(x) is not F._cpu else "NumPy (CPU)"
-            raise TypeError(f"grad_output must be a {where} array like the forward's input, "
-                            f"got {type(grad_output).__module__}.{type(grad_output).__name__}")
-        if tuple(grad_output.shape) != tuple(x.shape):
-            raise ValueError(f"grad_output must match the forward's input: shape {tuple(x.shape)}, "
-                             f"got {type(grad_output).__name__} of shape {tuple(getattr(grad_output, 'shape', ()))}")
-        dx, gw, gb = F.batch_norm_backward(grad_output, x, weight, mean, invstd, training=batch_stats, out=out)
-        self.grad_weight = gw if self.weight is not None else None
-        self.grad_bias = gb if self.bias is not None else None
-        self._saved = None
-        return dx
-
-    # ------------------------------------------------------------------ checkpoints
-    def _state_names(self):
-        names = [n for n in ("weight", "bias") if getattr(self, n) is not None]
-        if self.track_running_stats:
-            names += ["running_mean", "running_var", "num_batches_tracked"]
-        return names
-
-    def state_dict(self):
-        """PyTorch's keys, NumPy arrays (copies, also from the GPU)."""
-        state = {}
-        for name in self._state_names():
-            value = getattr(self, name)
-            if name == "num_batches_tracked":
-                state[name] = np.array(value, dtype=np.int64)
-            else:
-                state[name] = value.get() if self._cuda is not None else value.copy()
-        return state
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Load PyTorch-keyed arrays (e.g. ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``).
-
-        Everything is checked before anything is written, so a bad dict changes nothing.  Returns
-        ``IncompatibleKeys(missing_keys, unexpected_keys)``, as PyTorch does.
-        """
-        names = self._state_names()
-        # PyTorch loads a dict without num_batches_tracked (a checkpoint from before it existed)
-        # and keeps the layer's own count; so does this.
-        missing = [n for n in names if n not in state_dict and n != "num_batches_tracked"]
-        unexpected = [k for k in state_dict if k not in names]
-        if strict and (missing or unexpected):
-            raise ValueError(f"load_state_dict for {type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}")
-        C = self.num_features
-        staged = {}
-        for name in names:
-            if name not in state_dict:
-                continue
-            value = state_dict[name]
-            if type(value).__module__.split(".")[0] == "cupy":
-                value = value.get()
-            try:
-                value = np.asarray(value)
-            except ValueError as e:  # e.g. a ragged nested list
-                raise ValueError(f"{name} is not an array: {e}") from None
-            if name == "num_batches_tracked":
-                if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
-                    raise ValueError(f"num_batches_tracked must be a scalar integer from 0 to 2**63 - 1, got {value!r}")
-                staged[name] = int(value)
-                continue
-            if value.dtype.kind != "f":
-                raise TypeError(f"{name} must be a float array, got dtype {value.dtype}")
-            if value.shape != (C,):
-                raise ValueError(f"{name} must have shape ({C},), got shape {value.shape}")
-            staged[name] = value
-        for name, value in staged.items():
-            if name == "num_batches_tracked":
-                self.num_batches_tracked = value
-            else:
-                with self._on_device():
-                    getattr(self, name)[...] = self._xp.asarray(value, dtype=self.dtype)
-        return IncompatibleKeys(missing, unexpected)
+    def _backward(self, grad_output, payload, out):
+        x, weight, mean, invstd, batch_stats = payload
+        return F.batch_norm_backward(grad_output, x, weight, mean, invstd, training=batch_stats, out=out)
 
     # ------------------------------------------------------------------ devices
     def to(self, device):
@@ -237,34 +139,51 @@ class _BatchNorm:
             host = value.get() if self._cuda is not None else value
             setattr(self, name, cuda.to_device(host) if cuda is not None else np.array(host))
         self.device, self._cuda = device, cuda
-        self._saved = None
-        self.grad_weight = self.grad_bias = None
+        self._forget()
         return self
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"bias={self.has_bias}, track_running_stats={self.track_running_stats}")
 
-    def __repr__(self):
-        return f"{type(self).__name__}({self.extra_repr()})"
-
 
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) inputs."""
+    """Batch norm over (N, C) or (N, C, L) inputs.
+
+    ``BatchNorm1d(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+    device="cpu", dtype=np.float32, *, bias=True)``, PyTorch's constructor and ``state_dict`` keys.
+    Training mode normalizes with the batch statistics and updates the running ones; eval mode
+    uses the running ones.
+    """
+    __doc__ += PROTOCOL_DOC
 
     _ndims = (2, 3)
     _layout = "2-D or 3-D (N, C) or (N, C, L)"
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) inputs."""
+    """Batch norm over (N, C, H, W) inputs.
+
+    ``BatchNorm2d(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+    device="cpu", dtype=np.float32, *, bias=True)``, PyTorch's constructor and ``state_dict`` keys.
+    Training mode normalizes with the batch statistics and updates the running ones; eval mode
+    uses the running ones.
+    """
+    __doc__ += PROTOCOL_DOC
 
     _ndims = (4,)
     _layout = "4-D (N, C, H, W)"
 
 
 class BatchNorm3d(_BatchNorm):
-    """Batch norm over (N, C, D, H, W) inputs."""
+    """Batch norm over (N, C, D, H, W) inputs.
+
+    ``BatchNorm3d(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+    device="cpu", dtype=np.float32, *, bias=True)``, PyTorch's constructor and ``state_dict`` keys.
+    Training mode normalizes with the batch statistics and updates the running ones; eval mode
+    uses the running ones.
+    """
+    __doc__ += PROTOCOL_DOC
 
     _ndims = (5,)
     _layout = "5-D (N, C, D, H, W)"

@@ -1,0 +1,240 @@
+"""The protocol every fastbn layer follows (:class:`Layer`): modes, parameters and their
+gradients, per-thread saved forwards, checkpoints with PyTorch's keys."""
+import contextlib
+import threading
+from collections import namedtuple
+
+import numpy as np
+
+from . import functional as F
+from ._grad_mode import is_grad_enabled
+
+# What load_state_dict returns, as PyTorch's: the keys it expected and did not find, and the ones
+# it did not expect (both empty after a strict load, which raises otherwise).
+IncompatibleKeys = namedtuple("IncompatibleKeys", "missing_keys unexpected_keys")
+
+PROTOCOL_DOC = """
+    The layer protocol (every fastbn layer):
+
+    - ``layer(x)`` (``forward``) returns the output and, unless inside :func:`fastbn.no_grad`,
+      saves what ``backward`` needs -- per Python thread: a layer shared by threads gives each
+      thread the gradient of its own forward.
+    - ``layer.backward(grad_output)`` returns ``grad_input`` for *this thread's last forward* and
+      sets ``grad_weight``/``grad_bias`` (set, not accumulated).  One forward, one backward: a
+      backward consumes the saved forward, and a second backward raises ``RuntimeError``.
+    - A forward that needs no backward (evaluation, monitoring, a finite-difference probe) goes
+      inside ``with fastbn.no_grad():``: it saves nothing and leaves the pending forward alone.
+      Without it, a later forward *replaces* the pending one; when the two ran in different modes
+      (``train()``/``eval()``) the backward raises ``RuntimeError`` instead of silently returning
+      the gradient of the wrong call.
+    - The weight is copied when the forward is saved, so updating the parameters in place before
+      the backward does not change its gradient.  Do not modify the *input* in place between the
+      forward and the backward (pass ``out=`` for an in-place forward instead).
+    - ``params_and_grads()`` gives ``[(param, grad), ...]`` for an update loop
+      (``for p, g in layer.params_and_grads(): p -= lr * g``); ``named_parameters()`` the names.
+    - ``forward(..., update_running_stats=False)`` leaves the running statistics (and
+      ``num_batches_tracked``) untouched in training mode; ``no_grad`` does not, as PyTorch's.
+"""
+
+_Saved = namedtuple("_Saved", "training payload")
+
+
+class Layer:
+    """Base of fastbn's layers.  Subclasses set ``_check_input``, ``_forward`` (returns the output
+    and the payload saved for backward, whose first item is the input) and ``_backward`` (returns
+    grad_input, grad_weight, grad_bias)."""
+
+    _param_names = ("weight", "bias")
+    _xp = np
+    _cuda = None
+
+    def _init_layer(self):
+        self.training = True
+        self._local = threading.local()  # this thread's pending forward and gradients
+        self._last_grads = {"weight": None, "bias": None}  # the last backward's, on any thread
+
+    # ------------------------------------------------------------------ pickling / copying
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_local", None)  # saved forwards are per thread and do not travel
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ modes and parameters
+    def train(self, mode=True):
+        if not isinstance(mode, bool):
+            raise ValueError(f"train(mode) expects a bool, got {mode!r}")  # PyTorch's exception
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def named_parameters(self):
+        """``[(name, array), ...]`` of the affine parameters that exist (``"weight"``, ``"bias"``)."""
+        return [(n, getattr(self, n)) for n in self._param_names if getattr(self, n) is not None]
+
+    def parameters(self):
+        """The affine parameters (``[weight, bias]``, the ones that exist), for an optimizer loop."""
+        return [p for _, p in self.named_parameters()]
+
+    def params_and_grads(self):
+        """``[(param, grad), ...]`` from this thread's last backward, so that an SGD step is
+        ``for p, g in layer.params_and_grads(): p -= lr * g`` (in place on the parameters).
+        Raises RuntimeError before any backward."""
+        pairs = []
+        for name, p in self.named_parameters():
+            g = self._get_grad(name)
+            if g is None:
+                raise RuntimeError(f"{type(self).__name__}.params_and_grads(): no gradient for {name} yet; "
+                                   f"call backward() after a forward first")
+            pairs.append((p, g))
+        return pairs
+
+    def _get_grad(self, name):
+        grads = getattr(self._local, "grads", None)
+        return grads[name] if grads is not None else self._last_grads[name]
+
+    def _set_grad(self, name, value):
+        grads = self._local.__dict__.setdefault("grads", {"weight": None, "bias": None})
+        grads[name] = value
+        self._last_grads[name] = value
+
+    grad_weight = property(lambda self: self._get_grad("weight"), lambda self, v: self._set_grad("weight", v),
+                           doc="grad of weight from this thread's last backward (else the last of any thread), or None")
+    grad_bias = property(lambda self: self._get_grad("bias"), lambda self, v: self._set_grad("bias", v),
+                         doc="grad of bias from this thread's last backward (else the last of any thread), or None")
+
+    def _forget(self):
+        """Drop every thread's saved forward and gradients (parameters moved or reloaded)."""
+        self._local = threading.local()
+        self._last_grads = {"weight": None, "bias": None}
+
+    # ------------------------------------------------------------------ forward / backward
+    def forward(self, input, *, out=None, update_running_stats=True):
+        """Normalize ``input``; ``out=``: an array to receive the output (it may be ``input``).
+        Saves this forward for ``backward`` (per thread) unless inside ``fastbn.no_grad()``;
+        ``update_running_stats=False`` leaves the running statistics alone in training mode."""
+        self._check_input(input)
+        record = is_grad_enabled()
+        saved_input = input
+        if record and out is not None and F.backend_of(input).is_array(out) and self._xp.may_share_memory(out, input):
+            saved_input = input.copy()  # an in-place forward overwrites the input backward needs
+        y, payload = self._forward(input, out, bool(update_running_stats), saved_input, record)
+        if record:
+            self._local.saved = _Saved(self.training, payload)
+        return y
+
+    def __call__(self, input, *, out=None, update_running_stats=True):
+        return self.forward(input, out=out, update_running_stats=update_running_stats)
+
+    def _pending(self):
+        saved = getattr(self._local, "saved", None)
+        name = type(self).__name__
+        if saved is None:
+            raise RuntimeError(f"{name}.backward() needs a forward() first on this thread (each forward allows one "
+                               f"backward; forwards inside fastbn.no_grad() save nothing)")
+        if saved.training != self.training:
+            then, now = ("training", "eval") if saved.training else ("eval", "training")
+            raise RuntimeError(
+                f"{name}.backward() in {now} mode, but this thread's last forward ran in {then} mode: it replaced "
+                f"any earlier forward, so the gradient would be that of the {then}-mode call, probably not the one "
+                f"you mean. Run forwards that need no backward (monitoring, evaluation) inside fastbn.no_grad(), "
+                f"or switch the mode back before the forward you differentiate")
+        return saved.payload
+
+    def backward(self, grad_output, *, out=None):
+        """Return grad_input for this thread's last forward, and set ``grad_weight``/``grad_bias``.
+        ``out=``: an array to receive grad_input.  Consumes the saved forward (one forward, one
+        backward); raises RuntimeError where it would use a forward you probably did not mean."""
+        payload = self._pending()
+        x = payload[0]
+        if F.backend_of(grad_output) is not F.backend_of(x):
+            where = "CuPy (GPU)" if F.backend_of(x) is not F._cpu else "NumPy (CPU)"
+            raise TypeError(f"grad_output must be a {where} array like the forward's input, "
+                            f"got {type(grad_output).__module__}.{type(grad_output).__name__}")
+        if tuple(grad_output.shape) != tuple(x.shape):
+            raise ValueError(f"grad_output must match the forward's input: shape {tuple(x.shape)}, "
+                             f"got {type(grad_output).__name__} of shape {tuple(getattr(grad_output, 'shape', ()))}")
+        dx, gw, gb = self._backward(grad_output, payload, out)
+        self._local.saved = None
+        self.grad_weight = gw if self.weight is not None else None
+        self.grad_bias = gb if self.bias is not None else None
+        return dx
+
+    def _saved_weight(self, record):
+        """A copy of the weight for a saved forward (the weight itself when nothing is saved)."""
+        return self.weight.copy() if record and self.weight is not None else self.weight
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state_names(self):
+        names = [n for n in self._param_names if getattr(self, n) is not None]
+        if getattr(self, "track_running_stats", False):
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        return names
+
+    def _on_device(self):
+        return contextlib.nullcontext()
+
+    def state_dict(self):
+        """PyTorch's keys, NumPy arrays (copies, also from the GPU)."""
+        state = {}
+        for name in self._state_names():
+            value = getattr(self, name)
+            if name == "num_batches_tracked":
+                state[name] = np.array(value, dtype=np.int64)
+            else:
+                state[name] = value.get() if self._cuda is not None else value.copy()
+        return state
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load PyTorch-keyed arrays (e.g. ``{k: v.numpy() for k, v in torch_module.state_dict().items()}``).
+
+        Everything is checked before anything is written, so a bad dict changes nothing.  Returns
+        ``IncompatibleKeys(missing_keys, unexpected_keys)``, as PyTorch does.
+        """
+        names = self._state_names()
+        # PyTorch loads a dict without num_batches_tracked (a checkpoint from before it existed)
+        # and keeps the layer's own count; so does this.
+        missing = [n for n in names if n not in state_dict and n != "num_batches_tracked"]
+        unexpected = [k for k in state_dict if k not in names]
+        if strict and (missing or unexpected):
+            raise ValueError(f"load_state_dict for {type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}")
+        staged = {}
+        for name in names:
+            if name not in state_dict:
+                continue
+            value = state_dict[name]
+            if type(value).__module__.split(".")[0] == "cupy":
+                value = value.get()
+            try:
+                value = np.asarray(value)
+            except ValueError as e:  # e.g. a ragged nested list
+                raise ValueError(f"{name} is not an array: {e}") from None
+            if name == "num_batches_tracked":
+                if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
+                    raise ValueError(f"num_batches_tracked must be a scalar integer from 0 to 2**63 - 1, got {value!r}")
+                staged[name] = int(value)
+                continue
+            if value.dtype.kind != "f":
+                raise TypeError(f"{name} must be a float array, got dtype {value.dtype}")
+            want = tuple(getattr(self, name).shape)
+            if value.shape != want:
+                raise ValueError(f"{name} must have shape {want}, got shape {value.shape}")
+            staged[name] = value
+        for name, value in staged.items():
+            if name == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                with self._on_device():
+                    getattr(self, name)[...] = self._xp.asarray(value, dtype=self.dtype)
+        return IncompatibleKeys(missing, unexpected)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+Layer.__doc__ += PROTOCOL_DOC

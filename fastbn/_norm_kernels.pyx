@@ -1,0 +1,600 @@
+"""fastbn's CPU kernels for group, instance and layer norm, on fastbn's thread pool (_pool.h).
+
+All three normalize *rows* of a C-contiguous buffer viewed as (R, L): group norm's (n, group)
+rows (instance norm is group norm with one channel a group), of L = C/G * S elements, and layer
+norm's rows of prod(normalized_shape).  A row's statistics are its own, so rows never merge
+with each other and the work splits by rows:
+
+FUSED   (R >= PLAN_WIDTH rows, or rows too short to cut): a task takes a block of whole rows and
+        does everything for one row before the next: moments (_simd.h's fbn_moments, shifted
+        sums in double), the row's coefficients, then the apply pass, which reads the row back
+        from L1/L2 (a row of the benchmark's shapes is 3 to 25 KiB).  Memory sees one read and
+        one write, as a copy.  The backward likewise: gradient sums, then grad_input.
+PIECES  (fewer rows than PLAN_WIDTH, long rows): each row is cut into P pieces, a task each; the
+        pieces' partials go to their own slots and are merged per row in piece order on the
+        calling thread (Chan's update, fbn_shift_merge), then a second pass of (row, piece) tasks
+        applies.  P depends on the shape only, never on the thread count, so a result is the same
+        on 1 thread or 16.
+
+Group/instance norm's affine is per channel, i.e. per run of S elements inside a row: the apply
+uses _simd.h's fbn_affine / fbn_grad_input with the row's coefficient block
+[mhi | mlo | a | b] (C/G values each).  Layer norm's is per element: _norm_simd.h.
+
+This module includes _pool.h, so it has its own pool instance (its own helper threads), apart
+from _kernels.pyx's; both size themselves from fastbn.get_num_threads() per call.
+
+The argument checks (_float_type, _data) are copies of _kernels.pyx's (a cdef function there
+cannot be cimported without a .pxd for _kernels, which other work edits at the same time).
+"""
+import numpy as np
+cimport numpy as cnp
+from cython cimport floating
+from libc.math cimport sqrt
+from libc.stdlib cimport malloc, free
+
+cnp.import_array()
+
+cdef extern from "_pool.h" nogil:
+    ctypedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task) noexcept nogil
+    void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
+
+cdef extern from "_norm_simd.h" nogil:
+    void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
+    double fbn_acc_mean(const double *acc)
+    enum: FBN_N, FBN_K, FBN_REL, FBN_M2, FBN_ACC
+    void fbn_moments_f32(const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
+    void fbn_moments_f64(const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
+    void fbn_affine_f32(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
+    void fbn_affine_f64(const double *x, double *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int nt)
+    void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
+    void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
+    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
+    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int nt)
+    float fbn_mean_lo_f32(double m, float hi)
+    double fbn_mean_lo_f64(double m, double hi)
+    void fbn_sfence()
+    void fbn_row_moments_f32(const float *p, Py_ssize_t n, double *acc)
+    void fbn_row_moments_f64(const double *p, Py_ssize_t n, double *acc)
+    void fbn_ln_apply_f32(const float *x, float *y, Py_ssize_t n, float mhi, float mlo, float istd, const float *w, const float *b, int nt)
+    void fbn_ln_apply_f64(const double *x, double *y, Py_ssize_t n, double mhi, double mlo, double istd, const double *w, const double *b, int nt)
+    void fbn_ln_grad_sums_f32(const float *dy, const float *x, const float *w, Py_ssize_t n, double m, double istd, double *a, double *s, double *gw, double *gb)
+    void fbn_ln_grad_sums_f64(const double *dy, const double *x, const double *w, Py_ssize_t n, double m, double istd, double *a, double *s, double *gw, double *gb)
+    void fbn_ln_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t n, const float *w, float istd, float mhi, float mlo, float kx, float kc, int nt)
+    void fbn_ln_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, const double *w, double istd, double mhi, double mlo, double kx, double kc, int nt)
+
+cdef enum:
+    PLAN_WIDTH = 16          # tasks a call aims at (8 per core on 2 cores), fixed: see PIECES
+    MIN_PIECE = 16384        # elements a piece at least
+    MIN_PER_THREAD = 131072  # elements a thread at least (as _kernels.pyx: a helper costs a wake-up)
+    ROW_ELEMS = 32768        # elements a FUSED task at least (whole rows)
+    LN_MAX_BLOCKS = 16       # layer norm backward: column-partial slots, at most
+
+# Calls whose arrays (inputs and output) take more than this write the output with streaming
+# stores, as in _kernels.pyx (which uses 48 MiB).  Lower here: measured at kernel level on 2
+# threads, float32, the backward of (16, 64, 64, 64) InstanceNorm (48 MiB) 1.40 -> 1.14 ms with
+# them, (8, 256, 28, 28) GroupNorm(32) (18 MiB) 0.63 -> 0.58 ms; forwards within noise.
+cdef Py_ssize_t STREAM_BYTES = 16 * 1024 * 1024
+
+cdef enum:  # ops
+    GN_FWD = 1      # fused rows: stats + coefficients + apply
+    GN_STATS = 2    # pieces: partial moments
+    GN_APPLY = 3    # pieces (or whole rows, P = 1): apply the coefficients in cf
+    GN_BWD = 4      # fused rows: grad sums + coefficients + grad_input
+    GN_GSUMS = 5    # pieces: partial grad sums
+    GN_GINPUT = 6   # pieces: grad_input from cf
+    LN_FWD = 7
+    LN_APPLY = 8
+    LN_BWD = 9      # (block, piece): grad sums (+ grad_input when P == 1)
+    LN_GINPUT = 10
+
+
+cdef struct Job:
+    int op, dbl, nt, training
+    void *x
+    void *y
+    void *dy
+    const void *w
+    const void *b
+    void *cf            # group: per-row coefficient blocks, 5 * Cg values a row
+    double *mean        # R values
+    double *var
+    double *invstd
+    double *cmean       # group backward: each row's mean, repeated Cg times
+    double *part        # per-task partials (see the ops)
+    double *sums        # group backward: (R, Cg, 2) sums of dy and dy * (x - mean)
+    double *col         # layer backward: (nb, 2, L) column partials of dy and dy * xhat
+    Py_ssize_t R, L, G, Cg, S, P, nb, rows_task
+    double eps
+
+
+cdef inline Py_ssize_t _split(Py_ssize_t L, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
+    return L * k // K
+
+
+cdef int _float_type(object a, str name) except -1:
+    """NPY_FLOAT or NPY_DOUBLE, the element type of numpy array ``a`` (copied from _kernels.pyx)."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    return t
+
+
+cdef void *_data(object a, int typenum, Py_ssize_t n, bint out, str name) except NULL:
+    """The buffer of an aligned, native-order, C-contiguous numpy array of ``n`` elements of
+    ``typenum`` (writable if ``out``); anything else raises (copied from _kernels.pyx)."""
+    cdef cnp.ndarray arr
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    arr = <cnp.ndarray>a
+    if (cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_SIZE(arr) != n or not cnp.PyArray_ISNOTSWAPPED(arr)
+            or not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_CARRAY if out else cnp.NPY_ARRAY_CARRAY_RO)):
+        want = "float32" if typenum == cnp.NPY_FLOAT else "float64"
+        raise ValueError(f"{name} must be an aligned, C-contiguous, native-order{', writable' if out else ''} "
+                         f"{want} array of {n} elements, got {a.dtype} of shape {a.shape}")
+    return cnp.PyArray_DATA(arr)
+
+
+cdef inline double *_dptr(object a) noexcept:
+    return <double *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+# ---------------------------------------------------------------- per-row work
+cdef inline void _finish_row(const Job *jb, Py_ssize_t r, const double *acc) noexcept nogil:
+    cdef double v = acc[<int>FBN_M2] / acc[<int>FBN_N]
+    jb.mean[r] = fbn_acc_mean(acc)
+    jb.var[r] = v
+    jb.invstd[r] = 1.0 / sqrt(v + jb.eps)
+
+
+cdef inline void _split_mean(double m, floating *hi, floating *lo) noexcept nogil:
+    hi[0] = <floating>m
+    if floating is float:
+        lo[0] = fbn_mean_lo_f32(m, hi[0])
+    else:
+        lo[0] = fbn_mean_lo_f64(m, hi[0])
+
+
+cdef void _group_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept nogil:
+    """The forward's [mhi | mlo | a | b] for row r (channels (r % G) * Cg ...)."""
+    cdef Py_ssize_t Cg = jb.Cg, c, ch0 = (r % jb.G) * Cg
+    cdef floating *cf = <floating *>jb.cf + r * 5 * Cg
+    cdef const floating *w = <const floating *>jb.w
+    cdef const floating *b = <const floating *>jb.b
+    cdef floating hi, lo
+    cdef double istd = jb.invstd[r]
+    _split_mean(jb.mean[r], &hi, &lo)
+    for c in range(Cg):
+        cf[c] = hi
+        cf[Cg + c] = lo
+        cf[2 * Cg + c] = <floating>(<double>w[ch0 + c] * istd)
+        cf[3 * Cg + c] = b[ch0 + c]
+
+
+cdef void _group_grad_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept nogil:
+    """The backward's [mhi | mlo | kdy | kx | kc] for row r, from its merged sums: with
+    g = dy * w, dx = istd * (g - mean(g) - xhat * mean(g * xhat)).  Without batch statistics
+    (instance norm on running statistics) dx = dy * w * istd: the forward's affine applied to dy
+    with [0 | 0 | kdy | 0], which reads neither x nor the mean."""
+    cdef Py_ssize_t Cg = jb.Cg, c, ch0 = (r % jb.G) * Cg
+    cdef floating *cf = <floating *>jb.cf + r * 5 * Cg
+    cdef const floating *w = <const floating *>jb.w
+    cdef const double *s = jb.sums + r * 2 * Cg
+    cdef double istd = jb.invstd[r], A = 0.0, B = 0.0, n = <double>jb.L
+    cdef floating hi, lo, kx, kc
+    for c in range(Cg):
+        A += <double>w[ch0 + c] * s[2 * c]
+        B += <double>w[ch0 + c] * s[2 * c + 1]
+    if jb.training:
+        _split_mean(jb.mean[r], &hi, &lo)
+        kx = <floating>(-istd * istd * istd * B / n)
+        kc = <floating>(-istd * A / n)
+    else:
+        hi = lo = kx = kc = 0
+    for c in range(Cg):
+        cf[c] = hi
+        cf[Cg + c] = lo
+        cf[2 * Cg + c] = <floating>(<double>w[ch0 + c] * istd)
+        cf[3 * Cg + c] = kx
+        cf[4 * Cg + c] = kc
+
+
+cdef void _moments(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
+    cdef const floating *x = <const floating *>jb.x + r * jb.L
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0
+    if floating is float:
+        fbn_row_moments_f32(x + f0, f1 - f0, acc)
+    else:
+        fbn_row_moments_f64(x + f0, f1 - f0, acc)
+
+
+cdef void _group_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
+    cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
+    cdef const floating *x = <const floating *>jb.x + r * jb.L
+    cdef floating *y = <floating *>jb.y + r * jb.L
+    if floating is float:
+        fbn_affine_f32(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+    else:
+        fbn_affine_f64(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+
+
+cdef void _group_gsums(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L, c
+    for c in range(2 * jb.Cg):
+        acc[c] = 0.0
+    if floating is float:
+        fbn_grad_sums_f32(<const float *>jb.dy + o, <const float *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
+    else:
+        fbn_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
+
+
+cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L
+    cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
+    if jb.training:
+        if floating is float:
+            fbn_grad_input_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+        else:
+            fbn_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+    else:  # cf's first four blocks are [0 | 0 | kdy | 0]
+        if floating is float:
+            fbn_affine_f32(<const float *>jb.dy + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+        else:
+            fbn_affine_f64(<const double *>jb.dy + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+
+
+cdef void _ln_row_coefs(const Job *jb, Py_ssize_t r, double A, double B, floating *istd, floating *hi,
+                        floating *lo, floating *kx, floating *kc) noexcept nogil:
+    cdef double s = jb.invstd[r], n = <double>jb.L
+    istd[0] = <floating>s
+    _split_mean(jb.mean[r], hi, lo)
+    kx[0] = <floating>(-s * s * s * B / n)
+    kc[0] = <floating>(-s * A / n)
+
+
+cdef void _ln_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef floating hi, lo
+    _split_mean(jb.mean[r], &hi, &lo)
+    if floating is float:
+        fbn_ln_apply_f32(<const float *>jb.x + o, <float *>jb.y + o, f1 - f0, hi, lo, <float>jb.invstd[r],
+                         <const float *>jb.w + f0, <const float *>jb.b + f0, jb.nt)
+    else:
+        fbn_ln_apply_f64(<const double *>jb.x + o, <double *>jb.y + o, f1 - f0, hi, lo, jb.invstd[r],
+                         <const double *>jb.w + f0, <const double *>jb.b + f0, jb.nt)
+
+
+cdef void _ln_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double A, double B, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef floating istd, hi, lo, kx, kc
+    _ln_row_coefs(jb, r, A, B, &istd, &hi, &lo, &kx, &kc)
+    if floating is float:
+        fbn_ln_grad_input_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, f1 - f0,
+                              <const float *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)
+    else:
+        fbn_ln_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, f1 - f0,
+                              <const double *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)
+
+
+cdef void _ln_gsums(const Job *jb, Py_ssize_t blk, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *A,
+                    double *B, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef double *col = jb.col + blk * 2 * jb.L
+    A[0] = B[0] = 0.0
+    if floating is float:
+        fbn_ln_grad_sums_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <const float *>jb.w + f0, f1 - f0,
+                             jb.mean[r], jb.invstd[r], A, B, col + jb.L + f0, col + f0)
+    else:
+        fbn_ln_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <const double *>jb.w + f0, f1 - f0,
+                             jb.mean[r], jb.invstd[r], A, B, col + jb.L + f0, col + f0)
+
+
+# ---------------------------------------------------------------- tasks
+cdef void _pass(const Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
+    cdef Py_ssize_t r, r0, r1, p, f0, f1, blk
+    cdef double acc[4]
+    cdef double A, B
+    cdef int op = jb.op
+    if op == GN_FWD or op == GN_BWD or op == LN_FWD:  # whole rows
+        r0 = k * jb.rows_task
+        r1 = min(jb.R, r0 + jb.rows_task)
+        for r in range(r0, r1):
+            if op == GN_BWD:
+                _group_gsums(jb, r, 0, jb.L, jb.sums + r * 2 * jb.Cg, tag)
+                _group_grad_coefs(jb, r, tag)
+                _group_ginput(jb, r, 0, jb.L, tag)
+                continue
+            _moments(jb, r, 0, jb.L, acc, tag)
+            _finish_row(jb, r, acc)
+            if op == GN_FWD:
+                _group_coefs(jb, r, tag)
+                _group_apply(jb, r, 0, jb.L, tag)
+            else:
+                _ln_apply(jb, r, 0, jb.L, tag)
+    elif op == LN_BWD or op == LN_GINPUT:  # (row block, piece)
+        blk = k // jb.P
+        p = k % jb.P
+        f0 = _split(jb.L, jb.P, p)
+        f1 = _split(jb.L, jb.P, p + 1)
+        for r in range(_split(jb.R, jb.nb, blk), _split(jb.R, jb.nb, blk + 1)):
+            if op == LN_BWD:
+                _ln_gsums(jb, blk, r, f0, f1, &A, &B, tag)
+                if jb.P == 1:
+                    _ln_ginput(jb, r, 0, jb.L, A, B, tag)
+                else:
+                    jb.part[2 * (r * jb.P + p)] = A
+                    jb.part[2 * (r * jb.P + p) + 1] = B
+            else:
+                _ln_ginput(jb, r, f0, f1, jb.part[2 * r], jb.part[2 * r + 1], tag)
+    else:  # (row, piece)
+        r = k // jb.P
+        p = k % jb.P
+        f0 = _split(jb.L, jb.P, p)
+        f1 = _split(jb.L, jb.P, p + 1)
+        if op == GN_STATS:
+            _moments(jb, r, f0, f1, jb.part + 4 * k, tag)
+        elif op == GN_APPLY:
+            _group_apply(jb, r, f0, f1, tag)
+        elif op == LN_APPLY:
+            _ln_apply(jb, r, f0, f1, tag)
+        elif op == GN_GSUMS:
+            _group_gsums(jb, r, f0, f1, jb.part + 2 * jb.Cg * k, tag)
+        elif op == GN_GINPUT:
+            _group_ginput(jb, r, f0, f1, tag)
+    if jb.nt:
+        fbn_sfence()
+
+
+cdef void _task(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef const Job *jb = <const Job *>ctx
+    if jb.dbl:
+        _pass(jb, k, <double>0)
+    else:
+        _pass(jb, k, <float>0)
+
+
+cdef void _run(Job *jb, int op, Py_ssize_t ntasks, int threads) noexcept nogil:
+    cdef Py_ssize_t k
+    jb.op = op
+    if ntasks == 1 or threads <= 1:
+        for k in range(ntasks):
+            _task(jb, k)
+    else:
+        fbn_pool_run(_task, jb, ntasks, threads)
+
+
+# ---------------------------------------------------------------- planning
+cdef Py_ssize_t _pieces(Py_ssize_t R, Py_ssize_t L) noexcept nogil:
+    """Pieces a row is cut into: 1 with PLAN_WIDTH rows or more, else enough for PLAN_WIDTH
+    tasks, of MIN_PIECE elements at least.  The shape's alone."""
+    if R >= PLAN_WIDTH or L < 2 * MIN_PIECE:
+        return 1
+    return max(1, min((PLAN_WIDTH + R - 1) // R, L // MIN_PIECE))
+
+
+cdef int _threads(int n_threads, Py_ssize_t total, Py_ssize_t ntasks) noexcept nogil:
+    return <int>max(1, min(<Py_ssize_t>n_threads, min(ntasks, total // MIN_PER_THREAD)))
+
+
+cdef void _setup(Job *jb, int t, Py_ssize_t R, Py_ssize_t L, int nbuf, int stream):
+    jb.dbl = t == cnp.NPY_DOUBLE
+    jb.R = R
+    jb.L = L
+    cdef Py_ssize_t item = 8 if jb.dbl else 4
+    jb.nt = (R * L * item * nbuf > STREAM_BYTES) if stream < 0 else stream
+    jb.rows_task = max(1, ROW_ELEMS // max(L, 1))
+    jb.P = _pieces(R, L)
+
+
+# ---------------------------------------------------------------- entry points
+def group_forward(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, double eps, mean, var, invstd,
+                  int threads, int stream=-1):
+    """Group norm's training forward on x viewed as (N, C, S) with C = G * Cg: write y, and each
+    (n, g) row's mean, biased variance and invstd (float64, N * G values each)."""
+    cdef int t = _float_type(x, "x")
+    cdef Job jb
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k, p
+    if G <= 0 or S <= 0 or C % G or n % (C * S):
+        raise ValueError("group_forward: inconsistent shape")
+    R = n // (C * S) * G
+    L = n // R if R else 0
+    _setup(&jb, t, R, L, 2, stream)
+    jb.G = G
+    jb.Cg = C // G
+    jb.S = S
+    jb.eps = eps
+    jb.x = _data(x, t, n, False, "x")
+    jb.y = _data(y, t, n, True, "y")
+    jb.w = _data(weight, t, C, False, "weight")
+    jb.b = _data(bias, t, C, False, "bias")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, R, True, "mean")
+    jb.var = <double *>_data(var, cnp.NPY_DOUBLE, R, True, "var")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, True, "invstd")
+    if n == 0:
+        return
+    cf = np.empty(R * 5 * jb.Cg, dtype=x.dtype)
+    jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
+    part = np.empty(4 * R * jb.P)
+    jb.part = _dptr(part)
+    cdef double acc[4]
+    with nogil:
+        if jb.P == 1:
+            k = (R + jb.rows_task - 1) // jb.rows_task
+            _run(&jb, GN_FWD, k, _threads(threads, n, k))
+        else:
+            _run(&jb, GN_STATS, R * jb.P, _threads(threads, n, R * jb.P))
+            for k in range(R):
+                acc[0] = acc[1] = acc[2] = acc[3] = 0.0
+                for p in range(jb.P):
+                    fbn_shift_merge(acc, jb.part[4 * (k * jb.P + p)], jb.part[4 * (k * jb.P + p) + 1],
+                                    jb.part[4 * (k * jb.P + p) + 2], jb.part[4 * (k * jb.P + p) + 3])
+                _finish_row(&jb, k, acc)
+                if jb.dbl:
+                    _group_coefs(&jb, k, <double>0)
+                else:
+                    _group_coefs(&jb, k, <float>0)
+            _run(&jb, GN_APPLY, R * jb.P, _threads(threads, n, R * jb.P))
+
+
+def group_apply(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, mean, invstd, int threads, int stream=-1):
+    """y = (x - mean[row]) * invstd[row] * weight[c] + bias[c], with given per-row statistics
+    (instance norm on running statistics)."""
+    cdef int t = _float_type(x, "x")
+    cdef Job jb
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k
+    if G <= 0 or S <= 0 or C % G or n % (C * S):
+        raise ValueError("group_apply: inconsistent shape")
+    R = n // (C * S) * G
+    L = n // R if R else 0
+    _setup(&jb, t, R, L, 2, stream)
+    jb.G = G
+    jb.Cg = C // G
+    jb.S = S
+    jb.x = _data(x, t, n, False, "x")
+    jb.y = _data(y, t, n, True, "y")
+    jb.w = _data(weight, t, C, False, "weight")
+    jb.b = _data(bias, t, C, False, "bias")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, R, False, "mean")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, False, "invstd")
+    if n == 0:
+        return
+    cf = np.empty(R * 5 * jb.Cg, dtype=x.dtype)
+    jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
+    with nogil:
+        for k in range(R):
+            if jb.dbl:
+                _group_coefs(&jb, k, <double>0)
+            else:
+                _group_coefs(&jb, k, <float>0)
+        _run(&jb, GN_APPLY, R * jb.P, _threads(threads, n, R * jb.P))
+
+
+def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, bint training, sums,
+                   int threads, int stream=-1):
+    """Group norm's backward: write dx, and sums (N*C*2 float64): per (n, c), sum(dy) and
+    sum(dy * (x - mean)), from which the caller takes grad_weight and grad_bias.  ``training``
+    False: the statistics were constants (dx = dy * weight * invstd)."""
+    cdef int t = _float_type(x, "x")
+    cdef Job jb
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k, p, c, Cg
+    if G <= 0 or S <= 0 or C % G or n % (C * S):
+        raise ValueError("group_backward: inconsistent shape")
+    R = n // (C * S) * G
+    L = n // R if R else 0
+    _setup(&jb, t, R, L, 3, stream)
+    Cg = C // G
+    jb.G = G
+    jb.Cg = Cg
+    jb.S = S
+    jb.training = training
+    jb.dy = _data(dy, t, n, False, "dy")
+    jb.x = _data(x, t, n, False, "x")
+    jb.y = _data(dx, t, n, True, "dx")
+    jb.w = _data(weight, t, C, False, "weight")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, R, False, "mean")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, False, "invstd")
+    jb.sums = <double *>_data(sums, cnp.NPY_DOUBLE, 2 * R * Cg, True, "sums")
+    if n == 0:
+        return
+    cf = np.empty(R * 5 * Cg, dtype=x.dtype)
+    jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
+    cmean = np.repeat(mean, Cg)
+    jb.cmean = _dptr(cmean)
+    part = np.empty(2 * Cg * R * jb.P)
+    jb.part = _dptr(part)
+    with nogil:
+        if jb.P == 1:
+            k = (R + jb.rows_task - 1) // jb.rows_task
+            _run(&jb, GN_BWD, k, _threads(threads, n, k))
+        else:
+            _run(&jb, GN_GSUMS, R * jb.P, _threads(threads, n, R * jb.P))
+            for k in range(R):
+                for c in range(2 * Cg):
+                    jb.sums[k * 2 * Cg + c] = 0.0
+                for p in range(jb.P):
+                    for c in range(2 * Cg):
+                        jb.sums[k * 2 * Cg + c] += jb.part[(k * jb.P + p) * 2 * Cg + c]
+                if jb.dbl:
+                    _group_grad_coefs(&jb, k, <double>0)
+                else:
+                    _group_grad_coefs(&jb, k, <float>0)
+            _run(&jb, GN_GINPUT, R * jb.P, _threads(threads, n, R * jb.P))
+
+
+def layer_forward(x, y, weight, bias, Py_ssize_t L, double eps, mean, var, invstd, int threads, int stream=-1):
+    """Layer norm's forward on x viewed as (R, L) rows: write y and each row's mean, biased
+    variance and invstd (float64)."""
+    cdef int t = _float_type(x, "x")
+    cdef Job jb
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), R, k, p
+    if L <= 0 or n % L:
+        raise ValueError("layer_forward: inconsistent shape")
+    R = n // L
+    _setup(&jb, t, R, L, 2, stream)
+    jb.eps = eps
+    jb.x = _data(x, t, n, False, "x")
+    jb.y = _data(y, t, n, True, "y")
+    jb.w = _data(weight, t, L, False, "weight")
+    jb.b = _data(bias, t, L, False, "bias")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, R, True, "mean")
+    jb.var = <double *>_data(var, cnp.NPY_DOUBLE, R, True, "var")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, True, "invstd")
+    if n == 0:
+        return
+    part = np.empty(4 * R * jb.P)
+    jb.part = _dptr(part)
+    cdef double acc[4]
+    with nogil:
+        if jb.P == 1:
+            k = (R + jb.rows_task - 1) // jb.rows_task
+            _run(&jb, LN_FWD, k, _threads(threads, n, k))
+        else:
+            _run(&jb, GN_STATS, R * jb.P, _threads(threads, n, R * jb.P))
+            for k in range(R):
+                acc[0] = acc[1] = acc[2] = acc[3] = 0.0
+                for p in range(jb.P):
+                    fbn_shift_merge(acc, jb.part[4 * (k * jb.P + p)], jb.part[4 * (k * jb.P + p) + 1],
+                                    jb.part[4 * (k * jb.P + p) + 2], jb.part[4 * (k * jb.P + p) + 3])
+                _finish_row(&jb, k, acc)
+            _run(&jb, LN_APPLY, R * jb.P, _threads(threads, n, R * jb.P))
+
+
+def layer_backward(dy, x, dx, weight, Py_ssize_t L, mean, invstd, int threads, int stream=-1):
+    """Layer norm's backward: write dx; return (grad_weight, grad_bias) as float64 (L,) arrays."""
+    cdef int t = _float_type(x, "x")
+    cdef Job jb
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), R, k, p
+    cdef double A, B
+    if L <= 0 or n % L:
+        raise ValueError("layer_backward: inconsistent shape")
+    R = n // L
+    _setup(&jb, t, R, L, 3, stream)
+    jb.dy = _data(dy, t, n, False, "dy")
+    jb.x = _data(x, t, n, False, "x")
+    jb.y = _data(dx, t, n, True, "dx")
+    jb.w = _data(weight, t, L, False, "weight")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, R, False, "mean")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, False, "invstd")
+    if n == 0:
+        return np.zeros(L), np.zeros(L)
+    # Row blocks, each with its own (2, L) column partials: at most LN_MAX_BLOCKS, and no more
+    # than R / 8 (the partials stay smaller than the input); with pieces, one block.
+    jb.nb = 1 if jb.P > 1 else max(1, min(<Py_ssize_t>LN_MAX_BLOCKS, R // 8))
+    col = np.zeros((jb.nb, 2, L))
+    jb.col = _dptr(col)
+    part = np.empty(2 * R * jb.P)
+    jb.part = _dptr(part)
+    with nogil:
+        _run(&jb, LN_BWD, jb.nb * jb.P, _threads(threads, n, jb.nb * jb.P))
+        if jb.P > 1:
+            for k in range(R):
+                A = B = 0.0
+                for p in range(jb.P):
+                    A += jb.part[2 * (k * jb.P + p)]
+                    B += jb.part[2 * (k * jb.P + p) + 1]
+                jb.part[2 * k] = A
+                jb.part[2 * k + 1] = B
+            _run(&jb, LN_GINPUT, jb.P, _threads(threads, n, jb.P))
+    sums = col.sum(axis=0) if jb.nb > 1 else col[0]
+    return sums[1], sums[0]
