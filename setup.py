@@ -14,10 +14,11 @@ import tempfile
 import textwrap
 import warnings
 
+import glob
+
 import numpy as np
-from Cython.Build import cythonize
+from Cython.Distutils import build_ext  # cythonizes each extension as build_ext builds it
 from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext
 
 OPENMP_PROBE = textwrap.dedent(
     """
@@ -111,17 +112,23 @@ def extensions():
         "initializedcheck": checks,
         "embedsignature": True,
     }
-    exts = [
-        Extension(
+    # Every header and .pxd is a dependency of every extension: a change to any of them rebuilds both.
+    depends = sorted(glob.glob("fastbn/*.h") + glob.glob("fastbn/*.pxd"))
+    exts = []
+    for name in ("fastbn._openmp", "fastbn._kernels"):
+        ext = Extension(
             name,
             [name.replace(".", "/") + ".pyx"],
             include_dirs=[np.get_include(), "fastbn"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-            depends=["fastbn/_simd.h", "fastbn/_simd_impl.h"],
+            depends=depends,
         )
-        for name in ("fastbn._openmp", "fastbn._kernels")
-    ]
-    return cythonize(exts, compiler_directives=directives)
+        # Cython runs inside build_ext (not when setup.py is loaded), so the sdist lists the .pyx
+        # sources, and it writes the generated C under build/, not into the source tree.
+        ext.cython_directives = directives
+        ext.cython_c_in_temp = True
+        exts.append(ext)
+    return exts
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
