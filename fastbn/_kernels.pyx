@@ -36,6 +36,19 @@ from libc.math cimport sqrt
 
 cnp.import_array()
 
+# ---- build identity (issue 17): setup.py defines FASTBN_BUILD_FLAGS for every extension; `fastbn info`
+# prints this module's next to _openmp's and warns when they differ (a mixed build).
+cdef extern from *:
+    """
+    #ifndef FASTBN_BUILD_FLAGS
+    #define FASTBN_BUILD_FLAGS "unknown (built without fastbn's setup.py)"
+    #endif
+    static const char *fastbn_kernels_build_flags = FASTBN_BUILD_FLAGS;
+    """
+    const char *fastbn_kernels_build_flags
+BUILD_FLAGS = fastbn_kernels_build_flags.decode()
+# ---- end of build identity
+
 cdef extern from "_simd.h" nogil:
     void fbn_sfence()
     void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
