@@ -5,6 +5,7 @@ Environment switches:
   FASTBN_DISABLE_OPENMP=1   build serial kernels even where OpenMP works (tests the fallback)
   FASTBN_MARCH_NATIVE=1     add -march=native (not portable: only for a build you run where you built it)
   FASTBN_BOUNDSCHECK=1      turn Cython bounds and wraparound checks back on (debugging)
+  FASTBN_DEBUG=1            keep debug information and symbols (other builds are stripped)
 
 The switches, the compiler and every flag it gets are the build's identity.  It is recorded in
 the build folder, and when it differs from the one the existing extensions were built with, every
@@ -14,9 +15,11 @@ mix builds).  Each compiled module reports its identity as BUILD_FLAGS; `fastbn 
 import glob
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import warnings
@@ -33,7 +36,8 @@ from setuptools.command.build_ext import build_ext
 if not issubclass(build_ext, cython_build_ext):
     raise RuntimeError("setuptools does not use Cython's build_ext: upgrade setuptools and Cython")
 
-SWITCHES = ("FASTBN_REQUIRE_OPENMP", "FASTBN_DISABLE_OPENMP", "FASTBN_MARCH_NATIVE", "FASTBN_BOUNDSCHECK")
+SWITCHES = ("FASTBN_REQUIRE_OPENMP", "FASTBN_DISABLE_OPENMP", "FASTBN_MARCH_NATIVE", "FASTBN_BOUNDSCHECK",
+            "FASTBN_DEBUG")
 IDENTITY_FILE = "fastbn-build-identity.json"
 
 OPENMP_PROBE = textwrap.dedent(
@@ -128,6 +132,23 @@ def _compiler_version(compiler):
     return _one_line(out.strip().splitlines()[0]) if out.strip() else exe
 
 
+def _is_rpath(arg):
+    return arg.startswith(("-Wl,-rpath", "-Wl,-R")) or (arg.startswith("-R") and len(arg) > 2)
+
+
+def _drop_python_rpaths(compiler):
+    """Take the run paths out of Python's own link command (a pyenv or custom-prefix Python puts its
+    lib/ folder there): fastbn's modules need none, and a wheel must not carry a path into the
+    build machine.  Run paths in $LDFLAGS stay: those were asked for."""
+    python_args = shlex.split(sysconfig.get_config_var("LDSHARED") or "") + shlex.split(sysconfig.get_config_var("LDFLAGS") or "")
+    asked = set(shlex.split(os.environ.get("LDFLAGS", "")))
+    drop = {a for a in python_args if _is_rpath(a)} - asked
+    for attr in ("linker_so", "linker_so_cxx", "linker_exe", "linker_exe_cxx"):
+        cmd = getattr(compiler, attr, None)
+        if isinstance(cmd, list):
+            setattr(compiler, attr, [a for a in cmd if a not in drop])
+
+
 def _c_string(text):
     """A C string literal of text (ASCII)."""
     text = text.encode("ascii", "replace").decode("ascii")
@@ -148,6 +169,12 @@ class BuildExt(build_ext):
             cflags, ldflags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-pthread"], ["-pthread"]
             if _on("FASTBN_MARCH_NATIVE"):
                 cflags.append("-march=native")
+            if _on("FASTBN_DEBUG"):
+                cflags.append("-g")
+            else:  # release: no debug information (Python's flags have -g), no symbol table
+                cflags.append("-g0")
+                ldflags += ["-Wl,-S,-x"] if sys.platform == "darwin" else ["-s"]
+            _drop_python_rpaths(self.compiler)
 
         omp_c, omp_l = _openmp_flags(ctype)
         if _on("FASTBN_DISABLE_OPENMP"):
