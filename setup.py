@@ -6,6 +6,8 @@ Environment switches:
   FASTBN_MARCH_NATIVE=1     add -march=native (not portable: only for a build you run where you built it)
   FASTBN_BOUNDSCHECK=1      turn Cython bounds and wraparound checks back on (debugging)
   FASTBN_DEBUG=1            keep debug information and symbols (other builds are stripped)
+  FASTBN_SANITIZE=address,undefined
+                            build with these sanitizers (for tests: see README.md, "Developing")
 
 The switches, the compiler and every flag it gets are the build's identity.  It is recorded in
 the build folder, and when it differs from the one the existing extensions were built with, every
@@ -37,7 +39,8 @@ if not issubclass(build_ext, cython_build_ext):
     raise RuntimeError("setuptools does not use Cython's build_ext: upgrade setuptools and Cython")
 
 SWITCHES = ("FASTBN_REQUIRE_OPENMP", "FASTBN_DISABLE_OPENMP", "FASTBN_MARCH_NATIVE", "FASTBN_BOUNDSCHECK",
-            "FASTBN_DEBUG")
+            "FASTBN_DEBUG", "FASTBN_SANITIZE")
+SANITIZERS = ("address", "undefined")
 IDENTITY_FILE = "fastbn-build-identity.json"
 
 OPENMP_PROBE = textwrap.dedent(
@@ -57,6 +60,17 @@ OPENMP_PROBE = textwrap.dedent(
 
 def _on(name):
     return os.environ.get(name) == "1"
+
+
+def _sanitizers():
+    """The sanitizers FASTBN_SANITIZE asks for (a comma-separated list), checked."""
+    value = os.environ.get("FASTBN_SANITIZE", "")
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SANITIZERS]
+    if unknown:
+        raise RuntimeError(f"FASTBN_SANITIZE={value!r}: unknown {', '.join(unknown)}; "
+                           f"expected a comma-separated list of {', '.join(SANITIZERS)}")
+    return names
 
 
 def _one_line(text, limit=400):
@@ -160,7 +174,10 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         ctype = self.compiler.compiler_type
+        sanitize = _sanitizers()
         if ctype == "msvc":
+            if sanitize:
+                raise RuntimeError("FASTBN_SANITIZE needs GCC or clang")
             cflags, ldflags = ["/O2"], []
         else:
             # -fopenmp-simd honours `#pragma omp simd` (vectorized reductions) even without
@@ -169,7 +186,12 @@ class BuildExt(build_ext):
             cflags, ldflags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-pthread"], ["-pthread"]
             if _on("FASTBN_MARCH_NATIVE"):
                 cflags.append("-march=native")
-            if _on("FASTBN_DEBUG"):
+            if sanitize:
+                # -fwrapv (in Python's flags) defines signed overflow, which UBSan must see as an error
+                self.compiler.compiler_so = [a for a in self.compiler.compiler_so if a != "-fwrapv"]
+                cflags += ["-fsanitize=" + ",".join(sanitize), "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+                ldflags += ["-fsanitize=" + ",".join(sanitize)]
+            elif _on("FASTBN_DEBUG"):
                 cflags.append("-g")
             else:  # release: no debug information (Python's flags have -g), no symbol table
                 cflags.append("-g0")
@@ -182,7 +204,7 @@ class BuildExt(build_ext):
                 raise RuntimeError("FASTBN_DISABLE_OPENMP=1 and FASTBN_REQUIRE_OPENMP=1 contradict each other")
             why = "switched off on purpose: FASTBN_DISABLE_OPENMP=1"
         else:
-            # with the build's own flags: what fails here would fail below
+            # with the build's own flags (sanitizers included): what fails here would fail below
             failure = _probe_openmp(self.compiler, cflags + omp_c, ldflags + omp_l)
             why = None if failure is None else f"the OpenMP probe failed: {failure}"
         if why is None:
