@@ -8,6 +8,7 @@ Environment switches:
   FASTBN_DEBUG=1            keep debug information and symbols (other builds are stripped)
   FASTBN_SANITIZE=address,undefined
                             build with these sanitizers (for tests: see README.md, "Developing")
+  FASTBN_LIBOMP_PREFIX=dir  macOS: where libomp is (default: `brew --prefix libomp`)
 
 The switches, the compiler and every flag it gets are the build's identity.  It is recorded in
 the build folder, and when it differs from the one the existing extensions were built with, every
@@ -39,7 +40,7 @@ if not issubclass(build_ext, cython_build_ext):
     raise RuntimeError("setuptools does not use Cython's build_ext: upgrade setuptools and Cython")
 
 SWITCHES = ("FASTBN_REQUIRE_OPENMP", "FASTBN_DISABLE_OPENMP", "FASTBN_MARCH_NATIVE", "FASTBN_BOUNDSCHECK",
-            "FASTBN_DEBUG", "FASTBN_SANITIZE")
+            "FASTBN_DEBUG", "FASTBN_SANITIZE", "FASTBN_LIBOMP_PREFIX")
 SANITIZERS = ("address", "undefined")
 IDENTITY_FILE = "fastbn-build-identity.json"
 
@@ -84,12 +85,27 @@ def _one_line(text, limit=400):
     return line if len(line) <= limit else line[:limit] + "..."
 
 
+def _libomp_prefix():
+    """macOS: the libomp installation (FASTBN_LIBOMP_PREFIX, else Homebrew's), or None."""
+    prefix = os.environ.get("FASTBN_LIBOMP_PREFIX")
+    if not prefix:
+        try:
+            prefix = subprocess.run(["brew", "--prefix", "libomp"], capture_output=True, text=True,
+                                    timeout=120).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            prefix = ""
+    candidates = [prefix] if prefix else ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    return next((p for p in candidates if os.path.isfile(os.path.join(p, "include", "omp.h"))), None)
+
+
 def _openmp_flags(compiler_type):
     """(compile flags, link flags) that turn OpenMP on for this compiler."""
     if compiler_type == "msvc":
         return ["/openmp"], []
-    if sys.platform == "darwin":  # Apple clang needs libomp from Homebrew
-        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    if sys.platform == "darwin":  # Apple clang: libomp from Homebrew (its install name is absolute: no rpath)
+        prefix = _libomp_prefix()
+        inc, lib = ([f"-I{prefix}/include"], [f"-L{prefix}/lib"]) if prefix else ([], [])
+        return ["-Xpreprocessor", "-fopenmp"] + inc, lib + ["-lomp"]
     return ["-fopenmp"], ["-fopenmp"]
 
 
@@ -215,7 +231,7 @@ class BuildExt(build_ext):
             openmp_note = f"OFF ({why})"
             msg = f"fastbn: building SERIAL kernels (one thread): {why}."
             if not _on("FASTBN_DISABLE_OPENMP"):
-                msg += (" On macOS: `brew install libomp`."
+                msg += (" On macOS: `brew install libomp` (or set FASTBN_LIBOMP_PREFIX)."
                         " Set FASTBN_REQUIRE_OPENMP=1 to make this an error.")
                 if _on("FASTBN_REQUIRE_OPENMP"):
                     raise RuntimeError(msg)
