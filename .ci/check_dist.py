@@ -4,7 +4,8 @@
                                                  header, .pyx, .pxd, .cu, stub), LICENSE, README, and
                                                  no generated C, compiled module or cache
     python .ci/check_dist.py installed           run with the venv's python: the installed fastbn's
-                                                 modules are stripped and carry no RPATH/RUNPATH
+                                                 modules are stripped and carry no RPATH/RUNPATH,
+                                                 and it has py.typed and its stubs
 """
 import glob
 import os
@@ -27,7 +28,7 @@ def check_sdist(path):
     missing = sorted(want - held)
     junk = sorted(n for n in held if n.endswith((".so", ".pyd", ".o", ".pyc")) or "__pycache__" in n
                   or (n.startswith("fastbn/") and n.endswith((".c", ".cpp"))) or n.startswith(("build/", "dist/")))
-    for name in ("fastbn/_kernels.pyx", "fastbn/_openmp.pyx", "tests/conftest.py"):
+    for name in ("fastbn/_kernels.pyx", "fastbn/_openmp.pyx", "tests/conftest.py", "fastbn/py.typed"):
         if name not in held:
             missing.append(name)
     problems = [f"missing from the sdist: {n}" for n in missing] + [f"should not be in the sdist: {n}" for n in junk]
@@ -40,6 +41,9 @@ def check_installed():
 
     pkg = os.path.dirname(os.path.abspath(fastbn.__file__))
     problems = []
+    for name in ("py.typed", "_kernels.pyi", "_openmp.pyi", "functional.pyi", "layers.pyi"):
+        if not os.path.exists(os.path.join(pkg, name)):
+            problems.append(f"the installed package has no {name}")
     modules = sorted(glob.glob(os.path.join(pkg, "*.so")))
     readelf = shutil.which("readelf")
     for so in modules:

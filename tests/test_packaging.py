@@ -1,7 +1,17 @@
-"""The hint to rebuild a source tree whose Cython or C sources changed after its build."""
+"""What ships with fastbn besides the kernels: type information, and the hint to rebuild a source
+tree whose Cython or C sources changed after its build."""
 import os
 
 import fastbn
+
+PKG = os.path.dirname(os.path.abspath(fastbn.__file__))
+
+
+def test_the_package_is_typed():
+    """py.typed and the stubs of the public API and of the compiled modules ship with the package
+    (in the sdist and the wheel: CI checks a typed usage file against them with mypy)."""
+    for name in ("py.typed", "_openmp.pyi", "_kernels.pyi", "functional.pyi", "layers.pyi"):
+        assert os.path.isfile(os.path.join(PKG, name)), name
 
 
 def _touch(path, mtime):
