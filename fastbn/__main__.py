@@ -1,5 +1,6 @@
 """``python -m fastbn [info|bench]``: what this build is, a self-check, and the benchmark report."""
 import argparse
+import re
 import sys
 
 import numpy as np
@@ -86,17 +87,47 @@ def self_check(out=None):
     return ok
 
 
+def build_flags():
+    """{module name: what it was built with} for each compiled module (setup.py's BUILD_FLAGS)."""
+    return {name: getattr(module, "BUILD_FLAGS", "unknown (the module does not say: built before fastbn reported it)")
+            for name, module in (("fastbn._openmp", _openmp), ("fastbn._kernels", _kernels))}
+
+
+def _loud(out, *lines):
+    bar = "!" * 78
+    print("\n".join([bar, *lines, bar]), file=out)
+
+
+def _serial_reason(flags):
+    m = re.search(r"openmp: OFF \((.*?)\); compiler:", flags)
+    return m.group(1) if m else "not recorded by this build"
+
+
 def info(out=None):
     out = out or sys.stdout
     print(f"fastbn {fastbn.__version__}", file=out)
     print(f"  numpy {np.__version__}, python {sys.version.split()[0]}", file=out)
     print(f"  OpenMP: {'on' if _openmp.OPENMP else 'OFF (serial build)'}; threads in effect: {fastbn.get_num_threads()}", file=out)
-    print(f"  compile flags: {_openmp.BUILD_FLAGS}", file=out)
+    flags = build_flags()
+    mixed = len(set(flags.values())) > 1
+    if not mixed:
+        print(f"  build of {' and '.join(flags)}: {flags['fastbn._openmp']}", file=out)
+    else:
+        for name, text in flags.items():
+            print(f"  build of {name}: {text}", file=out)
     print(f"  backends: cpu (NumPy) available; cuda (CuPy) {_cuda_status()}", file=out)
+    if mixed:
+        _loud(out, "fastbn: its compiled modules come from DIFFERENT builds (see 'build of' above): rebuild them all,",
+              "  pip install --force-reinstall --no-deps .  (or in a source tree: python setup.py build_ext --inplace --force)")
+    if not _openmp.OPENMP:
+        _loud(out, "fastbn was built WITHOUT OpenMP (a serial build): its kernels run on one thread.",
+              f"  why: {_serial_reason(flags['fastbn._openmp'])}.",
+              "  For threads: a compiler with OpenMP (on macOS `brew install libomp`), then reinstall",
+              "  without FASTBN_DISABLE_OPENMP (FASTBN_REQUIRE_OPENMP=1 makes a failed probe an error).")
     print("self-check against a float64 NumPy reference:", file=out)
     ok = self_check(out)
     print(f"self-check: {'PASSED' if ok else 'FAILED'}", file=out)
-    return 0 if ok else 1
+    return 0 if ok and not mixed else 1
 
 
 def _cuda_status():

@@ -41,6 +41,19 @@ from libc.string cimport memset
 
 cnp.import_array()
 
+# ---- build identity (issue 17): setup.py defines FASTBN_BUILD_FLAGS for every extension; `fastbn info`
+# prints this module's next to _openmp's and warns when they differ (a mixed build).
+cdef extern from *:
+    """
+    #ifndef FASTBN_BUILD_FLAGS
+    #define FASTBN_BUILD_FLAGS "unknown (built without fastbn's setup.py)"
+    #endif
+    static const char *fastbn_kernels_build_flags = FASTBN_BUILD_FLAGS;
+    """
+    const char *fastbn_kernels_build_flags
+BUILD_FLAGS = fastbn_kernels_build_flags.decode()
+# ---- end of build identity
+
 cdef extern from "_pool.h" nogil:
     ctypedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task) noexcept nogil
     void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)

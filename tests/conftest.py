@@ -4,10 +4,24 @@ The reference is written independently of fastbn (no shared code): batch statist
 axis but 1, biased variance for normalizing, unbiased for the running buffers, and the textbook
 batch-norm backward.
 """
+import os
+import sys
+
 import numpy as np
 import pytest
 
-import fastbn
+# `python -m pytest` puts the working directory first on sys.path.  In a source tree (a clone, an
+# unpacked sdist) whose fastbn/ is not built, that would import the unbuilt sources instead of
+# the installed package: drop that entry, so the tests run against what pip installed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SRC = os.path.join(_ROOT, "fastbn")
+if os.path.isdir(_SRC) and not any(f.startswith("_openmp.") and f.endswith((".so", ".pyd")) for f in os.listdir(_SRC)):
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+try:
+    import fastbn
+except ImportError as exc:
+    raise ImportError(f"fastbn is not installed or not built ({exc}): `pip install .` installs it, "
+                      "`python setup.py build_ext --inplace` builds it in this source tree") from exc
 from fastbn import _cpu, _kernels
 
 SEED = 20240611

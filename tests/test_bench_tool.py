@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _bench, _kernels
+from fastbn import _bench, _kernels, _openmp
 
 
 # ---------------------------------------------------------------- the floor kernel
@@ -120,6 +120,8 @@ def test_measure_gives_a_checked_row_with_the_floor(rng):
 
 
 # ---------------------------------------------------------------- thread scaling
+@pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built without OpenMP (serial kernels): "
+                                               "it cannot run on 2 or 3 threads")
 @pytest.mark.parametrize("threads", [2, 3])
 def test_measure_scaling_times_one_and_n_threads_of_fastbn_and_the_floor(rng, threads):
     p = _bench.Problem((8, 4, 32, 32), "float32", rng)

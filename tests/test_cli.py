@@ -2,6 +2,7 @@
 import pytest
 
 from fastbn import __main__ as cli
+from fastbn import _kernels, _openmp
 
 
 def test_info_prints_build_facts_and_passes_its_self_check(capsys):
@@ -10,6 +11,40 @@ def test_info_prints_build_facts_and_passes_its_self_check(capsys):
     assert "OpenMP:" in out and "threads in effect:" in out and "compile flags:" in out
     assert "backends: cpu (NumPy) available; cuda (CuPy)" in out
     assert "self-check: PASSED" in out and "FAIL" not in out
+
+
+def test_compiled_modules_report_one_build():
+    """Each compiled module says what it was built with (setup.py's FASTBN_BUILD_FLAGS), and both
+    say the same: a rebuild with other switches rebuilds every extension."""
+    flags = cli.build_flags()
+    assert flags == {"fastbn._openmp": _openmp.BUILD_FLAGS, "fastbn._kernels": _kernels.BUILD_FLAGS}
+    assert _openmp.BUILD_FLAGS == _kernels.BUILD_FLAGS
+    assert _openmp.BUILD_FLAGS.startswith("openmp: on (" if _openmp.OPENMP else "openmp: OFF (")
+    assert "; compiler: " in _openmp.BUILD_FLAGS and "; compile flags: " in _openmp.BUILD_FLAGS
+
+
+def test_info_warns_loudly_about_modules_from_different_builds(monkeypatch, capsys):
+    monkeypatch.setattr(_kernels, "BUILD_FLAGS", "openmp: OFF (switched off on purpose: FASTBN_DISABLE_OPENMP=1); "
+                                                 "compiler: cc; compile flags: -O3; link flags: -")
+    assert cli.main(["info"]) == 1
+    out = capsys.readouterr().out
+    assert "its compiled modules come from DIFFERENT builds" in out
+    assert f"build of fastbn._openmp: {_openmp.BUILD_FLAGS}" in out
+    assert "build of fastbn._kernels: openmp: OFF (switched off on purpose" in out
+
+
+@pytest.mark.parametrize("why", ["switched off on purpose: FASTBN_DISABLE_OPENMP=1",
+                                 "the OpenMP probe failed: linking the probe failed (gcc, exit 1): "
+                                 "/usr/bin/ld: cannot find -lgomp"])
+def test_info_says_loudly_why_a_build_is_serial(monkeypatch, capsys, why):
+    flags = f"openmp: OFF ({why}); compiler: cc; compile flags: -O3; link flags: -"
+    monkeypatch.setattr(_openmp, "OPENMP", False)
+    monkeypatch.setattr(_openmp, "BUILD_FLAGS", flags)
+    monkeypatch.setattr(_kernels, "BUILD_FLAGS", flags)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "OpenMP: OFF (serial build)" in out
+    assert "fastbn was built WITHOUT OpenMP (a serial build)" in out and f"why: {why}." in out
 
 
 def test_self_check_fails_on_a_broken_kernel(monkeypatch):
