@@ -117,9 +117,9 @@ def extensions():
             [name.replace(".", "/") + ".pyx"],
             include_dirs=[np.get_include(), "fastbn"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-            depends=["fastbn/_simd.h", "fastbn/_simd_impl.h", "fastbn/_pool.h"],
+            depends=["fastbn/_simd.h", "fastbn/_simd_impl.h", "fastbn/_pool.h", "fastbn/_alloc.h"],
         )
-        for name in ("fastbn._openmp", "fastbn._kernels")
+        for name in ("fastbn._openmp", "fastbn._kernels", "fastbn._alloc")
     ]
     return cythonize(exts, compiler_directives=directives)
 
