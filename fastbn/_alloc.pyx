@@ -167,6 +167,7 @@ def handler():
 
 
 HANDLER_NAME = "fastbn_caching_allocator"
+MULTIPLE = FBN_ALLOC_MULTIPLE
 
 
 def memory_stats():
