@@ -279,8 +279,9 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     (evaluation mode), ``grad_input = grad_output * weight * save_invstd``.
     Returns ``(grad_input, grad_weight, grad_bias)``; the parameter gradients are computed even
     when ``weight`` is None (they are cheap), in the input's dtype.  ``out=`` receives grad_input
-    (it may be ``grad_output`` or ``input`` itself): a training loop that reuses one buffer saves
-    the allocation and first-touch page faults of a new array every step.
+    (it may be ``grad_output`` or ``input`` itself, for an in-place call); without it a large
+    grad_input comes from fastbn's caching allocator, which reuses the memory of dropped outputs
+    (see fastbn._alloc), so reusing a buffer by hand no longer saves page faults.
     """
     be, x3 = as_ncs(input)
     N, C, S = x3.shape
