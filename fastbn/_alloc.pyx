@@ -173,7 +173,10 @@ MULTIPLE = FBN_ALLOC_MULTIPLE
 def memory_stats():
     """The caching allocator's counters, as a dict (see fastbn.memory_stats)."""
     cdef fbn_alloc_stats s
+    cdef size_t cap
+    cdef int mult
     fbn_alloc_get_stats(&s)
+    fbn_alloc_settings(&cap, &mult)
     return {
         "allocator": MODE,
         "bytes_in_use": s.bytes_in_use,
@@ -183,7 +186,7 @@ def memory_stats():
         "blocks_cached": s.blocks_cached,
         "bytes_reserved": s.bytes_in_use + s.bytes_cached,
         "cache_limit": s.cache_limit,
-        "max_cached": configure()["max_cached"],
+        "max_cached": cap,
         "min_bytes": _min_bytes,
         "hits": s.hits,
         "misses": s.misses,
