@@ -104,7 +104,7 @@ def run_bench(benchmark, impl, problem):
         else:
             rounds, iterations = _plan(bench)
         result = benchmark.pedantic(bench.run, setup=bench.setup, rounds=rounds, iterations=iterations)
-        if impl == "fastbn":
+        if impl in ("fastbn", "fastbn_out"):
             error = _bench.check(result, _bench.reference(op, problem), problem.dtype)
             assert error is None, f"fastbn {_bench.OPS[op].title} {problem.label()}: {error}"
         return result

@@ -6,7 +6,8 @@ Functional API (named after ``torch.nn.functional``): :func:`batch_norm`,
 :class:`BatchNorm2d`, :class:`BatchNorm3d`, :class:`GroupNorm`, :class:`LayerNorm`,
 :class:`InstanceNorm1d`/``2d``/``3d``, all on one protocol (:class:`fastbn.layers.Layer`: one
 forward, one backward, per thread; :func:`no_grad`; ``params_and_grads()``).  Threads: :func:`set_num_threads`,
-:func:`get_num_threads`.  CuPy arrays run on fastbn's own CUDA kernels when CuPy is installed.
+:func:`get_num_threads`.  Memory: :func:`memory_stats`, :func:`empty_cache` (the caching allocator
+of large outputs).  CuPy arrays run on fastbn's own CUDA kernels when CuPy is installed.
 """
 import os as _os
 
@@ -36,7 +37,7 @@ def _warn_if_stale_build() -> None:
 
     here = _os.path.dirname(_os.path.abspath(__file__))
     modules: dict[str, str | None] = {}
-    for name in ("_openmp", "_kernels"):
+    for name in ("_openmp", "_kernels", "_norm_kernels", "_alloc"):
         spec = importlib.util.find_spec(f"{__name__}.{name}")
         modules[name] = spec.origin if spec is not None else None
     source = _stale_build(here, modules)
@@ -50,6 +51,7 @@ _warn_if_stale_build()
 
 try:
     from ._openmp import get_num_threads, set_num_threads
+    from ._alloc import empty_cache, memory_stats
 except ImportError as exc:  # the Linux wheels use the system's OpenMP runtime (README.md, "Wheels")
     if "libgomp" not in str(exc):
         raise
@@ -99,4 +101,6 @@ __all__ = [
     "is_grad_enabled",
     "get_num_threads",
     "set_num_threads",
+    "empty_cache",
+    "memory_stats",
 ]

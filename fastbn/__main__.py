@@ -7,7 +7,7 @@ import numpy as np
 
 import fastbn
 
-from . import _cpu, _kernels, _openmp
+from . import _alloc, _cpu, _kernels, _machine, _openmp
 
 
 def _reference(x, weight, bias, mean=None, var=None, eps=1e-5):
@@ -116,6 +116,8 @@ def info(out=None):
         for name, text in flags.items():
             print(f"  build of {name}: {text}", file=out)
     print(f"  backends: cpu (NumPy) available; cuda (CuPy) {_cuda_status()}", file=out)
+    for line in machine_lines():
+        print(f"  {line}", file=out)
     if mixed:
         _loud(out, "fastbn: its compiled modules come from DIFFERENT builds (see 'build of' above): rebuild them all,",
               "  pip install --force-reinstall --no-deps .  (or in a source tree: python setup.py build_ext --inplace --force)")
@@ -128,6 +130,36 @@ def info(out=None):
     ok = self_check(out)
     print(f"self-check: {'PASSED' if ok else 'FAILED'}", file=out)
     return 0 if ok and not mixed else 1
+
+
+def _size(n):
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+def machine_lines():
+    """What fastbn read about this machine at import, the thresholds it derived, the allocator."""
+    m = _machine.CACHES
+    src = m["source"]
+    sources = sorted(set(src.values()))
+    shared = f", shared by {m['l3_shared_by']} CPUs" if m["l3_shared_by"] else ""
+    l3 = f"L3 {_size(m['l3'])}{shared}" + (f", {m['l3_instances']} instances" if m["l3_instances"] > 1 else "")
+    t = _kernels.thresholds()
+    a = _alloc.memory_stats()
+    alloc = ("NumPy's (FASTBN_ALLOCATOR=system)" if a["allocator"] == "system" else
+             f"fastbn's caching allocator{' in debug mode' if a['allocator'] == 'debug' else ''} for outputs "
+             f"from {_size(a['min_bytes'])} (cache: "
+             f"up to {_alloc.MULTIPLE}x the largest recent output, at most {_size(a['max_cached'])})")
+    return [
+        f"machine: {m['cores']} usable cores; L1d {_size(m['l1d'])}, L2 {_size(m['l2'])} per core, {l3} "
+        f"(from {', '.join(sources)}); L3 the kernels count on: {_size(m['l3_effective'])}",
+        f"kernel thresholds: streaming stores above {_size(t['stream_bytes'])} touched by a call "
+        f"({_kernels.STREAM_L3_RATIO:g}x that L3), second passes in pieces of {_size(t['piece_bytes'])}",
+        f"allocator: {alloc}",
+    ]
 
 
 def _cuda_status():

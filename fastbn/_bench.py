@@ -39,7 +39,8 @@ OPS = {
     "eval_out": Op("eval forward out=", 2, "copyto"),  # read x, write into out
     "backward": Op("backward", 3, "copy"),          # read dy and x, write dx
 }
-IMPLS = ("copy", "fastbn", "floor", "torch", "numpy")  # sampled once each per round, in a shuffled order
+# fastbn_out: the same fastbn call with out= (one buffer reused every call), beside the allocating one
+IMPLS = ("copy", "fastbn", "fastbn_out", "floor", "torch", "numpy")  # sampled once each per round, in a shuffled order
 
 TINY = (2, 16, 4, 4)
 QUICK_CASES = [((64, 64, 56, 56), "float32"), ((4096, 1024), "float32"), (TINY, "float32")]
@@ -49,11 +50,12 @@ FULL_CASES = [((64, 64, 56, 56), "float32"), ((256, 256, 14, 14), "float32"), ((
 # Targets the project holds itself to.  Memory-bound shapes: fastbn time / copy time at most
 # `copy`, at least `torch`x / `numpy`x faster.  Tiny shapes measure per-call overhead instead:
 # fastbn's layer must be no slower than torch.nn.BatchNorm*d.
+# `out`: the allocating call at most this many times the same call with out= (fastbn_out).
 TARGETS = {
-    "train": {"copy": 1.6, "torch": 3.0, "numpy": 5.0},
-    "eval": {"copy": 1.15, "torch": 2.0},
+    "train": {"copy": 1.6, "torch": 3.0, "numpy": 5.0, "out": 1.1},
+    "eval": {"copy": 1.15, "torch": 2.0, "out": 1.1},
     "eval_out": {"copy": 1.1},
-    "backward": {"copy": 2.4, "torch": 1.7},
+    "backward": {"copy": 2.4, "torch": 1.7, "out": 1.1},
 }
 TINY_TARGETS = {"train": {"torch": 1.0}, "eval": {"torch": 1.0}}
 # Thread scaling: the training forward of SCALING_CASE through the layer, 2 threads at least this
@@ -192,7 +194,9 @@ def _copies(p):
     return p.weight.copy(), p.bias.copy(), p.running_mean.copy(), p.running_var.copy()
 
 
-def _fastbn(op, p):
+def _fastbn(op, p, out=None):
+    """fastbn's layer (the functional API for eval_out); ``out``: an array every call writes
+    (fastbn_out), None: each call allocates its output and the loop drops it."""
     x = p.x
     w, b, rm, rv = _copies(p)
     if op == "eval_out":
@@ -204,10 +208,10 @@ def _fastbn(op, p):
     layer.running_mean[...], layer.running_var[...] = rm, rv
     if op == "train":
         layer.train()
-        return Bench(lambda: layer(x))
+        return Bench(lambda: layer(x, out=out))
     if op == "eval":
         layer.eval()
-        return Bench(lambda: layer(x))
+        return Bench(lambda: layer(x, out=out))
     dy = p.dy
     layer.train()
 
@@ -215,10 +219,15 @@ def _fastbn(op, p):
         layer(x)
 
     def backward():
-        return layer.backward(dy), layer.grad_weight, layer.grad_bias
+        return layer.backward(dy, out=out), layer.grad_weight, layer.grad_bias
 
     # the layer forgets its saved state after a backward: each timed backward needs a fresh forward
     return Bench(backward, setup=forward)
+
+
+def _fastbn_out(op, p):
+    """The fastbn call of ``op`` with out=; None for eval_out, which is one already."""
+    return None if op == "eval_out" else _fastbn(op, p, out=np.empty_like(p.x))
 
 
 def _numpy(op, p):
@@ -303,10 +312,12 @@ def _copy(op, p):
 
 def make_bench(op, impl, p):
     """The Bench for one operation ("train", "eval", "eval_out", "backward") of one implementation
-    ("fastbn", "numpy", "torch", "copy", "floor") on problem ``p``; None when ``impl`` cannot do ``op``."""
+    ("fastbn", "fastbn_out", "numpy", "torch", "copy", "floor") on problem ``p``; None when ``impl``
+    cannot do ``op``."""
     if op not in OPS:
         raise ValueError(f"unknown operation {op!r}, expected one of {list(OPS)}")
-    factory = {"fastbn": _fastbn, "numpy": _numpy, "torch": _torch, "copy": _copy, "floor": _floor}[impl]
+    factory = {"fastbn": _fastbn, "fastbn_out": _fastbn_out, "numpy": _numpy, "torch": _torch, "copy": _copy,
+               "floor": _floor}[impl]
     return factory(op, p)
 
 
@@ -316,6 +327,8 @@ def skip_reason(op, impl):
         return "torch is not installed (pip install 'fastbn[torch]')"
     if impl == "torch" and op == "eval_out":
         return "torch's batch norm has no out= (this group compares fastbn with np.copyto)"
+    if impl == "fastbn_out" and op == "eval_out":
+        return "eval_out is fastbn's out= call already"
     return None
 
 
@@ -421,6 +434,7 @@ def measure(op, p, repeat, numpy_repeat=3):
     row["floor_x_copy"] = row["floor_min_s"] / row["copy_min_s"]
     row["speedup_numpy"] = row["numpy_min_s"] / fb
     row["speedup_torch"] = row["torch_min_s"] / fb if "torch_min_s" in row else None
+    row["x_out"] = fb / row["fastbn_out_min_s"] if "fastbn_out_min_s" in row else None
     row["error"] = check(outputs["fastbn"], outputs["numpy"], p.dtype)
     row["targets"] = evaluate_targets(row)
     return row
@@ -437,6 +451,11 @@ def evaluate_targets(row):
             name = ("x np.copyto <= " if OPS[row["op"]].copy == "copyto" else "x copy <= ") + f"{limit:g}"
             value, floor = row["x_copy"], row["floor_x_copy"]
             met, reachable = value <= limit, floor <= limit
+        elif what == "out":  # allocating vs out=: no floor to compare with
+            value, floor = row.get("x_out"), None
+            if value is None:
+                continue
+            name, met, reachable = f"x out= <= {limit:g}", value <= limit, True
         else:
             value = row[f"speedup_{what}"]
             if value is None:  # torch not installed: the target cannot be checked
@@ -571,11 +590,13 @@ LEGEND = f"""\
 fastbn    time per call, min of the repeats (the JSON also has medians)
 GB/s      bytes that must move (train/eval: read x + write y = 2x the array; backward: dy, x, dx = 3x) / fastbn time
 x copy    fastbn time / x.copy() time of the same array in this run (np.copyto(out, x) for out=)
+x out=    fastbn time / the same fastbn call with out= (one buffer, reused), in the same rounds
 floor     the least memory traffic of the operation (its passes over the arrays, no arithmetic) on the same
           threads, in x copy: about the best any implementation can do; a target the floor misses is out of reach
 vs numpy  naive NumPy time / fastbn time (higher is better); vs torch: the same for torch.nn.BatchNorm*d
 targets   train: x copy <= 1.6, >= 3x torch, >= 5x numpy; eval: x copy <= 1.15, >= 2x torch;
-          eval out=: <= 1.1x np.copyto; backward: x copy <= 2.4, >= 1.7x torch;
+          eval out=: <= 1.1x np.copyto; backward: x copy <= 2.4, >= 1.7x torch; allocating train, eval and
+          backward: x out= <= 1.1;
           tiny {TINY}: fastbn per call <= torch per call (train and eval forward);
           --full: 2 threads >= {SCALING_TARGET:g}x faster than 1 on the train forward of {SCALING_CASE[0]}"""
 
@@ -592,15 +613,16 @@ def print_report(rows, info, out=sys.stdout, scaling=None):
     print(f"fastbn {info['fastbn']} | numpy {info['numpy']} | torch {torch_v} | {info['cpu']}, "
           f"{info['cores']} cores | {info['threads']} threads"
           + (f" | other processes used {others:.2f} cores" if others is not None else ""), file=out)
-    header = ("shape", "dtype", "operation", "fastbn", "GB/s", "x copy", "floor", "vs numpy", "vs torch", "thr",
-              "targets")
+    header = ("shape", "dtype", "operation", "fastbn", "GB/s", "x copy", "x out=", "floor", "vs numpy", "vs torch",
+              "thr", "targets")
     table = [header]
     for r in rows:
         table.append((str(tuple(r["shape"])), r["dtype"], r["operation"], _fmt_time(r["fastbn_min_s"]),
-                      f"{r['gbps']:.1f}", f"{r['x_copy']:.2f}", f"{r['floor_x_copy']:.2f}", _fmt_ratio(r["speedup_numpy"]),
+                      f"{r['gbps']:.1f}", f"{r['x_copy']:.2f}", _fmt_ratio(r.get("x_out")), f"{r['floor_x_copy']:.2f}",
+                      _fmt_ratio(r["speedup_numpy"]),
                       _fmt_ratio(r["speedup_torch"]), str(r["threads"]), _fmt_targets(r)))
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
-    right = {3, 4, 5, 6, 7, 8, 9}
+    right = {3, 4, 5, 6, 7, 8, 9, 10}
     for line in table:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
         print("  ".join(cells + [line[-1]]).rstrip(), file=out)

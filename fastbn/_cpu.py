@@ -6,10 +6,13 @@ fastbn._cupy_backend provides the same names for CuPy arrays.
 """
 import numpy as np
 
-from . import _kernels, _openmp
+from . import _kernels, _machine, _openmp
 
 xp = np
 name = "cpu"
+
+# The kernels' byte thresholds follow this machine's caches (read once, at import).
+_kernels.tune_for(_machine.CACHES["l2"], _machine.CACHES["l3_effective"])
 
 # Tests force a work-splitting path ("ranges", "columns"), a unit size and
 # streaming stores (stream: -1 decide by size, 0 off, 1 on) here.

@@ -23,8 +23,9 @@ SLICES   the same (N, C*S) matrix when it is much wider than tall (a small batch
          from reading the coefficients the other thread had just written.
 
 ``unit`` (0: choose) forces the range size in elements (RANGES) or the rows per block (COLUMNS,
-SLICES; then every COLUMNS block is a task); tests set it small so small inputs run many tasks.  ``stream`` (-1: choose by output
-size, 0 off, 1 on) switches the non-temporal stores of _simd.h.
+SLICES; then every COLUMNS block is a task); tests set it small so small inputs run many tasks.
+``stream`` (-1: choose by the bytes the call touches and the path, see STREAM_BYTES; 0 off, 1 on)
+switches the non-temporal stores of _simd.h.
 
 The entry points check what memory safety needs of their arrays (see "arguments" below);
 fastbn.functional validated the rest.  Statistics are accumulated in double for float32 and
@@ -128,7 +129,9 @@ cdef enum:
     # Channels per task, at least, for eval_stats' square roots to be shared between threads.
     EVAL_STATS_SHARE = 4096
     # Elements per COLUMNS row block (~512 KiB of float32: still in L2 for the first block's
-    # second pass; larger blocks mean fewer merges).
+    # second pass; larger blocks mean fewer merges).  Fixed, not derived from the detected L2: the
+    # blocks decide where partial sums are cut and merged, so a size that followed the machine
+    # would give results that differ in the last bits from one machine to the next.
     COLUMN_BLOCK = 131072
     # Channels per task of a merge of the tasks' partials; merges of fewer than MERGE_ALONE
     # partials in all run on the calling thread.
@@ -181,19 +184,58 @@ def pool_spin_us(us=None):
     return fbn_pool_spin() / 1000
 
 
-# A call whose arrays (inputs and output) take more than this (1.5x this machine's 32 MiB L3)
-# writes its output with streaming stores: it would not stay in cache anyway, and skipping the
-# read-for-ownership saves a pass over memory.  Below it, normal stores keep the output in L3 for
-# whoever reads it next (measured: eval (32, 3, 224, 224) 0.56x copy with, 0.91x without).
-cdef Py_ssize_t STREAM_BYTES = 48 * 1024 * 1024
+# A call whose arrays (inputs and output) take more than STREAM_BYTES writes its output with
+# streaming stores, on the RANGES path: it would not stay in cache anyway, and skipping the
+# read-for-ownership saves a pass over memory.  Below it, normal stores keep the output in the
+# last-level cache for whoever reads it next.  STREAM_BYTES = STREAM_L3_RATIO x the L3 that
+# fastbn._machine detects (l3_effective), set at import by tune_for.
+# The ratio was measured on the 2-core AMD EPYC (Zen 4) VM, 32 MiB L3, 2 threads, float32
+# (N, 64, 32, 32) and (N, 3, 224, 224), outputs from fastbn's caching allocator (recycled pages),
+# streaming / normal stores in interleaved rounds: eval forward out= 1.06-1.30 at 12-16 MiB
+# touched, 1.00 at 20, 0.82-0.87 at 24, 0.68-0.82 at 28-48; followed by a read of the output
+# (which normal stores leave in L3) 1.03-1.06 at 12-16, 0.99-1.01 at 20-24, 0.82-0.85 at 32-48;
+# train forward 0.94-0.96 at 16 MiB, 0.84-0.90 at 20-24, 0.78-0.94 at 28-48.  So 0.75x the L3.
+# (It was 1.5x, measured on the same machine when every large output was a fresh mapping: the
+# kernel's zeroing of the new pages left them in the cache, which normal stores then hit.)
+# The column paths (COLUMNS, SLICES) never stream by size: their streaming stores measured slower
+# on every (N, C) and small-spatial shape tried, up to 192 MiB touched: (4096, 1024) float32
+# 1.13-1.71x, (16384, 1024) 1.06-1.48x, (4096, 256, 4, 4) 1.13-1.41x, (16, 1048576) 0.97-1.19x.
+STREAM_L3_RATIO = 0.75
+cdef Py_ssize_t STREAM_BYTES = 24 * 1024 * 1024  # until tune_for: 0.75 x a 32 MiB L3
 
 # A two-pass operation (training forward, backward) makes its second pass over each task's range
 # from the range's end back to its start, in pieces of about this many bytes (each piece front to
 # back), and takes the tasks in reverse order.  The first pass went front to back, so the cache
 # (L2, then L3) holds the end of the data: walking back meets those bytes first, while front to
 # back would start with bytes long evicted and push out the cached ones before reaching them.  See
-# "two passes" in bench/RESULTS.md.
+# "two passes" in bench/RESULTS.md.  Not derived from the detected L2: on the Zen 4 VM (1 MiB L2
+# per core), train forward and backward of (64, 64, 56, 56), (256, 256, 14, 14), (32, 3, 224, 224)
+# and (16, 64, 32, 32) float32 measured the same (0.97-1.02x) with pieces of 512 KiB, 1 MiB and
+# 2 MiB, and 1.01-1.07x slower with 128 KiB: past a few hundred KiB the piece size does not matter,
+# so a larger L2 gives no reason to change it, and 512 KiB is well past that on any L2 of 256 KiB
+# or more.
 cdef Py_ssize_t PIECE_BYTES = 512 * 1024
+
+
+def thresholds(stream_bytes=None, piece_bytes=None):
+    """The byte thresholds the kernels plan with, {"stream_bytes": STREAM_BYTES, "piece_bytes":
+    PIECE_BYTES}; sets those given (tune_for sets them at import).  Neither changes a result, only
+    how fast it comes.  Not part of fastbn's API."""
+    global STREAM_BYTES, PIECE_BYTES
+    for name, value in (("stream_bytes", stream_bytes), ("piece_bytes", piece_bytes)):
+        if value is not None and not 4096 <= value <= (1 << 50):
+            raise ValueError(f"thresholds({name}={value!r}): expected 4096 to 2**50 bytes")
+    if stream_bytes is not None:
+        STREAM_BYTES = stream_bytes
+    if piece_bytes is not None:
+        PIECE_BYTES = piece_bytes
+    return {"stream_bytes": STREAM_BYTES, "piece_bytes": PIECE_BYTES}
+
+
+def tune_for(Py_ssize_t l2_bytes, Py_ssize_t l3_bytes):
+    """Set the thresholds for a machine with these cache sizes (L2 per core, the L3 the threads
+    share: see fastbn._machine) by the ratios above; returns thresholds()."""
+    return thresholds(stream_bytes=max(4096, int(STREAM_L3_RATIO * l3_bytes)))
 
 
 # ---------------------------------------------------------------- planning
@@ -235,9 +277,10 @@ cdef int _plan_path(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int path) noexcept
     return COLUMNS
 
 
-cdef int _plan_stream(Py_ssize_t touched_bytes, int stream) noexcept nogil:
-    """Streaming stores when the call's arrays (inputs and output) overflow the cache."""
-    return stream if stream >= 0 else touched_bytes > STREAM_BYTES
+cdef int _plan_stream(Py_ssize_t touched_bytes, int stream, int how) noexcept nogil:
+    """Streaming stores when the call's arrays (inputs and output) overflow the cache, on the
+    RANGES path (see STREAM_BYTES); forced on or off by ``stream`` >= 0."""
+    return stream if stream >= 0 else (how == RANGES and touched_bytes > STREAM_BYTES)
 
 
 cdef Py_ssize_t _plan_ranges(Py_ssize_t L, Py_ssize_t unit) noexcept nogil:
@@ -955,9 +998,9 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
     jb.var = <double *>_data(var, cnp.NPY_DOUBLE, C, True, "var")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
     jb.eps = eps
-    jb.nt = _plan_stream(2 * L * _itemsize(&jb), stream)
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
     cdef object keep = _setup_split(&jb, path, t, coef, FBN_ACC * C)
+    jb.nt = _plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
     cdef int T = _plan_threads(n_threads, L)
     with nogil:
         _run_two_pass(&jb, T)
@@ -1085,8 +1128,8 @@ cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) exc
     cdef Py_ssize_t C = jb.C, c
     cdef int T = _plan_threads(n_threads, jb.L)
     cdef object wide = None
-    jb.nt = _plan_stream(2 * jb.L * _itemsize(jb), stream)
     jb.how = _plan_path(jb.N, C, jb.S, path)
+    jb.nt = _plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how)
     jb.cw = jb.cf
     if jb.S > 1 and jb.how != RANGES:  # per-column coefficients: see _columns_coefs
         wide = _new(4 * jb.W, t, False)
@@ -1142,9 +1185,9 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.gw = <double *>_data(grad_weight, cnp.NPY_DOUBLE, C, True, "grad_weight")
     jb.gb = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
     jb.training = training
-    jb.nt = _plan_stream(3 * L * _itemsize(&jb), stream)
     cdef object coef = _new(5 * C, t, False)  # [mhi | mlo | kdy | kx | kc]
     cdef object keep = _setup_split(&jb, path, t, coef, 2 * C), wide_mean = None
+    jb.nt = _plan_stream(3 * L * _itemsize(&jb), stream, jb.how)
     cdef double *wm
     if jb.how == COLUMNS:
         wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
@@ -1205,7 +1248,7 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
         jb.dy = &b[0]
     if y is not None:
         jb.y = &y[0]
-    jb.nt = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream)
+    jb.nt = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream, RANGES)
     jb.training = backwards
     part = _new(jb.K, cnp.NPY_DOUBLE, True)
     jb.part = <double *>_ptr(part)

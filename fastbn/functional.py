@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from . import _cpu
+from . import _alloc, _cpu
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -124,12 +124,23 @@ def _check_scalar(value, name, low=0.0, high=math.inf):
     return float(value)
 
 
+def _new_output(be, x, x3):
+    """A new output for input ``x`` (its (N, C, S) view ``x3``): (the array to return, of x's shape
+    and owning its memory, and its (N, C, S) view for the kernel).  On the CPU a large one comes
+    from fastbn's caching allocator (see fastbn._alloc), on the GPU from CuPy's memory pool."""
+    if be is _cpu:
+        y = _alloc.empty_like(x3, x.shape)
+        return y, y.reshape(x3.shape)
+    y3 = be.xp.empty_like(x3)
+    return y3.reshape(x.shape), y3
+
+
 def _prepare_out(be, out, x, x3, *more):
-    """The (N, C, S) array the kernel writes, and whether it must be copied into ``out`` afterwards.
-    ``x3`` and ``more`` are the (N, C, S) arrays the kernel reads: ``out`` may be one of them
-    exactly (the kernels work elementwise), but not overlap one partly."""
+    """(The array to return, the (N, C, S) array the kernel writes, whether that must be copied into
+    ``out`` afterwards).  ``x3`` and ``more`` are the (N, C, S) arrays the kernel reads: ``out``
+    may be one of them exactly (the kernels work elementwise), but not overlap one partly."""
     if out is None:
-        return be.xp.empty_like(x3), False
+        return (*_new_output(be, x, x3), False)
     if not be.is_array(out):
         raise TypeError(f"out must be a {be.xp.__name__} array, got {type(out).__name__}")
     _refuse_matrix_and_masked(out, "out")
@@ -143,8 +154,8 @@ def _prepare_out(be, out, x, x3, *more):
     if out.flags.c_contiguous and _aligned(out):
         o3 = out.reshape(x3.shape)
         if all(_disjoint_or_same(be, o3, a) for a in (x3, *more)):
-            return o3, False
-    return be.xp.empty_like(x3), True
+            return out, o3, False
+    return out, _new_output(be, x, x3)[1], True
 
 
 def _apart(be, out, *vectors):
@@ -222,7 +233,7 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
             be.check_device(x3, (("running_mean", running_mean), ("running_var", running_var)))
     if training:
         _training_check(input, N, S)
-    y3, copy_back = _prepare_out(be, out, input, x3)
+    y, y3, copy_back = _prepare_out(be, out, input, x3)
     if training and running_mean is not None and out is not None:
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if be.xp.may_share_memory(out, buf):  # the update would overwrite the output, or read it
@@ -243,8 +254,7 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
 
     if copy_back:
         out[...] = y3.reshape(out.shape)
-        return out, mean, invstd
-    return (out if out is not None else y3.reshape(input.shape)), mean, invstd
+    return y, mean, invstd
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -269,8 +279,9 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     (evaluation mode), ``grad_input = grad_output * weight * save_invstd``.
     Returns ``(grad_input, grad_weight, grad_bias)``; the parameter gradients are computed even
     when ``weight`` is None (they are cheap), in the input's dtype.  ``out=`` receives grad_input
-    (it may be ``grad_output`` or ``input`` itself): a training loop that reuses one buffer saves
-    the allocation and first-touch page faults of a new array every step.
+    (it may be ``grad_output`` or ``input`` itself, for an in-place call); without it a large
+    grad_input comes from fastbn's caching allocator, which reuses the memory of dropped outputs
+    (see fastbn._alloc), so reusing a buffer by hand no longer saves page faults.
     """
     be, x3 = as_ncs(input)
     N, C, S = x3.shape
@@ -285,11 +296,11 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     w = _fill(be, C, dt, 1.0) if weight is None else _channel_vector(weight, "weight", be, C, dt)
     mean = _channel_vector(save_mean, "save_mean", be, C, np.float64)
     invstd = _channel_vector(save_invstd, "save_invstd", be, C, np.float64)
-    dx3, copy_back = _prepare_out(be, out, input, x3, g3)
+    dx, dx3, copy_back = _prepare_out(be, out, input, x3, g3)
     if x3.size:
         gw, gb = be.backward(g3, x3, dx3, *_apart(be, out, w, mean, invstd), bool(training))
     else:
         gw, gb = be.xp.zeros(C), be.xp.zeros(C)
     if copy_back:
         out[...] = dx3.reshape(out.shape)
-    return (out if out is not None else dx3.reshape(input.shape)), gw.astype(dt), gb.astype(dt)
+    return dx, gw.astype(dt), gb.astype(dt)

@@ -116,7 +116,37 @@ def test_measure_gives_a_checked_row_with_the_floor(rng):
     assert row["error"] is None
     assert row["floor_min_s"] > 0 and row["floor_x_copy"] == row["floor_min_s"] / row["copy_min_s"]
     assert row["fastbn_samples"] == 2 and row["numpy_samples"] == 1
-    assert {t["name"] for t in row["targets"]} >= {"x copy <= 1.6", "vs numpy >= 5x"}
+    assert {t["name"] for t in row["targets"]} >= {"x copy <= 1.6", "vs numpy >= 5x", "x out= <= 1.1"}
+    assert row["fastbn_out_samples"] == 2 and row["x_out"] == row["fastbn_min_s"] / row["fastbn_out_min_s"]
+
+
+def test_the_allocating_call_is_judged_against_the_same_call_with_out():
+    row = _row("backward", copy=1.0, fastbn=2.4, floor=1.5, torch=9.0, fastbn_out=2.0)
+    row["x_out"] = 1.2
+    row["targets"] = _bench.evaluate_targets(row)
+    row["error"] = None
+    out_t = next(t for t in row["targets"] if t["name"] == "x out= <= 1.1")
+    assert not out_t["met"] and out_t["reachable"] and out_t["value"] == 1.2
+    assert _bench._fmt_targets(row) == "MISS x out= <= 1.1 (1.2)"
+    row["x_out"] = None  # eval_out rows, and rows without the out= call: no such target
+    assert all(t["name"] != "x out= <= 1.1" for t in _bench.evaluate_targets(row))
+
+
+def test_fastbn_out_writes_the_buffer_and_matches_the_allocating_call(rng):
+    p = _bench.Problem((3, 4, 5, 6), "float32", rng)
+    assert _bench.make_bench("eval_out", "fastbn_out", p) is None
+    assert "out=" in _bench.skip_reason("eval_out", "fastbn_out")
+    for op in ("train", "eval", "backward"):
+        alloc, out = _bench.make_bench(op, "fastbn", p), _bench.make_bench(op, "fastbn_out", p)
+        for bench in (alloc, out):
+            if bench.setup is not None:
+                bench.setup()
+        first, second = alloc.run(), out.run()
+        if op == "backward":
+            first, second = first[0], second[0]
+        np.testing.assert_array_equal(first, second)
+        again = out.run() if op != "backward" else (out.setup(), out.run())[1][0]
+        assert again is second  # the same buffer every call
 
 
 # ---------------------------------------------------------------- thread scaling
