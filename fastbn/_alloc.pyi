@@ -1,0 +1,22 @@
+# Type stubs for the compiled module fastbn._alloc (see _alloc.pyx): the caching allocator of
+# fastbn's large outputs.
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+HANDLER_NAME: str
+HUGE_PAGES: bool
+MAX_CACHED: int
+MAX_FRACTION: int
+MIN_BYTES: int
+MULTIPLE: int
+MODE: str
+
+def empty_like(a: np.ndarray[Any, Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any]: ...
+def handler() -> AbstractContextManager[None]: ...
+def memory_stats() -> dict[str, int | str]: ...
+def empty_cache() -> int: ...
+def configure(min_bytes: int | None = ..., max_cached: int | None = ..., multiple: int | None = ...,
+              forget: bool = ...) -> dict[str, int]: ...
