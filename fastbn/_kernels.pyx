@@ -1201,3 +1201,171 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
     for k in range(jb.K):
         total += jb.part[k]
     return total
+
+
+# ================================================================ SyncBatchNorm's pieces (issue 15)
+# A synchronized batch norm splits the training forward and the backward at their merges: each rank
+# reduces its own batch, the ranks exchange per-channel results, and each applies with the global
+# ones.  These entry points are the halves of forward_train and backward, on the same passes:
+# sync_moments (REDUCE, then a merge that keeps the raw moments), sync_grad_sums (REDUCE of the
+# backward with a given mean, then a merge that keeps the raw sums) and sync_backward_apply (the
+# coefficients of _finish_grad from given sums and count, then APPLY_BACK).  The forward's apply
+# with the global statistics is forward_eval.  A shape that the plan puts on SLICES (which reduces
+# and applies in one task) runs COLUMNS here, in at most N / 8 row blocks so that the blocks'
+# accumulators (6 doubles a column each) stay below the input's size: see _sync_path.
+
+cdef int _sync_path(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int path, Py_ssize_t *unit) noexcept nogil:
+    """The path of a split operation: the plan's, SLICES turned into COLUMNS (with a unit, the
+    rows a block, of N / K rows for K = N / 8 blocks, at most PLAN_WIDTH, unless one is forced)."""
+    cdef int how = _plan_path(N, C, S, path)
+    cdef Py_ssize_t K
+    if how != SLICES:
+        return how
+    if unit[0] <= 0:
+        K = max(<Py_ssize_t>1, min(PLAN_WIDTH, N // 8))
+        unit[0] = max(<Py_ssize_t>1, (N + K - 1) // K)
+    return COLUMNS
+
+
+cdef void _sync_merge_task(void *p, Py_ssize_t k) noexcept nogil:
+    """MERGE_CHANNELS channels of a split job's partials, merged in task order as _merge_range_stats
+    and friends do, kept raw: TRAIN writes the mean to jb.mean and M2 to jb.var; BACKWARD writes
+    sum dy to jb.gb and sum dy*(x-mean) to jb.gw."""
+    cdef _Job *jb = <_Job *>p
+    cdef Py_ssize_t C = jb.C, S = jb.S, W = jb.W, K = jb.K, c, t, s, j, col
+    cdef const double *pp = jb.part
+    cdef const double *r
+    cdef double acc[4]
+    cdef double sdy, sdyx
+    for c in range(k * MERGE_CHANNELS, min(C, (k + 1) * MERGE_CHANNELS)):
+        if jb.kind == TRAIN:
+            acc[0] = acc[1] = acc[2] = acc[3] = 0
+            if jb.how == RANGES:
+                for t in range(K):
+                    r = pp + (t * C + c) * FBN_ACC
+                    fbn_shift_merge(acc, r[<int>FBN_N], r[<int>FBN_K], r[<int>FBN_REL], r[<int>FBN_M2])
+            else:
+                for t in range(K):
+                    j = t * (COL_MOMENTS * W + 1)
+                    for s in range(S):
+                        col = j + 1 + c * S + s
+                        fbn_shift_merge(acc, pp[j], pp[col], pp[col + W], pp[col + 2 * W])
+            jb.mean[c] = fbn_acc_mean(acc)
+            jb.var[c] = acc[<int>FBN_M2]
+        else:
+            sdy = 0
+            sdyx = 0
+            if jb.how == RANGES:
+                for t in range(K):
+                    sdy += pp[(t * C + c) * 2]
+                    sdyx += pp[(t * C + c) * 2 + 1]
+            else:
+                for t in range(K):
+                    for s in range(S):
+                        col = t * 2 * W + c * S + s
+                        sdy += pp[col]
+                        sdyx += pp[col + W]
+            jb.gb[c] = sdy
+            jb.gw[c] = sdyx
+
+
+cdef void _sync_reduce_merge(_Job *jb, int T) noexcept nogil:
+    """REDUCE, then the raw merge (_sync_merge_task), of a job planned by _setup_split."""
+    _run(jb, REDUCE, jb.K, T)
+    cdef Py_ssize_t merges = jb.K * (jb.C if jb.how == RANGES else jb.W)
+    fbn_pool_run(_sync_merge_task, jb, (jb.C + MERGE_CHANNELS - 1) // MERGE_CHANNELS,
+                 T if merges >= MERGE_ALONE else 1)
+
+
+def sync_moments(x, mean, m2, int n_threads, int path=AUTO, Py_ssize_t unit=0):
+    """A rank's share of a synchronized training forward: per-channel mean and M2 (the sum of
+    squared deviations from the mean) of x, (N, C, S) float32 or float64, into (C,) float64
+    outputs; the count is N * S.  The reduce pass of forward_train and its merge in task order,
+    without the statistics' coefficients or the apply.  x must not be empty."""
+    cdef int t = _float_type(x, 3, "x")
+    cdef int how = _sync_path(x.shape[0], x.shape[1], x.shape[2], path, &unit)
+    cdef _Job jb
+    _job(&jb, TRAIN, t, x, unit)
+    jb.x = _data(x, t, jb.L, False, "x")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, jb.C, True, "mean")
+    jb.var = <double *>_data(m2, cnp.NPY_DOUBLE, jb.C, True, "m2")
+    cdef object coef = _new(4 * jb.C, t, False)  # unused: _setup_split wants one
+    cdef object keep = _setup_split(&jb, how, t, coef, FBN_ACC * jb.C)
+    cdef int T = _plan_threads(n_threads, jb.L)
+    with nogil:
+        _sync_reduce_merge(&jb, T)
+
+
+cdef object _sync_backward_job(_Job *jb, dy, x, mean, int path, Py_ssize_t unit, int *t):
+    """The job of a split backward over dy and x with the (global) mean; returns what must live
+    as long as the job.  t: the element type."""
+    t[0] = _float_type(x, 3, "x")
+    cdef int how = _sync_path(x.shape[0], x.shape[1], x.shape[2], path, &unit)
+    _job(jb, BACKWARD, t[0], x, unit)
+    cdef Py_ssize_t C = jb.C, L = jb.L, j
+    jb.dy = _data(dy, t[0], L, False, "dy")
+    jb.x = _data(x, t[0], L, False, "x")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
+    jb.training = True
+    cdef object coef = _new(5 * C, t[0], False)  # [mhi | mlo | kdy | kx | kc]
+    cdef object keep = _setup_split(jb, how, t[0], coef, 2 * C), wide_mean = None
+    cdef double *wm
+    if jb.how == COLUMNS:
+        wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
+        wm = <double *>_ptr(wide_mean)
+        for j in range(jb.W):
+            wm[j] = jb.mean[j // jb.S]
+        jb.wm = wm
+    return (coef, keep, wide_mean)
+
+
+def sync_grad_sums(dy, x, mean, sum_dy, sum_dyx, int n_threads, int path=AUTO, Py_ssize_t unit=0):
+    """A rank's share of a synchronized backward: per-channel sum dy and sum dy * (x - mean), with
+    the given (global) mean, (C,) float64 outputs.  The reduce pass of backward and its merge in
+    task order, without the coefficients or the apply.  x must not be empty."""
+    cdef int t
+    cdef _Job jb
+    cdef object keep = _sync_backward_job(&jb, dy, x, mean, path, unit, &t)
+    jb.gb = <double *>_data(sum_dy, cnp.NPY_DOUBLE, jb.C, True, "sum_dy")
+    jb.gw = <double *>_data(sum_dyx, cnp.NPY_DOUBLE, jb.C, True, "sum_dyx")
+    cdef int T = _plan_threads(n_threads, jb.L)
+    with nogil:
+        _sync_reduce_merge(&jb, T)
+
+
+cdef void _sync_coefs(_Job *jb, const double *sdy, const double *sdyx, double count, floating tag) noexcept nogil:
+    """The training backward's coefficients from given sums and count: _finish_grad's arithmetic
+    (and grad_weight, grad_bias), then the per-column copies for COLUMNS."""
+    cdef Py_ssize_t c
+    for c in range(jb.C):
+        _finish_grad(c, jb.C, sdy[c], sdyx[c], count, True, <const floating *>jb.w, jb.mean, jb.invstd,
+                     jb.gw, jb.gb, <floating *>jb.cf)
+        if jb.how == COLUMNS:
+            _expand(<floating *>jb.cf, jb.C, jb.S, 5, c, <floating *>jb.cw)
+
+
+def sync_backward_apply(dy, x, dx, weight, mean, invstd, sum_dy, sum_dyx, double count, grad_weight, grad_bias,
+                        int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
+    """The end of a synchronized backward: grad_input into dx from the global sums (sum_dy,
+    sum_dyx: (C,) float64, over all ranks) and the global count, with the global mean and invstd;
+    grad_weight = sum_dyx * invstd and grad_bias = sum_dy into (C,) float64 outputs.  The same
+    coefficients as backward's (_finish_grad) and its apply pass.  x must not be empty."""
+    cdef int t
+    cdef _Job jb
+    cdef object keep = _sync_backward_job(&jb, dy, x, mean, path, unit, &t)
+    cdef Py_ssize_t C = jb.C
+    jb.y = _data(dx, t, jb.L, True, "dx")
+    jb.w = _data(weight, t, C, False, "weight")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
+    jb.gw = <double *>_data(grad_weight, cnp.NPY_DOUBLE, C, True, "grad_weight")
+    jb.gb = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
+    cdef const double *sdy = <const double *>_data(sum_dy, cnp.NPY_DOUBLE, C, False, "sum_dy")
+    cdef const double *sdyx = <const double *>_data(sum_dyx, cnp.NPY_DOUBLE, C, False, "sum_dyx")
+    jb.nt = _plan_stream(3 * jb.L * _itemsize(&jb), stream)
+    cdef int T = _plan_threads(n_threads, jb.L)
+    with nogil:
+        if jb.single:
+            _sync_coefs(&jb, sdy, sdyx, count, <float>0)
+        else:
+            _sync_coefs(&jb, sdy, sdyx, count, <double>0)
+        _run(&jb, APPLY_BACK, jb.K, T)
