@@ -9,6 +9,7 @@ from ._openmp import get_num_threads, set_num_threads
 from ._version import __version__
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm
 
 __all__ = [
     "__version__",
@@ -18,6 +19,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "get_num_threads",
     "set_num_threads",
 ]
