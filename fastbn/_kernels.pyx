@@ -1369,3 +1369,48 @@ def sync_backward_apply(dy, x, dx, weight, mean, invstd, sum_dy, sum_dyx, double
         else:
             _sync_coefs(&jb, sdy, sdyx, count, <double>0)
         _run(&jb, APPLY_BACK, jb.K, T)
+
+
+cdef void _sync_affine_coefs(_Job *jb, floating tag) noexcept nogil:
+    """The training forward's coefficients from given statistics (_finish_stats' _affine_coefs),
+    then the per-column copies for COLUMNS."""
+    cdef Py_ssize_t c
+    for c in range(jb.C):
+        _affine_coefs(c, jb.C, jb.mean[c], jb.invstd[c], <const floating *>jb.w, <const floating *>jb.b,
+                      <floating *>jb.cf)
+        if jb.how == COLUMNS:
+            _expand(<floating *>jb.cf, jb.C, jb.S, 4, c, <floating *>jb.cw)
+
+
+def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO, Py_ssize_t unit=0,
+                   int stream=-1):
+    """The end of a synchronized training forward: y = (x - mean) * invstd * weight + bias with
+    the given (global) mean and invstd, (C,) float64.  forward_eval's arithmetic, but walked as
+    forward_train's apply (tasks in reverse order, each back to front): it follows sync_moments'
+    front-to-back pass over x, whose end the cache still holds (a front-to-back apply evicted it
+    before reaching it: (32, 64, 28, 28) float32 on two ranks sharing a 32 MiB L3).  A shape the
+    plan puts on SLICES runs forward_eval itself (its one pass per slice).  x must not be empty."""
+    cdef int t = _float_type(x, 3, "x")
+    if _plan_path(x.shape[0], x.shape[1], x.shape[2], path) == SLICES:
+        forward_eval(x, y, weight, bias, mean, invstd, n_threads, path, unit, stream)
+        return
+    cdef int how = _sync_path(x.shape[0], x.shape[1], x.shape[2], path, &unit)
+    cdef _Job jb
+    _job(&jb, TRAIN, t, x, unit)
+    cdef Py_ssize_t C = jb.C, L = jb.L
+    jb.x = _data(x, t, L, False, "x")
+    jb.y = _data(y, t, L, True, "y")
+    jb.w = _data(weight, t, C, False, "weight")
+    jb.b = _data(bias, t, C, False, "bias")
+    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
+    jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
+    jb.nt = _plan_stream(2 * L * _itemsize(&jb), stream)
+    cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
+    cdef object keep = _setup_split(&jb, how, t, coef, 0)
+    cdef int T = _plan_threads(n_threads, L)
+    with nogil:
+        if jb.single:
+            _sync_affine_coefs(&jb, <float>0)
+        else:
+            _sync_affine_coefs(&jb, <double>0)
+        _run(&jb, APPLY_BACK, jb.K, T)

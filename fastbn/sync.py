@@ -169,7 +169,7 @@ def _normalize3(x, x3, mean, invstd, weight, bias, out):
     y3, copy_back = F._prepare_out(_cpu, out, x, x3)
     if y3.size:
         w, b = F._apart(_cpu, out, w, b)
-        _kernels.forward_eval(x3, y3, w, b, mean, invstd, *_cpu._plan())
+        _kernels.sync_normalize(x3, y3, w, b, mean, invstd, *_cpu._plan())
     if copy_back:
         out[...] = y3.reshape(out.shape)
         return out
