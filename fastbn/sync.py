@@ -331,6 +331,7 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training:  # running statistics, or the local batch's: no communication
             self._sync_saved, self._last_sync = None, False
             return super().forward(input, out=out)
+        self._sync_saved, self._last_sync = None, True  # a failed forward leaves nothing to backward
         err = None
         try:
             x3 = self._local_check(input)
@@ -341,7 +342,7 @@ class SyncBatchNorm(_BatchNorm):
             header = [_channels_of(input), _dtype_code_of(input), -1]
             stats = np.zeros((0, 3))
         wire = np.concatenate([np.asarray([header], dtype=np.float64), stats])
-        gathered = self.comm.allgather(wire)
+        gathered = [_unwire(g, 3) for g in self.comm.allgather(wire.tobytes())]  # bytes: cheaper to pickle
         merged, count = _merge_gathered(gathered, err)
         _check_count(count, input.shape)
         factor = 0.0
@@ -358,7 +359,6 @@ class SyncBatchNorm(_BatchNorm):
                 _cpu.update_running(self.running_mean, self.running_var, mean, var, factor, count)
             self.num_batches_tracked += 1
         self._sync_saved = (saved_input, input.shape, self.weight, mean, invstd, count)
-        self._last_sync = True
         return y
 
     __call__ = forward
@@ -389,7 +389,7 @@ class SyncBatchNorm(_BatchNorm):
         except Exception as e:
             err, status, sums = e, -1, np.zeros((C, 2))
         wire = np.concatenate([np.asarray([[C, status]], dtype=np.float64), sums])
-        gathered = self.comm.allgather(wire)
+        gathered = [_unwire(g, 2) for g in self.comm.allgather(wire.tobytes())]
         failed = [r for r, g in enumerate(gathered) if g[0, 1] != 0 or g.shape != (C + 1, 2)]
         if err is not None:
             raise err
@@ -454,10 +454,16 @@ def _dtype_code_of(x):
         return -1
 
 
+def _unwire(g, width):
+    """A gathered message as a float64 array of ``width`` columns."""
+    a = np.frombuffer(g, dtype=np.float64) if isinstance(g, (bytes, bytearray)) else np.asarray(g, dtype=np.float64)
+    return a.reshape(-1, width)
+
+
 def _merge_gathered(gathered, err):
     """Check the gathered headers, then merge the statistics: (merged (C, 3), global count).  Every
     rank runs this on the same list, so all raise the same error, or none."""
-    headers = [np.asarray(g)[0] for g in gathered]
+    headers = [g[0] for g in gathered]
     chans = [int(h[0]) for h in headers]
     codes = [int(h[1]) for h in headers]
     known_c = {c for c in chans if c >= 0}
@@ -476,5 +482,5 @@ def _merge_gathered(gathered, err):
     count = 0
     for h in headers:
         count += int(h[2])
-    merged = merge_stats([np.asarray(g)[1:] for g in gathered])
+    merged = merge_stats([g[1:] for g in gathered])
     return merged, count

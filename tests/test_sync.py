@@ -390,3 +390,19 @@ def test_protocol_argument_checks():
         sync.local_grad_sums(np.ones((3, 3)), x, np.zeros(3))
     with pytest.raises(ValueError, match="count"):
         sync.finish_backward(x, x, None, np.zeros(3), np.ones(3), np.zeros((3, 2)), -1)
+
+
+def test_a_failed_forward_leaves_nothing_to_backward_on_any_rank():
+    def fn(comm, r):
+        layer = SyncBatchNorm(2, comm=comm, dtype=np.float64)
+        layer(np.arange(8.0).reshape(4, 2))
+        layer.backward(np.ones((4, 2)))
+        layer(np.ones((4, 2)))
+        with pytest.raises((ValueError, RuntimeError)):
+            layer(np.ones((4, 2)) if r == 0 else np.ones((4, 3)))
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            layer.backward(np.ones((4, 2)))
+        return True
+
+    _, res = run_ranks(2, fn)
+    assert res == [True, True]
