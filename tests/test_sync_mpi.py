@@ -52,3 +52,15 @@ def test_a_rank_failing_outside_the_layer_aborts_the_run_instead_of_hanging():
     assert res.returncode != 0
     assert "rank 1 fails before the forward" in res.stderr
     assert "got past the collective" not in res.stdout
+
+
+EXAMPLE = HERE.parent / "examples" / "ddp_digits.py"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                    reason='scikit-learn is not installed (pip install ".[examples]")')
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="examples/ddp_digits.py is not in this checkout")
+def test_ddp_digits_example_curves_match():
+    res = run_mpi(2, str(EXAMPLE), "--steps", "8", "--hidden", "16", timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "curves match" in res.stdout, res.stdout
