@@ -95,18 +95,26 @@ def merge_stats(stack):
     """Merge per-rank (count, mean, M2) rows, a sequence of (C, 3) arrays or an (R, C, 3) array, in
     the order given, with Chan's formula; returns the (C, 3) float64 (count, mean, M2) of the
     union.  Empty ranks (count 0) are skipped exactly."""
-    stack = np.asarray(stack, dtype=np.float64)
-    if stack.ndim != 3 or stack.shape[2] != 3 or stack.shape[0] == 0:
-        raise ValueError(f"merge_stats expects an (R, C, 3) stack of (count, mean, M2) rows, R >= 1, got shape {stack.shape}")
-    n = stack[0, :, 0].copy()
-    mean = stack[0, :, 1].copy()
-    m2 = stack[0, :, 2].copy()
-    for r in range(1, stack.shape[0]):
-        nb, mb, m2b = stack[r, :, 0], stack[r, :, 1], stack[r, :, 2]
+    if isinstance(stack, np.ndarray) or not all(isinstance(s, np.ndarray) and s.ndim == 2 for s in stack):
+        stack = np.asarray(stack, dtype=np.float64)
+        if stack.ndim != 3 or stack.shape[2] != 3 or stack.shape[0] == 0:
+            raise ValueError(f"merge_stats expects an (R, C, 3) stack of (count, mean, M2) rows, R >= 1, "
+                             f"got shape {stack.shape}")
+    elif not stack or any(s.shape != stack[0].shape or s.shape[1:] != (3,) for s in stack):
+        raise ValueError(f"merge_stats expects R >= 1 arrays of one shape (C, 3), got shapes {[s.shape for s in stack]}")
+    n, mean, m2 = _chan(stack)
+    return np.stack([n, mean, m2], axis=1)
+
+
+def _chan(stack):
+    """Chan's pairwise merge of (C, 3) float64 rows in the order given: (count, mean, M2) vectors."""
+    n = mean = m2 = None
+    for rows in stack:
+        nb, mb, m2b = rows[:, 0], rows[:, 1], rows[:, 2]
         if not nb.any():
             continue  # an empty rank
-        if not n.any():  # everything so far was empty: take this rank's rows as they are
-            n, mean, m2 = nb.copy(), mb.copy(), m2b.copy()
+        if n is None:  # the first rank with data: its rows as they are
+            n, mean, m2 = nb.astype(np.float64), mb.astype(np.float64), m2b.astype(np.float64)
             continue
         nn = n + nb
         frac = nb / nn
@@ -114,7 +122,10 @@ def merge_stats(stack):
         mean = mean + d * frac
         m2 = m2 + m2b + d * d * (n * frac)
         n = nn
-    return np.stack([n, mean, m2], axis=1)
+    if n is None:  # all empty
+        C = stack[0].shape[0]
+        return np.zeros(C), np.zeros(C), np.zeros(C)
+    return n, mean, m2
 
 
 def _count_of(merged):
