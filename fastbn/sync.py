@@ -415,9 +415,6 @@ class SyncBatchNorm(_BatchNorm):
         self._sync_saved = None
         return dx
 
-    def extra_repr(self):
-        return super().extra_repr() + (", comm=COMM_WORLD" if self._comm is None else "")
-
     # ------------------------------------------------------------------ conversion
     @classmethod
     def convert_sync_batchnorm(cls, layers, comm=None):

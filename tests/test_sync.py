@@ -406,3 +406,61 @@ def test_a_failed_forward_leaves_nothing_to_backward_on_any_rank():
 
     _, res = run_ranks(2, fn)
     assert res == [True, True]
+
+
+# ---------------------------------------------------------------------------------- any split
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sample=st.integers(1, 4).flatmap(lambda d: st.tuples(*[st.integers(1, 6)] * d)),
+       split=st.lists(st.integers(0, 5), min_size=1, max_size=4).filter(lambda s: sum(s) >= 2),
+       dtype=st.sampled_from([np.float32, np.float64]),
+       path=st.sampled_from([("auto", 0), ("ranges", 3), ("columns", 0), ("columns", 2), ("slices", 0), ("slices", 2)]),
+       seed=st.integers(0, 2**16))
+def test_the_protocol_on_any_split(sample, split, dtype, path, seed, force_path):
+    force_path(*path)
+    rng = np.random.default_rng(seed)
+    C, N = sample[0], sum(split)
+    x = (rng.standard_normal((N,) + sample) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal((N,) + sample).astype(dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    if N * int(np.prod(sample[1:])) < 2:
+        return
+    xs, dys = _pieces(x, split), _pieces(dy, split)
+    merged = sync.merge_stats([sync.local_stats(p) for p in xs])
+    outs = [sync.normalize(p, merged, w, b) for p in xs]
+    mean, invstd = outs[0][1], outs[0][2]
+    total = sync.merge_grad_sums([sync.local_grad_sums(g, p, mean) for g, p in zip(dys, xs)])
+    grads = [sync.finish_backward(g, p, w, mean, invstd, total, merged[0, 0]) for g, p in zip(dys, xs)]
+    ref = _layer_for(x.ndim)(C, dtype=dtype)
+    ref.weight[...], ref.bias[...] = w, b
+    _close(np.concatenate([o[0] for o in outs]), ref(x), dtype, "output")
+    _close(np.concatenate([g[0] for g in grads]), ref.backward(dy), dtype, "grad_input")
+    for g in grads:
+        _close(g[1], ref.grad_weight, dtype, "grad_weight")
+        _close(g[2], ref.grad_bias, dtype, "grad_bias")
+
+
+def test_matches_torch_batch_norm_on_the_global_batch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((7, 3, 5))
+    dy = rng.standard_normal((7, 3, 5))
+    tbn = torch.nn.BatchNorm1d(3, momentum=0.2, dtype=torch.float64)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = tbn(tx)
+    ty.backward(torch.tensor(dy))
+
+    def fn(comm, r):
+        layer = SyncBatchNorm(3, momentum=0.2, comm=comm, dtype=np.float64)
+        sl = slice(0, 2) if r == 0 else slice(2, 7)
+        return layer(x[sl]), layer.backward(dy[sl]), layer.grad_weight, layer.running_var
+
+    _, res = run_ranks(2, fn)
+    _close(np.concatenate([r[0] for r in res]), ty.detach().numpy(), np.float64, "output")
+    _close(np.concatenate([r[1] for r in res]), tx.grad.numpy(), np.float64, "grad_input")
+    _close(res[1][2], tbn.weight.grad.numpy(), np.float64, "grad_weight")
+    _close(res[0][3], tbn.running_var.numpy(), np.float64, "running_var")
