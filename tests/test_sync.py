@@ -464,3 +464,27 @@ def test_matches_torch_batch_norm_on_the_global_batch():
     _close(np.concatenate([r[1] for r in res]), tx.grad.numpy(), np.float64, "grad_input")
     _close(res[1][2], tbn.weight.grad.numpy(), np.float64, "grad_weight")
     _close(res[0][3], tbn.running_var.numpy(), np.float64, "running_var")
+
+
+@pytest.mark.skipif(not fastbn._openmp.OPENMP, reason="fastbn was built without OpenMP: serial kernels")
+@pytest.mark.parametrize("path", ["auto", "ranges", "columns", "slices"])
+@pytest.mark.parametrize("shape", [(64, 16, 300), (256, 96), (8, 6000)], ids=["ranges", "columns", "wide"])
+def test_the_split_kernels_give_the_same_bits_on_any_thread_count(threads, force_path, path, shape):
+    force_path(path)
+    rng = np.random.default_rng(22)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(shape[1]).astype(np.float32)
+
+    def run():
+        st = sync.local_stats(x)
+        y, mean, invstd = sync.normalize(x, st, w, None)
+        s = sync.local_grad_sums(dy, x, mean)
+        return (st, y) + sync.finish_backward(dy, x, w, mean, invstd, s, st[0, 0]) + (s,)
+
+    threads(1)
+    one = run()
+    for n in (2, 3):
+        threads(n)
+        for a, b in zip(run(), one):
+            assert a.tobytes() == b.tobytes()
