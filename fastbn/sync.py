@@ -173,11 +173,12 @@ def normalize(x, merged, weight=None, bias=None, eps=1e-5, *, out=None):
     return y, mean, invstd
 
 
-def _normalize3(x, x3, mean, invstd, weight, bias, out):
+def _normalize3(x, x3, mean, invstd, weight, bias, out, prepared=None):
+    # prepared: F._prepare_out's (y3, copy_back), where the caller checked out= already
     C, dt = x3.shape[1], x3.dtype
     w = F._fill(_cpu, C, dt, 1.0) if weight is None else F._channel_vector(weight, "weight", _cpu, C, dt)
     b = F._fill(_cpu, C, dt, 0.0) if bias is None else F._channel_vector(bias, "bias", _cpu, C, dt)
-    y3, copy_back = F._prepare_out(_cpu, out, x, x3)
+    y3, copy_back = prepared or F._prepare_out(_cpu, out, x, x3)
     if y3.size:
         w, b = F._apart(_cpu, out, w, b)
         _kernels.sync_normalize(x3, y3, w, b, mean, invstd, *_cpu._plan())
@@ -254,12 +255,13 @@ def finish_backward(grad_output, x, weight, mean, invstd, sums, count, *, out=No
     return _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, sums, float(count), out)
 
 
-def _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, sums, count, out):
+def _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, sums, count, out, prepared=None):
+    # prepared: F._prepare_out's (dx3, copy_back), where the caller checked out= already
     C, dt = x3.shape[1], x3.dtype
     w = F._fill(_cpu, C, dt, 1.0) if weight is None else F._channel_vector(weight, "weight", _cpu, C, dt)
     sdy = np.ascontiguousarray(sums[:, 0])
     sdyx = np.ascontiguousarray(sums[:, 1])
-    dx3, copy_back = F._prepare_out(_cpu, out, x, x3, g3)
+    dx3, copy_back = prepared or F._prepare_out(_cpu, out, x, x3, g3)
     if x3.size:
         gw, gb = np.empty(C), np.empty(C)
         w, mean, invstd = F._apart(_cpu, out, w, mean, invstd)
@@ -346,6 +348,7 @@ class SyncBatchNorm(_BatchNorm):
         err = None
         try:
             x3 = self._local_check(input)
+            prepared = F._prepare_out(_cpu, out, input, x3)  # a bad out= fails here, before the collective
             stats = _local_stats3(x3)
             header = [x3.shape[1], _DTYPE_CODES[x3.dtype], x3.shape[0] * x3.shape[2]]
         except Exception as e:  # still take part in the collective, flagged as failed
@@ -364,7 +367,7 @@ class SyncBatchNorm(_BatchNorm):
         saved_input = x3
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, input):
             saved_input = x3.copy()  # an in-place forward overwrites what backward needs
-        y = _normalize3(input, x3, mean, invstd, self.weight, self.bias, out)
+        y = _normalize3(input, x3, mean, invstd, self.weight, self.bias, out, prepared)
         if self.track_running_stats:
             if count:
                 _cpu.update_running(self.running_mean, self.running_var, mean, var, factor, count)
@@ -395,6 +398,7 @@ class SyncBatchNorm(_BatchNorm):
             g3 = _cpu_ncs(grad_output, "grad_output")
             if g3.dtype != x3.dtype:
                 raise TypeError(f"grad_output must have the input's dtype {x3.dtype}, got {grad_output.dtype}")
+            prepared = F._prepare_out(_cpu, out, x3.reshape(shape), x3, g3)  # a bad out= fails before the collective
             sums = _local_grad_sums3(g3, x3, mean)
             status = 0
         except Exception as e:
@@ -409,7 +413,7 @@ class SyncBatchNorm(_BatchNorm):
                                f"error); nothing was computed here, the forward's state is kept")
         total = merge_grad_sums([g[1:] for g in gathered])
         x = x3.reshape(shape)
-        dx, gw, gb = _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, total, float(count), out)
+        dx, gw, gb = _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, total, float(count), out, prepared)
         self.grad_weight = gw if self.weight is not None else None
         self.grad_bias = gb if self.bias is not None else None
         self._sync_saved = None

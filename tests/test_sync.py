@@ -488,3 +488,38 @@ def test_the_split_kernels_give_the_same_bits_on_any_thread_count(threads, force
         threads(n)
         for a, b in zip(run(), one):
             assert a.tobytes() == b.tobytes()
+
+
+def test_a_bad_out_on_one_rank_fails_before_the_collective():
+    def fn(comm, r):
+        layer = SyncBatchNorm(3, comm=comm, dtype=np.float64)
+        x = np.arange(12.0).reshape(4, 3)
+        with pytest.raises((ValueError, RuntimeError)):
+            layer(x, out=np.empty((4, 3)) if r == 0 else np.empty((5, 3)))
+        assert layer.num_batches_tracked == 0 and (layer.running_mean == 0).all()
+        layer(x)
+        with pytest.raises((ValueError, RuntimeError)):
+            layer.backward(np.ones((4, 3)), out=np.empty((4, 3)) if r == 0 else np.empty((4, 2)))
+        return layer.backward(np.ones((4, 3)))  # the forward's state was kept everywhere
+
+    _, res = run_ranks(2, fn)
+    assert all(isinstance(r, np.ndarray) for r in res), res
+
+
+def test_in_place_forward_and_backward_with_out():
+    rng = np.random.default_rng(23)
+    x, dy = rng.standard_normal((6, 4, 3)), rng.standard_normal((6, 4, 3))
+    ref = fastbn.BatchNorm1d(4, dtype=np.float64)
+    y_ref, dx_ref = ref(x), ref.backward(dy)
+
+    def fn(comm, r):
+        layer = SyncBatchNorm(4, comm=comm, dtype=np.float64)
+        xs, gs = x[3 * r:3 * r + 3].copy(), dy[3 * r:3 * r + 3].copy()
+        y = layer(xs, out=xs)
+        dx = layer.backward(gs, out=gs)
+        assert y is xs and dx is gs
+        return y, dx
+
+    _, res = run_ranks(2, fn)
+    _close(np.concatenate([r[0] for r in res]), y_ref, np.float64, "output")
+    _close(np.concatenate([r[1] for r in res]), dx_ref, np.float64, "grad_input")
