@@ -292,7 +292,11 @@ class SyncBatchNorm(_BatchNorm):
     ``comm``: an mpi4py communicator (``MPI.COMM_WORLD`` when None, imported on first use), or any
     object with ``allgather(obj) -> list`` of every rank's ``obj`` in rank order.  Training costs
     one ``allgather`` per forward ((C + 1) x 3 float64: a header row with the rank's channel count,
-    dtype and batch size, then its (count, mean, M2) rows) and one per backward ((C + 1) x 2).
+    dtype and batch size, then its (count, mean, M2) rows) and one per backward ((C + 1) x 2,
+    with a status header).  They go through mpi4py's object ``allgather`` (of the arrays' bytes),
+    which exchanges the message sizes before the data: ranks whose layers disagree on C are then
+    reported by the header check instead of overrunning a fixed-size buffer, at ~5 us more than a
+    buffer ``Allgather`` (measured at 2 ranks: 8 against 3 us).
     Evaluation uses the running statistics (or, without them, the local batch, as PyTorch) and no
     communication.  ``backward`` returns this rank's ``grad_input`` and sets ``grad_weight`` and
     ``grad_bias`` to the *global* batch's, identical on every rank: leave them out of a gradient
