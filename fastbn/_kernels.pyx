@@ -1210,19 +1210,20 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
 # sync_moments (REDUCE, then a merge that keeps the raw moments), sync_grad_sums (REDUCE of the
 # backward with a given mean, then a merge that keeps the raw sums) and sync_backward_apply (the
 # coefficients of _finish_grad from given sums and count, then APPLY_BACK).  The forward's apply
-# with the global statistics is forward_eval.  A shape that the plan puts on SLICES (which reduces
-# and applies in one task) runs COLUMNS here, in at most N / 8 row blocks so that the blocks'
-# accumulators (6 doubles a column each) stay below the input's size: see _sync_path.
+# with the global statistics is sync_normalize.  A shape that the plan puts on SLICES (which
+# reduces and applies in one task) runs COLUMNS here, in at most N / 12 row blocks, so that the
+# blocks' accumulators (6 doubles a column each) take no more memory than a float32 input (a batch
+# of fewer than 12 rows: one block, 12 / N times it): see _sync_path.
 
 cdef int _sync_path(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int path, Py_ssize_t *unit) noexcept nogil:
     """The path of a split operation: the plan's, SLICES turned into COLUMNS (with a unit, the
-    rows a block, of N / K rows for K = N / 8 blocks, at most PLAN_WIDTH, unless one is forced)."""
+    rows a block, of N / K rows for K = N / 12 blocks, at most PLAN_WIDTH, unless one is forced)."""
     cdef int how = _plan_path(N, C, S, path)
     cdef Py_ssize_t K
     if how != SLICES:
         return how
     if unit[0] <= 0:
-        K = max(<Py_ssize_t>1, min(PLAN_WIDTH, N // 8))
+        K = max(<Py_ssize_t>1, min(PLAN_WIDTH, N // 12))
         unit[0] = max(<Py_ssize_t>1, (N + K - 1) // K)
     return COLUMNS
 
