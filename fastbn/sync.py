@@ -83,49 +83,34 @@ def _local_stats3(x3):
     out = np.zeros((C, 3))
     if x3.size:
         mean, m2 = np.empty(C), np.empty(C)
-        threads, path, unit, _ = _plan()
-        _kernels.sync_moments(x3, mean, m2, threads, path, unit)
+        _moments_into(x3, mean, m2)
         out[:, 0] = N * S
         out[:, 1] = mean
         out[:, 2] = m2
     return out
 
 
+def _moments_into(x3, mean, m2):
+    threads, path, unit, _ = _plan()
+    _kernels.sync_moments(x3, mean, m2, threads, path, unit)
+
+
 def merge_stats(stack):
     """Merge per-rank (count, mean, M2) rows, a sequence of (C, 3) arrays or an (R, C, 3) array, in
     the order given, with Chan's formula; returns the (C, 3) float64 (count, mean, M2) of the
     union.  Empty ranks (count 0) are skipped exactly."""
-    if isinstance(stack, np.ndarray) or not all(isinstance(s, np.ndarray) and s.ndim == 2 for s in stack):
-        stack = np.asarray(stack, dtype=np.float64)
-        if stack.ndim != 3 or stack.shape[2] != 3 or stack.shape[0] == 0:
-            raise ValueError(f"merge_stats expects an (R, C, 3) stack of (count, mean, M2) rows, R >= 1, "
-                             f"got shape {stack.shape}")
-    elif not stack or any(s.shape != stack[0].shape or s.shape[1:] != (3,) for s in stack):
-        raise ValueError(f"merge_stats expects R >= 1 arrays of one shape (C, 3), got shapes {[s.shape for s in stack]}")
-    n, mean, m2 = _chan(stack)
-    return np.stack([n, mean, m2], axis=1)
+    stack = np.ascontiguousarray(stack, dtype=np.float64)
+    if stack.ndim != 3 or stack.shape[2] != 3 or stack.shape[0] == 0:
+        raise ValueError(f"merge_stats expects an (R, C, 3) stack of (count, mean, M2) rows, R >= 1, got shape {stack.shape}")
+    out = _merge(stack[:, :, 0], stack[:, :, 1], stack[:, :, 2], 1.0)
+    return np.stack(out[:3], axis=1)
 
 
-def _chan(stack):
-    """Chan's pairwise merge of (C, 3) float64 rows in the order given: (count, mean, M2) vectors."""
-    n = mean = m2 = None
-    for rows in stack:
-        nb, mb, m2b = rows[:, 0], rows[:, 1], rows[:, 2]
-        if not nb.any():
-            continue  # an empty rank
-        if n is None:  # the first rank with data: its rows as they are
-            n, mean, m2 = nb.astype(np.float64), mb.astype(np.float64), m2b.astype(np.float64)
-            continue
-        nn = n + nb
-        frac = nb / nn
-        d = mb - mean
-        mean = mean + d * frac
-        m2 = m2 + m2b + d * d * (n * frac)
-        n = nn
-    if n is None:  # all empty
-        C = stack[0].shape[0]
-        return np.zeros(C), np.zeros(C), np.zeros(C)
-    return n, mean, m2
+def _merge(n, mean, m2, eps):
+    """sync_merge of (R, C) views: (count, mean, M2, var, invstd), (C,) float64 each."""
+    out = np.empty((5, n.shape[1]))
+    _kernels.sync_merge(n, mean, m2, eps, *out)
+    return out
 
 
 def _count_of(merged):
@@ -220,10 +205,15 @@ def _pair(grad_output, x):
 def _local_grad_sums3(g3, x3, mean):
     C = x3.shape[1]
     sdy, sdyx = np.zeros(C), np.zeros(C)
+    _grad_sums_into(g3, x3, mean, sdy, sdyx)
+    return np.stack([sdy, sdyx], axis=1)
+
+
+def _grad_sums_into(g3, x3, mean, sdy, sdyx):
+    # sdy, sdyx: zeros, written only for a non-empty batch
     if x3.size:
         threads, path, unit, _ = _plan()
         _kernels.sync_grad_sums(g3, x3, mean, sdy, sdyx, threads, path, unit)
-    return np.stack([sdy, sdyx], axis=1)
 
 
 def merge_grad_sums(stack):
@@ -252,15 +242,15 @@ def finish_backward(grad_output, x, weight, mean, invstd, sums, count, *, out=No
         raise ValueError(f"sums must have shape ({C}, 2), got {sums.shape}")
     if isinstance(count, bool) or not isinstance(count, numbers.Real) or not count >= 0 or count != math.floor(count):
         raise ValueError(f"count must be a non-negative whole number, got {count!r}")
-    return _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, sums, float(count), out)
+    return _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, np.ascontiguousarray(sums[:, 0]),
+                             np.ascontiguousarray(sums[:, 1]), float(count), out)
 
 
-def _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, sums, count, out, prepared=None):
-    # prepared: F._prepare_out's (dx3, copy_back), where the caller checked out= already
+def _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, sdy, sdyx, count, out, prepared=None):
+    # sdy, sdyx: the global sums, contiguous (C,) float64; prepared: F._prepare_out's (dx3,
+    # copy_back), where the caller checked out= already
     C, dt = x3.shape[1], x3.dtype
     w = F._fill(_cpu, C, dt, 1.0) if weight is None else F._channel_vector(weight, "weight", _cpu, C, dt)
-    sdy = np.ascontiguousarray(sums[:, 0])
-    sdyx = np.ascontiguousarray(sums[:, 1])
     dx3, copy_back = prepared or F._prepare_out(_cpu, out, x, x3, g3)
     if x3.size:
         gw, gb = np.empty(C), np.empty(C)
@@ -350,24 +340,33 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input, out=out)
         self._sync_saved, self._last_sync = None, True  # a failed forward leaves nothing to backward
         err = None
+        C = self.num_features
         try:
             x3 = self._local_check(input)
             prepared = F._prepare_out(_cpu, out, input, x3)  # a bad out= fails here, before the collective
-            stats = _local_stats3(x3)
-            header = [x3.shape[1], _DTYPE_CODES[x3.dtype], x3.shape[0] * x3.shape[2]]
-        except Exception as e:  # still take part in the collective, flagged as failed
+            # the message: [channels, dtype, count | means (C) | M2s (C)], the kernel writing its part
+            wire = np.zeros(3 + 2 * C)
+            wire[:3] = (C, _DTYPE_CODES[x3.dtype], x3.shape[0] * x3.shape[2])
+            if x3.size:
+                _moments_into(x3, wire[3:3 + C], wire[3 + C:])
+        except Exception as e:  # still take part in the collective, flagged as failed (count -1)
             err = e
-            header = [_channels_of(input), _dtype_code_of(input), -1]
-            stats = np.zeros((0, 3))
-        wire = np.concatenate([np.asarray([header], dtype=np.float64), stats])
-        gathered = [_unwire(g, 3) for g in self.comm.allgather(wire.tobytes())]  # bytes: cheaper to pickle
-        merged, count = _merge_gathered(gathered, err)
+            wire = np.array([_channels_of(input), _dtype_code_of(input), -1.0])
+        parts = self.comm.allgather(wire.tobytes())  # bytes: cheaper to pickle than an array
+        # The common case in few NumPy calls (the interpreter's memory is cold after the kernel):
+        # every rank sent as many bytes, and the headers agree and report no failure.
+        stack = _stack_if_uniform(parts)
+        hdr = stack[:, :3].tolist() if stack is not None else None
+        if err is not None or hdr is None or any(h[:2] != hdr[0][:2] or h[2] < 0 for h in hdr):
+            _check_headers([np.frombuffer(p)[:3].tolist() for p in parts], err)  # raises on every rank
+            raise AssertionError("unreachable: the headers disagree")  # pragma: no cover
+        count = int(sum(int(h[2]) for h in hdr))
         _check_count(count, input.shape)
         factor = 0.0
         if self.track_running_stats:
             factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-        eps = self.eps
-        _, mean, var, invstd = _statistics(merged, eps)
+        counts = np.broadcast_to(stack[:, 2:3], (stack.shape[0], C))
+        _, mean, _, var, invstd = _merge(counts, stack[:, 3:3 + C], stack[:, 3 + C:], self.eps)
         saved_input = x3
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, input):
             saved_input = x3.copy()  # an in-place forward overwrites what backward needs
@@ -403,21 +402,26 @@ class SyncBatchNorm(_BatchNorm):
             if g3.dtype != x3.dtype:
                 raise TypeError(f"grad_output must have the input's dtype {x3.dtype}, got {grad_output.dtype}")
             prepared = F._prepare_out(_cpu, out, x3.reshape(shape), x3, g3)  # a bad out= fails before the collective
-            sums = _local_grad_sums3(g3, x3, mean)
-            status = 0
+            # the message: [channels, status | sum dy (C) | sum dy*(x-mean) (C)]
+            wire = np.zeros(2 + 2 * C)
+            wire[0] = C
+            _grad_sums_into(g3, x3, mean, wire[2:2 + C], wire[2 + C:])
         except Exception as e:
-            err, status, sums = e, -1, np.zeros((C, 2))
-        wire = np.concatenate([np.asarray([[C, status]], dtype=np.float64), sums])
-        gathered = [_unwire(g, 2) for g in self.comm.allgather(wire.tobytes())]
-        failed = [r for r, g in enumerate(gathered) if g[0, 1] != 0 or g.shape != (C + 1, 2)]
+            err, wire = e, np.array([C, -1.0])
+        parts = self.comm.allgather(wire.tobytes())
+        stack = _stack_if_uniform(parts)
         if err is not None:
             raise err
-        if failed:
+        if stack is None or stack.shape[1] != 2 + 2 * C or stack[:, 1].any():
+            failed = [r for r, p in enumerate(parts) if len(p) != 8 * (2 + 2 * C) or np.frombuffer(p)[1] != 0]
             raise RuntimeError(f"SyncBatchNorm.backward: rank(s) {failed} failed before the collective (see their "
                                f"error); nothing was computed here, the forward's state is kept")
-        total = merge_grad_sums([g[1:] for g in gathered])
+        total = stack[0, 2:].copy()
+        for r in range(1, stack.shape[0]):  # in rank order: the same bits on every rank
+            total += stack[r, 2:]
         x = x3.reshape(shape)
-        dx, gw, gb = _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, total, float(count), out, prepared)
+        dx, gw, gb = _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, total[:C], total[C:], float(count),
+                                       out, prepared)
         self.grad_weight = gw if self.weight is not None else None
         self.grad_bias = gb if self.bias is not None else None
         self._sync_saved = None
@@ -470,16 +474,17 @@ def _dtype_code_of(x):
         return -1
 
 
-def _unwire(g, width):
-    """A gathered message as a float64 array of ``width`` columns."""
-    a = np.frombuffer(g, dtype=np.float64) if isinstance(g, (bytes, bytearray)) else np.asarray(g, dtype=np.float64)
-    return a.reshape(-1, width)
+def _stack_if_uniform(parts):
+    """The gathered messages (bytes of float64) as one (R, length) array when all have the same
+    length, else None."""
+    if not parts[0] or not all(isinstance(p, (bytes, bytearray)) and len(p) == len(parts[0]) for p in parts):
+        return None
+    return np.frombuffer(b"".join(parts), dtype=np.float64).reshape(len(parts), -1)
 
 
-def _merge_gathered(gathered, err):
-    """Check the gathered headers, then merge the statistics: (merged (C, 3), global count).  Every
-    rank runs this on the same list, so all raise the same error, or none."""
-    headers = [g[0] for g in gathered]
+def _check_headers(headers, err):
+    """Raise, on every rank alike, for gathered forward headers [channels, dtype, count] that
+    disagree (channels or dtype) or report a failure (count -1): the failed rank its own error."""
     chans = [int(h[0]) for h in headers]
     codes = [int(h[1]) for h in headers]
     known_c = {c for c in chans if c >= 0}
@@ -495,8 +500,3 @@ def _merge_gathered(gathered, err):
     if failed:
         raise RuntimeError(f"SyncBatchNorm: rank(s) {failed} failed before the collective (see their error); "
                            f"nothing was computed or updated here")
-    count = 0
-    for h in headers:
-        count += int(h[2])
-    merged = merge_stats([g[1:] for g in gathered])
-    return merged, count
