@@ -3,10 +3,13 @@
 Each rank trains on its own (32, 64, 28, 28) float32 batch (the default shape) on one thread (the
 ranks share the machine's cores), alternating a local BatchNorm2d step (forward + backward) and a
 SyncBatchNorm step, with a barrier before each step so that neither rank's step includes waiting
-for the other to arrive.  It also times the two collectives alone (allgather of the forward's
-(C + 1) x 3 and the backward's (C + 1) x 2 float64 arrays).  Prints the medians per rank and the
-ratio SyncBatchNorm step / local step; the issue's target is <= 1.3.  On a shared machine the
-numbers are noisy: the medians of short alternating runs are what it reports.
+for the other to arrive.  Within the SyncBatchNorm step it counts the time spent in the two
+allgathers (the forward's 3 + 2C and the backward's 2 + 2C float64 values a rank), which includes
+waiting for the slower rank; the rest is local compute.  Prints medians and minimums per rank and
+the ratio SyncBatchNorm step / local step; the issue's target is <= 1.3.  The collectives
+synchronize the ranks twice a step, so on a machine where other processes take cores a preempted
+rank stalls the other: then the medians swing from run to run, and the minimums (steps in which
+no rank was preempted) say more about the cost itself.
 """
 import argparse
 import time

@@ -281,9 +281,9 @@ class SyncBatchNorm(_BatchNorm):
 
     ``comm``: an mpi4py communicator (``MPI.COMM_WORLD`` when None, imported on first use), or any
     object with ``allgather(obj) -> list`` of every rank's ``obj`` in rank order.  Training costs
-    one ``allgather`` per forward ((C + 1) x 3 float64: a header row with the rank's channel count,
-    dtype and batch size, then its (count, mean, M2) rows) and one per backward ((C + 1) x 2,
-    with a status header).  They go through mpi4py's object ``allgather`` (of the arrays' bytes),
+    one ``allgather`` per forward (3 + 2C float64: a header with the rank's channel count, dtype
+    and batch size, then its C means and C M2s) and one per backward (2 + 2C: channels and a
+    status, then the two sums).  They go through mpi4py's object ``allgather`` (of the arrays' bytes),
     which exchanges the message sizes before the data: ranks whose layers disagree on C are then
     reported by the header check instead of overrunning a fixed-size buffer, at ~5 us more than a
     buffer ``Allgather`` (measured at 2 ranks: 8 against 3 us).
