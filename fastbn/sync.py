@@ -31,9 +31,10 @@ identical on every rank: a data-parallel loop must not all-reduce them again.
 Faults
 ------
 :class:`SyncBatchNorm` runs its local part (checks, local reduction) before the collective and
-catches what it raises: that rank still takes part in the collective, with a header row that
-says it failed (and its channel count and dtype), and re-raises its own error afterwards; every
-other rank raises a ``RuntimeError`` naming it.  Ranks that disagree on the channel count or the
+catches what it raises (any ``Exception``): that rank still takes part in the collective, with a
+header that says it failed (and its channel count and dtype), and re-raises its own error
+afterwards; every other rank raises a ``RuntimeError`` naming it, and no rank changes its running
+statistics.  The same holds for the backward, whose forward state then stays for a retry.  Ranks that disagree on the channel count or the
 dtype all raise the same ``ValueError`` from the same collective, and so does a global batch of
 one value per channel.  No rank is left waiting.  A rank that raises *outside* the layer (in the
 user's code before the forward) cannot be seen by the others, which then wait in the collective:
