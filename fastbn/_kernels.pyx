@@ -1210,10 +1210,12 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
 # sync_moments (REDUCE, then a merge that keeps the raw moments), sync_grad_sums (REDUCE of the
 # backward with a given mean, then a merge that keeps the raw sums) and sync_backward_apply (the
 # coefficients of _finish_grad from given sums and count, then APPLY_BACK).  The forward's apply
-# with the global statistics is sync_normalize.  A shape that the plan puts on SLICES (which
-# reduces and applies in one task) runs COLUMNS here, in at most N / 12 row blocks, so that the
-# blocks' accumulators (6 doubles a column each) take no more memory than a float32 input (a batch
-# of fewer than 12 rows: one block, 12 / N times it): see _sync_path.
+# with the global statistics is sync_normalize (forward_eval's coefficients, forward_train's walk),
+# and sync_merge merges the ranks' moments between the two.  A shape that the plan puts on SLICES
+# (which reduces and applies in one task) runs COLUMNS here (sync_normalize: SLICES' own
+# forward_eval), in at most N / 12 row blocks, so that the blocks' accumulators (6 doubles a
+# column each) take no more memory than a float32 input (a batch of fewer than 12 rows: one block,
+# 12 / N times it): see _sync_path.  Single-threaded for such shapes when N < 24.
 
 cdef int _sync_path(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int path, Py_ssize_t *unit) noexcept nogil:
     """The path of a split operation: the plan's, SLICES turned into COLUMNS (with a unit, the
