@@ -5,6 +5,7 @@ Skipped, with the reason, where mpi4py or mpiexec is missing (``pip install ".[m
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,16 @@ def run_mpi(n, *args, timeout=240):
 
     root = str(Path(fastbn.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=str(HERE))
+    # its own process group: on a timeout, the ranks go too (killing mpiexec alone would orphan them)
+    proc = subprocess.Popen([MPIEXEC, "-n", str(n), sys.executable, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(HERE), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mpiexec -n {n} {' '.join(args)} ran past {timeout} s (killed):\n{out}\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
