@@ -291,7 +291,8 @@ class SyncBatchNorm(_BatchNorm):
     Evaluation uses the running statistics (or, without them, the local batch, as PyTorch) and no
     communication.  ``backward`` returns this rank's ``grad_input`` and sets ``grad_weight`` and
     ``grad_bias`` to the *global* batch's, identical on every rank: leave them out of a gradient
-    all-reduce.  Parameters, buffers and ``state_dict`` are those of ``BatchNorm*d``.
+    all-reduce.  Parameters, buffers and ``state_dict`` are those of ``BatchNorm*d``.  Ranks that
+    share a machine share its cores: give each ``fastbn.set_num_threads(cores // ranks)``.
     """
 
     _ndims = tuple(range(2, 65))
