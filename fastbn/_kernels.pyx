@@ -1212,22 +1212,93 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
 # coefficients of _finish_grad from given sums and count, then APPLY_BACK).  The forward's apply
 # with the global statistics is sync_normalize (forward_eval's coefficients, forward_train's walk),
 # and sync_merge merges the ranks' moments between the two.  A shape that the plan puts on SLICES
-# (which reduces and applies in one task) runs COLUMNS here (sync_normalize: SLICES' own
-# forward_eval), in at most N / 12 row blocks, so that the blocks' accumulators (6 doubles a
-# column each) take no more memory than a float32 input (a batch of fewer than 12 rows: one block,
-# 12 / N times it): see _sync_path.  Single-threaded for such shapes when N < 24.
+# runs each half as a SLICES pass (_sync_slice): a task's channels' moments or sums over all the
+# rows, nothing merged across tasks; the applies as _slice_backward's and _slice_eval's.  (Running
+# them as COLUMNS instead took (8, 16384) float32 from 2.3x the local step to 1.x: see the commit.)
 
-cdef int _sync_path(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int path, Py_ssize_t *unit) noexcept nogil:
-    """The path of a split operation: the plan's, SLICES turned into COLUMNS (with a unit, the
-    rows a block, of N / K rows for K = N / 12 blocks, at most PLAN_WIDTH, unless one is forced)."""
-    cdef int how = _plan_path(N, C, S, path)
-    cdef Py_ssize_t K
-    if how != SLICES:
-        return how
-    if unit[0] <= 0:
-        K = max(<Py_ssize_t>1, min(PLAN_WIDTH, N // 12))
-        unit[0] = max(<Py_ssize_t>1, (N + K - 1) // K)
-    return COLUMNS
+
+cdef struct _SyncJob:  # a split backward's apply: the job, and the global sums and count
+    _Job jb
+    const double *sdy
+    const double *sdyx
+    double count
+
+
+cdef void _sync_slice_task(void *p, Py_ssize_t k) noexcept nogil:
+    cdef _SyncJob *sj = <_SyncJob *>p
+    if sj.jb.single:
+        _sync_slice(sj, k, <float>0)
+    else:
+        _sync_slice(sj, k, <double>0)
+
+
+cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept nogil:
+    """SLICES task k of a split operation (jb.op): REDUCE of TRAIN, the moments of its channels
+    (mean into jb.mean, M2 into jb.var); REDUCE of BACKWARD, their sums (sum dy into jb.gb, sum
+    dy*(x-mean) into jb.gw); APPLY_BACK, grad_input from sj's global sums (and grad_weight,
+    grad_bias of its channels).  Chunk by chunk as _slice_train and _slice_backward."""
+    cdef const _Job *jb = &sj.jb
+    cdef const floating *gp = <const floating *>jb.dy
+    cdef const floating *xp = <const floating *>jb.x
+    cdef floating *dp = <floating *>jb.y
+    cdef floating *cf = <floating *>jb.cf
+    cdef floating *cw = <floating *>jb.cw
+    cdef double *th = jb.part + k * SLICE_SCRATCH
+    cdef double *wm = th + 2 * SLICE_CHUNK  # backward: each column's channel mean
+    cdef const double *m
+    cdef double acc[4]
+    cdef double sdy, sdyx
+    cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c, s, col, o
+    cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
+    cdef _Chunk ch
+    while c0 < c1:
+        ch = _slice_chunk(c0, c1, N, S, jb.unit)
+        if jb.op == REDUCE and jb.kind == TRAIN:
+            th[0] = 0
+            for j in range(ch.nb):
+                o = j * ch.R * W + ch.col0
+                _col_moments(xp + o, min(ch.R, N - j * ch.R), ch.w, W, th)
+            for c in range(c0, ch.end):
+                acc[0] = acc[1] = acc[2] = acc[3] = 0
+                for s in range(S):
+                    col = 1 + (c - c0) * S + s
+                    fbn_shift_merge(acc, th[0], th[col], th[col + ch.w], th[col + 2 * ch.w])
+                jb.mean[c] = fbn_acc_mean(acc)
+                jb.var[c] = acc[<int>FBN_M2]
+        elif jb.op == REDUCE:
+            for j in range(2 * ch.w):
+                th[j] = 0
+            m = jb.mean + c0  # one column per channel: the channel means themselves
+            if S > 1:
+                for j in range(ch.w):
+                    wm[j] = jb.mean[c0 + j // S]
+                m = wm
+            for j in range(ch.nb):
+                o = j * ch.R * W + ch.col0
+                _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.w, W, m, th)
+            for c in range(c0, ch.end):
+                sdy = 0
+                sdyx = 0
+                for s in range(S):
+                    col = (c - c0) * S + s
+                    sdy += th[col]
+                    sdyx += th[col + ch.w]
+                jb.gb[c] = sdy
+                jb.gw[c] = sdyx
+        else:
+            for c in range(c0, ch.end):
+                _finish_grad(c, C, sj.sdy[c], sj.sdyx[c], sj.count, True, <const floating *>jb.w, jb.mean,
+                             jb.invstd, jb.gw, jb.gb, cf)
+                _expand(cf, C, S, 5, c, cw)
+            for j in range(ch.nb - 1, -1, -1):
+                o = j * ch.R * W + ch.col0
+                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, jb.nt)
+        c0 = ch.end
+
+
+cdef void _sync_run_slices(_SyncJob *sj, int op, int T) noexcept nogil:
+    sj.jb.op = op
+    fbn_pool_run(_sync_slice_task, sj, sj.jb.K, T)
 
 
 cdef void _sync_merge_task(void *p, Py_ssize_t k) noexcept nogil:
@@ -1286,24 +1357,26 @@ def sync_moments(x, mean, m2, int n_threads, int path=AUTO, Py_ssize_t unit=0):
     outputs; the count is N * S.  The reduce pass of forward_train and its merge in task order,
     without the statistics' coefficients or the apply.  x must not be empty."""
     cdef int t = _float_type(x, 3, "x")
-    cdef int how = _sync_path(x.shape[0], x.shape[1], x.shape[2], path, &unit)
-    cdef _Job jb
-    _job(&jb, TRAIN, t, x, unit)
-    jb.x = _data(x, t, jb.L, False, "x")
-    jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, jb.C, True, "mean")
-    jb.var = <double *>_data(m2, cnp.NPY_DOUBLE, jb.C, True, "m2")
-    cdef object coef = _new(4 * jb.C, t, False)  # unused: _setup_split wants one
-    cdef object keep = _setup_split(&jb, how, t, coef, FBN_ACC * jb.C)
-    cdef int T = _plan_threads(n_threads, jb.L)
+    cdef _SyncJob sj
+    memset(&sj, 0, sizeof(_SyncJob))
+    _job(&sj.jb, TRAIN, t, x, unit)
+    sj.jb.x = _data(x, t, sj.jb.L, False, "x")
+    sj.jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, sj.jb.C, True, "mean")
+    sj.jb.var = <double *>_data(m2, cnp.NPY_DOUBLE, sj.jb.C, True, "m2")
+    cdef object coef = _new(4 * sj.jb.C, t, False)  # unused: _setup_split wants one
+    cdef object keep = _setup_split(&sj.jb, path, t, coef, FBN_ACC * sj.jb.C)
+    cdef int T = _plan_threads(n_threads, sj.jb.L)
     with nogil:
-        _sync_reduce_merge(&jb, T)
+        if sj.jb.how == SLICES:
+            _sync_run_slices(&sj, REDUCE, T)
+        else:
+            _sync_reduce_merge(&sj.jb, T)
 
 
 cdef object _sync_backward_job(_Job *jb, dy, x, mean, int path, Py_ssize_t unit, int *t):
     """The job of a split backward over dy and x with the (global) mean; returns what must live
     as long as the job.  t: the element type."""
     t[0] = _float_type(x, 3, "x")
-    cdef int how = _sync_path(x.shape[0], x.shape[1], x.shape[2], path, &unit)
     _job(jb, BACKWARD, t[0], x, unit)
     cdef Py_ssize_t C = jb.C, L = jb.L, j
     jb.dy = _data(dy, t[0], L, False, "dy")
@@ -1311,7 +1384,7 @@ cdef object _sync_backward_job(_Job *jb, dy, x, mean, int path, Py_ssize_t unit,
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
     jb.training = True
     cdef object coef = _new(5 * C, t[0], False)  # [mhi | mlo | kdy | kx | kc]
-    cdef object keep = _setup_split(jb, how, t[0], coef, 2 * C), wide_mean = None
+    cdef object keep = _setup_split(jb, path, t[0], coef, 2 * C), wide_mean = None
     cdef double *wm
     if jb.how == COLUMNS:
         wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
@@ -1327,13 +1400,17 @@ def sync_grad_sums(dy, x, mean, sum_dy, sum_dyx, int n_threads, int path=AUTO, P
     the given (global) mean, (C,) float64 outputs.  The reduce pass of backward and its merge in
     task order, without the coefficients or the apply.  x must not be empty."""
     cdef int t
-    cdef _Job jb
-    cdef object keep = _sync_backward_job(&jb, dy, x, mean, path, unit, &t)
-    jb.gb = <double *>_data(sum_dy, cnp.NPY_DOUBLE, jb.C, True, "sum_dy")
-    jb.gw = <double *>_data(sum_dyx, cnp.NPY_DOUBLE, jb.C, True, "sum_dyx")
-    cdef int T = _plan_threads(n_threads, jb.L)
+    cdef _SyncJob sj
+    memset(&sj, 0, sizeof(_SyncJob))
+    cdef object keep = _sync_backward_job(&sj.jb, dy, x, mean, path, unit, &t)
+    sj.jb.gb = <double *>_data(sum_dy, cnp.NPY_DOUBLE, sj.jb.C, True, "sum_dy")
+    sj.jb.gw = <double *>_data(sum_dyx, cnp.NPY_DOUBLE, sj.jb.C, True, "sum_dyx")
+    cdef int T = _plan_threads(n_threads, sj.jb.L)
     with nogil:
-        _sync_reduce_merge(&jb, T)
+        if sj.jb.how == SLICES:
+            _sync_run_slices(&sj, REDUCE, T)
+        else:
+            _sync_reduce_merge(&sj.jb, T)
 
 
 cdef void _sync_coefs(_Job *jb, const double *sdy, const double *sdyx, double count, floating tag) noexcept nogil:
@@ -1354,24 +1431,30 @@ def sync_backward_apply(dy, x, dx, weight, mean, invstd, sum_dy, sum_dyx, double
     grad_weight = sum_dyx * invstd and grad_bias = sum_dy into (C,) float64 outputs.  The same
     coefficients as backward's (_finish_grad) and its apply pass.  x must not be empty."""
     cdef int t
-    cdef _Job jb
-    cdef object keep = _sync_backward_job(&jb, dy, x, mean, path, unit, &t)
+    cdef _SyncJob sj
+    memset(&sj, 0, sizeof(_SyncJob))
+    cdef _Job *jb = &sj.jb
+    cdef object keep = _sync_backward_job(jb, dy, x, mean, path, unit, &t)
     cdef Py_ssize_t C = jb.C
     jb.y = _data(dx, t, jb.L, True, "dx")
     jb.w = _data(weight, t, C, False, "weight")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
     jb.gw = <double *>_data(grad_weight, cnp.NPY_DOUBLE, C, True, "grad_weight")
     jb.gb = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
-    cdef const double *sdy = <const double *>_data(sum_dy, cnp.NPY_DOUBLE, C, False, "sum_dy")
-    cdef const double *sdyx = <const double *>_data(sum_dyx, cnp.NPY_DOUBLE, C, False, "sum_dyx")
-    jb.nt = _plan_stream(3 * jb.L * _itemsize(&jb), stream)
+    sj.sdy = <const double *>_data(sum_dy, cnp.NPY_DOUBLE, C, False, "sum_dy")
+    sj.sdyx = <const double *>_data(sum_dyx, cnp.NPY_DOUBLE, C, False, "sum_dyx")
+    sj.count = count
+    jb.nt = _plan_stream(3 * jb.L * _itemsize(jb), stream)
     cdef int T = _plan_threads(n_threads, jb.L)
     with nogil:
-        if jb.single:
-            _sync_coefs(&jb, sdy, sdyx, count, <float>0)
+        if jb.how == SLICES:  # each task its own channels' coefficients, then their apply
+            _sync_run_slices(&sj, APPLY_BACK, T)
         else:
-            _sync_coefs(&jb, sdy, sdyx, count, <double>0)
-        _run(&jb, APPLY_BACK, jb.K, T)
+            if jb.single:
+                _sync_coefs(jb, sj.sdy, sj.sdyx, count, <float>0)
+            else:
+                _sync_coefs(jb, sj.sdy, sj.sdyx, count, <double>0)
+            _run(jb, APPLY_BACK, jb.K, T)
 
 
 cdef void _sync_affine_coefs(_Job *jb, floating tag) noexcept nogil:
@@ -1397,7 +1480,6 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     if _plan_path(x.shape[0], x.shape[1], x.shape[2], path) == SLICES:
         forward_eval(x, y, weight, bias, mean, invstd, n_threads, path, unit, stream)
         return
-    cdef int how = _sync_path(x.shape[0], x.shape[1], x.shape[2], path, &unit)
     cdef _Job jb
     _job(&jb, TRAIN, t, x, unit)
     cdef Py_ssize_t C = jb.C, L = jb.L
@@ -1409,7 +1491,7 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
     jb.nt = _plan_stream(2 * L * _itemsize(&jb), stream)
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
-    cdef object keep = _setup_split(&jb, how, t, coef, 0)
+    cdef object keep = _setup_split(&jb, path, t, coef, 0)
     cdef int T = _plan_threads(n_threads, L)
     with nogil:
         if jb.single:
