@@ -1213,8 +1213,10 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
 # with the global statistics is sync_normalize (forward_eval's coefficients, forward_train's walk),
 # and sync_merge merges the ranks' moments between the two.  A shape that the plan puts on SLICES
 # runs each half as a SLICES pass (_sync_slice): a task's channels' moments or sums over all the
-# rows, nothing merged across tasks; the applies as _slice_backward's and _slice_eval's.  (Running
-# them as COLUMNS instead took (8, 16384) float32 from 2.3x the local step to 1.x: see the commit.)
+# rows, nothing merged across tasks; the applies as _slice_backward's and _slice_eval's.  (As
+# COLUMNS passes instead, a SyncBatchNorm step on (8, 16384) float32 took 2.3x a local one, as
+# SLICES 1.8x: the collective between the halves forces a second pass over x and dy, where a local
+# SLICES task reduces and applies each chunk while it is still in L1/L2.)
 
 
 cdef struct _SyncJob:  # a split backward's apply: the job, and the global sums and count
