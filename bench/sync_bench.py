@@ -11,11 +11,11 @@ synchronize the ranks twice a step, so on a machine where other processes take c
 rank stalls the other: then the medians swing from run to run, and the minimums (steps in which
 no rank was preempted) say more about the cost itself.
 
-Measured on the 2-core development machine (AMD EPYC, 32 MiB L3), 2 ranks, in two runs while the
-machine was otherwise idle: local 1.61-1.67 ms, SyncBatchNorm 1.86-1.93 ms, of which 0.07 ms in
-the allgathers: median ratio 1.15-1.18 (best steps 1.13-1.16).  With other sessions' builds and
-tests running: medians 2-5x, best steps 1.2-1.6x.  ``mpiexec -n 1`` (no peer to wait for):
-1.09-1.15x.
+Measured on the 2-core development machine (AMD EPYC, 32 MiB L3), 2 ranks, three runs started
+when /proc/stat showed the cores >= 85% idle: local 1.46-1.60 ms, SyncBatchNorm 1.70-1.84 ms, of
+which 0.06-0.09 ms in the allgathers: median ratio 1.15-1.17 (best steps 1.14-1.18).  With other
+sessions' builds and tests running: medians 2-5x, best steps 1.15-1.6x.  ``mpiexec -n 1`` (no peer
+to wait for): 1.09-1.15x.
 """
 import argparse
 import time
