@@ -74,6 +74,7 @@ from .norms import (
     layer_norm_backward,
     layer_norm_forward,
 )
+from .sync import SyncBatchNorm
 
 __all__ = [
     "__version__",
@@ -99,6 +100,7 @@ __all__ = [
     "InstanceNorm3d",
     "no_grad",
     "is_grad_enabled",
+    "SyncBatchNorm",
     "get_num_threads",
     "set_num_threads",
     "empty_cache",

@@ -54,7 +54,10 @@ def run_python(code, **env):
     """Run ``code`` in a fresh interpreter that imports this fastbn; returns the CompletedProcess."""
     environ = dict(os.environ, PYTHONPATH=os.pathsep.join([PKG_PARENT, os.environ.get("PYTHONPATH", "")]))
     environ.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=300)
+    # from a folder where `python -c` (which puts the working directory first on sys.path) cannot
+    # pick up an unbuilt source tree instead of this fastbn (CI runs in a clone)
+    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(PKG_PARENT))
 
 
 @pytest.fixture
