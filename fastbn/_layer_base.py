@@ -39,6 +39,13 @@ PROTOCOL_DOC = """
 _Saved = namedtuple("_Saved", "training payload")
 
 
+class _PerThread(threading.local):
+    """A layer's state of one thread: its pending forward and last gradients (class-level
+    defaults, so that a first look from a thread is an attribute read, not a caught error)."""
+    saved = None
+    grads = None
+
+
 class Layer:
     """Base of fastbn's layers.  Subclasses set ``_check_input``, ``_forward`` (returns the output
     and the payload saved for backward, whose first item is the input) and ``_backward`` (returns
@@ -50,7 +57,7 @@ class Layer:
 
     def _init_layer(self):
         self.training = True
-        self._local = threading.local()  # this thread's pending forward and gradients
+        self._local = _PerThread()  # this thread's pending forward and gradients
         self._last_grads = {"weight": None, "bias": None}  # the last backward's, on any thread
 
     # ------------------------------------------------------------------ pickling / copying
@@ -61,7 +68,7 @@ class Layer:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._local = threading.local()
+        self._local = _PerThread()
 
     # ------------------------------------------------------------------ modes and parameters
     def train(self, mode=True):
@@ -95,7 +102,7 @@ class Layer:
         return pairs
 
     def _get_grad(self, name):
-        grads = getattr(self._local, "grads", None)
+        grads = self._local.grads
         return grads[name] if grads is not None else self._last_grads[name]
 
     def _set_grad(self, name, value):
@@ -110,7 +117,7 @@ class Layer:
 
     def _forget(self):
         """Drop every thread's saved forward and gradients (parameters moved or reloaded)."""
-        self._local = threading.local()
+        self._local = _PerThread()
         self._last_grads = {"weight": None, "bias": None}
 
     # ------------------------------------------------------------------ forward / backward
@@ -132,7 +139,7 @@ class Layer:
         return self.forward(input, out=out, update_running_stats=update_running_stats)
 
     def _pending(self):
-        saved = getattr(self._local, "saved", None)
+        saved = self._local.saved
         name = type(self).__name__
         if saved is None:
             raise RuntimeError(f"{name}.backward() needs a forward() first on this thread (each forward allows one "
