@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 
 import fastbn
@@ -47,7 +48,7 @@ def report():
 
 def test_rows_cover_every_scenario_with_positive_ratios(report):
     rows, info, _, before = report
-    impls = ["fastbn", "torch"] if _bench.import_torch() is not None else ["fastbn"]
+    impls = ["fastbn", "floor"] + (["torch"] if _bench.import_torch() is not None else [])
     assert [(r["scenario"], r["impl"]) for r in rows] == [(s, i) for s in _pipeline.SCENARIOS for i in impls]
     for r in rows:
         assert set(r) == ROW_KEYS
@@ -68,7 +69,11 @@ def test_only_fastbn_rows_carry_targets(report):
     assert names[("matmul", "fastbn")] == ["median <= 1.3x idle", "p90 <= 2x idle", "matmul <= 1.3x control"]
     assert names[("neighbours", "fastbn")] == ["median <= 1.3x idle"]
     assert names[("threads", "fastbn")] == []
-    assert all(not v for (scenario, impl), v in names.items() if impl == "torch")
+    assert all(not v for (scenario, impl), v in names.items() if impl in ("torch", "floor"))
+    # every fastbn target carries its floor's value where the floor has one (not for the matmul ratio)
+    for r in report[0]:
+        if r["impl"] == "fastbn":
+            assert all(("floor" in t) == (not t["name"].startswith("matmul")) for t in r["targets"])
 
 
 def test_neighbour_processes_ran_until_the_end_and_are_gone(report):
@@ -89,7 +94,7 @@ def test_report_prints_the_machine_and_one_line_per_row(report):
     lines = text.splitlines()
     assert lines[1].split()[:3] == ["scenario", "shape", "impl"]
     assert sum(line.startswith(("matmul ", "neighbours ", "threads ")) for line in lines) == len(rows)
-    assert lines[-1] == "targets met: {}/{}".format(*_pipeline.targets_met(rows))
+    assert lines[-1].startswith("targets met: {}/{}".format(*_pipeline.targets_met(rows)))
 
 
 def test_cli_without_torch_has_no_torch_rows_and_writes_json(monkeypatch, tmp_path, capsys):
@@ -102,7 +107,8 @@ def test_cli_without_torch_has_no_torch_rows_and_writes_json(monkeypatch, tmp_pa
     data = json.loads(path.read_text())
     assert data["machine"]["torch"] is None and data["repeat"] == 1
     assert [(r["scenario"], r["impl"], r["shape"]) for r in data["rows"]] == [
-        (s, "fastbn", [16, 8]) for s in _pipeline.SCENARIOS]
+        (s, impl, [16, 8]) for s in _pipeline.SCENARIOS for impl in ("fastbn", "floor")]
+    assert data["out_of_reach"] == _pipeline.out_of_reach(data["rows"])
     assert (data["targets_met"], data["targets_checked"]) == _pipeline.targets_met(data["rows"])
 
 
@@ -186,7 +192,7 @@ def test_neighbours_spin_inside_the_block_and_end_themselves_after_the_deadline(
 
 def test_make_step_refuses_an_unknown_implementation(rng):
     x = rng.standard_normal((4, 3), dtype="float32")
-    with pytest.raises(ValueError, match="impl must be 'fastbn' or 'torch'.*got 'numpy'"):
+    with pytest.raises(ValueError, match="impl must be 'fastbn', 'floor' or 'torch'.*got 'numpy'"):
         _pipeline.make_step("numpy", x, x)
 
 
@@ -214,3 +220,21 @@ def test_bench_pipeline_refuses_arguments_before_running(capsys, argv, message):
     assert cli.main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "[pipeline" not in err
+
+
+def test_a_miss_the_floor_shares_is_out_of_reach():
+    row = _pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.6]))
+    _pipeline.judge_against_floor(row, _pipeline.make_row("neighbours", SHAPE, "floor", 2, [1.0], _timed([1.5])))
+    assert _pipeline.fmt_targets(row) == "MISS median <= 1.3x idle (1.6; floor 1.5: out of reach)"
+    assert _pipeline.out_of_reach([row]) == 1
+    row = _pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.6]))
+    _pipeline.judge_against_floor(row, _pipeline.make_row("neighbours", SHAPE, "floor", 2, [1.0], _timed([1.2])))
+    assert _pipeline.fmt_targets(row) == "MISS median <= 1.3x idle (1.6)" and _pipeline.out_of_reach([row]) == 0
+
+
+def test_the_floor_step_moves_the_memory_it_says(rng):
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    x0 = x.copy()
+    _pipeline.make_step("floor", x, dy)()
+    np.testing.assert_array_equal(x, x0)  # it reads the input, never writes it
