@@ -75,6 +75,7 @@ from .norms import (
     layer_norm_forward,
 )
 from .sync import SyncBatchNorm
+from .fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval, fuse_linear_bn_weights
 
 __all__ = [
     "__version__",
@@ -101,6 +102,10 @@ __all__ = [
     "no_grad",
     "is_grad_enabled",
     "SyncBatchNorm",
+    "fuse_conv_bn_weights",
+    "fuse_linear_bn_weights",
+    "fuse_conv_bn_eval",
+    "fuse_linear_bn_eval",
     "get_num_threads",
     "set_num_threads",
     "empty_cache",
