@@ -979,6 +979,18 @@ cdef void _run_two_pass(_Job *jb, int T) noexcept nogil:
     _run(jb, APPLY_BACK, jb.K, T)
 
 
+cdef _Job _forward_job(int kind, int t, x, y, weight, bias, Py_ssize_t unit) except *:
+    """The job of a forward (TRAIN or EVAL) of x, of element type t (_float_type), into y with the
+    affine's weight and bias, its arrays checked."""
+    cdef _Job jb
+    _job(&jb, kind, t, x, unit)
+    jb.x = _data(x, t, jb.L, False, "x")
+    jb.y = _data(y, t, jb.L, True, "y")
+    jb.w = _data(weight, t, jb.C, False, "weight")
+    jb.b = _data(bias, t, jb.C, False, "bias")
+    return jb
+
+
 # ---------------------------------------------------------------- forward, training mode
 def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
                   int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
@@ -987,13 +999,8 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
     x: (N, C, S) float32 or float64; y: its output, the same size and dtype (may be x itself);
     weight, bias: (C,) of x's dtype; mean, var (biased), invstd: (C,) float64 outputs."""
     cdef int t = _float_type(x, 3, "x")
-    cdef _Job jb
-    _job(&jb, TRAIN, t, x, unit)
+    cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit)
     cdef Py_ssize_t C = jb.C, L = jb.L
-    jb.x = _data(x, t, L, False, "x")
-    jb.y = _data(y, t, L, True, "y")
-    jb.w = _data(weight, t, C, False, "weight")
-    jb.b = _data(bias, t, C, False, "bias")
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
     jb.var = <double *>_data(var, cnp.NPY_DOUBLE, C, True, "var")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
@@ -1072,25 +1079,13 @@ cdef inline void _eval_stats(const void *rm, const void *rv, double eps, double 
         fbn_eval_stats_f64(<const double *>rm + c0, <const double *>rv + c0, eps, mp + c0, ip + c0, c1 - c0)
 
 
-cdef _Job _eval_job(x, y, weight, bias, Py_ssize_t unit, int *t) except *:
-    """The job of an evaluation forward, with its arrays checked (t: x's element type)."""
-    cdef _Job jb
-    t[0] = _float_type(x, 3, "x")
-    _job(&jb, EVAL, t[0], x, unit)
-    jb.x = _data(x, t[0], jb.L, False, "x")
-    jb.y = _data(y, t[0], jb.L, True, "y")
-    jb.w = _data(weight, t[0], jb.C, False, "weight")
-    jb.b = _data(bias, t[0], jb.C, False, "bias")
-    return jb
-
-
 def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
     """y = (x - mean) * invstd * weight + bias: one read of x, one write of y.
 
     x: (N, C, S) float32 or float64; y: its output (may be x itself); weight, bias: (C,) of x's
     dtype; mean (the running mean), invstd (1 / sqrt(running_var + eps)): (C,) float64."""
-    cdef int t
-    cdef _Job jb = _eval_job(x, y, weight, bias, unit, &t)
+    cdef int t = _float_type(x, 3, "x")
+    cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit)
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, jb.C, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, jb.C, False, "invstd")
     cdef object coef = _new(4 * jb.C, t, False)  # [mhi | mlo | a | b], see _eval_coefs
@@ -1106,8 +1101,8 @@ def forward_eval_running(x, y, weight, bias, running_mean, running_var, double e
     ((1, 16384) float32) added more than twice the size of the largest to the heap in every call,
     which made glibc give the memory back and the next call fault it in again (33 -> 90 us); and a
     SLICES task computes its own channels' statistics."""
-    cdef int t
-    cdef _Job jb = _eval_job(x, y, weight, bias, unit, &t)
+    cdef int t = _float_type(x, 3, "x")
+    cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit)
     cdef Py_ssize_t C = jb.C
     cdef int rt = _float_type(running_mean, 1, "running_mean")
     jb.rm = _data(running_mean, rt, C, False, "running_mean")
@@ -1538,13 +1533,8 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     if _plan_path(x.shape[0], x.shape[1], x.shape[2], path) == SLICES:
         forward_eval(x, y, weight, bias, mean, invstd, n_threads, path, unit, stream)
         return
-    cdef _Job jb
-    _job(&jb, TRAIN, t, x, unit)
+    cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit)
     cdef Py_ssize_t C = jb.C, L = jb.L
-    jb.x = _data(x, t, L, False, "x")
-    jb.y = _data(y, t, L, True, "y")
-    jb.w = _data(weight, t, C, False, "weight")
-    jb.b = _data(bias, t, C, False, "bias")
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
