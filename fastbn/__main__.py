@@ -7,7 +7,8 @@ import numpy as np
 
 import fastbn
 
-from . import _alloc, _cpu, _kernels, _machine, _openmp
+from . import _alloc, _kernels, _machine, _openmp
+from ._backends import cpu as _cpu
 
 
 def _reference(x, weight, bias, mean=None, var=None, eps=1e-5):
@@ -164,7 +165,7 @@ def machine_lines():
 
 def _cuda_status():
     try:
-        from . import _cupy_backend
+        from ._backends import cuda as _cupy_backend
 
         return _cupy_backend.status()
     except ImportError as exc:  # the backend module itself is optional
