@@ -13,6 +13,7 @@ import numpy as np
 from ._backends import backend_of
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = FLOATS
 
 
 def dtype_arg(dtype):
@@ -134,10 +135,11 @@ def vector(v, name, be, shape, dtype, writable=False):
     """Check a parameter or statistics array of ``shape`` (weight, bias, running buffers, saved
     statistics).  With a ``dtype``, return it as a flat contiguous, aligned array of that dtype (a
     copy where needed); without (running buffers, updated in place), return ``v`` itself."""
-    if type(v) is np.ndarray and v.shape == shape and (v.dtype == dtype if dtype is not None else v.dtype in FLOATS):
-        flags = v.flags  # the common case, cheaply: a float NumPy array of the right shape
-        if flags.c_contiguous and flags.aligned and (flags.writeable or not writable) and len(shape) == 1:
-            if be.is_array(v):
+    if type(v) is np.ndarray and be.xp is np and v.shape == shape:  # the common case, cheaply:
+        dt = v.dtype  # a contiguous vector of a native float dtype (builtin dtypes are singletons)
+        if (dt is dtype if dtype is not None else (dt is _F32 or dt is _F64)) and len(shape) == 1:
+            flags = v.flags
+            if flags.c_contiguous and flags.aligned and (flags.writeable or not writable):
                 return v
     if not be.is_array(v):
         raise TypeError(
@@ -186,14 +188,10 @@ def prepare_out(be, out, x, x3, *reads):
         raise ValueError("out is read-only")
     if out.dtype == x3.dtype and out.flags.c_contiguous and be.aligned(out):
         o3 = out.reshape(x3.shape)
-        if all(a is o3 or _same_or_apart(be, o3, a) for a in (x3, *reads)):
+        # Writing over an input array itself is fine (elementwise); a partial overlap is not.
+        if be.relation(o3, x3) < 2 and all(be.relation(o3, a) < 2 for a in reads):
             return out, o3, False
     return out, be.new_output(x, x3)[1], True
-
-
-def _same_or_apart(be, o3, a):
-    """Writing over an input array itself is fine (elementwise); a partial overlap is not."""
-    return not be.xp.may_share_memory(o3, a) or (be.same_start(o3, a) and o3.shape == a.shape)
 
 
 def finish(out, y, y3, copy_back):
@@ -207,16 +205,17 @@ def apart(be, out, *vectors):
     """The per-channel vectors a kernel reads, each copied where it shares memory with ``out``: the
     kernels read a channel's vectors while other threads (CPU SLICES) or blocks (GPU) write other
     channels' outputs, so a vector inside ``out`` could be overwritten before it is read."""
-    if out is None:
+    if out is None or not be.overlapping(out, vectors):
         return vectors
-    return tuple(v.copy() if v is not None and be.xp.may_share_memory(out, v) else v for v in vectors)
+    mask = be.overlapping(out, vectors)
+    return tuple(v.copy() if mask >> i & 1 else v for i, v in enumerate(vectors))
 
 
 def out_apart_from(be, out, buffers):
     """Refuse an ``out`` that shares memory with a running buffer updated after out is written."""
-    if out is None:
+    if out is None or not be.overlapping(out, tuple(buf for _, buf in buffers)):
         return
     for name, buf in buffers:
-        if buf is not None and be.xp.may_share_memory(out, buf):
+        if buf is not None and be.overlapping(out, (buf,)):
             raise ValueError(f"out shares memory with {name}, which training updates after writing out; "
                              f"pass a separate out")

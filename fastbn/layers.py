@@ -20,6 +20,8 @@ from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _wrap_int64  # n
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Layer"]
 
+_HOST = contextlib.nullcontext()  # reusable: the CPU layers' device context
+
 
 def _resolve_device(device):
     """'cpu' -> None (NumPy); 'cuda' / 'cuda:N' -> (cupy module, device id)."""
@@ -74,7 +76,7 @@ class _BatchNorm(Layer):
 
     def _on_device(self):
         """A context in which new arrays land on the layer's device (its GPU; nothing on the CPU)."""
-        return contextlib.nullcontext() if self._cuda is None else self._cuda.device
+        return _HOST if self._cuda is None else self._cuda.device
 
     # ------------------------------------------------------------------ buffers
     def reset_running_stats(self):

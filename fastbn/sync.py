@@ -389,7 +389,7 @@ class SyncBatchNorm(_BatchNorm):
         counts = np.broadcast_to(stack[:, 2:3], (stack.shape[0], C))
         _, mean, _, var, invstd = _merge(counts, stack[:, 3:3 + C], stack[:, 3 + C:], self.eps)
         saved_input = x3
-        if record and out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, input):
+        if record and out is not None and isinstance(out, np.ndarray) and cpu.overlapping(out, (input,)):
             saved_input = x3.copy()  # an in-place forward overwrites what backward needs
         y = _normalize3(input, x3, mean, invstd, self.weight, self.bias, out, prepared)
         if update:

@@ -101,3 +101,23 @@ def test_load_state_dict_into_a_read_only_array_changes_nothing():
     with pytest.raises(ValueError, match="running_var is read-only"):
         bn.load_state_dict(state)
     assert (bn.weight == 1).all() and (bn.bias == 0).all() and (bn.running_mean == 0).all()
+
+
+def test_memory_relations_match_numpys_bounds():
+    """The C bounds check behind out= (fastbn._alloc.relation/overlapping) against NumPy's
+    may_share_memory, on views with negative, zero and gapped strides."""
+    from fastbn import _alloc
+
+    base = np.arange(64, dtype=np.float32)
+    views = [base, base[::-1], base[8:24], base[20:40], base[::2], base[1::2], base[40:], base[:0],
+             np.broadcast_to(base[5:6], (4,)), base.reshape(8, 8)[:, 2], base.reshape(8, 8)[::-1, ::3],
+             np.zeros(4, np.float32)]
+    for a in views:
+        for b in views:
+            rel = _alloc.relation(a, b)
+            assert (rel > 0) == np.may_share_memory(a, b), (a.strides, b.strides)
+            same = a.size > 0 and a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and \
+                np.lib.array_utils.byte_bounds(a) == np.lib.array_utils.byte_bounds(b)
+            assert (rel == 1) == same
+        mask = _alloc.overlapping(a, tuple(views) + (None,))
+        assert mask == sum(1 << i for i, b in enumerate(views) if np.may_share_memory(a, b))

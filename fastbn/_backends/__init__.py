@@ -8,7 +8,8 @@ provides:
 - ``name``, ``kind``, ``xp``: ``"cpu"``, ``"NumPy (CPU)"``, NumPy or ``"cuda"``, ``"CuPy (GPU)"``, CuPy
   (imported on first use);
 - ``is_array(a)``; ``writeable(a)``, ``aligned(a)`` (CuPy's arrays always are both);
-  ``same_start(a, b)``: whether two arrays start at the same address;
+  ``relation(a, b)``: 0 no memory in common, 1 the same bytes (an in-place call), 2 a partial
+  overlap; ``overlapping(out, arrays)``: a bit mask of the arrays that may share memory with out;
 - ``contiguous(a, dtype)``: ``a`` itself when it is C-contiguous, aligned and of ``dtype``, else a
   copy that is;
 - ``check_device(x, arrays)``: raise unless every ``(label, array)`` is on ``x``'s device;

@@ -22,6 +22,7 @@ _kernels.tune_for(_machine.CACHES["l2"], _machine.CACHES["l3_effective"])
 tuning = {"path": "auto", "unit": 0, "stream": -1}
 
 _HOST = contextlib.nullcontext()
+_PATHS = _kernels.PATHS
 
 
 # ---------------------------------------------------------------- arrays
@@ -38,8 +39,8 @@ def aligned(a):
     return a.flags.aligned
 
 
-def same_start(a, b):
-    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+relation = _alloc.relation  # 0 apart, 1 the same bytes, 2 a partial overlap (by bounds, in C)
+overlapping = _alloc.overlapping  # bit i: arrays[i] may share memory with out
 
 
 def contiguous(a, dtype):
@@ -78,7 +79,7 @@ def threads():
 # ---------------------------------------------------------------- batch norm
 def plan():
     """The kernels' trailing arguments: threads, work-splitting path, unit, streaming stores."""
-    return _openmp.get_num_threads(), _kernels.PATHS[tuning["path"]], tuning["unit"], tuning["stream"]
+    return _openmp.get_num_threads(), _PATHS[tuning["path"]], tuning["unit"], tuning["stream"]
 
 
 def forward_train(x, y, weight, bias, eps):
@@ -92,10 +93,11 @@ def forward_train(x, y, weight, bias, eps):
 def _kernel_ready(a, b):
     """Running buffers the kernels can update in place: one float dtype in native byte order,
     C-contiguous and aligned; anything else (views, mixed dtypes) goes through the formulas."""
-    if a.dtype != b.dtype or not a.dtype.isnative:
+    dt = a.dtype
+    if dt is not b.dtype and (dt != b.dtype or not dt.isnative):
         return False
     fa, fb = a.flags, b.flags
-    return fa.c_contiguous and fb.c_contiguous and fa.aligned and fb.aligned
+    return fa.c_contiguous and fb.c_contiguous and fa.aligned and fb.aligned and dt.isnative
 
 
 def update_running(running_mean, running_var, mean, var, momentum, n, unbiased=True):

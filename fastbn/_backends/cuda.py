@@ -117,8 +117,18 @@ def aligned(a):
     return True  # CuPy allocates aligned memory and has no byte-offset views of it
 
 
-def same_start(a, b):
-    return a.data.ptr == b.data.ptr
+def relation(a, b):
+    """0: a and b share no memory; 1: the same start and shape (in place); 2: a partial overlap."""
+    cp = _import_cupy()
+    if not cp.may_share_memory(a, b):
+        return 0
+    return 1 if a.data.ptr == b.data.ptr and a.shape == b.shape and a.strides == b.strides else 2
+
+
+def overlapping(out, arrays):
+    """A bit mask: bit i set where ``arrays[i]`` (or None) may share memory with ``out``."""
+    cp = _import_cupy()
+    return sum(1 << i for i, a in enumerate(arrays) if a is not None and cp.may_share_memory(out, a))
 
 
 def contiguous(a, dtype):
