@@ -90,7 +90,8 @@ def device_of(x):
 
 
 def as_ncs(x, name="input"):
-    """Validate x as an (N, C, *spatial) float array; return (backend, contiguous (N, C, S) view)."""
+    """Validate x as an (N, C, *spatial) float array; return (backend, the kernels' view of it:
+    see :func:`ncs_view`)."""
     be = backend_of(x)
     dt = float_dtype(x, name)
     if x.ndim < 2:
@@ -98,11 +99,54 @@ def as_ncs(x, name="input"):
     return be, ncs_view(be, x, dt)
 
 
+def _to_last(ndim):
+    """The axes of an (N, C, *spatial) array with the channels moved last: (N, *spatial, C)."""
+    return (0, *range(2, ndim), 1)
+
+
+def _from_last(ndim):
+    return (0, ndim - 1, *range(1, ndim - 1))
+
+
 def ncs_view(be, x, dt):
-    """The contiguous (N, C, S) view (or copy) in ``dt`` of an (N, C, *spatial) array already checked."""
-    x = be.contiguous(x, dt)
+    """The kernels' contiguous view (or copy) in ``dt`` of an (N, C, *spatial) array already
+    checked: (N, C, S) for C-contiguous memory, and (N * S, C, 1) for channels-last memory (a
+    transposed view of a C-contiguous (N, *spatial, C) array, as ``x.transpose(0, 3, 1, 2)``),
+    which the kernels read in place: the same per-channel statistics, over N * S rows of C."""
     N, C = x.shape[0], x.shape[1]
-    return x.reshape(N, C, x.size // (N * C) if N * C else math.prod(x.shape[2:]))
+    S = math.prod(x.shape[2:])
+    if x.ndim >= 3 and S > 1 and not x.flags.c_contiguous:
+        t = x.transpose(_to_last(x.ndim))
+        if t.flags.c_contiguous and t.dtype == dt and be.aligned(t):
+            return t.reshape(N * S, C, 1)
+    return be.contiguous(x, dt).reshape(N, C, S)
+
+
+def _channels_last(x, x3):
+    """Whether ``x3`` (from ncs_view) is the channels-last view of ``x``."""
+    return x3.shape[0] != x.shape[0]
+
+
+def kernel_view(be, a, x, x3, name):
+    """``a`` (grad_output: the backend and shape of the input ``x``) as the kernels read it: the
+    layout of ``x3`` (ncs_view of x), in x3's dtype; a copy only where a's memory differs."""
+    refuse_matrix_and_masked(a, name)
+    dt = x3.dtype
+    if float_dtype(a, name) != dt:
+        raise TypeError(f"{name} must have the input's dtype {dt}, got {a.dtype}")
+    if _channels_last(x, x3):
+        a = a.transpose(_to_last(a.ndim))
+    return be.contiguous(a, dt).reshape(x3.shape)
+
+
+def new_output(be, x, x3):
+    """A new output for ``x``: (the array to return, of x's shape and memory layout, and the
+    kernels' view of it, of x3's shape)."""
+    if _channels_last(x, x3):
+        y = be.empty(x3, (x.shape[0], *x.shape[2:], x.shape[1]))
+        return y.transpose(_from_last(x.ndim)), y.reshape(x3.shape)
+    y = be.empty(x3, x.shape)
+    return y, y.reshape(x3.shape)
 
 
 def kernel_dtype(x, dtype, owner):
@@ -112,23 +156,15 @@ def kernel_dtype(x, dtype, owner):
         raise TypeError(f"{owner} holds {dtype} parameters, got input of dtype {x.dtype}; cast the input{hint}")
 
 
-def like_input(be, a, x, dt, name):
-    """``a`` (grad_output) checked against the input ``x`` of kernel dtype ``dt``: the same
-    backend, shape and dtype; returned C-contiguous in ``dt``."""
+def like_input(be, a, x, x3, name):
+    """``a`` (grad_output) checked against the input ``x``: the same backend, shape and dtype;
+    returned as :func:`kernel_view` gives it."""
     if not be.is_array(a):
         backend_of(a)  # a TypeError naming what it is, unless it is an array of another backend
         raise TypeError(f"{name} must be a {be.kind} array like the input, got {type(a).__module__}.{type(a).__name__}")
     if tuple(a.shape) != tuple(x.shape):
         raise ValueError(f"{name} must have the input's shape {tuple(x.shape)}, got {tuple(a.shape)}")
-    return same_dtype(be, a, dt, name)
-
-
-def same_dtype(be, a, dt, name):
-    """``a`` (grad_output, of the right backend and shape) as a C-contiguous array of ``dt``."""
-    refuse_matrix_and_masked(a, name)
-    if float_dtype(a, name) != dt:
-        raise TypeError(f"{name} must have the input's dtype {dt}, got {a.dtype}")
-    return be.contiguous(a, dt)
+    return kernel_view(be, a, x, x3, name)
 
 
 def vector(v, name, be, shape, dtype, writable=False):
@@ -169,13 +205,14 @@ def param(v, name, be, shape, dtype, default):
 
 
 def prepare_out(be, out, x, x3, *reads):
-    """(The array to return, the (N, C, S) array the kernel writes, whether that must be copied
-    into ``out`` afterwards).  ``x`` is the caller's input, ``x3`` and ``reads`` the (N, C, S)
-    arrays the kernel reads: ``out`` may be one of them exactly (the kernels work elementwise:
+    """(The array the kernel's result lands in, of x's shape; the kernels' view of it, which
+    they write; the ``out`` to copy it into afterwards, or None): pass the first and last to
+    :func:`finish`.  ``x`` is the caller's input, ``x3`` and ``reads`` the arrays the kernel
+    reads (ncs_view's layout): ``out`` may be one of them exactly (the kernels work elementwise:
     every pass reads an element before it writes it, at the same place), but not overlap one
     partly.  An ``out`` of another byte order or layout gets the result copied in."""
     if out is None:
-        return (*be.new_output(x, x3), False)
+        return (*new_output(be, x, x3), None)
     if not be.is_array(out):
         raise TypeError(f"out must be a {be.xp.__name__} array, got {type(out).__name__}")
     refuse_matrix_and_masked(out, "out")
@@ -186,19 +223,22 @@ def prepare_out(be, out, x, x3, *reads):
         )
     if not be.writeable(out):
         raise ValueError("out is read-only")
-    if out.dtype == x3.dtype and out.flags.c_contiguous and be.aligned(out):
-        o3 = out.reshape(x3.shape)
+    o = out.transpose(_to_last(out.ndim)) if _channels_last(x, x3) else out
+    if out.dtype == x3.dtype and o.flags.c_contiguous and be.aligned(out):
+        o3 = o.reshape(x3.shape)
         # Writing over an input array itself is fine (elementwise); a partial overlap is not.
         if be.relation(o3, x3) < 2 and all(be.relation(o3, a) < 2 for a in reads):
-            return out, o3, False
-    return out, be.new_output(x, x3)[1], True
+            return out, o3, None
+    return (*new_output(be, x, x3), out)
 
 
-def finish(out, y, y3, copy_back):
-    """The array to return, after copying the kernel's result into ``out`` where needed."""
-    if copy_back:
-        out[...] = y3.reshape(out.shape)
-    return y
+def finish(y, target):
+    """What the call returns: ``y`` (prepare_out's first), copied into ``target`` where that is
+    an ``out`` the kernel could not write directly."""
+    if target is None:
+        return y
+    target[...] = y
+    return target
 
 
 def apart(be, out, *vectors):

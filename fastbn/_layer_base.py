@@ -137,7 +137,7 @@ class Layer:
         record = is_grad_enabled()
         saved_input = input
         if record and out is not None and checked[0].is_array(out) and checked[0].overlapping(out, (input,)):
-            saved_input = input.copy()  # an in-place forward overwrites the input backward needs
+            saved_input = input.copy(order="K")  # an in-place forward overwrites the input backward needs
         y, payload = self._forward(input, checked, out, update, saved_input, record)
         if record:
             self._local.saved = _Saved(self.training, payload)
@@ -175,8 +175,7 @@ class Layer:
         if tuple(grad_output.shape) != tuple(x.shape):
             raise ValueError(f"grad_output must match the forward's input: shape {tuple(x.shape)}, "
                              f"got {type(grad_output).__name__} of shape {tuple(grad_output.shape)}")
-        g = ck.same_dtype(be, grad_output, payload[1], "grad_output")
-        dx, gw, gb = self._backward(be, g, payload, out)
+        dx, gw, gb = self._backward(be, grad_output, payload, out)
         self._local.saved = None
         self.grad_weight = gw if self.weight is not None else None
         self.grad_bias = gb if self.bias is not None else None

@@ -54,7 +54,7 @@ def forward(be, x, x3, running_mean, running_var, w, b, training, momentum, eps,
         raise ValueError(f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}")
     if running_mean is not None:  # updated after the kernel has written out: check before it runs
         be.check_device(x3, (("running_mean", running_mean), ("running_var", running_var)))
-    y, y3, copy_back = ck.prepare_out(be, out, x, x3)
+    y, y3, target = ck.prepare_out(be, out, x, x3)
     if training:
         ck.out_apart_from(be, out, (("running_mean", running_mean), ("running_var", running_var)))
         if x3.size == 0:  # PyTorch: empty output, running buffers untouched (also with C = 0)
@@ -67,7 +67,7 @@ def forward(be, x, x3, running_mean, running_var, w, b, training, momentum, eps,
         mean, invstd = be.forward_eval_running(x3, y3, *ck.apart(be, out, w, b, running_mean, running_var), eps)
     else:
         mean, invstd = be.eval_stats(running_mean, running_var, eps)
-    return ck.finish(out, y, y3, copy_back), mean, invstd
+    return ck.finish(y, target), mean, invstd
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -100,7 +100,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     with ck.device_of(input):
         be, x3 = ck.as_ncs(input)
         C = x3.shape[1]
-        g3 = ck.like_input(be, grad_output, input, x3.dtype, "grad_output").reshape(x3.shape)
+        g3 = ck.like_input(be, grad_output, input, x3, "grad_output")
         training = ck.flag(training, "training")
         w = ck.param(weight, "weight", be, (C,), x3.dtype, 1.0)
         mean = ck.vector(save_mean, "save_mean", be, (C,), be.xp.float64)
@@ -112,9 +112,9 @@ def backward(be, x, x3, g3, w, mean, invstd, training, out):
     """batch_norm_backward after the checks (arguments as :func:`forward`'s; ``g3`` the contiguous
     (N, C, S) grad_output)."""
     C = x3.shape[1]
-    dx, dx3, copy_back = ck.prepare_out(be, out, x, x3, g3)
+    dx, dx3, target = ck.prepare_out(be, out, x, x3, g3)
     if x3.size:
         gw, gb = be.backward(g3, x3, dx3, *ck.apart(be, out, w, mean, invstd), training)
     else:
         gw, gb = be.xp.zeros(C), be.xp.zeros(C)
-    return ck.finish(out, dx, dx3, copy_back), gw.astype(x3.dtype), gb.astype(x3.dtype)
+    return ck.finish(dx, target), gw.astype(x3.dtype), gb.astype(x3.dtype)

@@ -142,7 +142,8 @@ class _BatchNorm(Layer):
         x, dt, x3, weight, mean, invstd, batch_stats = payload
         with self._on_device():
             w = ck.param(weight, "weight", be, (self.num_features,), dt, 1.0)
-            return F.backward(be, x, x3, grad_output.reshape(x3.shape), w, mean, invstd, batch_stats, out)
+            g3 = ck.kernel_view(be, grad_output, x, x3, "grad_output")
+            return F.backward(be, x, x3, g3, w, mean, invstd, batch_stats, out)
 
     # ------------------------------------------------------------------ devices
     def to(self, device):

@@ -75,10 +75,10 @@ class GroupNorm(_Norm):
 
     def _forward(self, input, checked, out, update, saved_input, record):
         y, mean, invstd = norms.group_norm_forward(input, self.num_groups, self.weight, self.bias, self.eps, out=out)
-        return y, (saved_input, self.dtype, self._saved_weight(record), mean, invstd)
+        return y, (saved_input, self._saved_weight(record), mean, invstd)
 
     def _backward(self, be, grad_output, payload, out):
-        x, _, w, mean, invstd = payload
+        x, w, mean, invstd = payload
         return norms.group_norm_backward(grad_output, x, self.num_groups, w, mean, invstd, out=out)
 
     def extra_repr(self):
@@ -123,10 +123,10 @@ class LayerNorm(_Norm):
     def _forward(self, input, checked, out, update, saved_input, record):
         y, mean, invstd = norms.layer_norm_forward(input, self.normalized_shape, self.weight, self.bias, self.eps,
                                                    out=out)
-        return y, (saved_input, self.dtype, self._saved_weight(record), mean, invstd)
+        return y, (saved_input, self._saved_weight(record), mean, invstd)
 
     def _backward(self, be, grad_output, payload, out):
-        x, _, w, mean, invstd = payload
+        x, w, mean, invstd = payload
         return norms.layer_norm_backward(grad_output, x, self.normalized_shape, w, mean, invstd, out=out)
 
     def extra_repr(self):
@@ -198,10 +198,10 @@ class _InstanceNorm(_Norm):
             use_input_stats, momentum, self.eps, out=o)
         if unbatched:
             y = out if out is not None else y[0]
-        return y, (saved_input, self.dtype, self._saved_weight(record), mean, invstd, use_input_stats)
+        return y, (saved_input, self._saved_weight(record), mean, invstd, use_input_stats)
 
     def _backward(self, be, grad_output, payload, out):
-        x, _, w, mean, invstd, use_input_stats = payload
+        x, w, mean, invstd, use_input_stats = payload
         if x.ndim == self._ndim - 1:
             o = out[None] if be.is_array(out) and out.shape == x.shape else out
             dx, gw, gb = norms.instance_norm_backward(grad_output[None], x[None], w, mean, invstd, use_input_stats,

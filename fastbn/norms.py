@@ -48,11 +48,6 @@ def _param(v, name, be, n, dt, default, shape=None):
     return be.xp.full(n, default, dtype=dt) if v is None else _vector(v, name, be, n, dt, shape)
 
 
-def _out(be, out, input, x, *reads):
-    """prepare_out for a kernel that works on the full-shape contiguous ``x``."""
-    return ck.prepare_out(be, out, input, x, *reads)
-
-
 # ---------------------------------------------------------------- group norm
 def _group_shape(x, num_groups, what="group_norm"):
     if x.ndim < 2:
@@ -75,11 +70,11 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, o
     eps = ck.scalar(eps, "eps")
     w = _param(weight, "weight", be, C, x.dtype, 1.0)
     b = _param(bias, "bias", be, C, x.dtype, 0.0)
-    y, y1, copy_back = _out(be, out, input, x)
+    y, y1, target = ck.prepare_out(be, out, input, x)
     mean, var, invstd = np.zeros((N, G)), np.zeros((N, G)), np.zeros((N, G))
     if x.size:
         k.group_forward(x, y1, *ck.apart(be, out, w, b), G, max(S, 1), eps, mean, var, invstd, be.threads())
-    return ck.finish(out, y, y1, copy_back), mean, invstd
+    return ck.finish(y, target), mean, invstd
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
@@ -93,7 +88,7 @@ def _grad_args(grad_output, input, what):
     be, k, x = _input(input, what)
     if not be.is_array(grad_output):
         backend_of(grad_output).norm_kernels(what)  # NotImplementedError for a GPU array, else TypeError
-    return be, k, x.dtype, ck.like_input(be, grad_output, input, x.dtype, "grad_output"), x
+    return be, k, x.dtype, ck.like_input(be, grad_output, input, x, "grad_output"), x
 
 
 def _stats(v, name, be, shape):
@@ -107,14 +102,14 @@ def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, train
     w = _param(weight, "weight", be, C, dt, 1.0)
     mean = _stats(save_mean, "save_mean", be, (N, G))
     invstd = _stats(save_invstd, "save_invstd", be, (N, G))
-    dx, dx1, copy_back = _out(be, out, input, x, g)
+    dx, dx1, target = ck.prepare_out(be, out, input, x, g)
     sums = np.zeros((N, C, 2))
     if x.size:
         w, m, istd = ck.apart(be, out, w, mean, invstd)
         k.group_backward(g, x, dx1, w, G, max(S, 1), m, istd, training, sums, be.threads())
     gb = sums[:, :, 0].sum(axis=0)
     gw = (sums[:, :, 1].reshape(N, G, C // G) * invstd.reshape(N, G, 1)).reshape(N, C).sum(axis=0)
-    return ck.finish(out, dx, dx1, copy_back), gw.astype(dt), gb.astype(dt)
+    return ck.finish(dx, target), gw.astype(dt), gb.astype(dt)
 
 
 def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_invstd, *, out=None):
@@ -158,14 +153,14 @@ def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5
     eps = ck.scalar(eps, "eps")
     w = _param(weight, "weight", be, L, x.dtype, 1.0, shape)
     b = _param(bias, "bias", be, L, x.dtype, 0.0, shape)
-    y, y1, copy_back = _out(be, out, input, x)
+    y, y1, target = ck.prepare_out(be, out, input, x)
     mean, var, invstd = np.zeros(lead), np.zeros(lead), np.zeros(lead)
     if x.size:
         k.layer_forward(x, y1, *ck.apart(be, out, w, b), L, eps, mean, var, invstd, be.threads())
     elif L == 0:
         mean[...] = np.nan
         invstd[...] = np.nan
-    return ck.finish(out, y, y1, copy_back), mean, invstd
+    return ck.finish(y, target), mean, invstd
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
@@ -183,13 +178,13 @@ def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean,
     w = _param(weight, "weight", be, L, dt, 1.0, shape)
     mean = _stats(save_mean, "save_mean", be, lead)
     invstd = _stats(save_invstd, "save_invstd", be, lead)
-    dx, dx1, copy_back = _out(be, out, input, x, g)
+    dx, dx1, target = ck.prepare_out(be, out, input, x, g)
     if x.size:
         w, m, istd = ck.apart(be, out, w, mean, invstd)
         gw, gb = k.layer_backward(g, x, dx1, w, L, m, istd, be.threads())
     else:
         gw, gb = np.zeros(L), np.zeros(L)
-    return ck.finish(out, dx, dx1, copy_back), gw.astype(dt).reshape(shape), gb.astype(dt).reshape(shape)
+    return ck.finish(dx, target), gw.astype(dt).reshape(shape), gb.astype(dt).reshape(shape)
 
 
 # ---------------------------------------------------------------- instance norm
@@ -225,7 +220,7 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
         momentum = ck.scalar(momentum, "momentum", 0.0, 1.0)
         if S <= 1 and input.size:
             raise ValueError(f"expected more than 1 spatial element when training, got input of shape {tuple(input.shape)}")
-    y, y1, copy_back = _out(be, out, input, x)
+    y, y1, target = ck.prepare_out(be, out, input, x)
     ck.out_apart_from(be, out, (("running_mean", running_mean), ("running_var", running_var)))
     mean, var, invstd = np.zeros((N, C)), np.zeros((N, C)), np.zeros((N, C))
     if use_input_stats:
@@ -243,7 +238,7 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
         invstd[...] = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
         if x.size:
             k.group_apply(x, y1, *ck.apart(be, out, w, b), C, S, mean, invstd, be.threads())
-    return ck.finish(out, y, y1, copy_back), mean, invstd
+    return ck.finish(y, target), mean, invstd
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,

@@ -55,7 +55,7 @@ from ._layer_base import _Saved, _wrap_int64
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 # What a training forward saves for its backward (the layer protocol's per-thread payload).
-_SyncPayload = collections.namedtuple("_SyncPayload", "x3 shape weight mean invstd count")
+_SyncPayload = collections.namedtuple("_SyncPayload", "x x3 weight mean invstd count")
 
 __all__ = ["SyncBatchNorm", "local_stats", "merge_stats", "normalize", "update_running",
            "local_grad_sums", "merge_grad_sums", "finish_backward"]
@@ -167,17 +167,15 @@ def normalize(x, merged, weight=None, bias=None, eps=1e-5, *, out=None):
 
 
 def _normalize3(x, x3, mean, invstd, weight, bias, out, prepared=None):
-    # prepared: ck.prepare_out's (y, y3, copy_back), where the caller checked out= already
+    # prepared: ck.prepare_out's (y, y3, target), where the caller checked out= already
     C, dt = x3.shape[1], x3.dtype
     w = ck.param(weight, "weight", cpu, (C,), dt, 1.0)
     b = ck.param(bias, "bias", cpu, (C,), dt, 0.0)
-    y, y3, copy_back = prepared or ck.prepare_out(cpu, out, x, x3)
+    y, y3, target = prepared or ck.prepare_out(cpu, out, x, x3)
     if y3.size:
         w, b = ck.apart(cpu, out, w, b)
         _kernels.sync_normalize(x3, y3, w, b, mean, invstd, *cpu.plan())
-    if copy_back:
-        out[...] = y3.reshape(out.shape)
-    return y
+    return ck.finish(y, target)
 
 
 def update_running(running_mean, running_var, merged, momentum):
@@ -201,12 +199,7 @@ def local_grad_sums(grad_output, x, mean):
 
 def _pair(grad_output, x):
     x3 = _cpu_ncs(x)
-    if tuple(np.shape(grad_output)) != tuple(x.shape):
-        raise ValueError(f"grad_output must have the input's shape {tuple(x.shape)}, got {tuple(np.shape(grad_output))}")
-    g3 = _cpu_ncs(grad_output, "grad_output")
-    if g3.dtype != x3.dtype:
-        raise TypeError(f"grad_output must have the input's dtype {x3.dtype}, got {grad_output.dtype}")
-    return x3, g3
+    return x3, ck.like_input(cpu, grad_output, x, x3, "grad_output")
 
 
 def _local_grad_sums3(g3, x3, mean):
@@ -255,19 +248,17 @@ def finish_backward(grad_output, x, weight, mean, invstd, sums, count, *, out=No
 
 def _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, sdy, sdyx, count, out, prepared=None):
     # sdy, sdyx: the global sums, contiguous (C,) float64; prepared: ck.prepare_out's (dx, dx3,
-    # copy_back), where the caller checked out= already
+    # target), where the caller checked out= already
     C, dt = x3.shape[1], x3.dtype
     w = ck.param(weight, "weight", cpu, (C,), dt, 1.0)
-    dx, dx3, copy_back = prepared or ck.prepare_out(cpu, out, x, x3, g3)
+    dx, dx3, target = prepared or ck.prepare_out(cpu, out, x, x3, g3)
     if x3.size:
         gw, gb = np.empty(C), np.empty(C)
         w, mean, invstd = ck.apart(cpu, out, w, mean, invstd)
         _kernels.sync_backward_apply(g3, x3, dx3, w, mean, invstd, sdy, sdyx, count, gw, gb, *cpu.plan())
     else:  # the same arithmetic as the kernel's (_finish_grad), so every rank gets the same bits
         gw, gb = sdyx * invstd, sdy.copy()
-    if copy_back:
-        out[...] = dx3.reshape(out.shape)
-    return dx, gw.astype(dt), gb.astype(dt)
+    return ck.finish(dx, target), gw.astype(dt), gb.astype(dt)
 
 
 # ---------------------------------------------------------------------------------- the layer
@@ -388,15 +379,16 @@ class SyncBatchNorm(_BatchNorm):
             factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         counts = np.broadcast_to(stack[:, 2:3], (stack.shape[0], C))
         _, mean, _, var, invstd = _merge(counts, stack[:, 3:3 + C], stack[:, 3 + C:], self.eps)
-        saved_input = x3
+        saved, saved3 = input, x3
         if record and out is not None and isinstance(out, np.ndarray) and cpu.overlapping(out, (input,)):
-            saved_input = x3.copy()  # an in-place forward overwrites what backward needs
+            saved = input.copy(order="K")  # an in-place forward overwrites what backward needs
+            saved3 = ck.ncs_view(cpu, saved, x3.dtype)
         y = _normalize3(input, x3, mean, invstd, self.weight, self.bias, out, prepared)
         if update:
             if count:
                 cpu.update_running(self.running_mean, self.running_var, mean, var, factor, count, self.unbiased)
             self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
-        return y, _SyncPayload(saved_input, input.shape, self._saved_weight(record), mean, invstd, count)
+        return y, _SyncPayload(saved, saved3, self._saved_weight(record), mean, invstd, count)
 
     # ------------------------------------------------------------------ backward
     def backward(self, grad_output, *, out=None):
@@ -405,7 +397,8 @@ class SyncBatchNorm(_BatchNorm):
         payload = self._pending()  # this thread's last forward (RuntimeError where there is none)
         if not isinstance(payload, _SyncPayload):
             return super().backward(grad_output, out=out)
-        x3, shape, weight, mean, invstd, count = payload
+        x, x3, weight, mean, invstd, count = payload
+        shape = x.shape
         C = x3.shape[1]
         err = None
         try:
@@ -415,10 +408,8 @@ class SyncBatchNorm(_BatchNorm):
             if tuple(grad_output.shape) != tuple(shape):
                 raise ValueError(f"grad_output must match the forward's input: shape {tuple(shape)}, "
                                  f"got shape {tuple(grad_output.shape)}")
-            g3 = _cpu_ncs(grad_output, "grad_output")
-            if g3.dtype != x3.dtype:
-                raise TypeError(f"grad_output must have the input's dtype {x3.dtype}, got {grad_output.dtype}")
-            prepared = ck.prepare_out(cpu, out, x3.reshape(shape), x3, g3)  # a bad out= fails before the collective
+            g3 = ck.kernel_view(cpu, grad_output, x, x3, "grad_output")
+            prepared = ck.prepare_out(cpu, out, x, x3, g3)  # a bad out= fails before the collective
             # the message: [channels, status | sum dy (C) | sum dy*(x-mean) (C)]
             wire = np.zeros(2 + 2 * C)
             wire[0] = C
@@ -436,7 +427,6 @@ class SyncBatchNorm(_BatchNorm):
         total = stack[0, 2:].copy()
         for r in range(1, stack.shape[0]):  # in rank order: the same bits on every rank
             total += stack[r, 2:]
-        x = x3.reshape(shape)
         dx, gw, gb = _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, total[:C], total[C:], float(count),
                                        out, prepared)
         self._local.saved = None

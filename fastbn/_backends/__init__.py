@@ -14,7 +14,7 @@ provides:
   copy that is;
 - ``check_device(x, arrays)``: raise unless every ``(label, array)`` is on ``x``'s device;
   ``device(x)``: a context in which new arrays land on ``x``'s device;
-- ``new_output(x, x3)``: a new output for ``x`` and its (N, C, S) view;
+- ``empty(x3, shape)``: a new C-contiguous array of ``shape`` with ``x3``'s dtype and size;
 - the batch-norm kernels ``forward_train``, ``update_running``, ``eval_stats``, ``forward_eval``,
   ``forward_eval_running``, ``backward``; ``norm_kernels(what)``: the group/layer/instance norm
   kernels (NotImplementedError where a backend has none).

@@ -59,11 +59,10 @@ def device(x):
     return _HOST
 
 
-def new_output(x, x3):
-    """A new output for input ``x`` (its (N, C, S) view ``x3``), from fastbn's caching allocator
-    (see fastbn._alloc): (the array to return, of x's shape, and its (N, C, S) view)."""
-    y = _alloc.empty_like(x3, x.shape)
-    return y, y.reshape(x3.shape)
+def empty(x3, shape):
+    """A new C-contiguous array of ``shape`` (as many elements as ``x3``, its dtype), from
+    fastbn's caching allocator (see fastbn._alloc)."""
+    return _alloc.empty_like(x3, shape)
 
 
 def norm_kernels(what):

@@ -143,10 +143,10 @@ def device(x):
     return x.device
 
 
-def new_output(x, x3):
-    """A new output for ``x`` from CuPy's memory pool: (array of x's shape, its (N, C, S) view)."""
-    y3 = _import_cupy().empty_like(x3)
-    return y3.reshape(x.shape), y3
+def empty(x3, shape):
+    """A new C-contiguous array of ``shape`` (x3's dtype and size) from CuPy's memory pool, on
+    the current device."""
+    return _import_cupy().empty(shape, dtype=x3.dtype)
 
 
 def norm_kernels(what):
