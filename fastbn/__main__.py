@@ -177,16 +177,16 @@ def main(argv=None):
     sub.add_parser("info", help="build facts and a self-check of every kernel (the default)")
     bench = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy and PyTorch")
     try:
-        from . import _bench
+        from .bench import cli as bench_cli
 
-        _bench.add_arguments(bench)
+        bench_cli.add_arguments(bench)
     except ImportError:
-        _bench = None
+        bench_cli = None
     args = parser.parse_args(argv)
     if args.command == "bench":
-        if _bench is None:
-            parser.error("the benchmark module is missing from this install")
-        return _bench.run(args)
+        if bench_cli is None:
+            parser.error("the benchmark package fastbn.bench is missing from this install")
+        return bench_cli.run(args)
     return info()
 
 

@@ -1,0 +1,20 @@
+"""fastbn's benchmark harness: ``fastbn bench`` and the pytest-benchmark suite in ``bench/``.
+
+Tooling beside the library: nothing in fastbn imports this package except the command line
+(fastbn/__main__.py: ``fastbn bench``).
+
+    cases.py      what is measured: the operations, shapes, targets, and Problem (the inputs)
+    reference.py  batch norm in plain NumPy, written once: the float64 reference (the bench's
+                  result check) and, in the input's dtype, "naive NumPy"
+    native.py     the compiled entry point the bench calls directly (the floor kernel): its one
+                  import site
+    impls.py      make_bench(op, impl, problem): fastbn, fastbn_out, numpy, torch, copy, floor;
+                  thread_count; the result check
+    timing.py     interleaved rounds of samples; single-call latencies; contention on the machine
+    report.py     the table's rows: measure, targets, print, plot
+    pipeline.py   ``fastbn bench --pipeline``: a training step in a loop next to other work
+    cli.py        the options of ``fastbn bench`` and which report they run
+
+    __main__ ─> cli ─┬─> report ───┬─> impls ─> native, reference, cases
+                     └─> pipeline ─┘      └───> timing
+"""
