@@ -1,11 +1,11 @@
 """fastbn's benchmark harness: ``fastbn bench`` and the pytest-benchmark suite in ``bench/``.
 
 Tooling beside the library: nothing in fastbn imports this package except the command line
-(fastbn/__main__.py: ``fastbn bench``).
+(fastbn/__main__.py: ``fastbn bench`` and ``fastbn info``'s self-check, which uses the reference).
 
     cases.py      what is measured: the operations, shapes, targets, and Problem (the inputs)
-    reference.py  batch norm in plain NumPy, written once: the float64 reference (the bench's
-                  result check) and, in the input's dtype, "naive NumPy"
+    reference.py  batch norm in plain NumPy, written once: the float64 reference (fastbn info's
+                  self-check, the bench's result check) and, in the input's dtype, "naive NumPy"
     native.py     the compiled entry point the bench calls directly (the floor kernel): its one
                   import site
     impls.py      make_bench(op, impl, problem): fastbn, fastbn_out, numpy, torch, copy, floor;

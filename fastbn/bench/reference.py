@@ -1,7 +1,8 @@
 """Batch norm written plainly in NumPy, once: the float64 reference and the naive implementation.
 
 With the default ``dtype=np.float64`` every function casts its arrays to float64 first and is
-*the* reference: the bench's result check compares fastbn with it.  With ``dtype=None`` the same formulas run in the inputs' own dtype, without a cast, and are
+*the* reference: ``fastbn info``'s self-check and the bench's result check compare fastbn with
+it.  With ``dtype=None`` the same formulas run in the inputs' own dtype, without a cast, and are
 the bench's "numpy" implementation (the textbook code a user would write, timed next to fastbn).
 
 The formulas follow PyTorch: training normalizes with the batch mean and *biased* variance over
