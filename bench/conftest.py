@@ -1,7 +1,7 @@
 """Fixtures of fastbn's pytest-benchmark suite (see bench/README.md).
 
 Every test that takes ``impl`` runs once per implementation (fastbn, fastbn_out, numpy, torch,
-copy, floor) and every test that takes ``problem`` once per (shape, dtype) case, so that
+onnxruntime, copy, floor) and every test that takes ``problem`` once per (shape, dtype) case, so that
 ``pytest bench/ --benchmark-group-by=group,param:shape`` puts the implementations side by side.
 The implementations themselves live in the package fastbn.bench, shared with ``fastbn bench``.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.bench import cases, impls, timing
+from fastbn.bench import cases, impls, onnxrt, timing
 
 
 def _threads_from_env():
@@ -57,8 +57,9 @@ def pytest_generate_tests(metafunc):
 
 def pytest_report_header(config):
     torch = impls.import_torch()
-    return (f"fastbn bench: {THREADS} threads for fastbn and torch (FASTBN_BENCH_THREADS); "
-            f"torch {torch.__version__ if torch else 'not installed'}")
+    return (f"fastbn bench: {THREADS} threads for fastbn, torch and onnxruntime (FASTBN_BENCH_THREADS); "
+            f"torch {torch.__version__ if torch else 'not installed'}; "
+            f"onnxruntime {onnxrt.version() or 'not installed'}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -90,8 +91,8 @@ def _plan(bench):
 @pytest.fixture
 def run_bench(benchmark, impl, problem):
     """run_bench(op): benchmark ``impl`` on ``op`` ("train", "eval", "eval_out", "backward") and,
-    for fastbn, assert the result matches the float64 reference (so a broken kernel cannot look
-    fast)."""
+    for fastbn and onnxruntime, assert the result matches the float64 reference (so a broken
+    kernel, or a wrongly bound buffer, cannot look fast)."""
 
     def run(op):
         bench = impls.make_bench(op, impl, problem)
@@ -105,7 +106,7 @@ def run_bench(benchmark, impl, problem):
         else:
             rounds, iterations = _plan(bench)
         result = benchmark.pedantic(bench.run, setup=bench.setup, rounds=rounds, iterations=iterations)
-        if impl in ("fastbn", "fastbn_out"):
+        if impl in ("fastbn", "fastbn_out", "onnxruntime"):
             error = impls.check(result, impls.expected(op, problem), problem.dtype)
             assert error is None, f"{impl} {cases.OPS[op].title} {problem.label()}: {error}"
         return result

@@ -148,7 +148,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="build facts and a self-check of every kernel (the default)")
-    bench = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy and PyTorch")
+    bench = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy, PyTorch and onnxruntime")
     try:
         from .bench import cli as bench_cli
 

@@ -2,6 +2,7 @@
 timing, and how targets are judged.  No timing is asserted here: these check the logic only."""
 import ast
 import glob
+import io
 import os
 import re
 
@@ -10,7 +11,7 @@ import pytest
 
 import fastbn
 from fastbn import _openmp
-from fastbn.bench import cases, impls, native, reference, report, timing
+from fastbn.bench import cases, impls, native, onnxrt, reference, report, timing
 
 
 # ---------------------------------------------------------------- the floor kernel
@@ -251,3 +252,43 @@ def test_the_bench_reaches_compiled_code_through_native_only():
             if any(re.search(r"(^|\.)(_kernels|_cpu)($|\.)", name) for name in names):
                 offenders.append(f"{path}:{node.lineno}")
     assert not offenders, f"reach the compiled modules through fastbn.bench.native instead: {offenders}"
+
+
+# ---------------------------------------------------------------- onnxruntime
+def test_onnxruntime_runs_eval_out_only_and_says_why_when_missing(monkeypatch, rng):
+    p = cases.Problem((3, 4, 5, 6), "float32", rng)
+    for op in ("train", "eval", "backward"):
+        assert impls.make_bench(op, "onnxruntime", p) is None
+        assert "eval forward with out=" in impls.skip_reason(op, "onnxruntime")
+    monkeypatch.setattr(onnxrt, "_modules", lambda: (None, None, "onnxruntime or onnx is not installed (pip ...)"))
+    assert impls.make_bench("eval_out", "onnxruntime", p) is None
+    assert impls.skip_reason("eval_out", "onnxruntime") == "onnxruntime or onnx is not installed (pip ...)"
+    assert onnxrt.version() is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_onnxruntime_writes_the_bound_output_in_place(rng, dtype):
+    pytest.importorskip("onnxruntime", reason="the onnxruntime rows need onnxruntime: pip install 'fastbn[bench]'")
+    pytest.importorskip("onnx", reason="the onnxruntime rows need onnx: pip install 'fastbn[bench]'")
+    p = cases.Problem((3, 4, 5, 6), dtype, rng)
+    bench = impls.make_bench("eval_out", "onnxruntime", p)
+    out = bench.run()
+    assert impls.check(out, impls.expected("eval_out", p), p.dtype) is None
+    assert bench.run() is out  # the same preallocated array every call
+    p.x *= 2  # bound by pointer: the next run reads the new values, no copy was taken
+    again = bench.run()
+    assert again is out and impls.check(again, impls.expected("eval_out", p), p.dtype) is None
+
+
+def test_the_eval_out_row_has_the_onnxruntime_ratio(rng):
+    pytest.importorskip("onnxruntime", reason="the onnxruntime rows need onnxruntime: pip install 'fastbn[bench]'")
+    pytest.importorskip("onnx", reason="the onnxruntime rows need onnx: pip install 'fastbn[bench]'")
+    row = report.measure("eval_out", cases.Problem((8, 3, 16, 16), "float32", rng), repeat=2, numpy_repeat=1)
+    assert row["error"] is None and row["onnxruntime_error"] is None and row["onnxruntime_samples"] == 2
+    assert row["speedup_onnxruntime"] == row["onnxruntime_min_s"] / row["fastbn_min_s"]
+    out = io.StringIO()
+    info = dict(report.machine_info(None, 1), other_processes_busy_cores=None)
+    report.print_report([row], info, out)
+    lines = out.getvalue().splitlines()
+    assert f"| onnxruntime {onnxrt.version()} |" in lines[0] and "vs onnxrt" in lines[1]
+    assert f"{row['speedup_onnxruntime']:.2f}x" in lines[2]

@@ -1,11 +1,11 @@
 """``fastbn bench``: its options, and the three reports they choose between.
 
 ``fastbn bench``             the table: train, eval and eval out= forwards and the backward against a
-                             copy, the floor, naive NumPy and torch (fastbn.bench.report)
+                             copy, the floor, naive NumPy, torch and onnxruntime (fastbn.bench.report)
 ``fastbn bench --pipeline``  a training step in a loop next to other work (fastbn.bench.pipeline)
 
 Nothing heavy is imported here at module level: ``fastbn`` imports this module for every
-subcommand; torch loads only when a benchmark runs, matplotlib only for ``--plot``.
+subcommand; torch and onnxruntime load only when a benchmark runs, matplotlib only for ``--plot``.
 """
 import argparse
 import json
@@ -66,10 +66,10 @@ def output_problem(path, kind):
 
 def add_arguments(parser):
     parser.description = ("Time fastbn's train forward, eval forward and backward against a memory copy of the "
-                          "same array, naive NumPy and PyTorch (when installed) at the same thread count, "
-                          "and check them against the project's targets.")
+                          "same array, naive NumPy, PyTorch and onnxruntime (when installed) at the same thread "
+                          "count, and check them against the project's targets.")
     parser.add_argument("--threads", type=_thread_count, default=None,
-                        help="threads for fastbn and torch (default: fastbn.get_num_threads())")
+                        help="threads for fastbn, torch and onnxruntime (default: fastbn.get_num_threads())")
     parser.add_argument("--full", action="store_true",
                         help="all shapes (also float64) and more repeats; the default is a quick run")
     parser.add_argument("--repeat", type=_positive_int, default=None,

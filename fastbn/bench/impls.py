@@ -2,8 +2,9 @@
 
 A :class:`Bench` is what gets timed: ``run`` is the call (it returns the output, for backward
 (dx, grad_weight, grad_bias)); ``setup``, when not None, runs untimed before each call.  Each
-Bench gets its own copies of the parameters and buffers.  torch is imported on first use; where
-it is missing, ``make_bench`` returns None and :func:`skip_reason` says why.
+Bench gets its own copies of the parameters and buffers.  Optional packages (torch, onnxruntime)
+are imported on first use; where one is missing, ``make_bench`` returns None and
+:func:`skip_reason` says why.
 """
 import contextlib
 from collections import namedtuple
@@ -13,12 +14,12 @@ import numpy as np
 import fastbn
 
 from .. import _openmp
-from . import native, reference
+from . import native, onnxrt, reference
 from .cases import OPS
 
 # sampled once each per round, in a shuffled order; fastbn_out: the same fastbn call with out=
-# (one buffer reused every call), beside the allocating one
-IMPLS = ("copy", "fastbn", "fastbn_out", "floor", "torch", "numpy")
+# (one buffer reused every call), beside the allocating one; onnxruntime: eval forward out= only
+IMPLS = ("copy", "fastbn", "fastbn_out", "floor", "torch", "numpy", "onnxruntime")
 
 Bench = namedtuple("Bench", "run setup", defaults=(None,))
 
@@ -146,6 +147,16 @@ def _torch(op, p):
     return Bench(lambda: torch.autograd.grad(y, params, tdy, retain_graph=True))
 
 
+def _onnxruntime(op, p):
+    """onnxruntime's BatchNormalization (inference mode) through io_binding into a preallocated
+    output: an eval forward with out=; None for the other operations or without onnxruntime."""
+    if op != "eval_out" or onnxrt.unavailable() is not None:
+        return None
+    w, b, rm, rv = p.copies()
+    out = np.empty_like(p.x)
+    return Bench(onnxrt.bound_eval(p.x, out, w, b, rm, rv, p.eps, fastbn.get_num_threads()))
+
+
 def floor(op, p, n=None):
     """The least memory traffic of the operation's passes (fastbn.bench.native.traffic: no
     arithmetic to speak of) on fastbn's threads, allocating its output as fastbn's call does and
@@ -183,7 +194,7 @@ def _copy(op, p):
 
 
 FACTORIES = {"fastbn": _fastbn, "fastbn_out": _fastbn_out, "numpy": _numpy, "torch": _torch, "copy": _copy,
-             "floor": floor}
+             "floor": floor, "onnxruntime": _onnxruntime}
 
 
 def make_bench(op, impl, p):
@@ -202,6 +213,10 @@ def skip_reason(op, impl):
         return "torch's batch norm has no out= (this group compares fastbn with np.copyto)"
     if impl == "fastbn_out" and op == "eval_out":
         return "eval_out is fastbn's out= call already"
+    if impl == "onnxruntime" and op != "eval_out":
+        return "onnxruntime runs the eval forward with out= (io_binding) only"
+    if impl == "onnxruntime":
+        return onnxrt.unavailable()
     return None
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import fastbn
 
 from .. import _openmp
-from . import impls
+from . import impls, onnxrt
 from .cases import OPS, SCALING_CASE, SCALING_TARGET, TARGETS, TINY, TINY_TARGETS, is_tiny
 from .impls import Bench, make_bench
 from .timing import time_calls
@@ -32,11 +32,12 @@ def measure(op, p, repeat, numpy_repeat=3):
         row[f"{impl}_min_s"], row[f"{impl}_median_s"] = timing.min, timing.median
         row[f"{impl}_samples"] = timing.samples
     outputs = {}
-    for impl in ("fastbn",):
-        bench = benches[impl]
-        if bench.setup is not None:
-            bench.setup()
-        outputs[impl] = bench.run()
+    for impl in ("fastbn", "onnxruntime"):
+        bench = benches.get(impl)
+        if bench is not None:
+            if bench.setup is not None:
+                bench.setup()
+            outputs[impl] = bench.run()
     del benches, bench
     fb = row["fastbn_min_s"]
     row["gbps"] = row["bytes"] / fb / 1e9
@@ -45,7 +46,10 @@ def measure(op, p, repeat, numpy_repeat=3):
     row["speedup_numpy"] = row["numpy_min_s"] / fb
     row["speedup_torch"] = row["torch_min_s"] / fb if "torch_min_s" in row else None
     row["x_out"] = fb / row["fastbn_out_min_s"] if "fastbn_out_min_s" in row else None
-    row["error"] = impls.check(outputs["fastbn"], impls.expected(op, p), p.dtype)
+    row["speedup_onnxruntime"] = row["onnxruntime_min_s"] / fb if "onnxruntime_min_s" in row else None
+    want = impls.expected(op, p)
+    row["error"] = impls.check(outputs["fastbn"], want, p.dtype)
+    row["onnxruntime_error"] = impls.check(outputs["onnxruntime"], want, p.dtype) if "onnxruntime" in outputs else None
     row["targets"] = evaluate_targets(row)
     return row
 
@@ -140,6 +144,7 @@ def machine_info(torch, threads):
         "fastbn": fastbn.__version__,
         "numpy": np.__version__,
         "torch": torch.__version__ if torch is not None else None,
+        "onnxruntime": onnxrt.version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -171,7 +176,8 @@ x copy    fastbn time / x.copy() time of the same array in this run (np.copyto(o
 x out=    fastbn time / the same fastbn call with out= (one buffer, reused), in the same rounds
 floor     the least memory traffic of the operation (its passes over the arrays, no arithmetic) on the same
           threads, in x copy: about the best any implementation can do; a target the floor misses is out of reach
-vs numpy  naive NumPy time / fastbn time (higher is better); vs torch: the same for torch.nn.BatchNorm*d
+vs numpy  naive NumPy time / fastbn time (higher is better); vs torch: the same for torch.nn.BatchNorm*d;
+          vs onnxrt (eval out= rows): the same for onnxruntime's BatchNormalization with io_binding
 targets   train: x copy <= 1.6, >= 3x torch, >= 5x numpy; eval: x copy <= 1.15, >= 2x torch;
           eval out=: <= 1.1x np.copyto; backward: x copy <= 2.4, >= 1.7x torch; allocating train, eval and
           backward: x out= <= 1.1;
@@ -188,19 +194,21 @@ def targets_met(rows):
 def print_report(rows, info, out=sys.stdout, scaling=None):
     torch_v = info["torch"] or "not installed"
     others = info["other_processes_busy_cores"]
-    print(f"fastbn {info['fastbn']} | numpy {info['numpy']} | torch {torch_v} | {info['cpu']}, "
+    print(f"fastbn {info['fastbn']} | numpy {info['numpy']} | torch {torch_v} | "
+          f"onnxruntime {info.get('onnxruntime') or 'not installed'} | {info['cpu']}, "
           f"{info['cores']} cores | {info['threads']} threads"
           + (f" | other processes used {others:.2f} cores" if others is not None else ""), file=out)
     header = ("shape", "dtype", "operation", "fastbn", "GB/s", "x copy", "x out=", "floor", "vs numpy", "vs torch",
-              "thr", "targets")
+              "vs onnxrt", "thr", "targets")
     table = [header]
     for r in rows:
         table.append((str(tuple(r["shape"])), r["dtype"], r["operation"], _fmt_time(r["fastbn_min_s"]),
                       f"{r['gbps']:.1f}", f"{r['x_copy']:.2f}", _fmt_ratio(r.get("x_out")), f"{r['floor_x_copy']:.2f}",
                       _fmt_ratio(r["speedup_numpy"]),
-                      _fmt_ratio(r["speedup_torch"]), str(r["threads"]), _fmt_targets(r)))
+                      _fmt_ratio(r["speedup_torch"]), _fmt_ratio(r.get("speedup_onnxruntime")), str(r["threads"]),
+                      _fmt_targets(r)))
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
-    right = {3, 4, 5, 6, 7, 8, 9, 10}
+    right = {3, 4, 5, 6, 7, 8, 9, 10, 11}
     for line in table:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
         print("  ".join(cells + [line[-1]]).rstrip(), file=out)
@@ -208,6 +216,8 @@ def print_report(rows, info, out=sys.stdout, scaling=None):
     print(LEGEND, file=out)
     if info["torch"] is None:
         print("torch is not installed: the torch targets are not checked (pip install 'fastbn[torch]').", file=out)
+    if not info.get("onnxruntime"):
+        print(f"vs onnxrt is empty: {onnxrt.unavailable()}", file=out)
     if others is not None and others > 0.2:
         print(f"WARNING: other processes kept {others:.2f} of the {info['cores']} cores busy during the run: "
               "a thread that loses its core stalls its whole OpenMP team for a scheduler time slice, so "
@@ -220,6 +230,9 @@ def print_report(rows, info, out=sys.stdout, scaling=None):
     for r in rows:
         if r["error"]:
             print(f"WRONG RESULT: {r['operation']} {tuple(r['shape'])} {r['dtype']}: {r['error']}", file=out)
+        if r.get("onnxruntime_error"):
+            print(f"onnxruntime's result is wrong in {r['operation']} {tuple(r['shape'])} {r['dtype']}: "
+                  f"{r['onnxruntime_error']}", file=out)
     if scaling is not None:
         print(_fmt_scaling(scaling), file=out)
         rows = rows + [scaling]
