@@ -11,7 +11,7 @@ import pytest
 
 import fastbn
 from fastbn import _openmp
-from fastbn.bench import cases, impls, native, onnxrt, reference, report, timing
+from fastbn.bench import cases, impls, latency, native, onnxrt, reference, report, timing
 
 
 # ---------------------------------------------------------------- the floor kernel
@@ -292,3 +292,51 @@ def test_the_eval_out_row_has_the_onnxruntime_ratio(rng):
     lines = out.getvalue().splitlines()
     assert f"| onnxruntime {onnxrt.version()} |" in lines[0] and "vs onnxrt" in lines[1]
     assert f"{row['speedup_onnxruntime']:.2f}x" in lines[2]
+
+
+# ---------------------------------------------------------------- fastbn bench --latency
+@pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built without OpenMP: the latency targets are set "
+                                               "for 2 threads, a serial build runs on 1")
+def test_latency_rows_for_every_implementation_and_the_targets_of_a_tiny_shape():
+    torch = impls.import_torch()
+    rows, targets, info, empty = latency.run(2, 2, torch, report.machine_info, io.StringIO(), per_round=3,
+                                             shapes=[(2, 16, 4, 4)])
+    expect = [i for i in latency.IMPLS if (i != "onnxruntime" or onnxrt.unavailable() is None)
+              and (i != "torch" or torch is not None)]
+    assert [r["impl"] for r in rows] == expect and info["threads"] == 2
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["calls"] == 6 and 0 < r["min_s"] <= r["median_s"] <= r["p90_s"]
+        assert (r["x_onnxruntime"] is None) == ("onnxruntime" not in expect)
+    assert 0 < empty < min(r["median_s"] for r in rows)
+    names = [t["name"] for t in targets]
+    assert names == ["layer <= kernel + 2 us", "batch_norm out= <= batch_norm", "layer out= <= layer"]
+    kernel = next(r for r in rows if r["impl"] == "kernel")
+    assert targets[0]["than"] == pytest.approx(kernel["median_s"] + 2e-6)
+    out = io.StringIO()
+    latency.print_report(rows, targets, info, empty, out)
+    text = out.getvalue()
+    assert "x onnxrt" in text and f"targets met: {sum(t['met'] for t in targets)}/3" in text
+
+
+def _latency_row(shape, impl, median):
+    return {"shape": list(shape), "impl": impl, "median_s": median, "error": None}
+
+
+def test_latency_targets_compare_medians_and_are_set_for_two_threads():
+    rows = [_latency_row((1, 512, 7, 7), impl, t) for impl, t in
+            (("kernel", 4e-6), ("batch_norm_out", 6e-6), ("batch_norm", 7e-6), ("layer", 9e-6),
+             ("layer_out", 8e-6), ("onnxruntime", 6.5e-6))]
+    rows += [_latency_row((2, 16, 4, 4), impl, t) for impl, t in
+             (("kernel", 1e-6), ("batch_norm_out", 5e-6), ("batch_norm", 4e-6), ("layer", 3.5e-6),
+              ("layer_out", 3e-6))]  # no onnxruntime here: its target is not checked
+    got = {(t["name"], tuple(t["shape"])): t["met"] for t in latency.evaluate_targets(rows, 2)}
+    assert got == {("batch_norm out= <= onnxruntime", (1, 512, 7, 7)): True,
+                   ("layer <= kernel + 2 us", (2, 16, 4, 4)): False,
+                   ("batch_norm out= <= batch_norm", (1, 512, 7, 7)): True,
+                   ("batch_norm out= <= batch_norm", (2, 16, 4, 4)): False,
+                   ("layer out= <= layer", (1, 512, 7, 7)): True,
+                   ("layer out= <= layer", (2, 16, 4, 4)): True}
+    assert latency.evaluate_targets(rows, 1) == []
+    rows[1]["error"] = "output 0: not all finite"  # a wrong result meets nothing
+    assert not next(t for t in latency.evaluate_targets(rows, 2) if t["name"] == "batch_norm out= <= onnxruntime")["met"]

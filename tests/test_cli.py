@@ -1,4 +1,7 @@
-"""`python -m fastbn`: the build facts and the self-check (the README's main job)."""
+"""`python -m fastbn`: the build facts and the self-check (the README's main job), and
+`fastbn bench`'s options."""
+import json
+
 import pytest
 
 from fastbn import __main__ as cli
@@ -95,3 +98,37 @@ def test_bench_threads_must_be_a_thread_count(capsys, threads):
         cli.main(["bench", "--threads", threads])
     assert exc.value.code == 2
     assert "argument --threads: expected" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- fastbn bench --latency
+def test_bench_latency_prints_the_table_and_writes_json(monkeypatch, tmp_path, capsys):
+    from fastbn.bench import latency
+
+    monkeypatch.setattr(latency, "CASES", [(2, 16, 4, 4)])
+    monkeypatch.setattr(latency, "PER_ROUND", 2)
+    path = tmp_path / "latency.json"
+    assert cli.main(["bench", "--latency", "--repeat", "1", "--json", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "[latency 1/1] (2, 16, 4, 4) float32" in captured.err
+    out = captured.out
+    assert "implementation" in out and "x onnxrt" in out and f"wrote {path}" in out
+    data = json.loads(path.read_text())
+    assert data["repeat"] == 1 and data["per_round"] == 2
+    assert {r["impl"] for r in data["rows"]} >= {"kernel", "batch_norm_out", "batch_norm", "layer", "layer_out"}
+    assert all(r["calls"] == 2 and r["error"] is None for r in data["rows"])
+    if _openmp.OPENMP:
+        assert data["machine"]["threads"] == 2 and data["targets_checked"] == len(data["targets"]) == 3
+        assert "targets met: " in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--latency", "--pipeline"], "--pipeline and --latency are two different reports: pick one"),
+    (["--latency", "--full"], "--full applies to the usual table, not to --latency"),
+    (["--latency", "--plot", "x.png"], "--plot applies to the usual table, not to --latency"),
+    (["--latency", "--shape", "4x3"], "--shape applies to --pipeline only"),
+    (["--latency", "--json", "/nonexistent-folder/x.json"], "the folder /nonexistent-folder does not exist"),
+])
+def test_bench_latency_refuses_options_of_the_other_reports(capsys, argv, message):
+    assert cli.main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "[latency" not in err

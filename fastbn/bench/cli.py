@@ -3,6 +3,7 @@
 ``fastbn bench``             the table: train, eval and eval out= forwards and the backward against a
                              copy, the floor, naive NumPy, torch and onnxruntime (fastbn.bench.report)
 ``fastbn bench --pipeline``  a training step in a loop next to other work (fastbn.bench.pipeline)
+``fastbn bench --latency``   per-call eval forward latency against onnxruntime (fastbn.bench.latency)
 
 Nothing heavy is imported here at module level: ``fastbn`` imports this module for every
 subcommand; torch and onnxruntime load only when a benchmark runs, matplotlib only for ``--plot``.
@@ -17,7 +18,7 @@ import numpy as np
 import fastbn
 
 from .. import _openmp
-from . import impls, pipeline, report
+from . import impls, latency, pipeline, report
 from .cases import FULL_CASES, OPS, QUICK_CASES, SCALING_CASE, Problem
 from .timing import Contention
 
@@ -69,7 +70,8 @@ def add_arguments(parser):
                           "same array, naive NumPy, PyTorch and onnxruntime (when installed) at the same thread "
                           "count, and check them against the project's targets.")
     parser.add_argument("--threads", type=_thread_count, default=None,
-                        help="threads for fastbn, torch and onnxruntime (default: fastbn.get_num_threads())")
+                        help="threads for fastbn, torch and onnxruntime (default: fastbn.get_num_threads(); "
+                             f"{latency.THREADS} with --latency)")
     parser.add_argument("--full", action="store_true",
                         help="all shapes (also float64) and more repeats; the default is a quick run")
     parser.add_argument("--repeat", type=_positive_int, default=None,
@@ -83,6 +85,11 @@ def add_arguments(parser):
                              f"{pipeline.SECONDS_PER_REPEAT * 1e3:g} ms per loop (default {pipeline.DEFAULT_REPEAT})")
     parser.add_argument("--shape", type=pipeline.parse_shape, action="append", metavar="NxC[xHxW]",
                         help="with --pipeline: a shape to run instead of the four default ones (repeatable)")
+    parser.add_argument("--latency", action="store_true",
+                        help="instead of the table: the per-call latency of an eval forward (fastbn's kernel, "
+                             "functional and layer calls, onnxruntime with io_binding, torch) on "
+                             + ", ".join(map(str, latency.CASES)) + f" float32 (see fastbn/bench/latency.py); "
+                             f"--repeat: rounds of {latency.PER_ROUND} calls each (default {latency.DEFAULT_REPEAT})")
 
 
 def _write_json(path, data):
@@ -93,8 +100,9 @@ def _write_json(path, data):
 
 def run(args):
     """Run the report the options ask for; its exit status (2 on a bad combination of options)."""
-    mode = "--pipeline" if args.pipeline else None
-    problem = ("--shape applies to --pipeline only" if args.shape and not args.pipeline else
+    mode = "--pipeline" if args.pipeline else "--latency" if args.latency else None
+    problem = ("--pipeline and --latency are two different reports: pick one" if args.pipeline and args.latency else
+               "--shape applies to --pipeline only" if args.shape and not args.pipeline else
                f"--full applies to the usual table, not to {mode}" if args.full and mode else
                f"--plot applies to the usual table, not to {mode}" if args.plot and mode else None)
     for kind in ("json", "plot"):
@@ -105,6 +113,8 @@ def run(args):
         return 2
     if args.pipeline:
         return run_pipeline(args)
+    if args.latency:
+        return run_latency(args)
     return run_table(args)
 
 
@@ -153,3 +163,17 @@ def run_pipeline(args):
         _write_json(args.json, {"machine": info, "repeat": repeat, "targets_met": met, "targets_checked": checked,
                                 "out_of_reach": pipeline.out_of_reach(rows), "rows": rows})
     return 0
+
+
+def run_latency(args):
+    """``fastbn bench --latency`` with --threads, --repeat and --json; 1 if a fastbn result is wrong."""
+    repeat = args.repeat or latency.DEFAULT_REPEAT
+    rows, targets, info, empty_s = latency.run(args.threads or latency.THREADS, repeat, impls.import_torch(),
+                                               report.machine_info, sys.stderr)
+    latency.print_report(rows, targets, info, empty_s, sys.stdout)
+    if args.json:
+        _write_json(args.json, {"machine": info, "repeat": repeat, "per_round": latency.PER_ROUND,
+                                "empty_call_median_s": empty_s, "targets_met": sum(t["met"] for t in targets),
+                                "targets_checked": len(targets), "targets": targets, "rows": rows})
+    fastbn_wrong = [r for r in rows if r["error"] and r["impl"] not in ("onnxruntime", "torch")]
+    return 1 if fastbn_wrong else 0

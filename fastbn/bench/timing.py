@@ -1,8 +1,9 @@
 """How the bench times calls: interleaved rounds of samples, and what else ran on the machine.
 
 :func:`time_calls` samples every implementation once per round, in a shuffled order, so that all
-of them see the same stretch of a shared machine's time; :class:`Contention` measures how many
-cores other processes kept busy meanwhile.
+of them see the same stretch of a shared machine's time; :func:`latency_samples` does the same
+with single calls timed one by one, for per-call medians and percentiles; :class:`Contention`
+measures how many cores other processes kept busy meanwhile.
 """
 import math
 import os
@@ -92,3 +93,32 @@ class Contention:
             ours = time.process_time() - self.cpu  # all of this process's threads
             self.cores = max(0.0, (busy - self.busy - ours) / (time.perf_counter() - self.wall))
         return False
+
+
+
+
+# ---------------------------------------------------------------- single calls
+def latency_samples(calls, rounds, per_round, warmup=3):
+    """{key: [seconds of one call, ...]}: ``rounds`` x ``per_round`` single calls of each function
+    in ``calls`` (a dict), each timed on its own (perf_counter_ns around the call, so the timer's
+    own ~0.1 us is in every sample: time an empty function beside them to see it).
+
+    Rounds interleave the functions as :func:`time_calls` does (a new seeded shuffle each round);
+    in a round each function first runs ``warmup`` times untimed, so that its timed calls are the
+    steady state of back-to-back calls (its data in cache, its threads awake) rather than the
+    cost of taking over from the previous function (another library's threads still spinning)."""
+    perf = time.perf_counter_ns
+    order, shuffle = list(calls), random.Random(0).shuffle
+    samples = {key: [] for key in calls}
+    for i in range(rounds):
+        if i:
+            shuffle(order)
+        for key in order:
+            fn, out = calls[key], samples[key]
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_round):
+                t0 = perf()
+                fn()
+                out.append(perf() - t0)
+    return {key: [t * 1e-9 for t in ts] for key, ts in samples.items()}
