@@ -1,5 +1,6 @@
-"""``python -m fastbn [info|bench]``: what this build is, a self-check, and the benchmark report."""
+"""fastbn [info|bench]: what this build is, a self-check, and the benchmark report."""
 import argparse
+import os
 import re
 import sys
 
@@ -144,8 +145,20 @@ def _cuda_status():
         return f"unavailable ({exc})"
 
 
+def prog_name(argv0):
+    """The name the command line goes by in its usage and messages, from ``argv0`` (sys.argv[0]
+    when run from a shell, None when main() is called with its own argv): the console script's
+    basename as invoked (normally ``fastbn``); ``fastbn`` for ``python -m fastbn`` (argv[0] is
+    then this file's path, no command a user could type) and for a call from Python code (whose
+    argv[0] names the calling program, pytest's for instance, not this one)."""
+    name = os.path.basename(argv0 or "")
+    if name.lower().endswith(".exe"):
+        name = name[:-4]
+    return "fastbn" if not name or name.endswith(".py") or name == "-c" else name
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog_name(sys.argv[0] if argv is None else None), description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="build facts and a self-check of every kernel (the default)")
     bench = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy, PyTorch and onnxruntime")

@@ -294,6 +294,18 @@ def test_the_eval_out_row_has_the_onnxruntime_ratio(rng):
     assert f"{row['speedup_onnxruntime']:.2f}x" in lines[2]
 
 
+def test_the_report_points_at_a_json_file_only_when_one_was_asked_for(rng):
+    row = report.measure("eval", cases.Problem((8, 3, 16, 16), "float32", rng), repeat=1, numpy_repeat=1)
+    info = dict(report.machine_info(None, 1), other_processes_busy_cores=None)
+    row["fastbn_median_s"] = 2 * row["fastbn_min_s"]  # unsteady: the note about medians shows
+    without, to_file = io.StringIO(), io.StringIO()
+    report.print_report([row], info, without)
+    report.print_report([row], info, to_file, json_path="out.json")
+    assert "JSON" not in without.getvalue() and "--json FILE also writes the medians" in without.getvalue()
+    assert "JSON" not in to_file.getvalue() and "out.json also has the medians" in to_file.getvalue()
+    assert "note: unsteady timings" in without.getvalue()
+
+
 # ---------------------------------------------------------------- fastbn bench --latency
 @pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built without OpenMP: the latency targets are set "
                                                "for 2 threads, a serial build runs on 1")

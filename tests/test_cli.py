@@ -1,6 +1,9 @@
-"""`python -m fastbn`: the build facts and the self-check (the README's main job), and
-`fastbn bench`'s options."""
+"""`fastbn` (or `python -m fastbn`): the build facts and the self-check (the README's main job),
+the name the command goes by, and `fastbn bench`'s options."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -98,6 +101,38 @@ def test_bench_threads_must_be_a_thread_count(capsys, threads):
         cli.main(["bench", "--threads", threads])
     assert exc.value.code == 2
     assert "argument --threads: expected" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the name it goes by
+@pytest.mark.parametrize("argv0,name", [
+    ("/venv/bin/fastbn", "fastbn"),              # the console script
+    ("fastbn.exe", "fastbn"),                    # the console script on Windows
+    ("/opt/tools/fastbn-dev", "fastbn-dev"),     # a script installed under another name: as invoked
+    ("/src/fastbn/__main__.py", "fastbn"),       # python -m fastbn
+    ("-c", "fastbn"), ("", "fastbn"), (None, "fastbn"),  # python -c "...main()", main(argv) from Python code
+])
+def test_the_command_line_names_itself_as_invoked(argv0, name):
+    assert cli.prog_name(argv0) == name
+
+
+def test_usage_and_errors_say_fastbn_when_called_from_python(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--threads", "0"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fastbn bench ") and "python -m" not in err and "pytest" not in err
+
+
+def test_python_m_fastbn_calls_itself_fastbn():
+    """Run as a module, argv[0] is fastbn/__main__.py: the usage says ``fastbn``, as the README's
+    commands do, and no help text says ``python -m fastbn``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    for argv in (["--help"], ["bench", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "fastbn", *argv], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage: fastbn" + (" bench" if argv[0] == "bench" else "")), done.stdout
+        assert "python -m" not in done.stdout and "__main__" not in done.stdout
 
 
 # ---------------------------------------------------------------- fastbn bench --latency

@@ -142,7 +142,7 @@ def run_table(args):
                   f"{fastbn.get_num_threads()} threads", file=sys.stderr, flush=True)
             scaling = report.measure_scaling(Problem(*SCALING_CASE, rng), fastbn.get_num_threads(), repeat)
     info["other_processes_busy_cores"] = contention.cores
-    report.print_report(rows, info, scaling=scaling)
+    report.print_report(rows, info, scaling=scaling, json_path=args.json)
     if args.json:
         met, checked = report.targets_met(rows + ([scaling] if scaling else []))
         _write_json(args.json, {"machine": info, "repeat": repeat, "targets_met": met, "targets_checked": checked,

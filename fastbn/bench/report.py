@@ -169,8 +169,13 @@ def _fmt_targets(row):
     return "ok" if not missed else "MISS " + "; ".join(missed)
 
 
+def medians_note(json_path):
+    """Where the medians are: the --json file when one was asked for."""
+    return f"{json_path} also has the medians" if json_path else "--json FILE also writes the medians"
+
+
 LEGEND = f"""\
-fastbn    time per call, min of the repeats (the JSON also has medians)
+fastbn    time per call, min of the repeats ({{medians}})
 GB/s      bytes that must move (train/eval: read x + write y = 2x the array; backward: dy, x, dx = 3x) / fastbn time
 x copy    fastbn time / x.copy() time of the same array in this run (np.copyto(out, x) for out=)
 x out=    fastbn time / the same fastbn call with out= (one buffer, reused), in the same rounds
@@ -191,7 +196,9 @@ def targets_met(rows):
     return sum(t["met"] and not r["error"] for t, r in checked), len(checked)
 
 
-def print_report(rows, info, out=sys.stdout, scaling=None):
+def print_report(rows, info, out=sys.stdout, scaling=None, json_path=None):
+    """The table, its legend, warnings and the target count; ``json_path``: where --json writes
+    the rows (None: it was not asked for)."""
     torch_v = info["torch"] or "not installed"
     others = info["other_processes_busy_cores"]
     print(f"fastbn {info['fastbn']} | numpy {info['numpy']} | torch {torch_v} | "
@@ -213,7 +220,7 @@ def print_report(rows, info, out=sys.stdout, scaling=None):
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
         print("  ".join(cells + [line[-1]]).rstrip(), file=out)
     print(file=out)
-    print(LEGEND, file=out)
+    print(LEGEND.format(medians=medians_note(json_path)), file=out)
     if info["torch"] is None:
         print("torch is not installed: the torch targets are not checked (pip install 'fastbn[torch]').", file=out)
     if not info.get("onnxruntime"):
@@ -226,7 +233,7 @@ def print_report(rows, info, out=sys.stdout, scaling=None):
                            for r in rows for impl in ("copy", "fastbn")), key=lambda t: t[0])
     if spread > 1.3:
         print(f"note: unsteady timings: {impl}'s median is {spread:.1f}x its min in {r['operation']} "
-              f"{tuple(r['shape'])} {r['dtype']} (the JSON has every median).", file=out)
+              f"{tuple(r['shape'])} {r['dtype']} ({medians_note(json_path)}).", file=out)
     for r in rows:
         if r["error"]:
             print(f"WRONG RESULT: {r['operation']} {tuple(r['shape'])} {r['dtype']}: {r['error']}", file=out)
