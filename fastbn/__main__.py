@@ -9,6 +9,7 @@ import numpy as np
 import fastbn
 
 from . import _alloc, _cpu, _kernels, _machine, _openmp
+from .bench import cli as bench_cli
 from .bench import reference
 
 
@@ -162,16 +163,9 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="build facts and a self-check of every kernel (the default)")
     bench = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy, PyTorch and onnxruntime")
-    try:
-        from .bench import cli as bench_cli
-
-        bench_cli.add_arguments(bench)
-    except ImportError:
-        bench_cli = None
+    bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "bench":
-        if bench_cli is None:
-            parser.error("the benchmark package fastbn.bench is missing from this install")
         return bench_cli.run(args)
     return info()
 
