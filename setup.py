@@ -7,7 +7,7 @@ Environment switches:
   FASTBN_BOUNDSCHECK=1      turn Cython bounds and wraparound checks back on (debugging)
   FASTBN_DEBUG=1            keep debug information and symbols (other builds are stripped)
   FASTBN_SANITIZE=address,undefined
-                            build with these sanitizers (for tests: see README.md, "Developing")
+                            build with these sanitizers (for tests: see docs/developing.md)
   FASTBN_LIBOMP_PREFIX=dir  macOS: where libomp is (default: `brew --prefix libomp`)
 
 The switches, the compiler and every flag it gets are the build's identity.  It is recorded in

@@ -8,7 +8,8 @@ import numpy as np
 
 import fastbn
 
-from . import _alloc, _cpu, _kernels, _machine, _openmp
+from . import _alloc, _kernels, _machine, _openmp
+from ._backends import cpu as _cpu
 from .bench import cli as bench_cli
 from .bench import reference
 
@@ -139,7 +140,7 @@ def machine_lines():
 
 def _cuda_status():
     try:
-        from . import _cupy_backend
+        from ._backends import cuda as _cupy_backend
 
         return _cupy_backend.status()
     except ImportError as exc:  # the backend module itself is optional

@@ -22,7 +22,8 @@ try:
 except ImportError as exc:
     raise ImportError(f"fastbn is not installed or not built ({exc}): `pip install .` installs it, "
                       "`python setup.py build_ext --inplace` builds it in this source tree") from exc
-from fastbn import _cpu, _kernels
+from fastbn import _kernels
+from fastbn._backends import cpu as _cpu
 
 SEED = 20240611
 

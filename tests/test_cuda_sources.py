@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cupy_backend
+from fastbn._backends import cuda as _cupy_backend
 
 CUDA_DIR = os.path.join(os.path.dirname(fastbn.__file__), "_cuda")
 CU_FILES = sorted(f for f in os.listdir(CUDA_DIR) if f.endswith(".cu"))
@@ -123,7 +123,7 @@ def no_cupy(monkeypatch):
 
 
 def test_import_fastbn_does_not_import_cupy(tmp_path):
-    code = ("import sys; import fastbn, fastbn._cupy_backend as b; import numpy as np\n"
+    code = ("import sys; import fastbn, fastbn._backends.cuda as b; import numpy as np\n"
             "assert 'cupy' not in sys.modules, 'importing fastbn imported cupy'\n"
             "x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)\n"
             "fastbn.BatchNorm1d(3)(x)\n"
@@ -190,9 +190,9 @@ def test_backend_without_cupy(no_cupy):
 def test_numpy_arrays_never_reach_the_cuda_backend(no_cupy):
     from fastbn import functional
 
-    assert functional.backend_of(np.zeros(2)) is fastbn.functional._cpu
+    assert fastbn._backends.backend_of(np.zeros(2)) is fastbn._backends.cpu
     with pytest.raises(TypeError, match="numpy"):
-        functional.backend_of([1.0, 2.0])
+        fastbn._backends.backend_of([1.0, 2.0])
 
 
 # ---------------------------------------------------------------------------------- a CuPy without a GPU
@@ -270,7 +270,7 @@ import sys
 import numpy as np
 import cupy
 import fastbn
-from fastbn import _cpu, _cupy_backend as be
+from fastbn._backends import cpu as _cpu, cuda as be
 
 rng = np.random.default_rng(7)
 CASES = [  # shape, path, unit, the stage-1 kernel the plan must pick

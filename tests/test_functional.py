@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cpu
+from fastbn._backends import cpu as _cpu
 from conftest import (TOL, assert_close, random_input, random_params, ref_backward, ref_forward,
                       ref_running_update)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cupy_backend
+from fastbn._backends import cuda as _cupy_backend
 
 
 def _gpu_skip_reason():

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastbn
-from fastbn import _cpu
+from fastbn._backends import cpu as _cpu
 from conftest import assert_close, ref_backward, ref_forward, ref_running_update
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,

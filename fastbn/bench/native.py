@@ -8,5 +8,5 @@
 When either moves (issue 12: the floor kernel leaves the production kernels), this file is the
 one to change.
 """
-from .._cpu import forward_eval_running as eval_kernel  # noqa: F401  (x3, y3, w, b, rm, rv, eps)
+from .._backends.cpu import forward_eval_running as eval_kernel  # noqa: F401  (x3, y3, w, b, rm, rv, eps)
 from .._kernels import traffic  # noqa: F401  (a, b=None, y=None, n_threads=1, stream=-1, backwards=False)
