@@ -5,7 +5,8 @@
                                                  no generated C, compiled module or cache
     python .ci/check_dist.py installed           run with the venv's python: the installed fastbn's
                                                  modules are stripped and carry no RPATH/RUNPATH,
-                                                 and it has py.typed and its stubs
+                                                 and it has py.typed, its stubs and every
+                                                 subpackage's modules (fastbn/bench/)
 """
 import glob
 import os
@@ -45,6 +46,13 @@ def check_installed():
                  "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "sync.pyi", "fusion.pyi"):
         if not os.path.exists(os.path.join(pkg, name)):
             problems.append(f"the installed package has no {name}")
+    # every subpackage of the source tree (pyproject.toml's packages list names each one)
+    for init in sorted(glob.glob(os.path.join(ROOT, "fastbn", "*", "__init__.py"))):
+        sub = os.path.relpath(os.path.dirname(init), os.path.join(ROOT, "fastbn"))
+        for source in sorted(glob.glob(os.path.join(os.path.dirname(init), "*.py"))):
+            name = os.path.join(sub, os.path.basename(source))
+            if not os.path.exists(os.path.join(pkg, name)):
+                problems.append(f"the installed package has no {name} (is fastbn.{sub} in pyproject.toml's packages?)")
     modules = sorted(glob.glob(os.path.join(pkg, "*.so")))
     readelf = shutil.which("readelf")
     for so in modules:
