@@ -5,6 +5,7 @@ call the internal entry points ``forward``/``backward`` below, which the layers 
 after their own checks.  The arithmetic lives in the backends (fastbn._backends).
 """
 from . import _checks as ck
+from ._fastpath import eval_forward as _plain_eval
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -17,6 +18,10 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     that normalized the input (the batch's in training, the running buffers' otherwise), as
     float64 arrays of shape ``(C,)``.
     """
+    if training is False and unbiased is True:  # the plain evaluation call, checked in C (or None)
+        done = _plain_eval(input, running_mean, running_var, weight, bias, eps, out)
+        if done is not None:
+            return done
     with ck.device_of(input):  # arrays made from here on land on the input's device
         return _checked_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, out, unbiased)
 
@@ -81,6 +86,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     normalize with the running buffers.  ``out=`` receives the result (it may be ``input`` itself
     for an in-place call).
     """
+    if training is False and unbiased is True:
+        done = _plain_eval(input, running_mean, running_var, weight, bias, eps, out)
+        if done is not None:
+            return done[0]
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, out=out,
                               unbiased=unbiased)[0]
 

@@ -16,7 +16,9 @@ import numpy as np
 from . import _checks as ck
 from . import functional as F
 from ._backends import backend_of, cpu
-from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _wrap_int64  # noqa: F401 (IncompatibleKeys: API)
+from ._fastpath import eval_forward as _plain_eval
+from ._grad_mode import is_grad_enabled
+from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _Saved, _wrap_int64  # noqa: F401 (API)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Layer"]
 
@@ -114,6 +116,25 @@ class _BatchNorm(Layer):
     def _backend(self):
         return cpu if self._cuda is None else self._cuda.backend
 
+    def forward(self, input, *, out=None, update_running_stats=True):
+        """Normalize ``input``; ``out=``: an array to receive the output (it may be ``input``).
+        Saves this forward for ``backward`` (per thread) unless inside ``fastbn.no_grad()``;
+        ``update_running_stats=False`` leaves the running statistics alone in training mode."""
+        if (not self.training and self.track_running_stats and self._cuda is None and out is not input
+                and type(input) is np.ndarray and input.dtype is self.dtype and input.ndim in self._ndims
+                and (update_running_stats is True or update_running_stats is False)):
+            # the plain evaluation call, checked in C (None: anything else, for the full checks)
+            done = _plain_eval(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps, out)
+            if done is not None:
+                y, mean, invstd = done
+                if is_grad_enabled():
+                    self._local.saved = _Saved(False, (input, self.dtype, None, self._saved_weight(True), mean,
+                                                       invstd, False))
+                return y
+        return Layer.forward(self, input, out=out, update_running_stats=update_running_stats)
+
+    __call__ = forward
+
     def _forward(self, input, checked, out, update, saved_input, record):
         be, x3 = checked
         batch_stats = self.training or not self.track_running_stats
@@ -140,6 +161,8 @@ class _BatchNorm(Layer):
 
     def _backward(self, be, grad_output, payload, out):
         x, dt, x3, weight, mean, invstd, batch_stats = payload
+        if x3 is None:  # saved by the plain evaluation call
+            x3 = ck.ncs_view(be, x, dt)
         with self._on_device():
             w = ck.param(weight, "weight", be, (self.num_features,), dt, 1.0)
             g3 = ck.kernel_view(be, grad_output, x, x3, "grad_output")
