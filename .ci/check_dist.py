@@ -29,7 +29,8 @@ def check_sdist(path):
     missing = sorted(want - held)
     junk = sorted(n for n in held if n.endswith((".so", ".pyd", ".o", ".pyc")) or "__pycache__" in n
                   or (n.startswith("fastbn/") and n.endswith((".c", ".cpp"))) or n.startswith(("build/", "dist/")))
-    for name in ("fastbn/_kernels.pyx", "fastbn/_openmp.pyx", "tests/conftest.py", "fastbn/py.typed"):
+    for name in ("fastbn/_kernels.pyx", "fastbn/_openmp.pyx", "tests/conftest.py", "tests/_helpers.py",
+                 "fastbn/py.typed"):
         if name not in held:
             missing.append(name)
     problems = [f"missing from the sdist: {n}" for n in missing] + [f"should not be in the sdist: {n}" for n in junk]
