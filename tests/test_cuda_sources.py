@@ -10,7 +10,8 @@
 - the kernels *run*, on the CPU: the emulated CuPy of tests/cuda_emulator/ compiles the CUDA
   source with g++ against its emulation of the CUDA builtins (each CUDA thread a fiber,
   ``__syncthreads`` a barrier, warp shuffles an exchange between barriers, deadlocks reported),
-  in a subprocess; tests/cuda_emulator/check_kernels.py compares the backend's results with the
+  in a subprocess; tests/cuda_emulator/check_emulator.py checks the emulator on kernels with
+  known results, tests/cuda_emulator/check_kernels.py compares the backend's results with the
   CPU backend on every work-splitting path; then all of tests/test_gpu.py runs against the
   emulator.  This checks the indexing, the reductions, the Python launch code (argument types
   against the kernel signatures) and the GPU tests themselves where no GPU is available.  It
@@ -284,6 +285,14 @@ def _run(cmd, emulator, timeout=600):
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{' '.join(cmd[:3])}... did not finish in {timeout} s")
+
+
+def test_cpu_emulator_runs_known_kernels_and_refuses_bad_launches(emulator):
+    """The emulator itself: indices, shuffles, barriers and shared memory on kernels with known
+    results (tests/cuda_emulator/probes.cu), deadlocks reported, and bad launches refused."""
+    r = _run([sys.executable, cuda_emulator.CHECK_EMULATOR], emulator)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"emulator: ok, \d+ launches", r.stdout), r.stdout + r.stderr
 
 
 def test_kernels_run_correctly_in_the_cpu_emulator(emulator):

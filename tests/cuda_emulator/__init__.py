@@ -13,7 +13,9 @@ import shutil
 import subprocess
 
 DIR = os.path.dirname(os.path.abspath(__file__))
-# fastbn's CUDA backend against its CPU backend on every work-splitting path (a script)
+# the scripts that the tests run: the emulator on kernels with known results (probes.cu), and
+# fastbn's CUDA backend on the emulator against its CPU backend on every work-splitting path
+CHECK_EMULATOR = os.path.join(DIR, "check_emulator.py")
 CHECK_KERNELS = os.path.join(DIR, "check_kernels.py")
 
 _PROBE = "#include <ucontext.h>\n#include <csetjmp>\nint main() { ucontext_t c; return getcontext(&c); }\n"
