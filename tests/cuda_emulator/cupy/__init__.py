@@ -224,4 +224,4 @@ cuda = types.SimpleNamespace(Device=_Device, runtime=runtime, Event=_Event, get_
 
 
 # RawModule and RawKernel use the arrays and devices above.
-from ._raw import RawKernel, RawModule  # noqa: E402
+from ._raw import RawKernel, RawModule  # noqa: E402, F401

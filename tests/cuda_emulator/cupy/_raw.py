@@ -78,7 +78,8 @@ class RawKernel:
             ptrs.append(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p))
         arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
         launches.append((self.name, grid[:2], block[:2]))
-        if self._fn(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block[0]), ctypes.c_uint(block[1]), arr):
+        dims = [ctypes.c_uint(d) for d in (grid[0], grid[1], block[0], block[1])]
+        if self._fn(*dims, arr):
             raise RuntimeError(f"{self.name}: deadlock, threads wait at a barrier the others never reach")
 
 
