@@ -1,8 +1,9 @@
 """CI: check what the sdist holds and what pip installed from it.
 
     python .ci/check_dist.py sdist DIST.tar.gz   every tracked source of fastbn/ and tests/ (so every
-                                                 header, .pyx, .pxd, .cu, stub), LICENSE, README, and
-                                                 no generated C, compiled module or cache
+                                                 header, .pyx, .pxd, .cu, stub, and the CUDA emulator's
+                                                 C++ and README), LICENSE, README, and no generated
+                                                 C, compiled module or cache
     python .ci/check_dist.py installed           run with the venv's python: the installed fastbn's
                                                  modules are stripped and carry no RPATH/RUNPATH,
                                                  and it has py.typed, its stubs and every
@@ -29,7 +30,8 @@ def check_sdist(path):
     missing = sorted(want - held)
     junk = sorted(n for n in held if n.endswith((".so", ".pyd", ".o", ".pyc")) or "__pycache__" in n
                   or (n.startswith("fastbn/") and n.endswith((".c", ".cpp"))) or n.startswith(("build/", "dist/")))
-    for name in ("fastbn/_kernels.pyx", "fastbn/_openmp.pyx", "tests/conftest.py", "fastbn/py.typed"):
+    for name in ("fastbn/_kernels.pyx", "fastbn/_openmp.pyx", "tests/conftest.py", "tests/_helpers.py",
+                 "tests/cuda_emulator/scheduler.cpp", "tests/cuda_emulator/README.md", "fastbn/py.typed"):
         if name not in held:
             missing.append(name)
     problems = [f"missing from the sdist: {n}" for n in missing] + [f"should not be in the sdist: {n}" for n in junk]

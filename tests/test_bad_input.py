@@ -6,7 +6,7 @@ import pytest
 
 import fastbn
 from fastbn import _kernels
-from conftest import assert_close, random_input, random_params, ref_backward
+from _helpers import assert_close, random_input, random_params, ref_backward
 
 SHAPE = (4, 3, 5)
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import fastbn
 from fastbn._backends import cpu as _cpu
-from conftest import assert_close, ref_backward, ref_forward, ref_running_update
+from _helpers import assert_close, ref_backward, ref_forward, ref_running_update
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

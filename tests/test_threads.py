@@ -13,7 +13,7 @@ from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limi
 import fastbn
 from fastbn import _kernels, _openmp
 from fastbn._backends import cpu as _cpu
-from conftest import assert_close, random_input, random_params, ref_backward, ref_forward
+from _helpers import assert_close, random_input, random_params, ref_backward, ref_forward
 
 # These test the OpenMP thread count; a serial build (no OpenMP in the compiler) has one thread.
 needs_openmp = pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built without OpenMP: serial kernels")
