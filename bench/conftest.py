@@ -5,39 +5,12 @@ onnxruntime, copy, floor) and every test that takes ``problem`` once per (shape,
 ``pytest bench/ --benchmark-group-by=group,param:shape`` puts the implementations side by side.
 The implementations themselves live in the package fastbn.bench, shared with ``fastbn bench``.
 """
-import os
-
 import numpy as np
 import pytest
 
 import fastbn
+from _settings import CASES, MAX_ROUNDS, MIN_ROUNDS, TARGET_S, THREADS
 from fastbn.bench import cases, impls, onnxrt, timing
-
-
-def _threads_from_env():
-    text = os.environ.get("FASTBN_BENCH_THREADS", "2")
-    if not text.strip().isdigit() or int(text) < 1:
-        raise pytest.UsageError(f"FASTBN_BENCH_THREADS must be a positive integer, got {text!r}")
-    return int(text)
-
-
-# Threads for fastbn and torch alike; numpy's naive implementation runs on one thread.
-THREADS = _threads_from_env()
-
-# (shape, dtype): the float32 shapes of a ResNet-ish network, an MLP's BatchNorm1d, one float64
-# case, and a tiny one that measures per-call overhead.
-CASES = [
-    ((64, 64, 56, 56), "float32"),
-    ((256, 256, 14, 14), "float32"),
-    ((32, 3, 224, 224), "float32"),
-    ((4096, 1024), "float32"),
-    ((64, 64, 56, 56), "float64"),
-    (cases.TINY, "float32"),
-]
-
-# Timed seconds to aim for per benchmark, and the bounds on the number of rounds.
-TARGET_S = 0.3
-MIN_ROUNDS, MAX_ROUNDS = 5, 50
 
 
 def case_id(shape, dtype):

@@ -11,7 +11,7 @@ mode, on FASTBN_BENCH_THREADS threads (2 by default: the targets of issues 12 an
 import pytest
 
 import fastbn
-from conftest import TARGET_S
+from _settings import TARGET_S
 from fastbn.bench import impls, latency, onnxrt, timing
 
 # conftest parametrizes shape, dtype and impl with these instead of the other files' cases

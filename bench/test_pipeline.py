@@ -11,7 +11,7 @@ Test ids look like ``test_step[450x100-float32-fastbn-after-matmul]``.
 import numpy as np
 import pytest
 
-from conftest import MAX_ROUNDS, MIN_ROUNDS, TARGET_S, THREADS
+from _settings import MAX_ROUNDS, MIN_ROUNDS, TARGET_S, THREADS
 from fastbn.bench import impls, pipeline, timing
 
 # conftest parametrizes shape, dtype and impl with these instead of the other files' cases
