@@ -353,3 +353,22 @@ def test_latency_targets_compare_medians_and_are_set_for_two_threads():
     assert latency.evaluate_targets(rows, 1) == []
     rows[1]["error"] = "output 0: not all finite"  # a wrong result meets nothing
     assert not next(t for t in latency.evaluate_targets(rows, 2) if t["name"] == "batch_norm out= <= onnxruntime")["met"]
+
+
+def test_channels_last_report_runs_and_judges(monkeypatch, capsys):
+    """fastbn bench --channels-last on a small shape: every row timed, the targets judged at 2
+    threads (the report's numbers are not asserted: timings are not pass/fail)."""
+    import io
+
+    from fastbn.bench import layouts, report
+
+    monkeypatch.setattr(layouts, "SHAPE", (4, 8, 6, 6))
+    rows, targets, info = layouts.run(2, 2, None, report.machine_info)
+    assert [r["op"] for r in rows] == list(layouts.OPS)
+    assert all(r["nchw_s"] > 0 and r["channels_last_s"] > 0 and r["torch_channels_last_s"] is None for r in rows)
+    assert [t["what"].split(":")[0] for t in targets] == list(layouts.OPS)  # no torch: the layout targets only
+    out = io.StringIO()
+    layouts.print_report(rows, targets, info, out)
+    assert "targets met:" in out.getvalue() and "chan-last" in out.getvalue()
+    rows1, targets1, _ = layouts.run(1, 1, None, report.machine_info)
+    assert targets1 == []  # the targets are set for 2 threads

@@ -157,7 +157,7 @@ def test_bench_latency_prints_the_table_and_writes_json(monkeypatch, tmp_path, c
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--latency", "--pipeline"], "--pipeline and --latency are two different reports: pick one"),
+    (["--latency", "--pipeline"], "--pipeline and --latency are different reports: pick one"),
     (["--latency", "--full"], "--full applies to the usual table, not to --latency"),
     (["--latency", "--plot", "x.png"], "--plot applies to the usual table, not to --latency"),
     (["--latency", "--shape", "4x3"], "--shape applies to --pipeline only"),

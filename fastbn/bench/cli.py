@@ -1,9 +1,10 @@
-"""``fastbn bench``: its options, and the three reports they choose between.
+"""``fastbn bench``: its options, and the four reports they choose between.
 
 ``fastbn bench``             the table: train, eval and eval out= forwards and the backward against a
                              copy, the floor, naive NumPy, torch and onnxruntime (fastbn.bench.report)
 ``fastbn bench --pipeline``  a training step in a loop next to other work (fastbn.bench.pipeline)
 ``fastbn bench --latency``   per-call eval forward latency against onnxruntime (fastbn.bench.latency)
+``fastbn bench --channels-last``  channels-last memory against NCHW and torch (fastbn.bench.layouts)
 
 Nothing heavy is imported here at module level: ``fastbn`` imports this module for every
 subcommand; torch and onnxruntime load only when a benchmark runs, matplotlib only for ``--plot``.
@@ -18,7 +19,7 @@ import numpy as np
 import fastbn
 
 from .. import _openmp
-from . import impls, latency, pipeline, report
+from . import impls, latency, layouts, pipeline, report
 from .cases import FULL_CASES, OPS, QUICK_CASES, SCALING_CASE, Problem
 from .timing import Contention
 
@@ -90,6 +91,10 @@ def add_arguments(parser):
                              "functional and layer calls, onnxruntime with io_binding, torch) on "
                              + ", ".join(map(str, latency.CASES)) + f" float32 (see fastbn/bench/latency.py); "
                              f"--repeat: rounds of {latency.PER_ROUND} calls each (default {latency.DEFAULT_REPEAT})")
+    parser.add_argument("--channels-last", action="store_true",
+                        help=f"instead of the table: channels-last memory against NCHW and torch's channels_last on "
+                             f"{layouts.SHAPE} float32 (see fastbn/bench/layouts.py); --repeat: rounds "
+                             f"(default {layouts.DEFAULT_REPEAT})")
 
 
 def _write_json(path, data):
@@ -100,8 +105,10 @@ def _write_json(path, data):
 
 def run(args):
     """Run the report the options ask for; its exit status (2 on a bad combination of options)."""
-    mode = "--pipeline" if args.pipeline else "--latency" if args.latency else None
-    problem = ("--pipeline and --latency are two different reports: pick one" if args.pipeline and args.latency else
+    modes = [m for m, on in (("--pipeline", args.pipeline), ("--latency", args.latency),
+                             ("--channels-last", args.channels_last)) if on]
+    mode = modes[0] if modes else None
+    problem = (f"{' and '.join(modes)} are different reports: pick one" if len(modes) > 1 else
                "--shape applies to --pipeline only" if args.shape and not args.pipeline else
                f"--full applies to the usual table, not to {mode}" if args.full and mode else
                f"--plot applies to the usual table, not to {mode}" if args.plot and mode else None)
@@ -115,6 +122,8 @@ def run(args):
         return run_pipeline(args)
     if args.latency:
         return run_latency(args)
+    if args.channels_last:
+        return run_layouts(args)
     return run_table(args)
 
 
@@ -177,3 +186,14 @@ def run_latency(args):
                                 "targets_checked": len(targets), "targets": targets, "rows": rows})
     fastbn_wrong = [r for r in rows if r["error"] and r["impl"] not in ("onnxruntime", "torch")]
     return 1 if fastbn_wrong else 0
+
+
+def run_layouts(args):
+    """``fastbn bench --channels-last`` with --threads, --repeat and --json."""
+    repeat = args.repeat or layouts.DEFAULT_REPEAT
+    rows, targets, info = layouts.run(args.threads or layouts.THREADS, repeat, impls.import_torch(), report.machine_info)
+    layouts.print_report(rows, targets, info, sys.stdout)
+    if args.json:
+        _write_json(args.json, {"machine": info, "repeat": repeat, "targets_met": sum(t["met"] for t in targets),
+                                "targets_checked": len(targets), "targets": targets, "rows": rows})
+    return 0
