@@ -10,13 +10,15 @@ ran 25x slower than the rest here).
 
 The columns (milliseconds):
   copy      np.copyto(out, x) into a preallocated array: NumPy, one thread; reads x, writes out.
-  read      the read-only floor: one pass that reads x (backward: dy and x), sums and writes
-            nothing, on fastbn's threads (fastbn._kernels.traffic).
-  floor     the memory floor of the operation: one pass that reads x and writes y (backward:
-            reads dy and x, writes dx) into a preallocated array, on fastbn's threads, with
-            streaming stores where fastbn's kernels use them.  A norm cannot beat it: a row's
-            statistics need the whole row, and fastbn's kernels reread the row from L1/L2, so
-            memory sees exactly this traffic.
+  fresh     x.copy(): the same into a new array from NumPy's allocator each call (glibc maps
+            arrays over 32 MiB afresh, so this pays their page faults, as torch does).
+  read      the read-only floor: one pass that reads x (backward: dy and x) and writes nothing.
+  floor     the memory floor of the operation: one pass that reads x and writes y = x (backward:
+            reads dy and x, writes dx = x + dy) into a preallocated array.  Both floors run on
+            fastbn's threads and split the rows into tasks as the norm kernels do, with their rule
+            for streaming stores (fastbn._norm_kernels.traffic).  A norm cannot beat the floor: a
+            row's statistics need the whole row before its first output, and fastbn's kernels
+            read the row back from L1/L2, so memory sees this traffic and no more.
   fastbn    fastbn's public call (group_norm_forward, ...), its output from fastbn's caching
             allocator (page faults only on the first calls).
   f.out     the same with out= a preallocated array.
@@ -28,8 +30,8 @@ The columns (milliseconds):
             native_layer_norm_backward.out, _native_batch_norm_legit.no_stats_out for instance
             norm, ...): no allocation, no autograd.  Where PyTorch's .out is a wrapper that
             allocates and copies, it is slower than torch; the table shows what it measures.
-  flt/call  minor page faults a call (fastbn / torch), counted over separate calls after the
-            rounds: a torch figure above zero means its time includes touching fresh pages.
+  faults/call  minor page faults a call (fastbn / torch / t.out), counted over separate calls
+            after the rounds: a figure above zero means that time includes touching fresh pages.
 
 Ratios: x copy = fastbn / copy; torch/f = torch / fastbn; t.out/f = t.out / fastbn; and the best
 any implementation could reach on the same measures, floor / copy and torch / floor.  Targets
@@ -47,7 +49,7 @@ import time
 import numpy as np
 
 import fastbn
-from fastbn import _kernels
+from fastbn import _norm_kernels
 
 CASES = [
     ("GroupNorm(32)", (32, 64, 56, 56), "group", 32),
@@ -57,7 +59,7 @@ CASES = [
 ]
 
 TARGETS = {"forward": {"x_copy": 1.6, "vs_torch": 2.0}, "backward": {"vs_torch": 1.5}}
-COLUMNS = ("copy", "read", "floor", "fastbn", "f.out", "torch", "t.out")
+COLUMNS = ("copy", "fresh", "read", "floor", "fastbn", "f.out", "torch", "t.out")
 
 
 def _timeit(fn, calls, stat):
@@ -125,7 +127,6 @@ def _impls(kind, shape, arg, dtype, threads):
     w = (1 + 0.1 * rng.standard_normal(pshape)).astype(dtype)
     b = (0.1 * rng.standard_normal(pshape)).astype(dtype)
     out = np.empty_like(x)
-    xf, gf, of = x.reshape(-1), g.reshape(-1), out.reshape(-1)
     xt, gt = torch.from_numpy(x), torch.from_numpy(g)
     wt, bt = torch.from_numpy(w), torch.from_numpy(b)
     if kind == "group":
@@ -154,13 +155,16 @@ def _impls(kind, shape, arg, dtype, threads):
         xr.grad = wr.grad = br.grad = None
         yr.backward(gt, retain_graph=True)
 
+    # the length of a normalized row: the floor splits the work as the kernels do
+    L = int(np.prod(arg)) if kind == "layer" else int(np.prod(shape[2:])) * (shape[1] // arg if kind == "group" else 1)
+    traffic = _norm_kernels.traffic
     copy = lambda: np.copyto(out, x)
     return {
-        "forward": {"copy": copy, "read": lambda: _kernels.traffic(xf, None, None, threads),
-                    "floor": lambda: _kernels.traffic(xf, None, of, threads),
+        "forward": {"copy": copy, "fresh": x.copy, "read": lambda: traffic(x, None, None, L, threads),
+                    "floor": lambda: traffic(x, None, out, L, threads),
                     "fastbn": fwd, "f.out": lambda: fwd(out=out), "torch": torch_fwd, "t.out": torch_fwd_out},
-        "backward": {"copy": copy, "read": lambda: _kernels.traffic(gf, xf, None, threads),
-                     "floor": lambda: _kernels.traffic(gf, xf, of, threads),
+        "backward": {"copy": copy, "fresh": x.copy, "read": lambda: traffic(x, g, None, L, threads),
+                     "floor": lambda: traffic(x, g, out, L, threads),
                      "fastbn": bwd, "f.out": lambda: bwd(out=out), "torch": torch_bwd, "t.out": torch_bwd_out},
     }
 
@@ -198,7 +202,7 @@ def main(argv=None):
     print(f"threads={args.threads} (fastbn and torch) dtype={args.dtype} rounds={args.rounds}: the min over rounds "
           f"of the {args.stat} of {args.calls} calls, ms; a shared CPU is noisy")
     head = " ".join(f"{c:>7}" for c in COLUMNS)
-    print(f"{'case':14} {'shape':17} {'op':8} {head} {'flt/call':>10} {'x copy':>6} {'torch/f':>7} {'t.out/f':>7}")
+    print(f"{'case':14} {'shape':17} {'op':8} {head} {'faults/call':>15} {'x copy':>6} {'torch/f':>7} {'t.out/f':>7}")
     rows, notes = [], []
     for title, shape, kind, arg in cases:
         impls = _impls(kind, shape, arg, np.dtype(args.dtype), args.threads)
@@ -214,11 +218,11 @@ def main(argv=None):
                 for k in order:
                     fns[k]()
                     best[k] = min(best[k], _timeit(fns[k], args.calls, args.stat))
-            faults = {k: _faults_per_call(fns[k]) for k in ("fastbn", "torch")}
+            faults = {k: _faults_per_call(fns[k]) for k in ("fastbn", "torch", "t.out")}
             t = best
             cols = " ".join(f"{t[c] * 1e3:7.2f}" for c in COLUMNS)
-            flt = f"{faults['fastbn']:.0f}/{faults['torch']:.0f}"
-            print(f"{title:14} {str(shape):17} {op:8} {cols} {flt:>10} {t['fastbn'] / t['copy']:6.2f} "
+            flt = f"{faults['fastbn']:.0f}/{faults['torch']:.0f}/{faults['t.out']:.0f}"
+            print(f"{title:14} {str(shape):17} {op:8} {cols} {flt:>15} {t['fastbn'] / t['copy']:6.2f} "
                   f"{t['torch'] / t['fastbn']:7.2f} {t['t.out'] / t['fastbn']:7.2f}")
             for text, value, met, floor, reachable in _targets(op, t):
                 verdict = "met" if met else ("MISSED, out of reach" if not reachable else "MISSED")

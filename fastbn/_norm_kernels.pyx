@@ -66,6 +66,8 @@ cdef extern from "_norm_simd.h" nogil:
     void fbn_ln_grad_sums_fl(const float *dy, const float *x, const float *w, Py_ssize_t n, float mhi, float mlo, float istd, double *a, double *s, float *gwf, float *gbf)
     void fbn_ln_fold(float *gf, double *g, Py_ssize_t n)
     enum: FBN_LN_FOLD
+    double fbn_row_traffic_f32(const float *x, const float *dy, float *y, Py_ssize_t n, int nt)
+    double fbn_row_traffic_f64(const double *x, const double *dy, double *y, Py_ssize_t n, int nt)
     void fbn_ln_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t n, const float *w, float istd, float mhi, float mlo, float kx, float kc, int nt)
     void fbn_ln_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, const double *w, double istd, double mhi, double mlo, double kx, double kc, int nt)
 
@@ -93,6 +95,7 @@ cdef enum:  # ops
     LN_APPLY = 8
     LN_BWD = 9      # (block, piece): grad sums (+ grad_input when P == 1)
     LN_GINPUT = 10
+    TRAFFIC = 11    # the memory floor (norms_bench): whole rows (P == 1) or (row, piece)
 
 
 cdef struct Job:
@@ -302,6 +305,20 @@ cdef void _ln_gsums(const Job *jb, Py_ssize_t blk, Py_ssize_t r, Py_ssize_t f0, 
                              jb.mean[r], jb.invstd[r], A, B, col + jb.L + f0, col + f0)
 
 
+cdef void _traffic(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *out, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef const floating *dy = NULL
+    cdef floating *y = NULL
+    if jb.dy != NULL:
+        dy = <const floating *>jb.dy + o
+    if jb.y != NULL:
+        y = <floating *>jb.y + o
+    if floating is float:
+        out[0] += fbn_row_traffic_f32(<const float *>jb.x + o, dy, y, f1 - f0, jb.nt)
+    else:
+        out[0] += fbn_row_traffic_f64(<const double *>jb.x + o, dy, y, f1 - f0, jb.nt)
+
+
 cdef inline void _ln_fold(const Job *jb, Py_ssize_t blk, Py_ssize_t f0, Py_ssize_t f1) noexcept nogil:
     """Fold block blk's float32 column partials [f0, f1) into its double ones."""
     cdef Py_ssize_t o = blk * 2 * jb.L
@@ -315,7 +332,14 @@ cdef void _pass(const Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
     cdef double acc[4]
     cdef double A, B
     cdef int op = jb.op
-    if op == GN_FWD or op == GN_BWD or op == LN_FWD:  # whole rows
+    if op == TRAFFIC:
+        jb.part[k] = 0.0
+        if jb.P == 1:
+            for r in range(k * jb.rows_task, min(jb.R, (k + 1) * jb.rows_task)):
+                _traffic(jb, r, 0, jb.L, jb.part + k, tag)
+        else:
+            _traffic(jb, k // jb.P, _split(jb.L, jb.P, k % jb.P), _split(jb.L, jb.P, k % jb.P + 1), jb.part + k, tag)
+    elif op == GN_FWD or op == GN_BWD or op == LN_FWD:  # whole rows
         r0 = k * jb.rows_task
         r1 = min(jb.R, r0 + jb.rows_task)
         for r in range(r0, r1):
@@ -624,3 +648,32 @@ def layer_backward(dy, x, dx, weight, Py_ssize_t L, mean, invstd, int threads, i
             _run(&jb, LN_GINPUT, jb.P, _threads(threads, n, jb.P))
     sums = col.sum(axis=0) if jb.nb > 1 else col[0]
     return sums[1], sums[0]
+
+
+def traffic(x, dy, y, Py_ssize_t L, int threads, int stream=-1):
+    """The memory floor of the norms' passes, for bench/norms_bench.py: x viewed as rows of L
+    elements, split into tasks as the fused kernels split them (whole rows, or pieces of long
+    rows), on the same pool and with the same rule for streaming stores; each task reads its rows
+    of x (and dy) and writes y = x (+ dy) when y is given.  Returns a sum of what it read when y
+    is None.  Not part of fastbn's API."""
+    cdef int t = _float_type(x, "x")
+    cdef Job jb
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), R, k, ntasks
+    cdef double total = 0.0
+    if L <= 0 or n % L:
+        raise ValueError("traffic: inconsistent shape")
+    R = n // L
+    _setup(&jb, t, R, L, 1 + (dy is not None) + (y is not None), stream)
+    jb.x = _data(x, t, n, False, "x")
+    jb.dy = NULL if dy is None else _data(dy, t, n, False, "dy")
+    jb.y = NULL if y is None else _data(y, t, n, True, "y")
+    if y is None:
+        jb.nt = 0
+    ntasks = (R + jb.rows_task - 1) // jb.rows_task if jb.P == 1 else R * jb.P
+    part = np.zeros(ntasks)
+    jb.part = _dptr(part)
+    with nogil:
+        _run(&jb, TRAFFIC, ntasks, _threads(threads, n, ntasks))
+    for k in range(ntasks):
+        total += jb.part[k]
+    return total
