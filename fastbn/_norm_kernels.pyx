@@ -6,10 +6,11 @@ norm's rows of prod(normalized_shape).  A row's statistics are its own, so rows 
 with each other and the work splits by rows:
 
 FUSED   (R >= PLAN_WIDTH rows, or rows too short to cut): a task takes a block of whole rows and
-        does everything for one row before the next: moments (_simd.h's fbn_moments, shifted
-        sums in double), the row's coefficients, then the apply pass, which reads the row back
-        from L1/L2 (a row of the benchmark's shapes is 3 to 25 KiB).  Memory sees one read and
-        one write, as a copy.  The backward likewise: gradient sums, then grad_input.
+        does everything for one row before the next: moments (fbn_row_moments: shifted sums,
+        float32 rows in float32 lanes folded into double, see _norm_simd.h), the row's
+        coefficients, then the apply pass, which reads the row back from L1/L2 (a row of the
+        benchmark's shapes is 3 to 25 KiB).  Memory sees one read and one write, as a copy.  The
+        backward likewise: gradient sums, then grad_input.
 PIECES  (fewer rows than PLAN_WIDTH, long rows): each row is cut into P pieces, a task each; the
         pieces' partials go to their own slots and are merged per row in piece order on the
         calling thread (Chan's update, fbn_shift_merge), then a second pass of (row, piece) tasks
@@ -17,8 +18,11 @@ PIECES  (fewer rows than PLAN_WIDTH, long rows): each row is cut into P pieces, 
         on 1 thread or 16.
 
 Group/instance norm's affine is per channel, i.e. per run of S elements inside a row: the apply
-uses _simd.h's fbn_affine / fbn_grad_input with the row's coefficient block
-[mhi | mlo | a | b] (C/G values each).  Layer norm's is per element: _norm_simd.h.
+uses fbn_affine / fbn_grad_input (float32: _norm_simd.h's _fl loops; float64: _simd.h's) with
+the row's coefficient block [mhi | mlo | a | b] (C/G values each).  Layer norm's is per
+element: _norm_simd.h.  Layer norm's backward also sums grad_weight and grad_bias down the
+columns: each block of rows (at most LN_MAX_BLOCKS, fixed by the shape) has its own column
+partials, float32 ones folded into double every FBN_LN_FOLD rows.
 
 This module includes _pool.h, so it has its own pool instance (its own helper threads), apart
 from _kernels.pyx's; both size themselves from fastbn.get_num_threads() per call.

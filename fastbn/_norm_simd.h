@@ -1,11 +1,13 @@
-/* fastbn/_norm_simd.h -- vector loops for layer norm's elementwise affine (fastbn/_norm_kernels.pyx).
+/* fastbn/_norm_simd.h -- vector loops for group, instance and layer norm (fastbn/_norm_kernels.pyx).
  *
- * Group and instance norm reuse _simd.h's loops (fbn_moments, fbn_affine, fbn_grad_sums,
- * fbn_grad_input) on one (n, group) row at a time; layer norm's weight and bias vary along the
- * row, which those loops (one coefficient per run of S elements) would walk one element at a time,
- * so it has its own three loops here, once per type (_norm_impl.h).  Statistics and gradient sums
- * in double; the normalize keeps the mean split into hi + lo parts of the input type, as in
- * _simd.h, so that float32 data with a large offset keeps float32 precision. */
+ * float64 group and instance norm reuse _simd.h's loops (fbn_moments, fbn_affine, fbn_grad_sums,
+ * fbn_grad_input) on one (n, group) row at a time; float32 takes this file's _fl versions of them,
+ * which sum in float32 lanes folded into double (see "float32 rows in float32 lanes" below).  Layer
+ * norm's weight and bias vary along the row, which those loops (one coefficient per run of S
+ * elements) would walk one element at a time, so it has its own loops here, once per type
+ * (_norm_impl.h), and float32 ones below.  Statistics and gradient sums end in double; the
+ * normalize keeps the mean split into hi + lo parts of the input type, as in _simd.h, so that
+ * float32 data with a large offset keeps float32 precision. */
 #ifndef FASTBN_NORM_SIMD_H
 #define FASTBN_NORM_SIMD_H
 
