@@ -112,6 +112,15 @@ FBN_INLINE void fbn_fl_shifted_sums(const float *p, ptrdiff_t n, float k, double
         fbn_fold16((sa + sb) + (sc + sd), &s0, &s1);
         fbn_fold16((qa + qb) + (qc + qd), &q0, &q1);
     }
+    if (i + 16 <= n) {  /* up to 3 steps of 16 (a 28x28 channel's 784 = 12 * 64 + 16) */
+        fbn_vf16 sa = Z, qa = Z;
+        for (; i + 16 <= n; i += 16) {
+            const fbn_vf16 da = fbn_ld16(p + i) - K;
+            sa += da, qa += da * da;
+        }
+        fbn_fold16(sa, &s0, &s1);
+        fbn_fold16(qa, &q0, &q1);
+    }
     double s = fbn_hsum16(s0, s1), q = fbn_hsum16(q0, q1);
     for (; i < n; i++) {
         const double d = (double)p[i] - (double)k;
@@ -139,6 +148,15 @@ FBN_INLINE void fbn_fl_grad_run(const float *g, const float *p, ptrdiff_t n, flo
         }
         fbn_fold16((aa + ab) + (ac + ad), &a0, &a1);
         fbn_fold16((ba + bb) + (bc + bd), &b0, &b1);
+    }
+    if (i + 16 <= n) {  /* up to 3 steps of 16, as in fbn_fl_shifted_sums */
+        fbn_vf16 aa = Z, ba = Z;
+        for (; i + 16 <= n; i += 16) {
+            const fbn_vf16 ga = fbn_ld16(g + i);
+            aa += ga, ba += ga * (fbn_ld16(p + i) - M);
+        }
+        fbn_fold16(aa, &a0, &a1);
+        fbn_fold16(ba, &b0, &b1);
     }
     double a = fbn_hsum16(a0, a1), b = fbn_hsum16(b0, b1);
     for (; i < n; i++) {
