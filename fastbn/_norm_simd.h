@@ -48,7 +48,7 @@
  *
  * GCC and clang vector extensions (one source for every target_clones clone); other compilers
  * take the double loops. */
-#if defined(__GNUC__) && defined(__has_builtin)
+#if defined(__GNUC__) && defined(__has_builtin) && !defined(FBN_NO_FLANES) /* FBN_NO_FLANES: test the others */
 #if __has_builtin(__builtin_shufflevector) && __has_builtin(__builtin_convertvector)
 #define FBN_FLANES 1
 #endif
