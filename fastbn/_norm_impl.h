@@ -116,3 +116,43 @@ FBN_CLONES static void FBN_NAME(fbn_row_moments)(const T *p, ptrdiff_t n, double
         FBN_NAME(fbn_row_sums)(p, n, k, &s, &q, 32);
     fbn_shift_merge(acc, (double)n, k, s / (double)n, q - s * (s / (double)n));
 }
+
+/* The memory floor of a pass over one row piece, for bench/norms_bench.py: y = x (+ dy) when y
+ * is given (streaming stores through an L1 buffer with nt, as the kernels), else only reads.
+ * Returns a sum of what it read, so that the reads are not optimized away. */
+FBN_CLONES static double FBN_NAME(fbn_row_traffic)(const T *x, const T *dy, T *y, ptrdiff_t n, int nt)
+{
+    T buf[FBN_CHUNK];
+    double t = 0.0;
+    for (ptrdiff_t j = 0; j < n; j += FBN_CHUNK) {
+        ptrdiff_t bl = n - j < FBN_CHUNK ? n - j : FBN_CHUNK;
+        const T *p = x + j;
+        if (y) {
+            T *q = nt ? buf : y + j;
+            if (dy) {
+#pragma omp simd
+                for (ptrdiff_t i = 0; i < bl; i++)
+                    q[i] = p[i] + dy[j + i];
+            } else {
+#pragma omp simd
+                for (ptrdiff_t i = 0; i < bl; i++)
+                    q[i] = p[i];
+            }
+            if (nt)
+                fbn_stream_store(y + j, buf, (size_t)bl * sizeof(T));
+        } else {
+            T s = 0;
+            if (dy) {
+#pragma omp simd reduction(+:s)
+                for (ptrdiff_t i = 0; i < bl; i++)
+                    s += p[i] + dy[j + i];
+            } else {
+#pragma omp simd reduction(+:s)
+                for (ptrdiff_t i = 0; i < bl; i++)
+                    s += p[i];
+            }
+            t += (double)s;
+        }
+    }
+    return t;
+}

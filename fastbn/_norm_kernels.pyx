@@ -6,10 +6,11 @@ norm's rows of prod(normalized_shape).  A row's statistics are its own, so rows 
 with each other and the work splits by rows:
 
 FUSED   (R >= PLAN_WIDTH rows, or rows too short to cut): a task takes a block of whole rows and
-        does everything for one row before the next: moments (_simd.h's fbn_moments, shifted
-        sums in double), the row's coefficients, then the apply pass, which reads the row back
-        from L1/L2 (a row of the benchmark's shapes is 3 to 25 KiB).  Memory sees one read and
-        one write, as a copy.  The backward likewise: gradient sums, then grad_input.
+        does everything for one row before the next: moments (fbn_row_moments: shifted sums,
+        float32 rows in float32 lanes folded into double, see _norm_simd.h), the row's
+        coefficients, then the apply pass, which reads the row back from L1/L2 (a row of the
+        benchmark's shapes is 3 to 25 KiB).  Memory sees one read and one write, as a copy.  The
+        backward likewise: gradient sums, then grad_input.
 PIECES  (fewer rows than PLAN_WIDTH, long rows): each row is cut into P pieces, a task each; the
         pieces' partials go to their own slots and are merged per row in piece order on the
         calling thread (Chan's update, fbn_shift_merge), then a second pass of (row, piece) tasks
@@ -17,8 +18,11 @@ PIECES  (fewer rows than PLAN_WIDTH, long rows): each row is cut into P pieces, 
         on 1 thread or 16.
 
 Group/instance norm's affine is per channel, i.e. per run of S elements inside a row: the apply
-uses _simd.h's fbn_affine / fbn_grad_input with the row's coefficient block
-[mhi | mlo | a | b] (C/G values each).  Layer norm's is per element: _norm_simd.h.
+uses fbn_affine / fbn_grad_input (float32: _norm_simd.h's _fl loops; float64: _simd.h's) with
+the row's coefficient block [mhi | mlo | a | b] (C/G values each).  Layer norm's is per
+element: _norm_simd.h.  Layer norm's backward also sums grad_weight and grad_bias down the
+columns: each block of rows (at most LN_MAX_BLOCKS, fixed by the shape) has its own column
+partials, float32 ones folded into double every FBN_LN_FOLD rows.
 
 This module includes _pool.h, so it has its own pool instance (its own helper threads), apart
 from _kernels.pyx's; both size themselves from fastbn.get_num_threads() per call.
@@ -54,11 +58,20 @@ cdef extern from "_norm_simd.h" nogil:
     double fbn_mean_lo_f64(double m, double hi)
     void fbn_sfence()
     void fbn_row_moments_f32(const float *p, Py_ssize_t n, double *acc)
+    void fbn_row_moments_fl(const float *p, Py_ssize_t n, double *acc)
+    void fbn_affine_fl(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
+    void fbn_grad_sums_fl(const float *dy, const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
+    void fbn_grad_input_fl(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
     void fbn_row_moments_f64(const double *p, Py_ssize_t n, double *acc)
     void fbn_ln_apply_f32(const float *x, float *y, Py_ssize_t n, float mhi, float mlo, float istd, const float *w, const float *b, int nt)
     void fbn_ln_apply_f64(const double *x, double *y, Py_ssize_t n, double mhi, double mlo, double istd, const double *w, const double *b, int nt)
     void fbn_ln_grad_sums_f32(const float *dy, const float *x, const float *w, Py_ssize_t n, double m, double istd, double *a, double *s, double *gw, double *gb)
     void fbn_ln_grad_sums_f64(const double *dy, const double *x, const double *w, Py_ssize_t n, double m, double istd, double *a, double *s, double *gw, double *gb)
+    void fbn_ln_grad_sums_fl(const float *dy, const float *x, const float *w, Py_ssize_t n, float mhi, float mlo, float istd, double *a, double *s, float *gwf, float *gbf)
+    void fbn_ln_fold(float *gf, double *g, Py_ssize_t n)
+    enum: FBN_LN_FOLD
+    double fbn_row_traffic_f32(const float *x, const float *dy, float *y, Py_ssize_t n, int nt)
+    double fbn_row_traffic_f64(const double *x, const double *dy, double *y, Py_ssize_t n, int nt)
     void fbn_ln_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t n, const float *w, float istd, float mhi, float mlo, float kx, float kc, int nt)
     void fbn_ln_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, const double *w, double istd, double mhi, double mlo, double kx, double kc, int nt)
 
@@ -86,6 +99,7 @@ cdef enum:  # ops
     LN_APPLY = 8
     LN_BWD = 9      # (block, piece): grad sums (+ grad_input when P == 1)
     LN_GINPUT = 10
+    TRAFFIC = 11    # the memory floor (norms_bench): whole rows (P == 1) or (row, piece)
 
 
 cdef struct Job:
@@ -103,6 +117,7 @@ cdef struct Job:
     double *part        # per-task partials (see the ops)
     double *sums        # group backward: (R, Cg, 2) sums of dy and dy * (x - mean)
     double *col         # layer backward: (nb, 2, L) column partials of dy and dy * xhat
+    float *colf         # layer backward, float32: the same in float32, folded into col (_ln_fold)
     Py_ssize_t R, L, G, Cg, S, P, nb, rows_task
     double eps
 
@@ -204,7 +219,7 @@ cdef void _moments(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, do
     cdef const floating *x = <const floating *>jb.x + r * jb.L
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0
     if floating is float:
-        fbn_row_moments_f32(x + f0, f1 - f0, acc)
+        fbn_row_moments_fl(x + f0, f1 - f0, acc)
     else:
         fbn_row_moments_f64(x + f0, f1 - f0, acc)
 
@@ -214,7 +229,7 @@ cdef void _group_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1
     cdef const floating *x = <const floating *>jb.x + r * jb.L
     cdef floating *y = <floating *>jb.y + r * jb.L
     if floating is float:
-        fbn_affine_f32(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+        fbn_affine_fl(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
     else:
         fbn_affine_f64(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
 
@@ -224,7 +239,7 @@ cdef void _group_gsums(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1
     for c in range(2 * jb.Cg):
         acc[c] = 0.0
     if floating is float:
-        fbn_grad_sums_f32(<const float *>jb.dy + o, <const float *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
+        fbn_grad_sums_fl(<const float *>jb.dy + o, <const float *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
     else:
         fbn_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
 
@@ -234,12 +249,12 @@ cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f
     cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
     if jb.training:
         if floating is float:
-            fbn_grad_input_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+            fbn_grad_input_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
         else:
             fbn_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
     else:  # cf's first four blocks are [0 | 0 | kdy | 0]
         if floating is float:
-            fbn_affine_f32(<const float *>jb.dy + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+            fbn_affine_fl(<const float *>jb.dy + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
         else:
             fbn_affine_f64(<const double *>jb.dy + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
 
@@ -281,13 +296,38 @@ cdef void _ln_gsums(const Job *jb, Py_ssize_t blk, Py_ssize_t r, Py_ssize_t f0, 
                     double *B, floating tag) noexcept nogil:
     cdef Py_ssize_t o = r * jb.L + f0
     cdef double *col = jb.col + blk * 2 * jb.L
+    cdef float *colf
+    cdef floating hi, lo
     A[0] = B[0] = 0.0
-    if floating is float:
-        fbn_ln_grad_sums_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <const float *>jb.w + f0, f1 - f0,
-                             jb.mean[r], jb.invstd[r], A, B, col + jb.L + f0, col + f0)
+    if floating is float:  # float32 column partials, folded by _ln_fold
+        colf = jb.colf + blk * 2 * jb.L
+        _split_mean(jb.mean[r], &hi, &lo)
+        fbn_ln_grad_sums_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <const float *>jb.w + f0, f1 - f0,
+                            hi, lo, <float>jb.invstd[r], A, B, colf + jb.L + f0, colf + f0)
     else:
         fbn_ln_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <const double *>jb.w + f0, f1 - f0,
                              jb.mean[r], jb.invstd[r], A, B, col + jb.L + f0, col + f0)
+
+
+cdef void _traffic(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *out, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef const floating *dy = NULL
+    cdef floating *y = NULL
+    if jb.dy != NULL:
+        dy = <const floating *>jb.dy + o
+    if jb.y != NULL:
+        y = <floating *>jb.y + o
+    if floating is float:
+        out[0] += fbn_row_traffic_f32(<const float *>jb.x + o, dy, y, f1 - f0, jb.nt)
+    else:
+        out[0] += fbn_row_traffic_f64(<const double *>jb.x + o, dy, y, f1 - f0, jb.nt)
+
+
+cdef inline void _ln_fold(const Job *jb, Py_ssize_t blk, Py_ssize_t f0, Py_ssize_t f1) noexcept nogil:
+    """Fold block blk's float32 column partials [f0, f1) into its double ones."""
+    cdef Py_ssize_t o = blk * 2 * jb.L
+    fbn_ln_fold(jb.colf + o + f0, jb.col + o + f0, f1 - f0)
+    fbn_ln_fold(jb.colf + o + jb.L + f0, jb.col + o + jb.L + f0, f1 - f0)
 
 
 # ---------------------------------------------------------------- tasks
@@ -296,7 +336,14 @@ cdef void _pass(const Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
     cdef double acc[4]
     cdef double A, B
     cdef int op = jb.op
-    if op == GN_FWD or op == GN_BWD or op == LN_FWD:  # whole rows
+    if op == TRAFFIC:
+        jb.part[k] = 0.0
+        if jb.P == 1:
+            for r in range(k * jb.rows_task, min(jb.R, (k + 1) * jb.rows_task)):
+                _traffic(jb, r, 0, jb.L, jb.part + k, tag)
+        else:
+            _traffic(jb, k // jb.P, _split(jb.L, jb.P, k % jb.P), _split(jb.L, jb.P, k % jb.P + 1), jb.part + k, tag)
+    elif op == GN_FWD or op == GN_BWD or op == LN_FWD:  # whole rows
         r0 = k * jb.rows_task
         r1 = min(jb.R, r0 + jb.rows_task)
         for r in range(r0, r1):
@@ -317,9 +364,14 @@ cdef void _pass(const Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
         p = k % jb.P
         f0 = _split(jb.L, jb.P, p)
         f1 = _split(jb.L, jb.P, p + 1)
-        for r in range(_split(jb.R, jb.nb, blk), _split(jb.R, jb.nb, blk + 1)):
+        r0 = _split(jb.R, jb.nb, blk)
+        r1 = _split(jb.R, jb.nb, blk + 1)
+        for r in range(r0, r1):
             if op == LN_BWD:
                 _ln_gsums(jb, blk, r, f0, f1, &A, &B, tag)
+                if floating is float:  # fold every FBN_LN_FOLD rows of the block, and at its end
+                    if (r - r0 + 1) % FBN_LN_FOLD == 0 or r == r1 - 1:
+                        _ln_fold(jb, blk, f0, f1)
                 if jb.P == 1:
                     _ln_ginput(jb, r, 0, jb.L, A, B, tag)
                 else:
@@ -583,6 +635,8 @@ def layer_backward(dy, x, dx, weight, Py_ssize_t L, mean, invstd, int threads, i
     jb.nb = 1 if jb.P > 1 else max(1, min(<Py_ssize_t>LN_MAX_BLOCKS, R // 8))
     col = np.zeros((jb.nb, 2, L))
     jb.col = _dptr(col)
+    colf = np.zeros(0 if jb.dbl else jb.nb * 2 * L, dtype=np.float32)
+    jb.colf = <float *>cnp.PyArray_DATA(<cnp.ndarray>colf)
     part = np.empty(2 * R * jb.P)
     jb.part = _dptr(part)
     with nogil:
@@ -598,3 +652,32 @@ def layer_backward(dy, x, dx, weight, Py_ssize_t L, mean, invstd, int threads, i
             _run(&jb, LN_GINPUT, jb.P, _threads(threads, n, jb.P))
     sums = col.sum(axis=0) if jb.nb > 1 else col[0]
     return sums[1], sums[0]
+
+
+def traffic(x, dy, y, Py_ssize_t L, int threads, int stream=-1):
+    """The memory floor of the norms' passes, for bench/norms_bench.py: x viewed as rows of L
+    elements, split into tasks as the fused kernels split them (whole rows, or pieces of long
+    rows), on the same pool and with the same rule for streaming stores; each task reads its rows
+    of x (and dy) and writes y = x (+ dy) when y is given.  Returns a sum of what it read when y
+    is None.  Not part of fastbn's API."""
+    cdef int t = _float_type(x, "x")
+    cdef Job jb
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), R, k, ntasks
+    cdef double total = 0.0
+    if L <= 0 or n % L:
+        raise ValueError("traffic: inconsistent shape")
+    R = n // L
+    _setup(&jb, t, R, L, 1 + (dy is not None) + (y is not None), stream)
+    jb.x = _data(x, t, n, False, "x")
+    jb.dy = NULL if dy is None else _data(dy, t, n, False, "dy")
+    jb.y = NULL if y is None else _data(y, t, n, True, "y")
+    if y is None:
+        jb.nt = 0
+    ntasks = (R + jb.rows_task - 1) // jb.rows_task if jb.P == 1 else R * jb.P
+    part = np.zeros(ntasks)
+    jb.part = _dptr(part)
+    with nogil:
+        _run(&jb, TRAFFIC, ntasks, _threads(threads, n, ntasks))
+    for k in range(ntasks):
+        total += jb.part[k]
+    return total
