@@ -33,15 +33,33 @@ def refuse_matrix_and_masked(a, name):
 
 
 def float_dtype(a, name):
-    """The native float32/float64 dtype the kernels use for ``a`` (non-native byte order is read
-    through a native copy); TypeError for anything else."""
+    """The native float32/float64 dtype the kernels use for ``a``: its own, or float32 for the
+    half types (float16, and ml_dtypes' bfloat16), which are read through a float32 copy, as are
+    arrays in non-native byte order; TypeError for anything else."""
     dt = a.dtype
-    if dt in FLOATS:
+    if dt is _F32 or dt is _F64 or dt in FLOATS:
         return dt
     if dt.kind == "f" and dt.itemsize in (4, 8):  # non-native byte order
         return dt.newbyteorder("=")
+    if half_dtype(dt):
+        return _F32
     hint = "; cast it with .astype(np.float32) or .astype(np.float64)" if dt.kind == "f" else ""
-    raise TypeError(f"{name} must be float32 or float64, got dtype {dt}{hint}")
+    raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {dt}{hint}")
+
+
+def half_dtype(dt):
+    """Whether ``dt`` is float16 or bfloat16 (whose conversions come from the ml_dtypes package:
+    TypeError, naming it, where it is missing)."""
+    if dt.kind == "f" and dt.itemsize == 2:
+        return True
+    if dt.name != "bfloat16":
+        return False
+    try:
+        import ml_dtypes  # noqa: F401  (registers bfloat16's casts to and from float32)
+    except ImportError:
+        raise TypeError("fastbn reads bfloat16 arrays through the ml_dtypes package, which is not installed: "
+                        "pip install 'fastbn[bfloat16]' (or ml_dtypes), or cast with .astype(np.float32)") from None
+    return True
 
 
 def flag(value, name):
@@ -150,8 +168,11 @@ def new_output(be, x, x3):
 
 
 def kernel_dtype(x, dtype, owner):
-    """A layer's input dtype check: ``x`` must hold ``dtype`` (either byte order)."""
-    if x.dtype != dtype and not (x.dtype.kind == "f" and x.dtype.newbyteorder("=") == dtype):
+    """A layer's input dtype check: ``x`` must hold ``dtype`` (either byte order), or a half type
+    (float16, bfloat16) for a float32 layer, as PyTorch's mixed-precision batch norm takes."""
+    if x.dtype == dtype or (x.dtype.itemsize == 2 and dtype == _F32 and half_dtype(x.dtype)):
+        return
+    if not (x.dtype.kind == "f" and x.dtype.newbyteorder("=") == dtype):
         hint = f" or build the layer with dtype=np.{x.dtype.name}" if x.dtype in FLOATS else ""
         raise TypeError(f"{owner} holds {dtype} parameters, got input of dtype {x.dtype}; cast the input{hint}")
 
@@ -210,15 +231,20 @@ def prepare_out(be, out, x, x3, *reads):
     :func:`finish`.  ``x`` is the caller's input, ``x3`` and ``reads`` the arrays the kernel
     reads (ncs_view's layout): ``out`` may be one of them exactly (the kernels work elementwise:
     every pass reads an element before it writes it, at the same place), but not overlap one
-    partly.  An ``out`` of another byte order or layout gets the result copied in."""
+    partly.  An ``out`` of another byte order or layout gets the result copied in; so does the
+    result of a half-precision ``x`` (float16, bfloat16), computed in float32 and rounded once,
+    into ``out`` or a new array of x's dtype and layout."""
+    half = x.dtype.itemsize == 2 and half_dtype(x.dtype)  # the result is of x's half type
     if out is None:
-        return (*new_output(be, x, x3), None)
+        y, y3 = new_output(be, x, x3)
+        return y, y3, (be.xp.empty_like(x) if half else None)
     if not be.is_array(out):
         raise TypeError(f"out must be a {be.xp.__name__} array, got {type(out).__name__}")
     refuse_matrix_and_masked(out, "out")
-    if tuple(out.shape) != tuple(x.shape) or (out.dtype != x3.dtype and out.dtype.newbyteorder("=") != x3.dtype):
+    want = x.dtype if half else x3.dtype
+    if tuple(out.shape) != tuple(x.shape) or (out.dtype != want and out.dtype.newbyteorder("=") != want):
         raise ValueError(
-            f"out must have the input's shape {tuple(x.shape)} and dtype {x3.dtype} (either byte order), "
+            f"out must have the input's shape {tuple(x.shape)} and dtype {want} (either byte order), "
             f"got shape {tuple(out.shape)} and dtype {out.dtype}"
         )
     if not be.writeable(out):
@@ -233,8 +259,8 @@ def prepare_out(be, out, x, x3, *reads):
 
 
 def finish(y, target):
-    """What the call returns: ``y`` (prepare_out's first), copied into ``target`` where that is
-    an ``out`` the kernel could not write directly."""
+    """What the call returns: ``y`` (prepare_out's first), copied (and rounded) into ``target``
+    where that is an ``out`` the kernel could not write directly, or a half-precision result."""
     if target is None:
         return y
     target[...] = y

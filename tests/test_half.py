@@ -1,0 +1,94 @@
+"""Half-precision inputs (issue 14 item 4): float16, and bfloat16 through the ml_dtypes package,
+with float32 weight, bias and running buffers, as PyTorch's mixed batch norm takes them.  The
+kernels compute in float32 with float64 statistics; the result is rounded once to the input's
+type, so it is within one unit in the last place of the float64 reference of the upcast input."""
+import sys
+
+import numpy as np
+import pytest
+
+import fastbn
+
+ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes (pip install 'fastbn[bfloat16]')")
+HALVES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def _ulps(got, want, dtype):
+    """|got - want| in units of the last place of ``dtype`` at ``want``'s magnitude."""
+    info = ml_dtypes.finfo(dtype)
+    want = np.asarray(want, np.float64)
+    exp = np.floor(np.log2(np.maximum(np.abs(want), float(info.smallest_normal))))
+    return np.abs(np.asarray(got, np.float64) - want) / 2.0 ** (exp - info.nmant)
+
+
+def _reference(x, w, b, mean=None, var=None, eps=1e-5):
+    axes = (0, *range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if mean is None:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * w.reshape(shape) + b.reshape(shape)
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+@pytest.mark.parametrize("shape", [(8, 3, 5, 7), (64, 5), (3, 4, 100), (2, 6, 3, 3, 3)])
+def test_forward_within_one_ulp_of_float64(half, shape):
+    dt = HALVES[half]
+    rng = np.random.default_rng(len(shape))
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dt)
+    C = shape[1]
+    w, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    x64 = x.astype(np.float64)
+    y, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, w, b, training=True)
+    assert y.dtype == dt and y.shape == x.shape
+    assert _ulps(y, _reference(x64, w.astype(np.float64), b.astype(np.float64)), dt).max() <= 1.0
+    n = x.size // C
+    np.testing.assert_allclose(rm, 0.1 * x64.mean(axis=(0, *range(2, x.ndim))), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, 0.9 + 0.1 * x64.var(axis=(0, *range(2, x.ndim))) * n / (n - 1), rtol=1e-6)
+    y_eval = fastbn.batch_norm(x, rm, rv, w, b)
+    ref = _reference(x64, w.astype(np.float64), b.astype(np.float64), rm.astype(np.float64), rv.astype(np.float64))
+    assert y_eval.dtype == dt and _ulps(y_eval, ref, dt).max() <= 1.0
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+def test_backward_and_layer_match_torch(half):
+    torch = pytest.importorskip("torch", reason="the parity check needs torch")
+    dt = HALVES[half]
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[half]
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((6, 4, 5, 5)) * 2).astype(dt)
+    g = rng.standard_normal(x.shape).astype(dt)
+    bn, tbn = fastbn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    xt = torch.from_numpy(x.astype(np.float32)).to(tdt).requires_grad_()
+    y, yt = bn(x), tbn(xt)
+    assert y.dtype == dt and yt.dtype == tdt
+    ulp = float(ml_dtypes.finfo(dt).eps)
+    np.testing.assert_allclose(y.astype(np.float32), yt.detach().float().numpy(), rtol=2 * ulp, atol=2 * ulp)
+    np.testing.assert_allclose(bn.running_var, tbn.running_var.numpy(), rtol=1e-5)
+    dx = bn.backward(g)
+    yt.backward(torch.from_numpy(g.astype(np.float32)).to(tdt))
+    assert dx.dtype == dt and bn.grad_weight.dtype == np.float32
+    np.testing.assert_allclose(dx.astype(np.float32), xt.grad.float().numpy(), rtol=4 * ulp, atol=4 * ulp)
+    np.testing.assert_allclose(bn.grad_weight, tbn.weight.grad.numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_out_must_be_of_the_half_type_and_in_place_works():
+    x = np.random.default_rng(1).standard_normal((5, 3, 4)).astype(np.float16)
+    want = fastbn.batch_norm(x, None, None, training=True)
+    with pytest.raises(ValueError, match="dtype float16"):
+        fastbn.batch_norm(x, None, None, training=True, out=np.empty(x.shape, np.float32))
+    y = fastbn.batch_norm(x, None, None, training=True, out=x)
+    assert y is x
+    np.testing.assert_array_equal(x, want)
+
+
+def test_a_float64_layer_refuses_half_input():
+    with pytest.raises(TypeError, match="holds float64 parameters, got input of dtype float16"):
+        fastbn.BatchNorm1d(3, dtype=np.float64)(np.ones((4, 3), np.float16))
+
+
+def test_bfloat16_without_ml_dtypes_is_a_typeerror_naming_it(monkeypatch):
+    x = np.ones((4, 3), ml_dtypes.bfloat16)
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now raises ImportError
+    with pytest.raises(TypeError, match="ml_dtypes"):
+        fastbn.batch_norm(x, None, None, training=True)
