@@ -38,7 +38,7 @@ KERNELS = (
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 OPTIONS = ("-std=c++17",)
 
-BLOCK = 256              # FBN_BLOCK in the source
+BLOCK = 256              # FBN_GPU_THREADS in the source
 COLUMN_BLOCK = (32, 8)   # FBN_COL_X, FBN_COL_Y
 MERGE_WARPS = 4          # FBN_MERGE_WARPS
 MIN_UNIT = 8192          # fewest elements per block worth a partial of their own

@@ -71,21 +71,21 @@ cdef extern from "_simd.h" nogil:
     # ranges [f0, f1) of an (N, C, S) buffer in memory order
     void fbn_moments_f32(const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
     void fbn_moments_f64(const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
-    void fbn_affine_f32(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
-    void fbn_affine_f64(const double *x, double *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int nt)
+    void fbn_affine_f32(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream)
+    void fbn_affine_f64(const double *x, double *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int stream)
     void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
     void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
-    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
-    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int nt)
+    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream)
+    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int stream)
     # blocks of rows of an (N, W) matrix
-    void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
-    void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
-    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const float *cf, int nt)
-    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const double *cf, int nt)
-    void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
-    void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
-    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const float *cf, int nt)
-    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W, const double *cf, int nt)
+    void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
+    void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
+    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream)
+    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream)
+    void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
+    void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
+    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream)
+    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream)
     # the low part of a split mean, and evaluation mode's statistics and coefficients
     float fbn_mean_lo_f32(double m, float hi)
     double fbn_mean_lo_f64(double m, double hi)
@@ -98,8 +98,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_col_finish_grad_f32(double count, const double *sdy, const double *sdyx, int training, const float *w, const double *mean, const double *invstd, double *gw, double *gb, float *cf, Py_ssize_t n, Py_ssize_t C)
     void fbn_col_finish_grad_f64(double count, const double *sdy, const double *sdyx, int training, const double *w, const double *mean, const double *invstd, double *gw, double *gb, double *cf, Py_ssize_t n, Py_ssize_t C)
     # the benchmark's floor
-    double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int nt)
-    double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int nt)
+    double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int stream)
+    double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int stream)
 
 cdef enum:
     AUTO = 0
@@ -320,9 +320,9 @@ cdef Py_ssize_t _slice_start(Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, Py_ssize_
     return min(C, ((C * k) // T + 15) & ~(<Py_ssize_t>15))
 
 
-cdef inline Py_ssize_t _slice_rows(Py_ssize_t w, Py_ssize_t unit) noexcept nogil:
-    """Rows per block of a SLICES task's w columns: COLUMN_BLOCK elements, at least 8 rows."""
-    return unit if unit > 0 else max(<Py_ssize_t>8, COLUMN_BLOCK // max(w, <Py_ssize_t>1))
+cdef inline Py_ssize_t _slice_rows(Py_ssize_t ncols, Py_ssize_t unit) noexcept nogil:
+    """Rows per block of a SLICES task's ncols columns: COLUMN_BLOCK elements, at least 8 rows."""
+    return unit if unit > 0 else max(<Py_ssize_t>8, COLUMN_BLOCK // max(ncols, <Py_ssize_t>1))
 
 
 cdef inline Py_ssize_t _share(Py_ssize_t n, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
@@ -354,22 +354,22 @@ cdef inline void _moments(const floating *x, Py_ssize_t C, Py_ssize_t S, Py_ssiz
 
 
 cdef inline void _affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
-                         Py_ssize_t f1, const floating *cf, int nt) noexcept nogil:
+                         Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
     if floating is float:
-        fbn_affine_f32(x, y, C, S, f0, f1, cf, nt)
+        fbn_affine_f32(x, y, C, S, f0, f1, cf, stream)
     else:
-        fbn_affine_f64(x, y, C, S, f0, f1, cf, nt)
-    if nt:
+        fbn_affine_f64(x, y, C, S, f0, f1, cf, stream)
+    if stream:
         fbn_sfence()
 
 
 cdef void _affine_backwards(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
-                            Py_ssize_t f1, const floating *cf, int nt) noexcept nogil:
+                            Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
     """_affine over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
     cdef Py_ssize_t s, piece = PIECE_BYTES // sizeof(floating)
     while f1 > f0:
         s = _piece_start(f0, f1, piece)
-        _affine(x, y, C, S, s, f1, cf, nt)
+        _affine(x, y, C, S, s, f1, cf, stream)
         f1 = s
 
 
@@ -382,22 +382,22 @@ cdef inline void _grad_sums(const floating *dy, const floating *x, Py_ssize_t C,
 
 
 cdef inline void _grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t C, Py_ssize_t S,
-                             Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int nt) noexcept nogil:
+                             Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
     if floating is float:
-        fbn_grad_input_f32(dy, x, dx, C, S, f0, f1, cf, nt)
+        fbn_grad_input_f32(dy, x, dx, C, S, f0, f1, cf, stream)
     else:
-        fbn_grad_input_f64(dy, x, dx, C, S, f0, f1, cf, nt)
-    if nt:
+        fbn_grad_input_f64(dy, x, dx, C, S, f0, f1, cf, stream)
+    if stream:
         fbn_sfence()
 
 
 cdef void _grad_input_backwards(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
-                                Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int nt) noexcept nogil:
+                                Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
     """_grad_input over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
     cdef Py_ssize_t s, piece = PIECE_BYTES // sizeof(floating)
     while f1 > f0:
         s = _piece_start(f0, f1, piece)
-        _grad_input(dy, x, dx, C, S, s, f1, cf, nt)
+        _grad_input(dy, x, dx, C, S, s, f1, cf, stream)
         f1 = s
 
 
@@ -405,43 +405,43 @@ cdef enum:
     # one COLUMNS task's moments: [count | shift K (W) | mean - K (W) | M2 (W) | scratch (3W)]
     COL_MOMENTS = 6
 
-# The column loops take columns [0, w) of rows W apart (per-column coefficients in blocks W apart):
-# w = W for the COLUMNS blocks of whole rows; a SLICES task passes its first column and width.
-cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W,
+# The column loops take columns [0, ncols) of rows W apart (per-column coefficients in blocks W apart):
+# ncols = W for the COLUMNS blocks of whole rows; a SLICES task passes its first column and width.
+cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
                               double *th) noexcept nogil:
-    # th: one share's moments, [count | shift K (w) | mean - K (w) | M2 (w) | scratch (3w)]
+    # th: one share's moments, [count | shift K (ncols) | mean - K (ncols) | M2 (ncols) | scratch (3w)]
     if floating is float:
-        fbn_col_moments_f32(x, rows, w, W, th, th + 1, th + 1 + w, th + 1 + 2 * w, th + 1 + 3 * w)
+        fbn_col_moments_f32(x, rows, ncols, W, th, th + 1, th + 1 + ncols, th + 1 + 2 * ncols, th + 1 + 3 * ncols)
     else:
-        fbn_col_moments_f64(x, rows, w, W, th, th + 1, th + 1 + w, th + 1 + 2 * w, th + 1 + 3 * w)
+        fbn_col_moments_f64(x, rows, ncols, W, th, th + 1, th + 1 + ncols, th + 1 + 2 * ncols, th + 1 + 3 * ncols)
 
 
-cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t w, Py_ssize_t W,
-                             const floating *cf, int nt) noexcept nogil:
+cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
+                             const floating *cf, int stream) noexcept nogil:
     if floating is float:
-        fbn_col_affine_f32(x, y, rows, w, W, cf, nt)
+        fbn_col_affine_f32(x, y, rows, ncols, W, cf, stream)
     else:
-        fbn_col_affine_f64(x, y, rows, w, W, cf, nt)
-    if nt:
+        fbn_col_affine_f64(x, y, rows, ncols, W, cf, stream)
+    if stream:
         fbn_sfence()
 
 
-cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t w,
+cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t ncols,
                                 Py_ssize_t W, const double *mean, double *th) noexcept nogil:
-    # th: one share's sums, [sum dy (w) | sum dy*(x-mean) (w)]
+    # th: one share's sums, [sum dy (ncols) | sum dy*(x-mean) (ncols)]
     if floating is float:
-        fbn_col_grad_sums_f32(dy, x, rows, w, W, mean, th, th + w)
+        fbn_col_grad_sums_f32(dy, x, rows, ncols, W, mean, th, th + ncols)
     else:
-        fbn_col_grad_sums_f64(dy, x, rows, w, W, mean, th, th + w)
+        fbn_col_grad_sums_f64(dy, x, rows, ncols, W, mean, th, th + ncols)
 
 
 cdef inline void _col_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
-                                 Py_ssize_t w, Py_ssize_t W, const floating *cf, int nt) noexcept nogil:
+                                 Py_ssize_t ncols, Py_ssize_t W, const floating *cf, int stream) noexcept nogil:
     if floating is float:
-        fbn_col_grad_input_f32(dy, x, dx, rows, w, W, cf, nt)
+        fbn_col_grad_input_f32(dy, x, dx, rows, ncols, W, cf, stream)
     else:
-        fbn_col_grad_input_f64(dy, x, dx, rows, w, W, cf, nt)
-    if nt:
+        fbn_col_grad_input_f64(dy, x, dx, rows, ncols, W, cf, stream)
+    if stream:
         fbn_sfence()
 
 
@@ -454,23 +454,23 @@ cdef inline void _eval_coefs(const double *mean, const double *invstd, const flo
         fbn_eval_coefs_f64(mean, invstd, w, b, cf, n, C)
 
 
-cdef inline void _col_finish_stats(const double *th, Py_ssize_t w, double eps, const floating *wt, const floating *b,
+cdef inline void _col_finish_stats(const double *th, Py_ssize_t ncols, double eps, const floating *w, const floating *b,
                                    double *mean, double *var, double *invstd, floating *cf, Py_ssize_t C) noexcept nogil:
-    # th: one share's moments of w columns that are channels (S = 1), see _col_moments
+    # th: one share's moments of ncols columns that are channels (S = 1), see _col_moments
     if floating is float:
-        fbn_col_finish_stats_f32(th[0], th + 1, th + 1 + w, th + 1 + 2 * w, eps, wt, b, mean, var, invstd, cf, w, C)
+        fbn_col_finish_stats_f32(th[0], th + 1, th + 1 + ncols, th + 1 + 2 * ncols, eps, w, b, mean, var, invstd, cf, ncols, C)
     else:
-        fbn_col_finish_stats_f64(th[0], th + 1, th + 1 + w, th + 1 + 2 * w, eps, wt, b, mean, var, invstd, cf, w, C)
+        fbn_col_finish_stats_f64(th[0], th + 1, th + 1 + ncols, th + 1 + 2 * ncols, eps, w, b, mean, var, invstd, cf, ncols, C)
 
 
-cdef inline void _col_finish_grad(const double *th, Py_ssize_t w, double count, bint training, const floating *wt,
+cdef inline void _col_finish_grad(const double *th, Py_ssize_t ncols, double count, bint training, const floating *w,
                                   const double *mean, const double *invstd, double *gw, double *gb, floating *cf,
                                   Py_ssize_t C) noexcept nogil:
-    # th: one share's [sum dy (w) | sum dy*(x-mean) (w)] of w columns that are channels (S = 1)
+    # th: one share's [sum dy (ncols) | sum dy*(x-mean) (ncols)] of ncols columns that are channels (S = 1)
     if floating is float:
-        fbn_col_finish_grad_f32(count, th, th + w, training, wt, mean, invstd, gw, gb, cf, w, C)
+        fbn_col_finish_grad_f32(count, th, th + ncols, training, w, mean, invstd, gw, gb, cf, ncols, C)
     else:
-        fbn_col_finish_grad_f64(count, th, th + w, training, wt, mean, invstd, gw, gb, cf, w, C)
+        fbn_col_finish_grad_f64(count, th, th + ncols, training, w, mean, invstd, gw, gb, cf, ncols, C)
 
 
 # ---------------------------------------------------------------- per-channel coefficients
@@ -562,20 +562,20 @@ cdef void _merge_range_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const dou
     _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
 
 
-cdef void _merge_column_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, const double *pp, Py_ssize_t w,
-                              Py_ssize_t col0, double eps, const floating *wt, const floating *b, double *mean,
+cdef void _merge_column_stats(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, const double *pp, Py_ssize_t ncols,
+                              Py_ssize_t col0, double eps, const floating *w, const floating *b, double *mean,
                               double *var, double *invstd, floating *cf, floating *cfw) noexcept nogil:
-    # pp: T shares of COL_MOMENTS * w + 1 (see _col_moments) over columns col0 .. col0 + w - 1 (all
+    # pp: T shares of COL_MOMENTS * ncols + 1 (see _col_moments) over columns col0 .. col0 + ncols - 1 (all
     # W columns for COLUMNS, a task's own for SLICES); channel c owns columns c*S .. c*S+S-1
     cdef double acc[4]
     cdef Py_ssize_t t, s, j, col
     acc[0] = acc[1] = acc[2] = acc[3] = 0
     for t in range(T):
-        j = t * (COL_MOMENTS * w + 1)
+        j = t * (COL_MOMENTS * ncols + 1)
         for s in range(S):
             col = j + 1 + c * S + s - col0
-            fbn_shift_merge(acc, pp[j], pp[col], pp[col + w], pp[col + 2 * w])
-    _finish_stats(c, C, acc, eps, wt, b, mean, var, invstd, cf)
+            fbn_shift_merge(acc, pp[j], pp[col], pp[col + ncols], pp[col + 2 * ncols])
+    _finish_stats(c, C, acc, eps, w, b, mean, var, invstd, cf)
     _expand(cf, C, S, 4, c, cfw)
 
 
@@ -591,18 +591,18 @@ cdef void _merge_range_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t K, const doub
     _finish_grad(c, C, sdy, sdyx, count, training, w, mean, invstd, gw, gb, cf)
 
 
-cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, const double *pp, Py_ssize_t w,
-                             Py_ssize_t col0, double count, bint training, const floating *wt, const double *mean,
+cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, const double *pp, Py_ssize_t ncols,
+                             Py_ssize_t col0, double count, bint training, const floating *w, const double *mean,
                              const double *invstd, double *gw, double *gb, floating *cf, floating *cfw) noexcept nogil:
-    # pp: T shares of [sum dy (w) | sum dy*(x-mean) (w)] over columns col0 .. col0 + w - 1
+    # pp: T shares of [sum dy (ncols) | sum dy*(x-mean) (ncols)] over columns col0 .. col0 + ncols - 1
     cdef double sdy = 0, sdyx = 0
     cdef Py_ssize_t t, s, col
     for t in range(T):
         for s in range(S):
-            col = t * 2 * w + c * S + s - col0
+            col = t * 2 * ncols + c * S + s - col0
             sdy += pp[col]
-            sdyx += pp[col + w]
-    _finish_grad(c, C, sdy, sdyx, count, training, wt, mean, invstd, gw, gb, cf)
+            sdyx += pp[col + ncols]
+    _finish_grad(c, C, sdy, sdyx, count, training, w, mean, invstd, gw, gb, cf)
     _expand(cf, C, S, 5, c, cfw)
 
 
@@ -634,7 +634,7 @@ cdef struct _Job:
     bint single             # float32 elements, else float64
     bint training           # backward: the forward used batch statistics (else fixed ones)
     bint rsingle            # evaluation: float32 running buffers, else float64
-    int nt                  # streaming stores
+    int stream                  # streaming stores
     const void *x
     const void *dy          # backward: grad_output
     void *y                 # the output: y, or grad_input
@@ -673,8 +673,8 @@ cdef enum:
     SLICE_SCRATCH = COL_MOMENTS * SLICE_CHUNK + 8
 
 
-cdef struct _Chunk:  # channels c0 .. end - 1 of a slice: columns col0 .. col0 + w - 1, nb blocks of R rows
-    Py_ssize_t end, col0, w, R, nb
+cdef struct _Chunk:  # channels c0 .. end - 1 of a slice: columns col0 .. col0 + ncols - 1, nb blocks of R rows
+    Py_ssize_t end, col0, ncols, R, nb
 
 
 cdef inline _Chunk _slice_chunk(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N, Py_ssize_t S,
@@ -683,8 +683,8 @@ cdef inline _Chunk _slice_chunk(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N, Py_s
     cdef _Chunk ch
     ch.end = min(c1, c0 + max(<Py_ssize_t>1, SLICE_CHUNK // S))
     ch.col0 = c0 * S
-    ch.w = (ch.end - c0) * S
-    ch.R = _slice_rows(ch.w, unit)
+    ch.ncols = (ch.end - c0) * S
+    ch.R = _slice_rows(ch.ncols, unit)
     ch.nb = (N + ch.R - 1) // ch.R
     return ch
 
@@ -705,15 +705,15 @@ cdef void _slice_train(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogi
         th[0] = 0
         for j in range(ch.nb):
             o = j * ch.R * W + ch.col0
-            _col_moments(xp + o, min(ch.R, N - j * ch.R), ch.w, W, th)
+            _col_moments(xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, th)
         if S == 1:
-            _col_finish_stats(th, ch.w, jb.eps, wp + c0, bp + c0, jb.mean + c0, jb.var + c0, jb.invstd + c0, cf + c0, C)
+            _col_finish_stats(th, ch.ncols, jb.eps, wp + c0, bp + c0, jb.mean + c0, jb.var + c0, jb.invstd + c0, cf + c0, C)
         else:
             for c in range(c0, ch.end):
-                _merge_column_stats(c, C, S, 1, th, ch.w, ch.col0, jb.eps, wp, bp, jb.mean, jb.var, jb.invstd, cf, cw)
+                _merge_column_stats(c, C, S, 1, th, ch.ncols, ch.col0, jb.eps, wp, bp, jb.mean, jb.var, jb.invstd, cf, cw)
         for j in range(ch.nb - 1, -1, -1):
             o = j * ch.R * W + ch.col0
-            _col_affine(xp + o, yp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, jb.nt)
+            _col_affine(xp + o, yp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream)
         c0 = ch.end
 
 
@@ -723,8 +723,8 @@ cdef void _slice_eval(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil
     cdef floating *cw = <floating *>jb.cw
     cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c
     cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
-    cdef Py_ssize_t col0 = c0 * S, w = (c1 - c0) * S, R = _slice_rows(w, jb.unit), nb = (N + R - 1) // R
-    if w == 0:
+    cdef Py_ssize_t col0 = c0 * S, ncols = (c1 - c0) * S, R = _slice_rows(ncols, jb.unit), nb = (N + R - 1) // R
+    if ncols == 0:
         return
     if jb.rm != NULL:
         _eval_stats(jb.rm, jb.rv, jb.eps, jb.mean, jb.invstd, c0, c1, jb.rsingle)
@@ -734,7 +734,7 @@ cdef void _slice_eval(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil
         _expand(cf, C, S, 4, c, cw)
     for j in range(nb):
         _col_affine(<const floating *>jb.x + j * R * W + col0, <floating *>jb.y + j * R * W + col0,
-                    min(R, N - j * R), w, W, cw + col0, jb.nt)
+                    min(R, N - j * R), ncols, W, cw + col0, jb.stream)
 
 
 cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
@@ -753,29 +753,29 @@ cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept n
     cdef _Chunk ch
     while c0 < c1:
         ch = _slice_chunk(c0, c1, N, S, jb.unit)
-        for j in range(2 * ch.w):
+        for j in range(2 * ch.ncols):
             th[j] = 0
         m = mp + c0  # one column per channel: the channel means themselves
         if S > 1:
-            for j in range(ch.w):
+            for j in range(ch.ncols):
                 wm[j] = mp[c0 + j // S]
             m = wm
         for j in range(ch.nb):
             o = j * ch.R * W + ch.col0
-            _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.w, W, m, th)
+            _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, m, th)
         if S == 1:
-            _col_finish_grad(th, ch.w, <double>N, jb.training, wp + c0, mp + c0, jb.invstd + c0, jb.gw + c0,
+            _col_finish_grad(th, ch.ncols, <double>N, jb.training, wp + c0, mp + c0, jb.invstd + c0, jb.gw + c0,
                              jb.gb + c0, cf + c0, C)
         else:
             for c in range(c0, ch.end):
-                _merge_column_grad(c, C, S, 1, th, ch.w, ch.col0, <double>(N * S), jb.training, wp, mp, jb.invstd,
+                _merge_column_grad(c, C, S, 1, th, ch.ncols, ch.col0, <double>(N * S), jb.training, wp, mp, jb.invstd,
                                    jb.gw, jb.gb, cf, cw)
         for j in range(ch.nb - 1, -1, -1):
             o = j * ch.R * W + ch.col0
             if jb.training:
-                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, jb.nt)
+                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream)
             else:
-                _col_affine(gp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, jb.nt)
+                _col_affine(gp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream)
         c0 = ch.end
 
 
@@ -877,16 +877,16 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
         elif jb.op == REDUCE:
             _grad_sums(gp, xp, C, S, f0, f1, jb.mean, jb.part + k * 2 * C)
         elif jb.op == APPLY:
-            _affine(xp, yp, C, S, f0, f1, cw, jb.nt)
+            _affine(xp, yp, C, S, f0, f1, cw, jb.stream)
         elif jb.kind == TRAIN:
-            _affine_backwards(xp, yp, C, S, f0, f1, cw, jb.nt)
+            _affine_backwards(xp, yp, C, S, f0, f1, cw, jb.stream)
         elif jb.training:
-            _grad_input_backwards(gp, xp, yp, C, S, f0, f1, cw, jb.nt)
+            _grad_input_backwards(gp, xp, yp, C, S, f0, f1, cw, jb.stream)
         else:  # fixed statistics: dx = dy * kdy, the affine applied to dy (see the coefficients)
-            _affine_backwards(gp, yp, C, S, f0, f1, cw, jb.nt)
+            _affine_backwards(gp, yp, C, S, f0, f1, cw, jb.stream)
     elif jb.op == APPLY:  # COLUMNS, evaluation: row block k
         j = k * jb.R * W
-        _col_affine(xp + j, yp + j, min(jb.R, N - k * jb.R), W, W, cw, jb.nt)
+        _col_affine(xp + j, yp + j, min(jb.R, N - k * jb.R), W, W, cw, jb.stream)
     elif jb.op == REDUCE:  # COLUMNS: share k of the row blocks, front to back
         if jb.kind == TRAIN:
             th = jb.part + k * (COL_MOMENTS * W + 1)
@@ -907,11 +907,11 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
             j = j - 1
             f0 = j * jb.R * W
             if jb.kind == TRAIN:
-                _col_affine(xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.nt)
+                _col_affine(xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream)
             elif jb.training:
-                _col_grad_input(gp + f0, xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.nt)
+                _col_grad_input(gp + f0, xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream)
             else:
-                _col_affine(gp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.nt)
+                _col_affine(gp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream)
 
 
 cdef inline void _run(_Job *jb, int op, Py_ssize_t n, int T) noexcept nogil:
@@ -1007,7 +1007,7 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
     jb.eps = eps
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
     cdef object keep = _setup_split(&jb, path, t, coef, FBN_ACC * C)
-    jb.nt = _plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
+    jb.stream = _plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
     cdef int T = _plan_threads(n_threads, L)
     with nogil:
         _run_two_pass(&jb, T)
@@ -1124,7 +1124,7 @@ cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) exc
     cdef int T = _plan_threads(n_threads, jb.L)
     cdef object wide = None
     jb.how = _plan_path(jb.N, C, jb.S, path)
-    jb.nt = _plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how)
+    jb.stream = _plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how)
     jb.cw = jb.cf
     if jb.S > 1 and jb.how != RANGES:  # per-column coefficients: see _columns_coefs
         wide = _new(4 * jb.W, t, False)
@@ -1182,7 +1182,7 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.training = training
     cdef object coef = _new(5 * C, t, False)  # [mhi | mlo | kdy | kx | kc]
     cdef object keep = _setup_split(&jb, path, t, coef, 2 * C), wide_mean = None
-    jb.nt = _plan_stream(3 * L * _itemsize(&jb), stream, jb.how)
+    jb.stream = _plan_stream(3 * L * _itemsize(&jb), stream, jb.how)
     cdef double *wm
     if jb.how == COLUMNS:
         wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
@@ -1209,11 +1209,11 @@ cdef double _traffic_range(const _Job *jb, Py_ssize_t f0, Py_ssize_t f1, floatin
         bq = NULL if jb.dy == NULL else <const floating *>jb.dy + s
         yq = NULL if jb.y == NULL else <floating *>jb.y + s
         if floating is float:
-            total += fbn_traffic_f32(a + s, bq, yq, f1 - s, jb.nt)
+            total += fbn_traffic_f32(a + s, bq, yq, f1 - s, jb.stream)
         else:
-            total += fbn_traffic_f64(a + s, bq, yq, f1 - s, jb.nt)
+            total += fbn_traffic_f64(a + s, bq, yq, f1 - s, jb.stream)
         f1 = s
-    if jb.nt:
+    if jb.stream:
         fbn_sfence()
     return total
 
@@ -1243,7 +1243,7 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
         jb.dy = &b[0]
     if y is not None:
         jb.y = &y[0]
-    jb.nt = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream, RANGES)
+    jb.stream = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream, RANGES)
     jb.training = backwards
     part = _new(jb.K, cnp.NPY_DOUBLE, True)
     jb.part = <double *>_ptr(part)
@@ -1310,32 +1310,32 @@ cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept n
             th[0] = 0
             for j in range(ch.nb):
                 o = j * ch.R * W + ch.col0
-                _col_moments(xp + o, min(ch.R, N - j * ch.R), ch.w, W, th)
+                _col_moments(xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, th)
             for c in range(c0, ch.end):
                 acc[0] = acc[1] = acc[2] = acc[3] = 0
                 for s in range(S):
                     col = 1 + (c - c0) * S + s
-                    fbn_shift_merge(acc, th[0], th[col], th[col + ch.w], th[col + 2 * ch.w])
+                    fbn_shift_merge(acc, th[0], th[col], th[col + ch.ncols], th[col + 2 * ch.ncols])
                 jb.mean[c] = fbn_acc_mean(acc)
                 jb.var[c] = acc[<int>FBN_M2]
         elif jb.op == REDUCE:
-            for j in range(2 * ch.w):
+            for j in range(2 * ch.ncols):
                 th[j] = 0
             m = jb.mean + c0  # one column per channel: the channel means themselves
             if S > 1:
-                for j in range(ch.w):
+                for j in range(ch.ncols):
                     wm[j] = jb.mean[c0 + j // S]
                 m = wm
             for j in range(ch.nb):
                 o = j * ch.R * W + ch.col0
-                _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.w, W, m, th)
+                _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, m, th)
             for c in range(c0, ch.end):
                 sdy = 0
                 sdyx = 0
                 for s in range(S):
                     col = (c - c0) * S + s
                     sdy += th[col]
-                    sdyx += th[col + ch.w]
+                    sdyx += th[col + ch.ncols]
                 jb.gb[c] = sdy
                 jb.gw[c] = sdyx
         else:
@@ -1345,7 +1345,7 @@ cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept n
                 _expand(cf, C, S, 5, c, cw)
             for j in range(ch.nb - 1, -1, -1):
                 o = j * ch.R * W + ch.col0
-                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.w, W, cw + ch.col0, jb.nt)
+                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream)
         c0 = ch.end
 
 
@@ -1497,7 +1497,7 @@ def sync_backward_apply(dy, x, dx, weight, mean, invstd, sum_dy, sum_dyx, double
     sj.sdy = <const double *>_data(sum_dy, cnp.NPY_DOUBLE, C, False, "sum_dy")
     sj.sdyx = <const double *>_data(sum_dyx, cnp.NPY_DOUBLE, C, False, "sum_dyx")
     sj.count = count
-    jb.nt = _plan_stream(3 * jb.L * _itemsize(jb), stream, jb.how)
+    jb.stream = _plan_stream(3 * jb.L * _itemsize(jb), stream, jb.how)
     cdef int T = _plan_threads(n_threads, jb.L)
     with nogil:
         if jb.how == SLICES:  # each task its own channels' coefficients, then their apply
@@ -1539,7 +1539,7 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
     cdef object keep = _setup_split(&jb, path, t, coef, 0)
-    jb.nt = _plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
+    jb.stream = _plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
     cdef int T = _plan_threads(n_threads, L)
     with nogil:
         if jb.single:

@@ -11,7 +11,7 @@
  *
  * The typed loops are in _simd_impl.h, included once for float (suffix _f32) and once for
  * double (_f64).  Numerics:
- *   - moments: mean and M2 per block of about FBN_BLOCK elements from sums shifted by a value
+ *   - moments: mean and M2 per block of about FBN_CPU_BLOCK elements from sums shifted by a value
  *     close to the mean (see moments in _simd_impl.h), in double, merged with Chan et al.'s
  *     pairwise update relative to a fixed shift (fbn_shift_merge).  Never E[x^2]-E[x]^2.
  *   - normalize: y = ((x - m_hi) - m_lo) * a + b, where m_hi + m_lo is the double mean split
@@ -41,7 +41,7 @@
 #define FBN_INLINE static inline
 #endif
 
-#define FBN_BLOCK 2048
+#define FBN_CPU_BLOCK 2048 /* elements per block of a run's moments (see fbn_piece_moments) */
 #define FBN_SHORT 128  /* rows shorter than this reduce with 8 lanes (see _simd_impl.h) */
 
 /* Moments accumulators hold (count, shift K, mean - K, M2): the mean relative to a shift fixed by

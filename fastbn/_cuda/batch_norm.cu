@@ -19,7 +19,7 @@
  *             (coalesced), partials per row range, then the same merge + apply kernels.
  *
  * Numerics (the same as the CPU's):
- *   - moments in double for both dtypes: each thread takes its elements FBN_CHUNK at a time into
+ *   - moments in double for both dtypes: each thread takes its elements FBN_GPU_CHUNK at a time into
  *     registers, computes the chunk's exact two-pass mean and M2, and merges it into its running
  *     (count, mean, M2) with Chan et al.'s update; threads, warps, blocks and units are merged
  *     with the same update (warp shuffles, then shared memory).  Never E[x^2] - E[x]^2.
@@ -39,10 +39,10 @@
  * (the CPU keeps them); float64 is unaffected.
  */
 
-#ifndef FBN_BLOCK
-#define FBN_BLOCK 256 /* threads per block of the 1-D kernels; _cupy_backend.BLOCK must match */
+#ifndef FBN_GPU_THREADS
+#define FBN_GPU_THREADS 256 /* threads per block of the 1-D kernels; _cupy_backend.BLOCK must match */
 #endif
-#define FBN_CHUNK 8   /* elements per thread per two-pass chunk / loads in flight per thread */
+#define FBN_GPU_CHUNK 8   /* elements per thread per two-pass chunk / loads in flight per thread */
 #define FBN_APPLY 4   /* elements per thread per iteration of the elementwise loops */
 #define FBN_COL_X 32  /* columns kernels: 32 adjacent columns per warp ... */
 #define FBN_COL_Y 8   /* ... and 8 warps striding the rows; _cupy_backend.COLUMN_BLOCK = (32, 8) */
@@ -76,18 +76,18 @@ __device__ __forceinline__ void fbn_chan_merge(double &n, double &m, double &m2,
 }
 
 /* Chan-merge the (count, mean, M2) of all 32 lanes into lane 0 (shuffle tree, fixed order). */
-/* Two-pass moments of the first cnt of a thread's FBN_CHUNK loaded values, merged into (n, m, m2). */
+/* Two-pass moments of the first cnt of a thread's FBN_GPU_CHUNK loaded values, merged into (n, m, m2). */
 __device__ __forceinline__ void fbn_chunk_merge(const double *v, int cnt, double &n, double &m, double &m2)
 {
     double s = 0.0;
 #pragma unroll
-    for (int j = 0; j < FBN_CHUNK; j++)
+    for (int j = 0; j < FBN_GPU_CHUNK; j++)
         if (j < cnt)
             s += v[j];
     const double bm = s / (double)cnt;
     double q = 0.0;
 #pragma unroll
-    for (int j = 0; j < FBN_CHUNK; j++) {
+    for (int j = 0; j < FBN_GPU_CHUNK; j++) {
         if (j < cnt) {
             const double d = v[j] - bm;
             q = fbn_fma(d, d, q);
@@ -238,10 +238,10 @@ __device__ __forceinline__ void fbn_thread_moments(const T *x, i64 C, i64 S, i64
     const double shift = fbn_shift(x, S, c);
     FbnChannelWalker w(e0 + threadIdx.x, C, S, c, blockDim.x);
     while (w.e < e1) {
-        double v[FBN_CHUNK];
+        double v[FBN_GPU_CHUNK];
         int cnt = 0;
 #pragma unroll
-        for (int j = 0; j < FBN_CHUNK; j++) { /* all loads first: FBN_CHUNK in flight */
+        for (int j = 0; j < FBN_GPU_CHUNK; j++) { /* all loads first: FBN_GPU_CHUNK in flight */
             if (w.e < e1) {
                 v[j] = (double)x[w.off] - shift;
                 cnt = j + 1;
@@ -259,10 +259,10 @@ __device__ __forceinline__ void fbn_thread_grad_sums(const T *dy, const T *x, i6
 {
     FbnChannelWalker w(e0 + threadIdx.x, C, S, c, blockDim.x);
     while (w.e < e1) {
-        double g[FBN_CHUNK], v[FBN_CHUNK];
+        double g[FBN_GPU_CHUNK], v[FBN_GPU_CHUNK];
         int cnt = 0;
 #pragma unroll
-        for (int j = 0; j < FBN_CHUNK; j++) { /* all loads first: 2 FBN_CHUNK in flight */
+        for (int j = 0; j < FBN_GPU_CHUNK; j++) { /* all loads first: 2 FBN_GPU_CHUNK in flight */
             if (w.e < e1) {
                 g[j] = (double)dy[w.off];
                 v[j] = (double)x[w.off];
@@ -271,7 +271,7 @@ __device__ __forceinline__ void fbn_thread_grad_sums(const T *dy, const T *x, i6
             w.next();
         }
 #pragma unroll
-        for (int j = 0; j < FBN_CHUNK; j++) {
+        for (int j = 0; j < FBN_GPU_CHUNK; j++) {
             if (j < cnt) {
                 a += g[j];
                 b = fbn_fma(g[j], v[j] - mean, b);
@@ -379,7 +379,7 @@ __device__ __forceinline__ void fbn_channel_grad_input(const T *dy, const T *x, 
 /* channels path, training: batch statistics and the normalize + affine of each channel in one
  * block.  y may be x.  Grid: any number of blocks (they stride over the channels). */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_forward_channels(const T *x, T *y, const T *weight, const T *bias, double eps, i64 N, i64 C, i64 S,
                     double *mean, double *var, double *invstd)
 {
@@ -401,7 +401,7 @@ bn_forward_channels(const T *x, T *y, const T *weight, const T *bias, double eps
 /* units path, stage 1: unit u = (channel u / k, elements [(u % k) * U, min(NS, (u % k + 1) * U)))
  * writes its (count, mean - shift, M2) to part[3u .. 3u + 2]. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_moments_units(const T *__restrict__ x, i64 N, i64 C, i64 S, i64 k, i64 U, double *__restrict__ part)
 {
     const i64 NS = N * S;
@@ -433,11 +433,11 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
         double n = 0.0, m = 0.0, m2 = 0.0;
         if (c < C) {
             const double shift = fbn_shift(x, (i64)1, c);
-            for (i64 r = j * R + ty; r < r1; r += FBN_CHUNK * FBN_COL_Y) {
-                double v[FBN_CHUNK];
+            for (i64 r = j * R + ty; r < r1; r += FBN_GPU_CHUNK * FBN_COL_Y) {
+                double v[FBN_GPU_CHUNK];
                 int cnt = 0;
 #pragma unroll
-                for (int t = 0; t < FBN_CHUNK; t++) {
+                for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     const i64 rr = r + (i64)t * FBN_COL_Y;
                     if (rr < r1) {
                         v[t] = (double)x[rr * C + c] - shift;
@@ -510,7 +510,7 @@ __global__ void bn_eval_coefs(const double *mean, const double *invstd, const T 
 /* y = ((x - m_hi) - m_lo) * a + b over the whole buffer (total = N * C * S elements), with the
  * per-channel coefficients of bn_merge_moments / bn_eval_coefs.  y may be x.  Grid-stride. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_apply(const T *x, T *y, const T *coef, i64 C, i64 S, i64 total)
 {
     const i64 step = (i64)gridDim.x * blockDim.x;
@@ -541,7 +541,7 @@ bn_apply(const T *x, T *y, const T *coef, i64 C, i64 S, i64 total)
 /* channels path: sums, parameter gradients and grad_input of each channel in one block.
  * dx must not overlap dy or x. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_backward_channels(const T *dy, const T *x, T *dx, const T *weight, const double *mean, const double *invstd,
                      int training, i64 N, i64 C, i64 S, double *grad_weight, double *grad_bias)
 {
@@ -568,7 +568,7 @@ bn_backward_channels(const T *dy, const T *x, T *dx, const T *weight, const doub
 
 /* units path, stage 1: unit u writes (sum dy, sum dy * (x - mean)) to part[2u], part[2u + 1]. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_grad_sums_units(const T *__restrict__ dy, const T *__restrict__ x, const double *__restrict__ mean, i64 N, i64 C,
                    i64 S, i64 k, i64 U, double *__restrict__ part)
 {
@@ -599,11 +599,11 @@ bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const do
         const i64 r1 = fbn_min(N, (j + 1) * R);
         double a = 0.0, b = 0.0;
         if (c < C) {
-            for (i64 r = j * R + ty; r < r1; r += FBN_CHUNK * FBN_COL_Y) {
-                double g[FBN_CHUNK], v[FBN_CHUNK];
+            for (i64 r = j * R + ty; r < r1; r += FBN_GPU_CHUNK * FBN_COL_Y) {
+                double g[FBN_GPU_CHUNK], v[FBN_GPU_CHUNK];
                 int cnt = 0;
 #pragma unroll
-                for (int t = 0; t < FBN_CHUNK; t++) {
+                for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     const i64 rr = r + (i64)t * FBN_COL_Y;
                     if (rr < r1) {
                         g[t] = (double)dy[rr * C + c];
@@ -612,7 +612,7 @@ bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const do
                     }
                 }
 #pragma unroll
-                for (int t = 0; t < FBN_CHUNK; t++) {
+                for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     if (t < cnt) {
                         a += g[t];
                         b = fbn_fma(g[t], v[t] - mc, b);
@@ -664,7 +664,7 @@ bn_merge_grad(const double *part, i64 C, i64 k, double count, int training, cons
 
 /* dx = kdy * dy + (((x - m_hi) - m_lo) * kx + kc) over the whole buffer.  Grid-stride. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_grad_input(const T *dy, const T *x, T *dx, const T *coef, i64 C, i64 S, i64 total)
 {
     const i64 step = (i64)gridDim.x * blockDim.x;
