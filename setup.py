@@ -301,11 +301,11 @@ def extensions():
         "initializedcheck": checks,
         "embedsignature": True,
     }
-    # Every header and .pxd is a dependency of every extension: a change to any of them rebuilds both.
-    depends = sorted(glob.glob("fastbn/*.h") + glob.glob("fastbn/*.pxd"))
+    # Every header, .pxd and .pxi is a dependency of every extension: a change to any of them rebuilds both.
+    depends = sorted(glob.glob("fastbn/*.h") + glob.glob("fastbn/*.pxd") + glob.glob("fastbn/*.pxi"))
     exts = []
     # _norm_kernels: group / layer / instance norm (issue 13)
-    for name in ("fastbn._openmp", "fastbn._kernels", "fastbn._norm_kernels", "fastbn._alloc"):
+    for name in ("fastbn._openmp", "fastbn._plan", "fastbn._kernels", "fastbn._norm_kernels", "fastbn._alloc"):
         ext = Extension(
             name,
             [name.replace(".", "/") + ".pyx"],

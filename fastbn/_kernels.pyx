@@ -31,7 +31,6 @@ The entry points check what memory safety needs of their arrays (see "arguments"
 fastbn.functional validated the rest.  Statistics are accumulated in double for float32 and
 float64 alike.  The GIL is released for all the work.
 """
-import os
 
 import numpy as np
 cimport numpy as cnp
@@ -101,63 +100,13 @@ cdef extern from "_simd.h" nogil:
     double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int stream)
     double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int stream)
 
-cdef enum:
-    AUTO = 0
-    RANGES = 1
-    COLUMNS = 2
-    SLICES = 3
-PATHS = {"auto": AUTO, "ranges": RANGES, "columns": COLUMNS, "slices": SLICES}
 
-cdef enum:
-    # Below this many elements a task, the task's bookkeeping starts to show.
-    MIN_TASK = 16384
-    # Below this many elements a thread, another thread costs more than it saves: waking a helper
-    # costs the caller a system call, and a helper that then loses its core to another process
-    # holds up the call until it gets one back.  (450, 100) forward + backward right after a
-    # matmul, whose BLAS threads still spin, took 3.8x its 1-thread time on 2 threads.
-    MIN_PER_THREAD = 131072
-    # Spatial sizes below this take the COLUMNS path (rows that short would each cost a call) ...
-    SMALL_S = 32
-    # ... as blocks of rows (COLUMNS), unless the matrix is wider than this many columns (per-task
-    # accumulators get large) or more than SLICE_RATIO times as wide as it is tall: then in SLICES.
-    # Measured at kernel level on 2 threads, float32 (N, W), blocks of rows -> SLICES: (8, 16384)
-    # train forward 180 -> 51 us, eval 55 -> 20, backward 159 -> 58; (32, 4096) 64 -> 36, 27 -> 20,
-    # 65 -> 39; at W = 32 N about even; below it SLICES loses, most in eval, e.g. (64, 1024) eval
-    # 9 -> 19 us, (128, 1024) 13 -> 40 (two threads writing the two halves of every 4 KiB row).
-    MAX_COLUMNS = 1 << 16
-    SLICE_RATIO = 32
-    # Channels per task, at least, for eval_stats' square roots to be shared between threads.
-    EVAL_STATS_SHARE = 4096
-    # Elements per COLUMNS row block (~512 KiB of float32: still in L2 for the first block's
-    # second pass; larger blocks mean fewer merges).  Fixed, not derived from the detected L2: the
-    # blocks decide where partial sums are cut and merged, so a size that followed the machine
-    # would give results that differ in the last bits from one machine to the next.
-    COLUMN_BLOCK = 131072
-    # Channels per task of a merge of the tasks' partials; merges of fewer than MERGE_ALONE
-    # partials in all run on the calling thread.
-    MERGE_CHANNELS = 256
-    MERGE_ALONE = 8192
-
-# The most tasks a call is cut into, whatever the thread count: the tasks (not the threads) fix
-# where partial sums are cut and merged, so results are the same on 1 thread or 16.  At least 16
-# (8 per core on 2 cores: a helper that comes late still finds work), more on machines with more
-# than 8 cores; fixed at import from the cores this process may use.
-cdef Py_ssize_t PLAN_WIDTH
-
-
-def _usable_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-PLAN_WIDTH = max(16, min(256, 2 * _usable_cores()))
-
-
-def plan_width():
-    """The most tasks a call is cut into (see PLAN_WIDTH)."""
-    return PLAN_WIDTH
+from fastbn._plan cimport (
+    AUTO, RANGES, COLUMNS, SLICES, MERGE_CHANNELS, MERGE_ALONE, SLICE_CHUNK, plan_threads, plan_tasks,
+    plan_path, plan_stream, plan_ranges, plan_rows, plan_shares, plan_slices, plan_eval_stats, piece_elements,
+    range_start, share_start, slice_start, slice_rows, piece_start)
+# the planner's knobs, part of this module's interface (see _plan.pyx)
+from fastbn._plan import PATHS, STREAM_L3_RATIO, plan_width, thread_threshold, thresholds, tune_for
 
 
 def pool_helpers():
@@ -184,166 +133,6 @@ def pool_spin_us(us=None):
     return fbn_pool_spin() / 1000
 
 
-# A call whose arrays (inputs and output) take more than STREAM_BYTES writes its output with
-# streaming stores, on the RANGES path: it would not stay in cache anyway, and skipping the
-# read-for-ownership saves a pass over memory.  Below it, normal stores keep the output in the
-# last-level cache for whoever reads it next.  STREAM_BYTES = STREAM_L3_RATIO x the L3 that
-# fastbn._machine detects (l3_effective), set at import by tune_for.
-# The ratio was measured on the 2-core AMD EPYC (Zen 4) VM, 32 MiB L3, 2 threads, float32
-# (N, 64, 32, 32) and (N, 3, 224, 224), outputs from fastbn's caching allocator (recycled pages),
-# streaming / normal stores in interleaved rounds: eval forward out= 1.06-1.30 at 12-16 MiB
-# touched, 1.00 at 20, 0.82-0.87 at 24, 0.68-0.82 at 28-48; followed by a read of the output
-# (which normal stores leave in L3) 1.03-1.06 at 12-16, 0.99-1.01 at 20-24, 0.82-0.85 at 32-48;
-# train forward 0.94-0.96 at 16 MiB, 0.84-0.90 at 20-24, 0.78-0.94 at 28-48.  So 0.75x the L3.
-# (It was 1.5x, measured on the same machine when every large output was a fresh mapping: the
-# kernel's zeroing of the new pages left them in the cache, which normal stores then hit.)
-# The column paths (COLUMNS, SLICES) never stream by size: their streaming stores measured slower
-# on every (N, C) and small-spatial shape tried, up to 192 MiB touched: (4096, 1024) float32
-# 1.13-1.71x, (16384, 1024) 1.06-1.48x, (4096, 256, 4, 4) 1.13-1.41x, (16, 1048576) 0.97-1.19x.
-STREAM_L3_RATIO = 0.75
-cdef Py_ssize_t STREAM_BYTES = 24 * 1024 * 1024  # until tune_for: 0.75 x a 32 MiB L3
-
-# A two-pass operation (training forward, backward) makes its second pass over each task's range
-# from the range's end back to its start, in pieces of about this many bytes (each piece front to
-# back), and takes the tasks in reverse order.  The first pass went front to back, so the cache
-# (L2, then L3) holds the end of the data: walking back meets those bytes first, while front to
-# back would start with bytes long evicted and push out the cached ones before reaching them.  See
-# "two passes" in bench/RESULTS.md.  Not derived from the detected L2: on the Zen 4 VM (1 MiB L2
-# per core), train forward and backward of (64, 64, 56, 56), (256, 256, 14, 14), (32, 3, 224, 224)
-# and (16, 64, 32, 32) float32 measured the same (0.97-1.02x) with pieces of 512 KiB, 1 MiB and
-# 2 MiB, and 1.01-1.07x slower with 128 KiB: past a few hundred KiB the piece size does not matter,
-# so a larger L2 gives no reason to change it, and 512 KiB is well past that on any L2 of 256 KiB
-# or more.
-cdef Py_ssize_t PIECE_BYTES = 512 * 1024
-
-
-def thresholds(stream_bytes=None, piece_bytes=None):
-    """The byte thresholds the kernels plan with, {"stream_bytes": STREAM_BYTES, "piece_bytes":
-    PIECE_BYTES}; sets those given (tune_for sets them at import).  Neither changes a result, only
-    how fast it comes.  Not part of fastbn's API."""
-    global STREAM_BYTES, PIECE_BYTES
-    for name, value in (("stream_bytes", stream_bytes), ("piece_bytes", piece_bytes)):
-        if value is not None and not 4096 <= value <= (1 << 50):
-            raise ValueError(f"thresholds({name}={value!r}): expected 4096 to 2**50 bytes")
-    if stream_bytes is not None:
-        STREAM_BYTES = stream_bytes
-    if piece_bytes is not None:
-        PIECE_BYTES = piece_bytes
-    return {"stream_bytes": STREAM_BYTES, "piece_bytes": PIECE_BYTES}
-
-
-def tune_for(Py_ssize_t l2_bytes, Py_ssize_t l3_bytes):
-    """Set the thresholds for a machine with these cache sizes (L2 per core, the L3 the threads
-    share: see fastbn._machine) by the ratios above; returns thresholds()."""
-    return thresholds(stream_bytes=max(4096, int(STREAM_L3_RATIO * l3_bytes)))
-
-
-# ---------------------------------------------------------------- planning
-# A plan depends on the shape (and a forced unit), never on the thread count: see PLAN_WIDTH.
-cdef int _plan_threads(int n_threads, Py_ssize_t total) noexcept nogil:
-    """Threads for ``total`` elements of work (they change how fast, never what it computes)."""
-    return <int>max(1, min(<Py_ssize_t>n_threads, total // min_per_thread))
-
-
-# MIN_PER_THREAD, unless tests lower it to put small inputs on several threads.
-cdef Py_ssize_t min_per_thread = MIN_PER_THREAD
-
-
-def thread_threshold(n=None):
-    """Elements a thread at least (MIN_PER_THREAD); sets it when given (tests: 1 puts every task
-    of a small input up for the helpers).  Not part of fastbn's API."""
-    global min_per_thread
-    if n is not None:
-        if not 1 <= n <= (1 << 40):
-            raise ValueError(f"thread_threshold({n!r}): expected 1 to 2**40 elements")
-        min_per_thread = n
-    return min_per_thread
-
-
-cdef Py_ssize_t _plan_tasks(Py_ssize_t total) noexcept nogil:
-    """Tasks for ``total`` elements of work: one per MIN_TASK elements, at most PLAN_WIDTH."""
-    return max(<Py_ssize_t>1, min(PLAN_WIDTH, total // MIN_TASK))
-
-
-cdef int _plan_path(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int path) noexcept nogil:
-    if path == SLICES and S > SLICE_CHUNK:  # a channel must fit a SLICES chunk (only when forced)
-        return COLUMNS
-    if path != AUTO:
-        return path
-    if S >= SMALL_S:
-        return RANGES
-    if C * S > MAX_COLUMNS or C * S > SLICE_RATIO * N:
-        return SLICES
-    return COLUMNS
-
-
-cdef int _plan_stream(Py_ssize_t touched_bytes, int stream, int how) noexcept nogil:
-    """Streaming stores when the call's arrays (inputs and output) overflow the cache, on the
-    RANGES path (see STREAM_BYTES); forced on or off by ``stream`` >= 0."""
-    return stream if stream >= 0 else (how == RANGES and touched_bytes > STREAM_BYTES)
-
-
-cdef Py_ssize_t _plan_ranges(Py_ssize_t L, Py_ssize_t unit) noexcept nogil:
-    """How many ranges (tasks) RANGES cuts L elements into: _plan_tasks, or L / unit when forced."""
-    return _plan_tasks(L) if unit <= 0 else max(<Py_ssize_t>1, (L + unit - 1) // unit)
-
-
-cdef Py_ssize_t _plan_rows(Py_ssize_t N, Py_ssize_t W, Py_ssize_t unit) noexcept nogil:
-    """Rows per COLUMNS block: COLUMN_BLOCK elements, but no more than a _plan_tasks-th of the N
-    rows, so that a matrix of few blocks still gives every thread work (W = 0, no channels: any)."""
-    cdef Py_ssize_t P = _plan_tasks(N * W)
-    if unit > 0:
-        return unit
-    return max(<Py_ssize_t>1, min(COLUMN_BLOCK // max(W, <Py_ssize_t>1), (N + P - 1) // P))
-
-
-cdef Py_ssize_t _plan_shares(Py_ssize_t nb, Py_ssize_t L, Py_ssize_t unit) noexcept nogil:
-    """COLUMNS tasks: shares of consecutive blocks, each with its own accumulators (every block
-    its own when the unit is forced)."""
-    return nb if unit > 0 else min(nb, _plan_tasks(L))
-
-
-cdef Py_ssize_t _plan_slices(Py_ssize_t C, Py_ssize_t S, Py_ssize_t L) noexcept nogil:
-    """SLICES tasks: slices of the channels (at least 16 channels a slice when S = 1)."""
-    return max(<Py_ssize_t>1, min(_plan_tasks(L), C // 16 if S == 1 else C))
-
-
-cdef Py_ssize_t _slice_start(Py_ssize_t C, Py_ssize_t S, Py_ssize_t T, Py_ssize_t k) noexcept nogil:
-    """First channel of SLICES task k's share of the C channels (T tasks): equal shares; with S = 1,
-    inner boundaries on multiples of 16 channels (64 bytes of float32), so that neighbouring tasks
-    share at most one cache line per row (none where rows start on a line).  Channels of S > 1
-    columns are split evenly as they are: rounding there cost balance ((34, 31) went 32 / 2)."""
-    if k >= T:
-        return C
-    if S > 1:
-        return (C * k) // T
-    return min(C, ((C * k) // T + 15) & ~(<Py_ssize_t>15))
-
-
-cdef inline Py_ssize_t _slice_rows(Py_ssize_t ncols, Py_ssize_t unit) noexcept nogil:
-    """Rows per block of a SLICES task's ncols columns: COLUMN_BLOCK elements, at least 8 rows."""
-    return unit if unit > 0 else max(<Py_ssize_t>8, COLUMN_BLOCK // max(ncols, <Py_ssize_t>1))
-
-
-cdef inline Py_ssize_t _share(Py_ssize_t n, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
-    """Start of share k of n COLUMNS blocks over K tasks: n / K blocks each, the first n % K one more."""
-    return k * (n // K) + min(k, n % K)
-
-
-cdef inline Py_ssize_t _piece_start(Py_ssize_t f0, Py_ssize_t e, Py_ssize_t piece) noexcept nogil:
-    """Start of the last piece of [f0, e) in a backwards walk: about ``piece`` elements before e, on
-    a multiple of 16 elements."""
-    return max(f0, (e - piece) & ~(<Py_ssize_t>15))
-
-
-cdef inline Py_ssize_t _split(Py_ssize_t L, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
-    """Start of range k of K over L elements: equal shares, inner boundaries on multiples of 16
-    elements (64 bytes of float32), so that neighbouring tasks do not write the same line."""
-    if k >= K:
-        return L
-    return min(L, ((L * k) // K + 15) & ~(<Py_ssize_t>15))
-
-
 # ---------------------------------------------------------------- fused-type dispatch
 cdef inline void _moments(const floating *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1,
                           double *acc) noexcept nogil:
@@ -366,9 +155,9 @@ cdef inline void _affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_
 cdef void _affine_backwards(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
                             Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
     """_affine over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
-    cdef Py_ssize_t s, piece = PIECE_BYTES // sizeof(floating)
+    cdef Py_ssize_t s, piece = piece_elements(sizeof(floating))
     while f1 > f0:
-        s = _piece_start(f0, f1, piece)
+        s = piece_start(f0, f1, piece)
         _affine(x, y, C, S, s, f1, cf, stream)
         f1 = s
 
@@ -394,9 +183,9 @@ cdef inline void _grad_input(const floating *dy, const floating *x, floating *dx
 cdef void _grad_input_backwards(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
                                 Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
     """_grad_input over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
-    cdef Py_ssize_t s, piece = PIECE_BYTES // sizeof(floating)
+    cdef Py_ssize_t s, piece = piece_elements(sizeof(floating))
     while f1 > f0:
-        s = _piece_start(f0, f1, piece)
+        s = piece_start(f0, f1, piece)
         _grad_input(dy, x, dx, C, S, s, f1, cf, stream)
         f1 = s
 
@@ -659,7 +448,7 @@ cdef struct _Job:
 
 
 # ---------------------------------------------------------------- SLICES: one task's columns
-# Task k of T takes channels _slice_start(k) .. _slice_start(k + 1) and does the whole operation for
+# Task k of T takes channels slice_start(k) .. slice_start(k + 1) and does the whole operation for
 # them alone, SLICE_CHUNK columns (whole channels) at a time: reduce over all the rows in blocks front
 # to back, the chunk's statistics and coefficients, apply in blocks back to front (see "two passes";
 # a chunk of a small batch is still in L1/L2 for the apply).  Its scratch is its own share of one
@@ -667,7 +456,6 @@ cdef struct _Job:
 # given small stacks on purpose: threading.stack_size(48 KiB), OMP_STACKSIZE=56K).
 
 cdef enum:
-    SLICE_CHUNK = 1024  # columns; spatial sizes up to this (auto takes SLICES below SMALL_S)
     # doubles a task: a training chunk's moments (the count, then 6 per column), a backward's sums and
     # column means (3 per column); rounded up to whole 64-byte lines
     SLICE_SCRATCH = COL_MOMENTS * SLICE_CHUNK + 8
@@ -684,7 +472,7 @@ cdef inline _Chunk _slice_chunk(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N, Py_s
     ch.end = min(c1, c0 + max(<Py_ssize_t>1, SLICE_CHUNK // S))
     ch.col0 = c0 * S
     ch.ncols = (ch.end - c0) * S
-    ch.R = _slice_rows(ch.ncols, unit)
+    ch.R = slice_rows(ch.ncols, unit)
     ch.nb = (N + ch.R - 1) // ch.R
     return ch
 
@@ -698,7 +486,7 @@ cdef void _slice_train(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogi
     cdef floating *cw = <floating *>jb.cw
     cdef double *th = jb.part + k * SLICE_SCRATCH  # [count | K | rel | M2 | scratch], see _col_moments
     cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c, o
-    cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
+    cdef Py_ssize_t c0 = slice_start(C, S, jb.K, k), c1 = slice_start(C, S, jb.K, k + 1)
     cdef _Chunk ch
     while c0 < c1:
         ch = _slice_chunk(c0, c1, N, S, jb.unit)
@@ -722,8 +510,8 @@ cdef void _slice_eval(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil
     cdef floating *cf = <floating *>jb.cf
     cdef floating *cw = <floating *>jb.cw
     cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c
-    cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
-    cdef Py_ssize_t col0 = c0 * S, ncols = (c1 - c0) * S, R = _slice_rows(ncols, jb.unit), nb = (N + R - 1) // R
+    cdef Py_ssize_t c0 = slice_start(C, S, jb.K, k), c1 = slice_start(C, S, jb.K, k + 1)
+    cdef Py_ssize_t col0 = c0 * S, ncols = (c1 - c0) * S, R = slice_rows(ncols, jb.unit), nb = (N + R - 1) // R
     if ncols == 0:
         return
     if jb.rm != NULL:
@@ -749,7 +537,7 @@ cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept n
     cdef const double *m
     cdef const double *mp = jb.mean
     cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c, o
-    cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
+    cdef Py_ssize_t c0 = slice_start(C, S, jb.K, k), c1 = slice_start(C, S, jb.K, k + 1)
     cdef _Chunk ch
     while c0 < c1:
         ch = _slice_chunk(c0, c1, N, S, jb.unit)
@@ -862,16 +650,16 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
                                    <const floating *>jb.w, jb.mean, jb.invstd, jb.gw, jb.gb, <floating *>jb.cf,
                                    <floating *>jb.cw)
     elif jb.op == EVAL_STATS:
-        _eval_stats(jb.rm, jb.rv, jb.eps, jb.mean, jb.invstd, _split(C, jb.K, k), _split(C, jb.K, k + 1), jb.rsingle)
+        _eval_stats(jb.rm, jb.rv, jb.eps, jb.mean, jb.invstd, range_start(C, jb.K, k), range_start(C, jb.K, k + 1), jb.rsingle)
     elif jb.op == TRAFFIC:
         if jb.training:  # walking back: the tasks in reverse order too, as APPLY_BACK
             k = jb.K - 1 - k
-        jb.part[k] = _traffic_range(jb, _split(jb.L, jb.K, k), _split(jb.L, jb.K, k + 1), tag)
+        jb.part[k] = _traffic_range(jb, range_start(jb.L, jb.K, k), range_start(jb.L, jb.K, k + 1), tag)
     elif jb.how == RANGES:
         if jb.op == APPLY_BACK:
             k = jb.K - 1 - k
-        f0 = _split(jb.L, jb.K, k)
-        f1 = _split(jb.L, jb.K, k + 1)
+        f0 = range_start(jb.L, jb.K, k)
+        f1 = range_start(jb.L, jb.K, k + 1)
         if jb.op == REDUCE and jb.kind == TRAIN:
             _moments(xp, C, S, f0, f1, jb.part + k * FBN_ACC * C)
         elif jb.op == REDUCE:
@@ -895,15 +683,15 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
             th = jb.part + k * 2 * W
             for j in range(2 * W):
                 th[j] = 0
-        for j in range(_share(jb.nb, jb.K, k), _share(jb.nb, jb.K, k + 1)):
+        for j in range(share_start(jb.nb, jb.K, k), share_start(jb.nb, jb.K, k + 1)):
             if jb.kind == TRAIN:
                 _col_moments(xp + j * jb.R * W, min(jb.R, N - j * jb.R), W, W, th)
             else:
                 _col_grad_sums(gp + j * jb.R * W, xp + j * jb.R * W, min(jb.R, N - j * jb.R), W, W, jb.wm, th)
     else:  # COLUMNS, APPLY_BACK: share K-1-k, its blocks back to front
         k = jb.K - 1 - k
-        j = _share(jb.nb, jb.K, k + 1)
-        while j > _share(jb.nb, jb.K, k):
+        j = share_start(jb.nb, jb.K, k + 1)
+        while j > share_start(jb.nb, jb.K, k):
             j = j - 1
             f0 = j * jb.R * W
             if jb.kind == TRAIN:
@@ -940,16 +728,16 @@ cdef inline Py_ssize_t _itemsize(const _Job *jb) noexcept nogil:
     return 4 if jb.single else 8
 
 
-cdef object _setup_split(_Job *jb, int path, int t, object coef, Py_ssize_t slot_doubles):
+cdef object _setuprange_start(_Job *jb, int path, int t, object coef, Py_ssize_t slot_doubles):
     """Plan the work split of a two-pass job (training forward, backward): jb.how and its tasks,
     jb.cw (coef itself, or a new array) and jb.part (slot_doubles for each RANGES task; COLUMNS
     and SLICES size their own).  Returns what must live as long as the job (the arrays)."""
     cdef Py_ssize_t N = jb.N, W = jb.W
     cdef object part, wide
-    jb.how = _plan_path(N, jb.C, jb.S, path)
+    jb.how = plan_path(N, jb.C, jb.S, path)
     jb.cf = _ptr(coef)
     if jb.how == RANGES:
-        jb.K = _plan_ranges(jb.L, jb.unit)
+        jb.K = plan_ranges(jb.L, jb.unit)
         part = _new(jb.K * slot_doubles, cnp.NPY_DOUBLE, True)
         jb.cw = jb.cf
         jb.part = <double *>_ptr(part)
@@ -957,12 +745,12 @@ cdef object _setup_split(_Job *jb, int path, int t, object coef, Py_ssize_t slot
     wide = _columns_coefs(coef, jb.S, t)
     jb.cw = _ptr(wide)
     if jb.how == SLICES:
-        jb.K = _plan_slices(jb.C, jb.S, jb.L)
+        jb.K = plan_slices(jb.C, jb.S, jb.L)
         part = _new(jb.K * SLICE_SCRATCH, cnp.NPY_DOUBLE, False)
     else:
-        jb.R = _plan_rows(N, W, jb.unit)
+        jb.R = plan_rows(N, W, jb.unit)
         jb.nb = (N + jb.R - 1) // jb.R
-        jb.K = _plan_shares(jb.nb, jb.L, jb.unit)
+        jb.K = plan_shares(jb.nb, jb.L, jb.unit)
         # per share: moments [count | K | rel | M2 | scratch] (training) or [sum dy | sum dy*(x-mean)]
         part = _new(jb.K * (COL_MOMENTS * W + 1 if jb.kind == TRAIN else 2 * W), cnp.NPY_DOUBLE, False)
     jb.part = <double *>_ptr(part)
@@ -1006,9 +794,9 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
     jb.eps = eps
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
-    cdef object keep = _setup_split(&jb, path, t, coef, FBN_ACC * C)
-    jb.stream = _plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
-    cdef int T = _plan_threads(n_threads, L)
+    cdef object keep = _setuprange_start(&jb, path, t, coef, FBN_ACC * C)
+    jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
+    cdef int T = plan_threads(n_threads, L)
     with nogil:
         _run_two_pass(&jb, T)
 
@@ -1058,15 +846,9 @@ def eval_stats(running_mean, running_var, double eps, mean, invstd, int n_thread
         _eval_stats_all(&jb, n_threads)
 
 
-cdef inline Py_ssize_t _eval_stats_tasks(Py_ssize_t C) noexcept nogil:
-    """Tasks for C channels' eval_stats: a square root and a division each, 15 us for 16384 channels on
-    one thread here, so from 2 * EVAL_STATS_SHARE channels on they are shared (7-8 us on two)."""
-    return max(<Py_ssize_t>1, min(PLAN_WIDTH, C // EVAL_STATS_SHARE))
-
-
 cdef void _eval_stats_all(_Job *jb, int n_threads) noexcept nogil:
     """EVAL_STATS of all jb.C channels (jb.rm, jb.rv, jb.eps, jb.rsingle -> jb.mean, jb.invstd)."""
-    jb.K = _eval_stats_tasks(jb.C)
+    jb.K = plan_eval_stats(jb.C)
     _run(jb, EVAL_STATS, jb.K, n_threads)
 
 
@@ -1121,19 +903,19 @@ cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) exc
     # jb.cf: room for the 4C coefficients; jb.rm != NULL: jb.mean, jb.invstd are outputs, the
     # statistics of the running buffers, else inputs
     cdef Py_ssize_t C = jb.C, c
-    cdef int T = _plan_threads(n_threads, jb.L)
+    cdef int T = plan_threads(n_threads, jb.L)
     cdef object wide = None
-    jb.how = _plan_path(jb.N, C, jb.S, path)
-    jb.stream = _plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how)
+    jb.how = plan_path(jb.N, C, jb.S, path)
+    jb.stream = plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how)
     jb.cw = jb.cf
     if jb.S > 1 and jb.how != RANGES:  # per-column coefficients: see _columns_coefs
         wide = _new(4 * jb.W, t, False)
         jb.cw = _ptr(wide)
     if jb.how == SLICES:  # each task makes its own channels' statistics and coefficients
-        jb.K = _plan_slices(C, jb.S, jb.L)
+        jb.K = plan_slices(C, jb.S, jb.L)
         if jb.rm != NULL:  # the square roots alone are worth threads, however small x is
-            jb.K = max(jb.K, _eval_stats_tasks(C))
-            T = <int>max(<Py_ssize_t>T, min(<Py_ssize_t>n_threads, _eval_stats_tasks(C)))
+            jb.K = max(jb.K, plan_eval_stats(C))
+            T = <int>max(<Py_ssize_t>T, min(<Py_ssize_t>n_threads, plan_eval_stats(C)))
         with nogil:
             _run(jb, SLICE, jb.K, T)
         return 0
@@ -1149,10 +931,10 @@ cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) exc
             for c in range(C if jb.cw != jb.cf else 0):
                 _expand(<double *>jb.cf, C, jb.S, 4, c, <double *>jb.cw)
         if jb.how == RANGES:
-            jb.K = _plan_ranges(jb.L, jb.unit)
+            jb.K = plan_ranges(jb.L, jb.unit)
             _run(jb, APPLY, jb.K, T)
         else:
-            jb.R = _plan_rows(jb.N, jb.W, jb.unit)
+            jb.R = plan_rows(jb.N, jb.W, jb.unit)
             jb.nb = (jb.N + jb.R - 1) // jb.R
             _run(jb, APPLY, jb.nb, T)
     return 0
@@ -1181,8 +963,8 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.gb = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
     jb.training = training
     cdef object coef = _new(5 * C, t, False)  # [mhi | mlo | kdy | kx | kc]
-    cdef object keep = _setup_split(&jb, path, t, coef, 2 * C), wide_mean = None
-    jb.stream = _plan_stream(3 * L * _itemsize(&jb), stream, jb.how)
+    cdef object keep = _setuprange_start(&jb, path, t, coef, 2 * C), wide_mean = None
+    jb.stream = plan_stream(3 * L * _itemsize(&jb), stream, jb.how)
     cdef double *wm
     if jb.how == COLUMNS:
         wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
@@ -1190,7 +972,7 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
         for j in range(jb.W):
             wm[j] = jb.mean[j // jb.S]
         jb.wm = wm
-    cdef int T = _plan_threads(n_threads, L)
+    cdef int T = plan_threads(n_threads, L)
     with nogil:
         _run_two_pass(&jb, T)
 
@@ -1199,13 +981,13 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
 cdef double _traffic_range(const _Job *jb, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
     """fbn_traffic over elements [f0, f1) of x (and dy, and y, where not NULL); back to front in
     pieces when jb.training (the second passes' walk)."""
-    cdef Py_ssize_t s, piece = PIECE_BYTES // sizeof(floating)
+    cdef Py_ssize_t s, piece = piece_elements(sizeof(floating))
     cdef const floating *a = <const floating *>jb.x
     cdef const floating *bq
     cdef floating *yq
     cdef double total = 0
     while f1 > f0:
-        s = _piece_start(f0, f1, piece) if jb.training else f0
+        s = piece_start(f0, f1, piece) if jb.training else f0
         bq = NULL if jb.dy == NULL else <const floating *>jb.dy + s
         yq = NULL if jb.y == NULL else <floating *>jb.y + s
         if floating is float:
@@ -1237,18 +1019,18 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
     memset(&jb, 0, sizeof(_Job))
     jb.single = floating is float
     jb.L = n
-    jb.K = _plan_ranges(n, 0)
+    jb.K = plan_ranges(n, 0)
     jb.x = &a[0]
     if b is not None:
         jb.dy = &b[0]
     if y is not None:
         jb.y = &y[0]
-    jb.stream = (y is not None) and _plan_stream(arrays * n * sizeof(floating), stream, RANGES)
+    jb.stream = (y is not None) and plan_stream(arrays * n * sizeof(floating), stream, RANGES)
     jb.training = backwards
     part = _new(jb.K, cnp.NPY_DOUBLE, True)
     jb.part = <double *>_ptr(part)
     with nogil:
-        _run(&jb, TRAFFIC, jb.K, _plan_threads(n_threads, n))
+        _run(&jb, TRAFFIC, jb.K, plan_threads(n_threads, n))
     for k in range(jb.K):
         total += jb.part[k]
     return total
@@ -1302,7 +1084,7 @@ cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept n
     cdef double acc[4]
     cdef double sdy, sdyx
     cdef Py_ssize_t N = jb.N, C = jb.C, S = jb.S, W = jb.W, j, c, s, col, o
-    cdef Py_ssize_t c0 = _slice_start(C, S, jb.K, k), c1 = _slice_start(C, S, jb.K, k + 1)
+    cdef Py_ssize_t c0 = slice_start(C, S, jb.K, k), c1 = slice_start(C, S, jb.K, k + 1)
     cdef _Chunk ch
     while c0 < c1:
         ch = _slice_chunk(c0, c1, N, S, jb.unit)
@@ -1417,8 +1199,8 @@ def sync_moments(x, mean, m2, int n_threads, int path=AUTO, Py_ssize_t unit=0):
     sj.jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, sj.jb.C, True, "mean")
     sj.jb.var = <double *>_data(m2, cnp.NPY_DOUBLE, sj.jb.C, True, "m2")
     cdef object coef = _new(4 * sj.jb.C, t, False)  # unused: _setup_split wants one
-    cdef object keep = _setup_split(&sj.jb, path, t, coef, FBN_ACC * sj.jb.C)
-    cdef int T = _plan_threads(n_threads, sj.jb.L)
+    cdef object keep = _setuprange_start(&sj.jb, path, t, coef, FBN_ACC * sj.jb.C)
+    cdef int T = plan_threads(n_threads, sj.jb.L)
     with nogil:
         if sj.jb.how == SLICES:
             _sync_run_slices(&sj, REDUCE, T)
@@ -1437,7 +1219,7 @@ cdef object _sync_backward_job(_Job *jb, dy, x, mean, int path, Py_ssize_t unit,
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
     jb.training = True
     cdef object coef = _new(5 * C, t[0], False)  # [mhi | mlo | kdy | kx | kc]
-    cdef object keep = _setup_split(jb, path, t[0], coef, 2 * C), wide_mean = None
+    cdef object keep = _setuprange_start(jb, path, t[0], coef, 2 * C), wide_mean = None
     cdef double *wm
     if jb.how == COLUMNS:
         wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
@@ -1458,7 +1240,7 @@ def sync_grad_sums(dy, x, mean, sum_dy, sum_dyx, int n_threads, int path=AUTO, P
     cdef object keep = _sync_backward_job(&sj.jb, dy, x, mean, path, unit, &t)
     sj.jb.gb = <double *>_data(sum_dy, cnp.NPY_DOUBLE, sj.jb.C, True, "sum_dy")
     sj.jb.gw = <double *>_data(sum_dyx, cnp.NPY_DOUBLE, sj.jb.C, True, "sum_dyx")
-    cdef int T = _plan_threads(n_threads, sj.jb.L)
+    cdef int T = plan_threads(n_threads, sj.jb.L)
     with nogil:
         if sj.jb.how == SLICES:
             _sync_run_slices(&sj, REDUCE, T)
@@ -1497,8 +1279,8 @@ def sync_backward_apply(dy, x, dx, weight, mean, invstd, sum_dy, sum_dyx, double
     sj.sdy = <const double *>_data(sum_dy, cnp.NPY_DOUBLE, C, False, "sum_dy")
     sj.sdyx = <const double *>_data(sum_dyx, cnp.NPY_DOUBLE, C, False, "sum_dyx")
     sj.count = count
-    jb.stream = _plan_stream(3 * jb.L * _itemsize(jb), stream, jb.how)
-    cdef int T = _plan_threads(n_threads, jb.L)
+    jb.stream = plan_stream(3 * jb.L * _itemsize(jb), stream, jb.how)
+    cdef int T = plan_threads(n_threads, jb.L)
     with nogil:
         if jb.how == SLICES:  # each task its own channels' coefficients, then their apply
             _sync_run_slices(&sj, APPLY_BACK, T)
@@ -1530,7 +1312,7 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     before reaching it: (32, 64, 28, 28) float32 on two ranks sharing a 32 MiB L3).  A shape the
     plan puts on SLICES runs forward_eval itself (its one pass per slice).  x must not be empty."""
     cdef int t = _float_type(x, 3, "x")
-    if _plan_path(x.shape[0], x.shape[1], x.shape[2], path) == SLICES:
+    if plan_path(x.shape[0], x.shape[1], x.shape[2], path) == SLICES:
         forward_eval(x, y, weight, bias, mean, invstd, n_threads, path, unit, stream)
         return
     cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit)
@@ -1538,9 +1320,9 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
-    cdef object keep = _setup_split(&jb, path, t, coef, 0)
-    jb.stream = _plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
-    cdef int T = _plan_threads(n_threads, L)
+    cdef object keep = _setuprange_start(&jb, path, t, coef, 0)
+    jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
+    cdef int T = plan_threads(n_threads, L)
     with nogil:
         if jb.single:
             _sync_affine_coefs(&jb, <float>0)
