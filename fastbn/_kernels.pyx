@@ -35,7 +35,6 @@ float64 alike.  The GIL is released for all the work.
 import numpy as np
 cimport numpy as cnp
 from cython cimport floating
-from libc.math cimport sqrt
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
@@ -64,8 +63,12 @@ cdef extern from "_pool.h" nogil:
 
 cdef extern from "_simd.h" nogil:
     void fbn_sfence()
+    # _coefs.h (included by _simd.h): the per-channel arithmetic
     void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
+    void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)
     double fbn_acc_mean(const double *acc)
+    double fbn_var(double n, double m2)
+    double fbn_invstd(double var, double eps)
     enum: FBN_N, FBN_K, FBN_REL, FBN_M2, FBN_ACC
     # ranges [f0, f1) of an (N, C, S) buffer in memory order
     void fbn_moments_f32(const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
@@ -86,8 +89,10 @@ cdef extern from "_simd.h" nogil:
     void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream)
     void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream)
     # the low part of a split mean, and evaluation mode's statistics and coefficients
-    float fbn_mean_lo_f32(double m, float hi)
-    double fbn_mean_lo_f64(double m, double hi)
+    void fbn_affine_coefs_f32(double mean, double invstd, float weight, float bias, float *cf, Py_ssize_t C)
+    void fbn_affine_coefs_f64(double mean, double invstd, double weight, double bias, double *cf, Py_ssize_t C)
+    void fbn_grad_coefs_f32(double sdy, double sdyx, double count, int training, float weight, double mean, double invstd, double *gw, double *gb, float *cf, Py_ssize_t C)
+    void fbn_grad_coefs_f64(double sdy, double sdyx, double count, int training, double weight, double mean, double invstd, double *gw, double *gb, double *cf, Py_ssize_t C)
     void fbn_eval_stats_f32(const float *rm, const float *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
     void fbn_eval_stats_f64(const double *rm, const double *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
     void fbn_eval_coefs_f32(const double *mean, const double *invstd, const float *w, const float *b, float *cf, Py_ssize_t n, Py_ssize_t C)
@@ -266,51 +271,35 @@ cdef inline void _col_finish_grad(const double *th, Py_ssize_t ncols, double cou
 # cf arrays hold one block of C values per coefficient: [mhi | mlo | a | b] for the forward,
 # [mhi | mlo | kdy | kx | kc] for the training backward, where mhi + mlo is the float64 mean split
 # into two values of the input type (mlo is 0 for float64).  The evaluation-mode backward,
-# dx = dy * kdy, is the forward's affine applied to dy with [0 | 0 | kdy | 0]: it must not touch
-# x or the mean, or a NaN there would turn dx into NaN (x * 0 is NaN), where PyTorch's is finite.
-
-cdef inline void _mean_coefs(Py_ssize_t c, Py_ssize_t C, double mean, floating *cf) noexcept nogil:
-    cf[c] = <floating>mean
-    if floating is float:
-        cf[C + c] = fbn_mean_lo_f32(mean, cf[c])
-    else:
-        cf[C + c] = fbn_mean_lo_f64(mean, cf[c])
-
+# dx = dy * kdy, is the forward's affine applied to dy with [0 | 0 | kdy | 0].  The arithmetic is
+# _coefs.h's, written into the blocks by _simd_impl.h's fbn_affine_coefs and fbn_grad_coefs (which
+# the vector loops of the SLICES and evaluation paths use too): these pick the element type.
 
 cdef inline void _affine_coefs(Py_ssize_t c, Py_ssize_t C, double mean, double istd, const floating *w,
                                const floating *b, floating *cf) noexcept nogil:
-    _mean_coefs(c, C, mean, cf)
-    cf[2 * C + c] = <floating>(<double>w[c] * istd)
-    cf[3 * C + c] = b[c]
+    if floating is float:
+        fbn_affine_coefs_f32(mean, istd, w[c], b[c], cf + c, C)
+    else:
+        fbn_affine_coefs_f64(mean, istd, w[c], b[c], cf + c, C)
 
 
 cdef inline void _finish_stats(Py_ssize_t c, Py_ssize_t C, const double *acc, double eps, const floating *w,
                                const floating *b, double *mean, double *var, double *invstd,
                                floating *cf) noexcept nogil:
     # acc: the channel's merged moments (fbn_shift_merge)
-    cdef double v = acc[<int>FBN_M2] / acc[<int>FBN_N]
     mean[c] = fbn_acc_mean(acc)
-    var[c] = v
-    invstd[c] = 1.0 / sqrt(v + eps)
+    var[c] = fbn_var(acc[<int>FBN_N], acc[<int>FBN_M2])
+    invstd[c] = fbn_invstd(var[c], eps)
     _affine_coefs(c, C, mean[c], invstd[c], w, b, cf)
 
 
 cdef inline void _finish_grad(Py_ssize_t c, Py_ssize_t C, double sdy, double sdyx, double count, bint training,
                               const floating *w, const double *mean, const double *invstd, double *gw,
                               double *gb, floating *cf) noexcept nogil:
-    cdef double istd = invstd[c], k = <double>w[c] * istd
-    gb[c] = sdy
-    gw[c] = sdyx * istd
-    cf[2 * C + c] = <floating>k
-    if training:
-        _mean_coefs(c, C, mean[c], cf)
-        cf[3 * C + c] = <floating>(-k * istd * istd * sdyx / count)
-        cf[4 * C + c] = <floating>(-k * sdy / count)
-    else:  # the affine's [0 | 0 | kdy | 0]
-        cf[c] = 0
-        cf[C + c] = 0
-        cf[3 * C + c] = 0
-        cf[4 * C + c] = 0
+    if floating is float:
+        fbn_grad_coefs_f32(sdy, sdyx, count, training, w[c], mean[c], invstd[c], gw + c, gb + c, cf + c, C)
+    else:
+        fbn_grad_coefs_f64(sdy, sdyx, count, training, w[c], mean[c], invstd[c], gw + c, gb + c, cf + c, C)
 
 
 cdef inline object _columns_coefs(object coef, Py_ssize_t S, int typenum):
@@ -1339,11 +1328,12 @@ def sync_merge(const double[:, :] n, const double[:, :] mean, const double[:, :]
     float64: the union's count, mean, M2, biased variance M2 / count and 1 / sqrt(var + eps) (0
     and 1 / sqrt(eps) where the count is 0).  Ranks with a count of 0 are skipped exactly.  One
     call instead of a few dozen NumPy ones between the two kernels of a training forward, where
-    the interpreter's memory is cold.  Each step is one IEEE operation, in this order: n' = n + nb,
-    f = nb / n', d = mb - mean, mean' = mean + d * f, M2' = (M2 + M2b) + (d * d) * (n * f).  (A
-    build with -march=native may fuse some into FMAs: the same bits on every rank of that build.)"""
+    the interpreter's memory is cold.  The merge is the kernels' (fbn_chan_merge in _coefs.h, the
+    GPU's too): n' = n + nb, f = nb / n', d = mb - mean, mean' = mean + d * f,
+    M2' = M2 + (M2b + (d * d) * (n * f)).  (A build with -march=native may fuse some into FMAs: the
+    same bits on every rank of that build.)"""
     cdef Py_ssize_t R = n.shape[0], C = n.shape[1], r, c
-    cdef double k, mu, q, nb, nn, f, d, a, v
+    cdef double k, mu, q, v
     if (mean.shape[0] != R or m2.shape[0] != R or mean.shape[1] != C or m2.shape[1] != C
             or count_out.shape[0] != C or mean_out.shape[0] != C or m2_out.shape[0] != C or var_out.shape[0] != C
             or invstd_out.shape[0] != C):
@@ -1354,28 +1344,10 @@ def sync_merge(const double[:, :] n, const double[:, :] mean, const double[:, :]
             mu = 0
             q = 0
             for r in range(R):
-                nb = n[r, c]
-                if nb == 0:
-                    continue
-                if k == 0:
-                    k = nb
-                    mu = mean[r, c]
-                    q = m2[r, c]
-                    continue
-                nn = k + nb
-                f = nb / nn
-                d = mean[r, c] - mu
-                a = d * f
-                mu = mu + a
-                a = d * d
-                v = k * f
-                a = a * v
-                q = q + m2[r, c]
-                q = q + a
-                k = nn
+                fbn_chan_merge(&k, &mu, &q, n[r, c], mean[r, c], m2[r, c])
             count_out[c] = k
             mean_out[c] = mu
             m2_out[c] = q
-            v = q / k if k != 0 else 0.0
+            v = fbn_var(k, q) if k != 0 else 0.0
             var_out[c] = v
-            invstd_out[c] = 1.0 / sqrt(v + eps)
+            invstd_out[c] = fbn_invstd(v, eps)

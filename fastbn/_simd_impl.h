@@ -120,13 +120,26 @@ FBN_CLONES static void FBN_NAME(fbn_moments)(const T *x, ptrdiff_t C, ptrdiff_t 
         FBN_NAME(fbn_piece_moments)(x + off, ln, acc + FBN_ACC * c);
 }
 
-/* q = ((p - mhi) - mlo) * a + b over n elements; lo is a constant where this is inlined, and
- * with lo = 0 the `- mlo` (which is then 0) folds away: the same result to the bit. */
-FBN_INLINE void FBN_NAME(fbn_affine_run)(const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T a, T b, const int lo)
+/* Whether a channel's mean is so large that x - mhi could overflow T (see FBN_WIDE in _coefs.h). */
+FBN_INLINE int FBN_NAME(fbn_wide)(T mhi) { return mhi >= FBN_WIDE || mhi <= -FBN_WIDE; }
+
+/* q = ((p - mhi) - mlo) * a + b over n elements; lo and half are constants where this is inlined.
+ * With lo = 0 the `- mlo` (which is then 0) folds away: the same result to the bit.  half: p is
+ * halved first, for a wide mean (the caller passes mhi, mlo halved and a doubled). */
+FBN_INLINE void FBN_NAME(fbn_affine_run)(const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T a, T b, const int lo,
+                                         const int half)
 {
 #pragma omp simd
     for (ptrdiff_t i = 0; i < n; i++)
-        q[i] = ((p[i] - mhi) - (lo ? mlo : (T)0)) * a + b;
+        q[i] = (((half ? p[i] * (T)0.5 : p[i]) - mhi) - (lo ? mlo : (T)0)) * a + b;
+}
+
+/* One element of either form, for the column loops' rare wide blocks: h = 1/2 for a wide mean
+ * (see FBN_WIDE), else 1, which is the direct form exactly (x * 1 = x, a / 1 = a). */
+FBN_INLINE T FBN_NAME(fbn_norm_wide)(T x, T mhi, T mlo, T a, T b)
+{
+    const T h = FBN_NAME(fbn_wide)(mhi) ? (T)0.5 : (T)1;
+    return ((x * h - mhi * h) - mlo * h) * (a / h) + b;
 }
 
 /* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
@@ -141,10 +154,12 @@ FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdi
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
             const T *p = x + off + j;
             T *q = stream ? buf : y + off + j;
-            if (mlo != 0)  /* 0 for float64, and for a float32 mean (evaluation) */
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1);
+            if (FBN_NAME(fbn_wide)(mhi))
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi * (T)0.5, mlo * (T)0.5, a * 2, b, 1, 1);
+            else if (mlo != 0)  /* 0 for float64, and for a float32 mean (evaluation) */
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1, 0);
             else
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0);
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0, 0);
             if (stream)
                 fbn_stream_store(y + off + j, buf, (size_t)bl * sizeof(T));
         }
@@ -166,6 +181,15 @@ FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_
     }
 }
 
+/* q = kdy * g + (((p - mhi) - mlo) * kx + kc) over n elements; half as in fbn_affine_run. */
+FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const T *g, const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T kdy, T kx,
+                                             T kc, const int half)
+{
+#pragma omp simd
+    for (ptrdiff_t i = 0; i < n; i++)
+        q[i] = kdy * g[i] + ((((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo) * kx + kc);
+}
+
 /* dx = kdy * dy + ((x - mhi) - mlo) * kx + kc over a range; cf = [mhi | mlo | kdy | kx | kc]. */
 FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
                                                 ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream)
@@ -177,9 +201,10 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
             const T *g = dy + off + j, *p = x + off + j;
             T *q = stream ? buf : dx + off + j;
-#pragma omp simd
-            for (ptrdiff_t i = 0; i < bl; i++)
-                q[i] = kdy * g[i] + (((p[i] - mhi) - mlo) * kx + kc);
+            if (FBN_NAME(fbn_wide)(mhi))
+                FBN_NAME(fbn_grad_input_run)(g, p, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, 1);
+            else
+                FBN_NAME(fbn_grad_input_run)(g, p, q, bl, mhi, mlo, kdy, kx, kc, 0);
             if (stream)
                 fbn_stream_store(dx + off + j, buf, (size_t)bl * sizeof(T));
         }
@@ -266,9 +291,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
             rel[c] = sb;
             m2[c] = bq;
         } else {
-            double d = ((k[c] - K[c]) - rel[c]) + sb;
-            rel[c] += d * wb;
-            m2[c] += bq + d * d * wn;
+            fbn_chan_add(&rel[c], &m2[c], ((k[c] - K[c]) - rel[c]) + sb, wb, wn, bq);
         }
     }
     *n = nn;
@@ -313,21 +336,27 @@ FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
-    if (!stream) {
-        int lo = 0;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
-        for (ptrdiff_t c = 0; c < ncols; c++)
-            lo |= mlo[c] != 0;
+    int lo = 0, wide = 0;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
+    for (ptrdiff_t c = 0; c < ncols; c++) {
+        lo |= mlo[c] != 0;
+        wide |= FBN_NAME(fbn_wide)(mhi[c]);
+    }
+    if (!stream && !wide)
         r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 1)
                : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 0);
-    }
     for (; r < rows; r++) {
         for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
             ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
             const T *p = x + r * W + c0;
             T *q = stream ? buf : y + r * W + c0;
+            if (wide) {
+                for (ptrdiff_t c = 0; c < bl; c++)
+                    q[c] = FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c], a[c0 + c], b[c0 + c]);
+            } else {
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < bl; c++)
-                q[c] = ((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
+                for (ptrdiff_t c = 0; c < bl; c++)
+                    q[c] = ((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
+            }
             if (stream)
                 fbn_stream_store(y + r * W + c0, buf, (size_t)bl * sizeof(T));
         }
@@ -367,7 +396,10 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
     const T *mhi = cf, *mlo = cf + W, *kdy = cf + 2 * W, *kx = cf + 3 * W, *kc = cf + 4 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
-    for (; !stream && r + 4 <= rows; r += 4) {
+    int wide = 0;
+    for (ptrdiff_t c = 0; c < ncols; c++)
+        wide |= FBN_NAME(fbn_wide)(mhi[c]);
+    for (; !stream && !wide && r + 4 <= rows; r += 4) {
         const T *g = dy + r * W, *p = x + r * W;
         T *q = dx + r * W;
 #pragma omp simd
@@ -386,34 +418,62 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
             ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
             const T *g = dy + r * W + c0, *p = x + r * W + c0;
             T *q = stream ? buf : dx + r * W + c0;
+            if (wide) {  /* the last two terms as fbn_norm_wide: kc + ((x - mhi) - mlo) * kx */
+                for (ptrdiff_t c = 0; c < bl; c++)
+                    q[c] = kdy[c0 + c] * g[c] + FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c], kx[c0 + c],
+                                                                        kc[c0 + c]);
+            } else {
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < bl; c++)
-                q[c] = kdy[c0 + c] * g[c] + (((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * kx[c0 + c] + kc[c0 + c]);
+                for (ptrdiff_t c = 0; c < bl; c++)
+                    q[c] = kdy[c0 + c] * g[c] + (((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * kx[c0 + c] + kc[c0 + c]);
+            }
             if (stream)
                 fbn_stream_store(dx + r * W + c0, buf, (size_t)bl * sizeof(T));
         }
     }
 }
 
-/* ---- evaluation mode: per-channel statistics and coefficients, vectorized ----
- * One vector loop over the channels each, instead of a scalar loop whose division and square root
- * per channel took 2 ns: 8 us of a 20 us evaluation call on a (1, 4096) input. */
+/* ---- per-channel statistics and coefficients ----
+ * The formulas are _coefs.h's; these write them for one channel into the blocks of a coefficient
+ * array (blocks C apart), in the input type, and are called both from the vector loops below and,
+ * channel by channel, from the Cython drivers (_kernels.pyx), so that every path gives the same
+ * bits.  The vector loops exist because a scalar loop whose division and square root per channel
+ * took 2 ns was 8 us of a 20 us evaluation call on a (1, 4096) input, and half of a (8, 16384)
+ * training call on the SLICES path. */
 
-/* The low part of the double mean m split into hi = (T)m and lo = (T)(m - hi), which the normalize
- * subtracts in turn.  An infinite hi (an infinite mean, or a double mean beyond float's range) has
- * no low part: inf - inf would make every output NaN, where x - inf is the answer (PyTorch's too).
- * (A NaN hi gets none either: its outputs are NaN anyway.) */
-FBN_INLINE T FBN_NAME(fbn_mean_lo)(double m, T hi)
+/* The low part of the double mean m split into hi = (T)m and lo (see fbn_split_lo). */
+FBN_INLINE T FBN_NAME(fbn_mean_lo)(double m, T hi) { return (T)fbn_split_lo(m, (double)hi); }
+
+/* The forward's cf[0], cf[C], cf[2C], cf[3C] = [mhi | mlo | a | b] of a channel. */
+FBN_INLINE void FBN_NAME(fbn_affine_coefs)(double mean, double invstd, T weight, T bias, T *cf, ptrdiff_t C)
 {
-    T lo = (T)(m - (double)hi);
-    FBN_UINT hb, lb;
-    memcpy(&hb, &hi, sizeof hb);
-    memcpy(&lb, &lo, sizeof lb);
-    /* zero lo where hi's exponent is all ones, with an integer mask: GCC does not vectorize a
-     * floating-point select here (without -fno-trapping-math) */
-    lb &= -(FBN_UINT)((hb & FBN_EXP_BITS) != FBN_EXP_BITS);
-    memcpy(&lo, &lb, sizeof lo);
-    return lo;
+    const T hi = (T)mean;
+    cf[0] = hi;
+    cf[C] = FBN_NAME(fbn_mean_lo)(mean, hi);
+    cf[2 * C] = (T)fbn_scale((double)weight, invstd);
+    cf[3 * C] = bias;
+}
+
+/* The backward's cf[0], cf[C], ... cf[4C] = [mhi | mlo | kdy | kx | kc] of a channel, and its
+ * grad_weight and grad_bias, from sum dy and sum dy * (x - mean) over count elements (fbn_grad_terms).
+ * training = 0 (fixed statistics): [0 | 0 | kdy | 0 | 0], the affine's coefficients for
+ * dx = dy * kdy, which must not touch x or the mean: a NaN there would turn dx into NaN (x * 0 is
+ * NaN), where PyTorch's is finite. */
+FBN_INLINE void FBN_NAME(fbn_grad_coefs)(double sdy, double sdyx, double count, int training, T weight, double mean,
+                                         double invstd, double *gw, double *gb, T *cf, ptrdiff_t C)
+{
+    double kdy, kx, kc;
+    fbn_grad_terms((double)weight, invstd, sdy, sdyx, count, gw, gb, &kdy, &kx, &kc);
+    const T hi = (T)mean;
+    cf[2 * C] = (T)kdy;
+    if (training) {
+        cf[0] = hi;
+        cf[C] = FBN_NAME(fbn_mean_lo)(mean, hi);
+        cf[3 * C] = (T)kx;
+        cf[4 * C] = (T)kc;
+    } else {
+        cf[0] = cf[C] = cf[3 * C] = cf[4 * C] = 0;
+    }
 }
 
 /* mean = running_mean and invstd = 1 / sqrt(running_var + eps), in double. */
@@ -423,34 +483,25 @@ FBN_CLONES static void FBN_NAME(fbn_eval_stats)(const T *rm, const T *rv, double
 #pragma omp simd
     for (ptrdiff_t c = 0; c < C; c++) {
         mean[c] = (double)rm[c];
-        invstd[c] = 1.0 / sqrt((double)rv[c] + eps);
+        invstd[c] = fbn_invstd((double)rv[c], eps);
     }
 }
 
-/* cf = [mhi | mlo | a | b] (blocks C apart) for n channels from the double mean and invstd: the mean
- * split into two values of T, a = weight * invstd, b = bias (as _affine_coefs in _kernels.pyx, per
- * channel). */
+/* The forward's coefficients (blocks C apart) of n channels from their mean and invstd. */
 FBN_CLONES static void FBN_NAME(fbn_eval_coefs)(const double *mean, const double *invstd, const T *weight, const T *b,
                                                 T *restrict cf, ptrdiff_t n, ptrdiff_t C)
 {
 #pragma omp simd
-    for (ptrdiff_t c = 0; c < n; c++) {
-        const T hi = (T)mean[c];
-        cf[c] = hi;
-        cf[C + c] = FBN_NAME(fbn_mean_lo)(mean[c], hi);
-        cf[2 * C + c] = (T)((double)weight[c] * invstd[c]);
-        cf[3 * C + c] = b[c];
-    }
+    for (ptrdiff_t c = 0; c < n; c++)
+        FBN_NAME(fbn_affine_coefs)(mean[c], invstd[c], weight[c], b[c], cf + c, C);
 }
 
 /* ---- channels of one column each (spatial size 1): statistics and coefficients, vectorized ----
  * The SLICES split of _kernels.pyx ends a thread's slice of an (N, C) matrix with the statistics of
- * its columns: n channels whose moments it holds alone (no merge), in one vector loop instead of a
- * scalar one per channel (whose division and square root took half of a (8, 16384) training call).
- * The same arithmetic as _finish_stats and _finish_grad in _kernels.pyx, so the same bits. */
+ * its columns: n channels whose moments it holds alone (no merge). */
 
-/* mean, var, invstd and cf = [mhi | mlo | a | b] (blocks C apart) of n columns from their moments
- * (count, shift K, mean - K, M2: see fbn_shift_merge). */
+/* mean, var, invstd and the forward's coefficients (blocks C apart) of n columns from their
+ * moments (count, shift K, mean - K, M2: see fbn_shift_merge). */
 FBN_CLONES static void FBN_NAME(fbn_col_finish_stats)(double count, const double *K, const double *rel,
                                                       const double *m2, double eps, const T *weight, const T *b,
                                                       double *restrict mean, double *restrict var,
@@ -459,41 +510,33 @@ FBN_CLONES static void FBN_NAME(fbn_col_finish_stats)(double count, const double
 {
 #pragma omp simd
     for (ptrdiff_t c = 0; c < n; c++) {
-        const double m = K[c] + rel[c], v = m2[c] / count, is = 1.0 / sqrt(v + eps);
-        const T hi = (T)m;
+        const double m = K[c] + rel[c], v = fbn_var(count, m2[c]), is = fbn_invstd(v, eps);
         mean[c] = m;
         var[c] = v;
         invstd[c] = is;
-        cf[c] = hi;
-        cf[C + c] = FBN_NAME(fbn_mean_lo)(m, hi);
-        cf[2 * C + c] = (T)((double)weight[c] * is);
-        cf[3 * C + c] = b[c];
+        FBN_NAME(fbn_affine_coefs)(m, is, weight[c], b[c], cf + c, C);
     }
 }
 
-/* grad_weight, grad_bias and cf = [mhi | mlo | kdy | kx | kc] (blocks C apart) of n columns from
- * sum dy and sum dy * (x - mean); training = 0: the affine's [0 | 0 | kdy | 0 | 0]. */
+/* grad_weight, grad_bias and the backward's coefficients (blocks C apart) of n columns from
+ * sum dy and sum dy * (x - mean). */
 FBN_CLONES static void FBN_NAME(fbn_col_finish_grad)(double count, const double *sdy, const double *sdyx,
                                                      int training, const T *weight, const double *mean,
                                                      const double *invstd, double *restrict gw,
                                                      double *restrict gb, T *restrict cf, ptrdiff_t n, ptrdiff_t C)
 {
+    /* 0 + s: a sum of -0 gives +0, as the merges' sums that start at 0 */
+    if (training) {
 #pragma omp simd
-    for (ptrdiff_t c = 0; c < n; c++) {
-        /* 0 + s: a sum of -0 gives +0, as the merges' sums that start at 0 */
-        const double a = 0.0 + sdy[c], d = 0.0 + sdyx[c], is = invstd[c], k = (double)weight[c] * is;
-        const T hi = (T)mean[c];
-        gb[c] = a;
-        gw[c] = d * is;
-        cf[c] = hi;
-        cf[C + c] = FBN_NAME(fbn_mean_lo)(mean[c], hi);
-        cf[2 * C + c] = (T)k;
-        cf[3 * C + c] = (T)(-k * is * is * d / count);
-        cf[4 * C + c] = (T)(-k * a / count);
-    }
-    if (!training)
         for (ptrdiff_t c = 0; c < n; c++)
-            cf[c] = cf[C + c] = cf[3 * C + c] = cf[4 * C + c] = 0;
+            FBN_NAME(fbn_grad_coefs)(0.0 + sdy[c], 0.0 + sdyx[c], count, 1, weight[c], mean[c], invstd[c], gw + c,
+                                     gb + c, cf + c, C);
+    } else {
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < n; c++)
+            FBN_NAME(fbn_grad_coefs)(0.0 + sdy[c], 0.0 + sdyx[c], count, 0, weight[c], mean[c], invstd[c], gw + c,
+                                     gb + c, cf + c, C);
+    }
 }
 
 /* ---- the benchmark's floor ----
