@@ -195,10 +195,14 @@ def device_module(index=None):
 
 # ---------------------------------------------------------------- kernels
 def _read_source():
+    """SOURCE with the header it shares with the CPU kernels (fastbn/_coefs.h) spliced in where it
+    includes it: NVRTC compiles a string, and is given no include path."""
     global _source
     if _source is None:
         with open(SOURCE, encoding="utf-8") as f:
-            _source = f.read()
+            cu = f.read()
+        with open(os.path.join(os.path.dirname(SOURCE), os.pardir, "_coefs.h"), encoding="utf-8") as f:
+            _source = cu.replace('#include "../_coefs.h"\n', f.read(), 1)
     return _source
 
 

@@ -1,8 +1,9 @@
 /* fastbn/_cuda/batch_norm.cu -- fastbn's CUDA kernels (the GPU twin of _kernels.pyx + _simd.h).
  *
  * Compiled at run time by NVRTC through cupy.RawModule (fastbn/_cupy_backend.py), one module per
- * (device, dtype), with the name expressions "bn_xxx<float>" / "bn_xxx<double>".  No #include:
- * NVRTC has no host headers, and everything used here is built in.
+ * (device, dtype), with the name expressions "bn_xxx<float>" / "bn_xxx<double>".  NVRTC has no
+ * host headers: everything used here is built in, but for the one #include, ../_coefs.h, which
+ * _cupy_backend splices into the source it compiles.
  *
  * Buffers are C-contiguous (N, C, S): channel c is N runs of S contiguous elements, element e of
  * the channel (0 <= e < N*S) lives at ((e / S) * C + c) * S + e % S.  Every index is 64-bit.
@@ -49,6 +50,11 @@
 #define FBN_MERGE_WARPS 4 /* merge kernels: one warp per channel, 4 channels per block */
 #define FBN_FULL_MASK 0xffffffffu
 
+/* The per-channel arithmetic, shared with the CPU kernels: Chan's merge (fbn_chan_merge), the
+ * statistics, the mean split and the coefficients.  nvcc reads the file; _cupy_backend splices it
+ * in here for NVRTC, which compiles a string and is given no include path. */
+#include "../_coefs.h"
+
 typedef long long i64;
 
 /* ------------------------------------------------------------------ small helpers */
@@ -56,24 +62,6 @@ __device__ __forceinline__ float fbn_fma(float a, float b, float c) { return __f
 __device__ __forceinline__ double fbn_fma(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 __device__ __forceinline__ i64 fbn_min(i64 a, i64 b) { return a < b ? a : b; }
-
-/* Merge a chunk's (count nb, mean mb, M2 m2b) into the accumulator (n, m, m2): fbn_chan_merge. */
-__device__ __forceinline__ void fbn_chan_merge(double &n, double &m, double &m2, double nb, double mb, double m2b)
-{
-    if (nb <= 0.0)
-        return;
-    if (n == 0.0) { /* the first part: taken as it is (d * d * 0 would be NaN for |d| > 1e154) */
-        n = nb;
-        m = mb;
-        m2 = m2b;
-        return;
-    }
-    double nn = n + nb;
-    double d = mb - m;
-    m += d * (nb / nn);
-    m2 += m2b + d * d * (n * (nb / nn));
-    n = nn;
-}
 
 /* Chan-merge the (count, mean, M2) of all 32 lanes into lane 0 (shuffle tree, fixed order). */
 /* Two-pass moments of the first cnt of a thread's FBN_GPU_CHUNK loaded values, merged into (n, m, m2). */
@@ -93,7 +81,7 @@ __device__ __forceinline__ void fbn_chunk_merge(const double *v, int cnt, double
             q = fbn_fma(d, d, q);
         }
     }
-    fbn_chan_merge(n, m, m2, (double)cnt, bm, q);
+    fbn_chan_merge(&n, &m, &m2, (double)cnt, bm, q);
 }
 
 __device__ __forceinline__ void fbn_warp_merge(double &n, double &m, double &m2)
@@ -103,7 +91,7 @@ __device__ __forceinline__ void fbn_warp_merge(double &n, double &m, double &m2)
         double nb = __shfl_down_sync(FBN_FULL_MASK, n, o);
         double mb = __shfl_down_sync(FBN_FULL_MASK, m, o);
         double m2b = __shfl_down_sync(FBN_FULL_MASK, m2, o);
-        fbn_chan_merge(n, m, m2, nb, mb, m2b);
+        fbn_chan_merge(&n, &m, &m2, nb, mb, m2b);
     }
 }
 
@@ -285,7 +273,7 @@ template <typename T>
 __device__ __forceinline__ void fbn_split_mean(double m, T &hi, T &lo)
 {
     hi = (T)m;
-    lo = hi - hi == (T)0 ? (T)(m - (double)hi) : (T)0; /* an infinite hi has no low part: inf - inf is NaN */
+    lo = (T)fbn_split_lo(m, (double)hi);
 }
 
 /* Batch statistics of channel c from its merged moments; the affine coefficients into cf[0..3]
@@ -294,13 +282,13 @@ template <typename T>
 __device__ __forceinline__ void fbn_finish_stats(i64 c, double n, double m, double m2, double eps, const T *weight,
                                                  const T *bias, double *mean, double *var, double *invstd, T *cf)
 {
-    const double v = m2 / n;
-    const double istd = 1.0 / sqrt(v + eps);
+    const double v = fbn_var(n, m2);
+    const double istd = fbn_invstd(v, eps);
     mean[c] = m;
     var[c] = v;
     invstd[c] = istd;
     fbn_split_mean(m, cf[0], cf[1]);
-    cf[2] = (T)((double)weight[c] * istd);
+    cf[2] = (T)fbn_scale((double)weight[c], istd);
     cf[3] = bias[c];
 }
 
@@ -313,17 +301,29 @@ __device__ __forceinline__ void fbn_finish_grad(i64 c, double sdy, double sdyx, 
                                                 const T *weight, const double *mean, const double *invstd,
                                                 double *grad_weight, double *grad_bias, T *cf)
 {
-    const double istd = invstd[c], k = (double)weight[c] * istd;
-    grad_bias[c] = sdy;
-    grad_weight[c] = sdyx * istd;
-    cf[2] = (T)k;
+    double kdy, kx, kc;
+    fbn_grad_terms((double)weight[c], invstd[c], sdy, sdyx, count, &grad_weight[c], &grad_bias[c], &kdy, &kx, &kc);
+    cf[2] = (T)kdy;
     if (training) {
         fbn_split_mean(mean[c], cf[0], cf[1]);
-        cf[3] = (T)(-k * istd * istd * sdyx / count);
-        cf[4] = (T)(-k * sdy / count);
+        cf[3] = (T)kx;
+        cf[4] = (T)kc;
     } else {
         cf[0] = cf[1] = cf[3] = cf[4] = (T)0;
     }
+}
+
+/* ((x - mhi) - mlo) * a + b; past FBN_WIDE (_coefs.h), where x - mhi could overflow, as
+ * ((x/2 - mhi/2) - mlo/2) * 2a + b: the same bits wherever the direct form does not overflow. */
+__device__ __forceinline__ float fbn_wide(float) { return FBN_WIDE_F32; }
+__device__ __forceinline__ double fbn_wide(double) { return FBN_WIDE_F64; }
+
+template <typename T>
+__device__ __forceinline__ T fbn_normalize(T x, T mhi, T mlo, T a, T b)
+{
+    if (mhi >= fbn_wide(mhi) || mhi <= -fbn_wide(mhi))
+        return fbn_fma((x * (T)0.5 - mhi * (T)0.5) - mlo * (T)0.5, a * (T)2, b);
+    return fbn_fma((x - mhi) - mlo, a, b);
 }
 
 /* ------------------------------------------------------------------ elementwise, one channel */
@@ -345,7 +345,7 @@ __device__ __forceinline__ void fbn_channel_affine(const T *x, T *y, i64 C, i64 
 #pragma unroll
         for (int j = 0; j < FBN_APPLY; j++)
             if (off[j] >= 0)
-                y[off[j]] = fbn_fma((v[j] - mhi) - mlo, a, b);
+                y[off[j]] = fbn_normalize(v[j], mhi, mlo, a, b);
     }
 }
 
@@ -370,7 +370,7 @@ __device__ __forceinline__ void fbn_channel_grad_input(const T *dy, const T *x, 
 #pragma unroll
         for (int j = 0; j < FBN_APPLY; j++)
             if (off[j] >= 0)
-                dx[off[j]] = fbn_fma(kdy, g[j], fbn_fma((v[j] - mhi) - mlo, kx, kc));
+                dx[off[j]] = fbn_fma(kdy, g[j], fbn_normalize(v[j], mhi, mlo, kx, kc));
     }
 }
 
@@ -453,7 +453,7 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
         __syncthreads();
         if (ty == 0 && c < C) {
             for (int t = 1; t < FBN_COL_Y; t++)
-                fbn_chan_merge(n, m, m2, sh[0][t][tx], sh[1][t][tx], sh[2][t][tx]);
+                fbn_chan_merge(&n, &m, &m2, sh[0][t][tx], sh[1][t][tx], sh[2][t][tx]);
             const i64 p = 3 * (c * k + j);
             part[p] = n;
             part[p + 1] = m;
@@ -478,7 +478,7 @@ bn_merge_moments(const double *part, const T *x, i64 C, i64 S, i64 k, double eps
         double n = 0.0, m = 0.0, m2 = 0.0;
         for (i64 j = lane; j < k; j += 32) {
             const double *p = part + 3 * (c * k + j);
-            fbn_chan_merge(n, m, m2, p[0], p[1], p[2]);
+            fbn_chan_merge(&n, &m, &m2, p[0], p[1], p[2]);
         }
         fbn_warp_merge(n, m, m2);
         if (lane == 0) {
@@ -502,7 +502,7 @@ __global__ void bn_eval_coefs(const double *mean, const double *invstd, const T 
         fbn_split_mean(mean[c], hi, lo);
         coef[c] = hi;
         coef[C + c] = lo;
-        coef[2 * C + c] = (T)((double)weight[c] * invstd[c]);
+        coef[2 * C + c] = (T)fbn_scale((double)weight[c], invstd[c]);
         coef[3 * C + c] = bias[c];
     }
 }
@@ -530,7 +530,7 @@ bn_apply(const T *x, T *y, const T *coef, i64 C, i64 S, i64 total)
         for (int j = 0; j < FBN_APPLY; j++) {
             if (idx[j] >= 0) {
                 const i64 c = ch[j];
-                y[idx[j]] = fbn_fma((v[j] - coef[c]) - coef[C + c], coef[2 * C + c], coef[3 * C + c]);
+                y[idx[j]] = fbn_normalize(v[j], coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]);
             }
         }
     }
@@ -686,8 +686,8 @@ bn_grad_input(const T *dy, const T *x, T *dx, const T *coef, i64 C, i64 S, i64 t
         for (int j = 0; j < FBN_APPLY; j++) {
             if (idx[j] >= 0) {
                 const i64 c = ch[j];
-                const T d = (v[j] - coef[c]) - coef[C + c];
-                dx[idx[j]] = fbn_fma(coef[2 * C + c], g[j], fbn_fma(d, coef[3 * C + c], coef[4 * C + c]));
+                dx[idx[j]] = fbn_fma(coef[2 * C + c], g[j],
+                                     fbn_normalize(v[j], coef[c], coef[C + c], coef[3 * C + c], coef[4 * C + c]));
             }
         }
     }
