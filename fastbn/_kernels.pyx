@@ -35,6 +35,13 @@ float64 alike.  The GIL is released for all the work.
 import numpy as np
 cimport numpy as cnp
 from cython cimport floating
+
+from fastbn._pool cimport fbn_pool_run, fbn_pool_helpers, fbn_pool_counters, fbn_pool_spin, fbn_pool_set_spin
+from fastbn._simd cimport *
+
+cdef extern from "_simd.h" nogil:  # the benchmark's floor
+    double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int stream)
+    double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int stream)
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
@@ -52,58 +59,6 @@ cdef extern from *:
     const char *fastbn_kernels_build_flags
 BUILD_FLAGS = fastbn_kernels_build_flags.decode()
 # ---- end of build identity
-
-cdef extern from "_pool.h" nogil:
-    ctypedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task) noexcept nogil
-    void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
-    int fbn_pool_helpers()
-    void fbn_pool_counters(int64_t *c)
-    int64_t fbn_pool_spin()
-    void fbn_pool_set_spin(int64_t ns)
-
-cdef extern from "_simd.h" nogil:
-    void fbn_sfence()
-    # _coefs.h (included by _simd.h): the per-channel arithmetic
-    void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
-    void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)
-    double fbn_acc_mean(const double *acc)
-    double fbn_var(double n, double m2)
-    double fbn_invstd(double var, double eps)
-    enum: FBN_N, FBN_K, FBN_REL, FBN_M2, FBN_ACC
-    # ranges [f0, f1) of an (N, C, S) buffer in memory order
-    void fbn_moments_f32(const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
-    void fbn_moments_f64(const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
-    void fbn_affine_f32(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream)
-    void fbn_affine_f64(const double *x, double *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int stream)
-    void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
-    void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
-    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream)
-    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int stream)
-    # blocks of rows of an (N, W) matrix
-    void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
-    void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
-    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream)
-    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream)
-    void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
-    void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
-    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream)
-    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream)
-    # the low part of a split mean, and evaluation mode's statistics and coefficients
-    void fbn_affine_coefs_f32(double mean, double invstd, float weight, float bias, float *cf, Py_ssize_t C)
-    void fbn_affine_coefs_f64(double mean, double invstd, double weight, double bias, double *cf, Py_ssize_t C)
-    void fbn_grad_coefs_f32(double sdy, double sdyx, double count, int training, float weight, double mean, double invstd, double *gw, double *gb, float *cf, Py_ssize_t C)
-    void fbn_grad_coefs_f64(double sdy, double sdyx, double count, int training, double weight, double mean, double invstd, double *gw, double *gb, double *cf, Py_ssize_t C)
-    void fbn_eval_stats_f32(const float *rm, const float *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
-    void fbn_eval_stats_f64(const double *rm, const double *rv, double eps, double *mean, double *invstd, Py_ssize_t C)
-    void fbn_eval_coefs_f32(const double *mean, const double *invstd, const float *w, const float *b, float *cf, Py_ssize_t n, Py_ssize_t C)
-    void fbn_eval_coefs_f64(const double *mean, const double *invstd, const double *w, const double *b, double *cf, Py_ssize_t n, Py_ssize_t C)
-    void fbn_col_finish_stats_f32(double count, const double *K, const double *rel, const double *m2, double eps, const float *w, const float *b, double *mean, double *var, double *invstd, float *cf, Py_ssize_t n, Py_ssize_t C)
-    void fbn_col_finish_stats_f64(double count, const double *K, const double *rel, const double *m2, double eps, const double *w, const double *b, double *mean, double *var, double *invstd, double *cf, Py_ssize_t n, Py_ssize_t C)
-    void fbn_col_finish_grad_f32(double count, const double *sdy, const double *sdyx, int training, const float *w, const double *mean, const double *invstd, double *gw, double *gb, float *cf, Py_ssize_t n, Py_ssize_t C)
-    void fbn_col_finish_grad_f64(double count, const double *sdy, const double *sdyx, int training, const double *w, const double *mean, const double *invstd, double *gw, double *gb, double *cf, Py_ssize_t n, Py_ssize_t C)
-    # the benchmark's floor
-    double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int stream)
-    double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int stream)
 
 
 from fastbn._plan cimport (
@@ -138,25 +93,7 @@ def pool_spin_us(us=None):
     return fbn_pool_spin() / 1000
 
 
-# ---------------------------------------------------------------- fused-type dispatch
-cdef inline void _moments(const floating *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1,
-                          double *acc) noexcept nogil:
-    if floating is float:
-        fbn_moments_f32(x, C, S, f0, f1, acc)
-    else:
-        fbn_moments_f64(x, C, S, f0, f1, acc)
-
-
-cdef inline void _affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
-                         Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
-    if floating is float:
-        fbn_affine_f32(x, y, C, S, f0, f1, cf, stream)
-    else:
-        fbn_affine_f64(x, y, C, S, f0, f1, cf, stream)
-    if stream:
-        fbn_sfence()
-
-
+# ---------------------------------------------------------------- second passes, walking back
 cdef void _affine_backwards(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
                             Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
     """_affine over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
@@ -165,24 +102,6 @@ cdef void _affine_backwards(const floating *x, floating *y, Py_ssize_t C, Py_ssi
         s = piece_start(f0, f1, piece)
         _affine(x, y, C, S, s, f1, cf, stream)
         f1 = s
-
-
-cdef inline void _grad_sums(const floating *dy, const floating *x, Py_ssize_t C, Py_ssize_t S,
-                            Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc) noexcept nogil:
-    if floating is float:
-        fbn_grad_sums_f32(dy, x, C, S, f0, f1, mean, acc)
-    else:
-        fbn_grad_sums_f64(dy, x, C, S, f0, f1, mean, acc)
-
-
-cdef inline void _grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t C, Py_ssize_t S,
-                             Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
-    if floating is float:
-        fbn_grad_input_f32(dy, x, dx, C, S, f0, f1, cf, stream)
-    else:
-        fbn_grad_input_f64(dy, x, dx, C, S, f0, f1, cf, stream)
-    if stream:
-        fbn_sfence()
 
 
 cdef void _grad_input_backwards(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
@@ -195,113 +114,7 @@ cdef void _grad_input_backwards(const floating *dy, const floating *x, floating 
         f1 = s
 
 
-cdef enum:
-    # one COLUMNS task's moments: [count | shift K (W) | mean - K (W) | M2 (W) | scratch (3W)]
-    COL_MOMENTS = 6
-
-# The column loops take columns [0, ncols) of rows W apart (per-column coefficients in blocks W apart):
-# ncols = W for the COLUMNS blocks of whole rows; a SLICES task passes its first column and width.
-cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
-                              double *th) noexcept nogil:
-    # th: one share's moments, [count | shift K (ncols) | mean - K (ncols) | M2 (ncols) | scratch (3w)]
-    if floating is float:
-        fbn_col_moments_f32(x, rows, ncols, W, th, th + 1, th + 1 + ncols, th + 1 + 2 * ncols, th + 1 + 3 * ncols)
-    else:
-        fbn_col_moments_f64(x, rows, ncols, W, th, th + 1, th + 1 + ncols, th + 1 + 2 * ncols, th + 1 + 3 * ncols)
-
-
-cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
-                             const floating *cf, int stream) noexcept nogil:
-    if floating is float:
-        fbn_col_affine_f32(x, y, rows, ncols, W, cf, stream)
-    else:
-        fbn_col_affine_f64(x, y, rows, ncols, W, cf, stream)
-    if stream:
-        fbn_sfence()
-
-
-cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t ncols,
-                                Py_ssize_t W, const double *mean, double *th) noexcept nogil:
-    # th: one share's sums, [sum dy (ncols) | sum dy*(x-mean) (ncols)]
-    if floating is float:
-        fbn_col_grad_sums_f32(dy, x, rows, ncols, W, mean, th, th + ncols)
-    else:
-        fbn_col_grad_sums_f64(dy, x, rows, ncols, W, mean, th, th + ncols)
-
-
-cdef inline void _col_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
-                                 Py_ssize_t ncols, Py_ssize_t W, const floating *cf, int stream) noexcept nogil:
-    if floating is float:
-        fbn_col_grad_input_f32(dy, x, dx, rows, ncols, W, cf, stream)
-    else:
-        fbn_col_grad_input_f64(dy, x, dx, rows, ncols, W, cf, stream)
-    if stream:
-        fbn_sfence()
-
-
-cdef inline void _eval_coefs(const double *mean, const double *invstd, const floating *w, const floating *b,
-                             floating *cf, Py_ssize_t n, Py_ssize_t C) noexcept nogil:
-    # channels [0, n) of cf's blocks C apart (the pointers at the first channel)
-    if floating is float:
-        fbn_eval_coefs_f32(mean, invstd, w, b, cf, n, C)
-    else:
-        fbn_eval_coefs_f64(mean, invstd, w, b, cf, n, C)
-
-
-cdef inline void _col_finish_stats(const double *th, Py_ssize_t ncols, double eps, const floating *w, const floating *b,
-                                   double *mean, double *var, double *invstd, floating *cf, Py_ssize_t C) noexcept nogil:
-    # th: one share's moments of ncols columns that are channels (S = 1), see _col_moments
-    if floating is float:
-        fbn_col_finish_stats_f32(th[0], th + 1, th + 1 + ncols, th + 1 + 2 * ncols, eps, w, b, mean, var, invstd, cf, ncols, C)
-    else:
-        fbn_col_finish_stats_f64(th[0], th + 1, th + 1 + ncols, th + 1 + 2 * ncols, eps, w, b, mean, var, invstd, cf, ncols, C)
-
-
-cdef inline void _col_finish_grad(const double *th, Py_ssize_t ncols, double count, bint training, const floating *w,
-                                  const double *mean, const double *invstd, double *gw, double *gb, floating *cf,
-                                  Py_ssize_t C) noexcept nogil:
-    # th: one share's [sum dy (ncols) | sum dy*(x-mean) (ncols)] of ncols columns that are channels (S = 1)
-    if floating is float:
-        fbn_col_finish_grad_f32(count, th, th + ncols, training, w, mean, invstd, gw, gb, cf, ncols, C)
-    else:
-        fbn_col_finish_grad_f64(count, th, th + ncols, training, w, mean, invstd, gw, gb, cf, ncols, C)
-
-
-# ---------------------------------------------------------------- per-channel coefficients
-# cf arrays hold one block of C values per coefficient: [mhi | mlo | a | b] for the forward,
-# [mhi | mlo | kdy | kx | kc] for the training backward, where mhi + mlo is the float64 mean split
-# into two values of the input type (mlo is 0 for float64).  The evaluation-mode backward,
-# dx = dy * kdy, is the forward's affine applied to dy with [0 | 0 | kdy | 0].  The arithmetic is
-# _coefs.h's, written into the blocks by _simd_impl.h's fbn_affine_coefs and fbn_grad_coefs (which
-# the vector loops of the SLICES and evaluation paths use too): these pick the element type.
-
-cdef inline void _affine_coefs(Py_ssize_t c, Py_ssize_t C, double mean, double istd, const floating *w,
-                               const floating *b, floating *cf) noexcept nogil:
-    if floating is float:
-        fbn_affine_coefs_f32(mean, istd, w[c], b[c], cf + c, C)
-    else:
-        fbn_affine_coefs_f64(mean, istd, w[c], b[c], cf + c, C)
-
-
-cdef inline void _finish_stats(Py_ssize_t c, Py_ssize_t C, const double *acc, double eps, const floating *w,
-                               const floating *b, double *mean, double *var, double *invstd,
-                               floating *cf) noexcept nogil:
-    # acc: the channel's merged moments (fbn_shift_merge)
-    mean[c] = fbn_acc_mean(acc)
-    var[c] = fbn_var(acc[<int>FBN_N], acc[<int>FBN_M2])
-    invstd[c] = fbn_invstd(var[c], eps)
-    _affine_coefs(c, C, mean[c], invstd[c], w, b, cf)
-
-
-cdef inline void _finish_grad(Py_ssize_t c, Py_ssize_t C, double sdy, double sdyx, double count, bint training,
-                              const floating *w, const double *mean, const double *invstd, double *gw,
-                              double *gb, floating *cf) noexcept nogil:
-    if floating is float:
-        fbn_grad_coefs_f32(sdy, sdyx, count, training, w[c], mean[c], invstd[c], gw + c, gb + c, cf + c, C)
-    else:
-        fbn_grad_coefs_f64(sdy, sdyx, count, training, w[c], mean[c], invstd[c], gw + c, gb + c, cf + c, C)
-
-
+# ---------------------------------------------------------------- per-column coefficients
 cdef inline object _columns_coefs(object coef, Py_ssize_t S, int typenum):
     """The per-column coefficients of the COLUMNS path: the per-channel ones (blocks of C) themselves
     when S = 1, an (N, C) matrix with the same layout; else a new array of blocks of C*S."""
@@ -717,7 +530,7 @@ cdef inline Py_ssize_t _itemsize(const _Job *jb) noexcept nogil:
     return 4 if jb.single else 8
 
 
-cdef object _setuprange_start(_Job *jb, int path, int t, object coef, Py_ssize_t slot_doubles):
+cdef object _setup_split(_Job *jb, int path, int t, object coef, Py_ssize_t slot_doubles):
     """Plan the work split of a two-pass job (training forward, backward): jb.how and its tasks,
     jb.cw (coef itself, or a new array) and jb.part (slot_doubles for each RANGES task; COLUMNS
     and SLICES size their own).  Returns what must live as long as the job (the arrays)."""
@@ -783,7 +596,7 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
     jb.eps = eps
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
-    cdef object keep = _setuprange_start(&jb, path, t, coef, FBN_ACC * C)
+    cdef object keep = _setup_split(&jb, path, t, coef, FBN_ACC * C)
     jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
     cdef int T = plan_threads(n_threads, L)
     with nogil:
@@ -815,7 +628,6 @@ cdef void _update_running(floating *rm, floating *rv, const double *mean, const 
         rv[c] = <floating>((1.0 - momentum) * rv[c] + momentum * unbias * var[c])
 
 
-
 # ---------------------------------------------------------------- forward with given statistics
 def eval_stats(running_mean, running_var, double eps, mean, invstd, int n_threads=1):
     """The statistics an evaluation-mode forward normalizes with (one call, not four ufuncs):
@@ -839,15 +651,6 @@ cdef void _eval_stats_all(_Job *jb, int n_threads) noexcept nogil:
     """EVAL_STATS of all jb.C channels (jb.rm, jb.rv, jb.eps, jb.rsingle -> jb.mean, jb.invstd)."""
     jb.K = plan_eval_stats(jb.C)
     _run(jb, EVAL_STATS, jb.K, n_threads)
-
-
-cdef inline void _eval_stats(const void *rm, const void *rv, double eps, double *mp, double *ip, Py_ssize_t c0,
-                             Py_ssize_t c1, bint single) noexcept nogil:
-    # channels c0 .. c1 - 1 of eval_stats (running buffers of float32 if single, else float64)
-    if single:
-        fbn_eval_stats_f32(<const float *>rm + c0, <const float *>rv + c0, eps, mp + c0, ip + c0, c1 - c0)
-    else:
-        fbn_eval_stats_f64(<const double *>rm + c0, <const double *>rv + c0, eps, mp + c0, ip + c0, c1 - c0)
 
 
 def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
@@ -952,7 +755,7 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.gb = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
     jb.training = training
     cdef object coef = _new(5 * C, t, False)  # [mhi | mlo | kdy | kx | kc]
-    cdef object keep = _setuprange_start(&jb, path, t, coef, 2 * C), wide_mean = None
+    cdef object keep = _setup_split(&jb, path, t, coef, 2 * C), wide_mean = None
     jb.stream = plan_stream(3 * L * _itemsize(&jb), stream, jb.how)
     cdef double *wm
     if jb.how == COLUMNS:
@@ -1188,7 +991,7 @@ def sync_moments(x, mean, m2, int n_threads, int path=AUTO, Py_ssize_t unit=0):
     sj.jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, sj.jb.C, True, "mean")
     sj.jb.var = <double *>_data(m2, cnp.NPY_DOUBLE, sj.jb.C, True, "m2")
     cdef object coef = _new(4 * sj.jb.C, t, False)  # unused: _setup_split wants one
-    cdef object keep = _setuprange_start(&sj.jb, path, t, coef, FBN_ACC * sj.jb.C)
+    cdef object keep = _setup_split(&sj.jb, path, t, coef, FBN_ACC * sj.jb.C)
     cdef int T = plan_threads(n_threads, sj.jb.L)
     with nogil:
         if sj.jb.how == SLICES:
@@ -1208,7 +1011,7 @@ cdef object _sync_backward_job(_Job *jb, dy, x, mean, int path, Py_ssize_t unit,
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
     jb.training = True
     cdef object coef = _new(5 * C, t[0], False)  # [mhi | mlo | kdy | kx | kc]
-    cdef object keep = _setuprange_start(jb, path, t[0], coef, 2 * C), wide_mean = None
+    cdef object keep = _setup_split(jb, path, t[0], coef, 2 * C), wide_mean = None
     cdef double *wm
     if jb.how == COLUMNS:
         wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
@@ -1309,7 +1112,7 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
-    cdef object keep = _setuprange_start(&jb, path, t, coef, 0)
+    cdef object keep = _setup_split(&jb, path, t, coef, 0)
     jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
     cdef int T = plan_threads(n_threads, L)
     with nogil:
