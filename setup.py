@@ -305,7 +305,7 @@ def extensions():
     depends = sorted(glob.glob("fastbn/*.h") + glob.glob("fastbn/*.pxd") + glob.glob("fastbn/*.pxi"))
     exts = []
     # _norm_kernels: group / layer / instance norm (issue 13)
-    for name in ("fastbn._openmp", "fastbn._plan", "fastbn._kernels", "fastbn._norm_kernels", "fastbn._alloc"):
+    for name in ("fastbn._openmp", "fastbn._pool", "fastbn._plan", "fastbn._kernels", "fastbn._norm_kernels", "fastbn._alloc"):
         ext = Extension(
             name,
             [name.replace(".", "/") + ".pyx"],

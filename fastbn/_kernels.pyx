@@ -36,13 +36,14 @@ import numpy as np
 cimport numpy as cnp
 from cython cimport floating
 
-from fastbn._pool cimport fbn_pool_run, fbn_pool_helpers, fbn_pool_counters, fbn_pool_spin, fbn_pool_set_spin
+from fastbn._pool cimport pool_run
+# the pool's knobs and counters, part of this module's interface (see _pool.pyx)
+from fastbn._pool import pool_counters, pool_helpers, pool_spin_us
 from fastbn._simd cimport *
 
 cdef extern from "_simd.h" nogil:  # the benchmark's floor
     double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int stream)
     double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int stream)
-from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 cnp.import_array()
@@ -67,30 +68,6 @@ from fastbn._plan cimport (
     range_start, share_start, slice_start, slice_rows, piece_start)
 # the planner's knobs, part of this module's interface (see _plan.pyx)
 from fastbn._plan import PATHS, STREAM_L3_RATIO, plan_width, thread_threshold, thresholds, tune_for
-
-
-def pool_helpers():
-    """Helper threads fastbn's pool has started in this process (0 in a fresh fork child)."""
-    return fbn_pool_helpers()
-
-
-def pool_counters():
-    """The pool's counters since the process started (for the benchmark): jobs run with helpers,
-    tasks the helpers ran, the caller's waits for tasks a helper held, how many of those slept,
-    and the seconds it waited in all."""
-    cdef int64_t c[5]
-    fbn_pool_counters(c)
-    return {"jobs": c[0], "helper_tasks": c[1], "waits": c[2], "sleeps": c[3], "wait_s": c[4] * 1e-9}
-
-
-def pool_spin_us(us=None):
-    """How long (microseconds) an idle helper spins before it sleeps; sets it when given.  Not part
-    of fastbn's API: for the benchmark's experiments."""
-    if us is not None:
-        if not 0 <= us <= 1000000:
-            raise ValueError(f"pool_spin_us({us!r}): expected 0 to 1000000 microseconds")
-        fbn_pool_set_spin(<int64_t>(us * 1000))
-    return fbn_pool_spin() / 1000
 
 
 # ---------------------------------------------------------------- second passes, walking back
@@ -199,7 +176,7 @@ cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, Py_ssize_
 
 # ---------------------------------------------------------------- a call's job
 # A call fills one _Job and runs it as passes of tasks on fastbn's thread pool (_pool.h):
-# fbn_pool_run(_task, &job, n, T) runs _task(&job, k) for k = 0 .. n-1 on up to T threads, the
+# pool_run(_task, &job, n, T) runs _task(&job, k) for k = 0 .. n-1 on up to T threads, the
 # caller one of them, and returns when all n ran.  job.op says which pass; _task dispatches on the
 # element type once, and _pass does task k of the pass.  Each task writes its partial sums to its
 # own slot of job.part, and the merges read them in task order: a result does not depend on which
@@ -506,7 +483,7 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
 
 cdef inline void _run(_Job *jb, int op, Py_ssize_t n, int T) noexcept nogil:
     jb.op = op
-    fbn_pool_run(_task, jb, n, T)
+    pool_run(_task, jb, n, T)
 
 
 cdef inline void _merge(_Job *jb, Py_ssize_t merges, int T) noexcept nogil:
@@ -925,7 +902,7 @@ cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept n
 
 cdef void _sync_run_slices(_SyncJob *sj, int op, int T) noexcept nogil:
     sj.jb.op = op
-    fbn_pool_run(_sync_slice_task, sj, sj.jb.K, T)
+    pool_run(_sync_slice_task, sj, sj.jb.K, T)
 
 
 cdef void _sync_merge_task(void *p, Py_ssize_t k) noexcept nogil:
@@ -974,7 +951,7 @@ cdef void _sync_reduce_merge(_Job *jb, int T) noexcept nogil:
     """REDUCE, then the raw merge (_sync_merge_task), of a job planned by _setup_split."""
     _run(jb, REDUCE, jb.K, T)
     cdef Py_ssize_t merges = jb.K * (jb.C if jb.how == RANGES else jb.W)
-    fbn_pool_run(_sync_merge_task, jb, (jb.C + MERGE_CHANNELS - 1) // MERGE_CHANNELS,
+    pool_run(_sync_merge_task, jb, (jb.C + MERGE_CHANNELS - 1) // MERGE_CHANNELS,
                  T if merges >= MERGE_ALONE else 1)
 
 
