@@ -27,7 +27,8 @@ import numpy as np
 
 import fastbn
 
-from . import _kernels, _openmp
+from . import _openmp
+from ._floor import traffic
 
 # ---------------------------------------------------------------- what is measured
 Op = namedtuple("Op", "title bytes_moved copy")
@@ -275,7 +276,7 @@ def _torch(op, p):
 
 
 def _floor(op, p, n=None):
-    """The least memory traffic of the operation's passes (fastbn._kernels.traffic: no arithmetic
+    """The least memory traffic of the operation's passes (fastbn._floor.traffic: no arithmetic
     to speak of) on fastbn's threads, allocating its output as fastbn's call does and writing it
     with streaming stores where fastbn's kernels would (they measured faster there): about as fast
     as any implementation of the operation can run on this machine (within the noise of a
@@ -288,15 +289,15 @@ def _floor(op, p, n=None):
     x = p.x.reshape(-1)
     if op == "eval_out":
         out = np.empty_like(x)
-        return Bench(lambda: _kernels.traffic(x, None, out, n))
+        return Bench(lambda: traffic(x, None, out, n))
     if op == "eval":
-        return Bench(lambda: _kernels.traffic(x, None, np.empty_like(x), n))
+        return Bench(lambda: traffic(x, None, np.empty_like(x), n))
 
     def two_passes(a, b=None):  # read a (and b); then read them again, backwards, into a new output
         def run():
-            _kernels.traffic(a, b, None, n)
+            traffic(a, b, None, n)
             out = np.empty_like(x)
-            _kernels.traffic(a, b, out, n, backwards=True)
+            traffic(a, b, out, n, backwards=True)
             return out
         return Bench(run)
     return two_passes(x) if op == "train" else two_passes(p.dy.reshape(-1), x)

@@ -40,10 +40,6 @@ from fastbn._pool cimport pool_run
 # the pool's knobs and counters, part of this module's interface (see _pool.pyx)
 from fastbn._pool import pool_counters, pool_helpers, pool_spin_us
 from fastbn._simd cimport *
-
-cdef extern from "_simd.h" nogil:  # the benchmark's floor
-    double fbn_traffic_f32(const float *a, const float *b, float *y, Py_ssize_t n, int stream)
-    double fbn_traffic_f64(const double *a, const double *b, double *y, Py_ssize_t n, int stream)
 from libc.string cimport memset
 
 cnp.import_array()
@@ -189,7 +185,6 @@ cdef enum:  # job.op: the passes
     APPLY = 4       # evaluation forward: range k (RANGES) or row block k (COLUMNS), front to back
     SLICE = 5       # SLICES: slice k, all of it
     EVAL_STATS = 6  # channels of task k: statistics from the running buffers
-    TRAFFIC = 7     # the benchmark's floor: range k
 
 cdef enum:  # job.kind
     TRAIN = 1
@@ -430,10 +425,6 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
                                    <floating *>jb.cw)
     elif jb.op == EVAL_STATS:
         _eval_stats(jb.rm, jb.rv, jb.eps, jb.mean, jb.invstd, range_start(C, jb.K, k), range_start(C, jb.K, k + 1), jb.rsingle)
-    elif jb.op == TRAFFIC:
-        if jb.training:  # walking back: the tasks in reverse order too, as APPLY_BACK
-            k = jb.K - 1 - k
-        jb.part[k] = _traffic_range(jb, range_start(jb.L, jb.K, k), range_start(jb.L, jb.K, k + 1), tag)
     elif jb.how == RANGES:
         if jb.op == APPLY_BACK:
             k = jb.K - 1 - k
@@ -744,65 +735,6 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     cdef int T = plan_threads(n_threads, L)
     with nogil:
         _run_two_pass(&jb, T)
-
-
-# ---------------------------------------------------------------- the benchmark's floor
-cdef double _traffic_range(const _Job *jb, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
-    """fbn_traffic over elements [f0, f1) of x (and dy, and y, where not NULL); back to front in
-    pieces when jb.training (the second passes' walk)."""
-    cdef Py_ssize_t s, piece = piece_elements(sizeof(floating))
-    cdef const floating *a = <const floating *>jb.x
-    cdef const floating *bq
-    cdef floating *yq
-    cdef double total = 0
-    while f1 > f0:
-        s = piece_start(f0, f1, piece) if jb.training else f0
-        bq = NULL if jb.dy == NULL else <const floating *>jb.dy + s
-        yq = NULL if jb.y == NULL else <floating *>jb.y + s
-        if floating is float:
-            total += fbn_traffic_f32(a + s, bq, yq, f1 - s, jb.stream)
-        else:
-            total += fbn_traffic_f64(a + s, bq, yq, f1 - s, jb.stream)
-        f1 = s
-    if jb.stream:
-        fbn_sfence()
-    return total
-
-
-def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=None, int n_threads=1,
-            int stream=-1, bint backwards=False):
-    """The least memory traffic of one pass of batch norm, for ``fastbn bench``: reads a (and b),
-    writes y = a (+ b) when y is given, on n_threads threads with the kernels' split of work
-    (RANGES' tasks) and their rule for streaming stores (``stream`` as in the kernels: -1 by the
-    bytes the pass touches).  ``backwards``: tasks in reverse order, each walked back to front in
-    pieces, as the kernels' second passes do (PIECE_BYTES).  Returns a sum of what it read when y is
-    None.  Not part of fastbn's API."""
-    cdef Py_ssize_t n = a.shape[0], k
-    cdef int arrays = 1 + (b is not None) + (y is not None)
-    cdef _Job jb
-    cdef double total = 0
-    if (b is not None and b.shape[0] != n) or (y is not None and y.shape[0] != n):
-        raise ValueError("traffic: the arrays must have the same length")
-    if n == 0:
-        return 0.0
-    memset(&jb, 0, sizeof(_Job))
-    jb.single = floating is float
-    jb.L = n
-    jb.K = plan_ranges(n, 0)
-    jb.x = &a[0]
-    if b is not None:
-        jb.dy = &b[0]
-    if y is not None:
-        jb.y = &y[0]
-    jb.stream = (y is not None) and plan_stream(arrays * n * sizeof(floating), stream, RANGES)
-    jb.training = backwards
-    part = _new(jb.K, cnp.NPY_DOUBLE, True)
-    jb.part = <double *>_ptr(part)
-    with nogil:
-        _run(&jb, TRAFFIC, jb.K, plan_threads(n_threads, n))
-    for k in range(jb.K):
-        total += jb.part[k]
-    return total
 
 
 # ================================================================ SyncBatchNorm's pieces (issue 15)

@@ -44,7 +44,7 @@ import numpy as np
 
 import fastbn
 
-from . import _bench, _kernels
+from . import _bench, _floor
 
 SHAPES = [(450, 100), (32, 16, 8, 8), (32, 64, 28, 28), (64, 64, 56, 56)]
 SCENARIOS = ("matmul", "neighbours", "threads")
@@ -85,17 +85,17 @@ def make_step(impl, x, dy, torch=None):
 
 def _floor_step(x, dy):
     """The floor of a step: the least memory traffic of a training forward and a backward
-    (fastbn._kernels.traffic, as ``fastbn bench``'s floor), on fastbn's threads and pool, with no
+    (fastbn._floor.traffic, as ``fastbn bench``'s floor), on fastbn's threads and pool, with no
     arithmetic and no per-call overhead.  A target it misses too is out of reach."""
     xf, gf = x.reshape(-1), dy.reshape(-1)
     yf, df = np.empty_like(xf), np.empty_like(xf)
 
     def floor_step():
         n = fastbn.get_num_threads()
-        _kernels.traffic(xf, None, None, n)          # forward: the statistics read x
-        _kernels.traffic(xf, None, yf, n, -1, True)  # and the apply reads x, writes y (back to front)
-        _kernels.traffic(xf, gf, None, n)            # backward: the sums read dy and x
-        _kernels.traffic(xf, gf, df, n, -1, True)    # and the apply reads them again, writes dx
+        _floor.traffic(xf, None, None, n)          # forward: the statistics read x
+        _floor.traffic(xf, None, yf, n, -1, True)  # and the apply reads x, writes y (back to front)
+        _floor.traffic(xf, gf, None, n)            # backward: the sums read dy and x
+        _floor.traffic(xf, gf, df, n, -1, True)    # and the apply reads them again, writes dx
     return floor_step
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _bench, _kernels, _openmp
+from fastbn import _bench, _floor, _openmp
 
 
 # ---------------------------------------------------------------- the floor kernel
@@ -20,13 +20,13 @@ def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads, stream, back
     b = rng.standard_normal(n).astype(dtype)
     a0, b0 = a.copy(), b.copy()
     y = np.full(n + 1, np.nan, dtype)[1:]  # off 64-byte alignment: the streaming stores' head and tail
-    _kernels.traffic(a, b, y, threads, stream, backwards)
+    _floor.traffic(a, b, y, threads, stream, backwards)
     np.testing.assert_array_equal(y, a + b)
-    _kernels.traffic(a, None, y, threads, stream, backwards)
+    _floor.traffic(a, None, y, threads, stream, backwards)
     np.testing.assert_array_equal(y, a)
     tol = 1e-3 * n if dtype == np.float32 else 1e-9 * n
-    assert _kernels.traffic(a, None, None, threads, -1, backwards) == pytest.approx(a.astype(np.float64).sum(), abs=tol)
-    assert _kernels.traffic(a, b, None, threads, -1, backwards) == pytest.approx((a.astype(np.float64) + b).sum(), abs=tol)
+    assert _floor.traffic(a, None, None, threads, -1, backwards) == pytest.approx(a.astype(np.float64).sum(), abs=tol)
+    assert _floor.traffic(a, b, None, threads, -1, backwards) == pytest.approx((a.astype(np.float64) + b).sum(), abs=tol)
     np.testing.assert_array_equal(a, a0)  # the inputs are only read
     np.testing.assert_array_equal(b, b0)
 
@@ -34,10 +34,10 @@ def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads, stream, back
 def test_traffic_rejects_mismatched_lengths_and_accepts_empty():
     a = np.zeros(10, np.float32)
     with pytest.raises(ValueError, match="same length"):
-        _kernels.traffic(a, np.zeros(9, np.float32), None, 1)
+        _floor.traffic(a, np.zeros(9, np.float32), None, 1)
     with pytest.raises(ValueError, match="same length"):
-        _kernels.traffic(a, None, np.zeros(11, np.float32), 1)
-    assert _kernels.traffic(np.zeros(0, np.float32), None, None, 2) == 0.0
+        _floor.traffic(a, None, np.zeros(11, np.float32), 1)
+    assert _floor.traffic(np.zeros(0, np.float32), None, None, 2) == 0.0
 
 
 @pytest.mark.parametrize("op", list(_bench.OPS))
