@@ -17,6 +17,7 @@ of 32 channels at a time.  ``tuning["unit"]`` forces the partial size (elements 
 rows per row range for ``"columns"``).
 """
 import os
+import re
 import threading
 
 import numpy as np
@@ -195,14 +196,16 @@ def device_module(index=None):
 
 # ---------------------------------------------------------------- kernels
 def _read_source():
-    """SOURCE with the header it shares with the CPU kernels (fastbn/_coefs.h) spliced in where it
-    includes it: NVRTC compiles a string, and is given no include path."""
+    """SOURCE with the files it includes spliced in (fastbn/_coefs.h, shared with the CPU kernels,
+    and _cuda/batch_norm_device.cuh): NVRTC compiles a string, and is given no include path."""
     global _source
     if _source is None:
+        def splice(match):
+            with open(os.path.join(os.path.dirname(SOURCE), match.group(1)), encoding="utf-8") as f:
+                return f.read()
+
         with open(SOURCE, encoding="utf-8") as f:
-            cu = f.read()
-        with open(os.path.join(os.path.dirname(SOURCE), os.pardir, "_coefs.h"), encoding="utf-8") as f:
-            _source = cu.replace('#include "../_coefs.h"\n', f.read(), 1)
+            _source = re.sub(r'^#include "([^"]+)"\n', splice, f.read(), flags=re.M)
     return _source
 
 

@@ -110,7 +110,7 @@ def test_backend_kernel_list_and_constants_match_the_source():
     assert (define("FBN_COL_X"), define("FBN_COL_Y")) == _cupy_backend.COLUMN_BLOCK
     assert define("FBN_MERGE_WARPS") == _cupy_backend.MERGE_WARPS
     includes = re.findall(r"^\s*#\s*include.*$", src, re.M)
-    assert includes == ['#include "../_coefs.h"'], "NVRTC compiles the source without host headers"
+    assert includes == ['#include "../_coefs.h"', '#include "batch_norm_device.cuh"'], "NVRTC: no host headers"
     assert '#include "' not in _cupy_backend._read_source(), "_coefs.h is spliced in"
 
 
