@@ -123,6 +123,31 @@ FBN_CLONES static void FBN_NAME(fbn_moments)(const T *x, ptrdiff_t C, ptrdiff_t 
 /* Whether a channel's mean is so large that x - mhi could overflow T (see FBN_WIDE in _coefs.h). */
 FBN_INLINE int FBN_NAME(fbn_wide)(T mhi) { return mhi >= FBN_WIDE || mhi <= -FBN_WIDE; }
 
+/* Whether any of n means is wide, in one vector pass. */
+FBN_INLINE int FBN_NAME(fbn_any_wide)(const T *mhi, ptrdiff_t n)
+{
+    int wide = 0;
+#pragma omp simd reduction(|:wide)
+    for (ptrdiff_t c = 0; c < n; c++)
+        wide |= (mhi[c] >= FBN_WIDE) | (mhi[c] <= -FBN_WIDE);
+    return wide;
+}
+
+/* Whether a channel that the rows of the range [f0, f1) belong to has a wide mean: checked once
+ * per range, so that the loop over its rows tests wide means only when there is one (a test per
+ * row cost 5% of an evaluation call on (1, 512, 7, 7), whose rows are 49 elements). */
+FBN_INLINE int FBN_NAME(fbn_range_wide)(const T *mhi, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1)
+{
+    if (f1 <= f0)
+        return 0;
+    const ptrdiff_t r0 = f0 / S, rows = (f1 - 1) / S - r0 + 1, c0 = r0 % C;
+    if (rows >= C)
+        return FBN_NAME(fbn_any_wide)(mhi, C);
+    if (c0 + rows <= C)
+        return FBN_NAME(fbn_any_wide)(mhi + c0, rows);
+    return FBN_NAME(fbn_any_wide)(mhi + c0, C - c0) | FBN_NAME(fbn_any_wide)(mhi, c0 + rows - C);
+}
+
 /* q = ((p - mhi) - mlo) * a + b over n elements; lo and half are constants where this is inlined.
  * With lo = 0 the `- mlo` (which is then 0) folds away: the same result to the bit.  half: p is
  * halved first, for a wide mean (the caller passes mhi, mlo halved and a doubled). */
@@ -144,8 +169,8 @@ FBN_INLINE T FBN_NAME(fbn_norm_wide)(T x, T mhi, T mlo, T a, T b)
 
 /* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
  * x.  stream: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
-FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
-                                            ptrdiff_t f1, const T *cf, int stream)
+FBN_INLINE void FBN_NAME(fbn_affine_rows)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1,
+                                          const T *cf, int stream, const int check_wide)
 {
     T buf[FBN_CHUNK];
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
@@ -154,7 +179,7 @@ FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdi
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
             const T *p = x + off + j;
             T *q = stream ? buf : y + off + j;
-            if (FBN_NAME(fbn_wide)(mhi))
+            if (check_wide && FBN_NAME(fbn_wide)(mhi))
                 FBN_NAME(fbn_affine_run)(p, q, bl, mhi * (T)0.5, mlo * (T)0.5, a * 2, b, 1, 1);
             else if (mlo != 0)  /* 0 for float64, and for a float32 mean (evaluation) */
                 FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1, 0);
@@ -164,6 +189,15 @@ FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdi
                 fbn_stream_store(y + off + j, buf, (size_t)bl * sizeof(T));
         }
     }
+}
+
+FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+                                            ptrdiff_t f1, const T *cf, int stream)
+{
+    if (FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1))
+        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 1);
+    else
+        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 0);
 }
 
 /* sum(dy) and sum(dy * (x - mean[c])) of a range, in double, added to acc[2*c], acc[2*c+1]. */
@@ -191,8 +225,8 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const T *g, const T *p, T *q, ptrdi
 }
 
 /* dx = kdy * dy + ((x - mhi) - mlo) * kx + kc over a range; cf = [mhi | mlo | kdy | kx | kc]. */
-FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
-                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream)
+FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
+                                              ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const int check_wide)
 {
     T buf[FBN_CHUNK];
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
@@ -201,7 +235,7 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
             const T *g = dy + off + j, *p = x + off + j;
             T *q = stream ? buf : dx + off + j;
-            if (FBN_NAME(fbn_wide)(mhi))
+            if (check_wide && FBN_NAME(fbn_wide)(mhi))
                 FBN_NAME(fbn_grad_input_run)(g, p, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, 1);
             else
                 FBN_NAME(fbn_grad_input_run)(g, p, q, bl, mhi, mlo, kdy, kx, kc, 0);
@@ -209,6 +243,15 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
                 fbn_stream_store(dx + off + j, buf, (size_t)bl * sizeof(T));
         }
     }
+}
+
+FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
+                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream)
+{
+    if (FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1))
+        FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, 1);
+    else
+        FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, 0);
 }
 
 /* ---- blocks of rows of an (N, W) matrix, vectors across the W columns ----
@@ -297,6 +340,20 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
     *n = nn;
 }
 
+/* Whether any of ncols columns has a mean with a low part (lo), or a wide mean (see FBN_WIDE), in
+ * one vector pass: a scalar one took a third of an evaluation call on (8, 16384) float32 (SLICES). */
+FBN_INLINE void FBN_NAME(fbn_col_flags)(const T *mhi, const T *mlo, ptrdiff_t ncols, int *lo_out, int *wide_out)
+{
+    int lo = 0, wide = 0;
+#pragma omp simd reduction(|:lo, wide)
+    for (ptrdiff_t c = 0; c < ncols; c++) {
+        lo |= mlo[c] != 0;
+        wide |= (mhi[c] >= FBN_WIDE) | (mhi[c] <= -FBN_WIDE);
+    }
+    *lo_out = lo;
+    *wide_out = wide;
+}
+
 /* Rows in fours with normal stores (the body of fbn_col_affine); returns the rows done.  lo is a
  * constant where this is inlined: with lo = 0 the low part of the mean is not loaded and
  * `- 0` folds away (x - 0 is x for every x), so the result is the same to the bit. */
@@ -336,11 +393,8 @@ FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
-    int lo = 0, wide = 0;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
-    for (ptrdiff_t c = 0; c < ncols; c++) {
-        lo |= mlo[c] != 0;
-        wide |= FBN_NAME(fbn_wide)(mhi[c]);
-    }
+    int lo, wide;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
+    FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
     if (!stream && !wide)
         r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 1)
                : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 0);
@@ -396,9 +450,8 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
     const T *mhi = cf, *mlo = cf + W, *kdy = cf + 2 * W, *kx = cf + 3 * W, *kc = cf + 4 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
-    int wide = 0;
-    for (ptrdiff_t c = 0; c < ncols; c++)
-        wide |= FBN_NAME(fbn_wide)(mhi[c]);
+    int lo, wide;
+    FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
     for (; !stream && !wide && r + 4 <= rows; r += 4) {
         const T *g = dy + r * W, *p = x + r * W;
         T *q = dx + r * W;

@@ -93,3 +93,18 @@ def test_public_api_on_the_issue_channel(spatial):
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y[:, 0, 0], [np.sqrt(3), -1 / np.sqrt(3), -1 / np.sqrt(3), -1 / np.sqrt(3)],
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("unit", [64, 128, 192])
+def test_ranges_that_start_mid_channel_find_the_wide_one(unit):
+    """RANGES tasks check their own channels for a wide mean, wrapping around C: with rows of 64
+    elements and ranges of 1, 2 or 3 rows, the wide channel falls at every position of a range."""
+    x = np.repeat(_extreme_input(), 64, axis=2)
+    C = x.shape[1]
+    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+    y_ref, dx_ref, _, _ = _reference(x, x, w.astype(np.float64), b.astype(np.float64), 1e-5)
+    y = np.empty_like(x)
+    mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
+    _kernels.forward_train(x, y, w, b, 1e-5, mean, var, invstd, 2, _kernels.PATHS["ranges"], unit)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
