@@ -108,3 +108,44 @@ def test_ranges_that_start_mid_channel_find_the_wide_one(unit):
     _kernels.forward_train(x, y, w, b, 1e-5, mean, var, invstd, 2, _kernels.PATHS["ranges"], unit)
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
+
+
+def _gpu_skip_reason():
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken install
+        return f'CuPy is not installed or does not import ({exc}); pip install "fastbn[cuda]"'
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"CuPy finds no usable CUDA driver/GPU ({exc})"
+    return None if count >= 1 else "CuPy finds no CUDA GPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path,spatial", [("channels", 1), ("channels", 64), ("units", 64), ("columns", 1)])
+def test_cuda_kernels_on_the_issue_channel(path, spatial, monkeypatch):
+    """The CUDA source normalizes as the CPU does (fbn_normalize, FBN_WIDE in _coefs.h)."""
+    reason = _gpu_skip_reason()
+    if reason:
+        pytest.skip(f"no GPU: {reason}")
+    import cupy
+
+    from fastbn import _cupy_backend
+
+    monkeypatch.setitem(_cupy_backend.tuning, "path", path)
+    x = np.repeat(_extreme_input(), spatial, axis=2)
+    C = x.shape[1]
+    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+    dy = np.repeat(np.array([[1.0, -2.0, 0.5, 3.0]] * C, np.float32).T[:, :, None], spatial, axis=2)
+    dy[:, 0] *= np.float32(1e38)  # as in the CPU test: dx of the order of 1
+    dy[:, 2] *= np.float32(1e34)
+    y_ref, dx_ref, _, _ = _reference(x, dy, w.astype(np.float64), b.astype(np.float64), 1e-5)
+    y, mean, invstd = fastbn.batch_norm_forward(cupy.asarray(x), cupy.zeros(C, np.float32), cupy.ones(C, np.float32),
+                                                cupy.asarray(w), cupy.asarray(b), training=True)
+    dx = fastbn.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x), cupy.asarray(w), mean, invstd)[0]
+    y, dx = cupy.asnumpy(y), cupy.asnumpy(dx)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
+    for c in range(C):
+        np.testing.assert_allclose(dx[:, c], dx_ref[:, c], rtol=1e-4, atol=1e-4 * np.abs(dx_ref[:, c]).max())
