@@ -7,7 +7,7 @@ Environment switches:
   FASTBN_BOUNDSCHECK=1      turn Cython bounds and wraparound checks back on (debugging)
   FASTBN_DEBUG=1            keep debug information and symbols (other builds are stripped)
   FASTBN_SANITIZE=address,undefined
-                            build with these sanitizers (for tests: see README.md, "Developing")
+                            build with these sanitizers (for tests: see docs/developing.md)
   FASTBN_LIBOMP_PREFIX=dir  macOS: where libomp is (default: `brew --prefix libomp`)
 
 The switches, the compiler and every flag it gets are the build's identity.  It is recorded in
@@ -307,7 +307,7 @@ def extensions():
     # _pool: the thread pool; _plan: the work-split planner; _kernels: batch norm; _floor: the
     # benchmark's floor; _norm_kernels: group / layer / instance norm (issue 13)
     for name in ("fastbn._openmp", "fastbn._pool", "fastbn._plan", "fastbn._kernels", "fastbn._floor",
-                 "fastbn._norm_kernels", "fastbn._alloc"):
+                 "fastbn._norm_kernels", "fastbn._alloc", "fastbn._fastpath"):
         ext = Extension(
             name,
             [name.replace(".", "/") + ".pyx"],

@@ -1,11 +1,13 @@
 """CI: check what the sdist holds and what pip installed from it.
 
     python .ci/check_dist.py sdist DIST.tar.gz   every tracked source of fastbn/ and tests/ (so every
-                                                 header, .pyx, .pxd, .cu, stub), LICENSE, README, and
-                                                 no generated C, compiled module or cache
+                                                 header, .pyx, .pxd, .cu, stub, and the CUDA emulator's
+                                                 C++ and README), LICENSE, README, and no generated
+                                                 C, compiled module or cache
     python .ci/check_dist.py installed           run with the venv's python: the installed fastbn's
                                                  modules are stripped and carry no RPATH/RUNPATH,
-                                                 and it has py.typed and its stubs
+                                                 and it has py.typed, its stubs and every
+                                                 subpackage's modules (fastbn/bench/)
 """
 import glob
 import os
@@ -28,7 +30,8 @@ def check_sdist(path):
     missing = sorted(want - held)
     junk = sorted(n for n in held if n.endswith((".so", ".pyd", ".o", ".pyc")) or "__pycache__" in n
                   or (n.startswith("fastbn/") and n.endswith((".c", ".cpp"))) or n.startswith(("build/", "dist/")))
-    for name in ("fastbn/_kernels.pyx", "fastbn/_openmp.pyx", "tests/conftest.py", "fastbn/py.typed"):
+    for name in ("fastbn/_kernels.pyx", "fastbn/_openmp.pyx", "tests/conftest.py", "tests/_helpers.py",
+                 "tests/cuda_emulator/scheduler.cpp", "tests/cuda_emulator/README.md", "fastbn/py.typed"):
         if name not in held:
             missing.append(name)
     problems = [f"missing from the sdist: {n}" for n in missing] + [f"should not be in the sdist: {n}" for n in junk]
@@ -42,9 +45,16 @@ def check_installed():
     pkg = os.path.dirname(os.path.abspath(fastbn.__file__))
     problems = []
     for name in ("py.typed", "_kernels.pyi", "_openmp.pyi", "functional.pyi", "layers.pyi", "_layer_base.pyi",
-                 "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "sync.pyi", "fusion.pyi"):
+                 "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "_fastpath.pyi", "sync.pyi", "fusion.pyi"):
         if not os.path.exists(os.path.join(pkg, name)):
             problems.append(f"the installed package has no {name}")
+    # every subpackage of the source tree (pyproject.toml's packages list names each one)
+    for init in sorted(glob.glob(os.path.join(ROOT, "fastbn", "*", "__init__.py"))):
+        sub = os.path.relpath(os.path.dirname(init), os.path.join(ROOT, "fastbn"))
+        for source in sorted(glob.glob(os.path.join(os.path.dirname(init), "*.py"))):
+            name = os.path.join(sub, os.path.basename(source))
+            if not os.path.exists(os.path.join(pkg, name)):
+                problems.append(f"the installed package has no {name} (is fastbn.{sub} in pyproject.toml's packages?)")
     modules = sorted(glob.glob(os.path.join(pkg, "*.so")))
     readelf = shutil.which("readelf")
     for so in modules:

@@ -1,43 +1,16 @@
 """Fixtures of fastbn's pytest-benchmark suite (see bench/README.md).
 
-Every test that takes ``impl`` runs once per implementation (fastbn, numpy, torch, copy) and every
-test that takes ``problem`` once per (shape, dtype) case, so that
+Every test that takes ``impl`` runs once per implementation (fastbn, fastbn_out, numpy, torch,
+onnxruntime, copy, floor) and every test that takes ``problem`` once per (shape, dtype) case, so that
 ``pytest bench/ --benchmark-group-by=group,param:shape`` puts the implementations side by side.
-The implementations themselves live in fastbn._bench, shared with ``python -m fastbn bench``.
+The implementations themselves live in the package fastbn.bench, shared with ``fastbn bench``.
 """
-import os
-
 import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _bench
-
-
-def _threads_from_env():
-    text = os.environ.get("FASTBN_BENCH_THREADS", "2")
-    if not text.strip().isdigit() or int(text) < 1:
-        raise pytest.UsageError(f"FASTBN_BENCH_THREADS must be a positive integer, got {text!r}")
-    return int(text)
-
-
-# Threads for fastbn and torch alike; numpy's naive implementation runs on one thread.
-THREADS = _threads_from_env()
-
-# (shape, dtype): the float32 shapes of a ResNet-ish network, an MLP's BatchNorm1d, one float64
-# case, and a tiny one that measures per-call overhead.
-CASES = [
-    ((64, 64, 56, 56), "float32"),
-    ((256, 256, 14, 14), "float32"),
-    ((32, 3, 224, 224), "float32"),
-    ((4096, 1024), "float32"),
-    ((64, 64, 56, 56), "float64"),
-    (_bench.TINY, "float32"),
-]
-
-# Timed seconds to aim for per benchmark, and the bounds on the number of rounds.
-TARGET_S = 0.3
-MIN_ROUNDS, MAX_ROUNDS = 5, 50
+from _settings import CASES, MAX_ROUNDS, MIN_ROUNDS, TARGET_S, THREADS
+from fastbn.bench import cases, impls, onnxrt, timing
 
 
 def case_id(shape, dtype):
@@ -52,18 +25,19 @@ def pytest_generate_tests(metafunc):
         # module scope: each case's arrays are made once per file and shared by the implementations
         metafunc.parametrize("shape,dtype", [pytest.param(s, d, id=case_id(s, d)) for s, d in cases], scope="module")
     if "impl" in metafunc.fixturenames:
-        metafunc.parametrize("impl", getattr(metafunc.module, "IMPLS", _bench.IMPLS))
+        metafunc.parametrize("impl", getattr(metafunc.module, "IMPLS", impls.IMPLS))
 
 
 def pytest_report_header(config):
-    torch = _bench.import_torch()
-    return (f"fastbn bench: {THREADS} threads for fastbn and torch (FASTBN_BENCH_THREADS); "
-            f"torch {torch.__version__ if torch else 'not installed'}")
+    torch = impls.import_torch()
+    return (f"fastbn bench: {THREADS} threads for fastbn, torch and onnxruntime (FASTBN_BENCH_THREADS); "
+            f"torch {torch.__version__ if torch else 'not installed'}; "
+            f"onnxruntime {onnxrt.version() or 'not installed'}")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def bench_threads():
-    with _bench.thread_count(THREADS, _bench.import_torch()):
+    with impls.thread_count(THREADS, impls.import_torch()):
         yield THREADS
 
 
@@ -75,12 +49,12 @@ def rng():
 @pytest.fixture(scope="module")
 def problem(rng, shape, dtype):
     """x, dy, weight, bias and running buffers for one (shape, dtype) case."""
-    return _bench.Problem(shape, dtype, rng)
+    return cases.Problem(shape, dtype, rng)
 
 
 def _plan(bench):
     """(rounds, iterations) for about TARGET_S of timing, from a warm-up and a timed call."""
-    t = _bench.calibrate(bench)
+    t = timing.calibrate(bench)
     # fast calls without a setup run in loops of ~1 ms (a setup allows one call per round)
     iterations = 1 if bench.setup is not None else max(1, int(1e-3 / t))
     rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, round(TARGET_S / (t * iterations))))
@@ -90,23 +64,24 @@ def _plan(bench):
 @pytest.fixture
 def run_bench(benchmark, impl, problem):
     """run_bench(op): benchmark ``impl`` on ``op`` ("train", "eval", "eval_out", "backward") and,
-    for fastbn, assert the result matches naive NumPy (so a broken kernel cannot look fast)."""
+    for fastbn and onnxruntime, assert the result matches the float64 reference (so a broken
+    kernel, or a wrongly bound buffer, cannot look fast)."""
 
     def run(op):
-        bench = _bench.make_bench(op, impl, problem)
+        bench = impls.make_bench(op, impl, problem)
         if bench is None:
-            pytest.skip(_bench.skip_reason(op, impl))
-        benchmark.group = f"{_bench.OPS[op].title} {problem.dtype.name}"
-        benchmark.extra_info.update(bytes=_bench.OPS[op].bytes_moved * problem.nbytes,
+            pytest.skip(impls.skip_reason(op, impl))
+        benchmark.group = f"{cases.OPS[op].title} {problem.dtype.name}"
+        benchmark.extra_info.update(bytes=cases.OPS[op].bytes_moved * problem.nbytes,
                                     threads=fastbn.get_num_threads())
         if benchmark.disabled:  # --benchmark-disable: one call, the check still runs
             rounds, iterations = 1, 1
         else:
             rounds, iterations = _plan(bench)
         result = benchmark.pedantic(bench.run, setup=bench.setup, rounds=rounds, iterations=iterations)
-        if impl in ("fastbn", "fastbn_out"):
-            error = _bench.check(result, _bench.reference(op, problem), problem.dtype)
-            assert error is None, f"fastbn {_bench.OPS[op].title} {problem.label()}: {error}"
+        if impl in ("fastbn", "fastbn_out", "onnxruntime"):
+            error = impls.check(result, impls.expected(op, problem), problem.dtype)
+            assert error is None, f"{impl} {cases.OPS[op].title} {problem.label()}: {error}"
         return result
 
     return run

@@ -18,7 +18,7 @@ Rows:
   copy            cupy.copyto(y, x): the bandwidth yardstick
   fastbn          the public API (fastbn.batch_norm_forward / batch_norm / batch_norm_backward),
                   including its small per-channel CuPy ops (running-statistics update, casts)
-  fastbn kernels  fastbn._cupy_backend called directly with preallocated outputs: the CUDA
+  fastbn kernels  fastbn._backends.cuda called directly with preallocated outputs: the CUDA
                   kernels alone
   torch           torch.nn.functional.batch_norm on CUDA (cuDNN where torch picks it); backward
                   is torch.autograd.grad through it
@@ -43,7 +43,7 @@ try:
 except ImportError:  # run from a source checkout with the extensions built in place
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fastbn
-from fastbn import _cupy_backend
+from fastbn._backends import cuda as _cupy_backend
 
 EPS = 1e-5
 MOMENTUM = 0.1

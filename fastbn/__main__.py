@@ -1,5 +1,6 @@
-"""``python -m fastbn [info|bench]``: what this build is, a self-check, and the benchmark report."""
+"""fastbn [info|bench]: what this build is, a self-check, and the benchmark report."""
 import argparse
+import os
 import re
 import sys
 
@@ -7,33 +8,10 @@ import numpy as np
 
 import fastbn
 
-from . import _alloc, _cpu, _kernels, _machine, _openmp
-
-
-def _reference(x, weight, bias, mean=None, var=None, eps=1e-5):
-    """Plain float64 NumPy batch norm over axis 1 (batch statistics when mean is None)."""
-    x = x.astype(np.float64)
-    axes = (0,) + tuple(range(2, x.ndim))
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    if mean is None:
-        mean = x.mean(axis=axes)
-        var = ((x - mean.reshape(shape)) ** 2).mean(axis=axes)
-    xhat = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
-    return xhat * weight.reshape(shape) + bias.reshape(shape), mean, var
-
-
-def _reference_backward(dy, x, weight, eps=1e-5):
-    x, dy = x.astype(np.float64), dy.astype(np.float64)
-    axes = (0,) + tuple(range(2, x.ndim))
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean = x.mean(axis=axes)
-    invstd = 1 / np.sqrt(((x - mean.reshape(shape)) ** 2).mean(axis=axes) + eps)
-    xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
-    gb = dy.sum(axis=axes)
-    gw = (dy * xhat).sum(axis=axes)
-    m = x.size // x.shape[1]
-    dx = weight.reshape(shape) * invstd.reshape(shape) * (dy - (gb / m).reshape(shape) - xhat * (gw / m).reshape(shape))
-    return dx, gw, gb
+from . import _alloc, _kernels, _machine, _openmp
+from ._backends import cpu as _cpu
+from .bench import cli as bench_cli
+from .bench import reference
 
 
 def self_check(out=None):
@@ -64,12 +42,10 @@ def self_check(out=None):
                 dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=True)
             finally:
                 _cpu.tuning.update(saved)
-            ref_y, ref_mean, ref_var = _reference(x, w, b)
-            n = x.size // C
-            ref_rm = 0.75 * rm.astype(np.float64) + 0.25 * ref_mean
-            ref_rv = 0.75 * rv.astype(np.float64) + 0.25 * ref_var * n / (n - 1)
-            ref_ye, _, _ = _reference(x, w, b, rm.astype(np.float64), rv.astype(np.float64))
-            ref_dx, ref_gw, ref_gb = _reference_backward(dy, x, w)
+            ref_rm, ref_rv = rm.astype(np.float64), rv.astype(np.float64)  # the reference updates them
+            ref_ye = reference.forward_eval(x, w, b, ref_rm, ref_rv, 1e-5)
+            ref_y = reference.forward_train(x, w, b, ref_rm, ref_rv, 0.25, 1e-5)[0]
+            ref_dx, ref_gw, ref_gb = reference.backward(dy, x, w, *reference.saved_stats(x, 1e-5))
             checks = {
                 "train forward": np.abs(y - ref_y).max(),
                 "running stats": max(np.abs(rm1 - ref_rm).max(), np.abs(rv1 - ref_rv).max()),
@@ -164,29 +140,34 @@ def machine_lines():
 
 def _cuda_status():
     try:
-        from . import _cupy_backend
+        from ._backends import cuda as _cupy_backend
 
         return _cupy_backend.status()
     except ImportError as exc:  # the backend module itself is optional
         return f"unavailable ({exc})"
 
 
+def prog_name(argv0):
+    """The name the command line goes by in its usage and messages, from ``argv0`` (sys.argv[0]
+    when run from a shell, None when main() is called with its own argv): the console script's
+    basename as invoked (normally ``fastbn``); ``fastbn`` for ``python -m fastbn`` (argv[0] is
+    then this file's path, no command a user could type) and for a call from Python code (whose
+    argv[0] names the calling program, pytest's for instance, not this one)."""
+    name = os.path.basename(argv0 or "")
+    if name.lower().endswith(".exe"):
+        name = name[:-4]
+    return "fastbn" if not name or name.endswith(".py") or name == "-c" else name
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog_name(sys.argv[0] if argv is None else None), description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="build facts and a self-check of every kernel (the default)")
-    bench = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy and PyTorch")
-    try:
-        from . import _bench
-
-        _bench.add_arguments(bench)
-    except ImportError:
-        _bench = None
+    bench = sub.add_parser("bench", help="time fastbn against a memory copy, NumPy, PyTorch and onnxruntime")
+    bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "bench":
-        if _bench is None:
-            parser.error("the benchmark module is missing from this install")
-        return _bench.run(args)
+        return bench_cli.run(args)
     return info()
 
 

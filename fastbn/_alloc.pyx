@@ -217,3 +217,56 @@ def configure(min_bytes=None, max_cached=None, multiple=None, forget=False):
         _min_bytes = min_bytes
     fbn_alloc_configure(min_bytes or 0, max_cached or 0, multiple or 0, forget)
     return before
+
+
+# ---------------------------------------------------------------- where arrays lie
+cdef inline void _extent(cnp.ndarray a, char **lo, char **hi) noexcept:
+    """[lo, hi): the bytes any element of ``a`` may touch (NumPy's may_share_memory bounds)."""
+    cdef char *start = <char *>cnp.PyArray_DATA(a)
+    cdef char *end = start
+    cdef int d
+    cdef Py_ssize_t n, s
+    if cnp.PyArray_SIZE(a) == 0:
+        lo[0] = hi[0] = start
+        return
+    for d in range(cnp.PyArray_NDIM(a)):
+        n, s = cnp.PyArray_DIM(a, d), cnp.PyArray_STRIDE(a, d)
+        if s < 0:
+            start += s * (n - 1)
+        else:
+            end += s * (n - 1)
+    lo[0], hi[0] = start, end + cnp.PyArray_ITEMSIZE(a)
+
+
+def relation(cnp.ndarray a, cnp.ndarray b):
+    """0: a and b touch no byte in common (by their bounds); 1: they start at the same address
+    and span the same bytes (an in-place call); 2: anything else (a partial overlap)."""
+    cdef char *alo
+    cdef char *ahi
+    cdef char *blo
+    cdef char *bhi
+    _extent(a, &alo, &ahi)
+    _extent(b, &blo, &bhi)
+    if ahi <= blo or bhi <= alo:
+        return 0
+    if alo == blo and ahi == bhi and cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b):
+        return 1
+    return 2
+
+
+def overlapping(cnp.ndarray out, tuple arrays):
+    """A bit mask: bit i set where ``arrays[i]`` (an ndarray, or None) may share memory with ``out``."""
+    cdef char *olo
+    cdef char *ohi
+    cdef char *lo
+    cdef char *hi
+    cdef int i, mask = 0
+    _extent(out, &olo, &ohi)
+    for i in range(len(arrays)):
+        a = arrays[i]
+        if a is None:
+            continue
+        _extent(<cnp.ndarray>a, &lo, &hi)
+        if not (ohi <= lo or hi <= olo):
+            mask |= 1 << i
+    return mask

@@ -6,7 +6,8 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import functional as F
+from . import _checks as ck
+from ._backends import backend_of
 from ._grad_mode import is_grad_enabled
 
 # What load_state_dict returns, as PyTorch's: the keys it expected and did not find, and the ones
@@ -39,6 +40,11 @@ PROTOCOL_DOC = """
 _Saved = namedtuple("_Saved", "training payload")
 
 
+def _wrap_int64(n):
+    """n as PyTorch's int64 counter holds it: wrapped around after 2**63 - 1."""
+    return (n + 2**63) % 2**64 - 2**63
+
+
 class _PerThread(threading.local):
     """A layer's state of one thread: its pending forward and last gradients (class-level
     defaults, so that a first look from a thread is an attribute read, not a caught error)."""
@@ -47,9 +53,10 @@ class _PerThread(threading.local):
 
 
 class Layer:
-    """Base of fastbn's layers.  Subclasses set ``_check_input``, ``_forward`` (returns the output
-    and the payload saved for backward, whose first item is the input) and ``_backward`` (returns
-    grad_input, grad_weight, grad_bias)."""
+    """Base of fastbn's layers.  Subclasses set ``_check_input`` (checks what is the layer's own:
+    rank, features, dtype, device; returns ``(backend, contiguous input)`` for ``_forward``),
+    ``_forward`` (returns the output and the payload saved for backward, whose first item is the
+    input) and ``_backward`` (returns grad_input, grad_weight, grad_bias)."""
 
     _param_names = ("weight", "bias")
     _xp = np
@@ -125,12 +132,13 @@ class Layer:
         """Normalize ``input``; ``out=``: an array to receive the output (it may be ``input``).
         Saves this forward for ``backward`` (per thread) unless inside ``fastbn.no_grad()``;
         ``update_running_stats=False`` leaves the running statistics alone in training mode."""
-        self._check_input(input)
+        checked = self._check_input(input)
+        update = ck.flag(update_running_stats, "update_running_stats")
         record = is_grad_enabled()
         saved_input = input
-        if record and out is not None and F.backend_of(input).is_array(out) and self._xp.may_share_memory(out, input):
-            saved_input = input.copy()  # an in-place forward overwrites the input backward needs
-        y, payload = self._forward(input, out, bool(update_running_stats), saved_input, record)
+        if record and out is not None and checked[0].is_array(out) and checked[0].overlapping(out, (input,)):
+            saved_input = input.copy(order="K")  # an in-place forward overwrites the input backward needs
+        y, payload = self._forward(input, checked, out, update, saved_input, record)
         if record:
             self._local.saved = _Saved(self.training, payload)
         return y
@@ -159,14 +167,15 @@ class Layer:
         backward); raises RuntimeError where it would use a forward you probably did not mean."""
         payload = self._pending()
         x = payload[0]
-        if F.backend_of(grad_output) is not F.backend_of(x):
-            where = "CuPy (GPU)" if F.backend_of(x) is not F._cpu else "NumPy (CPU)"
-            raise TypeError(f"grad_output must be a {where} array like the forward's input, "
+        be = backend_of(x)
+        if not be.is_array(grad_output):
+            backend_of(grad_output)  # a TypeError naming what it is, unless an array of another backend
+            raise TypeError(f"grad_output must be a {be.kind} array like the forward's input, "
                             f"got {type(grad_output).__module__}.{type(grad_output).__name__}")
         if tuple(grad_output.shape) != tuple(x.shape):
             raise ValueError(f"grad_output must match the forward's input: shape {tuple(x.shape)}, "
-                             f"got {type(grad_output).__name__} of shape {tuple(getattr(grad_output, 'shape', ()))}")
-        dx, gw, gb = self._backward(grad_output, payload, out)
+                             f"got {type(grad_output).__name__} of shape {tuple(grad_output.shape)}")
+        dx, gw, gb = self._backward(be, grad_output, payload, out)
         self._local.saved = None
         self.grad_weight = gw if self.weight is not None else None
         self.grad_bias = gb if self.bias is not None else None
@@ -192,7 +201,7 @@ class Layer:
         for name in self._state_names():
             value = getattr(self, name)
             if name == "num_batches_tracked":
-                state[name] = np.array(value, dtype=np.int64)
+                state[name] = np.array(_wrap_int64(value), dtype=np.int64)
             else:
                 state[name] = value.get() if self._cuda is not None else value.copy()
         return state
@@ -222,15 +231,19 @@ class Layer:
             except ValueError as e:  # e.g. a ragged nested list
                 raise ValueError(f"{name} is not an array: {e}") from None
             if name == "num_batches_tracked":
-                if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) < 2**63:
-                    raise ValueError(f"num_batches_tracked must be a scalar integer from 0 to 2**63 - 1, got {value!r}")
+                if value.shape != () or value.dtype.kind not in "iu" or not -2**63 <= int(value) < 2**63:
+                    raise ValueError(f"num_batches_tracked must be a scalar integer in int64's range, got {value!r}")
                 staged[name] = int(value)
                 continue
             if value.dtype.kind != "f":
                 raise TypeError(f"{name} must be a float array, got dtype {value.dtype}")
-            want = tuple(getattr(self, name).shape)
+            target = getattr(self, name)
+            want = tuple(target.shape)
             if value.shape != want:
                 raise ValueError(f"{name} must have shape {want}, got shape {value.shape}")
+            if not backend_of(target).writeable(target):
+                raise ValueError(f"the layer's {name} is read-only, so it cannot be loaded into; "
+                                 f"give the layer a writeable array first")
             staged[name] = value
         for name, value in staged.items():
             if name == "num_batches_tracked":

@@ -29,6 +29,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     out: _ArrayT | None = None,
+    unbiased: bool = True,
 ) -> _ArrayT: ...
 @overload
 def batch_norm_forward(
@@ -42,6 +43,7 @@ def batch_norm_forward(
     eps: float = 1e-5,
     *,
     out: np.ndarray[Any, np.dtype[_Float]] | None = None,
+    unbiased: bool = True,
 ) -> tuple[np.ndarray[Any, np.dtype[_Float]], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 @overload
 def batch_norm_forward(
@@ -55,6 +57,7 @@ def batch_norm_forward(
     eps: float = 1e-5,
     *,
     out: _ArrayT | None = None,
+    unbiased: bool = True,
 ) -> tuple[_ArrayT, Any, Any]: ...
 def batch_norm_backward(
     grad_output: _ArrayT,
@@ -67,5 +70,5 @@ def batch_norm_backward(
     out: _ArrayT | None = None,
 ) -> tuple[_ArrayT, _ArrayT, _ArrayT]: ...
 
-# the module's helpers (fastbn.layers and the backends use them)
+# the internal entry points (the layers call them after their own checks)
 def __getattr__(name: str) -> Any: ...

@@ -10,14 +10,19 @@ Calling it runs the forward; ``backward(grad_output)`` returns ``grad_input`` an
 ``grad_weight`` and ``grad_bias``.
 """
 import contextlib
-import numbers
 
 import numpy as np
 
+from . import _checks as ck
 from . import functional as F
-from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer  # noqa: F401 (IncompatibleKeys: API)
+from ._backends import backend_of, cpu
+from ._fastpath import eval_forward as _plain_eval
+from ._grad_mode import is_grad_enabled
+from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _Saved, _wrap_int64  # noqa: F401 (API)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Layer"]
+
+_HOST = contextlib.nullcontext()  # reusable: the CPU layers' device context
 
 
 def _resolve_device(device):
@@ -25,12 +30,12 @@ def _resolve_device(device):
     if device is None or device == "cpu":
         return "cpu", None
     if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
-        from . import _cupy_backend
+        from ._backends import cuda
 
         index = device[5:]  # after "cuda:"
         if device != "cuda" and not (index.isascii() and index.isdigit()):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' with N a device number, got {device!r}")
-        return device, _cupy_backend.device_module(int(index) if index else None)
+        return device, cuda.device_module(int(index) if index else None)
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
@@ -39,21 +44,19 @@ class _BatchNorm(Layer):
     _layout = ""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device="cpu", dtype=np.float32, *, bias=True):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 0:
-            raise ValueError(f"num_features must be a non-negative integer, got {num_features!r}")
-        F._check_scalar(eps, "eps")
+                 device="cpu", dtype=np.float32, *, bias=True, unbiased=True):
+        num_features = ck.count(num_features, "num_features")
+        ck.scalar(eps, "eps")
         if momentum is not None:
-            F._check_scalar(momentum, "momentum", 0.0, 1.0)
-        dt = np.dtype(np.float32 if dtype is None else dtype)  # None: PyTorch's default dtype
-        if dt not in F._FLOATS:
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
-        self.num_features = int(num_features)
+            ck.scalar(momentum, "momentum", 0.0, 1.0)
+        dt = ck.dtype_arg(dtype)
+        self.num_features = num_features
         self.eps = eps  # kept as given, so the repr matches PyTorch's (eps=0 stays 0)
         self.momentum = momentum
-        self.affine = bool(affine)
-        self.has_bias = bool(affine and bias)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = ck.flag(affine, "affine")
+        self.has_bias = self.affine and ck.flag(bias, "bias")
+        self.track_running_stats = ck.flag(track_running_stats, "track_running_stats")
+        self.unbiased = ck.flag(unbiased, "unbiased")
         self.dtype = dt
         self.device, self._cuda = _resolve_device(device)
         xp = self._xp
@@ -75,7 +78,7 @@ class _BatchNorm(Layer):
 
     def _on_device(self):
         """A context in which new arrays land on the layer's device (its GPU; nothing on the CPU)."""
-        return contextlib.nullcontext() if self._cuda is None else self._cuda.device
+        return _HOST if self._cuda is None else self._cuda.device
 
     # ------------------------------------------------------------------ buffers
     def reset_running_stats(self):
@@ -93,7 +96,7 @@ class _BatchNorm(Layer):
 
     # ------------------------------------------------------------------ forward / backward
     def _check_input(self, x):
-        be = F.backend_of(x)
+        be = backend_of(x)
         ndim = getattr(x, "ndim", None)
         if ndim not in self._ndims:
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
@@ -103,32 +106,67 @@ class _BatchNorm(Layer):
                 f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels "
                 f"(axis 1), got shape {tuple(x.shape)}"
             )
-        if x.dtype != self.dtype and not (x.dtype.kind == "f" and x.dtype.newbyteorder("=") == self.dtype):
-            hint = f" or build the layer with dtype=np.{x.dtype.name}" if x.dtype in F._FLOATS else ""
-            raise TypeError(f"{type(self).__name__} holds {self.dtype} parameters, got input of dtype {x.dtype}; "
-                            f"cast the input{hint}")
-        if (be is F._cpu) != (self._cuda is None):
-            where = "CuPy (GPU)" if be is not F._cpu else "NumPy (CPU)"
-            raise TypeError(f"{type(self).__name__} lives on device {self.device!r} but got a {where} array; "
+        ck.kernel_dtype(x, self.dtype, type(self).__name__)
+        if be is not self._backend:
+            raise TypeError(f"{type(self).__name__} lives on device {self.device!r} but got a {be.kind} array; "
                             f"move the layer with .to(...) or the array")
+        return be, ck.ncs_view(be, x, self.dtype)
 
-    def _forward(self, input, out, update, saved_input, record):
+    @property
+    def _backend(self):
+        return cpu if self._cuda is None else self._cuda.backend
+
+    def forward(self, input, *, out=None, update_running_stats=True):
+        """Normalize ``input``; ``out=``: an array to receive the output (it may be ``input``).
+        Saves this forward for ``backward`` (per thread) unless inside ``fastbn.no_grad()``;
+        ``update_running_stats=False`` leaves the running statistics alone in training mode."""
+        if (not self.training and self.track_running_stats and self._cuda is None and out is not input
+                and type(input) is np.ndarray and input.dtype is self.dtype and input.ndim in self._ndims
+                and (update_running_stats is True or update_running_stats is False)):
+            # the plain evaluation call, checked in C (None: anything else, for the full checks)
+            done = _plain_eval(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps, out)
+            if done is not None:
+                y, mean, invstd = done
+                if is_grad_enabled():
+                    self._local.saved = _Saved(False, (input, self.dtype, None, self._saved_weight(True), mean,
+                                                       invstd, False))
+                return y
+        return Layer.forward(self, input, out=out, update_running_stats=update_running_stats)
+
+    __call__ = forward
+
+    def _forward(self, input, checked, out, update, saved_input, record):
+        be, x3 = checked
         batch_stats = self.training or not self.track_running_stats
         update = update and self.training and self.track_running_stats
         factor = 0.0
         if update:
             factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         use_buffers = (not self.training and self.track_running_stats) or update
-        y, mean, invstd = F.batch_norm_forward(
-            input, self.running_mean if use_buffers else None, self.running_var if use_buffers else None,
-            self.weight, self.bias, batch_stats, factor, self.eps, out=out)
+        rm, rv = (self.running_mean, self.running_var) if use_buffers else (None, None)
+        C, dt = self.num_features, self.dtype
+        with self._on_device():
+            if rm is not None:
+                ck.vector(rm, "running_mean", be, (C,), None, writable=update)
+                ck.vector(rv, "running_var", be, (C,), None, writable=update)
+            w = ck.param(self.weight, "weight", be, (C,), dt, 1.0)
+            b = ck.param(self.bias, "bias", be, (C,), dt, 0.0)
+            y, mean, invstd = F.forward(be, input, x3, rm, rv, w, b, batch_stats, ck.scalar(factor, "momentum", 0.0, 1.0),
+                                        ck.scalar(self.eps, "eps"), out, self.unbiased)
         if update:
-            self.num_batches_tracked += 1
-        return y, (saved_input, self._saved_weight(record), mean, invstd, batch_stats)
+            self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
+        if saved_input is not input:  # an in-place forward: backward reads the copy
+            x3 = ck.ncs_view(be, saved_input, dt)
+        return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats)
 
-    def _backward(self, grad_output, payload, out):
-        x, weight, mean, invstd, batch_stats = payload
-        return F.batch_norm_backward(grad_output, x, weight, mean, invstd, training=batch_stats, out=out)
+    def _backward(self, be, grad_output, payload, out):
+        x, dt, x3, weight, mean, invstd, batch_stats = payload
+        if x3 is None:  # saved by the plain evaluation call
+            x3 = ck.ncs_view(be, x, dt)
+        with self._on_device():
+            w = ck.param(weight, "weight", be, (self.num_features,), dt, 1.0)
+            g3 = ck.kernel_view(be, grad_output, x, x3, "grad_output")
+            return F.backward(be, x, x3, g3, w, mean, invstd, batch_stats, out)
 
     # ------------------------------------------------------------------ devices
     def to(self, device):

@@ -13,6 +13,7 @@ class _BatchNorm(Layer):
     momentum: float | None
     affine: bool
     track_running_stats: bool
+    unbiased: bool
     running_mean: _Buffer | None
     running_var: _Buffer | None
     num_batches_tracked: int | None
@@ -27,6 +28,7 @@ class _BatchNorm(Layer):
         dtype: npt.DTypeLike | None = ...,
         *,
         bias: bool = True,
+        unbiased: bool = True,
     ) -> None: ...
     def reset_running_stats(self) -> None: ...
     def reset_parameters(self) -> None: ...

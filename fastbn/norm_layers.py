@@ -3,23 +3,16 @@
 forwards, ``backward`` returning grad_input and setting ``grad_weight``/``grad_bias``,
 ``params_and_grads``, ``fastbn.no_grad``).  NumPy arrays only: ``device="cuda"`` raises
 NotImplementedError (these norms have no CUDA kernels yet)."""
-import numbers
 import warnings
 
 import numpy as np
 
-from . import functional as F
+from . import _checks as ck
 from . import norms
+from ._backends import backend_of
 from ._layer_base import PROTOCOL_DOC, Layer
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
-
-
-def _dtype(dtype):
-    dt = np.dtype(np.float32 if dtype is None else dtype)  # None: PyTorch's default dtype
-    if dt not in F._FLOATS:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
 
 
 def _cpu_only(name, device):
@@ -31,21 +24,12 @@ def _cpu_only(name, device):
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def _count(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 class _Norm(Layer):
     def _check_dtype(self, x):
-        be = F.backend_of(x)
-        if be is not F._cpu:
-            raise NotImplementedError(f"{type(self).__name__} has no CUDA backend yet: it takes NumPy arrays only")
-        if x.dtype != self.dtype and not (x.dtype.kind == "f" and x.dtype.newbyteorder("=") == self.dtype):
-            hint = f" or build the layer with dtype=np.{x.dtype.name}" if x.dtype in F._FLOATS else ""
-            raise TypeError(f"{type(self).__name__} holds {self.dtype} parameters, got input of dtype {x.dtype}; "
-                            f"cast the input{hint}")
+        be = backend_of(x)
+        be.norm_kernels(type(self).__name__)  # NotImplementedError where the backend has none
+        ck.kernel_dtype(x, self.dtype, type(self).__name__)
+        return be, x
 
     def to(self, device):
         """Only ``'cpu'`` (these layers have no CUDA backend yet); returns the layer."""
@@ -62,15 +46,15 @@ class GroupNorm(_Norm):
     __doc__ += PROTOCOL_DOC
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device="cpu", dtype=np.float32, *, bias=True):
-        G = _count(num_groups, "num_groups")
-        C = _count(num_channels, "num_channels")
+        G = ck.count(num_groups, "num_groups")
+        C = ck.count(num_channels, "num_channels")
         if G == 0 or C % G:
             raise ValueError(f"num_channels ({C}) must be divisible by num_groups ({G})")
-        F._check_scalar(eps, "eps")
+        ck.scalar(eps, "eps")
         self.num_groups, self.num_channels, self.eps = G, C, eps
-        self.affine = bool(affine)
-        self.has_bias = bool(affine and bias)
-        self.dtype = _dtype(dtype)
+        self.affine = ck.flag(affine, "affine")
+        self.has_bias = self.affine and ck.flag(bias, "bias")
+        self.dtype = ck.dtype_arg(dtype)
         self.device = _cpu_only("GroupNorm", device)
         self.weight = np.ones(C, self.dtype) if self.affine else None
         self.bias = np.zeros(C, self.dtype) if self.has_bias else None
@@ -83,16 +67,17 @@ class GroupNorm(_Norm):
             self.bias[...] = 0
 
     def _check_input(self, x):
-        self._check_dtype(x)
+        checked = self._check_dtype(x)
         if x.ndim < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm({self.num_groups}, {self.num_channels}) expected (N, {self.num_channels}, *) "
                              f"input, got shape {tuple(x.shape)}")
+        return checked
 
-    def _forward(self, input, out, update, saved_input, record):
+    def _forward(self, input, checked, out, update, saved_input, record):
         y, mean, invstd = norms.group_norm_forward(input, self.num_groups, self.weight, self.bias, self.eps, out=out)
         return y, (saved_input, self._saved_weight(record), mean, invstd)
 
-    def _backward(self, grad_output, payload, out):
+    def _backward(self, be, grad_output, payload, out):
         x, w, mean, invstd = payload
         return norms.group_norm_backward(grad_output, x, self.num_groups, w, mean, invstd, out=out)
 
@@ -111,11 +96,11 @@ class LayerNorm(_Norm):
         self.normalized_shape = norms._normalized_shape(normalized_shape)
         if not self.normalized_shape:
             raise ValueError("normalized_shape must have at least one dimension, got ()")
-        F._check_scalar(eps, "eps")
+        ck.scalar(eps, "eps")
         self.eps = eps
-        self.elementwise_affine = bool(elementwise_affine)
-        self.has_bias = bool(elementwise_affine and bias)
-        self.dtype = _dtype(dtype)
+        self.elementwise_affine = ck.flag(elementwise_affine, "elementwise_affine")
+        self.has_bias = self.elementwise_affine and ck.flag(bias, "bias")
+        self.dtype = ck.dtype_arg(dtype)
         self.device = _cpu_only("LayerNorm", device)
         self.weight = np.ones(self.normalized_shape, self.dtype) if self.elementwise_affine else None
         self.bias = np.zeros(self.normalized_shape, self.dtype) if self.has_bias else None
@@ -128,18 +113,19 @@ class LayerNorm(_Norm):
             self.bias[...] = 0
 
     def _check_input(self, x):
-        self._check_dtype(x)
+        checked = self._check_dtype(x)
         k = len(self.normalized_shape)
         if x.ndim < k or tuple(x.shape[x.ndim - k:]) != self.normalized_shape:
             raise ValueError(f"LayerNorm({self.normalized_shape}) expected input ending in {self.normalized_shape}, "
                              f"got shape {tuple(x.shape)}")
+        return checked
 
-    def _forward(self, input, out, update, saved_input, record):
+    def _forward(self, input, checked, out, update, saved_input, record):
         y, mean, invstd = norms.layer_norm_forward(input, self.normalized_shape, self.weight, self.bias, self.eps,
                                                    out=out)
         return y, (saved_input, self._saved_weight(record), mean, invstd)
 
-    def _backward(self, grad_output, payload, out):
+    def _backward(self, be, grad_output, payload, out):
         x, w, mean, invstd = payload
         return norms.layer_norm_backward(grad_output, x, self.normalized_shape, w, mean, invstd, out=out)
 
@@ -152,15 +138,15 @@ class _InstanceNorm(_Norm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
                  device="cpu", dtype=np.float32, *, bias=True):
-        C = self.num_features = _count(num_features, "num_features")
-        F._check_scalar(eps, "eps")
+        C = self.num_features = ck.count(num_features, "num_features")
+        ck.scalar(eps, "eps")
         if momentum is not None:
-            F._check_scalar(momentum, "momentum", 0.0, 1.0)
+            ck.scalar(momentum, "momentum", 0.0, 1.0)
         self.eps, self.momentum = eps, momentum
-        self.affine = bool(affine)
-        self.has_bias = bool(affine and bias)
-        self.track_running_stats = bool(track_running_stats)
-        self.dtype = dt = _dtype(dtype)
+        self.affine = ck.flag(affine, "affine")
+        self.has_bias = self.affine and ck.flag(bias, "bias")
+        self.track_running_stats = ck.flag(track_running_stats, "track_running_stats")
+        self.dtype = dt = ck.dtype_arg(dtype)
         self.device = _cpu_only(type(self).__name__, device)
         self.weight = np.ones(C, dt) if self.affine else None
         self.bias = np.zeros(C, dt) if self.has_bias else None
@@ -185,7 +171,7 @@ class _InstanceNorm(_Norm):
             self.bias[...] = 0
 
     def _check_input(self, x):
-        self._check_dtype(x)
+        checked = self._check_dtype(x)
         n = self._ndim
         if x.ndim not in (n - 1, n):
             raise ValueError(f"{type(self).__name__} expected {n - 1}-D (unbatched) or {n}-D input, got shape "
@@ -197,11 +183,13 @@ class _InstanceNorm(_Norm):
             if self.affine or self.track_running_stats:
                 raise ValueError(msg)
             warnings.warn(msg + "; num_features is not used because affine=False", stacklevel=4)
+        return checked
 
-    def _forward(self, input, out, update, saved_input, record):
+    def _forward(self, input, checked, out, update, saved_input, record):
+        be = checked[0]
         unbatched = input.ndim == self._ndim - 1
         x = input[None] if unbatched else input
-        o = out[None] if unbatched and out is not None and F._cpu.is_array(out) and out.shape == input.shape else out
+        o = out[None] if unbatched and out is not None and be.is_array(out) and out.shape == input.shape else out
         use_input_stats = self.training or not self.track_running_stats
         buffers = self.track_running_stats and (not use_input_stats or update)
         momentum = 0.0 if self.momentum is None else self.momentum  # PyTorch: momentum=None keeps them
@@ -212,10 +200,10 @@ class _InstanceNorm(_Norm):
             y = out if out is not None else y[0]
         return y, (saved_input, self._saved_weight(record), mean, invstd, use_input_stats)
 
-    def _backward(self, grad_output, payload, out):
+    def _backward(self, be, grad_output, payload, out):
         x, w, mean, invstd, use_input_stats = payload
         if x.ndim == self._ndim - 1:
-            o = out[None] if isinstance(out, np.ndarray) and out.shape == x.shape else out
+            o = out[None] if be.is_array(out) and out.shape == x.shape else out
             dx, gw, gb = norms.instance_norm_backward(grad_output[None], x[None], w, mean, invstd, use_input_stats,
                                                       out=o)
             return (out if out is not None else dx[0]), gw, gb

@@ -47,14 +47,15 @@ import numbers
 
 import numpy as np
 
-from . import _cpu, _kernels
-from . import functional as F
+from . import _checks as ck
+from . import _kernels
+from ._backends import cpu
 from ._grad_mode import is_grad_enabled
-from ._layer_base import _Saved
+from ._layer_base import _Saved, _wrap_int64
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 # What a training forward saves for its backward (the layer protocol's per-thread payload).
-_SyncPayload = collections.namedtuple("_SyncPayload", "x3 shape weight mean invstd count")
+_SyncPayload = collections.namedtuple("_SyncPayload", "x x3 weight mean invstd count")
 
 __all__ = ["SyncBatchNorm", "local_stats", "merge_stats", "normalize", "update_running",
            "local_grad_sums", "merge_grad_sums", "finish_backward"]
@@ -66,12 +67,12 @@ _CODE_NAMES = {32: "float32", 64: "float64", -1: "unknown"}
 
 def _plan():
     # the CPU backend's (threads, path, unit); streaming stores are for the apply only
-    return _cpu._plan()
+    return cpu.plan()
 
 
 def _cpu_ncs(x, name="input"):
-    be, x3 = F.as_ncs(x, name)
-    if be is not _cpu:
+    be, x3 = ck.as_ncs(x, name)
+    if be is not cpu:  # SyncBatchNorm is a CPU layer
         raise TypeError(f"SyncBatchNorm's pieces run on NumPy arrays; got a {type(x).__module__} array for {name}")
     return x3
 
@@ -155,7 +156,7 @@ def normalize(x, merged, weight=None, bias=None, eps=1e-5, *, out=None):
     Raises, on every rank alike, when the global batch holds one value per channel."""
     x3 = _cpu_ncs(x)
     C = x3.shape[1]
-    eps = F._check_scalar(eps, "eps")
+    eps = ck.scalar(eps, "eps")
     if not eps > 0:
         raise ValueError(f"eps must be positive in training, got {eps!r}")
     merged = _check_merged(merged, C)
@@ -166,17 +167,15 @@ def normalize(x, merged, weight=None, bias=None, eps=1e-5, *, out=None):
 
 
 def _normalize3(x, x3, mean, invstd, weight, bias, out, prepared=None):
-    # prepared: F._prepare_out's (y, y3, copy_back), where the caller checked out= already
+    # prepared: ck.prepare_out's (y, y3, target), where the caller checked out= already
     C, dt = x3.shape[1], x3.dtype
-    w = F._fill(_cpu, C, dt, 1.0) if weight is None else F._channel_vector(weight, "weight", _cpu, C, dt)
-    b = F._fill(_cpu, C, dt, 0.0) if bias is None else F._channel_vector(bias, "bias", _cpu, C, dt)
-    y, y3, copy_back = prepared or F._prepare_out(_cpu, out, x, x3)
+    w = ck.param(weight, "weight", cpu, (C,), dt, 1.0)
+    b = ck.param(bias, "bias", cpu, (C,), dt, 0.0)
+    y, y3, target = prepared or ck.prepare_out(cpu, out, x, x3)
     if y3.size:
-        w, b = F._apart(_cpu, out, w, b)
-        _kernels.sync_normalize(x3, y3, w, b, mean, invstd, *_cpu._plan())
-    if copy_back:
-        out[...] = y3.reshape(out.shape)
-    return y
+        w, b = ck.apart(cpu, out, w, b)
+        _kernels.sync_normalize(x3, y3, w, b, mean, invstd, *cpu.plan())
+    return ck.finish(y, target)
 
 
 def update_running(running_mean, running_var, merged, momentum):
@@ -184,28 +183,23 @@ def update_running(running_mean, running_var, merged, momentum):
     variance unbiased with the global count; in place (nothing happens for an empty global batch)."""
     merged = np.asarray(merged, dtype=np.float64)
     count, mean, var, _ = _statistics(merged, 1.0)
-    momentum = F._check_scalar(momentum, "momentum", 0.0, 1.0)
+    momentum = ck.scalar(momentum, "momentum", 0.0, 1.0)
     if count:
         _check_count(count, ())
-        _cpu.update_running(running_mean, running_var, mean, var, momentum, count)
+        cpu.update_running(running_mean, running_var, mean, var, momentum, count)
 
 
 def local_grad_sums(grad_output, x, mean):
     """This rank's per-channel (sum dy, sum dy * (x - mean)) with the global ``mean``: a (C, 2)
     float64 array (zeros for an empty batch)."""
     x3, g3 = _pair(grad_output, x)
-    mean = F._channel_vector(mean, "mean", _cpu, x3.shape[1], np.float64)
+    mean = ck.vector(mean, "mean", cpu, (x3.shape[1],), np.float64)
     return _local_grad_sums3(g3, x3, mean)
 
 
 def _pair(grad_output, x):
     x3 = _cpu_ncs(x)
-    if tuple(np.shape(grad_output)) != tuple(x.shape):
-        raise ValueError(f"grad_output must have the input's shape {tuple(x.shape)}, got {tuple(np.shape(grad_output))}")
-    g3 = _cpu_ncs(grad_output, "grad_output")
-    if g3.dtype != x3.dtype:
-        raise TypeError(f"grad_output must have the input's dtype {x3.dtype}, got {grad_output.dtype}")
-    return x3, g3
+    return x3, ck.like_input(cpu, grad_output, x, x3, "grad_output")
 
 
 def _local_grad_sums3(g3, x3, mean):
@@ -241,8 +235,8 @@ def finish_backward(grad_output, x, weight, mean, invstd, sums, count, *, out=No
     the global batch's (identical on every rank), in the input's dtype."""
     x3, g3 = _pair(grad_output, x)
     C = x3.shape[1]
-    mean = F._channel_vector(mean, "mean", _cpu, C, np.float64)
-    invstd = F._channel_vector(invstd, "invstd", _cpu, C, np.float64)
+    mean = ck.vector(mean, "mean", cpu, (C,), np.float64)
+    invstd = ck.vector(invstd, "invstd", cpu, (C,), np.float64)
     sums = np.asarray(sums, dtype=np.float64)
     if sums.shape != (C, 2):
         raise ValueError(f"sums must have shape ({C}, 2), got {sums.shape}")
@@ -253,20 +247,18 @@ def finish_backward(grad_output, x, weight, mean, invstd, sums, count, *, out=No
 
 
 def _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, sdy, sdyx, count, out, prepared=None):
-    # sdy, sdyx: the global sums, contiguous (C,) float64; prepared: F._prepare_out's (dx, dx3,
-    # copy_back), where the caller checked out= already
+    # sdy, sdyx: the global sums, contiguous (C,) float64; prepared: ck.prepare_out's (dx, dx3,
+    # target), where the caller checked out= already
     C, dt = x3.shape[1], x3.dtype
-    w = F._fill(_cpu, C, dt, 1.0) if weight is None else F._channel_vector(weight, "weight", _cpu, C, dt)
-    dx, dx3, copy_back = prepared or F._prepare_out(_cpu, out, x, x3, g3)
+    w = ck.param(weight, "weight", cpu, (C,), dt, 1.0)
+    dx, dx3, target = prepared or ck.prepare_out(cpu, out, x, x3, g3)
     if x3.size:
         gw, gb = np.empty(C), np.empty(C)
-        w, mean, invstd = F._apart(_cpu, out, w, mean, invstd)
-        _kernels.sync_backward_apply(g3, x3, dx3, w, mean, invstd, sdy, sdyx, count, gw, gb, *_cpu._plan())
+        w, mean, invstd = ck.apart(cpu, out, w, mean, invstd)
+        _kernels.sync_backward_apply(g3, x3, dx3, w, mean, invstd, sdy, sdyx, count, gw, gb, *cpu.plan())
     else:  # the same arithmetic as the kernel's (_finish_grad), so every rank gets the same bits
         gw, gb = sdyx * invstd, sdy.copy()
-    if copy_back:
-        out[...] = dx3.reshape(out.shape)
-    return dx, gw.astype(dt), gb.astype(dt)
+    return ck.finish(dx, target), gw.astype(dt), gb.astype(dt)
 
 
 # ---------------------------------------------------------------------------------- the layer
@@ -301,9 +293,9 @@ class SyncBatchNorm(_BatchNorm):
     _layout = "(N, C, *spatial)"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, comm=None,
-                 dtype=np.float32, *, bias=True):
+                 dtype=np.float32, *, bias=True, unbiased=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device="cpu", dtype=dtype,
-                         bias=bias)
+                         bias=bias, unbiased=unbiased)
         self._comm = comm
 
     @property
@@ -344,7 +336,7 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input, out=out, update_running_stats=update_running_stats)
         record = is_grad_enabled()
         try:
-            y, payload = self._sync_forward(input, out, bool(update_running_stats) and self.track_running_stats,
+            y, payload = self._sync_forward(input, out, ck.flag(update_running_stats, "update_running_stats") and self.track_running_stats,
                                             record)
         except Exception:
             # the ranks failed together: a backward now would differentiate an earlier forward, which
@@ -363,7 +355,7 @@ class SyncBatchNorm(_BatchNorm):
         C = self.num_features
         try:
             x3 = self._local_check(input)
-            prepared = F._prepare_out(_cpu, out, input, x3)  # a bad out= fails here, before the collective
+            prepared = ck.prepare_out(cpu, out, input, x3)  # a bad out= fails here, before the collective
             # the message: [channels, dtype, count | means (C) | M2s (C)], the kernel writing its part
             wire = np.zeros(3 + 2 * C)
             wire[:3] = (C, _DTYPE_CODES[x3.dtype], x3.shape[0] * x3.shape[2])
@@ -387,15 +379,16 @@ class SyncBatchNorm(_BatchNorm):
             factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         counts = np.broadcast_to(stack[:, 2:3], (stack.shape[0], C))
         _, mean, _, var, invstd = _merge(counts, stack[:, 3:3 + C], stack[:, 3 + C:], self.eps)
-        saved_input = x3
-        if record and out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, input):
-            saved_input = x3.copy()  # an in-place forward overwrites what backward needs
+        saved, saved3 = input, x3
+        if record and out is not None and isinstance(out, np.ndarray) and cpu.overlapping(out, (input,)):
+            saved = input.copy(order="K")  # an in-place forward overwrites what backward needs
+            saved3 = ck.ncs_view(cpu, saved, x3.dtype)
         y = _normalize3(input, x3, mean, invstd, self.weight, self.bias, out, prepared)
         if update:
             if count:
-                _cpu.update_running(self.running_mean, self.running_var, mean, var, factor, count)
-            self.num_batches_tracked += 1
-        return y, _SyncPayload(saved_input, input.shape, self._saved_weight(record), mean, invstd, count)
+                cpu.update_running(self.running_mean, self.running_var, mean, var, factor, count, self.unbiased)
+            self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
+        return y, _SyncPayload(saved, saved3, self._saved_weight(record), mean, invstd, count)
 
     # ------------------------------------------------------------------ backward
     def backward(self, grad_output, *, out=None):
@@ -404,7 +397,8 @@ class SyncBatchNorm(_BatchNorm):
         payload = self._pending()  # this thread's last forward (RuntimeError where there is none)
         if not isinstance(payload, _SyncPayload):
             return super().backward(grad_output, out=out)
-        x3, shape, weight, mean, invstd, count = payload
+        x, x3, weight, mean, invstd, count = payload
+        shape = x.shape
         C = x3.shape[1]
         err = None
         try:
@@ -414,10 +408,8 @@ class SyncBatchNorm(_BatchNorm):
             if tuple(grad_output.shape) != tuple(shape):
                 raise ValueError(f"grad_output must match the forward's input: shape {tuple(shape)}, "
                                  f"got shape {tuple(grad_output.shape)}")
-            g3 = _cpu_ncs(grad_output, "grad_output")
-            if g3.dtype != x3.dtype:
-                raise TypeError(f"grad_output must have the input's dtype {x3.dtype}, got {grad_output.dtype}")
-            prepared = F._prepare_out(_cpu, out, x3.reshape(shape), x3, g3)  # a bad out= fails before the collective
+            g3 = ck.kernel_view(cpu, grad_output, x, x3, "grad_output")
+            prepared = ck.prepare_out(cpu, out, x, x3, g3)  # a bad out= fails before the collective
             # the message: [channels, status | sum dy (C) | sum dy*(x-mean) (C)]
             wire = np.zeros(2 + 2 * C)
             wire[0] = C
@@ -435,7 +427,6 @@ class SyncBatchNorm(_BatchNorm):
         total = stack[0, 2:].copy()
         for r in range(1, stack.shape[0]):  # in rank order: the same bits on every rank
             total += stack[r, 2:]
-        x = x3.reshape(shape)
         dx, gw, gb = _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, total[:C], total[C:], float(count),
                                        out, prepared)
         self._local.saved = None
@@ -467,7 +458,7 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"convert_sync_batchnorm: SyncBatchNorm runs on the CPU; the layer is on {layer.device!r} "
                              f"(move it with .to('cpu') first)")
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats, comm,
-                  layer.dtype, bias=layer.has_bias)
+                  layer.dtype, bias=layer.has_bias, unbiased=layer.unbiased)
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             setattr(new, name, getattr(layer, name))
         new.training = layer.training

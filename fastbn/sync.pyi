@@ -52,6 +52,7 @@ class SyncBatchNorm(_BatchNorm):
         dtype: npt.DTypeLike = ...,
         *,
         bias: bool = True,
+        unbiased: bool = True,
     ) -> None: ...
     @property
     def comm(self) -> Any: ...

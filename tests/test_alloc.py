@@ -21,7 +21,7 @@ import fastbn
 from fastbn import _alloc
 from fastbn import functional as F
 
-from conftest import assert_close, random_input, random_params, ref_backward, ref_forward
+from _helpers import assert_close, random_input, random_params, ref_backward, ref_forward
 
 OURS = _alloc.HANDLER_NAME
 MIB = 1 << 20

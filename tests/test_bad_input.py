@@ -6,7 +6,7 @@ import pytest
 
 import fastbn
 from fastbn import _kernels
-from conftest import assert_close, random_input, random_params, ref_backward
+from _helpers import assert_close, random_input, random_params, ref_backward
 
 SHAPE = (4, 3, 5)
 
@@ -445,15 +445,30 @@ def test_huge_integer_eps_is_a_value_error():
         fastbn.batch_norm(np.ones((2, 3)), None, None, training=True, eps=10**400)
 
 
-@pytest.mark.parametrize("count", [-1, 2**64 - 1])
-def test_load_state_dict_refuses_an_impossible_num_batches_tracked(count):
+def test_load_state_dict_refuses_a_num_batches_tracked_beyond_int64():
     bn = fastbn.BatchNorm1d(2)
     bn(np.ones((3, 2), np.float32))
     snapshot = _layer_snapshot(bn)
-    state = {**bn.state_dict(), "num_batches_tracked": np.array(count, np.int64 if count < 0 else np.uint64)}
-    with pytest.raises(ValueError, match=r"num_batches_tracked must be a scalar integer from 0 to 2\*\*63 - 1"):
+    state = {**bn.state_dict(), "num_batches_tracked": np.array(2**64 - 1, np.uint64)}
+    with pytest.raises(ValueError, match=r"num_batches_tracked must be a scalar integer in int64's range"):
         bn.load_state_dict(state)
     _assert_layer_unchanged(bn, snapshot)
+
+
+def test_num_batches_tracked_wraps_as_torch_int64():
+    """PyTorch's counter is an int64 tensor: after 2**63 - 1 it wraps to -2**63, and such a
+    state_dict loads; fastbn does the same instead of raising OverflowError in state_dict()."""
+    torch = pytest.importorskip("torch")
+    bn, tbn = fastbn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    bn.num_batches_tracked = 2**63 - 1
+    tbn.num_batches_tracked.fill_(2**63 - 1)
+    x = np.ones((3, 2), np.float32)
+    bn(x)
+    tbn(torch.from_numpy(x))
+    assert int(bn.state_dict()["num_batches_tracked"]) == int(tbn.num_batches_tracked) == -2**63
+    other = fastbn.BatchNorm1d(2)
+    other.load_state_dict({k: v.numpy() for k, v in tbn.state_dict().items()})
+    assert other.num_batches_tracked == -2**63
 
 
 def test_load_state_dict_names_a_value_that_is_not_an_array():

@@ -1,10 +1,17 @@
-"""The machinery of ``python -m fastbn bench`` (fastbn._bench): the floor kernel, the interleaved
+"""The machinery of ``fastbn bench`` (the package fastbn.bench): the floor kernel, the interleaved
 timing, and how targets are judged.  No timing is asserted here: these check the logic only."""
+import ast
+import glob
+import io
+import os
+import re
+
 import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _bench, _floor, _openmp
+from fastbn import _openmp
+from fastbn.bench import cases, impls, latency, native, onnxrt, reference, report, timing
 
 
 # ---------------------------------------------------------------- the floor kernel
@@ -20,13 +27,13 @@ def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads, stream, back
     b = rng.standard_normal(n).astype(dtype)
     a0, b0 = a.copy(), b.copy()
     y = np.full(n + 1, np.nan, dtype)[1:]  # off 64-byte alignment: the streaming stores' head and tail
-    _floor.traffic(a, b, y, threads, stream, backwards)
+    native.traffic(a, b, y, threads, stream, backwards)
     np.testing.assert_array_equal(y, a + b)
-    _floor.traffic(a, None, y, threads, stream, backwards)
+    native.traffic(a, None, y, threads, stream, backwards)
     np.testing.assert_array_equal(y, a)
     tol = 1e-3 * n if dtype == np.float32 else 1e-9 * n
-    assert _floor.traffic(a, None, None, threads, -1, backwards) == pytest.approx(a.astype(np.float64).sum(), abs=tol)
-    assert _floor.traffic(a, b, None, threads, -1, backwards) == pytest.approx((a.astype(np.float64) + b).sum(), abs=tol)
+    assert native.traffic(a, None, None, threads, -1, backwards) == pytest.approx(a.astype(np.float64).sum(), abs=tol)
+    assert native.traffic(a, b, None, threads, -1, backwards) == pytest.approx((a.astype(np.float64) + b).sum(), abs=tol)
     np.testing.assert_array_equal(a, a0)  # the inputs are only read
     np.testing.assert_array_equal(b, b0)
 
@@ -34,16 +41,16 @@ def test_traffic_writes_and_reads_what_it_says(rng, dtype, threads, stream, back
 def test_traffic_rejects_mismatched_lengths_and_accepts_empty():
     a = np.zeros(10, np.float32)
     with pytest.raises(ValueError, match="same length"):
-        _floor.traffic(a, np.zeros(9, np.float32), None, 1)
+        native.traffic(a, np.zeros(9, np.float32), None, 1)
     with pytest.raises(ValueError, match="same length"):
-        _floor.traffic(a, None, np.zeros(11, np.float32), 1)
-    assert _floor.traffic(np.zeros(0, np.float32), None, None, 2) == 0.0
+        native.traffic(a, None, np.zeros(11, np.float32), 1)
+    assert native.traffic(np.zeros(0, np.float32), None, None, 2) == 0.0
 
 
-@pytest.mark.parametrize("op", list(_bench.OPS))
+@pytest.mark.parametrize("op", list(cases.OPS))
 def test_floor_bench_runs_every_operation(rng, op):
-    p = _bench.Problem((3, 4, 5, 6), "float32", rng)
-    out = _bench.make_bench(op, "floor", p).run()
+    p = cases.Problem((3, 4, 5, 6), "float32", rng)
+    out = impls.make_bench(op, "floor", p).run()
     if op == "backward":
         np.testing.assert_array_equal(out, (p.dy + p.x).reshape(-1))
     elif not np.isscalar(out):
@@ -55,10 +62,10 @@ def test_time_calls_samples_in_rounds_and_honours_each_repeat_count():
     log = []
 
     def bench(name, setup=False):
-        return _bench.Bench(lambda: log.append(name), (lambda: log.append(name + ".setup")) if setup else None)
+        return impls.Bench(lambda: log.append(name), (lambda: log.append(name + ".setup")) if setup else None)
 
     benches = {"a": bench("a"), "b": bench("b", setup=True), "c": bench("c")}
-    timings = _bench.time_calls(benches, {"a": 3, "b": 3, "c": 1}, sample_s=0)
+    timings = timing.time_calls(benches, {"a": 3, "b": 3, "c": 1}, sample_s=0)
     assert {k: t.samples for k, t in timings.items()} == {"a": 3, "b": 3, "c": 1}
     assert all(0 <= t.min <= t.median for t in timings.values())
     timed = [name for name in log if name != "b.setup"]
@@ -68,7 +75,7 @@ def test_time_calls_samples_in_rounds_and_honours_each_repeat_count():
     assert log.count("b.setup") == 2 + 3  # before every call of b, warm-ups included
     # over many rounds no bench always follows the same one
     log.clear()
-    _bench.time_calls({k: bench(k) for k in "abcde"}, dict.fromkeys("abcde", 25), sample_s=0)
+    timing.time_calls({k: bench(k) for k in "abcde"}, dict.fromkeys("abcde", 25), sample_s=0)
     rounds = [log[10 + 5 * i:15 + 5 * i] for i in range(25)]
     assert all(sorted(r) == list("abcde") for r in rounds)
     assert len({tuple(r) for r in rounds}) > 10
@@ -90,29 +97,29 @@ def _row(op, shape=(64, 64, 56, 56), **times):
 def test_a_target_the_floor_also_misses_is_reported_out_of_reach():
     # eval: x copy <= 1.15 (met: 1.0), >= 2x torch (missed: 1.5x; the floor is only 1.875x faster)
     row = _row("eval", copy=1.0, fastbn=1.0, floor=0.8, torch=1.5)
-    row["targets"] = _bench.evaluate_targets(row)
+    row["targets"] = report.evaluate_targets(row)
     by_name = {t["name"]: t for t in row["targets"]}
     assert by_name["x copy <= 1.15"]["met"] and by_name["x copy <= 1.15"]["reachable"]
     torch_t = by_name["vs torch >= 2x"]
     assert not torch_t["met"] and not torch_t["reachable"]
     assert torch_t["floor"] == pytest.approx(1.875)
     row["error"] = None
-    assert _bench._fmt_targets(row) == "MISS vs torch >= 2x (1.5; floor 1.88: out of reach)"
+    assert report._fmt_targets(row) == "MISS vs torch >= 2x (1.5; floor 1.88: out of reach)"
 
 
 def test_a_target_the_floor_meets_is_a_plain_miss():
     # backward: x copy <= 2.4 missed (3.0) though the floor (1.5) meets it
     row = _row("backward", copy=1.0, fastbn=3.0, floor=1.5, torch=9.0)
-    row["targets"] = _bench.evaluate_targets(row)
+    row["targets"] = report.evaluate_targets(row)
     row["error"] = None
     copy_t = next(t for t in row["targets"] if t["name"] == "x copy <= 2.4")
     assert not copy_t["met"] and copy_t["reachable"]
-    assert _bench._fmt_targets(row) == "MISS x copy <= 2.4 (3)"
+    assert report._fmt_targets(row) == "MISS x copy <= 2.4 (3)"
 
 
 def test_measure_gives_a_checked_row_with_the_floor(rng):
-    p = _bench.Problem((8, 3, 16, 16), "float32", rng)  # not tiny: the copy targets apply
-    row = _bench.measure("train", p, repeat=2, numpy_repeat=1)
+    p = cases.Problem((8, 3, 16, 16), "float32", rng)  # not tiny: the copy targets apply
+    row = report.measure("train", p, repeat=2, numpy_repeat=1)
     assert row["error"] is None
     assert row["floor_min_s"] > 0 and row["floor_x_copy"] == row["floor_min_s"] / row["copy_min_s"]
     assert row["fastbn_samples"] == 2 and row["numpy_samples"] == 1
@@ -123,21 +130,21 @@ def test_measure_gives_a_checked_row_with_the_floor(rng):
 def test_the_allocating_call_is_judged_against_the_same_call_with_out():
     row = _row("backward", copy=1.0, fastbn=2.4, floor=1.5, torch=9.0, fastbn_out=2.0)
     row["x_out"] = 1.2
-    row["targets"] = _bench.evaluate_targets(row)
+    row["targets"] = report.evaluate_targets(row)
     row["error"] = None
     out_t = next(t for t in row["targets"] if t["name"] == "x out= <= 1.1")
     assert not out_t["met"] and out_t["reachable"] and out_t["value"] == 1.2
-    assert _bench._fmt_targets(row) == "MISS x out= <= 1.1 (1.2)"
+    assert report._fmt_targets(row) == "MISS x out= <= 1.1 (1.2)"
     row["x_out"] = None  # eval_out rows, and rows without the out= call: no such target
-    assert all(t["name"] != "x out= <= 1.1" for t in _bench.evaluate_targets(row))
+    assert all(t["name"] != "x out= <= 1.1" for t in report.evaluate_targets(row))
 
 
 def test_fastbn_out_writes_the_buffer_and_matches_the_allocating_call(rng):
-    p = _bench.Problem((3, 4, 5, 6), "float32", rng)
-    assert _bench.make_bench("eval_out", "fastbn_out", p) is None
-    assert "out=" in _bench.skip_reason("eval_out", "fastbn_out")
+    p = cases.Problem((3, 4, 5, 6), "float32", rng)
+    assert impls.make_bench("eval_out", "fastbn_out", p) is None
+    assert "out=" in impls.skip_reason("eval_out", "fastbn_out")
     for op in ("train", "eval", "backward"):
-        alloc, out = _bench.make_bench(op, "fastbn", p), _bench.make_bench(op, "fastbn_out", p)
+        alloc, out = impls.make_bench(op, "fastbn", p), impls.make_bench(op, "fastbn_out", p)
         for bench in (alloc, out):
             if bench.setup is not None:
                 bench.setup()
@@ -154,9 +161,9 @@ def test_fastbn_out_writes_the_buffer_and_matches_the_allocating_call(rng):
                                                "it cannot run on 2 or 3 threads")
 @pytest.mark.parametrize("threads", [2, 3])
 def test_measure_scaling_times_one_and_n_threads_of_fastbn_and_the_floor(rng, threads):
-    p = _bench.Problem((8, 4, 32, 32), "float32", rng)
+    p = cases.Problem((8, 4, 32, 32), "float32", rng)
     before = fastbn.get_num_threads()
-    row = _bench.measure_scaling(p, threads, repeat=2)
+    row = report.measure_scaling(p, threads, repeat=2)
     assert fastbn.get_num_threads() == threads  # left on the report's thread count
     fastbn.set_num_threads(before)
     for key in ("fastbn_1", f"fastbn_{threads}", "floor_1", f"floor_{threads}"):
@@ -165,7 +172,7 @@ def test_measure_scaling_times_one_and_n_threads_of_fastbn_and_the_floor(rng, th
     assert row["floor_speedup"] == pytest.approx(row["floor_1_min_s"] / row[f"floor_{threads}_min_s"])
     # the target is defined for 2 threads against 1
     assert [t["name"] for t in row["targets"]] == (["2 threads >= 1.5x 1 thread"] if threads == 2 else [])
-    assert _bench._fmt_scaling(row).startswith(f"thread scaling, train forward (8, 4, 32, 32) float32: {threads} threads")
+    assert report._fmt_scaling(row).startswith(f"thread scaling, train forward (8, 4, 32, 32) float32: {threads} threads")
 
 
 def test_a_scaling_miss_the_floor_shares_is_out_of_reach_and_counted(rng):
@@ -175,14 +182,174 @@ def test_a_scaling_miss_the_floor_shares_is_out_of_reach_and_counted(rng):
     row["speedup"], row["floor_speedup"] = 8.6 / 6.0, 6.5 / 5.0
     row["targets"] = [{"name": "2 threads >= 1.5x 1 thread", "limit": 1.5, "value": row["speedup"], "met": False,
                        "floor": row["floor_speedup"], "reachable": False}]
-    assert _bench._fmt_scaling(row).endswith("the floor 1.30x: MISS 2 threads >= 1.5x 1 thread (1.43; floor 1.3: out of reach)")
-    assert _bench.targets_met([row]) == (0, 1)
+    assert report._fmt_scaling(row).endswith("the floor 1.30x: MISS 2 threads >= 1.5x 1 thread (1.43; floor 1.3: out of reach)")
+    assert report.targets_met([row]) == (0, 1)
 
 
 def test_plot_draws_big_and_tiny_rows_into_a_png(rng, tmp_path):
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (fastbn[plot]; CI installs it)")
-    rows = [_bench.measure(op, _bench.Problem(shape, "float32", rng), repeat=1, numpy_repeat=1)
-            for op, shape in (("eval", (8, 3, 16, 16)), ("train", _bench.TINY))]
+    rows = [report.measure(op, cases.Problem(shape, "float32", rng), repeat=1, numpy_repeat=1)
+            for op, shape in (("eval", (8, 3, 16, 16)), ("train", cases.TINY))]
     path = tmp_path / "chart.png"
-    _bench.plot(rows, _bench.machine_info(None, 1), str(path))
+    report.plot(rows, report.machine_info(None, 1), str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- the float64 reference
+def test_the_reference_is_float64_and_the_naive_numpy_is_the_same_formula(rng):
+    p = cases.Problem((6, 3, 5, 4), "float32", rng)
+    w, b, rm, rv = p.copies()
+    ref = reference.forward_eval(p.x, w, b, rm, rv, p.eps)
+    naive = reference.forward_eval(p.x, w, b, rm, rv, p.eps, dtype=None)
+    assert ref.dtype == np.float64 and naive.dtype == np.float32
+    np.testing.assert_allclose(naive, ref, rtol=1e-5, atol=1e-5)
+    rm64, rv64 = rm.astype(np.float64), rv.astype(np.float64)
+    y, mean, var = reference.forward_train(p.x, w, b, rm64, rv64, 0.25, p.eps)
+    n = p.x.size // 3
+    x64 = p.x.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(mean, x64.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(rv64, 0.75 * rv.astype(np.float64) + 0.25 * x64.var(axis=1, ddof=1), rtol=1e-12)  # unbiased
+    np.testing.assert_allclose(y.std(axis=(0, 2, 3)), np.abs(w) * np.sqrt(var / (var + p.eps)), rtol=1e-6)
+    dx, gw, gb = reference.backward(p.dy, p.x, w, *reference.saved_stats(p.x, p.eps))
+    np.testing.assert_allclose(gb, p.dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_allclose(dx.sum(axis=(0, 2, 3)), 0, atol=1e-9)  # d/dx of a mean-free output
+    assert n == 120
+
+
+def test_the_bench_checks_against_the_float64_reference(rng):
+    p = cases.Problem((3, 4, 5, 6), "float32", rng)
+    for op in cases.OPS:
+        want = impls.expected(op, p)
+        first = want[0] if isinstance(want, tuple) else want
+        assert first.dtype == np.float64
+        bench = impls.make_bench(op, "fastbn", p)
+        if bench.setup is not None:
+            bench.setup()
+        assert impls.check(bench.run(), want, p.dtype) is None, op
+    wrong = impls.expected("eval", p) + 0.1
+    assert "differs from the float64 reference" in impls.check(wrong.astype(np.float32), impls.expected("eval", p),
+                                                                 np.float32)
+
+
+def test_the_bench_reaches_compiled_code_through_native_only():
+    """The floor kernel and the bare eval kernel are imported in fastbn/bench/native.py and
+    nowhere else in the harness or bench/ (but gpu_bench.py, which times the CUDA backend's
+    kernels): moving them is a change of one file."""
+    import fastbn.bench
+
+    here = os.path.dirname(fastbn.bench.__file__)
+    sources = glob.glob(os.path.join(here, "*.py"))
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sources += [p for p in glob.glob(os.path.join(bench_dir, "*.py")) if os.path.basename(p) != "gpu_bench.py"]
+    offenders = []
+    for path in sources:
+        if os.path.basename(path) == "native.py" and os.path.dirname(path) == here:
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] + [node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(re.search(r"(^|\.)(_kernels|_backends|_cpu)($|\.)", name) for name in names):
+                offenders.append(f"{path}:{node.lineno}")
+    assert not offenders, f"reach the compiled modules through fastbn.bench.native instead: {offenders}"
+
+
+# ---------------------------------------------------------------- onnxruntime
+def test_onnxruntime_runs_eval_out_only_and_says_why_when_missing(monkeypatch, rng):
+    p = cases.Problem((3, 4, 5, 6), "float32", rng)
+    for op in ("train", "eval", "backward"):
+        assert impls.make_bench(op, "onnxruntime", p) is None
+        assert "eval forward with out=" in impls.skip_reason(op, "onnxruntime")
+    monkeypatch.setattr(onnxrt, "_modules", lambda: (None, None, "onnxruntime or onnx is not installed (pip ...)"))
+    assert impls.make_bench("eval_out", "onnxruntime", p) is None
+    assert impls.skip_reason("eval_out", "onnxruntime") == "onnxruntime or onnx is not installed (pip ...)"
+    assert onnxrt.version() is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_onnxruntime_writes_the_bound_output_in_place(rng, dtype):
+    pytest.importorskip("onnxruntime", reason="the onnxruntime rows need onnxruntime: pip install 'fastbn[bench]'")
+    pytest.importorskip("onnx", reason="the onnxruntime rows need onnx: pip install 'fastbn[bench]'")
+    p = cases.Problem((3, 4, 5, 6), dtype, rng)
+    bench = impls.make_bench("eval_out", "onnxruntime", p)
+    out = bench.run()
+    assert impls.check(out, impls.expected("eval_out", p), p.dtype) is None
+    assert bench.run() is out  # the same preallocated array every call
+    p.x *= 2  # bound by pointer: the next run reads the new values, no copy was taken
+    again = bench.run()
+    assert again is out and impls.check(again, impls.expected("eval_out", p), p.dtype) is None
+
+
+def test_the_eval_out_row_has_the_onnxruntime_ratio(rng):
+    pytest.importorskip("onnxruntime", reason="the onnxruntime rows need onnxruntime: pip install 'fastbn[bench]'")
+    pytest.importorskip("onnx", reason="the onnxruntime rows need onnx: pip install 'fastbn[bench]'")
+    row = report.measure("eval_out", cases.Problem((8, 3, 16, 16), "float32", rng), repeat=2, numpy_repeat=1)
+    assert row["error"] is None and row["onnxruntime_error"] is None and row["onnxruntime_samples"] == 2
+    assert row["speedup_onnxruntime"] == row["onnxruntime_min_s"] / row["fastbn_min_s"]
+    out = io.StringIO()
+    info = dict(report.machine_info(None, 1), other_processes_busy_cores=None)
+    report.print_report([row], info, out)
+    lines = out.getvalue().splitlines()
+    assert f"| onnxruntime {onnxrt.version()} |" in lines[0] and "vs onnxrt" in lines[1]
+    assert f"{row['speedup_onnxruntime']:.2f}x" in lines[2]
+
+
+def test_the_report_points_at_a_json_file_only_when_one_was_asked_for(rng):
+    row = report.measure("eval", cases.Problem((8, 3, 16, 16), "float32", rng), repeat=1, numpy_repeat=1)
+    info = dict(report.machine_info(None, 1), other_processes_busy_cores=None)
+    row["fastbn_median_s"] = 2 * row["fastbn_min_s"]  # unsteady: the note about medians shows
+    without, to_file = io.StringIO(), io.StringIO()
+    report.print_report([row], info, without)
+    report.print_report([row], info, to_file, json_path="out.json")
+    assert "JSON" not in without.getvalue() and "--json FILE also writes the medians" in without.getvalue()
+    assert "JSON" not in to_file.getvalue() and "out.json also has the medians" in to_file.getvalue()
+    assert "note: unsteady timings" in without.getvalue()
+
+
+# ---------------------------------------------------------------- fastbn bench --latency
+@pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built without OpenMP: the latency targets are set "
+                                               "for 2 threads, a serial build runs on 1")
+def test_latency_rows_for_every_implementation_and_the_targets_of_a_tiny_shape():
+    torch = impls.import_torch()
+    rows, targets, info, empty = latency.run(2, 2, torch, report.machine_info, io.StringIO(), per_round=3,
+                                             shapes=[(2, 16, 4, 4)])
+    expect = [i for i in latency.IMPLS if (i != "onnxruntime" or onnxrt.unavailable() is None)
+              and (i != "torch" or torch is not None)]
+    assert [r["impl"] for r in rows] == expect and info["threads"] == 2
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["calls"] == 6 and 0 < r["min_s"] <= r["median_s"] <= r["p90_s"]
+        assert (r["x_onnxruntime"] is None) == ("onnxruntime" not in expect)
+    assert 0 < empty < min(r["median_s"] for r in rows)
+    names = [t["name"] for t in targets]
+    assert names == ["layer <= kernel + 2 us", "batch_norm out= <= batch_norm", "layer out= <= layer"]
+    kernel = next(r for r in rows if r["impl"] == "kernel")
+    assert targets[0]["than"] == pytest.approx(kernel["median_s"] + 2e-6)
+    out = io.StringIO()
+    latency.print_report(rows, targets, info, empty, out)
+    text = out.getvalue()
+    assert "x onnxrt" in text and f"targets met: {sum(t['met'] for t in targets)}/3" in text
+
+
+def _latency_row(shape, impl, median):
+    return {"shape": list(shape), "impl": impl, "median_s": median, "error": None}
+
+
+def test_latency_targets_compare_medians_and_are_set_for_two_threads():
+    rows = [_latency_row((1, 512, 7, 7), impl, t) for impl, t in
+            (("kernel", 4e-6), ("batch_norm_out", 6e-6), ("batch_norm", 7e-6), ("layer", 9e-6),
+             ("layer_out", 8e-6), ("onnxruntime", 6.5e-6))]
+    rows += [_latency_row((2, 16, 4, 4), impl, t) for impl, t in
+             (("kernel", 1e-6), ("batch_norm_out", 5e-6), ("batch_norm", 4e-6), ("layer", 3.5e-6),
+              ("layer_out", 3e-6))]  # no onnxruntime here: its target is not checked
+    got = {(t["name"], tuple(t["shape"])): t["met"] for t in latency.evaluate_targets(rows, 2)}
+    assert got == {("batch_norm out= <= onnxruntime", (1, 512, 7, 7)): True,
+                   ("layer <= kernel + 2 us", (2, 16, 4, 4)): False,
+                   ("batch_norm out= <= batch_norm", (1, 512, 7, 7)): True,
+                   ("batch_norm out= <= batch_norm", (2, 16, 4, 4)): False,
+                   ("layer out= <= layer", (1, 512, 7, 7)): True,
+                   ("layer out= <= layer", (2, 16, 4, 4)): True}
+    assert latency.evaluate_targets(rows, 1) == []
+    rows[1]["error"] = "output 0: not all finite"  # a wrong result meets nothing
+    assert not next(t for t in latency.evaluate_targets(rows, 2) if t["name"] == "batch_norm out= <= onnxruntime")["met"]

@@ -1,4 +1,10 @@
-"""`python -m fastbn`: the build facts and the self-check (the README's main job)."""
+"""`fastbn` (or `python -m fastbn`): the build facts and the self-check (the README's main job),
+the name the command goes by, and `fastbn bench`'s options."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from fastbn import __main__ as cli
@@ -95,3 +101,69 @@ def test_bench_threads_must_be_a_thread_count(capsys, threads):
         cli.main(["bench", "--threads", threads])
     assert exc.value.code == 2
     assert "argument --threads: expected" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the name it goes by
+@pytest.mark.parametrize("argv0,name", [
+    ("/venv/bin/fastbn", "fastbn"),              # the console script
+    ("fastbn.exe", "fastbn"),                    # the console script on Windows
+    ("/opt/tools/fastbn-dev", "fastbn-dev"),     # a script installed under another name: as invoked
+    ("/src/fastbn/__main__.py", "fastbn"),       # python -m fastbn
+    ("-c", "fastbn"), ("", "fastbn"), (None, "fastbn"),  # python -c "...main()", main(argv) from Python code
+])
+def test_the_command_line_names_itself_as_invoked(argv0, name):
+    assert cli.prog_name(argv0) == name
+
+
+def test_usage_and_errors_say_fastbn_when_called_from_python(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--threads", "0"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fastbn bench ") and "python -m" not in err and "pytest" not in err
+
+
+def test_python_m_fastbn_calls_itself_fastbn():
+    """Run as a module, argv[0] is fastbn/__main__.py: the usage says ``fastbn``, as the README's
+    commands do, and no help text says ``python -m fastbn``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    for argv in (["--help"], ["bench", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "fastbn", *argv], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage: fastbn" + (" bench" if argv[0] == "bench" else "")), done.stdout
+        assert "python -m" not in done.stdout and "__main__" not in done.stdout
+
+
+# ---------------------------------------------------------------- fastbn bench --latency
+def test_bench_latency_prints_the_table_and_writes_json(monkeypatch, tmp_path, capsys):
+    from fastbn.bench import latency
+
+    monkeypatch.setattr(latency, "CASES", [(2, 16, 4, 4)])
+    monkeypatch.setattr(latency, "PER_ROUND", 2)
+    path = tmp_path / "latency.json"
+    assert cli.main(["bench", "--latency", "--repeat", "1", "--json", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "[latency 1/1] (2, 16, 4, 4) float32" in captured.err
+    out = captured.out
+    assert "implementation" in out and "x onnxrt" in out and f"wrote {path}" in out
+    data = json.loads(path.read_text())
+    assert data["repeat"] == 1 and data["per_round"] == 2
+    assert {r["impl"] for r in data["rows"]} >= {"kernel", "batch_norm_out", "batch_norm", "layer", "layer_out"}
+    assert all(r["calls"] == 2 and r["error"] is None for r in data["rows"])
+    if _openmp.OPENMP:
+        assert data["machine"]["threads"] == 2 and data["targets_checked"] == len(data["targets"]) == 3
+        assert "targets met: " in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--latency", "--pipeline"], "--pipeline and --latency are two different reports: pick one"),
+    (["--latency", "--full"], "--full applies to the usual table, not to --latency"),
+    (["--latency", "--plot", "x.png"], "--plot applies to the usual table, not to --latency"),
+    (["--latency", "--shape", "4x3"], "--shape applies to --pipeline only"),
+    (["--latency", "--json", "/nonexistent-folder/x.json"], "the folder /nonexistent-folder does not exist"),
+])
+def test_bench_latency_refuses_options_of_the_other_reports(capsys, argv, message):
+    assert cli.main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "[latency" not in err

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cpu
-from conftest import (TOL, assert_close, random_input, random_params, ref_backward, ref_forward,
-                      ref_running_update)
+from fastbn._backends import cpu as _cpu
+from _helpers import (TOL, assert_close, random_input, random_params, ref_backward, ref_forward,
+                     ref_running_update)
 
 DTYPES = [np.float32, np.float64]
 # ranks 2..5, sizes that are not multiples of any SIMD width, C=1, spatial size 1

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cupy_backend
+from fastbn._backends import cuda as _cupy_backend
 
 
 def _gpu_skip_reason():
@@ -226,6 +226,30 @@ def test_in_place_and_out(gpu_path, rng, path):
         res = fastbn.batch_norm_backward(dyg, _g(x), _g(w), _g(m_c), _g(i_c), out=dyg)[0]
         assert res is dyg
         _close(dyg, dx_c, 1e-4, "backward in place")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 4, 9), (2, 3, 2, 3, 4)], ids=["4d", "3d", "5d"])
+def test_channels_last_runs_in_place_and_keeps_its_layout(rng, shape, training):
+    """A channels-last CuPy view (of a C-contiguous (N, *spatial, C) array) against the CPU result
+    of the same values; the output and grad_input keep the layout."""
+    nd = len(shape)
+    to_last, back = (0, *range(2, nd), 1), (0, nd - 1, *range(1, nd - 1))
+    x = np.ascontiguousarray(_data(rng, shape, np.float32).transpose(to_last))
+    dy = np.ascontiguousarray(rng.standard_normal(shape).astype(np.float32).transpose(to_last))
+    w, b, rm, rv = _params(rng, shape[1], np.float32)
+    xc, dyc = x.transpose(back), dy.transpose(back)
+    y_c, mean_c, invstd_c = fastbn.batch_norm_forward(xc, rm.copy(), rv.copy(), w, b, training=training)
+    xg, dyg = _g(x).transpose(back), _g(dy).transpose(back)
+    rm_g, rv_g = _g(rm), _g(rv)
+    y_g, mean_g, invstd_g = fastbn.batch_norm_forward(xg, rm_g, rv_g, _g(w), _g(b), training=training)
+    _close(y_g, y_c, 1e-5, "y")
+    assert y_g.transpose(to_last).flags.c_contiguous, "the output keeps the channels-last layout"
+    dx_c, gw_c, gb_c = fastbn.batch_norm_backward(dyc, xc, w, mean_c, invstd_c, training=training)
+    dx_g, gw_g, gb_g = fastbn.batch_norm_backward(dyg, xg, _g(w), mean_g, invstd_g, training=training)
+    _close(dx_g, dx_c, 1e-5, "dx")
+    _close(gw_g, gw_c, 1e-5, "grad_weight")
+    assert dx_g.transpose(to_last).flags.c_contiguous
 
 
 def test_non_contiguous_and_strided_parameters(rng):

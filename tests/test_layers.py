@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import assert_close, random_input, random_params, ref_backward, ref_forward, ref_running_update
+from _helpers import assert_close, random_input, random_params, ref_backward, ref_forward, ref_running_update
 
 LAYERS = [
     (fastbn.BatchNorm1d, (6, 3)),

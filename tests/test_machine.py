@@ -6,7 +6,8 @@ import pytest
 
 import fastbn
 from fastbn import __main__ as cli
-from fastbn import _cpu, _kernels, _machine
+from fastbn import _kernels, _machine
+from fastbn._backends import cpu as _cpu
 
 
 def write_cache(root, cpu, index, level, kind, size, shared):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import assert_close, random_input, random_params, ref_backward, ref_forward, ref_stats
+from _helpers import assert_close, random_input, random_params, ref_backward, ref_forward, ref_stats
 
 # The least eps, for exact comparisons: eps = 0 is refused in training (as PyTorch does), and
 # var + 1e-300 is var for any variance these tests make.

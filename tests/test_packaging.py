@@ -2,6 +2,8 @@
 tree whose Cython or C sources changed after its build."""
 import os
 
+import pytest
+
 import fastbn
 
 PKG = os.path.dirname(os.path.abspath(fastbn.__file__))
@@ -11,7 +13,7 @@ def test_the_package_is_typed():
     """py.typed and the stubs of the public API and of the compiled modules ship with the package
     (in the sdist and the wheel: CI checks a typed usage file against them with mypy)."""
     for name in ("py.typed", "_openmp.pyi", "_kernels.pyi", "functional.pyi", "layers.pyi", "_layer_base.pyi",
-                 "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "sync.pyi", "fusion.pyi"):
+                 "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "_fastpath.pyi", "sync.pyi", "fusion.pyi"):
         assert os.path.isfile(os.path.join(PKG, name)), name
 
 
@@ -41,3 +43,20 @@ def test_an_installed_package_or_an_unbuilt_module_gets_no_hint(tmp_path):
     assert fastbn._stale_build(str(tmp_path), {"_kernels": str(tmp_path / "_kernels.so")}) is None
     _touch(tmp_path / "_kernels.pyx", 3000)
     assert fastbn._stale_build(str(tmp_path), {"_kernels": None, "_openmp": None}) is None
+
+
+def test_every_subpackage_is_named_in_pyproject():
+    """setuptools installs only the packages pyproject.toml names: a new folder of modules (the
+    benchmark harness, fastbn/bench/) that is not listed works in a source tree and is missing
+    from every wheel."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib: Python 3.11 or newer")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pyproject = os.path.join(root, "pyproject.toml")
+    if not os.path.isfile(pyproject):
+        pytest.skip(f"no pyproject.toml beside the tests ({root})")
+    with open(pyproject, "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(folder, root).replace(os.sep, ".")
+             for folder, _, files in os.walk(os.path.join(root, "fastbn")) if "__init__.py" in files}
+    assert "fastbn.bench" in found
+    assert found <= listed, f"not in pyproject.toml's [tool.setuptools] packages: {sorted(found - listed)}"

@@ -1,4 +1,4 @@
-"""``fastbn bench --pipeline`` (fastbn._pipeline): the loops, the neighbour processes, the rows and
+"""``fastbn bench --pipeline`` (fastbn.bench.pipeline): the loops, the neighbour processes, the rows and
 how targets are judged.  No timing is asserted here: these check the logic only, on tiny budgets."""
 import io
 import json
@@ -11,7 +11,7 @@ import pytest
 
 import fastbn
 from fastbn import __main__ as cli
-from fastbn import _bench, _pipeline
+from fastbn.bench import impls, pipeline
 
 SHAPE = (8, 4, 4, 4)
 ROW_KEYS = {"scenario", "shape", "dtype", "impl", "threads", "steps", "idle1_median_s", "median_s", "p90_s", "x_idle",
@@ -33,23 +33,23 @@ def report():
     every Neighbours block it opened; the thread count before the run."""
     opened = []
 
-    class Recorded(_pipeline.Neighbours):
+    class Recorded(pipeline.Neighbours):
         def __enter__(self):
             opened.append(self)
             return super().__enter__()
 
     before = fastbn.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_pipeline, "Neighbours", Recorded)
-        rows, info = _pipeline.run_pipeline([SHAPE], threads=2, repeat=2, torch=_bench.import_torch(),
+        mp.setattr(pipeline, "Neighbours", Recorded)
+        rows, info = pipeline.run_pipeline([SHAPE], threads=2, repeat=2, torch=impls.import_torch(),
                                             log=io.StringIO())
     return rows, info, opened, before
 
 
 def test_rows_cover_every_scenario_with_positive_ratios(report):
     rows, info, _, before = report
-    impls = ["fastbn", "floor"] + (["torch"] if _bench.import_torch() is not None else [])
-    assert [(r["scenario"], r["impl"]) for r in rows] == [(s, i) for s in _pipeline.SCENARIOS for i in impls]
+    names = ["fastbn", "floor"] + (["torch"] if impls.import_torch() is not None else [])
+    assert [(r["scenario"], r["impl"]) for r in rows] == [(s, i) for s in pipeline.SCENARIOS for i in names]
     for r in rows:
         assert set(r) == ROW_KEYS
         assert r["shape"] == list(SHAPE) and r["threads"] == info["threads"]
@@ -78,7 +78,7 @@ def test_only_fastbn_rows_carry_targets(report):
 
 def test_neighbour_processes_ran_until_the_end_and_are_gone(report):
     opened = [n for n in report[2] if n.count]
-    assert len(opened) == 1 and len(opened[0].procs) == _pipeline.NEIGHBOURS
+    assert len(opened) == 1 and len(opened[0].procs) == pipeline.NEIGHBOURS
     for p in opened[0].procs:
         assert p.returncode == -signal.SIGTERM  # still spinning when the block ended: terminated, and reaped
         assert _gone(p.pid)
@@ -87,18 +87,18 @@ def test_neighbour_processes_ran_until_the_end_and_are_gone(report):
 def test_report_prints_the_machine_and_one_line_per_row(report):
     rows, info, _, _ = report
     out = io.StringIO()
-    _pipeline.print_report(rows, info, out)
+    pipeline.print_report(rows, info, out)
     text = out.getvalue()
     assert text.startswith(f"fastbn {fastbn.__version__} | numpy ")
     assert f" | {info['threads']} threads | BLAS: " in text
     lines = text.splitlines()
     assert lines[1].split()[:3] == ["scenario", "shape", "impl"]
     assert sum(line.startswith(("matmul ", "neighbours ", "threads ")) for line in lines) == len(rows)
-    assert lines[-1].startswith("targets met: {}/{}".format(*_pipeline.targets_met(rows)))
+    assert lines[-1].startswith("targets met: {}/{}".format(*pipeline.targets_met(rows)))
 
 
 def test_cli_without_torch_has_no_torch_rows_and_writes_json(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(_bench, "import_torch", lambda: None)
+    monkeypatch.setattr(impls, "import_torch", lambda: None)
     path = tmp_path / "pipeline.json"
     argv = ["bench", "--pipeline", "--shape", "16x8", "--repeat", "1", "--threads", "2", "--json", str(path)]
     assert cli.main(argv) == 0
@@ -107,14 +107,14 @@ def test_cli_without_torch_has_no_torch_rows_and_writes_json(monkeypatch, tmp_pa
     data = json.loads(path.read_text())
     assert data["machine"]["torch"] is None and data["repeat"] == 1
     assert [(r["scenario"], r["impl"], r["shape"]) for r in data["rows"]] == [
-        (s, impl, [16, 8]) for s in _pipeline.SCENARIOS for impl in ("fastbn", "floor")]
-    assert data["out_of_reach"] == _pipeline.out_of_reach(data["rows"])
-    assert (data["targets_met"], data["targets_checked"]) == _pipeline.targets_met(data["rows"])
+        (s, impl, [16, 8]) for s in pipeline.SCENARIOS for impl in ("fastbn", "floor")]
+    assert data["out_of_reach"] == pipeline.out_of_reach(data["rows"])
+    assert (data["targets_met"], data["targets_checked"]) == pipeline.targets_met(data["rows"])
 
 
 # ---------------------------------------------------------------- judging targets
 def _timed(step, matmul=()):
-    return _pipeline.Timed(list(matmul), list(step))
+    return pipeline.Timed(list(matmul), list(step))
 
 
 @pytest.mark.parametrize("steps,matmul,expected,met", [
@@ -125,21 +125,21 @@ def _timed(step, matmul=()):
 ])
 def test_matmul_targets(steps, matmul, expected, met):
     # idle 1-thread median 1.0, the control's matmul median 1.0: the values are the ratios
-    row = _pipeline.make_row("matmul", SHAPE, "fastbn", 2, [0.5, 1.0, 9.0], _timed(steps, matmul),
+    row = pipeline.make_row("matmul", SHAPE, "fastbn", 2, [0.5, 1.0, 9.0], _timed(steps, matmul),
                              _timed([1.0], [1.0] * 3))
-    assert _pipeline.fmt_targets(row) == expected
-    assert _pipeline.targets_met([row]) == (met, 3)
+    assert pipeline.fmt_targets(row) == expected
+    assert pipeline.targets_met([row]) == (met, 3)
 
 
 def test_neighbours_judge_the_median_only_and_torch_and_threads_are_reported():
     slow_tail = _timed([1.2] * 9 + [9.0], [5.0] * 10)
-    row = _pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], slow_tail, _timed([1.0], [1.0]))
-    assert _pipeline.fmt_targets(row) == "ok" and row["matmul_x_control"] == 5.0
-    assert _pipeline.fmt_targets(_pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.4]))) == \
+    row = pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], slow_tail, _timed([1.0], [1.0]))
+    assert pipeline.fmt_targets(row) == "ok" and row["matmul_x_control"] == 5.0
+    assert pipeline.fmt_targets(pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.4]))) == \
         "MISS median <= 1.3x idle (1.4)"
-    assert _pipeline.make_row("matmul", SHAPE, "torch", 2, [1.0], slow_tail, _timed([1.0], [1.0]))["targets"] == []
-    row = _pipeline.make_row("threads", SHAPE, "fastbn", 2, [1.0], _timed([50.0]))
-    assert row["targets"] == [] and _pipeline.fmt_targets(row) == "-" and row["matmul_x_control"] is None
+    assert pipeline.make_row("matmul", SHAPE, "torch", 2, [1.0], slow_tail, _timed([1.0], [1.0]))["targets"] == []
+    row = pipeline.make_row("threads", SHAPE, "fastbn", 2, [1.0], _timed([50.0]))
+    assert row["targets"] == [] and pipeline.fmt_targets(row) == "-" and row["matmul_x_control"] is None
 
 
 # ---------------------------------------------------------------- the pieces
@@ -149,41 +149,41 @@ def test_interleave_runs_every_loop_once_per_round_with_a_share_of_the_budget():
     def fake(name):
         def run(budget, warmup):
             calls.append((name, budget, warmup))
-            return _pipeline.Timed([0.5], [1.0])
+            return pipeline.Timed([0.5], [1.0])
         return run
 
-    out = _pipeline.interleave({"a": fake("a"), "b": fake("b")}, _pipeline.Budget(3, 0.4), rounds=2)
-    part = _pipeline.Budget(2, 0.2)
-    assert calls == [("a", part, _pipeline.WARMUP), ("b", part, _pipeline.WARMUP), ("a", part, 1), ("b", part, 1)]
-    assert out["a"] == _pipeline.Timed([0.5, 0.5], [1.0, 1.0])
+    out = pipeline.interleave({"a": fake("a"), "b": fake("b")}, pipeline.Budget(3, 0.4), rounds=2)
+    part = pipeline.Budget(2, 0.2)
+    assert calls == [("a", part, pipeline.WARMUP), ("b", part, pipeline.WARMUP), ("a", part, 1), ("b", part, 1)]
+    assert out["a"] == pipeline.Timed([0.5, 0.5], [1.0, 1.0])
 
 
 def test_loop_warms_up_then_times_matmul_and_step_apart():
     log = []
-    run = _pipeline.loop(None, 1, lambda: log.append("step"), lambda: log.append("mm"))
-    timed = run(_pipeline.Budget(4, 0.0), warmup=2)
+    run = pipeline.loop(None, 1, lambda: log.append("step"), lambda: log.append("mm"))
+    timed = run(pipeline.Budget(4, 0.0), warmup=2)
     assert log == ["mm", "step"] * 6 and len(timed.matmul) == len(timed.step) == 4
-    assert _pipeline.loop(None, 1, lambda: None)(_pipeline.Budget(3, 0.0), warmup=0).matmul == []
+    assert pipeline.loop(None, 1, lambda: None)(pipeline.Budget(3, 0.0), warmup=0).matmul == []
 
 
 def test_two_threads_pool_both_threads_steps(rng):
     x = rng.standard_normal((16, 3), dtype="float32")
-    timed = _pipeline.two_threads("fastbn", 2, [(x, x.copy()), (x.copy(), x)])(_pipeline.Budget(3, 0.0), warmup=1)
+    timed = pipeline.two_threads("fastbn", 2, [(x, x.copy()), (x.copy(), x)])(pipeline.Budget(3, 0.0), warmup=1)
     assert len(timed.step) >= 3 and all(t > 0 for t in timed.step) and timed.matmul == []
 
 
 def test_two_threads_raise_a_workers_error_in_the_caller(rng):
     x = rng.standard_normal((16, 3), dtype="float32")
-    run = _pipeline.two_threads("fastbn", 1, [(x, x), (x, x[:4])])  # the second dy does not match its x
+    run = pipeline.two_threads("fastbn", 1, [(x, x), (x, x[:4])])  # the second dy does not match its x
     with pytest.raises(ValueError, match="grad_output must match"):
-        run(_pipeline.Budget(3, 0.0), warmup=1)
+        run(pipeline.Budget(3, 0.0), warmup=1)
 
 
 def test_neighbours_spin_inside_the_block_and_end_themselves_after_the_deadline():
-    with _pipeline.Neighbours(2) as nb:
+    with pipeline.Neighbours(2) as nb:
         assert [p.poll() for p in nb.procs] == [None, None]
     assert all(p.returncode == -signal.SIGTERM and _gone(p.pid) for p in nb.procs)
-    with _pipeline.Neighbours(1, deadline_s=0.05) as nb:
+    with pipeline.Neighbours(1, deadline_s=0.05) as nb:
         deadline = time.monotonic() + 5
         while nb.procs[0].poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -193,13 +193,13 @@ def test_neighbours_spin_inside_the_block_and_end_themselves_after_the_deadline(
 def test_make_step_refuses_an_unknown_implementation(rng):
     x = rng.standard_normal((4, 3), dtype="float32")
     with pytest.raises(ValueError, match="impl must be 'fastbn', 'floor' or 'torch'.*got 'numpy'"):
-        _pipeline.make_step("numpy", x, x)
+        pipeline.make_step("numpy", x, x)
 
 
 # ---------------------------------------------------------------- command line
 @pytest.mark.parametrize("text,shape", [("450x100", (450, 100)), ("32X16x8x8", (32, 16, 8, 8))])
 def test_parse_shape(text, shape):
-    assert _pipeline.parse_shape(text) == shape
+    assert pipeline.parse_shape(text) == shape
 
 
 @pytest.mark.parametrize("text", ["", "x", "4x3x2", "0x3", "1x8", "1x8x1x1", "4xa"])
@@ -223,18 +223,18 @@ def test_bench_pipeline_refuses_arguments_before_running(capsys, argv, message):
 
 
 def test_a_miss_the_floor_shares_is_out_of_reach():
-    row = _pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.6]))
-    _pipeline.judge_against_floor(row, _pipeline.make_row("neighbours", SHAPE, "floor", 2, [1.0], _timed([1.5])))
-    assert _pipeline.fmt_targets(row) == "MISS median <= 1.3x idle (1.6; floor 1.5: out of reach)"
-    assert _pipeline.out_of_reach([row]) == 1
-    row = _pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.6]))
-    _pipeline.judge_against_floor(row, _pipeline.make_row("neighbours", SHAPE, "floor", 2, [1.0], _timed([1.2])))
-    assert _pipeline.fmt_targets(row) == "MISS median <= 1.3x idle (1.6)" and _pipeline.out_of_reach([row]) == 0
+    row = pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.6]))
+    pipeline.judge_against_floor(row, pipeline.make_row("neighbours", SHAPE, "floor", 2, [1.0], _timed([1.5])))
+    assert pipeline.fmt_targets(row) == "MISS median <= 1.3x idle (1.6; floor 1.5: out of reach)"
+    assert pipeline.out_of_reach([row]) == 1
+    row = pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.6]))
+    pipeline.judge_against_floor(row, pipeline.make_row("neighbours", SHAPE, "floor", 2, [1.0], _timed([1.2])))
+    assert pipeline.fmt_targets(row) == "MISS median <= 1.3x idle (1.6)" and pipeline.out_of_reach([row]) == 0
 
 
 def test_the_floor_step_moves_the_memory_it_says(rng):
     x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     x0 = x.copy()
-    _pipeline.make_step("floor", x, dy)()
+    pipeline.make_step("floor", x, dy)()
     np.testing.assert_array_equal(x, x0)  # it reads the input, never writes it

@@ -11,8 +11,9 @@ import pytest
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastbn
-from fastbn import _cpu, _kernels, _openmp
-from conftest import assert_close, random_input, random_params, ref_backward, ref_forward
+from fastbn import _kernels, _openmp
+from fastbn._backends import cpu as _cpu
+from _helpers import assert_close, random_input, random_params, ref_backward, ref_forward
 
 # These test the OpenMP thread count; a serial build (no OpenMP in the compiler) has one thread.
 needs_openmp = pytest.mark.skipif(not _openmp.OPENMP, reason="fastbn was built without OpenMP: serial kernels")

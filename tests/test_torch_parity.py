@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import random_input, random_params
+from _helpers import random_input, random_params
 
 torch = pytest.importorskip("torch")
 

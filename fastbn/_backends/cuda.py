@@ -1,14 +1,13 @@
 """The CUDA backend: CuPy arrays, fastbn's own kernels (fastbn/_cuda/batch_norm.cu).
 
-Provides the same names and contracts as :mod:`fastbn._cpu` (``xp``, ``name``, ``is_array``,
-``forward_train``, ``forward_eval``, ``forward_eval_running``, ``backward``) plus ``status()`` for ``python -m fastbn info``
+Provides the backend protocol of :mod:`fastbn._backends` plus ``status()`` for ``fastbn info``
 and ``device_module(index)`` for the layers' ``device="cuda[:N]"``.
 
 CuPy is optional: this module imports without it, and imports CuPy on first use (``xp`` is a
 lazy module attribute).  The CUDA source is compiled by NVRTC through ``cupy.RawModule`` the
 first time a dtype is used on a device, then kept (CuPy also caches the binary on disk).
 
-Work splitting (``tuning["path"]``, forced by the tests like ``_cpu.tuning``):
+Work splitting (``tuning["path"]``, forced by the tests like ``cpu.tuning``):
 ``"channels"`` one block per channel does statistics and the normalize in one launch (many
 channels); ``"units"`` many blocks per channel write partial results that a merge kernel
 combines, then an elementwise kernel applies them (few channels with many elements each: C = 1,
@@ -18,17 +17,21 @@ rows per row range for ``"columns"``).
 """
 import os
 import re
+import sys
 import threading
 
 import numpy as np
 
+from . import formulas
+
 name = "cuda"
+kind = "CuPy (GPU)"
 
 # Tests force a work-splitting path ("channels", "units", "columns") and a unit size here.
 tuning = {"path": "auto", "unit": 0}
 PATHS = ("auto", "channels", "units", "columns")
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cuda", "batch_norm.cu")
+SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_cuda", "batch_norm.cu")
 # The kernel templates of SOURCE; each is compiled for float and double.
 KERNELS = (
     "bn_forward_channels", "bn_moments_units", "bn_moments_columns", "bn_merge_moments",
@@ -92,7 +95,7 @@ def _reset():
         _sm_counts.clear()
 
 
-def __getattr__(attr):  # PEP 562: ``_cupy_backend.xp`` imports CuPy on first access
+def __getattr__(attr):  # PEP 562: ``cuda.xp`` imports CuPy on first access
     if attr == "xp":
         return _import_cupy()
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
@@ -105,6 +108,52 @@ def is_array(a):
         return isinstance(a, _import_cupy().ndarray)
     except ImportError:
         return False
+
+
+def writeable(a):
+    return True  # CuPy has no read-only arrays
+
+
+def aligned(a):
+    return True  # CuPy allocates aligned memory and has no byte-offset views of it
+
+
+def relation(a, b):
+    """0: a and b share no memory; 1: the same start and shape (in place); 2: a partial overlap."""
+    cp = _import_cupy()
+    if not cp.may_share_memory(a, b):
+        return 0
+    return 1 if a.data.ptr == b.data.ptr and a.shape == b.shape and a.strides == b.strides else 2
+
+
+def overlapping(out, arrays):
+    """A bit mask: bit i set where ``arrays[i]`` (or None) may share memory with ``out``."""
+    cp = _import_cupy()
+    return sum(1 << i for i, a in enumerate(arrays) if a is not None and cp.may_share_memory(out, a))
+
+
+def contiguous(a, dtype):
+    """``a`` if it is C-contiguous and of ``dtype``, else such a copy (on the current device)."""
+    if a.flags.c_contiguous and a.dtype == dtype:
+        return a
+    return _import_cupy().ascontiguousarray(a, dtype=dtype)
+
+
+def device(x):
+    """x's GPU as the current device, so that arrays created meanwhile land next to x."""
+    return x.device
+
+
+def empty(x3, shape):
+    """A new C-contiguous array of ``shape`` (x3's dtype and size) from CuPy's memory pool, on
+    the current device."""
+    return _import_cupy().empty(shape, dtype=x3.dtype)
+
+
+def norm_kernels(what):
+    raise NotImplementedError(
+        f"{what} has no CUDA (CuPy) backend yet: fastbn only runs it on NumPy arrays, and does not copy "
+        f"GPU arrays to the host silently; pass cupy.asnumpy(...) explicitly if that is what you want")
 
 
 def _version(cp):
@@ -152,9 +201,11 @@ def status():
 
 # ---------------------------------------------------------------- devices (for the layers)
 class CudaDevice:
-    """What the layers need of a GPU: ``xp`` (cupy) and ``to_device(numpy_array)``."""
+    """What the layers need of a GPU: ``backend`` (this module), ``xp`` (cupy), ``device`` and
+    ``to_device(numpy_array)``."""
 
     def __init__(self, cp, index):
+        self.backend = sys.modules[__name__]
         self.xp = cp
         self.index = index
         self.device = cp.cuda.Device(index)
@@ -254,7 +305,7 @@ def _plan(cp, device_id, C, S, NS):
     """The work split for C channels of NS elements: (path, k partials per channel, unit size)."""
     path, unit = tuning["path"], int(tuning["unit"])
     if path not in PATHS:
-        raise ValueError(f"_cupy_backend.tuning['path'] must be one of {PATHS}, got {path!r}")
+        raise ValueError(f"cuda.tuning['path'] must be one of {PATHS}, got {path!r}")
     auto = path == "auto"
     if path == "columns" and S != 1:
         path = "units"
@@ -315,7 +366,7 @@ def forward_train(x, y, weight, bias, eps):
         if C == 0 or N * S == 0:
             return mean, var, invstd
         kern = _kernels(dev.id, x.dtype)
-        w, b = _vec(cp, weight), _vec(cp, bias)  # apart from y: functional._apart
+        w, b = _vec(cp, weight), _vec(cp, bias)  # apart from y: _checks.apart
         NS = N * S
         path, k, U = _plan(cp, dev.id, C, S, NS)
         eps = np.float64(eps)
@@ -336,16 +387,14 @@ def forward_train(x, y, weight, bias, eps):
     return mean, var, invstd
 
 
-def update_running(running_mean, running_var, mean, var, momentum, n):
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
-    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    running_var[...] = (1.0 - momentum) * running_var + (momentum * n / (n - 1)) * var
+def update_running(running_mean, running_var, mean, var, momentum, n, unbiased=True):
+    """running = (1 - momentum) * running + momentum * batch (see formulas.update_running)."""
+    formulas.update_running(_import_cupy(), running_mean, running_var, mean, var, momentum, n, unbiased)
 
 
 def eval_stats(running_mean, running_var, eps):
     """(running_mean, 1 / sqrt(running_var + eps)) as float64 vectors, for forward_eval."""
-    cp = _import_cupy()
-    return running_mean.astype(cp.float64), 1.0 / cp.sqrt(running_var.astype(cp.float64) + eps)
+    return formulas.eval_stats(_import_cupy(), running_mean, running_var, eps)
 
 
 def forward_eval_running(x, y, weight, bias, running_mean, running_var, eps):
@@ -385,7 +434,7 @@ def backward(dy, x, dx, weight, mean, invstd, training):
         if total == 0:
             return gw, gb
         kern = _kernels(dev.id, x.dtype)
-        w, m, istd = _vec(cp, weight), _vec(cp, mean), _vec(cp, invstd)  # apart from dx: functional._apart
+        w, m, istd = _vec(cp, weight), _vec(cp, mean), _vec(cp, invstd)  # apart from dx: _checks.apart
         NS = N * S
         train = np.int32(1 if training else 0)
         path, k, U = _plan(cp, dev.id, C, S, NS)

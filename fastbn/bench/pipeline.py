@@ -28,10 +28,9 @@ idle.  The threads scenario and torch are reported without targets.
 Loops are sized by ``repeat``: at least ``repeat`` timed steps and ``repeat`` x 25 ms each, split
 over ``ROUNDS`` interleaved rounds (every loop of a group once per round, so the control runs next
 to the loops it controls), after warm-up iterations.  Only numpy is imported here at module
-level; torch comes through :func:`fastbn._bench.import_torch`.
+level; torch comes through :func:`fastbn.bench.impls.import_torch`.
 """
 import argparse
-import json
 import math
 import statistics
 import subprocess
@@ -44,7 +43,9 @@ import numpy as np
 
 import fastbn
 
-from . import _bench, _floor
+from . import native, report
+from .impls import thread_count
+from .timing import Contention
 
 SHAPES = [(450, 100), (32, 16, 8, 8), (32, 64, 28, 28), (64, 64, 56, 56)]
 SCENARIOS = ("matmul", "neighbours", "threads")
@@ -85,17 +86,17 @@ def make_step(impl, x, dy, torch=None):
 
 def _floor_step(x, dy):
     """The floor of a step: the least memory traffic of a training forward and a backward
-    (fastbn._floor.traffic, as ``fastbn bench``'s floor), on fastbn's threads and pool, with no
+    (fastbn.bench.native.traffic, as ``fastbn bench``'s floor), on fastbn's threads and pool, with no
     arithmetic and no per-call overhead.  A target it misses too is out of reach."""
     xf, gf = x.reshape(-1), dy.reshape(-1)
     yf, df = np.empty_like(xf), np.empty_like(xf)
 
     def floor_step():
         n = fastbn.get_num_threads()
-        _floor.traffic(xf, None, None, n)          # forward: the statistics read x
-        _floor.traffic(xf, None, yf, n, -1, True)  # and the apply reads x, writes y (back to front)
-        _floor.traffic(xf, gf, None, n)            # backward: the sums read dy and x
-        _floor.traffic(xf, gf, df, n, -1, True)    # and the apply reads them again, writes dx
+        native.traffic(xf, None, None, n)          # forward: the statistics read x
+        native.traffic(xf, None, yf, n, -1, True)  # and the apply reads x, writes y (back to front)
+        native.traffic(xf, gf, None, n)            # backward: the sums read dy and x
+        native.traffic(xf, gf, df, n, -1, True)    # and the apply reads them again, writes dx
     return floor_step
 
 
@@ -292,13 +293,13 @@ def run_pipeline(shapes=SHAPES, threads=None, repeat=DEFAULT_REPEAT, torch=None,
     def matmul():
         return A @ A
     rows, busy = [], []
-    with _bench.thread_count(threads or fastbn.get_num_threads(), torch):
+    with thread_count(threads or fastbn.get_num_threads(), torch):
         n = fastbn.get_num_threads()  # 1 on a build without OpenMP
-        info = dict(_bench.machine_info(torch, n), blas=blas_threads())
+        info = dict(report.machine_info(torch, n), blas=blas_threads())
         for i, shape in enumerate(shapes, 1):
             def group(what, loops, neighbours=0):
                 print(f"[pipeline {i}/{len(shapes)}] {shape} float32: {what}", file=log, flush=True)
-                with Neighbours(neighbours), _bench.Contention() as contention:
+                with Neighbours(neighbours), Contention() as contention:
                     timed = interleave(loops, budget)
                 if not neighbours:  # our own neighbours are not "other processes"
                     busy.append(contention.cores)
@@ -365,9 +366,9 @@ def print_report(rows, info, out=None):
           + (f" | other processes used {others:.2f} cores" if others is not None else ""), file=out)
     header = ("scenario", "shape", "impl", "idle 1-thr", "median", "x idle", "p90 x idle", "matmul/ctl", "steps",
               "targets")
-    table = [header] + [(r["scenario"], str(tuple(r["shape"])), r["impl"], _bench._fmt_time(r["idle1_median_s"]),
-                         _bench._fmt_time(r["median_s"]), f"{r['x_idle']:.2f}x", f"{r['p90_x_idle']:.2f}x",
-                         _bench._fmt_ratio(r["matmul_x_control"]), str(r["steps"]), fmt_targets(r)) for r in rows]
+    table = [header] + [(r["scenario"], str(tuple(r["shape"])), r["impl"], report._fmt_time(r["idle1_median_s"]),
+                         report._fmt_time(r["median_s"]), f"{r['x_idle']:.2f}x", f"{r['p90_x_idle']:.2f}x",
+                         report._fmt_ratio(r["matmul_x_control"]), str(r["steps"]), fmt_targets(r)) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
     for line in table:
         cells = [c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
@@ -393,34 +394,3 @@ def parse_shape(text):
         raise argparse.ArgumentTypeError(f"expected a 2-D or 4-D shape like 450x100 or 32x16x8x8, with more than "
                                          f"one value per channel (training mode), got {text!r}")
     return shape
-
-
-def add_arguments(parser):
-    parser.add_argument("--pipeline", action="store_true",
-                        help="instead of the table: fastbn's forward + backward after a NumPy matmul in a loop, "
-                             "with busy neighbour processes, and from two Python threads (see fastbn/_pipeline.py); "
-                             f"--repeat: at least that many steps and that many x {SECONDS_PER_REPEAT * 1e3:g} ms "
-                             f"per loop (default {DEFAULT_REPEAT})")
-    parser.add_argument("--shape", type=parse_shape, action="append", metavar="NxC[xHxW]",
-                        help="with --pipeline: a shape to run instead of the four default ones (repeatable)")
-
-
-def run(args):
-    """``fastbn bench --pipeline`` with --threads, --repeat, --json and --shape; 2 on a bad argument."""
-    problem = ("--shape applies to --pipeline only" if not args.pipeline else
-               "--full applies to the usual table, not to --pipeline" if args.full else
-               "--plot applies to the usual table, not to --pipeline" if args.plot else
-               args.json and _bench._output_problem(args.json, "json"))
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    repeat = args.repeat or DEFAULT_REPEAT
-    rows, info = run_pipeline(args.shape or SHAPES, args.threads, repeat, _bench.import_torch())
-    print_report(rows, info)
-    if args.json:
-        met, checked = targets_met(rows)
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "repeat": repeat, "targets_met": met, "targets_checked": checked,
-                       "out_of_reach": out_of_reach(rows), "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
-    return 0

@@ -1,0 +1,83 @@
+"""The plain evaluation call, checked in C.
+
+``batch_norm(x, running_mean, running_var, weight, bias)`` in evaluation mode spends a few
+microseconds in its Python checks (fastbn._checks), which on a small input is more than the kernel
+itself.  :func:`eval_forward` recognises, in C, the call whose arguments need nothing from those
+checks -- exact NumPy arrays of one native float dtype, C-contiguous and aligned, of matching
+shapes, a float ``eps >= 0``, an ``out`` of the input's shape that is the input itself or apart
+from every array the kernel reads -- and runs the kernel on it.  For anything else it returns
+None, and the caller runs the full checks, which give the conversions and the error messages:
+this module rejects nothing, it only accepts.
+"""
+cimport numpy as cnp
+import numpy as np
+
+from . import _alloc, _kernels
+from ._backends import cpu
+
+cnp.import_array()
+
+cdef object _forward_eval_running = _kernels.forward_eval_running
+cdef object _empty_like = _alloc.empty_like
+cdef object _plan = cpu.plan
+
+
+cdef inline int _plain(object a, int ndim, bint writable) noexcept:
+    """The element type (NPY_FLOAT or NPY_DOUBLE) of an exact ndarray of ``ndim`` dimensions
+    (at least that many when ndim < 0) that is aligned, C-contiguous and in native byte order;
+    -1 for anything else."""
+    if type(a) is not np.ndarray:
+        return -1
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int nd = cnp.PyArray_NDIM(arr)
+    if (nd != ndim) if ndim >= 0 else (nd < -ndim):
+        return -1
+    if not cnp.PyArray_ISNOTSWAPPED(arr):
+        return -1
+    if not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_CARRAY if writable else cnp.NPY_ARRAY_CARRAY_RO):
+        return -1
+    cdef int t = cnp.PyArray_TYPE(arr)
+    return t if t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE else -1
+
+
+cdef inline bint _vector(object v, int t, Py_ssize_t C) noexcept:
+    return _plain(v, 1, False) == t and cnp.PyArray_DIM(<cnp.ndarray>v, 0) == C
+
+
+cdef inline bint _apart(cnp.ndarray out, object a) noexcept:
+    """``a``'s bytes (a contiguous array) and out's do not meet."""
+    cdef char *o0 = <char *>cnp.PyArray_DATA(out)
+    cdef char *o1 = o0 + cnp.PyArray_NBYTES(out)
+    cdef char *a0 = <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
+    cdef char *a1 = a0 + cnp.PyArray_NBYTES(<cnp.ndarray>a)
+    return o1 <= a0 or a1 <= o0
+
+
+def eval_forward(x, running_mean, running_var, weight, bias, eps, out):
+    """``(y, save_mean, save_invstd)`` of an evaluation-mode batch norm whose arguments are all
+    plain (see the module's docstring), or None."""
+    cdef int t = _plain(x, -2, False)
+    if t < 0 or weight is None or bias is None or type(eps) is not float or not <double>eps >= 0:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef Py_ssize_t N = cnp.PyArray_DIM(xa, 0), C = cnp.PyArray_DIM(xa, 1), size = cnp.PyArray_SIZE(xa)
+    if size == 0:
+        return None
+    cdef int rt = _plain(running_mean, 1, False)
+    if not (_vector(weight, t, C) and _vector(bias, t, C) and rt >= 0 and _vector(running_mean, rt, C)
+            and _vector(running_var, rt, C)):
+        return None
+    cdef tuple shape3 = (N, C, size // (N * C))
+    x3 = xa.reshape(shape3)
+    if out is None:
+        y = _empty_like(x3, x.shape)
+    else:
+        if _plain(out, cnp.PyArray_NDIM(xa), True) != t or out.shape != x.shape:
+            return None
+        if cnp.PyArray_DATA(<cnp.ndarray>out) != cnp.PyArray_DATA(xa) and not _apart(out, x):
+            return None
+        if not (_apart(out, weight) and _apart(out, bias) and _apart(out, running_mean) and _apart(out, running_var)):
+            return None
+        y = out
+    mean, invstd = _forward_eval_running(x3, y.reshape(shape3), weight, bias, running_mean, running_var, eps, *_plan())
+    return y, mean, invstd

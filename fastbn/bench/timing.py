@@ -1,0 +1,124 @@
+"""How the bench times calls: interleaved rounds of samples, and what else ran on the machine.
+
+:func:`time_calls` samples every implementation once per round, in a shuffled order, so that all
+of them see the same stretch of a shared machine's time; :func:`latency_samples` does the same
+with single calls timed one by one, for per-call medians and percentiles; :class:`Contention`
+measures how many cores other processes kept busy meanwhile.
+"""
+import math
+import os
+import random
+import statistics
+import time
+from collections import namedtuple
+
+Timing = namedtuple("Timing", "min median samples")
+
+
+def calibrate(bench):
+    """Seconds of one call, after a warm-up call (lazy initialization, first-touch page faults)."""
+    for _ in range(2):
+        if bench.setup is not None:
+            bench.setup()
+        t0 = time.perf_counter()
+        bench.run()
+        t = time.perf_counter() - t0
+    return max(t, 1e-7)
+
+
+def time_calls(benches, repeats, sample_s=1e-3):
+    """Seconds per call of each Bench in ``benches`` (a dict): a Timing (min and median of the
+    samples) per key, after a warm-up.
+
+    The samples are taken in rounds, one sample of each bench per round (``repeats[key]`` rounds
+    for each), not all of one bench and then all of the next: on a shared machine whose speed
+    drifts over seconds, every implementation then samples the same stretch of time, and each
+    starts from the cache state the others leave behind, as a call in a real program would,
+    rather than from its own warm copy.  Each round takes the benches in a new order (shuffled,
+    the same every run), so that no bench always follows the same one: a call right after
+    ``x.copy()`` of a 16 MiB array, whose output the allocator had just taken back, measured up to
+    1.7x its time elsewhere in the round (fastbn's eval forward of (4096, 1024) float32, which
+    always came second).  A sample is one call, or (for calls faster than ``sample_s`` without a
+    setup) a loop of calls long enough to time reliably, divided by the count.
+    """
+    number = {}
+    for key, bench in benches.items():
+        first = calibrate(bench)
+        number[key] = 1 if bench.setup is not None else max(1, math.ceil(sample_s / first))
+    samples = {key: [] for key in benches}
+    order, shuffle = list(benches), random.Random(0).shuffle
+    for i in range(max(repeats.values())):
+        if i:
+            shuffle(order)
+        for key in order:
+            bench = benches[key]
+            if i >= repeats[key]:
+                continue
+            if bench.setup is not None:
+                bench.setup()
+            t0 = time.perf_counter()
+            for _ in range(number[key]):
+                bench.run()
+            samples[key].append((time.perf_counter() - t0) / number[key])
+    return {key: Timing(min(v), statistics.median(v), len(v)) for key, v in samples.items()}
+
+
+# ---------------------------------------------------------------- contention
+def busy_cpu_seconds():
+    """CPU seconds the whole machine has spent busy since boot (from /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Contention:
+    """Measures how many cores *other* processes kept busy while the block ran (None off Linux).
+
+    An OpenMP team is only as fast as its slowest thread: when another process holds a core the
+    team needs, every parallel region can wait a whole scheduler time slice (milliseconds), and
+    then even the minimum of many repeats is wrong.
+    """
+
+    def __enter__(self):
+        self.busy, self.cpu, self.wall = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        self.cores = None
+        return self
+
+    def __exit__(self, *exc):
+        busy = busy_cpu_seconds()
+        if busy is not None and self.busy is not None:
+            ours = time.process_time() - self.cpu  # all of this process's threads
+            self.cores = max(0.0, (busy - self.busy - ours) / (time.perf_counter() - self.wall))
+        return False
+
+
+
+
+# ---------------------------------------------------------------- single calls
+def latency_samples(calls, rounds, per_round, warmup=3):
+    """{key: [seconds of one call, ...]}: ``rounds`` x ``per_round`` single calls of each function
+    in ``calls`` (a dict), each timed on its own (perf_counter_ns around the call, so the timer's
+    own ~0.1 us is in every sample: time an empty function beside them to see it).
+
+    Rounds interleave the functions as :func:`time_calls` does (a new seeded shuffle each round);
+    in a round each function first runs ``warmup`` times untimed, so that its timed calls are the
+    steady state of back-to-back calls (its data in cache, its threads awake) rather than the
+    cost of taking over from the previous function (another library's threads still spinning)."""
+    perf = time.perf_counter_ns
+    order, shuffle = list(calls), random.Random(0).shuffle
+    samples = {key: [] for key in calls}
+    for i in range(rounds):
+        if i:
+            shuffle(order)
+        for key in order:
+            fn, out = calls[key], samples[key]
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_round):
+                t0 = perf()
+                fn()
+                out.append(perf() - t0)
+    return {key: [t * 1e-9 for t in ts] for key, ts in samples.items()}
