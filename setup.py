@@ -301,11 +301,13 @@ def extensions():
         "initializedcheck": checks,
         "embedsignature": True,
     }
-    # Every header and .pxd is a dependency of every extension: a change to any of them rebuilds both.
-    depends = sorted(glob.glob("fastbn/*.h") + glob.glob("fastbn/*.pxd"))
+    # Every header, .pxd and .pxi is a dependency of every extension: a change to any of them rebuilds them all.
+    depends = sorted(glob.glob("fastbn/*.h") + glob.glob("fastbn/*.pxd") + glob.glob("fastbn/*.pxi"))
     exts = []
-    # _norm_kernels: group / layer / instance norm (issue 13)
-    for name in ("fastbn._openmp", "fastbn._kernels", "fastbn._norm_kernels", "fastbn._alloc", "fastbn._fastpath"):
+    # _pool: the thread pool; _plan: the work-split planner; _kernels: batch norm; _floor: the
+    # benchmark's floor; _norm_kernels: group / layer / instance norm (issue 13)
+    for name in ("fastbn._openmp", "fastbn._pool", "fastbn._plan", "fastbn._kernels", "fastbn._floor",
+                 "fastbn._norm_kernels", "fastbn._alloc", "fastbn._fastpath"):
         ext = Extension(
             name,
             [name.replace(".", "/") + ".pyx"],

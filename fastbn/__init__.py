@@ -19,7 +19,7 @@ def _stale_build(package_dir: str, modules: dict[str, str | None]) -> str | None
     .pyx, and nothing is checked."""
     try:
         names = _os.listdir(package_dir)
-        shared = [n for n in names if n.endswith((".pxd", ".h"))]
+        shared = [n for n in names if n.endswith((".pxd", ".pxi", ".h"))]
         for name, built in modules.items():
             if not built or not _os.path.exists(_os.path.join(package_dir, name + ".pyx")):
                 continue
@@ -37,7 +37,7 @@ def _warn_if_stale_build() -> None:
 
     here = _os.path.dirname(_os.path.abspath(__file__))
     modules: dict[str, str | None] = {}
-    for name in ("_openmp", "_kernels", "_norm_kernels", "_alloc"):
+    for name in ("_openmp", "_pool", "_plan", "_kernels", "_floor", "_norm_kernels", "_alloc"):
         spec = importlib.util.find_spec(f"{__name__}.{name}")
         modules[name] = spec.origin if spec is not None else None
     source = _stale_build(here, modules)

@@ -11,12 +11,15 @@
  *
  * The typed loops are in _simd_impl.h, included once for float (suffix _f32) and once for
  * double (_f64).  Numerics:
- *   - moments: mean and M2 per block of about FBN_BLOCK elements from sums shifted by a value
+ *   - moments: mean and M2 per block of about FBN_CPU_BLOCK elements from sums shifted by a value
  *     close to the mean (see moments in _simd_impl.h), in double, merged with Chan et al.'s
- *     pairwise update relative to a fixed shift (fbn_shift_merge).  Never E[x^2]-E[x]^2.
+ *     pairwise update relative to a fixed shift (fbn_shift_merge, _coefs.h).  Never E[x^2]-E[x]^2.
  *   - normalize: y = ((x - m_hi) - m_lo) * a + b, where m_hi + m_lo is the double mean split
  *     into two values of the input type.  x - m_hi is exact for x near the mean, so a float32
  *     input with mean 1e4 and std 1 keeps float32 precision in y (x * a + (b - m * a) would not).
+ *     Past FBN_WIDE (_coefs.h) a channel's mean is so large that x - m_hi could overflow: the loops
+ *     then halve before the subtraction and double the scale, the same bits where nothing overflows.
+ *   - the statistics and coefficients of a channel: _coefs.h, the formulas the GPU uses too.
  */
 #ifndef FASTBN_SIMD_H
 #define FASTBN_SIMD_H
@@ -41,38 +44,11 @@
 #define FBN_INLINE static inline
 #endif
 
-#define FBN_BLOCK 2048
+#define FBN_CPU_BLOCK 2048 /* elements per block of a run's moments (see fbn_piece_moments) */
 #define FBN_SHORT 128  /* rows shorter than this reduce with 8 lanes (see _simd_impl.h) */
 
-/* Moments accumulators hold (count, shift K, mean - K, M2): the mean relative to a shift fixed by
- * the first merge, near the data.  Merging a part (count nb, mean kb + rb, M2 m2b) takes the
- * difference of the means as (kb - K - rel) + rb: kb - K is exact when the two are within a
- * factor 2 (Sterbenz), so it carries no rounding of the means' magnitude.  Holding absolute
- * means instead, each merge's d*d term took an error of about 1e-16 * |mean| * d, which made a
- * float64 variance with mean/std = 1e8 lose 9 digits (d is of the order of std).  With the shift
- * far from the data (an outlier first), it is as good as absolute means, no worse. */
-enum { FBN_N = 0, FBN_K = 1, FBN_REL = 2, FBN_M2 = 3, FBN_ACC = 4 };
-
-static inline void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
-{
-    if (nb <= 0.0)
-        return;
-    if (acc[FBN_N] == 0.0) {
-        acc[FBN_N] = nb;
-        acc[FBN_K] = kb;
-        acc[FBN_REL] = rb;
-        acc[FBN_M2] = m2b;
-        return;
-    }
-    double n = acc[FBN_N], nn = n + nb;
-    double d = ((kb - acc[FBN_K]) - acc[FBN_REL]) + rb;
-    acc[FBN_REL] += d * (nb / nn);
-    acc[FBN_M2] += m2b + d * d * (n * (nb / nn));
-    acc[FBN_N] = nn;
-}
-
-/* The accumulator's mean. */
-static inline double fbn_acc_mean(const double *acc) { return acc[FBN_K] + acc[FBN_REL]; }
+/* The per-channel arithmetic (merges, statistics, coefficients), shared with the CUDA source. */
+#include "_coefs.h"
 
 /* ---- streaming (non-temporal) stores ------------------------------------------------------
  * An output much larger than the last-level cache is written with non-temporal stores: they skip
@@ -151,7 +127,9 @@ static inline void fbn_sfence(void) {}
 #define FBN_UINT uint32_t /* T's bits, and its exponent field */
 #define FBN_EXP_BITS 0x7f800000u
 #define FBN_TWO_PASS 0
+#define FBN_WIDE FBN_WIDE_F32
 #include "_simd_impl.h"
+#undef FBN_WIDE
 #undef T
 #undef FBN_SUFFIX
 #undef FBN_TWO_PASS
@@ -163,7 +141,9 @@ static inline void fbn_sfence(void) {}
 #define FBN_UINT uint64_t
 #define FBN_EXP_BITS 0x7ff0000000000000ull
 #define FBN_TWO_PASS 1
+#define FBN_WIDE FBN_WIDE_F64
 #include "_simd_impl.h"
+#undef FBN_WIDE
 #undef T
 #undef FBN_SUFFIX
 #undef FBN_TWO_PASS

@@ -90,17 +90,17 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const T *g, const T *p, ptrdiff_t n, doub
 /* Merge the moments of p[0:len] into one channel's accumulator (see fbn_shift_merge).  Shifted sums
  * s = sum(x - k) and q = sum((x - k)^2) in double give the block's mean k + s/len and M2
  * q - s^2/len with no cancellation while k is close to the mean: k is the exact mean of the
- * channel's first FBN_BLOCK elements (a first pass over them, in L1), then the channel's mean so
+ * channel's first FBN_CPU_BLOCK elements (a first pass over them, in L1), then the channel's mean so
  * far.  With FBN_TWO_PASS (float64, where there is no conversion to pay for) every block of
- * FBN_BLOCK gets its own first pass. */
+ * FBN_CPU_BLOCK gets its own first pass. */
 FBN_INLINE void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *acc)
 {
     for (ptrdiff_t j = 0; j < len; ) {
         ptrdiff_t bl = len - j;
         double k = fbn_acc_mean(acc), s = 0.0, q = 0.0;
         if (FBN_TWO_PASS || acc[FBN_N] == 0.0) {
-            if (bl > FBN_BLOCK)
-                bl = FBN_BLOCK;
+            if (bl > FBN_CPU_BLOCK)
+                bl = FBN_CPU_BLOCK;
             k = (bl < FBN_SHORT ? FBN_NAME(fbn_sum)(p + j, bl, 1) : FBN_NAME(fbn_sum)(p + j, bl, 0)) / (double)bl;
         }
         if (bl < FBN_SHORT)
@@ -120,19 +120,57 @@ FBN_CLONES static void FBN_NAME(fbn_moments)(const T *x, ptrdiff_t C, ptrdiff_t 
         FBN_NAME(fbn_piece_moments)(x + off, ln, acc + FBN_ACC * c);
 }
 
-/* q = ((p - mhi) - mlo) * a + b over n elements; lo is a constant where this is inlined, and
- * with lo = 0 the `- mlo` (which is then 0) folds away: the same result to the bit. */
-FBN_INLINE void FBN_NAME(fbn_affine_run)(const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T a, T b, const int lo)
+/* Whether a channel's mean is so large that x - mhi could overflow T (see FBN_WIDE in _coefs.h). */
+FBN_INLINE int FBN_NAME(fbn_wide)(T mhi) { return mhi >= FBN_WIDE || mhi <= -FBN_WIDE; }
+
+/* Whether any of n means is wide, in one vector pass. */
+FBN_INLINE int FBN_NAME(fbn_any_wide)(const T *mhi, ptrdiff_t n)
+{
+    int wide = 0;
+#pragma omp simd reduction(|:wide)
+    for (ptrdiff_t c = 0; c < n; c++)
+        wide |= (mhi[c] >= FBN_WIDE) | (mhi[c] <= -FBN_WIDE);
+    return wide;
+}
+
+/* Whether a channel that the rows of the range [f0, f1) belong to has a wide mean: checked once
+ * per range, so that the loop over its rows tests wide means only when there is one (a test per
+ * row cost 5% of an evaluation call on (1, 512, 7, 7), whose rows are 49 elements). */
+FBN_INLINE int FBN_NAME(fbn_range_wide)(const T *mhi, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1)
+{
+    if (f1 <= f0)
+        return 0;
+    const ptrdiff_t r0 = f0 / S, rows = (f1 - 1) / S - r0 + 1, c0 = r0 % C;
+    if (rows >= C)
+        return FBN_NAME(fbn_any_wide)(mhi, C);
+    if (c0 + rows <= C)
+        return FBN_NAME(fbn_any_wide)(mhi + c0, rows);
+    return FBN_NAME(fbn_any_wide)(mhi + c0, C - c0) | FBN_NAME(fbn_any_wide)(mhi, c0 + rows - C);
+}
+
+/* q = ((p - mhi) - mlo) * a + b over n elements; lo and half are constants where this is inlined.
+ * With lo = 0 the `- mlo` (which is then 0) folds away: the same result to the bit.  half: p is
+ * halved first, for a wide mean (the caller passes mhi, mlo halved and a doubled). */
+FBN_INLINE void FBN_NAME(fbn_affine_run)(const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T a, T b, const int lo,
+                                         const int half)
 {
 #pragma omp simd
     for (ptrdiff_t i = 0; i < n; i++)
-        q[i] = ((p[i] - mhi) - (lo ? mlo : (T)0)) * a + b;
+        q[i] = (((half ? p[i] * (T)0.5 : p[i]) - mhi) - (lo ? mlo : (T)0)) * a + b;
+}
+
+/* One element of either form, for the column loops' rare wide blocks: h = 1/2 for a wide mean
+ * (see FBN_WIDE), else 1, which is the direct form exactly (x * 1 = x, a / 1 = a). */
+FBN_INLINE T FBN_NAME(fbn_norm_wide)(T x, T mhi, T mlo, T a, T b)
+{
+    const T h = FBN_NAME(fbn_wide)(mhi) ? (T)0.5 : (T)1;
+    return ((x * h - mhi * h) - mlo * h) * (a / h) + b;
 }
 
 /* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
- * x.  nt: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
-FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
-                                            ptrdiff_t f1, const T *cf, int nt)
+ * x.  stream: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
+FBN_INLINE void FBN_NAME(fbn_affine_rows)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1,
+                                          const T *cf, int stream, const int check_wide)
 {
     T buf[FBN_CHUNK];
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
@@ -140,15 +178,26 @@ FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdi
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
             const T *p = x + off + j;
-            T *q = nt ? buf : y + off + j;
-            if (mlo != 0)  /* 0 for float64, and for a float32 mean (evaluation) */
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1);
+            T *q = stream ? buf : y + off + j;
+            if (check_wide && FBN_NAME(fbn_wide)(mhi))
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi * (T)0.5, mlo * (T)0.5, a * 2, b, 1, 1);
+            else if (mlo != 0)  /* 0 for float64, and for a float32 mean (evaluation) */
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1, 0);
             else
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0);
-            if (nt)
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0, 0);
+            if (stream)
                 fbn_stream_store(y + off + j, buf, (size_t)bl * sizeof(T));
         }
     }
+}
+
+FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+                                            ptrdiff_t f1, const T *cf, int stream)
+{
+    if (FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1))
+        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 1);
+    else
+        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 0);
 }
 
 /* sum(dy) and sum(dy * (x - mean[c])) of a range, in double, added to acc[2*c], acc[2*c+1]. */
@@ -166,9 +215,18 @@ FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_
     }
 }
 
+/* q = kdy * g + (((p - mhi) - mlo) * kx + kc) over n elements; half as in fbn_affine_run. */
+FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const T *g, const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T kdy, T kx,
+                                             T kc, const int half)
+{
+#pragma omp simd
+    for (ptrdiff_t i = 0; i < n; i++)
+        q[i] = kdy * g[i] + ((((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo) * kx + kc);
+}
+
 /* dx = kdy * dy + ((x - mhi) - mlo) * kx + kc over a range; cf = [mhi | mlo | kdy | kx | kc]. */
-FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
-                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int nt)
+FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
+                                              ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const int check_wide)
 {
     T buf[FBN_CHUNK];
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
@@ -176,14 +234,24 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
             const T *g = dy + off + j, *p = x + off + j;
-            T *q = nt ? buf : dx + off + j;
-#pragma omp simd
-            for (ptrdiff_t i = 0; i < bl; i++)
-                q[i] = kdy * g[i] + (((p[i] - mhi) - mlo) * kx + kc);
-            if (nt)
+            T *q = stream ? buf : dx + off + j;
+            if (check_wide && FBN_NAME(fbn_wide)(mhi))
+                FBN_NAME(fbn_grad_input_run)(g, p, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, 1);
+            else
+                FBN_NAME(fbn_grad_input_run)(g, p, q, bl, mhi, mlo, kdy, kx, kc, 0);
+            if (stream)
                 fbn_stream_store(dx + off + j, buf, (size_t)bl * sizeof(T));
         }
     }
+}
+
+FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
+                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream)
+{
+    if (FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1))
+        FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, 1);
+    else
+        FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, 0);
 }
 
 /* ---- blocks of rows of an (N, W) matrix, vectors across the W columns ----
@@ -194,51 +262,51 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
  * clones), which moves half the adds to the FMA units: on (4096, 1024) float32 the training
  * forward got 13% faster than with four rows and a tree of adds (the sums stay in double, only
  * their order changed).  The backward's sums measured 30% slower that way and keep four rows.
- * Every loop takes columns [0, w) of rows W elements apart, with the per-column coefficients in
- * blocks W apart as well: a block of whole rows has w = W; a thread's slice of the columns (the
- * SLICES split of _kernels.pyx) passes pointers to its first column and its own width w. */
+ * Every loop takes columns [0, ncols) of rows W elements apart, with the per-column coefficients in
+ * blocks W apart as well: a block of whole rows has ncols = W; a thread's slice of the columns (the
+ * SLICES split of _kernels.pyx) passes pointers to its first column and its own width ncols. */
 
 /* Column moments of the block merged into per-column accumulators that share the count *n: the
  * shift K, the mean relative to it rel, and M2 (one value per column each; see fbn_shift_merge).
  * Shifted sums per column as in fbn_piece_moments: the shift is the block's exact column means
  * (a first pass; the block is sized to stay in L2) for a thread's first block, which become K,
  * then the means merged so far (K + rel, rounded: any shift near the mean will do, as long as the
- * merge knows which).  K, rel, m2: w values each; tmp: 3*w doubles of scratch. */
-FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t W,
+ * merge knows which).  K, rel, m2: ncols values each; tmp: 3*ncols doubles of scratch. */
+FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
                                                  double *n, double *K, double *rel, double *m2, double *tmp)
 {
-    double *s = tmp, *q = tmp + w, *k = tmp + 2 * w;
+    double *s = tmp, *q = tmp + ncols, *k = tmp + 2 * ncols;
     const double b = (double)rows;
     const int first = *n == 0.0;
     ptrdiff_t r = 0;
-    for (ptrdiff_t c = 0; c < w; c++)
+    for (ptrdiff_t c = 0; c < ncols; c++)
         s[c] = q[c] = 0.0;
     if (first) {  /* k = the block's column means */
         for (r = 0; r + 4 <= rows; r += 4) {
             const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < w; c++)
+            for (ptrdiff_t c = 0; c < ncols; c++)
                 s[c] += ((double)p0[c] + (double)p1[c]) + ((double)p2[c] + (double)p3[c]);
         }
         for (; r < rows; r++) {
             const T *p = x + r * W;
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < w; c++)
+            for (ptrdiff_t c = 0; c < ncols; c++)
                 s[c] += (double)p[c];
         }
-        for (ptrdiff_t c = 0; c < w; c++) {
+        for (ptrdiff_t c = 0; c < ncols; c++) {
             k[c] = K[c] = s[c] / b;
             s[c] = 0.0;
         }
     } else {
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < w; c++)
+        for (ptrdiff_t c = 0; c < ncols; c++)
             k[c] = K[c] + rel[c];
     }
     for (r = 0; r + 8 <= rows; r += 8) {  /* q as a chain of multiply-adds: see FBN_ROWS8 */
         const T *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < w; c++) {
+        for (ptrdiff_t c = 0; c < ncols; c++) {
             const double kc = k[c];
             double d0 = (double)p[c] - kc, d1 = (double)p[W + c] - kc;
             double d2 = (double)p[2 * W + c] - kc, d3 = (double)p[3 * W + c] - kc;
@@ -251,7 +319,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
     for (; r < rows; r++) {
         const T *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < w; c++) {
+        for (ptrdiff_t c = 0; c < ncols; c++) {
             double d = (double)p[c] - k[c];
             s[c] += d;
             q[c] += d * d;
@@ -260,24 +328,36 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
     /* fbn_shift_merge, vectorized: every column has the same count n0 before */
     const double n0 = *n, nn = n0 + b, wb = b / nn, wn = n0 * wb;
 #pragma omp simd
-    for (ptrdiff_t c = 0; c < w; c++) {
+    for (ptrdiff_t c = 0; c < ncols; c++) {
         const double sb = s[c] / b, bq = q[c] - s[c] * sb;
         if (first) {
             rel[c] = sb;
             m2[c] = bq;
         } else {
-            double d = ((k[c] - K[c]) - rel[c]) + sb;
-            rel[c] += d * wb;
-            m2[c] += bq + d * d * wn;
+            fbn_chan_add(&rel[c], &m2[c], ((k[c] - K[c]) - rel[c]) + sb, wb, wn, bq);
         }
     }
     *n = nn;
 }
 
+/* Whether any of ncols columns has a mean with a low part (lo), or a wide mean (see FBN_WIDE), in
+ * one vector pass: a scalar one took a third of an evaluation call on (8, 16384) float32 (SLICES). */
+FBN_INLINE void FBN_NAME(fbn_col_flags)(const T *mhi, const T *mlo, ptrdiff_t ncols, int *lo_out, int *wide_out)
+{
+    int lo = 0, wide = 0;
+#pragma omp simd reduction(|:lo, wide)
+    for (ptrdiff_t c = 0; c < ncols; c++) {
+        lo |= mlo[c] != 0;
+        wide |= (mhi[c] >= FBN_WIDE) | (mhi[c] <= -FBN_WIDE);
+    }
+    *lo_out = lo;
+    *wide_out = wide;
+}
+
 /* Rows in fours with normal stores (the body of fbn_col_affine); returns the rows done.  lo is a
  * constant where this is inlined: with lo = 0 the low part of the mean is not loaded and
  * `- 0` folds away (x - 0 is x for every x), so the result is the same to the bit. */
-FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t w,
+FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols,
                                                     ptrdiff_t W, const T *cf, const int lo)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
@@ -286,7 +366,7 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
         const T *p = x + r * W;
         T *q = y + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < w; c++) {  /* all loads before the stores: FBN_4K */
+        for (ptrdiff_t c = 0; c < ncols; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = lo ? mlo[c] : (T)0, ac = a[c], bc = b[c];
             const T x0 = p[c], x1 = p[W + c], x2 = p[2 * W + c], x3 = p[3 * W + c];
             q[c] = ((x0 - m1) - m2) * ac + bc;
@@ -307,42 +387,45 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
  * for a dependency on that store until the full addresses are compared (4K aliasing).  Measured
  * on (4096, 1024) float32: the eval forward ran 1.5x faster with y 2 KiB off x's alignment than
  * with y aligned as NumPy allocates it; loading first removes that difference. */
-FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t w,
-                                                ptrdiff_t W, const T *cf, int nt)
+FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols,
+                                                ptrdiff_t W, const T *cf, int stream)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
-    if (!nt) {
-        int lo = 0;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
-        for (ptrdiff_t c = 0; c < w; c++)
-            lo |= mlo[c] != 0;
-        r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, w, W, cf, 1)
-               : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, w, W, cf, 0);
-    }
+    int lo, wide;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
+    FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
+    if (!stream && !wide)
+        r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 1)
+               : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 0);
     for (; r < rows; r++) {
-        for (ptrdiff_t c0 = 0; c0 < w; c0 += FBN_CHUNK) {
-            ptrdiff_t bl = w - c0 < FBN_CHUNK ? w - c0 : FBN_CHUNK;
+        for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
+            ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
             const T *p = x + r * W + c0;
-            T *q = nt ? buf : y + r * W + c0;
+            T *q = stream ? buf : y + r * W + c0;
+            if (wide) {
+                for (ptrdiff_t c = 0; c < bl; c++)
+                    q[c] = FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c], a[c0 + c], b[c0 + c]);
+            } else {
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < bl; c++)
-                q[c] = ((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
-            if (nt)
+                for (ptrdiff_t c = 0; c < bl; c++)
+                    q[c] = ((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
+            }
+            if (stream)
                 fbn_stream_store(y + r * W + c0, buf, (size_t)bl * sizeof(T));
         }
     }
 }
 
-/* sdy += sum dy and sdyx += sum dy * (x - mean), per column (w values each). */
-FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t w, ptrdiff_t W,
+/* sdy += sum dy and sdyx += sum dy * (x - mean), per column (ncols values each). */
+FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
                                                    const double *mean, double *sdy, double *sdyx)
 {
     ptrdiff_t r = 0;
     for (r = 0; r + 4 <= rows; r += 4) {
         const T *g = dy + r * W, *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < w; c++) {
+        for (ptrdiff_t c = 0; c < ncols; c++) {
             double g0 = (double)g[c], g1 = (double)g[W + c], g2 = (double)g[2 * W + c], g3 = (double)g[3 * W + c];
             double m = mean[c];
             sdy[c] += (g0 + g1) + (g2 + g3);
@@ -353,7 +436,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrd
     for (; r < rows; r++) {
         const T *g = dy + r * W, *p = x + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < w; c++) {
+        for (ptrdiff_t c = 0; c < ncols; c++) {
             sdy[c] += (double)g[c];
             sdyx[c] += (double)g[c] * ((double)p[c] - mean[c]);
         }
@@ -362,16 +445,18 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrd
 
 /* cf = [mhi | mlo | kdy | kx | kc], blocks W apart; four rows at a time, as fbn_col_affine. */
 FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t rows,
-                                                    ptrdiff_t w, ptrdiff_t W, const T *cf, int nt)
+                                                    ptrdiff_t ncols, ptrdiff_t W, const T *cf, int stream)
 {
     const T *mhi = cf, *mlo = cf + W, *kdy = cf + 2 * W, *kx = cf + 3 * W, *kc = cf + 4 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
-    for (; !nt && r + 4 <= rows; r += 4) {
+    int lo, wide;
+    FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
+    for (; !stream && !wide && r + 4 <= rows; r += 4) {
         const T *g = dy + r * W, *p = x + r * W;
         T *q = dx + r * W;
 #pragma omp simd
-        for (ptrdiff_t c = 0; c < w; c++) {  /* all loads before the stores: FBN_4K */
+        for (ptrdiff_t c = 0; c < ncols; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = mlo[c], k1 = kdy[c], k2 = kx[c], k3 = kc[c];
             const T g0 = g[c], g1 = g[W + c], g2 = g[2 * W + c], g3 = g[3 * W + c];
             const T x0 = p[c], x1 = p[W + c], x2 = p[2 * W + c], x3 = p[3 * W + c];
@@ -382,38 +467,66 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
         }
     }
     for (; r < rows; r++) {
-        for (ptrdiff_t c0 = 0; c0 < w; c0 += FBN_CHUNK) {
-            ptrdiff_t bl = w - c0 < FBN_CHUNK ? w - c0 : FBN_CHUNK;
+        for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
+            ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
             const T *g = dy + r * W + c0, *p = x + r * W + c0;
-            T *q = nt ? buf : dx + r * W + c0;
+            T *q = stream ? buf : dx + r * W + c0;
+            if (wide) {  /* the last two terms as fbn_norm_wide: kc + ((x - mhi) - mlo) * kx */
+                for (ptrdiff_t c = 0; c < bl; c++)
+                    q[c] = kdy[c0 + c] * g[c] + FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c], kx[c0 + c],
+                                                                        kc[c0 + c]);
+            } else {
 #pragma omp simd
-            for (ptrdiff_t c = 0; c < bl; c++)
-                q[c] = kdy[c0 + c] * g[c] + (((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * kx[c0 + c] + kc[c0 + c]);
-            if (nt)
+                for (ptrdiff_t c = 0; c < bl; c++)
+                    q[c] = kdy[c0 + c] * g[c] + (((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * kx[c0 + c] + kc[c0 + c]);
+            }
+            if (stream)
                 fbn_stream_store(dx + r * W + c0, buf, (size_t)bl * sizeof(T));
         }
     }
 }
 
-/* ---- evaluation mode: per-channel statistics and coefficients, vectorized ----
- * One vector loop over the channels each, instead of a scalar loop whose division and square root
- * per channel took 2 ns: 8 us of a 20 us evaluation call on a (1, 4096) input. */
+/* ---- per-channel statistics and coefficients ----
+ * The formulas are _coefs.h's; these write them for one channel into the blocks of a coefficient
+ * array (blocks C apart), in the input type, and are called both from the vector loops below and,
+ * channel by channel, from the Cython drivers (_kernels.pyx), so that every path gives the same
+ * bits.  The vector loops exist because a scalar loop whose division and square root per channel
+ * took 2 ns was 8 us of a 20 us evaluation call on a (1, 4096) input, and half of a (8, 16384)
+ * training call on the SLICES path. */
 
-/* The low part of the double mean m split into hi = (T)m and lo = (T)(m - hi), which the normalize
- * subtracts in turn.  An infinite hi (an infinite mean, or a double mean beyond float's range) has
- * no low part: inf - inf would make every output NaN, where x - inf is the answer (PyTorch's too).
- * (A NaN hi gets none either: its outputs are NaN anyway.) */
-FBN_INLINE T FBN_NAME(fbn_mean_lo)(double m, T hi)
+/* The low part of the double mean m split into hi = (T)m and lo (see fbn_split_lo). */
+FBN_INLINE T FBN_NAME(fbn_mean_lo)(double m, T hi) { return (T)fbn_split_lo(m, (double)hi); }
+
+/* The forward's cf[0], cf[C], cf[2C], cf[3C] = [mhi | mlo | a | b] of a channel. */
+FBN_INLINE void FBN_NAME(fbn_affine_coefs)(double mean, double invstd, T weight, T bias, T *cf, ptrdiff_t C)
 {
-    T lo = (T)(m - (double)hi);
-    FBN_UINT hb, lb;
-    memcpy(&hb, &hi, sizeof hb);
-    memcpy(&lb, &lo, sizeof lb);
-    /* zero lo where hi's exponent is all ones, with an integer mask: GCC does not vectorize a
-     * floating-point select here (without -fno-trapping-math) */
-    lb &= -(FBN_UINT)((hb & FBN_EXP_BITS) != FBN_EXP_BITS);
-    memcpy(&lo, &lb, sizeof lo);
-    return lo;
+    const T hi = (T)mean;
+    cf[0] = hi;
+    cf[C] = FBN_NAME(fbn_mean_lo)(mean, hi);
+    cf[2 * C] = (T)fbn_scale((double)weight, invstd);
+    cf[3 * C] = bias;
+}
+
+/* The backward's cf[0], cf[C], ... cf[4C] = [mhi | mlo | kdy | kx | kc] of a channel, and its
+ * grad_weight and grad_bias, from sum dy and sum dy * (x - mean) over count elements (fbn_grad_terms).
+ * training = 0 (fixed statistics): [0 | 0 | kdy | 0 | 0], the affine's coefficients for
+ * dx = dy * kdy, which must not touch x or the mean: a NaN there would turn dx into NaN (x * 0 is
+ * NaN), where PyTorch's is finite. */
+FBN_INLINE void FBN_NAME(fbn_grad_coefs)(double sdy, double sdyx, double count, int training, T weight, double mean,
+                                         double invstd, double *gw, double *gb, T *cf, ptrdiff_t C)
+{
+    double kdy, kx, kc;
+    fbn_grad_terms((double)weight, invstd, sdy, sdyx, count, gw, gb, &kdy, &kx, &kc);
+    const T hi = (T)mean;
+    cf[2 * C] = (T)kdy;
+    if (training) {
+        cf[0] = hi;
+        cf[C] = FBN_NAME(fbn_mean_lo)(mean, hi);
+        cf[3 * C] = (T)kx;
+        cf[4 * C] = (T)kc;
+    } else {
+        cf[0] = cf[C] = cf[3 * C] = cf[4 * C] = 0;
+    }
 }
 
 /* mean = running_mean and invstd = 1 / sqrt(running_var + eps), in double. */
@@ -423,114 +536,58 @@ FBN_CLONES static void FBN_NAME(fbn_eval_stats)(const T *rm, const T *rv, double
 #pragma omp simd
     for (ptrdiff_t c = 0; c < C; c++) {
         mean[c] = (double)rm[c];
-        invstd[c] = 1.0 / sqrt((double)rv[c] + eps);
+        invstd[c] = fbn_invstd((double)rv[c], eps);
     }
 }
 
-/* cf = [mhi | mlo | a | b] (blocks C apart) for n channels from the double mean and invstd: the mean
- * split into two values of T, a = weight * invstd, b = bias (as _affine_coefs in _kernels.pyx, per
- * channel). */
-FBN_CLONES static void FBN_NAME(fbn_eval_coefs)(const double *mean, const double *invstd, const T *w, const T *b,
+/* The forward's coefficients (blocks C apart) of n channels from their mean and invstd. */
+FBN_CLONES static void FBN_NAME(fbn_eval_coefs)(const double *mean, const double *invstd, const T *weight, const T *b,
                                                 T *restrict cf, ptrdiff_t n, ptrdiff_t C)
 {
 #pragma omp simd
-    for (ptrdiff_t c = 0; c < n; c++) {
-        const T hi = (T)mean[c];
-        cf[c] = hi;
-        cf[C + c] = FBN_NAME(fbn_mean_lo)(mean[c], hi);
-        cf[2 * C + c] = (T)((double)w[c] * invstd[c]);
-        cf[3 * C + c] = b[c];
-    }
+    for (ptrdiff_t c = 0; c < n; c++)
+        FBN_NAME(fbn_affine_coefs)(mean[c], invstd[c], weight[c], b[c], cf + c, C);
 }
 
 /* ---- channels of one column each (spatial size 1): statistics and coefficients, vectorized ----
  * The SLICES split of _kernels.pyx ends a thread's slice of an (N, C) matrix with the statistics of
- * its columns: n channels whose moments it holds alone (no merge), in one vector loop instead of a
- * scalar one per channel (whose division and square root took half of a (8, 16384) training call).
- * The same arithmetic as _finish_stats and _finish_grad in _kernels.pyx, so the same bits. */
+ * its columns: n channels whose moments it holds alone (no merge). */
 
-/* mean, var, invstd and cf = [mhi | mlo | a | b] (blocks C apart) of n columns from their moments
- * (count, shift K, mean - K, M2: see fbn_shift_merge). */
+/* mean, var, invstd and the forward's coefficients (blocks C apart) of n columns from their
+ * moments (count, shift K, mean - K, M2: see fbn_shift_merge). */
 FBN_CLONES static void FBN_NAME(fbn_col_finish_stats)(double count, const double *K, const double *rel,
-                                                      const double *m2, double eps, const T *w, const T *b,
+                                                      const double *m2, double eps, const T *weight, const T *b,
                                                       double *restrict mean, double *restrict var,
                                                       double *restrict invstd, T *restrict cf, ptrdiff_t n,
                                                       ptrdiff_t C)
 {
 #pragma omp simd
     for (ptrdiff_t c = 0; c < n; c++) {
-        const double m = K[c] + rel[c], v = m2[c] / count, is = 1.0 / sqrt(v + eps);
-        const T hi = (T)m;
+        const double m = K[c] + rel[c], v = fbn_var(count, m2[c]), is = fbn_invstd(v, eps);
         mean[c] = m;
         var[c] = v;
         invstd[c] = is;
-        cf[c] = hi;
-        cf[C + c] = FBN_NAME(fbn_mean_lo)(m, hi);
-        cf[2 * C + c] = (T)((double)w[c] * is);
-        cf[3 * C + c] = b[c];
+        FBN_NAME(fbn_affine_coefs)(m, is, weight[c], b[c], cf + c, C);
     }
 }
 
-/* grad_weight, grad_bias and cf = [mhi | mlo | kdy | kx | kc] (blocks C apart) of n columns from
- * sum dy and sum dy * (x - mean); training = 0: the affine's [0 | 0 | kdy | 0 | 0]. */
+/* grad_weight, grad_bias and the backward's coefficients (blocks C apart) of n columns from
+ * sum dy and sum dy * (x - mean). */
 FBN_CLONES static void FBN_NAME(fbn_col_finish_grad)(double count, const double *sdy, const double *sdyx,
-                                                     int training, const T *w, const double *mean,
+                                                     int training, const T *weight, const double *mean,
                                                      const double *invstd, double *restrict gw,
                                                      double *restrict gb, T *restrict cf, ptrdiff_t n, ptrdiff_t C)
 {
+    /* 0 + s: a sum of -0 gives +0, as the merges' sums that start at 0 */
+    if (training) {
 #pragma omp simd
-    for (ptrdiff_t c = 0; c < n; c++) {
-        /* 0 + s: a sum of -0 gives +0, as the merges' sums that start at 0 */
-        const double a = 0.0 + sdy[c], d = 0.0 + sdyx[c], is = invstd[c], k = (double)w[c] * is;
-        const T hi = (T)mean[c];
-        gb[c] = a;
-        gw[c] = d * is;
-        cf[c] = hi;
-        cf[C + c] = FBN_NAME(fbn_mean_lo)(mean[c], hi);
-        cf[2 * C + c] = (T)k;
-        cf[3 * C + c] = (T)(-k * is * is * d / count);
-        cf[4 * C + c] = (T)(-k * a / count);
-    }
-    if (!training)
         for (ptrdiff_t c = 0; c < n; c++)
-            cf[c] = cf[C + c] = cf[3 * C + c] = cf[4 * C + c] = 0;
-}
-
-/* ---- the benchmark's floor ----
- * The least memory traffic a pass of batch norm can make, with next to no arithmetic: reads
- * a[0:n] and, when given, b[0:n]; with y, writes y = a (+ b), with streaming stores when nt
- * (as the kernels do for outputs beyond the cache); without y, returns a sum of what it read, so
- * that the reads cannot be optimized away.  `python -m fastbn bench` times an operation's passes
- * with it to show how fast that operation could possibly be on the machine. */
-FBN_CLONES static double FBN_NAME(fbn_traffic)(const T *a, const T *b, T *y, ptrdiff_t n, int nt)
-{
-    T s = 0, buf[FBN_CHUNK];
-    if (y && nt && !b) {
-        fbn_stream_store(y, a, (size_t)n * sizeof(T));
-    } else if (y) {
-        for (ptrdiff_t j = 0; j < n; j += FBN_CHUNK) {
-            ptrdiff_t bl = n - j < FBN_CHUNK ? n - j : FBN_CHUNK;
-            T *q = nt ? buf : y + j;
-            if (b) {
-#pragma omp simd
-                for (ptrdiff_t i = 0; i < bl; i++)
-                    q[i] = a[j + i] + b[j + i];
-            } else {
-#pragma omp simd
-                for (ptrdiff_t i = 0; i < bl; i++)
-                    q[i] = a[j + i];
-            }
-            if (nt)
-                fbn_stream_store(y + j, buf, (size_t)bl * sizeof(T));
-        }
-    } else if (b) {
-#pragma omp simd reduction(+:s)
-        for (ptrdiff_t i = 0; i < n; i++)
-            s += a[i] + b[i];
+            FBN_NAME(fbn_grad_coefs)(0.0 + sdy[c], 0.0 + sdyx[c], count, 1, weight[c], mean[c], invstd[c], gw + c,
+                                     gb + c, cf + c, C);
     } else {
-#pragma omp simd reduction(+:s)
-        for (ptrdiff_t i = 0; i < n; i++)
-            s += a[i];
+#pragma omp simd
+        for (ptrdiff_t c = 0; c < n; c++)
+            FBN_NAME(fbn_grad_coefs)(0.0 + sdy[c], 0.0 + sdyx[c], count, 0, weight[c], mean[c], invstd[c], gw + c,
+                                     gb + c, cf + c, C);
     }
-    return (double)s;
 }

@@ -105,10 +105,12 @@ def test_backend_kernel_list_and_constants_match_the_source():
     def define(name):
         return int(re.search(rf"#define\s+{name}\s+(\d+)", src).group(1))
 
-    assert define("FBN_BLOCK") == _cupy_backend.BLOCK
+    assert define("FBN_GPU_THREADS") == _cupy_backend.BLOCK
     assert (define("FBN_COL_X"), define("FBN_COL_Y")) == _cupy_backend.COLUMN_BLOCK
     assert define("FBN_MERGE_WARPS") == _cupy_backend.MERGE_WARPS
-    assert not re.search(r"^\s*#\s*include", src, re.M), "NVRTC compiles the source without host headers"
+    includes = re.findall(r"^\s*#\s*include.*$", src, re.M)
+    assert includes == ['#include "../_coefs.h"', '#include "batch_norm_device.cuh"'], "NVRTC: no host headers"
+    assert '#include "' not in _cupy_backend._read_source(), "_coefs.h is spliced in"
 
 
 # ---------------------------------------------------------------------------------- without CuPy

@@ -16,6 +16,7 @@ of 32 channels at a time.  ``tuning["unit"]`` forces the partial size (elements 
 rows per row range for ``"columns"``).
 """
 import os
+import re
 import sys
 import threading
 
@@ -41,7 +42,7 @@ KERNELS = (
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 OPTIONS = ("-std=c++17",)
 
-BLOCK = 256              # FBN_BLOCK in the source
+BLOCK = 256              # FBN_GPU_THREADS in the source
 COLUMN_BLOCK = (32, 8)   # FBN_COL_X, FBN_COL_Y
 MERGE_WARPS = 4          # FBN_MERGE_WARPS
 MIN_UNIT = 8192          # fewest elements per block worth a partial of their own
@@ -246,10 +247,16 @@ def device_module(index=None):
 
 # ---------------------------------------------------------------- kernels
 def _read_source():
+    """SOURCE with the files it includes spliced in (fastbn/_coefs.h, shared with the CPU kernels,
+    and _cuda/batch_norm_device.cuh): NVRTC compiles a string, and is given no include path."""
     global _source
     if _source is None:
+        def splice(match):
+            with open(os.path.join(os.path.dirname(SOURCE), match.group(1)), encoding="utf-8") as f:
+                return f.read()
+
         with open(SOURCE, encoding="utf-8") as f:
-            _source = f.read()
+            _source = re.sub(r'^#include "([^"]+)"\n', splice, f.read(), flags=re.M)
     return _source
 
 

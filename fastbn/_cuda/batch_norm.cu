@@ -1,8 +1,9 @@
 /* fastbn/_cuda/batch_norm.cu -- fastbn's CUDA kernels (the GPU twin of _kernels.pyx + _simd.h).
  *
  * Compiled at run time by NVRTC through cupy.RawModule (fastbn/_cupy_backend.py), one module per
- * (device, dtype), with the name expressions "bn_xxx<float>" / "bn_xxx<double>".  No #include:
- * NVRTC has no host headers, and everything used here is built in.
+ * (device, dtype), with the name expressions "bn_xxx<float>" / "bn_xxx<double>".  NVRTC has no
+ * host headers: everything used here is built in, but for the two #includes, ../_coefs.h and
+ * batch_norm_device.cuh, which _cupy_backend splices into the source it compiles.
  *
  * Buffers are C-contiguous (N, C, S): channel c is N runs of S contiguous elements, element e of
  * the channel (0 <= e < N*S) lives at ((e / S) * C + c) * S + e % S.  Every index is 64-bit.
@@ -19,7 +20,7 @@
  *             (coalesced), partials per row range, then the same merge + apply kernels.
  *
  * Numerics (the same as the CPU's):
- *   - moments in double for both dtypes: each thread takes its elements FBN_CHUNK at a time into
+ *   - moments in double for both dtypes: each thread takes its elements FBN_GPU_CHUNK at a time into
  *     registers, computes the chunk's exact two-pass mean and M2, and merges it into its running
  *     (count, mean, M2) with Chan et al.'s update; threads, warps, blocks and units are merged
  *     with the same update (warp shuffles, then shared memory).  Never E[x^2] - E[x]^2.
@@ -39,347 +40,32 @@
  * (the CPU keeps them); float64 is unaffected.
  */
 
-#ifndef FBN_BLOCK
-#define FBN_BLOCK 256 /* threads per block of the 1-D kernels; _cupy_backend.BLOCK must match */
+#ifndef FBN_GPU_THREADS
+#define FBN_GPU_THREADS 256 /* threads per block of the 1-D kernels; _cupy_backend.BLOCK must match */
 #endif
-#define FBN_CHUNK 8   /* elements per thread per two-pass chunk / loads in flight per thread */
+#define FBN_GPU_CHUNK 8   /* elements per thread per two-pass chunk / loads in flight per thread */
 #define FBN_APPLY 4   /* elements per thread per iteration of the elementwise loops */
 #define FBN_COL_X 32  /* columns kernels: 32 adjacent columns per warp ... */
 #define FBN_COL_Y 8   /* ... and 8 warps striding the rows; _cupy_backend.COLUMN_BLOCK = (32, 8) */
 #define FBN_MERGE_WARPS 4 /* merge kernels: one warp per channel, 4 channels per block */
 #define FBN_FULL_MASK 0xffffffffu
 
+/* The per-channel arithmetic, shared with the CPU kernels: Chan's merge (fbn_chan_merge), the
+ * statistics, the mean split and the coefficients.  nvcc reads the file; _cupy_backend splices it
+ * in here for NVRTC, which compiles a string and is given no include path. */
+#include "../_coefs.h"
+
 typedef long long i64;
 
-/* ------------------------------------------------------------------ small helpers */
-__device__ __forceinline__ float fbn_fma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fbn_fma(double a, double b, double c) { return __fma_rn(a, b, c); }
-
-__device__ __forceinline__ i64 fbn_min(i64 a, i64 b) { return a < b ? a : b; }
-
-/* Merge a chunk's (count nb, mean mb, M2 m2b) into the accumulator (n, m, m2): fbn_chan_merge. */
-__device__ __forceinline__ void fbn_chan_merge(double &n, double &m, double &m2, double nb, double mb, double m2b)
-{
-    if (nb <= 0.0)
-        return;
-    if (n == 0.0) { /* the first part: taken as it is (d * d * 0 would be NaN for |d| > 1e154) */
-        n = nb;
-        m = mb;
-        m2 = m2b;
-        return;
-    }
-    double nn = n + nb;
-    double d = mb - m;
-    m += d * (nb / nn);
-    m2 += m2b + d * d * (n * (nb / nn));
-    n = nn;
-}
-
-/* Chan-merge the (count, mean, M2) of all 32 lanes into lane 0 (shuffle tree, fixed order). */
-/* Two-pass moments of the first cnt of a thread's FBN_CHUNK loaded values, merged into (n, m, m2). */
-__device__ __forceinline__ void fbn_chunk_merge(const double *v, int cnt, double &n, double &m, double &m2)
-{
-    double s = 0.0;
-#pragma unroll
-    for (int j = 0; j < FBN_CHUNK; j++)
-        if (j < cnt)
-            s += v[j];
-    const double bm = s / (double)cnt;
-    double q = 0.0;
-#pragma unroll
-    for (int j = 0; j < FBN_CHUNK; j++) {
-        if (j < cnt) {
-            const double d = v[j] - bm;
-            q = fbn_fma(d, d, q);
-        }
-    }
-    fbn_chan_merge(n, m, m2, (double)cnt, bm, q);
-}
-
-__device__ __forceinline__ void fbn_warp_merge(double &n, double &m, double &m2)
-{
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        double nb = __shfl_down_sync(FBN_FULL_MASK, n, o);
-        double mb = __shfl_down_sync(FBN_FULL_MASK, m, o);
-        double m2b = __shfl_down_sync(FBN_FULL_MASK, m2, o);
-        fbn_chan_merge(n, m, m2, nb, mb, m2b);
-    }
-}
-
-/* Sum two values over the 32 lanes into lane 0. */
-__device__ __forceinline__ void fbn_warp_sum2(double &a, double &b)
-{
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        a += __shfl_down_sync(FBN_FULL_MASK, a, o);
-        b += __shfl_down_sync(FBN_FULL_MASK, b, o);
-    }
-}
-
-/* Merge every thread's (n, m, m2) of a 1-D block into thread 0's.  Ends with a barrier, so the
- * shared scratch can be reused right away.  blockDim.x must be a multiple of 32. */
-__device__ __forceinline__ void fbn_block_merge(double &n, double &m, double &m2)
-{
-    __shared__ double sh[3][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    fbn_warp_merge(n, m, m2);
-    if (lane == 0) {
-        sh[0][warp] = n;
-        sh[1][warp] = m;
-        sh[2][warp] = m2;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        n = lane < nwarps ? sh[0][lane] : 0.0;
-        m = lane < nwarps ? sh[1][lane] : 0.0;
-        m2 = lane < nwarps ? sh[2][lane] : 0.0;
-        fbn_warp_merge(n, m, m2);
-    }
-    __syncthreads();
-}
-
-/* Sum two values over a 1-D block into thread 0.  Ends with a barrier. */
-__device__ __forceinline__ void fbn_block_sum2(double &a, double &b)
-{
-    __shared__ double sh[2][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    fbn_warp_sum2(a, b);
-    if (lane == 0) {
-        sh[0][warp] = a;
-        sh[1][warp] = b;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        a = lane < nwarps ? sh[0][lane] : 0.0;
-        b = lane < nwarps ? sh[1][lane] : 0.0;
-        fbn_warp_sum2(a, b);
-    }
-    __syncthreads();
-}
-
-/* ------------------------------------------------------------------ walking the elements */
-/* Walks elements e, e + step, e + 2 step, ... of channel c of an (N, C, S) buffer, keeping the
- * buffer offset up to date with adds and one compare (no division per element). */
-struct FbnChannelWalker {
-    i64 e, off, s, S, step, step_off, step_s, wrap;
-
-    __device__ __forceinline__ FbnChannelWalker(i64 e0, i64 C, i64 S_, i64 c, i64 step_)
-    {
-        S = S_;
-        step = step_;
-        e = e0;
-        i64 n = e0 / S;
-        s = e0 - n * S;
-        off = (n * C + c) * S + s;
-        step_s = step % S;
-        step_off = (step / S) * C * S + step_s;
-        wrap = C * S - S; /* crossing a row boundary skips the other channels' runs */
-    }
-
-    __device__ __forceinline__ void next()
-    {
-        e += step;
-        off += step_off;
-        s += step_s;
-        if (s >= S) {
-            s -= S;
-            off += wrap;
-        }
-    }
-};
-
-/* Walks the flat indices i, i + step, ... of an (N, C, S) buffer, keeping the channel of i. */
-struct FbnFlatWalker {
-    i64 i, s, c, S, C, step, step_s, step_c;
-
-    __device__ __forceinline__ FbnFlatWalker(i64 i0, i64 C_, i64 S_, i64 step_)
-    {
-        C = C_;
-        S = S_;
-        step = step_;
-        i = i0;
-        i64 row = i0 / S;
-        s = i0 - row * S;
-        c = row % C;
-        step_s = step % S;
-        step_c = (step / S) % C;
-    }
-
-    __device__ __forceinline__ void next()
-    {
-        i += step;
-        s += step_s;
-        i64 carry = 0;
-        if (s >= S) {
-            s -= S;
-            carry = 1;
-        }
-        c += step_c + carry; /* < 2C: one conditional subtraction keeps it in [0, C) */
-        if (c >= C)
-            c -= C;
-    }
-};
-
-/* ------------------------------------------------------------------ per-thread reductions */
-/* The shift of channel c's moments: its first element, a value of the data (see Numerics). */
-template <typename T>
-__device__ __forceinline__ double fbn_shift(const T *x, i64 S, i64 c)
-{
-    return (double)x[c * S];
-}
-
-/* (count, mean - shift, M2) of this thread's share of channel c's elements [e0, e1) (thread t
- * takes e0 + t, e0 + t + blockDim.x, ...), merged into (n, m, m2); shift = fbn_shift(x, S, c). */
-template <typename T>
-__device__ __forceinline__ void fbn_thread_moments(const T *x, i64 C, i64 S, i64 c, i64 e0, i64 e1,
-                                                   double &n, double &m, double &m2)
-{
-    const double shift = fbn_shift(x, S, c);
-    FbnChannelWalker w(e0 + threadIdx.x, C, S, c, blockDim.x);
-    while (w.e < e1) {
-        double v[FBN_CHUNK];
-        int cnt = 0;
-#pragma unroll
-        for (int j = 0; j < FBN_CHUNK; j++) { /* all loads first: FBN_CHUNK in flight */
-            if (w.e < e1) {
-                v[j] = (double)x[w.off] - shift;
-                cnt = j + 1;
-            }
-            w.next();
-        }
-        fbn_chunk_merge(v, cnt, n, m, m2);
-    }
-}
-
-/* sum(dy) and sum(dy * (x - mean)) of this thread's share of channel c's elements [e0, e1). */
-template <typename T>
-__device__ __forceinline__ void fbn_thread_grad_sums(const T *dy, const T *x, i64 C, i64 S, i64 c, i64 e0, i64 e1,
-                                                     double mean, double &a, double &b)
-{
-    FbnChannelWalker w(e0 + threadIdx.x, C, S, c, blockDim.x);
-    while (w.e < e1) {
-        double g[FBN_CHUNK], v[FBN_CHUNK];
-        int cnt = 0;
-#pragma unroll
-        for (int j = 0; j < FBN_CHUNK; j++) { /* all loads first: 2 FBN_CHUNK in flight */
-            if (w.e < e1) {
-                g[j] = (double)dy[w.off];
-                v[j] = (double)x[w.off];
-                cnt = j + 1;
-            }
-            w.next();
-        }
-#pragma unroll
-        for (int j = 0; j < FBN_CHUNK; j++) {
-            if (j < cnt) {
-                a += g[j];
-                b = fbn_fma(g[j], v[j] - mean, b);
-            }
-        }
-    }
-}
-
-/* ------------------------------------------------------------------ per-channel coefficients */
-template <typename T>
-__device__ __forceinline__ void fbn_split_mean(double m, T &hi, T &lo)
-{
-    hi = (T)m;
-    lo = hi - hi == (T)0 ? (T)(m - (double)hi) : (T)0; /* an infinite hi has no low part: inf - inf is NaN */
-}
-
-/* Batch statistics of channel c from its merged moments; the affine coefficients into cf[0..3]
- * = (m_hi, m_lo, a, b). */
-template <typename T>
-__device__ __forceinline__ void fbn_finish_stats(i64 c, double n, double m, double m2, double eps, const T *weight,
-                                                 const T *bias, double *mean, double *var, double *invstd, T *cf)
-{
-    const double v = m2 / n;
-    const double istd = 1.0 / sqrt(v + eps);
-    mean[c] = m;
-    var[c] = v;
-    invstd[c] = istd;
-    fbn_split_mean(m, cf[0], cf[1]);
-    cf[2] = (T)((double)weight[c] * istd);
-    cf[3] = bias[c];
-}
-
-/* Parameter gradients of channel c from its sums; grad_input coefficients into cf[0..4] =
- * (m_hi, m_lo, kdy, kx, kc).  Evaluation mode: (0, 0, kdy, 0, 0), whose first four are the
- * affine's coefficients for dx = dy * kdy: that pass must not read x or the mean, where a NaN
- * would make dx NaN (NaN * 0), while PyTorch's dx is finite. */
-template <typename T>
-__device__ __forceinline__ void fbn_finish_grad(i64 c, double sdy, double sdyx, double count, int training,
-                                                const T *weight, const double *mean, const double *invstd,
-                                                double *grad_weight, double *grad_bias, T *cf)
-{
-    const double istd = invstd[c], k = (double)weight[c] * istd;
-    grad_bias[c] = sdy;
-    grad_weight[c] = sdyx * istd;
-    cf[2] = (T)k;
-    if (training) {
-        fbn_split_mean(mean[c], cf[0], cf[1]);
-        cf[3] = (T)(-k * istd * istd * sdyx / count);
-        cf[4] = (T)(-k * sdy / count);
-    } else {
-        cf[0] = cf[1] = cf[3] = cf[4] = (T)0;
-    }
-}
-
-/* ------------------------------------------------------------------ elementwise, one channel */
-template <typename T>
-__device__ __forceinline__ void fbn_channel_affine(const T *x, T *y, i64 C, i64 S, i64 c, i64 NS, T mhi, T mlo,
-                                                   T a, T b)
-{
-    FbnChannelWalker w(threadIdx.x, C, S, c, blockDim.x);
-    while (w.e < NS) {
-        i64 off[FBN_APPLY];
-        T v[FBN_APPLY];
-#pragma unroll
-        for (int j = 0; j < FBN_APPLY; j++) { /* y may be x: each element is read, then written */
-            off[j] = w.e < NS ? w.off : -1;
-            if (off[j] >= 0)
-                v[j] = x[off[j]];
-            w.next();
-        }
-#pragma unroll
-        for (int j = 0; j < FBN_APPLY; j++)
-            if (off[j] >= 0)
-                y[off[j]] = fbn_fma((v[j] - mhi) - mlo, a, b);
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ void fbn_channel_grad_input(const T *dy, const T *x, T *dx, i64 C, i64 S, i64 c, i64 NS,
-                                                       const T *cf)
-{
-    const T mhi = cf[0], mlo = cf[1], kdy = cf[2], kx = cf[3], kc = cf[4];
-    FbnChannelWalker w(threadIdx.x, C, S, c, blockDim.x);
-    while (w.e < NS) {
-        i64 off[FBN_APPLY];
-        T g[FBN_APPLY], v[FBN_APPLY];
-#pragma unroll
-        for (int j = 0; j < FBN_APPLY; j++) {
-            off[j] = w.e < NS ? w.off : -1;
-            if (off[j] >= 0) {
-                g[j] = dy[off[j]];
-                v[j] = x[off[j]];
-            }
-            w.next();
-        }
-#pragma unroll
-        for (int j = 0; j < FBN_APPLY; j++)
-            if (off[j] >= 0)
-                dx[off[j]] = fbn_fma(kdy, g[j], fbn_fma((v[j] - mhi) - mlo, kx, kc));
-    }
-}
+/* The device functions: merges, walkers, reductions, coefficients, elementwise loops. */
+#include "batch_norm_device.cuh"
 
 /* ================================================================== kernels: forward */
 
 /* channels path, training: batch statistics and the normalize + affine of each channel in one
  * block.  y may be x.  Grid: any number of blocks (they stride over the channels). */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_forward_channels(const T *x, T *y, const T *weight, const T *bias, double eps, i64 N, i64 C, i64 S,
                     double *mean, double *var, double *invstd)
 {
@@ -401,7 +87,7 @@ bn_forward_channels(const T *x, T *y, const T *weight, const T *bias, double eps
 /* units path, stage 1: unit u = (channel u / k, elements [(u % k) * U, min(NS, (u % k + 1) * U)))
  * writes its (count, mean - shift, M2) to part[3u .. 3u + 2]. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_moments_units(const T *__restrict__ x, i64 N, i64 C, i64 S, i64 k, i64 U, double *__restrict__ part)
 {
     const i64 NS = N * S;
@@ -433,11 +119,11 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
         double n = 0.0, m = 0.0, m2 = 0.0;
         if (c < C) {
             const double shift = fbn_shift(x, (i64)1, c);
-            for (i64 r = j * R + ty; r < r1; r += FBN_CHUNK * FBN_COL_Y) {
-                double v[FBN_CHUNK];
+            for (i64 r = j * R + ty; r < r1; r += FBN_GPU_CHUNK * FBN_COL_Y) {
+                double v[FBN_GPU_CHUNK];
                 int cnt = 0;
 #pragma unroll
-                for (int t = 0; t < FBN_CHUNK; t++) {
+                for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     const i64 rr = r + (i64)t * FBN_COL_Y;
                     if (rr < r1) {
                         v[t] = (double)x[rr * C + c] - shift;
@@ -453,7 +139,7 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
         __syncthreads();
         if (ty == 0 && c < C) {
             for (int t = 1; t < FBN_COL_Y; t++)
-                fbn_chan_merge(n, m, m2, sh[0][t][tx], sh[1][t][tx], sh[2][t][tx]);
+                fbn_chan_merge(&n, &m, &m2, sh[0][t][tx], sh[1][t][tx], sh[2][t][tx]);
             const i64 p = 3 * (c * k + j);
             part[p] = n;
             part[p + 1] = m;
@@ -478,7 +164,7 @@ bn_merge_moments(const double *part, const T *x, i64 C, i64 S, i64 k, double eps
         double n = 0.0, m = 0.0, m2 = 0.0;
         for (i64 j = lane; j < k; j += 32) {
             const double *p = part + 3 * (c * k + j);
-            fbn_chan_merge(n, m, m2, p[0], p[1], p[2]);
+            fbn_chan_merge(&n, &m, &m2, p[0], p[1], p[2]);
         }
         fbn_warp_merge(n, m, m2);
         if (lane == 0) {
@@ -502,7 +188,7 @@ __global__ void bn_eval_coefs(const double *mean, const double *invstd, const T 
         fbn_split_mean(mean[c], hi, lo);
         coef[c] = hi;
         coef[C + c] = lo;
-        coef[2 * C + c] = (T)((double)weight[c] * invstd[c]);
+        coef[2 * C + c] = (T)fbn_scale((double)weight[c], invstd[c]);
         coef[3 * C + c] = bias[c];
     }
 }
@@ -510,7 +196,7 @@ __global__ void bn_eval_coefs(const double *mean, const double *invstd, const T 
 /* y = ((x - m_hi) - m_lo) * a + b over the whole buffer (total = N * C * S elements), with the
  * per-channel coefficients of bn_merge_moments / bn_eval_coefs.  y may be x.  Grid-stride. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_apply(const T *x, T *y, const T *coef, i64 C, i64 S, i64 total)
 {
     const i64 step = (i64)gridDim.x * blockDim.x;
@@ -530,7 +216,7 @@ bn_apply(const T *x, T *y, const T *coef, i64 C, i64 S, i64 total)
         for (int j = 0; j < FBN_APPLY; j++) {
             if (idx[j] >= 0) {
                 const i64 c = ch[j];
-                y[idx[j]] = fbn_fma((v[j] - coef[c]) - coef[C + c], coef[2 * C + c], coef[3 * C + c]);
+                y[idx[j]] = fbn_normalize(v[j], coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]);
             }
         }
     }
@@ -541,7 +227,7 @@ bn_apply(const T *x, T *y, const T *coef, i64 C, i64 S, i64 total)
 /* channels path: sums, parameter gradients and grad_input of each channel in one block.
  * dx must not overlap dy or x. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_backward_channels(const T *dy, const T *x, T *dx, const T *weight, const double *mean, const double *invstd,
                      int training, i64 N, i64 C, i64 S, double *grad_weight, double *grad_bias)
 {
@@ -568,7 +254,7 @@ bn_backward_channels(const T *dy, const T *x, T *dx, const T *weight, const doub
 
 /* units path, stage 1: unit u writes (sum dy, sum dy * (x - mean)) to part[2u], part[2u + 1]. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_grad_sums_units(const T *__restrict__ dy, const T *__restrict__ x, const double *__restrict__ mean, i64 N, i64 C,
                    i64 S, i64 k, i64 U, double *__restrict__ part)
 {
@@ -599,11 +285,11 @@ bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const do
         const i64 r1 = fbn_min(N, (j + 1) * R);
         double a = 0.0, b = 0.0;
         if (c < C) {
-            for (i64 r = j * R + ty; r < r1; r += FBN_CHUNK * FBN_COL_Y) {
-                double g[FBN_CHUNK], v[FBN_CHUNK];
+            for (i64 r = j * R + ty; r < r1; r += FBN_GPU_CHUNK * FBN_COL_Y) {
+                double g[FBN_GPU_CHUNK], v[FBN_GPU_CHUNK];
                 int cnt = 0;
 #pragma unroll
-                for (int t = 0; t < FBN_CHUNK; t++) {
+                for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     const i64 rr = r + (i64)t * FBN_COL_Y;
                     if (rr < r1) {
                         g[t] = (double)dy[rr * C + c];
@@ -612,7 +298,7 @@ bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const do
                     }
                 }
 #pragma unroll
-                for (int t = 0; t < FBN_CHUNK; t++) {
+                for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     if (t < cnt) {
                         a += g[t];
                         b = fbn_fma(g[t], v[t] - mc, b);
@@ -664,7 +350,7 @@ bn_merge_grad(const double *part, i64 C, i64 k, double count, int training, cons
 
 /* dx = kdy * dy + (((x - m_hi) - m_lo) * kx + kc) over the whole buffer.  Grid-stride. */
 template <typename T>
-__global__ void __launch_bounds__(FBN_BLOCK)
+__global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_grad_input(const T *dy, const T *x, T *dx, const T *coef, i64 C, i64 S, i64 total)
 {
     const i64 step = (i64)gridDim.x * blockDim.x;
@@ -686,8 +372,8 @@ bn_grad_input(const T *dy, const T *x, T *dx, const T *coef, i64 C, i64 S, i64 t
         for (int j = 0; j < FBN_APPLY; j++) {
             if (idx[j] >= 0) {
                 const i64 c = ch[j];
-                const T d = (v[j] - coef[c]) - coef[C + c];
-                dx[idx[j]] = fbn_fma(coef[2 * C + c], g[j], fbn_fma(d, coef[3 * C + c], coef[4 * C + c]));
+                dx[idx[j]] = fbn_fma(coef[2 * C + c], g[j],
+                                     fbn_normalize(v[j], coef[c], coef[C + c], coef[3 * C + c], coef[4 * C + c]));
             }
         }
     }

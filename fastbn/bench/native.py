@@ -5,8 +5,8 @@
 ``eval_kernel``: the evaluation forward kernel with the running statistics, on fastbn's threads,
     without the functional layer's checks: the "kernel" row of ``fastbn bench --latency``.
 
-When either moves (issue 12: the floor kernel leaves the production kernels), this file is the
-one to change.
+When either moves, this file is the one to change (issue 12 moved the floor kernel out of the
+production kernels, to fastbn._floor).
 """
 from .._backends.cpu import forward_eval_running as eval_kernel  # noqa: F401  (x3, y3, w, b, rm, rv, eps)
-from .._kernels import traffic  # noqa: F401  (a, b=None, y=None, n_threads=1, stream=-1, backwards=False)
+from .._floor import traffic  # noqa: F401  (a, b=None, y=None, n_threads=1, stream=-1, backwards=False)
