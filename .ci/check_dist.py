@@ -45,7 +45,8 @@ def check_installed():
     pkg = os.path.dirname(os.path.abspath(fastbn.__file__))
     problems = []
     for name in ("py.typed", "_kernels.pyi", "_openmp.pyi", "functional.pyi", "layers.pyi", "_layer_base.pyi",
-                 "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "_fastpath.pyi", "sync.pyi", "fusion.pyi"):
+                 "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "_fastpath.pyi", "_floor.pyi", "_plan.pyi", "_pool.pyi",
+                 "sync.pyi", "fusion.pyi"):
         if not os.path.exists(os.path.join(pkg, name)):
             problems.append(f"the installed package has no {name}")
     # every subpackage of the source tree (pyproject.toml's packages list names each one)

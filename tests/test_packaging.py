@@ -13,7 +13,8 @@ def test_the_package_is_typed():
     """py.typed and the stubs of the public API and of the compiled modules ship with the package
     (in the sdist and the wheel: CI checks a typed usage file against them with mypy)."""
     for name in ("py.typed", "_openmp.pyi", "_kernels.pyi", "functional.pyi", "layers.pyi", "_layer_base.pyi",
-                 "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "_fastpath.pyi", "sync.pyi", "fusion.pyi"):
+                 "norms.pyi", "norm_layers.pyi", "_grad_mode.pyi", "_alloc.pyi", "_fastpath.pyi", "_floor.pyi", "_plan.pyi", "_pool.pyi",
+                 "sync.pyi", "fusion.pyi"):
         assert os.path.isfile(os.path.join(PKG, name)), name
 
 
