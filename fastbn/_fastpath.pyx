@@ -53,6 +53,15 @@ cdef inline bint _apart(cnp.ndarray out, object a) noexcept:
     return o1 <= a0 or a1 <= o0
 
 
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Whether a and b (of the same number of dimensions) have the same shape."""
+    cdef int d
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIM(a, d) != cnp.PyArray_DIM(b, d):
+            return False
+    return True
+
+
 def eval_forward(x, running_mean, running_var, weight, bias, eps, out):
     """``(y, save_mean, save_invstd)`` of an evaluation-mode batch norm whose arguments are all
     plain (see the module's docstring), or None."""
@@ -72,7 +81,7 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, out):
     if out is None:
         y = _empty_like(x3, x.shape)
     else:
-        if _plain(out, cnp.PyArray_NDIM(xa), True) != t or out.shape != x.shape:
+        if _plain(out, cnp.PyArray_NDIM(xa), True) != t or not _same_shape(<cnp.ndarray>out, xa):
             return None
         if cnp.PyArray_DATA(<cnp.ndarray>out) != cnp.PyArray_DATA(xa) and not _apart(out, x):
             return None

@@ -168,32 +168,6 @@ cdef struct _Job:
 # memoryviews check the same but cost about 1 us per call for six arguments, which showed in the
 # per-call time of small inputs; fastbn.functional has validated everything else.
 
-cdef int _float_type(object a, int ndim, str name) except -1:
-    """NPY_FLOAT or NPY_DOUBLE: the element type of ``a``, which must be a float32 or float64
-    numpy array of ``ndim`` dimensions (the (N, C, S) input, or a (C,) running buffer)."""
-    if not cnp.PyArray_Check(a) or cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim:
-        raise TypeError(f"{name} must be a {ndim}-D numpy array, got {type(a).__name__} of shape {getattr(a, 'shape', None)}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
-    if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-    return t
-
-
-cdef void *_data(object a, int typenum, Py_ssize_t n, bint out, str name) except NULL:
-    """The buffer of ``a``: an aligned, native-order, C-contiguous numpy array of ``n`` elements
-    of ``typenum`` (writable if ``out``); anything else raises instead of becoming a wild pointer."""
-    cdef cnp.ndarray arr
-    if not cnp.PyArray_Check(a):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    arr = <cnp.ndarray>a
-    if (cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_SIZE(arr) != n or not cnp.PyArray_ISNOTSWAPPED(arr)
-            or not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_CARRAY if out else cnp.NPY_ARRAY_CARRAY_RO)):
-        want = "float32" if typenum == cnp.NPY_FLOAT else "float64"
-        raise ValueError(f"{name} must be an aligned, C-contiguous, native-order{', writable' if out else ''} "
-                         f"{want} array of {n} elements, got {a.dtype} of shape {a.shape}")
-    return cnp.PyArray_DATA(arr)
-
-
 cdef inline object _new(Py_ssize_t n, int typenum, bint zero):
     """A new 1-D array of n elements (zeros, or uninitialized) for a kernel's scratch."""
     cdef cnp.npy_intp d = n

@@ -50,6 +50,7 @@ import numpy as np
 cimport numpy as cnp
 from cython cimport floating
 
+from fastbn._arrays cimport data as _data, float_type as _float_type
 from fastbn._pool cimport pool_run
 # the pool's knobs and counters, part of this module's interface (see _pool.pyx)
 from fastbn._pool import pool_counters, pool_helpers, pool_spin_us

@@ -38,9 +38,8 @@ from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
-cdef extern from "_pool.h" nogil:
-    ctypedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task) noexcept nogil
-    void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
+from fastbn._arrays cimport data as _data, float_type as _float_type
+from fastbn._pool cimport pool_run
 
 cdef extern from "_norm_simd.h" nogil:
     void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
@@ -126,208 +125,11 @@ cdef inline Py_ssize_t _split(Py_ssize_t L, Py_ssize_t K, Py_ssize_t k) noexcept
     return L * k // K
 
 
-cdef int _float_type(object a, str name) except -1:
-    """NPY_FLOAT or NPY_DOUBLE, the element type of numpy array ``a`` (copied from _kernels.pyx)."""
-    if not cnp.PyArray_Check(a):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
-    if t != cnp.NPY_FLOAT and t != cnp.NPY_DOUBLE:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-    return t
-
-
-cdef void *_data(object a, int typenum, Py_ssize_t n, bint out, str name) except NULL:
-    """The buffer of an aligned, native-order, C-contiguous numpy array of ``n`` elements of
-    ``typenum`` (writable if ``out``); anything else raises (copied from _kernels.pyx)."""
-    cdef cnp.ndarray arr
-    if not cnp.PyArray_Check(a):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    arr = <cnp.ndarray>a
-    if (cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_SIZE(arr) != n or not cnp.PyArray_ISNOTSWAPPED(arr)
-            or not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_CARRAY if out else cnp.NPY_ARRAY_CARRAY_RO)):
-        want = "float32" if typenum == cnp.NPY_FLOAT else "float64"
-        raise ValueError(f"{name} must be an aligned, C-contiguous, native-order{', writable' if out else ''} "
-                         f"{want} array of {n} elements, got {a.dtype} of shape {a.shape}")
-    return cnp.PyArray_DATA(arr)
-
-
 cdef inline double *_dptr(object a) noexcept:
     return <double *>cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-# ---------------------------------------------------------------- per-row work
-cdef inline void _finish_row(const Job *jb, Py_ssize_t r, const double *acc) noexcept nogil:
-    cdef double v = acc[<int>FBN_M2] / acc[<int>FBN_N]
-    jb.mean[r] = fbn_acc_mean(acc)
-    jb.var[r] = v
-    jb.invstd[r] = 1.0 / sqrt(v + jb.eps)
-
-
-cdef inline void _split_mean(double m, floating *hi, floating *lo) noexcept nogil:
-    hi[0] = <floating>m
-    if floating is float:
-        lo[0] = fbn_mean_lo_f32(m, hi[0])
-    else:
-        lo[0] = fbn_mean_lo_f64(m, hi[0])
-
-
-cdef void _group_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept nogil:
-    """The forward's [mhi | mlo | a | b] for row r (channels (r % G) * Cg ...)."""
-    cdef Py_ssize_t Cg = jb.Cg, c, ch0 = (r % jb.G) * Cg
-    cdef floating *cf = <floating *>jb.cf + r * 5 * Cg
-    cdef const floating *w = <const floating *>jb.w
-    cdef const floating *b = <const floating *>jb.b
-    cdef floating hi, lo
-    cdef double istd = jb.invstd[r]
-    _split_mean(jb.mean[r], &hi, &lo)
-    for c in range(Cg):
-        cf[c] = hi
-        cf[Cg + c] = lo
-        cf[2 * Cg + c] = <floating>(<double>w[ch0 + c] * istd)
-        cf[3 * Cg + c] = b[ch0 + c]
-
-
-cdef void _group_grad_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept nogil:
-    """The backward's [mhi | mlo | kdy | kx | kc] for row r, from its merged sums: with
-    g = dy * w, dx = istd * (g - mean(g) - xhat * mean(g * xhat)).  Without batch statistics
-    (instance norm on running statistics) dx = dy * w * istd: the forward's affine applied to dy
-    with [0 | 0 | kdy | 0], which reads neither x nor the mean."""
-    cdef Py_ssize_t Cg = jb.Cg, c, ch0 = (r % jb.G) * Cg
-    cdef floating *cf = <floating *>jb.cf + r * 5 * Cg
-    cdef const floating *w = <const floating *>jb.w
-    cdef const double *s = jb.sums + r * 2 * Cg
-    cdef double istd = jb.invstd[r], A = 0.0, B = 0.0, n = <double>jb.L
-    cdef floating hi, lo, kx, kc
-    for c in range(Cg):
-        A += <double>w[ch0 + c] * s[2 * c]
-        B += <double>w[ch0 + c] * s[2 * c + 1]
-    if jb.training:
-        _split_mean(jb.mean[r], &hi, &lo)
-        kx = <floating>(-istd * istd * istd * B / n)
-        kc = <floating>(-istd * A / n)
-    else:
-        hi = lo = kx = kc = 0
-    for c in range(Cg):
-        cf[c] = hi
-        cf[Cg + c] = lo
-        cf[2 * Cg + c] = <floating>(<double>w[ch0 + c] * istd)
-        cf[3 * Cg + c] = kx
-        cf[4 * Cg + c] = kc
-
-
-cdef void _moments(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
-    cdef const floating *x = <const floating *>jb.x + r * jb.L
-    acc[0] = acc[1] = acc[2] = acc[3] = 0.0
-    if floating is float:
-        fbn_row_moments_fl(x + f0, f1 - f0, acc)
-    else:
-        fbn_row_moments_f64(x + f0, f1 - f0, acc)
-
-
-cdef void _group_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
-    cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
-    cdef const floating *x = <const floating *>jb.x + r * jb.L
-    cdef floating *y = <floating *>jb.y + r * jb.L
-    if floating is float:
-        fbn_affine_fl(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
-    else:
-        fbn_affine_f64(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
-
-
-cdef void _group_gsums(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
-    cdef Py_ssize_t o = r * jb.L, c
-    for c in range(2 * jb.Cg):
-        acc[c] = 0.0
-    if floating is float:
-        fbn_grad_sums_fl(<const float *>jb.dy + o, <const float *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
-    else:
-        fbn_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
-
-
-cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
-    cdef Py_ssize_t o = r * jb.L
-    cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
-    if jb.training:
-        if floating is float:
-            fbn_grad_input_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
-        else:
-            fbn_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
-    else:  # cf's first four blocks are [0 | 0 | kdy | 0]
-        if floating is float:
-            fbn_affine_fl(<const float *>jb.dy + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
-        else:
-            fbn_affine_f64(<const double *>jb.dy + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
-
-
-cdef void _ln_row_coefs(const Job *jb, Py_ssize_t r, double A, double B, floating *istd, floating *hi,
-                        floating *lo, floating *kx, floating *kc) noexcept nogil:
-    cdef double s = jb.invstd[r], n = <double>jb.L
-    istd[0] = <floating>s
-    _split_mean(jb.mean[r], hi, lo)
-    kx[0] = <floating>(-s * s * s * B / n)
-    kc[0] = <floating>(-s * A / n)
-
-
-cdef void _ln_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
-    cdef Py_ssize_t o = r * jb.L + f0
-    cdef floating hi, lo
-    _split_mean(jb.mean[r], &hi, &lo)
-    if floating is float:
-        fbn_ln_apply_f32(<const float *>jb.x + o, <float *>jb.y + o, f1 - f0, hi, lo, <float>jb.invstd[r],
-                         <const float *>jb.w + f0, <const float *>jb.b + f0, jb.nt)
-    else:
-        fbn_ln_apply_f64(<const double *>jb.x + o, <double *>jb.y + o, f1 - f0, hi, lo, jb.invstd[r],
-                         <const double *>jb.w + f0, <const double *>jb.b + f0, jb.nt)
-
-
-cdef void _ln_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double A, double B, floating tag) noexcept nogil:
-    cdef Py_ssize_t o = r * jb.L + f0
-    cdef floating istd, hi, lo, kx, kc
-    _ln_row_coefs(jb, r, A, B, &istd, &hi, &lo, &kx, &kc)
-    if floating is float:
-        fbn_ln_grad_input_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, f1 - f0,
-                              <const float *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)
-    else:
-        fbn_ln_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, f1 - f0,
-                              <const double *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)
-
-
-cdef void _ln_gsums(const Job *jb, Py_ssize_t blk, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *A,
-                    double *B, floating tag) noexcept nogil:
-    cdef Py_ssize_t o = r * jb.L + f0
-    cdef double *col = jb.col + blk * 2 * jb.L
-    cdef float *colf
-    cdef floating hi, lo
-    A[0] = B[0] = 0.0
-    if floating is float:  # float32 column partials, folded by _ln_fold
-        colf = jb.colf + blk * 2 * jb.L
-        _split_mean(jb.mean[r], &hi, &lo)
-        fbn_ln_grad_sums_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <const float *>jb.w + f0, f1 - f0,
-                            hi, lo, <float>jb.invstd[r], A, B, colf + jb.L + f0, colf + f0)
-    else:
-        fbn_ln_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <const double *>jb.w + f0, f1 - f0,
-                             jb.mean[r], jb.invstd[r], A, B, col + jb.L + f0, col + f0)
-
-
-cdef void _traffic(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *out, floating tag) noexcept nogil:
-    cdef Py_ssize_t o = r * jb.L + f0
-    cdef const floating *dy = NULL
-    cdef floating *y = NULL
-    if jb.dy != NULL:
-        dy = <const floating *>jb.dy + o
-    if jb.y != NULL:
-        y = <floating *>jb.y + o
-    if floating is float:
-        out[0] += fbn_row_traffic_f32(<const float *>jb.x + o, dy, y, f1 - f0, jb.nt)
-    else:
-        out[0] += fbn_row_traffic_f64(<const double *>jb.x + o, dy, y, f1 - f0, jb.nt)
-
-
-cdef inline void _ln_fold(const Job *jb, Py_ssize_t blk, Py_ssize_t f0, Py_ssize_t f1) noexcept nogil:
-    """Fold block blk's float32 column partials [f0, f1) into its double ones."""
-    cdef Py_ssize_t o = blk * 2 * jb.L
-    fbn_ln_fold(jb.colf + o + f0, jb.col + o + f0, f1 - f0)
-    fbn_ln_fold(jb.colf + o + jb.L + f0, jb.col + o + jb.L + f0, f1 - f0)
+include "_norm_rows.pxi"
 
 
 # ---------------------------------------------------------------- tasks
@@ -413,7 +215,7 @@ cdef void _run(Job *jb, int op, Py_ssize_t ntasks, int threads) noexcept nogil:
         for k in range(ntasks):
             _task(jb, k)
     else:
-        fbn_pool_run(_task, jb, ntasks, threads)
+        pool_run(_task, jb, ntasks, threads)
 
 
 # ---------------------------------------------------------------- planning
@@ -444,7 +246,7 @@ def group_forward(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, double eps, me
                   int threads, int stream=-1):
     """Group norm's training forward on x viewed as (N, C, S) with C = G * Cg: write y, and each
     (n, g) row's mean, biased variance and invstd (float64, N * G values each)."""
-    cdef int t = _float_type(x, "x")
+    cdef int t = _float_type(x, -1, "x")
     cdef Job jb
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k, p
     if G <= 0 or S <= 0 or C % G or n % (C * S):
@@ -492,7 +294,7 @@ def group_forward(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, double eps, me
 def group_apply(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, mean, invstd, int threads, int stream=-1):
     """y = (x - mean[row]) * invstd[row] * weight[c] + bias[c], with given per-row statistics
     (instance norm on running statistics)."""
-    cdef int t = _float_type(x, "x")
+    cdef int t = _float_type(x, -1, "x")
     cdef Job jb
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k
     if G <= 0 or S <= 0 or C % G or n % (C * S):
@@ -527,7 +329,7 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
     """Group norm's backward: write dx, and sums (N*C*2 float64): per (n, c), sum(dy) and
     sum(dy * (x - mean)), from which the caller takes grad_weight and grad_bias.  ``training``
     False: the statistics were constants (dx = dy * weight * invstd)."""
-    cdef int t = _float_type(x, "x")
+    cdef int t = _float_type(x, -1, "x")
     cdef Job jb
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k, p, c, Cg
     if G <= 0 or S <= 0 or C % G or n % (C * S):
@@ -577,7 +379,7 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
 def layer_forward(x, y, weight, bias, Py_ssize_t L, double eps, mean, var, invstd, int threads, int stream=-1):
     """Layer norm's forward on x viewed as (R, L) rows: write y and each row's mean, biased
     variance and invstd (float64)."""
-    cdef int t = _float_type(x, "x")
+    cdef int t = _float_type(x, -1, "x")
     cdef Job jb
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), R, k, p
     if L <= 0 or n % L:
@@ -614,7 +416,7 @@ def layer_forward(x, y, weight, bias, Py_ssize_t L, double eps, mean, var, invst
 
 def layer_backward(dy, x, dx, weight, Py_ssize_t L, mean, invstd, int threads, int stream=-1):
     """Layer norm's backward: write dx; return (grad_weight, grad_bias) as float64 (L,) arrays."""
-    cdef int t = _float_type(x, "x")
+    cdef int t = _float_type(x, -1, "x")
     cdef Job jb
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), R, k, p
     cdef double A, B
@@ -660,7 +462,7 @@ def traffic(x, dy, y, Py_ssize_t L, int threads, int stream=-1):
     rows), on the same pool and with the same rule for streaming stores; each task reads its rows
     of x (and dy) and writes y = x (+ dy) when y is given.  Returns a sum of what it read when y
     is None.  Not part of fastbn's API."""
-    cdef int t = _float_type(x, "x")
+    cdef int t = _float_type(x, -1, "x")
     cdef Job jb
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), R, k, ntasks
     cdef double total = 0.0

@@ -1,0 +1,176 @@
+# fastbn/_norm_rows.pxi -- the per-row work of the norm kernels (_norm_kernels.pyx includes it):
+# a row's coefficients, and the C loops over a piece [f0, f1) of a row, by pass.
+
+# ---------------------------------------------------------------- per-row work
+cdef inline void _finish_row(const Job *jb, Py_ssize_t r, const double *acc) noexcept nogil:
+    cdef double v = acc[<int>FBN_M2] / acc[<int>FBN_N]
+    jb.mean[r] = fbn_acc_mean(acc)
+    jb.var[r] = v
+    jb.invstd[r] = 1.0 / sqrt(v + jb.eps)
+
+
+cdef inline void _split_mean(double m, floating *hi, floating *lo) noexcept nogil:
+    hi[0] = <floating>m
+    if floating is float:
+        lo[0] = fbn_mean_lo_f32(m, hi[0])
+    else:
+        lo[0] = fbn_mean_lo_f64(m, hi[0])
+
+
+cdef void _group_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept nogil:
+    """The forward's [mhi | mlo | a | b] for row r (channels (r % G) * Cg ...)."""
+    cdef Py_ssize_t Cg = jb.Cg, c, ch0 = (r % jb.G) * Cg
+    cdef floating *cf = <floating *>jb.cf + r * 5 * Cg
+    cdef const floating *w = <const floating *>jb.w
+    cdef const floating *b = <const floating *>jb.b
+    cdef floating hi, lo
+    cdef double istd = jb.invstd[r]
+    _split_mean(jb.mean[r], &hi, &lo)
+    for c in range(Cg):
+        cf[c] = hi
+        cf[Cg + c] = lo
+        cf[2 * Cg + c] = <floating>(<double>w[ch0 + c] * istd)
+        cf[3 * Cg + c] = b[ch0 + c]
+
+
+cdef void _group_grad_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept nogil:
+    """The backward's [mhi | mlo | kdy | kx | kc] for row r, from its merged sums: with
+    g = dy * w, dx = istd * (g - mean(g) - xhat * mean(g * xhat)).  Without batch statistics
+    (instance norm on running statistics) dx = dy * w * istd: the forward's affine applied to dy
+    with [0 | 0 | kdy | 0], which reads neither x nor the mean."""
+    cdef Py_ssize_t Cg = jb.Cg, c, ch0 = (r % jb.G) * Cg
+    cdef floating *cf = <floating *>jb.cf + r * 5 * Cg
+    cdef const floating *w = <const floating *>jb.w
+    cdef const double *s = jb.sums + r * 2 * Cg
+    cdef double istd = jb.invstd[r], A = 0.0, B = 0.0, n = <double>jb.L
+    cdef floating hi, lo, kx, kc
+    for c in range(Cg):
+        A += <double>w[ch0 + c] * s[2 * c]
+        B += <double>w[ch0 + c] * s[2 * c + 1]
+    if jb.training:
+        _split_mean(jb.mean[r], &hi, &lo)
+        kx = <floating>(-istd * istd * istd * B / n)
+        kc = <floating>(-istd * A / n)
+    else:
+        hi = lo = kx = kc = 0
+    for c in range(Cg):
+        cf[c] = hi
+        cf[Cg + c] = lo
+        cf[2 * Cg + c] = <floating>(<double>w[ch0 + c] * istd)
+        cf[3 * Cg + c] = kx
+        cf[4 * Cg + c] = kc
+
+
+cdef void _moments(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
+    cdef const floating *x = <const floating *>jb.x + r * jb.L
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0
+    if floating is float:
+        fbn_row_moments_fl(x + f0, f1 - f0, acc)
+    else:
+        fbn_row_moments_f64(x + f0, f1 - f0, acc)
+
+
+cdef void _group_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
+    cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
+    cdef const floating *x = <const floating *>jb.x + r * jb.L
+    cdef floating *y = <floating *>jb.y + r * jb.L
+    if floating is float:
+        fbn_affine_fl(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+    else:
+        fbn_affine_f64(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+
+
+cdef void _group_gsums(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L, c
+    for c in range(2 * jb.Cg):
+        acc[c] = 0.0
+    if floating is float:
+        fbn_grad_sums_fl(<const float *>jb.dy + o, <const float *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
+    else:
+        fbn_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
+
+
+cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L
+    cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
+    if jb.training:
+        if floating is float:
+            fbn_grad_input_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+        else:
+            fbn_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+    else:  # cf's first four blocks are [0 | 0 | kdy | 0]
+        if floating is float:
+            fbn_affine_fl(<const float *>jb.dy + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+        else:
+            fbn_affine_f64(<const double *>jb.dy + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+
+
+cdef void _ln_row_coefs(const Job *jb, Py_ssize_t r, double A, double B, floating *istd, floating *hi,
+                        floating *lo, floating *kx, floating *kc) noexcept nogil:
+    cdef double s = jb.invstd[r], n = <double>jb.L
+    istd[0] = <floating>s
+    _split_mean(jb.mean[r], hi, lo)
+    kx[0] = <floating>(-s * s * s * B / n)
+    kc[0] = <floating>(-s * A / n)
+
+
+cdef void _ln_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef floating hi, lo
+    _split_mean(jb.mean[r], &hi, &lo)
+    if floating is float:
+        fbn_ln_apply_f32(<const float *>jb.x + o, <float *>jb.y + o, f1 - f0, hi, lo, <float>jb.invstd[r],
+                         <const float *>jb.w + f0, <const float *>jb.b + f0, jb.nt)
+    else:
+        fbn_ln_apply_f64(<const double *>jb.x + o, <double *>jb.y + o, f1 - f0, hi, lo, jb.invstd[r],
+                         <const double *>jb.w + f0, <const double *>jb.b + f0, jb.nt)
+
+
+cdef void _ln_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double A, double B, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef floating istd, hi, lo, kx, kc
+    _ln_row_coefs(jb, r, A, B, &istd, &hi, &lo, &kx, &kc)
+    if floating is float:
+        fbn_ln_grad_input_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, f1 - f0,
+                              <const float *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)
+    else:
+        fbn_ln_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, f1 - f0,
+                              <const double *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)
+
+
+cdef void _ln_gsums(const Job *jb, Py_ssize_t blk, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *A,
+                    double *B, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef double *col = jb.col + blk * 2 * jb.L
+    cdef float *colf
+    cdef floating hi, lo
+    A[0] = B[0] = 0.0
+    if floating is float:  # float32 column partials, folded by _ln_fold
+        colf = jb.colf + blk * 2 * jb.L
+        _split_mean(jb.mean[r], &hi, &lo)
+        fbn_ln_grad_sums_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <const float *>jb.w + f0, f1 - f0,
+                            hi, lo, <float>jb.invstd[r], A, B, colf + jb.L + f0, colf + f0)
+    else:
+        fbn_ln_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <const double *>jb.w + f0, f1 - f0,
+                             jb.mean[r], jb.invstd[r], A, B, col + jb.L + f0, col + f0)
+
+
+cdef void _traffic(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *out, floating tag) noexcept nogil:
+    cdef Py_ssize_t o = r * jb.L + f0
+    cdef const floating *dy = NULL
+    cdef floating *y = NULL
+    if jb.dy != NULL:
+        dy = <const floating *>jb.dy + o
+    if jb.y != NULL:
+        y = <floating *>jb.y + o
+    if floating is float:
+        out[0] += fbn_row_traffic_f32(<const float *>jb.x + o, dy, y, f1 - f0, jb.nt)
+    else:
+        out[0] += fbn_row_traffic_f64(<const double *>jb.x + o, dy, y, f1 - f0, jb.nt)
+
+
+cdef inline void _ln_fold(const Job *jb, Py_ssize_t blk, Py_ssize_t f0, Py_ssize_t f1) noexcept nogil:
+    """Fold block blk's float32 column partials [f0, f1) into its double ones."""
+    cdef Py_ssize_t o = blk * 2 * jb.L
+    fbn_ln_fold(jb.colf + o + f0, jb.col + o + f0, f1 - f0)
+    fbn_ln_fold(jb.colf + o + jb.L + f0, jb.col + o + jb.L + f0, f1 - f0)
