@@ -87,7 +87,7 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
         fl.b = &b[0]
     if y is not None:
         fl.y = &y[0]
-    fl.stream = (y is not None) and plan_stream(arrays * n * sizeof(floating), stream, RANGES)
+    fl.stream = (y is not None) and plan_stream(arrays * n * sizeof(floating), stream, RANGES, 0)
     fl.backwards = backwards
     fl.part = <double *>calloc(fl.K, sizeof(double))
     if fl.part == NULL:

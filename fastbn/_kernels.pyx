@@ -102,7 +102,7 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
     jb.eps = eps
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
     cdef object keep = _setup_split(&jb, path, t, coef, FBN_ACC * C)
-    jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
+    jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how, jb.W * _itemsize(&jb))
     cdef int T = plan_threads(n_threads, L)
     with nogil:
         _run_two_pass(&jb, T)
@@ -203,7 +203,7 @@ cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) exc
     cdef int T = plan_threads(n_threads, jb.L)
     cdef object wide = None
     jb.how = plan_path(jb.N, C, jb.S, path)
-    jb.stream = plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how)
+    jb.stream = plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how, jb.W * _itemsize(jb))
     jb.cw = jb.cf
     if jb.S > 1 and jb.how != RANGES:  # per-column coefficients: see _columns_coefs
         wide = _new(4 * jb.W, t, False)
@@ -261,7 +261,7 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.training = training
     cdef object coef = _new(5 * C, t, False)  # [mhi | mlo | kdy | kx | kc]
     cdef object keep = _setup_split(&jb, path, t, coef, 2 * C), wide_mean = None
-    jb.stream = plan_stream(3 * L * _itemsize(&jb), stream, jb.how)
+    jb.stream = plan_stream(3 * L * _itemsize(&jb), stream, jb.how, jb.W * _itemsize(&jb))
     cdef double *wm
     if jb.how == COLUMNS:
         wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel

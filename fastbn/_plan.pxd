@@ -49,12 +49,15 @@ cdef enum:
 # (8 per core on 2 cores: a helper that comes late still finds work), more on machines with more
     # A SLICES task's chunk of columns (whole channels); spatial sizes up to this take SLICES.
     SLICE_CHUNK = 1024
+    # COLUMNS rows of at most this many bytes stream their stores by size, as RANGES does (see
+    # plan_stream): a channels-last (N*H*W, C) matrix of 64 float32 channels.
+    NARROW_ROW_BYTES = 1024
 
 
 # ---- what reads the knobs
 cdef int plan_threads(int n_threads, Py_ssize_t total) noexcept nogil
 cdef Py_ssize_t plan_tasks(Py_ssize_t total) noexcept nogil
-cdef int plan_stream(Py_ssize_t touched_bytes, int stream, int how) noexcept nogil
+cdef int plan_stream(Py_ssize_t touched_bytes, int stream, int how, Py_ssize_t row_bytes) noexcept nogil
 cdef Py_ssize_t plan_ranges(Py_ssize_t L, Py_ssize_t unit) noexcept nogil
 cdef Py_ssize_t plan_rows(Py_ssize_t N, Py_ssize_t W, Py_ssize_t unit) noexcept nogil
 cdef Py_ssize_t plan_shares(Py_ssize_t nb, Py_ssize_t L, Py_ssize_t unit) noexcept nogil

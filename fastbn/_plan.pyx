@@ -47,9 +47,11 @@ def plan_width():
 # train forward 0.94-0.96 at 16 MiB, 0.84-0.90 at 20-24, 0.78-0.94 at 28-48.  So 0.75x the L3.
 # (It was 1.5x, measured on the same machine when every large output was a fresh mapping: the
 # kernel's zeroing of the new pages left them in the cache, which normal stores then hit.)
-# The column paths (COLUMNS, SLICES) never stream by size: their streaming stores measured slower
-# on every (N, C) and small-spatial shape tried, up to 192 MiB touched: (4096, 1024) float32
-# 1.13-1.71x, (16384, 1024) 1.06-1.48x, (4096, 256, 4, 4) 1.13-1.41x, (16, 1048576) 0.97-1.19x.
+# The column paths stream by size only for narrow rows (NARROW_ROW_BYTES): their streaming stores
+# measured slower on every wide (N, C) and small-spatial shape tried, up to 192 MiB touched:
+# (4096, 1024) float32 1.13-1.71x, (16384, 1024) 1.06-1.48x, (4096, 256, 4, 4) 1.13-1.41x,
+# (16, 1048576) 0.97-1.19x; but faster on channels-last (64, 56, 56, 64) float32, 2 threads,
+# rows of 256 bytes: train forward 6.5 -> 5.7 ms, eval 3.9 -> 2.5, backward 10.1 -> 9.0.
 STREAM_L3_RATIO = 0.75
 cdef Py_ssize_t STREAM_BYTES = 24 * 1024 * 1024  # until tune_for: 0.75 x a 32 MiB L3
 
@@ -114,10 +116,13 @@ cdef Py_ssize_t plan_tasks(Py_ssize_t total) noexcept nogil:
     return max(<Py_ssize_t>1, min(PLAN_WIDTH, total // MIN_TASK))
 
 
-cdef int plan_stream(Py_ssize_t touched_bytes, int stream, int how) noexcept nogil:
+cdef int plan_stream(Py_ssize_t touched_bytes, int stream, int how, Py_ssize_t row_bytes) noexcept nogil:
     """Streaming stores when the call's arrays (inputs and output) overflow the cache, on the
-    RANGES path (see STREAM_BYTES); forced on or off by ``stream`` >= 0."""
-    return stream if stream >= 0 else (how == RANGES and touched_bytes > STREAM_BYTES)
+    RANGES path and on COLUMNS rows of at most NARROW_ROW_BYTES (``row_bytes``: W elements; see
+    STREAM_BYTES); forced on or off by ``stream`` >= 0."""
+    if stream >= 0:
+        return stream
+    return (how == RANGES or (how == COLUMNS and row_bytes <= NARROW_ROW_BYTES)) and touched_bytes > STREAM_BYTES
 
 
 cdef Py_ssize_t plan_ranges(Py_ssize_t L, Py_ssize_t unit) noexcept nogil:

@@ -244,7 +244,7 @@ def sync_backward_apply(dy, x, dx, weight, mean, invstd, sum_dy, sum_dyx, double
     sj.sdy = <const double *>_data(sum_dy, cnp.NPY_DOUBLE, C, False, "sum_dy")
     sj.sdyx = <const double *>_data(sum_dyx, cnp.NPY_DOUBLE, C, False, "sum_dyx")
     sj.count = count
-    jb.stream = plan_stream(3 * jb.L * _itemsize(jb), stream, jb.how)
+    jb.stream = plan_stream(3 * jb.L * _itemsize(jb), stream, jb.how, jb.W * _itemsize(jb))
     cdef int T = plan_threads(n_threads, jb.L)
     with nogil:
         if jb.how == SLICES:  # each task its own channels' coefficients, then their apply
@@ -286,7 +286,7 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
     cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
     cdef object keep = _setup_split(&jb, path, t, coef, 0)
-    jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how)
+    jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how, jb.W * _itemsize(&jb))
     cdef int T = plan_threads(n_threads, L)
     with nogil:
         if jb.single:
