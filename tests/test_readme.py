@@ -55,7 +55,7 @@ README_BLOCKS = python_blocks(README) if os.path.exists(README) else []
 
 @pytest.mark.skipif(not os.path.exists(README), reason="README.md is not beside tests/")
 def test_the_readme_has_its_quickstart():
-    assert len(README_BLOCKS) >= 4
+    assert len(README_BLOCKS) >= 3  # layer and training step, functional, norms and no_grad
 
 
 @pytest.mark.parametrize("index", range(len(README_BLOCKS)), ids=lambda i: f"block{i + 1}")
