@@ -33,13 +33,16 @@ cannot be cimported without a .pxd for _kernels, which other work edits at the s
 import numpy as np
 cimport numpy as cnp
 from cython cimport floating
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
 from fastbn._arrays cimport data as _data, float_type as _float_type
 from fastbn._pool cimport pool_run
+
+cdef extern from "_coefs.h" nogil:
+    double FBN_WIDE_F32, FBN_WIDE_F64  # means this large take the rows' double path (_norm_rows.pxi)
 
 cdef extern from "_norm_simd.h" nogil:
     void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)

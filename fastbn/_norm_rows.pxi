@@ -17,6 +17,38 @@ cdef inline void _split_mean(double m, floating *hi, floating *lo) noexcept nogi
         lo[0] = fbn_mean_lo_f64(m, hi[0])
 
 
+# ---- rows with a wide mean (|mean| >= 2**103 for float32, 2**970 for float64: FBN_WIDE in
+# _coefs.h), where x - mean can overflow the input's type and the row's float coefficients can
+# underflow: the rare row is done in double, exactly as the formulas read, halving x and the
+# mean first (x/2 - m/2 cannot overflow), instead of in the vector loops.
+cdef inline bint _wide(double m, floating tag) noexcept nogil:
+    cdef double w = FBN_WIDE_F32 if floating is float else FBN_WIDE_F64
+    return m >= w or m <= -w
+
+
+cdef inline double _centred(double x, double m) noexcept nogil:
+    """x - m, through halves: inf only where the exact difference is beyond double's range."""
+    return 2.0 * (0.5 * x - 0.5 * m)
+
+
+cdef void _wide_apply(const floating *x, floating *y, Py_ssize_t f0, Py_ssize_t f1, double m, double istd,
+                      const floating *w, const floating *b, Py_ssize_t S) noexcept nogil:
+    """y[f] = (x[f] - m) * istd * w[f // S] + b[f // S] for f in [f0, f1) of a row."""
+    cdef Py_ssize_t f
+    for f in range(f0, f1):
+        y[f] = <floating>((0.5 * x[f] - 0.5 * m) * (2.0 * istd * <double>w[f // S]) + <double>b[f // S])
+
+
+cdef void _wide_grad(const floating *dy, const floating *x, floating *dx, Py_ssize_t f0, Py_ssize_t f1, double m,
+                     double istd, const floating *w, Py_ssize_t S, double kxh, double kc) noexcept nogil:
+    """dx[f] = dy[f] * w[f // S] * istd + xhat[f] * kxh + kc for f in [f0, f1) of a row, xhat =
+    (x - m) * istd (kxh = -istd * (istd * B) / n: the (x - m) coefficient times 1 / istd, so that
+    nothing underflows on the way)."""
+    cdef Py_ssize_t f
+    for f in range(f0, f1):
+        dx[f] = <floating>(<double>dy[f] * <double>w[f // S] * istd + (0.5 * x[f] - 0.5 * m) * (2.0 * istd) * kxh + kc)
+
+
 cdef void _group_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept nogil:
     """The forward's [mhi | mlo | a | b] for row r (channels (r % G) * Cg ...)."""
     cdef Py_ssize_t Cg = jb.Cg, c, ch0 = (r % jb.G) * Cg
@@ -63,9 +95,23 @@ cdef void _group_grad_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept 
 
 cdef void _moments(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
     cdef const floating *x = <const floating *>jb.x + r * jb.L
+    cdef Py_ssize_t i
+    cdef double k = 0.0, sd = 0.0, q = 0.0, d
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0
     if floating is float:
         fbn_row_moments_fl(x + f0, f1 - f0, acc)
+        if not (isfinite(acc[<int>FBN_REL]) and isfinite(acc[<int>FBN_M2])) and f1 > f0:
+            # float32 lanes overflowed (values near FLT_MAX): the piece again in double, where
+            # the sums of float32 values cannot (a NaN or Inf input stays non-finite)
+            for i in range(f0, f1):
+                k += x[i]
+            k /= <double>(f1 - f0)
+            for i in range(f0, f1):
+                d = <double>x[i] - k
+                sd += d
+                q += d * d
+            acc[0] = acc[1] = acc[2] = acc[3] = 0.0
+            fbn_shift_merge(acc, <double>(f1 - f0), k, sd / <double>(f1 - f0), q - sd * (sd / <double>(f1 - f0)))
     else:
         fbn_row_moments_f64(x + f0, f1 - f0, acc)
 
@@ -74,6 +120,11 @@ cdef void _group_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1
     cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
     cdef const floating *x = <const floating *>jb.x + r * jb.L
     cdef floating *y = <floating *>jb.y + r * jb.L
+    cdef Py_ssize_t ch0 = (r % jb.G) * jb.Cg
+    if _wide(jb.mean[r], tag):
+        _wide_apply(x, y, f0, f1, jb.mean[r], jb.invstd[r], <const floating *>jb.w + ch0,
+                    <const floating *>jb.b + ch0, jb.S)
+        return
     if floating is float:
         fbn_affine_fl(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
     else:
@@ -81,9 +132,17 @@ cdef void _group_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1
 
 
 cdef void _group_gsums(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
-    cdef Py_ssize_t o = r * jb.L, c
+    cdef Py_ssize_t o = r * jb.L, c, f
+    cdef const floating *gy = <const floating *>jb.dy + o
+    cdef const floating *gx = <const floating *>jb.x + o
     for c in range(2 * jb.Cg):
         acc[c] = 0.0
+    if _wide(jb.mean[r], tag):
+        for f in range(f0, f1):
+            c = f // jb.S
+            acc[2 * c] += gy[f]
+            acc[2 * c + 1] += <double>gy[f] * _centred(gx[f], jb.mean[r])
+        return
     if floating is float:
         fbn_grad_sums_fl(<const float *>jb.dy + o, <const float *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
     else:
@@ -91,8 +150,18 @@ cdef void _group_gsums(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1
 
 
 cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
-    cdef Py_ssize_t o = r * jb.L
+    cdef Py_ssize_t o = r * jb.L, c, Cg = jb.Cg, ch0 = (r % jb.G) * jb.Cg
     cdef const floating *cf = <const floating *>jb.cf + r * 5 * jb.Cg
+    cdef const floating *w = <const floating *>jb.w + ch0
+    cdef const double *sums = jb.sums + r * 2 * Cg
+    cdef double A = 0.0, B = 0.0, istd = jb.invstd[r]
+    if jb.training and _wide(jb.mean[r], tag):  # as _group_grad_coefs, in double
+        for c in range(Cg):
+            A += <double>w[c] * sums[2 * c]
+            B += <double>w[c] * sums[2 * c + 1]
+        _wide_grad(<const floating *>jb.dy + o, <const floating *>jb.x + o, <floating *>jb.y + o, f0, f1,
+                   jb.mean[r], istd, w, jb.S, -istd * (istd * B) / <double>jb.L, -istd * A / <double>jb.L)
+        return
     if jb.training:
         if floating is float:
             fbn_grad_input_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
@@ -117,6 +186,10 @@ cdef void _ln_row_coefs(const Job *jb, Py_ssize_t r, double A, double B, floatin
 cdef void _ln_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
     cdef Py_ssize_t o = r * jb.L + f0
     cdef floating hi, lo
+    if _wide(jb.mean[r], tag):
+        _wide_apply(<const floating *>jb.x + r * jb.L, <floating *>jb.y + r * jb.L, f0, f1, jb.mean[r], jb.invstd[r],
+                    <const floating *>jb.w, <const floating *>jb.b, 1)
+        return
     _split_mean(jb.mean[r], &hi, &lo)
     if floating is float:
         fbn_ln_apply_f32(<const float *>jb.x + o, <float *>jb.y + o, f1 - f0, hi, lo, <float>jb.invstd[r],
@@ -129,6 +202,11 @@ cdef void _ln_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, f
 cdef void _ln_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double A, double B, floating tag) noexcept nogil:
     cdef Py_ssize_t o = r * jb.L + f0
     cdef floating istd, hi, lo, kx, kc
+    cdef double s = jb.invstd[r]
+    if _wide(jb.mean[r], tag):
+        _wide_grad(<const floating *>jb.dy + r * jb.L, <const floating *>jb.x + r * jb.L, <floating *>jb.y + r * jb.L,
+                   f0, f1, jb.mean[r], s, <const floating *>jb.w, 1, -s * (s * B) / <double>jb.L, -s * A / <double>jb.L)
+        return
     _ln_row_coefs(jb, r, A, B, &istd, &hi, &lo, &kx, &kc)
     if floating is float:
         fbn_ln_grad_input_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, f1 - f0,
@@ -144,7 +222,25 @@ cdef void _ln_gsums(const Job *jb, Py_ssize_t blk, Py_ssize_t r, Py_ssize_t f0, 
     cdef double *col = jb.col + blk * 2 * jb.L
     cdef float *colf
     cdef floating hi, lo
+    cdef const floating *gy = <const floating *>jb.dy + r * jb.L
+    cdef const floating *gx = <const floating *>jb.x + r * jb.L
+    cdef const floating *w = <const floating *>jb.w
+    cdef double h, xhat, m = jb.mean[r], s = jb.invstd[r]
+    cdef Py_ssize_t f
     A[0] = B[0] = 0.0
+    if _wide(m, tag):  # in double; the column partials as the loops keep them (float32 for float32)
+        for f in range(f0, f1):
+            h = <double>gy[f] * <double>w[f]
+            xhat = (0.5 * gx[f] - 0.5 * m) * (2.0 * s)
+            A[0] += h
+            B[0] += h * _centred(gx[f], m)
+            if floating is float:
+                jb.colf[blk * 2 * jb.L + f] += gy[f]
+                jb.colf[blk * 2 * jb.L + jb.L + f] += <float>(<double>gy[f] * xhat)
+            else:
+                col[f] += gy[f]
+                col[jb.L + f] += <double>gy[f] * xhat
+        return
     if floating is float:  # float32 column partials, folded by _ln_fold
         colf = jb.colf + blk * 2 * jb.L
         _split_mean(jb.mean[r], &hi, &lo)

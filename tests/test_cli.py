@@ -122,14 +122,17 @@ def test_usage_and_errors_say_fastbn_when_called_from_python(capsys):
     assert err.startswith("usage: fastbn bench ") and "python -m" not in err and "pytest" not in err
 
 
-def test_python_m_fastbn_calls_itself_fastbn():
+def test_python_m_fastbn_calls_itself_fastbn(tmp_path):
     """Run as a module, argv[0] is fastbn/__main__.py: the usage says ``fastbn``, as the README's
-    commands do, and no help text says ``python -m fastbn``."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    commands do, and no help text says ``python -m fastbn``.  The child imports the fastbn this
+    process imported (built), from a folder where no source tree can shadow it."""
+    import fastbn
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     for argv in (["--help"], ["bench", "--help"]):
         done = subprocess.run([sys.executable, "-m", "fastbn", *argv], capture_output=True, text=True, env=env,
-                              timeout=120)
+                              timeout=120, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("usage: fastbn" + (" bench" if argv[0] == "bench" else "")), done.stdout
         assert "python -m" not in done.stdout and "__main__" not in done.stdout

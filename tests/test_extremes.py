@@ -149,3 +149,46 @@ def test_cuda_kernels_on_the_issue_channel(path, spatial, monkeypatch):
     np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
     for c in range(C):
         np.testing.assert_allclose(dx[:, c], dx_ref[:, c], rtol=1e-4, atol=1e-4 * np.abs(dx_ref[:, c]).max())
+
+
+def _row_reference(x, dy, axes, eps=1e-5):
+    """float64 normalization over ``axes`` (the rows of group/layer/instance norm), forward and
+    backward with unit weight: (y, dx)."""
+    x64, g64 = x.astype(np.float64), dy.astype(np.float64)
+    mean = x64.mean(axis=axes, keepdims=True)
+    invstd = 1.0 / np.sqrt(x64.var(axis=axes, keepdims=True) + eps)
+    xhat = (x64 - mean) * invstd
+    dx = invstd * (g64 - g64.mean(axis=axes, keepdims=True) - xhat * (g64 * xhat).mean(axis=axes, keepdims=True))
+    return xhat, dx
+
+
+@pytest.mark.parametrize("dtype,big", [(np.float32, 3.4e38)])
+@pytest.mark.parametrize("norm", ["group", "layer", "instance"])
+def test_norm_rows_near_the_largest_value(norm, dtype, big):
+    """A float32 row [big, -big, -big, -big] (its mean -big/2, past FBN_WIDE) normalizes to 1.732
+    and -0.577 and back-propagates finite gradients, next to ordinary rows, in group, layer and
+    instance norm (rows of 4, and long rows cut into pieces).  float64 has no such case: a
+    spread wide enough to overflow x - mean makes the variance itself overflow double."""
+    rng = np.random.default_rng(5)
+    for length in (4, 40000):
+        x = rng.standard_normal((2, 3, length)).astype(dtype)
+        x[0, 1, :] = -dtype(big)
+        x[0, 1, ::4] = dtype(big)
+        dy = rng.standard_normal(x.shape).astype(dtype)
+        if norm == "group":
+            y, m, s = fastbn.group_norm_forward(x, 3)
+            dx, gw, gb = fastbn.group_norm_backward(dy, x, 3, None, m, s)
+            axes = (2,)
+        elif norm == "layer":
+            y, m, s = fastbn.layer_norm_forward(x, (length,))
+            dx, gw, gb = fastbn.layer_norm_backward(dy, x, (length,), None, m, s)
+            axes = (2,)
+        else:
+            y, m, s = fastbn.instance_norm_forward(x)
+            dx, gw, gb = fastbn.instance_norm_backward(dy, x, None, m, s)
+            axes = (2,)
+        want_y, want_dx = _row_reference(x, dy, axes)
+        assert np.isfinite(y).all() and np.isfinite(dx).all() and np.isfinite(gw).all()
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(y, want_y, rtol=tol, atol=tol)
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=tol)
