@@ -372,3 +372,18 @@ def test_channels_last_report_runs_and_judges(monkeypatch, capsys):
     assert "targets met:" in out.getvalue() and "chan-last" in out.getvalue()
     rows1, targets1, _ = layouts.run(1, 1, None, report.machine_info)
     assert targets1 == []  # the targets are set for 2 threads
+
+
+def test_half_report_times_every_width(monkeypatch):
+    """fastbn bench --half on a small shape: a row per (dtype, op) with a positive GB/s."""
+    import io
+
+    from fastbn.bench import halves, report
+
+    monkeypatch.setattr(halves, "SHAPE", (4, 8, 6, 6))
+    rows, info = halves.run(2, 2, report.machine_info)
+    assert {(r["dtype"], r["op"]) for r in rows} == {(d, op) for d in halves.dtypes() for op in halves.OPS}
+    assert all(r["gbps"] > 0 for r in rows)
+    out = io.StringIO()
+    halves.print_report(rows, info, out)
+    assert "float16 ms" in out.getvalue()

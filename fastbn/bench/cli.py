@@ -1,10 +1,11 @@
-"""``fastbn bench``: its options, and the four reports they choose between.
+"""``fastbn bench``: its options, and the five reports they choose between.
 
 ``fastbn bench``             the table: train, eval and eval out= forwards and the backward against a
                              copy, the floor, naive NumPy, torch and onnxruntime (fastbn.bench.report)
 ``fastbn bench --pipeline``  a training step in a loop next to other work (fastbn.bench.pipeline)
 ``fastbn bench --latency``   per-call eval forward latency against onnxruntime (fastbn.bench.latency)
 ``fastbn bench --channels-last``  channels-last memory against NCHW and torch (fastbn.bench.layouts)
+``fastbn bench --half``      float16 and bfloat16 inputs against float32, in GB/s (fastbn.bench.halves)
 
 Nothing heavy is imported here at module level: ``fastbn`` imports this module for every
 subcommand; torch and onnxruntime load only when a benchmark runs, matplotlib only for ``--plot``.
@@ -19,7 +20,7 @@ import numpy as np
 import fastbn
 
 from .. import _openmp
-from . import impls, latency, layouts, pipeline, report
+from . import halves, impls, latency, layouts, pipeline, report
 from .cases import FULL_CASES, OPS, QUICK_CASES, SCALING_CASE, Problem
 from .timing import Contention
 
@@ -91,6 +92,9 @@ def add_arguments(parser):
                              "functional and layer calls, onnxruntime with io_binding, torch) on "
                              + ", ".join(map(str, latency.CASES)) + f" float32 (see fastbn/bench/latency.py); "
                              f"--repeat: rounds of {latency.PER_ROUND} calls each (default {latency.DEFAULT_REPEAT})")
+    parser.add_argument("--half", action="store_true",
+                        help=f"instead of the table: float16 and bfloat16 inputs against float32 on {halves.SHAPE}, "
+                             f"in GB/s (see fastbn/bench/halves.py); --repeat: rounds (default {halves.DEFAULT_REPEAT})")
     parser.add_argument("--channels-last", action="store_true",
                         help=f"instead of the table: channels-last memory against NCHW and torch's channels_last on "
                              f"{layouts.SHAPE} float32 (see fastbn/bench/layouts.py); --repeat: rounds "
@@ -106,7 +110,7 @@ def _write_json(path, data):
 def run(args):
     """Run the report the options ask for; its exit status (2 on a bad combination of options)."""
     modes = [m for m, on in (("--pipeline", args.pipeline), ("--latency", args.latency),
-                             ("--channels-last", args.channels_last)) if on]
+                             ("--channels-last", args.channels_last), ("--half", args.half)) if on]
     mode = modes[0] if modes else None
     problem = (f"{' and '.join(modes)} are different reports: pick one" if len(modes) > 1 else
                "--shape applies to --pipeline only" if args.shape and not args.pipeline else
@@ -124,6 +128,8 @@ def run(args):
         return run_latency(args)
     if args.channels_last:
         return run_layouts(args)
+    if args.half:
+        return run_halves(args)
     return run_table(args)
 
 
@@ -196,4 +202,14 @@ def run_layouts(args):
     if args.json:
         _write_json(args.json, {"machine": info, "repeat": repeat, "targets_met": sum(t["met"] for t in targets),
                                 "targets_checked": len(targets), "targets": targets, "rows": rows})
+    return 0
+
+
+def run_halves(args):
+    """``fastbn bench --half`` with --threads, --repeat and --json."""
+    repeat = args.repeat or halves.DEFAULT_REPEAT
+    rows, info = halves.run(args.threads or halves.THREADS, repeat, report.machine_info)
+    halves.print_report(rows, info, sys.stdout)
+    if args.json:
+        _write_json(args.json, {"machine": info, "repeat": repeat, "rows": rows})
     return 0
