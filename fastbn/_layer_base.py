@@ -87,6 +87,17 @@ class Layer:
     def eval(self):
         return self.train(False)
 
+    def reset_parameters(self):
+        """Weight to 1 and bias to 0, and the running statistics reset where the layer has them."""
+        self._reset_buffers()
+        if self.weight is not None:
+            self.weight[...] = 1
+        if self.bias is not None:
+            self.bias[...] = 0
+
+    def _reset_buffers(self):
+        """Reset the layer's buffers: none here (see _RunningStats)."""
+
     def named_parameters(self):
         """``[(name, array), ...]`` of the affine parameters that exist (``"weight"``, ``"bias"``)."""
         return [(n, getattr(self, n)) for n in self._param_names if getattr(self, n) is not None]
@@ -255,6 +266,19 @@ class Layer:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class _RunningStats:
+    """The running statistics of BatchNorm*d and InstanceNorm*d (mixed into their Layer)."""
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def _reset_buffers(self):
+        self.reset_running_stats()
 
 
 Layer.__doc__ += PROTOCOL_DOC

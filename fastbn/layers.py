@@ -18,7 +18,7 @@ from . import functional as F
 from ._backends import backend_of, cpu
 from ._fastpath import eval_forward as _plain_eval
 from ._grad_mode import is_grad_enabled
-from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _Saved, _wrap_int64  # noqa: F401 (API)
+from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _RunningStats, _Saved, _wrap_int64  # noqa: F401
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Layer"]
 
@@ -39,7 +39,7 @@ def _resolve_device(device):
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-class _BatchNorm(Layer):
+class _BatchNorm(_RunningStats, Layer):
     _ndims = ()  # accepted input ranks
     _layout = ""
 
@@ -79,20 +79,6 @@ class _BatchNorm(Layer):
     def _on_device(self):
         """A context in which new arrays land on the layer's device (its GPU; nothing on the CPU)."""
         return _HOST if self._cuda is None else self._cuda.device
-
-    # ------------------------------------------------------------------ buffers
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked = 0
-
-    def reset_parameters(self):
-        self.reset_running_stats()
-        if self.weight is not None:
-            self.weight[...] = 1
-        if self.bias is not None:
-            self.bias[...] = 0
 
     # ------------------------------------------------------------------ forward / backward
     def _check_input(self, x):

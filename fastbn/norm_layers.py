@@ -10,7 +10,7 @@ import numpy as np
 from . import _checks as ck
 from . import norms
 from ._backends import backend_of
-from ._layer_base import PROTOCOL_DOC, Layer
+from ._layer_base import PROTOCOL_DOC, Layer, _RunningStats
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -60,12 +60,6 @@ class GroupNorm(_Norm):
         self.bias = np.zeros(C, self.dtype) if self.has_bias else None
         self._init_layer()
 
-    def reset_parameters(self):
-        if self.weight is not None:
-            self.weight[...] = 1
-        if self.bias is not None:
-            self.bias[...] = 0
-
     def _check_input(self, x):
         checked = self._check_dtype(x)
         if x.ndim < 2 or x.shape[1] != self.num_channels:
@@ -106,12 +100,6 @@ class LayerNorm(_Norm):
         self.bias = np.zeros(self.normalized_shape, self.dtype) if self.has_bias else None
         self._init_layer()
 
-    def reset_parameters(self):
-        if self.weight is not None:
-            self.weight[...] = 1
-        if self.bias is not None:
-            self.bias[...] = 0
-
     def _check_input(self, x):
         checked = self._check_dtype(x)
         k = len(self.normalized_shape)
@@ -133,7 +121,7 @@ class LayerNorm(_Norm):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, bias={self.has_bias}"
 
 
-class _InstanceNorm(_Norm):
+class _InstanceNorm(_RunningStats, _Norm):
     _ndim = 0  # the batched rank; one less is an unbatched input
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
@@ -156,19 +144,6 @@ class _InstanceNorm(_Norm):
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self._init_layer()
-
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked = 0
-
-    def reset_parameters(self):
-        self.reset_running_stats()
-        if self.weight is not None:
-            self.weight[...] = 1
-        if self.bias is not None:
-            self.bias[...] = 0
 
     def _check_input(self, x):
         checked = self._check_dtype(x)
