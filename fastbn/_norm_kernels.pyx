@@ -44,21 +44,13 @@ from fastbn._pool cimport pool_run
 cdef extern from "_coefs.h" nogil:
     double FBN_WIDE_F32, FBN_WIDE_F64  # means this large take the rows' double path (_norm_rows.pxi)
 
+# the batch-norm loops this module shares are declared once, in _simd.pxd
+from fastbn._simd cimport (FBN_ACC, FBN_K, FBN_M2, FBN_N, FBN_REL, fbn_acc_mean, fbn_affine_f64, fbn_grad_input_f64,
+                           fbn_grad_sums_f64, fbn_moments_f64, fbn_sfence, fbn_shift_merge)
+
 cdef extern from "_norm_simd.h" nogil:
-    void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
-    double fbn_acc_mean(const double *acc)
-    enum: FBN_N, FBN_K, FBN_REL, FBN_M2, FBN_ACC
-    void fbn_moments_f32(const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
-    void fbn_moments_f64(const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
-    void fbn_affine_f32(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
-    void fbn_affine_f64(const double *x, double *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int nt)
-    void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
-    void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
-    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
-    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int nt)
-    float fbn_mean_lo_f32(double m, float hi)
+    float fbn_mean_lo_f32(double m, float hi)  # _simd.h's, not in _simd.pxd (the batch-norm kernels split in C)
     double fbn_mean_lo_f64(double m, double hi)
-    void fbn_sfence()
     void fbn_row_moments_f32(const float *p, Py_ssize_t n, double *acc)
     void fbn_row_moments_fl(const float *p, Py_ssize_t n, double *acc)
     void fbn_affine_fl(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
