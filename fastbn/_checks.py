@@ -62,6 +62,18 @@ def half_dtype(dt):
     return True
 
 
+ACTIVATIONS = (None, "relu")
+
+
+def activation(value):
+    """The ``activation`` argument: None, or ``"relu"`` for the fused ReLU; returns whether it is ReLU."""
+    if value is None:
+        return False
+    if type(value) is str and value == "relu":
+        return True
+    raise ValueError(f"activation must be None or 'relu', got {value!r}")
+
+
 def flag(value, name):
     """A boolean argument: True/False (or NumPy's bool); anything else is TypeError, as PyTorch's
     ``training="False"`` is (a string or a number would otherwise silently mean True)."""

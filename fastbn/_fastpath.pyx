@@ -62,9 +62,9 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
-def eval_forward(x, running_mean, running_var, weight, bias, eps, out):
-    """``(y, save_mean, save_invstd)`` of an evaluation-mode batch norm whose arguments are all
-    plain (see the module's docstring), or None."""
+def eval_forward(x, running_mean, running_var, weight, bias, eps, out, bint relu=False):
+    """``(y, save_mean, save_invstd)`` of an evaluation-mode batch norm (with the fused ReLU when
+    relu) whose arguments are all plain (see the module's docstring), or None."""
     cdef int t = _plain(x, -2, False)
     if t < 0 or weight is None or bias is None or type(eps) is not float or not <double>eps >= 0:
         return None
@@ -88,5 +88,5 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, out):
         if not (_apart(out, weight) and _apart(out, bias) and _apart(out, running_mean) and _apart(out, running_var)):
             return None
         y = out
-    mean, invstd = _forward_eval_running(x3, y.reshape(shape3), weight, bias, running_mean, running_var, eps, *_plan())
+    mean, invstd = _forward_eval_running(x3, y.reshape(shape3), weight, bias, running_mean, running_var, eps, *_plan(), relu=relu)
     return y, mean, invstd

@@ -9,23 +9,29 @@
 
 # ---------------------------------------------------------------- second passes, walking back
 cdef void _affine_backwards(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
-                            Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
+                            Py_ssize_t f1, const floating *cf, int stream, bint relu) noexcept nogil:
     """_affine over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
     cdef Py_ssize_t s, piece = piece_elements(sizeof(floating))
     while f1 > f0:
         s = piece_start(f0, f1, piece)
-        _affine(x, y, C, S, s, f1, cf, stream)
+        _affine(x, y, C, S, s, f1, cf, stream, relu)
         f1 = s
 
 
 cdef void _grad_input_backwards(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
-                                Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
+                                Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream,
+                                const floating *zs, const floating *fcf, bint fixed) noexcept nogil:
     """_grad_input over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
     cdef Py_ssize_t s, piece = piece_elements(sizeof(floating))
     while f1 > f0:
         s = piece_start(f0, f1, piece)
-        _grad_input(dy, x, dx, C, S, s, f1, cf, stream)
+        _grad_input(dy, x, dx, C, S, s, f1, cf, stream, zs, fcf, fixed)
         f1 = s
+
+
+cdef inline const floating *_at(const floating *p, Py_ssize_t o) noexcept nogil:
+    """p + o, or NULL for an absent array (NULL + o is undefined behaviour in C)."""
+    return p + o if p != NULL else NULL
 
 
 # ---------------------------------------------------------------- per-column coefficients
@@ -138,6 +144,7 @@ cdef struct _Job:
     bint single             # float32 elements, else float64
     bint training           # backward: the forward used batch statistics (else fixed ones)
     bint rsingle            # evaluation: float32 running buffers, else float64
+    bint relu               # forward: the fused activation
     int stream                  # streaming stores
     const void *x
     const void *dy          # backward: grad_output
@@ -152,6 +159,10 @@ cdef struct _Job:
     double *gw
     double *gb
     const double *wm        # COLUMNS backward: each column's channel mean
+    # backward through the activation (see _simd_impl.h): the forward's output (zs), or the forward's
+    # coefficients [mhi | mlo | a | b] (fcw, blocks of C for RANGES, of W otherwise) to recompute it
+    const void *zs
+    const void *fcw
     double *part            # the tasks' partial sums, a slot each
     const void *rm          # evaluation: running buffers (NULL: mean and invstd are given)
     const void *rv
@@ -192,6 +203,9 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
     cdef const floating *gp = <const floating *>jb.dy
     cdef floating *yp = <floating *>jb.y
     cdef const floating *cw = <const floating *>jb.cw
+    cdef const floating *zp = <const floating *>jb.zs
+    cdef const floating *fp = <const floating *>jb.fcw
+    cdef bint gated = zp != NULL or fp != NULL  # backward through the activation
     cdef Py_ssize_t C = jb.C, S = jb.S, W = jb.W, N = jb.N, f0, f1, j, c, c1
     cdef double *th
     if jb.op == SLICE:
@@ -228,18 +242,18 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
         if jb.op == REDUCE and jb.kind == TRAIN:
             _moments(xp, C, S, f0, f1, jb.part + k * FBN_ACC * C)
         elif jb.op == REDUCE:
-            _grad_sums(gp, xp, C, S, f0, f1, jb.mean, jb.part + k * 2 * C)
+            _grad_sums(gp, xp, C, S, f0, f1, jb.mean, jb.part + k * 2 * C, zp, fp)
         elif jb.op == APPLY:
-            _affine(xp, yp, C, S, f0, f1, cw, jb.stream)
+            _affine(xp, yp, C, S, f0, f1, cw, jb.stream, jb.relu)
         elif jb.kind == TRAIN:
-            _affine_backwards(xp, yp, C, S, f0, f1, cw, jb.stream)
-        elif jb.training:
-            _grad_input_backwards(gp, xp, yp, C, S, f0, f1, cw, jb.stream)
+            _affine_backwards(xp, yp, C, S, f0, f1, cw, jb.stream, jb.relu)
+        elif jb.training or gated:
+            _grad_input_backwards(gp, xp, yp, C, S, f0, f1, cw, jb.stream, zp, fp, not jb.training)
         else:  # fixed statistics: dx = dy * kdy, the affine applied to dy (see the coefficients)
-            _affine_backwards(gp, yp, C, S, f0, f1, cw, jb.stream)
+            _affine_backwards(gp, yp, C, S, f0, f1, cw, jb.stream, False)
     elif jb.op == APPLY:  # COLUMNS, evaluation: row block k
         j = k * jb.R * W
-        _col_affine(xp + j, yp + j, min(jb.R, N - k * jb.R), W, W, cw, jb.stream)
+        _col_affine(xp + j, yp + j, min(jb.R, N - k * jb.R), W, W, cw, jb.stream, jb.relu)
     elif jb.op == REDUCE:  # COLUMNS: share k of the row blocks, front to back
         if jb.kind == TRAIN:
             th = jb.part + k * (COL_MOMENTS * W + 1)
@@ -252,7 +266,8 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
             if jb.kind == TRAIN:
                 _col_moments(xp + j * jb.R * W, min(jb.R, N - j * jb.R), W, W, th)
             else:
-                _col_grad_sums(gp + j * jb.R * W, xp + j * jb.R * W, min(jb.R, N - j * jb.R), W, W, jb.wm, th)
+                _col_grad_sums(gp + j * jb.R * W, xp + j * jb.R * W, min(jb.R, N - j * jb.R), W, W, jb.wm, th,
+                               _at(zp, j * jb.R * W), fp)
     else:  # COLUMNS, APPLY_BACK: share K-1-k, its blocks back to front
         k = jb.K - 1 - k
         j = share_start(jb.nb, jb.K, k + 1)
@@ -260,11 +275,12 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
             j = j - 1
             f0 = j * jb.R * W
             if jb.kind == TRAIN:
-                _col_affine(xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream)
-            elif jb.training:
-                _col_grad_input(gp + f0, xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream)
+                _col_affine(xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream, jb.relu)
+            elif jb.training or gated:
+                _col_grad_input(gp + f0, xp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream,
+                                _at(zp, f0), fp, not jb.training)
             else:
-                _col_affine(gp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream)
+                _col_affine(gp + f0, yp + f0, min(jb.R, N - j * jb.R), W, W, cw, jb.stream, False)
 
 
 cdef inline void _run(_Job *jb, int op, Py_ssize_t n, int T) noexcept nogil:
@@ -332,11 +348,12 @@ cdef void _run_two_pass(_Job *jb, int T) noexcept nogil:
     _run(jb, APPLY_BACK, jb.K, T)
 
 
-cdef _Job _forward_job(int kind, int t, x, y, weight, bias, Py_ssize_t unit) except *:
+cdef _Job _forward_job(int kind, int t, x, y, weight, bias, Py_ssize_t unit, bint relu) except *:
     """The job of a forward (TRAIN or EVAL) of x, of element type t (_float_type), into y with the
-    affine's weight and bias, its arrays checked."""
+    affine's weight and bias (and the fused ReLU when relu), its arrays checked."""
     cdef _Job jb
     _job(&jb, kind, t, x, unit)
+    jb.relu = relu
     jb.x = _data(x, t, jb.L, False, "x")
     jb.y = _data(y, t, jb.L, True, "y")
     jb.w = _data(weight, t, jb.C, False, "weight")

@@ -88,13 +88,13 @@ include "_slices.pxi"
 
 # ---------------------------------------------------------------- forward, training mode
 def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
-                  int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
-    """Batch statistics and the fused normalize + affine.
+                  int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1, bint relu=False):
+    """Batch statistics and the fused normalize + affine (+ ReLU when relu).
 
     x: (N, C, S) float32 or float64; y: its output, the same size and dtype (may be x itself);
     weight, bias: (C,) of x's dtype; mean, var (biased), invstd: (C,) float64 outputs."""
     cdef int t = _float_type(x, 3, "x")
-    cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit)
+    cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit, relu)
     cdef Py_ssize_t C = jb.C, L = jb.L
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
     jb.var = <double *>_data(var, cnp.NPY_DOUBLE, C, True, "var")
@@ -158,13 +158,14 @@ cdef void _eval_stats_all(_Job *jb, int n_threads) noexcept nogil:
     _run(jb, EVAL_STATS, jb.K, n_threads)
 
 
-def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
-    """y = (x - mean) * invstd * weight + bias: one read of x, one write of y.
+def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1,
+                 bint relu=False):
+    """y = (x - mean) * invstd * weight + bias (then ReLU when relu): one read of x, one write of y.
 
     x: (N, C, S) float32 or float64; y: its output (may be x itself); weight, bias: (C,) of x's
     dtype; mean (the running mean), invstd (1 / sqrt(running_var + eps)): (C,) float64."""
     cdef int t = _float_type(x, 3, "x")
-    cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit)
+    cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit, relu)
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, jb.C, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, jb.C, False, "invstd")
     cdef object coef = _new(4 * jb.C, t, False)  # [mhi | mlo | a | b], see _eval_coefs
@@ -173,7 +174,7 @@ def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO,
 
 
 def forward_eval_running(x, y, weight, bias, running_mean, running_var, double eps, int n_threads, int path=AUTO,
-                         Py_ssize_t unit=0, int stream=-1):
+                         Py_ssize_t unit=0, int stream=-1, bint relu=False):
     """eval_stats and forward_eval in one call: y from x and the running buffers (of one float dtype,
     x's or the other); returns (mean, invstd), (C,) float64, as eval_stats.  Everything the call
     makes is one array (the statistics and the coefficients): with three, a wide small batch
@@ -181,7 +182,7 @@ def forward_eval_running(x, y, weight, bias, running_mean, running_var, double e
     which made glibc give the memory back and the next call fault it in again (33 -> 90 us); and a
     SLICES task computes its own channels' statistics."""
     cdef int t = _float_type(x, 3, "x")
-    cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit)
+    cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit, relu)
     cdef Py_ssize_t C = jb.C
     cdef int rt = _float_type(running_mean, 1, "running_mean")
     jb.rm = _data(running_mean, rt, C, False, "running_mean")
@@ -239,13 +240,15 @@ cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) exc
 
 # ---------------------------------------------------------------- backward
 def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_bias,
-             int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1):
+             int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1, bias=None, output=None):
     """grad_input, grad_weight, grad_bias from the saved mean/invstd (no recomputation).
 
     dy (grad_output), x (the forward's input): (N, C, S) float32 or float64; dx: grad_input, an
     output of the same size and dtype; weight: (C,) of x's dtype; mean, invstd: (C,) float64, the
     statistics the forward used; training: they were the batch's (True) or fixed (False);
-    grad_weight, grad_bias: (C,) float64 outputs."""
+    grad_weight, grad_bias: (C,) float64 outputs.  Through a fused ReLU: ``bias`` ((C,) of x's
+    dtype), the forward's, to recompute its output from x in the same passes, or ``output`` (like
+    x), the forward's output itself; at most one of them."""
     cdef int t = _float_type(x, 3, "x")
     cdef _Job jb
     _job(&jb, BACKWARD, t, x, unit)
@@ -259,8 +262,13 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.gw = <double *>_data(grad_weight, cnp.NPY_DOUBLE, C, True, "grad_weight")
     jb.gb = <double *>_data(grad_bias, cnp.NPY_DOUBLE, C, True, "grad_bias")
     jb.training = training
-    cdef object coef = _new(5 * C, t, False)  # [mhi | mlo | kdy | kx | kc]
+    if output is not None:
+        jb.zs = _data(output, t, L, False, "output")
+    # [mhi | mlo | kdy | kx | kc], then the forward's [mhi | mlo | a | b] when its output is recomputed
+    cdef object coef = _new((9 if bias is not None else 5) * C, t, False)
     cdef object keep = _setup_split(&jb, path, t, coef, 2 * C), wide_mean = None
+    if bias is not None:
+        _forward_coefs(&jb, _data(bias, t, C, False, "bias"))
     jb.stream = plan_stream(3 * L * _itemsize(&jb), stream, jb.how, jb.W * _itemsize(&jb))
     cdef double *wm
     if jb.how == COLUMNS:
@@ -272,6 +280,24 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     cdef int T = plan_threads(n_threads, L)
     with nogil:
         _run_two_pass(&jb, T)
+
+
+cdef void _forward_coefs(_Job *jb, const void *bias) noexcept:
+    """The forward's coefficients [mhi | mlo | a | b] from jb.mean, jb.invstd, jb.w and bias, in
+    blocks 5 .. 8 of jb.cf and, per column, of jb.cw (see _columns_coefs), for the backward through
+    the activation; the arithmetic of the forward's own (_eval_coefs), so the output has its bits."""
+    cdef Py_ssize_t C = jb.C, c
+    cdef Py_ssize_t off = 5 * (C if jb.how == RANGES else jb.W)
+    if jb.single:
+        _eval_coefs(jb.mean, jb.invstd, <const float *>jb.w, <const float *>bias, <float *>jb.cf + 5 * C, C, C)
+        for c in range(C):
+            _expand(<float *>jb.cf + 5 * C, C, jb.S, 4, c, <float *>jb.cw + off)
+        jb.fcw = <float *>jb.cw + off
+    else:
+        _eval_coefs(jb.mean, jb.invstd, <const double *>jb.w, <const double *>bias, <double *>jb.cf + 5 * C, C, C)
+        for c in range(C):
+            _expand(<double *>jb.cf + 5 * C, C, jb.S, 4, c, <double *>jb.cw + off)
+        jb.fcw = <double *>jb.cw + off
 
 
 # SyncBatchNorm's entry points: sync_moments, sync_grad_sums, sync_backward_apply, sync_normalize,

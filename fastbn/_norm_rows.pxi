@@ -128,7 +128,7 @@ cdef void _group_apply(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1
     if floating is float:
         fbn_affine_fl(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
     else:
-        fbn_affine_f64(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+        fbn_affine_f64(x, y, jb.Cg, jb.S, f0, f1, cf, jb.nt, 0)
 
 
 cdef void _group_gsums(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
@@ -146,7 +146,7 @@ cdef void _group_gsums(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1
     if floating is float:
         fbn_grad_sums_fl(<const float *>jb.dy + o, <const float *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
     else:
-        fbn_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc)
+        fbn_grad_sums_f64(<const double *>jb.dy + o, <const double *>jb.x + o, jb.Cg, jb.S, f0, f1, jb.cmean + r * jb.Cg, acc, NULL, NULL)
 
 
 cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, floating tag) noexcept nogil:
@@ -166,12 +166,12 @@ cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f
         if floating is float:
             fbn_grad_input_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
         else:
-            fbn_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+            fbn_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt, NULL, NULL, 0)
     else:  # cf's first four blocks are [0 | 0 | kdy | 0]
         if floating is float:
             fbn_affine_fl(<const float *>jb.dy + o, <float *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
         else:
-            fbn_affine_f64(<const double *>jb.dy + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt)
+            fbn_affine_f64(<const double *>jb.dy + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt, 0)
 
 
 cdef void _ln_row_coefs(const Job *jb, Py_ssize_t r, double A, double B, floating *istd, floating *hi,

@@ -296,9 +296,22 @@ FBN_CLONES static void fbn_ln_grad_sums_fl(const float *dy, const float *x, cons
 
 #else
 #define fbn_row_moments_fl fbn_row_moments_f32
-#define fbn_affine_fl fbn_affine_f32
-#define fbn_grad_sums_fl fbn_grad_sums_f32
-#define fbn_grad_input_fl fbn_grad_input_f32
+/* _simd.h's loops, without the batch-norm activation */
+static void fbn_affine_fl(const float *x, float *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1,
+                          const float *cf, int nt)
+{
+    fbn_affine_f32(x, y, C, S, f0, f1, cf, nt, 0);
+}
+static void fbn_grad_sums_fl(const float *dy, const float *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1,
+                             const double *mean, double *acc)
+{
+    fbn_grad_sums_f32(dy, x, C, S, f0, f1, mean, acc, NULL, NULL);
+}
+static void fbn_grad_input_fl(const float *dy, const float *x, float *dx, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+                              ptrdiff_t f1, const float *cf, int nt)
+{
+    fbn_grad_input_f32(dy, x, dx, C, S, f0, f1, cf, nt, NULL, NULL, 0);
+}
 
 /* fbn_ln_grad_sums_fl's sums in double lanes (the column partials float32, as there). */
 static void fbn_ln_grad_sums_fl(const float *dy, const float *x, const float *w, ptrdiff_t n, float mhi, float mlo,

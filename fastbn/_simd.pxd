@@ -20,21 +20,21 @@ cdef extern from "_simd.h" nogil:
     # ranges [f0, f1) of an (N, C, S) buffer in memory order
     void fbn_moments_f32(const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
     void fbn_moments_f64(const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
-    void fbn_affine_f32(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream)
-    void fbn_affine_f64(const double *x, double *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int stream)
-    void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
-    void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
-    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream)
-    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int stream)
+    void fbn_affine_f32(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream, int relu)
+    void fbn_affine_f64(const double *x, double *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int stream, int relu)
+    void fbn_grad_sums_f32(const float *dy, const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc, const float *zs, const float *fcf)
+    void fbn_grad_sums_f64(const double *dy, const double *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc, const double *zs, const double *fcf)
+    void fbn_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream, const float *zs, const float *fcf, int fixed)
+    void fbn_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *cf, int stream, const double *zs, const double *fcf, int fixed)
     # blocks of rows of an (N, W) matrix
     void fbn_col_moments_f32(const float *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
     void fbn_col_moments_f64(const double *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
-    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream)
-    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream)
-    void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
-    void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx)
-    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream)
-    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream)
+    void fbn_col_affine_f32(const float *x, float *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream, int relu)
+    void fbn_col_affine_f64(const double *x, double *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream, int relu)
+    void fbn_col_grad_sums_f32(const float *dy, const float *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx, const float *zs, const float *fcf)
+    void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx, const double *zs, const double *fcf)
+    void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream, const float *zs, const float *fcf, int fixed)
+    void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream, const double *zs, const double *fcf, int fixed)
     # a channel's coefficients written into their blocks, and vector loops of them over many channels
     void fbn_affine_coefs_f32(double mean, double invstd, float weight, float bias, float *cf, Py_ssize_t C)
     void fbn_affine_coefs_f64(double mean, double invstd, double weight, double bias, double *cf, Py_ssize_t C)
@@ -60,29 +60,31 @@ cdef inline void _moments(const floating *x, Py_ssize_t C, Py_ssize_t S, Py_ssiz
 
 
 cdef inline void _affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
-                         Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
+                         Py_ssize_t f1, const floating *cf, int stream, bint relu) noexcept nogil:
     if floating is float:
-        fbn_affine_f32(x, y, C, S, f0, f1, cf, stream)
+        fbn_affine_f32(x, y, C, S, f0, f1, cf, stream, relu)
     else:
-        fbn_affine_f64(x, y, C, S, f0, f1, cf, stream)
+        fbn_affine_f64(x, y, C, S, f0, f1, cf, stream, relu)
     if stream:
         fbn_sfence()
 
 
 cdef inline void _grad_sums(const floating *dy, const floating *x, Py_ssize_t C, Py_ssize_t S,
-                            Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc) noexcept nogil:
+                            Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc, const floating *zs,
+                            const floating *fcf) noexcept nogil:
     if floating is float:
-        fbn_grad_sums_f32(dy, x, C, S, f0, f1, mean, acc)
+        fbn_grad_sums_f32(dy, x, C, S, f0, f1, mean, acc, zs, fcf)
     else:
-        fbn_grad_sums_f64(dy, x, C, S, f0, f1, mean, acc)
+        fbn_grad_sums_f64(dy, x, C, S, f0, f1, mean, acc, zs, fcf)
 
 
 cdef inline void _grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t C, Py_ssize_t S,
-                             Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream) noexcept nogil:
+                             Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream, const floating *zs,
+                             const floating *fcf, bint fixed) noexcept nogil:
     if floating is float:
-        fbn_grad_input_f32(dy, x, dx, C, S, f0, f1, cf, stream)
+        fbn_grad_input_f32(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, fixed)
     else:
-        fbn_grad_input_f64(dy, x, dx, C, S, f0, f1, cf, stream)
+        fbn_grad_input_f64(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, fixed)
     if stream:
         fbn_sfence()
 
@@ -105,30 +107,32 @@ cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t nco
 
 
 cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
-                             const floating *cf, int stream) noexcept nogil:
+                             const floating *cf, int stream, bint relu) noexcept nogil:
     if floating is float:
-        fbn_col_affine_f32(x, y, rows, ncols, W, cf, stream)
+        fbn_col_affine_f32(x, y, rows, ncols, W, cf, stream, relu)
     else:
-        fbn_col_affine_f64(x, y, rows, ncols, W, cf, stream)
+        fbn_col_affine_f64(x, y, rows, ncols, W, cf, stream, relu)
     if stream:
         fbn_sfence()
 
 
 cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t ncols,
-                                Py_ssize_t W, const double *mean, double *th) noexcept nogil:
+                                Py_ssize_t W, const double *mean, double *th, const floating *zs,
+                                const floating *fcf) noexcept nogil:
     # th: one share's sums, [sum dy (ncols) | sum dy*(x-mean) (ncols)]
     if floating is float:
-        fbn_col_grad_sums_f32(dy, x, rows, ncols, W, mean, th, th + ncols)
+        fbn_col_grad_sums_f32(dy, x, rows, ncols, W, mean, th, th + ncols, zs, fcf)
     else:
-        fbn_col_grad_sums_f64(dy, x, rows, ncols, W, mean, th, th + ncols)
+        fbn_col_grad_sums_f64(dy, x, rows, ncols, W, mean, th, th + ncols, zs, fcf)
 
 
 cdef inline void _col_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
-                                 Py_ssize_t ncols, Py_ssize_t W, const floating *cf, int stream) noexcept nogil:
+                                 Py_ssize_t ncols, Py_ssize_t W, const floating *cf, int stream, const floating *zs,
+                                 const floating *fcf, bint fixed) noexcept nogil:
     if floating is float:
-        fbn_col_grad_input_f32(dy, x, dx, rows, ncols, W, cf, stream)
+        fbn_col_grad_input_f32(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, fixed)
     else:
-        fbn_col_grad_input_f64(dy, x, dx, rows, ncols, W, cf, stream)
+        fbn_col_grad_input_f64(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, fixed)
     if stream:
         fbn_sfence()
 

@@ -63,29 +63,7 @@ FBN_INLINE void FBN_NAME(fbn_shifted_sums)(const T *p, ptrdiff_t n, double k, do
     *q_out = q;
 }
 
-/* *a = sum(g) and *b = sum(g * (p - m)) over n elements, in double. */
-FBN_INLINE void FBN_NAME(fbn_grad_run)(const T *g, const T *p, ptrdiff_t n, double m, double *a_out,
-                                       double *b_out, const int narrow)
-{
-    double a = 0.0, b = 0.0;
-    if (narrow) {
-#pragma omp simd simdlen(8) reduction(+:a, b)
-        for (ptrdiff_t i = 0; i < n; i++) {
-            double gi = (double)g[i];
-            a += gi;
-            b += gi * ((double)p[i] - m);
-        }
-    } else {
-#pragma omp simd reduction(+:a, b)
-        for (ptrdiff_t i = 0; i < n; i++) {
-            double gi = (double)g[i];
-            a += gi;
-            b += gi * ((double)p[i] - m);
-        }
-    }
-    *a_out = a;
-    *b_out = b;
-}
+
 
 /* Merge the moments of p[0:len] into one channel's accumulator (see fbn_shift_merge).  Shifted sums
  * s = sum(x - k) and q = sum((x - k)^2) in double give the block's mean k + s/len and M2
@@ -148,15 +126,53 @@ FBN_INLINE int FBN_NAME(fbn_range_wide)(const T *mhi, ptrdiff_t C, ptrdiff_t S, 
     return FBN_NAME(fbn_any_wide)(mhi + c0, C - c0) | FBN_NAME(fbn_any_wide)(mhi, c0 + rows - C);
 }
 
+/* ---- the fused activation (activation="relu") ----
+ * The forward writes relu(v) = v < 0 ? 0 : v in the same pass, which keeps NaN and -0 as torch.relu
+ * does.  The backward passes the gradient through it as PyTorch's threshold_backward: g where the
+ * forward's output z was > 0 or NaN, 0 where z <= 0.  z is read from the forward's output (act 2), or
+ * recomputed from x with the forward's coefficients (act 1), the same arithmetic as the forward's, so
+ * the mask has the forward's bits, in the backward's passes: no saved mask, no extra pass. */
+FBN_INLINE T FBN_NAME(fbn_relu)(T v) { return v < (T)0 ? (T)0 : v; }
+FBN_INLINE T FBN_NAME(fbn_gate)(T g, T z) { return z <= (T)0 ? (T)0 : g; }
+
+/* One channel's (or column's) forward coefficients, for act 1. */
+typedef struct { T mhi, mlo, a, b; } FBN_NAME(fbn_fwd);
+
+/* The gradient of element i through the activation: g[i] (act 0), or gated by the forward's output,
+ * zs[i] (act 2) or ((p[i] - mhi) - mlo) * a + b recomputed (act 1; half for a wide mean, with f's
+ * mhi, mlo halved and a doubled, as fbn_affine_run). */
+FBN_INLINE T FBN_NAME(fbn_gated)(const T *g, const T *p, const T *zs, ptrdiff_t i, FBN_NAME(fbn_fwd) f,
+                                 const int act, const int half)
+{
+    if (act == 0)
+        return g[i];
+    const T z = act == 2 ? zs[i] : (((half ? p[i] * (T)0.5 : p[i]) - f.mhi) - f.mlo) * f.a + f.b;
+    return FBN_NAME(fbn_gate)(g[i], z);
+}
+
+/* Channel c's forward coefficients from fcf = [mhi | mlo | a | b] (blocks C apart), prepared for
+ * fbn_gated: halved for a wide mean when half. */
+FBN_INLINE FBN_NAME(fbn_fwd) FBN_NAME(fbn_fwd_at)(const T *fcf, ptrdiff_t C, ptrdiff_t c, const int half)
+{
+    FBN_NAME(fbn_fwd) f;
+    f.mhi = half ? fcf[c] * (T)0.5 : fcf[c];
+    f.mlo = half ? fcf[C + c] * (T)0.5 : fcf[C + c];
+    f.a = half ? fcf[2 * C + c] * 2 : fcf[2 * C + c];
+    f.b = fcf[3 * C + c];
+    return f;
+}
+
 /* q = ((p - mhi) - mlo) * a + b over n elements; lo and half are constants where this is inlined.
  * With lo = 0 the `- mlo` (which is then 0) folds away: the same result to the bit.  half: p is
  * halved first, for a wide mean (the caller passes mhi, mlo halved and a doubled). */
 FBN_INLINE void FBN_NAME(fbn_affine_run)(const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T a, T b, const int lo,
-                                         const int half)
+                                         const int half, const int relu)
 {
 #pragma omp simd
-    for (ptrdiff_t i = 0; i < n; i++)
-        q[i] = (((half ? p[i] * (T)0.5 : p[i]) - mhi) - (lo ? mlo : (T)0)) * a + b;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const T v = (((half ? p[i] * (T)0.5 : p[i]) - mhi) - (lo ? mlo : (T)0)) * a + b;
+        q[i] = relu ? FBN_NAME(fbn_relu)(v) : v;
+    }
 }
 
 /* One element of either form, for the column loops' rare wide blocks: h = 1/2 for a wide mean
@@ -170,7 +186,7 @@ FBN_INLINE T FBN_NAME(fbn_norm_wide)(T x, T mhi, T mlo, T a, T b)
 /* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
  * x.  stream: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
 FBN_INLINE void FBN_NAME(fbn_affine_rows)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1,
-                                          const T *cf, int stream, const int check_wide)
+                                          const T *cf, int stream, const int check_wide, const int relu)
 {
     T buf[FBN_CHUNK];
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
@@ -180,78 +196,161 @@ FBN_INLINE void FBN_NAME(fbn_affine_rows)(const T *x, T *y, ptrdiff_t C, ptrdiff
             const T *p = x + off + j;
             T *q = stream ? buf : y + off + j;
             if (check_wide && FBN_NAME(fbn_wide)(mhi))
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi * (T)0.5, mlo * (T)0.5, a * 2, b, 1, 1);
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi * (T)0.5, mlo * (T)0.5, a * 2, b, 1, 1, relu);
             else if (mlo != 0)  /* 0 for float64, and for a float32 mean (evaluation) */
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1, 0);
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1, 0, relu);
             else
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0, 0);
+                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0, 0, relu);
             if (stream)
                 fbn_stream_store(y + off + j, buf, (size_t)bl * sizeof(T));
         }
     }
 }
 
+/* relu: the fused activation. */
 FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
-                                            ptrdiff_t f1, const T *cf, int stream)
+                                            ptrdiff_t f1, const T *cf, int stream, int relu)
 {
-    if (FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1))
-        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 1);
+    const int wide = FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1);
+    if (relu && wide)
+        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 1, 1);
+    else if (relu)
+        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 0, 1);
+    else if (wide)
+        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 1, 0);
     else
-        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 0);
+        FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 0, 0);
 }
 
-/* sum(dy) and sum(dy * (x - mean[c])) of a range, in double, added to acc[2*c], acc[2*c+1]. */
-FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_t C, ptrdiff_t S,
-                                               ptrdiff_t f0, ptrdiff_t f1, const double *mean, double *acc)
+/* *a = sum(g') and *b = sum(g' * (p - m)) over n elements, in double, where g' is g through the
+ * activation (fbn_gated; act, half and narrow are constants where this is inlined). */
+FBN_INLINE void FBN_NAME(fbn_grad_run)(const T *g, const T *p, const T *zs, ptrdiff_t n, double m,
+                                       FBN_NAME(fbn_fwd) f, double *a_out, double *b_out, const int act,
+                                       const int half, const int narrow)
 {
+    double a = 0.0, b = 0.0;
+    if (narrow) {
+#pragma omp simd simdlen(8) reduction(+:a, b)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f, act, half);
+            a += gi;
+            b += gi * ((double)p[i] - m);
+        }
+    } else {
+#pragma omp simd reduction(+:a, b)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f, act, half);
+            a += gi;
+            b += gi * ((double)p[i] - m);
+        }
+    }
+    *a_out = a;
+    *b_out = b;
+}
+
+FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const T *dy, const T *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+                                             ptrdiff_t f1, const double *mean, double *acc, const T *zs,
+                                             const T *fcf, const int act, const int check_wide)
+{
+    FBN_NAME(fbn_fwd) f = {0, 0, 0, 0};
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         double a, b;
-        if (ln < FBN_SHORT)
-            FBN_NAME(fbn_grad_run)(dy + off, x + off, ln, mean[c], &a, &b, 1);
+        const int half = check_wide && FBN_NAME(fbn_wide)(fcf[c]);
+        if (act == 1)
+            f = FBN_NAME(fbn_fwd_at)(fcf, C, c, half);
+        const T *z = act == 2 ? zs + off : zs;
+        if (half)
+            FBN_NAME(fbn_grad_run)(dy + off, x + off, z, ln, mean[c], f, &a, &b, act, 1, 0);
+        else if (ln < FBN_SHORT)
+            FBN_NAME(fbn_grad_run)(dy + off, x + off, z, ln, mean[c], f, &a, &b, act, 0, 1);
         else
-            FBN_NAME(fbn_grad_run)(dy + off, x + off, ln, mean[c], &a, &b, 0);
+            FBN_NAME(fbn_grad_run)(dy + off, x + off, z, ln, mean[c], f, &a, &b, act, 0, 0);
         acc[2 * c] += a;
         acc[2 * c + 1] += b;
     }
 }
 
-/* q = kdy * g + (((p - mhi) - mlo) * kx + kc) over n elements; half as in fbn_affine_run. */
-FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const T *g, const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T kdy, T kx,
-                                             T kc, const int half)
+/* sum(dy') and sum(dy' * (x - mean[c])) of a range, in double, added to acc[2*c], acc[2*c+1], where
+ * dy' is dy through the activation: gated by the forward's output zs (indexed as x) when zs is not
+ * NULL, else by the output recomputed with the forward's coefficients fcf = [mhi | mlo | a | b]
+ * (blocks C apart) when fcf is not NULL, else dy itself. */
+FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_t C, ptrdiff_t S,
+                                               ptrdiff_t f0, ptrdiff_t f1, const double *mean, double *acc,
+                                               const T *zs, const T *fcf)
 {
-#pragma omp simd
-    for (ptrdiff_t i = 0; i < n; i++)
-        q[i] = kdy * g[i] + ((((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo) * kx + kc);
+    if (zs)
+        FBN_NAME(fbn_grad_sums_rows)(dy, x, C, S, f0, f1, mean, acc, zs, fcf, 2, 0);
+    else if (!fcf)
+        FBN_NAME(fbn_grad_sums_rows)(dy, x, C, S, f0, f1, mean, acc, zs, fcf, 0, 0);
+    else if (FBN_NAME(fbn_range_wide)(fcf, C, S, f0, f1))
+        FBN_NAME(fbn_grad_sums_rows)(dy, x, C, S, f0, f1, mean, acc, zs, fcf, 1, 1);
+    else
+        FBN_NAME(fbn_grad_sums_rows)(dy, x, C, S, f0, f1, mean, acc, zs, fcf, 1, 0);
 }
 
-/* dx = kdy * dy + ((x - mhi) - mlo) * kx + kc over a range; cf = [mhi | mlo | kdy | kx | kc]. */
+/* q = kdy * g' + (((p - mhi) - mlo) * kx + kc) over n elements, g' = g through the activation
+ * (fbn_gated); fixed (statistics that were constants): q = kdy * g', x's terms left out rather than
+ * multiplied by 0 (an infinite x would give NaN).  half as in fbn_affine_run, for both. */
+FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const T *g, const T *p, const T *zs, T *q, ptrdiff_t n, T mhi, T mlo,
+                                             T kdy, T kx, T kc, FBN_NAME(fbn_fwd) f, const int act,
+                                             const int half, const int fixed)
+{
+#pragma omp simd
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const T gi = FBN_NAME(fbn_gated)(g, p, zs, i, f, act, half);
+        q[i] = fixed ? kdy * gi : kdy * gi + ((((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo) * kx + kc);
+    }
+}
+
 FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
-                                              ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const int check_wide)
+                                              ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const T *zs,
+                                              const T *fcf, const int act, const int fixed, const int check_wide)
 {
     T buf[FBN_CHUNK];
+    FBN_NAME(fbn_fwd) f = {0, 0, 0, 0};
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const T mhi = cf[c], mlo = cf[C + c], kdy = cf[2 * C + c], kx = cf[3 * C + c], kc = cf[4 * C + c];
+        /* a wide mean: the forward's mean where the mask is recomputed (the backward's is 0 when
+         * fixed), else the backward's; in training the two are the same value */
+        const int half = check_wide && FBN_NAME(fbn_wide)(act == 1 ? fcf[c] : mhi);
+        if (act == 1)
+            f = FBN_NAME(fbn_fwd_at)(fcf, C, c, half);
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
-            const T *g = dy + off + j, *p = x + off + j;
+            const T *g = dy + off + j, *p = x + off + j, *z = act == 2 ? zs + off + j : zs;
             T *q = stream ? buf : dx + off + j;
-            if (check_wide && FBN_NAME(fbn_wide)(mhi))
-                FBN_NAME(fbn_grad_input_run)(g, p, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, 1);
+            if (half)
+                FBN_NAME(fbn_grad_input_run)(g, p, z, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, f, act, 1,
+                                             fixed);
             else
-                FBN_NAME(fbn_grad_input_run)(g, p, q, bl, mhi, mlo, kdy, kx, kc, 0);
+                FBN_NAME(fbn_grad_input_run)(g, p, z, q, bl, mhi, mlo, kdy, kx, kc, f, act, 0, fixed);
             if (stream)
                 fbn_stream_store(dx + off + j, buf, (size_t)bl * sizeof(T));
         }
     }
 }
 
+/* dx = kdy * dy' + ((x - mhi) - mlo) * kx + kc over a range; cf = [mhi | mlo | kdy | kx | kc]; dy' as
+ * in fbn_grad_sums (zs, fcf).  fixed: dx = kdy * dy' (the activation's evaluation-mode backward;
+ * without the activation that is fbn_affine on dy). */
 FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
-                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream)
+                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const T *zs,
+                                                const T *fcf, int fixed)
 {
-    if (FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1))
-        FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, 1);
+#define FBN_GRAD_INPUT_ROWS(act, fixed, wide) FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, act, fixed, wide)
+    const int act = zs ? 2 : fcf ? 1 : 0;
+    const int wide = (act != 2 || !fixed) && FBN_NAME(fbn_range_wide)(act == 1 ? fcf : cf, C, S, f0, f1);
+    if (act == 0)
+        wide ? FBN_GRAD_INPUT_ROWS(0, 0, 1) : FBN_GRAD_INPUT_ROWS(0, 0, 0);
+    else if (act == 2 && fixed)
+        FBN_GRAD_INPUT_ROWS(2, 1, 0);
+    else if (act == 2)
+        wide ? FBN_GRAD_INPUT_ROWS(2, 0, 1) : FBN_GRAD_INPUT_ROWS(2, 0, 0);
+    else if (fixed)
+        wide ? FBN_GRAD_INPUT_ROWS(1, 1, 1) : FBN_GRAD_INPUT_ROWS(1, 1, 0);
     else
-        FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, 0);
+        wide ? FBN_GRAD_INPUT_ROWS(1, 0, 1) : FBN_GRAD_INPUT_ROWS(1, 0, 0);
+#undef FBN_GRAD_INPUT_ROWS
 }
 
 /* ---- blocks of rows of an (N, W) matrix, vectors across the W columns ----
@@ -358,10 +457,11 @@ FBN_INLINE void FBN_NAME(fbn_col_flags)(const T *mhi, const T *mlo, ptrdiff_t nc
  * constant where this is inlined: with lo = 0 the low part of the mean is not loaded and
  * `- 0` folds away (x - 0 is x for every x), so the result is the same to the bit. */
 FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols,
-                                                    ptrdiff_t W, const T *cf, const int lo)
+                                                    ptrdiff_t W, const T *cf, const int lo, const int relu)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     ptrdiff_t r = 0;
+#define FBN_ACT(v) (relu ? FBN_NAME(fbn_relu)(v) : (v))
     for (; r + 4 <= rows; r += 4) {
         const T *p = x + r * W;
         T *q = y + r * W;
@@ -369,12 +469,13 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
         for (ptrdiff_t c = 0; c < ncols; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = lo ? mlo[c] : (T)0, ac = a[c], bc = b[c];
             const T x0 = p[c], x1 = p[W + c], x2 = p[2 * W + c], x3 = p[3 * W + c];
-            q[c] = ((x0 - m1) - m2) * ac + bc;
-            q[W + c] = ((x1 - m1) - m2) * ac + bc;
-            q[2 * W + c] = ((x2 - m1) - m2) * ac + bc;
-            q[3 * W + c] = ((x3 - m1) - m2) * ac + bc;
+            q[c] = FBN_ACT(((x0 - m1) - m2) * ac + bc);
+            q[W + c] = FBN_ACT(((x1 - m1) - m2) * ac + bc);
+            q[2 * W + c] = FBN_ACT(((x2 - m1) - m2) * ac + bc);
+            q[3 * W + c] = FBN_ACT(((x3 - m1) - m2) * ac + bc);
         }
     }
+#undef FBN_ACT
     return r;
 }
 
@@ -387,8 +488,8 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
  * for a dependency on that store until the full addresses are compared (4K aliasing).  Measured
  * on (4096, 1024) float32: the eval forward ran 1.5x faster with y 2 KiB off x's alignment than
  * with y aligned as NumPy allocates it; loading first removes that difference. */
-FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols,
-                                                ptrdiff_t W, const T *cf, int stream)
+FBN_INLINE void FBN_NAME(fbn_col_affine_act)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
+                                             const T *cf, int stream, const int relu)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     T buf[FBN_CHUNK];
@@ -396,20 +497,24 @@ FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows
     int lo, wide;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
     FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
     if (!stream && !wide)
-        r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 1)
-               : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 0);
+        r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 1, relu)
+               : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 0, relu);
     for (; r < rows; r++) {
         for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
             ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
             const T *p = x + r * W + c0;
             T *q = stream ? buf : y + r * W + c0;
             if (wide) {
-                for (ptrdiff_t c = 0; c < bl; c++)
-                    q[c] = FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c], a[c0 + c], b[c0 + c]);
+                for (ptrdiff_t c = 0; c < bl; c++) {
+                    const T v = FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c], a[c0 + c], b[c0 + c]);
+                    q[c] = relu ? FBN_NAME(fbn_relu)(v) : v;
+                }
             } else {
 #pragma omp simd
-                for (ptrdiff_t c = 0; c < bl; c++)
-                    q[c] = ((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
+                for (ptrdiff_t c = 0; c < bl; c++) {
+                    const T v = ((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
+                    q[c] = relu ? FBN_NAME(fbn_relu)(v) : v;
+                }
             }
             if (stream)
                 fbn_stream_store(y + r * W + c0, buf, (size_t)bl * sizeof(T));
@@ -417,16 +522,60 @@ FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows
     }
 }
 
-/* sdy += sum dy and sdyx += sum dy * (x - mean), per column (ncols values each). */
-FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
-                                                   const double *mean, double *sdy, double *sdyx)
+/* relu: the fused activation. */
+FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols,
+                                                ptrdiff_t W, const T *cf, int stream, int relu)
+{
+    if (relu)
+        FBN_NAME(fbn_col_affine_act)(x, y, rows, ncols, W, cf, stream, 1);
+    else
+        FBN_NAME(fbn_col_affine_act)(x, y, rows, ncols, W, cf, stream, 0);
+}
+
+/* One column's forward coefficients for fbn_gated, from fcf = [mhi | mlo | a | b] (blocks W apart). */
+FBN_INLINE FBN_NAME(fbn_fwd) FBN_NAME(fbn_col_fwd)(const T *fcf, ptrdiff_t W, ptrdiff_t c, const int act)
+{
+    FBN_NAME(fbn_fwd) f = {0, 0, 0, 0};
+    if (act == 1) {
+        f.mhi = fcf[c];
+        f.mlo = fcf[W + c];
+        f.a = fcf[2 * W + c];
+        f.b = fcf[3 * W + c];
+    }
+    return f;
+}
+
+/* Whether the gate of fbn_col_grad_sums / fbn_col_grad_input recomputes outputs of a wide mean. */
+FBN_INLINE int FBN_NAME(fbn_col_fwd_wide)(const T *fcf, ptrdiff_t ncols, ptrdiff_t W)
+{
+    int lo, wide;
+    FBN_NAME(fbn_col_flags)(fcf, fcf + W, ncols, &lo, &wide);
+    return wide;
+}
+
+/* Element c of row r through the activation, for the column loops' rare wide blocks (fbn_norm_wide). */
+FBN_INLINE T FBN_NAME(fbn_col_gated_wide)(const T *g, const T *p, const T *zs, ptrdiff_t i, const T *fcf,
+                                          ptrdiff_t W, ptrdiff_t c, int act)
+{
+    if (act == 0)
+        return g[i];
+    if (act == 2)
+        return FBN_NAME(fbn_gate)(g[i], zs[i]);
+    return FBN_NAME(fbn_gate)(g[i], FBN_NAME(fbn_norm_wide)(p[i], fcf[c], fcf[W + c], fcf[2 * W + c], fcf[3 * W + c]));
+}
+
+FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t ncols,
+                                                ptrdiff_t W, const double *mean, double *sdy, double *sdyx,
+                                                const T *zs, const T *fcf, const int act)
 {
     ptrdiff_t r = 0;
+#define FBN_G(k) ((double)FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, f, act, 0))
     for (r = 0; r + 4 <= rows; r += 4) {
-        const T *g = dy + r * W, *p = x + r * W;
+        const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
-            double g0 = (double)g[c], g1 = (double)g[W + c], g2 = (double)g[2 * W + c], g3 = (double)g[3 * W + c];
+            const FBN_NAME(fbn_fwd) f = FBN_NAME(fbn_col_fwd)(fcf, W, c, act);
+            double g0 = FBN_G(0), g1 = FBN_G(1), g2 = FBN_G(2), g3 = FBN_G(3);
             double m = mean[c];
             sdy[c] += (g0 + g1) + (g2 + g3);
             sdyx[c] += (g0 * ((double)p[c] - m) + g1 * ((double)p[W + c] - m))
@@ -434,56 +583,118 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrd
         }
     }
     for (; r < rows; r++) {
-        const T *g = dy + r * W, *p = x + r * W;
+        const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
-            sdy[c] += (double)g[c];
-            sdyx[c] += (double)g[c] * ((double)p[c] - mean[c]);
+            const FBN_NAME(fbn_fwd) f = FBN_NAME(fbn_col_fwd)(fcf, W, c, act);
+            const double gi = FBN_G(0);
+            sdy[c] += gi;
+            sdyx[c] += gi * ((double)p[c] - mean[c]);
         }
+    }
+#undef FBN_G
+}
+
+/* sdy += sum dy' and sdyx += sum dy' * (x - mean), per column (ncols values each); dy' is dy through
+ * the activation as in fbn_grad_sums, zs indexed as x, fcf per column (blocks W apart). */
+FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
+                                                   const double *mean, double *sdy, double *sdyx, const T *zs,
+                                                   const T *fcf)
+{
+    if (zs) {
+        FBN_NAME(fbn_col_grad_sums_act)(dy, x, rows, ncols, W, mean, sdy, sdyx, zs, fcf, 2);
+    } else if (!fcf) {
+        FBN_NAME(fbn_col_grad_sums_act)(dy, x, rows, ncols, W, mean, sdy, sdyx, zs, fcf, 0);
+    } else if (!FBN_NAME(fbn_col_fwd_wide)(fcf, ncols, W)) {
+        FBN_NAME(fbn_col_grad_sums_act)(dy, x, rows, ncols, W, mean, sdy, sdyx, zs, fcf, 1);
+    } else {  /* a wide mean: element by element (see fbn_norm_wide) */
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t c = 0; c < ncols; c++) {
+                const double gi = (double)FBN_NAME(fbn_col_gated_wide)(dy + r * W, x + r * W, zs, c, fcf, W, c, 1);
+                sdy[c] += gi;
+                sdyx[c] += gi * ((double)x[r * W + c] - mean[c]);
+            }
     }
 }
 
-/* cf = [mhi | mlo | kdy | kx | kc], blocks W apart; four rows at a time, as fbn_col_affine. */
-FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t rows,
-                                                    ptrdiff_t ncols, ptrdiff_t W, const T *cf, int stream)
+/* One element of grad_input from the gated gradient gi: kdy * gi + ((x - mhi) - mlo) * kx + kc, or
+ * kdy * gi alone when fixed (see fbn_grad_input_run). */
+FBN_INLINE T FBN_NAME(fbn_dx)(T gi, T x, T mhi, T mlo, T kdy, T kx, T kc, const int fixed)
+{
+    return fixed ? kdy * gi : kdy * gi + (((x - mhi) - mlo) * kx + kc);
+}
+
+FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const T *dy, const T *x, T *dx, ptrdiff_t rows, ptrdiff_t ncols,
+                                                 ptrdiff_t W, const T *cf, int stream, const T *zs, const T *fcf,
+                                                 const int act, const int fixed)
 {
     const T *mhi = cf, *mlo = cf + W, *kdy = cf + 2 * W, *kx = cf + 3 * W, *kc = cf + 4 * W;
     T buf[FBN_CHUNK];
     ptrdiff_t r = 0;
     int lo, wide;
     FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
+    if (act == 1)
+        wide |= FBN_NAME(fbn_col_fwd_wide)(fcf, ncols, W);
+#define FBN_DX(k) FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, f, act, 0), p[(k) * W + c], m1, m2, k1, k2, \
+                                   k3, fixed)
     for (; !stream && !wide && r + 4 <= rows; r += 4) {
-        const T *g = dy + r * W, *p = x + r * W;
+        const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
         T *q = dx + r * W;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = mlo[c], k1 = kdy[c], k2 = kx[c], k3 = kc[c];
-            const T g0 = g[c], g1 = g[W + c], g2 = g[2 * W + c], g3 = g[3 * W + c];
-            const T x0 = p[c], x1 = p[W + c], x2 = p[2 * W + c], x3 = p[3 * W + c];
-            q[c] = k1 * g0 + (((x0 - m1) - m2) * k2 + k3);
-            q[W + c] = k1 * g1 + (((x1 - m1) - m2) * k2 + k3);
-            q[2 * W + c] = k1 * g2 + (((x2 - m1) - m2) * k2 + k3);
-            q[3 * W + c] = k1 * g3 + (((x3 - m1) - m2) * k2 + k3);
+            const FBN_NAME(fbn_fwd) f = FBN_NAME(fbn_col_fwd)(fcf, W, c, act);
+            const T d0 = FBN_DX(0), d1 = FBN_DX(1), d2 = FBN_DX(2), d3 = FBN_DX(3);
+            q[c] = d0;
+            q[W + c] = d1;
+            q[2 * W + c] = d2;
+            q[3 * W + c] = d3;
         }
     }
+#undef FBN_DX
     for (; r < rows; r++) {
         for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
             ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
-            const T *g = dy + r * W + c0, *p = x + r * W + c0;
+            const T *g = dy + r * W + c0, *p = x + r * W + c0, *z = act == 2 ? zs + r * W + c0 : zs;
+            const T *fc = act == 1 ? fcf + c0 : fcf;
             T *q = stream ? buf : dx + r * W + c0;
             if (wide) {  /* the last two terms as fbn_norm_wide: kc + ((x - mhi) - mlo) * kx */
-                for (ptrdiff_t c = 0; c < bl; c++)
-                    q[c] = kdy[c0 + c] * g[c] + FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c], kx[c0 + c],
-                                                                        kc[c0 + c]);
+                for (ptrdiff_t c = 0; c < bl; c++) {
+                    const T gi = FBN_NAME(fbn_col_gated_wide)(g, p, z, c, fc, W, c, act);
+                    q[c] = fixed ? kdy[c0 + c] * gi
+                                 : kdy[c0 + c] * gi + FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c],
+                                                                              kx[c0 + c], kc[c0 + c]);
+                }
             } else {
 #pragma omp simd
-                for (ptrdiff_t c = 0; c < bl; c++)
-                    q[c] = kdy[c0 + c] * g[c] + (((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * kx[c0 + c] + kc[c0 + c]);
+                for (ptrdiff_t c = 0; c < bl; c++) {
+                    const FBN_NAME(fbn_fwd) f = FBN_NAME(fbn_col_fwd)(fc, W, c, act);
+                    q[c] = FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, c, f, act, 0), p[c], mhi[c0 + c],
+                                            mlo[c0 + c], kdy[c0 + c], kx[c0 + c], kc[c0 + c], fixed);
+                }
             }
             if (stream)
                 fbn_stream_store(dx + r * W + c0, buf, (size_t)bl * sizeof(T));
         }
     }
+}
+
+/* cf = [mhi | mlo | kdy | kx | kc], blocks W apart; four rows at a time, as fbn_col_affine; dy' as in
+ * fbn_col_grad_sums; fixed as in fbn_grad_input. */
+FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t rows,
+                                                    ptrdiff_t ncols, ptrdiff_t W, const T *cf, int stream,
+                                                    const T *zs, const T *fcf, int fixed)
+{
+    if (zs && fixed)
+        FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 2, 1);
+    else if (zs)
+        FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 2, 0);
+    else if (fcf && fixed)
+        FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 1, 1);
+    else if (fcf)
+        FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 1, 0);
+    else
+        FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 0, 0);
 }
 
 /* ---- per-channel statistics and coefficients ----

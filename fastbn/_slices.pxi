@@ -54,7 +54,7 @@ cdef void _slice_train(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogi
                 _merge_column_stats(c, C, S, 1, th, ch.ncols, ch.col0, jb.eps, wp, bp, jb.mean, jb.var, jb.invstd, cf, cw)
         for j in range(ch.nb - 1, -1, -1):
             o = j * ch.R * W + ch.col0
-            _col_affine(xp + o, yp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream)
+            _col_affine(xp + o, yp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream, jb.relu)
         c0 = ch.end
 
 
@@ -75,7 +75,7 @@ cdef void _slice_eval(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil
         _expand(cf, C, S, 4, c, cw)
     for j in range(nb):
         _col_affine(<const floating *>jb.x + j * R * W + col0, <floating *>jb.y + j * R * W + col0,
-                    min(R, N - j * R), ncols, W, cw + col0, jb.stream)
+                    min(R, N - j * R), ncols, W, cw + col0, jb.stream, jb.relu)
 
 
 cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
@@ -85,6 +85,9 @@ cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept n
     cdef floating *dp = <floating *>jb.y
     cdef floating *cf = <floating *>jb.cf
     cdef floating *cw = <floating *>jb.cw
+    cdef const floating *zp = <const floating *>jb.zs
+    cdef const floating *fp = <const floating *>jb.fcw
+    cdef bint gated = zp != NULL or fp != NULL  # through the activation
     cdef double *th = jb.part + k * SLICE_SCRATCH  # [sum dy (w) | sum dy*(x-mean) (w)]
     cdef double *wm = th + 2 * SLICE_CHUNK  # each column's channel mean
     cdef const double *m
@@ -103,7 +106,7 @@ cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept n
             m = wm
         for j in range(ch.nb):
             o = j * ch.R * W + ch.col0
-            _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, m, th)
+            _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, m, th, _at(zp, o), _at(fp, ch.col0))
         if S == 1:
             _col_finish_grad(th, ch.ncols, <double>N, jb.training, wp + c0, mp + c0, jb.invstd + c0, jb.gw + c0,
                              jb.gb + c0, cf + c0, C)
@@ -113,8 +116,9 @@ cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept n
                                    jb.gw, jb.gb, cf, cw)
         for j in range(ch.nb - 1, -1, -1):
             o = j * ch.R * W + ch.col0
-            if jb.training:
-                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream)
+            if jb.training or gated:
+                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream,
+                                _at(zp, o), _at(fp, ch.col0), not jb.training)
             else:
-                _col_affine(gp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream)
+                _col_affine(gp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream, False)
         c0 = ch.end

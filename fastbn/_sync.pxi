@@ -75,7 +75,7 @@ cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept n
                 m = wm
             for j in range(ch.nb):
                 o = j * ch.R * W + ch.col0
-                _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, m, th)
+                _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, m, th, NULL, NULL)
             for c in range(c0, ch.end):
                 sdy = 0
                 sdyx = 0
@@ -92,7 +92,8 @@ cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept n
                 _expand(cf, C, S, 5, c, cw)
             for j in range(ch.nb - 1, -1, -1):
                 o = j * ch.R * W + ch.col0
-                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream)
+                _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream,
+                                NULL, NULL, False)
         c0 = ch.end
 
 
@@ -280,7 +281,7 @@ def sync_normalize(x, y, weight, bias, mean, invstd, int n_threads, int path=AUT
     if plan_path(x.shape[0], x.shape[1], x.shape[2], path) == SLICES:
         forward_eval(x, y, weight, bias, mean, invstd, n_threads, path, unit, stream)
         return
-    cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit)
+    cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit, False)
     cdef Py_ssize_t C = jb.C, L = jb.L
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")

@@ -1,6 +1,6 @@
 # Type stubs for fastbn.functional.  Arrays are NumPy arrays, or CuPy arrays where CuPy is
 # installed: a NumPy input gets NumPy results of its dtype, with float64 statistics.
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,7 @@ def batch_norm(
     *,
     out: _ArrayT | None = None,
     unbiased: bool = True,
+    activation: Literal["relu"] | None = None,
 ) -> _ArrayT: ...
 @overload
 def batch_norm_forward(
@@ -44,6 +45,7 @@ def batch_norm_forward(
     *,
     out: np.ndarray[Any, np.dtype[_Float]] | None = None,
     unbiased: bool = True,
+    activation: Literal["relu"] | None = None,
 ) -> tuple[np.ndarray[Any, np.dtype[_Float]], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 @overload
 def batch_norm_forward(
@@ -58,6 +60,7 @@ def batch_norm_forward(
     *,
     out: _ArrayT | None = None,
     unbiased: bool = True,
+    activation: Literal["relu"] | None = None,
 ) -> tuple[_ArrayT, Any, Any]: ...
 def batch_norm_backward(
     grad_output: _ArrayT,
@@ -68,6 +71,9 @@ def batch_norm_backward(
     training: bool = True,
     *,
     out: _ArrayT | None = None,
+    activation: Literal["relu"] | None = None,
+    bias: _Array | None = None,
+    output: _Array | None = None,
 ) -> tuple[_ArrayT, _ArrayT, _ArrayT]: ...
 
 # the internal entry points (the layers call them after their own checks)

@@ -44,8 +44,10 @@ class _BatchNorm(_RunningStats, Layer):
     _layout = ""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device="cpu", dtype=np.float32, *, bias=True, unbiased=True):
+                 device="cpu", dtype=np.float32, *, bias=True, unbiased=True, activation=None):
         num_features = ck.count(num_features, "num_features")
+        self._relu = ck.activation(activation)
+        self.activation = activation
         ck.scalar(eps, "eps")
         if momentum is not None:
             ck.scalar(momentum, "momentum", 0.0, 1.0)
@@ -110,12 +112,13 @@ class _BatchNorm(_RunningStats, Layer):
                 and type(input) is np.ndarray and input.dtype is self.dtype and input.ndim in self._ndims
                 and (update_running_stats is True or update_running_stats is False)):
             # the plain evaluation call, checked in C (None: anything else, for the full checks)
-            done = _plain_eval(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps, out)
+            done = _plain_eval(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps, out,
+                               self._relu)
             if done is not None:
                 y, mean, invstd = done
                 if is_grad_enabled():
                     self._local.saved = _Saved(False, (input, self.dtype, None, self._saved_weight(True), mean,
-                                                       invstd, False))
+                                                       invstd, False, self._saved_bias(True)))
                 return y
         return Layer.forward(self, input, out=out, update_running_stats=update_running_stats)
 
@@ -138,21 +141,32 @@ class _BatchNorm(_RunningStats, Layer):
             w = ck.param(self.weight, "weight", be, (C,), dt, 1.0)
             b = ck.param(self.bias, "bias", be, (C,), dt, 0.0)
             y, mean, invstd = F.forward(be, input, x3, rm, rv, w, b, batch_stats, ck.scalar(factor, "momentum", 0.0, 1.0),
-                                        ck.scalar(self.eps, "eps"), out, self.unbiased)
+                                        ck.scalar(self.eps, "eps"), out, self.unbiased, self._relu)
         if update:
             self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
         if saved_input is not input:  # an in-place forward: backward reads the copy
             x3 = ck.ncs_view(be, saved_input, dt)
-        return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats)
+        return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats, self._saved_bias(record))
+
+    def _saved_bias(self, record):
+        """With the activation, the bias that ReLU's mask is recomputed with in backward (a copy, as
+        the weight: an update between forward and backward must not change the mask); else None."""
+        if not self._relu:
+            return None
+        if self.bias is None:
+            return self._xp.zeros(self.num_features, dtype=self.dtype)
+        return self.bias.copy() if record else self.bias
 
     def _backward(self, be, grad_output, payload, out):
-        x, dt, x3, weight, mean, invstd, batch_stats = payload
+        x, dt, x3, weight, mean, invstd, batch_stats, bias = payload
         if x3 is None:  # saved by the plain evaluation call
             x3 = ck.ncs_view(be, x, dt)
         with self._on_device():
-            w = ck.param(weight, "weight", be, (self.num_features,), dt, 1.0)
+            C = self.num_features
+            w = ck.param(weight, "weight", be, (C,), dt, 1.0)
+            b = None if bias is None else ck.param(bias, "bias", be, (C,), dt, 0.0)
             g3 = ck.kernel_view(be, grad_output, x, x3, "grad_output")
-            return F.backward(be, x, x3, g3, w, mean, invstd, batch_stats, out)
+            return F.backward(be, x, x3, g3, w, mean, invstd, batch_stats, out, b)
 
     # ------------------------------------------------------------------ devices
     def to(self, device):
@@ -167,17 +181,20 @@ class _BatchNorm(_RunningStats, Layer):
         return self
 
     def extra_repr(self):
+        act = "" if self.activation is None else f", activation={self.activation!r}"
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"bias={self.has_bias}, track_running_stats={self.track_running_stats}")
+                f"bias={self.has_bias}, track_running_stats={self.track_running_stats}{act}")
 
 
 class BatchNorm1d(_BatchNorm):
     """Batch norm over (N, C) or (N, C, L) inputs.
 
     ``BatchNorm1d(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-    device="cpu", dtype=np.float32, *, bias=True)``, PyTorch's constructor and ``state_dict`` keys.
-    Training mode normalizes with the batch statistics and updates the running ones; eval mode
-    uses the running ones.
+    device="cpu", dtype=np.float32, *, bias=True, unbiased=True, activation=None)``, PyTorch's
+    constructor and ``state_dict`` keys.  Training mode normalizes with the batch statistics and
+    updates the running ones; eval mode uses the running ones.  ``unbiased=False`` puts the biased
+    batch variance into ``running_var`` (ONNX, Keras); ``activation="relu"`` fuses the ReLU of a
+    Conv -> BN -> ReLU block into the same pass, forward and backward.
     """
     __doc__ += PROTOCOL_DOC
 
@@ -189,9 +206,11 @@ class BatchNorm2d(_BatchNorm):
     """Batch norm over (N, C, H, W) inputs.
 
     ``BatchNorm2d(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-    device="cpu", dtype=np.float32, *, bias=True)``, PyTorch's constructor and ``state_dict`` keys.
-    Training mode normalizes with the batch statistics and updates the running ones; eval mode
-    uses the running ones.
+    device="cpu", dtype=np.float32, *, bias=True, unbiased=True, activation=None)``, PyTorch's
+    constructor and ``state_dict`` keys.  Training mode normalizes with the batch statistics and
+    updates the running ones; eval mode uses the running ones.  ``unbiased=False`` puts the biased
+    batch variance into ``running_var`` (ONNX, Keras); ``activation="relu"`` fuses the ReLU of a
+    Conv -> BN -> ReLU block into the same pass, forward and backward.
     """
     __doc__ += PROTOCOL_DOC
 
@@ -203,9 +222,11 @@ class BatchNorm3d(_BatchNorm):
     """Batch norm over (N, C, D, H, W) inputs.
 
     ``BatchNorm3d(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-    device="cpu", dtype=np.float32, *, bias=True)``, PyTorch's constructor and ``state_dict`` keys.
-    Training mode normalizes with the batch statistics and updates the running ones; eval mode
-    uses the running ones.
+    device="cpu", dtype=np.float32, *, bias=True, unbiased=True, activation=None)``, PyTorch's
+    constructor and ``state_dict`` keys.  Training mode normalizes with the batch statistics and
+    updates the running ones; eval mode uses the running ones.  ``unbiased=False`` puts the biased
+    batch variance into ``running_var`` (ONNX, Keras); ``activation="relu"`` fuses the ReLU of a
+    Conv -> BN -> ReLU block into the same pass, forward and backward.
     """
     __doc__ += PROTOCOL_DOC
 

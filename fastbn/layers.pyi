@@ -1,4 +1,6 @@
 # Type stubs for fastbn.layers (the layer protocol, Layer, is in _layer_base.pyi).
+from typing import Literal
+
 import numpy.typing as npt
 from typing_extensions import Self
 
@@ -14,6 +16,7 @@ class _BatchNorm(Layer):
     affine: bool
     track_running_stats: bool
     unbiased: bool
+    activation: Literal["relu"] | None
     running_mean: _Buffer | None
     running_var: _Buffer | None
     num_batches_tracked: int | None
@@ -29,6 +32,7 @@ class _BatchNorm(Layer):
         *,
         bias: bool = True,
         unbiased: bool = True,
+        activation: Literal["relu"] | None = None,
     ) -> None: ...
     def reset_running_stats(self) -> None: ...
     def reset_parameters(self) -> None: ...

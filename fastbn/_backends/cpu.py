@@ -81,11 +81,12 @@ def plan():
     return _openmp.get_num_threads(), _PATHS[tuning["path"]], tuning["unit"], tuning["stream"]
 
 
-def forward_train(x, y, weight, bias, eps):
-    """Write the normalized x into y; return the batch (mean, biased var, invstd), float64."""
+def forward_train(x, y, weight, bias, eps, relu=False):
+    """Write the normalized x (through ReLU when relu) into y; return the batch (mean, biased var,
+    invstd), float64."""
     C = x.shape[1]
     mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
-    _kernels.forward_train(x, y, weight, bias, eps, mean, var, invstd, *plan())
+    _kernels.forward_train(x, y, weight, bias, eps, mean, var, invstd, *plan(), relu)
     return mean, var, invstd
 
 
@@ -117,24 +118,26 @@ def eval_stats(running_mean, running_var, eps):
     return formulas.eval_stats(np, running_mean, running_var, eps)
 
 
-def forward_eval(x, y, weight, bias, mean, invstd):
-    """Write (x - mean) * invstd * weight + bias into y."""
-    _kernels.forward_eval(x, y, weight, bias, mean, invstd, *plan())
+def forward_eval(x, y, weight, bias, mean, invstd, relu=False):
+    """Write (x - mean) * invstd * weight + bias (through ReLU when relu) into y."""
+    _kernels.forward_eval(x, y, weight, bias, mean, invstd, *plan(), relu)
 
 
-def forward_eval_running(x, y, weight, bias, running_mean, running_var, eps):
+def forward_eval_running(x, y, weight, bias, running_mean, running_var, eps, relu=False):
     """eval_stats, then forward_eval with them, in one kernel call where the buffers allow; returns
     (mean, invstd) as eval_stats."""
     if _kernel_ready(running_mean, running_var):
-        return _kernels.forward_eval_running(x, y, weight, bias, running_mean, running_var, eps, *plan())
+        return _kernels.forward_eval_running(x, y, weight, bias, running_mean, running_var, eps, *plan(), relu)
     mean, invstd = eval_stats(running_mean, running_var, eps)
-    forward_eval(x, y, weight, bias, mean, invstd)
+    forward_eval(x, y, weight, bias, mean, invstd, relu)
     return mean, invstd
 
 
-def backward(dy, x, dx, weight, mean, invstd, training):
-    """Write grad_input into dx; return (grad_weight, grad_bias), float64."""
+def backward(dy, x, dx, weight, mean, invstd, training, bias=None, output=None):
+    """Write grad_input into dx; return (grad_weight, grad_bias), float64.  Through the fused ReLU
+    when ``bias`` (the forward's: its output is recomputed from x) or ``output`` (the forward's
+    output) is given."""
     C = x.shape[1]
     gw, gb = np.empty(C), np.empty(C)
-    _kernels.backward(dy, x, dx, weight, mean, invstd, training, gw, gb, *plan())
+    _kernels.backward(dy, x, dx, weight, mean, invstd, training, gw, gb, *plan(), bias, output)
     return gw, gb
