@@ -133,7 +133,17 @@ FBN_INLINE int FBN_NAME(fbn_range_wide)(const T *mhi, ptrdiff_t C, ptrdiff_t S, 
  * recomputed from x with the forward's coefficients (act 1), the same arithmetic as the forward's, so
  * the mask has the forward's bits, in the backward's passes: no saved mask, no extra pass. */
 FBN_INLINE T FBN_NAME(fbn_relu)(T v) { return v < (T)0 ? (T)0 : v; }
-FBN_INLINE T FBN_NAME(fbn_gate)(T g, T z) { return z <= (T)0 ? (T)0 : g; }
+/* g, or +0 where z <= 0, as a bit mask rather than `z <= 0 ? 0 : g`: GCC turned that into a branch
+ * in the gradient sums (it will not execute their conversions speculatively), which left the loop
+ * scalar and the backward 6x slower. */
+FBN_INLINE T FBN_NAME(fbn_gate)(T g, T z)
+{
+    FBN_UINT bits;
+    memcpy(&bits, &g, sizeof bits);
+    bits &= (FBN_UINT)0 - (FBN_UINT)!(z <= (T)0);
+    memcpy(&g, &bits, sizeof bits);
+    return g;
+}
 
 /* One channel's (or column's) forward coefficients, for act 1. */
 typedef struct { T mhi, mlo, a, b; } FBN_NAME(fbn_fwd);
@@ -141,12 +151,12 @@ typedef struct { T mhi, mlo, a, b; } FBN_NAME(fbn_fwd);
 /* The gradient of element i through the activation: g[i] (act 0), or gated by the forward's output,
  * zs[i] (act 2) or ((p[i] - mhi) - mlo) * a + b recomputed (act 1; half for a wide mean, with f's
  * mhi, mlo halved and a doubled, as fbn_affine_run). */
-FBN_INLINE T FBN_NAME(fbn_gated)(const T *g, const T *p, const T *zs, ptrdiff_t i, FBN_NAME(fbn_fwd) f,
+FBN_INLINE T FBN_NAME(fbn_gated)(const T *g, const T *p, const T *zs, ptrdiff_t i, T mhi, T mlo, T a, T b,
                                  const int act, const int half)
 {
     if (act == 0)
         return g[i];
-    const T z = act == 2 ? zs[i] : (((half ? p[i] * (T)0.5 : p[i]) - f.mhi) - f.mlo) * f.a + f.b;
+    const T z = act == 2 ? zs[i] : (((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo) * a + b;
     return FBN_NAME(fbn_gate)(g[i], z);
 }
 
@@ -232,14 +242,14 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const T *g, const T *p, const T *zs, ptrd
     if (narrow) {
 #pragma omp simd simdlen(8) reduction(+:a, b)
         for (ptrdiff_t i = 0; i < n; i++) {
-            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f, act, half);
+            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
             a += gi;
             b += gi * ((double)p[i] - m);
         }
     } else {
 #pragma omp simd reduction(+:a, b)
         for (ptrdiff_t i = 0; i < n; i++) {
-            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f, act, half);
+            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
             a += gi;
             b += gi * ((double)p[i] - m);
         }
@@ -297,8 +307,12 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const T *g, const T *p, const T *zs
 {
 #pragma omp simd
     for (ptrdiff_t i = 0; i < n; i++) {
-        const T gi = FBN_NAME(fbn_gated)(g, p, zs, i, f, act, half);
-        q[i] = fixed ? kdy * gi : kdy * gi + ((((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo) * kx + kc);
+        const T d = ((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo;
+        /* in training the forward's mean is the backward's (f.mhi, f.mlo are mhi, mlo): its output is
+         * d * a + b, sharing d with dx's terms */
+        const T gi = act == 1 && !fixed ? FBN_NAME(fbn_gate)(g[i], d * f.a + f.b)
+                                        : FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
+        q[i] = fixed ? kdy * gi : kdy * gi + (d * kx + kc);
     }
 }
 
@@ -532,18 +546,11 @@ FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows
         FBN_NAME(fbn_col_affine_act)(x, y, rows, ncols, W, cf, stream, 0);
 }
 
-/* One column's forward coefficients for fbn_gated, from fcf = [mhi | mlo | a | b] (blocks W apart). */
-FBN_INLINE FBN_NAME(fbn_fwd) FBN_NAME(fbn_col_fwd)(const T *fcf, ptrdiff_t W, ptrdiff_t c, const int act)
-{
-    FBN_NAME(fbn_fwd) f = {0, 0, 0, 0};
-    if (act == 1) {
-        f.mhi = fcf[c];
-        f.mlo = fcf[W + c];
-        f.a = fcf[2 * W + c];
-        f.b = fcf[3 * W + c];
-    }
-    return f;
-}
+/* Column c's forward coefficients for fbn_gated (act 1), from fcf = [mhi | mlo | a | b] (blocks W
+ * apart): scalars, not an fbn_fwd, which GCC would not vectorize the column loops with. */
+#define FBN_COL_FWD(fcf, W, c, act)                                                                 \
+    const T fm1 = (act) == 1 ? (fcf)[c] : (T)0, fm2 = (act) == 1 ? (fcf)[(W) + (c)] : (T)0,           \
+            fa = (act) == 1 ? (fcf)[2 * (W) + (c)] : (T)0, fb = (act) == 1 ? (fcf)[3 * (W) + (c)] : (T)0
 
 /* Whether the gate of fbn_col_grad_sums / fbn_col_grad_input recomputes outputs of a wide mean. */
 FBN_INLINE int FBN_NAME(fbn_col_fwd_wide)(const T *fcf, ptrdiff_t ncols, ptrdiff_t W)
@@ -569,12 +576,12 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const T *dy, const T *x, ptrdiff
                                                 const T *zs, const T *fcf, const int act)
 {
     ptrdiff_t r = 0;
-#define FBN_G(k) ((double)FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, f, act, 0))
+#define FBN_G(k) ((double)FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fm1, fm2, fa, fb, act, 0))
     for (r = 0; r + 4 <= rows; r += 4) {
         const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
-            const FBN_NAME(fbn_fwd) f = FBN_NAME(fbn_col_fwd)(fcf, W, c, act);
+            FBN_COL_FWD(fcf, W, c, act);
             double g0 = FBN_G(0), g1 = FBN_G(1), g2 = FBN_G(2), g3 = FBN_G(3);
             double m = mean[c];
             sdy[c] += (g0 + g1) + (g2 + g3);
@@ -586,7 +593,7 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const T *dy, const T *x, ptrdiff
         const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
-            const FBN_NAME(fbn_fwd) f = FBN_NAME(fbn_col_fwd)(fcf, W, c, act);
+            FBN_COL_FWD(fcf, W, c, act);
             const double gi = FBN_G(0);
             sdy[c] += gi;
             sdyx[c] += gi * ((double)p[c] - mean[c]);
@@ -635,15 +642,16 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const T *dy, const T *x, T *dx,
     FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
     if (act == 1)
         wide |= FBN_NAME(fbn_col_fwd_wide)(fcf, ncols, W);
-#define FBN_DX(k) FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, f, act, 0), p[(k) * W + c], m1, m2, k1, k2, \
-                                   k3, fixed)
+    /* in training the forward's mean is the backward's: m1, m2 for fm1, fm2 share (x - m1) - m2 with dx */
+#define FBN_DX(k) FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa, fb, \
+                                                   act, 0), p[(k) * W + c], m1, m2, k1, k2, k3, fixed)
     for (; !stream && !wide && r + 4 <= rows; r += 4) {
         const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
         T *q = dx + r * W;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = mlo[c], k1 = kdy[c], k2 = kx[c], k3 = kc[c];
-            const FBN_NAME(fbn_fwd) f = FBN_NAME(fbn_col_fwd)(fcf, W, c, act);
+            FBN_COL_FWD(fcf, W, c, act);
             const T d0 = FBN_DX(0), d1 = FBN_DX(1), d2 = FBN_DX(2), d3 = FBN_DX(3);
             q[c] = d0;
             q[W + c] = d1;
@@ -668,9 +676,11 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const T *dy, const T *x, T *dx,
             } else {
 #pragma omp simd
                 for (ptrdiff_t c = 0; c < bl; c++) {
-                    const FBN_NAME(fbn_fwd) f = FBN_NAME(fbn_col_fwd)(fc, W, c, act);
-                    q[c] = FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, c, f, act, 0), p[c], mhi[c0 + c],
-                                            mlo[c0 + c], kdy[c0 + c], kx[c0 + c], kc[c0 + c], fixed);
+                    FBN_COL_FWD(fc, W, c, act);
+                    const T m1 = mhi[c0 + c], m2 = mlo[c0 + c];
+                    q[c] = FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa, fb,
+                                                                act, 0),
+                                            p[c], m1, m2, kdy[c0 + c], kx[c0 + c], kc[c0 + c], fixed);
                 }
             }
             if (stream)

@@ -1,4 +1,4 @@
-"""``fastbn bench``: its options, and the five reports they choose between.
+"""``fastbn bench``: its options, and the six reports they choose between.
 
 ``fastbn bench``             the table: train, eval and eval out= forwards and the backward against a
                              copy, the floor, naive NumPy, torch and onnxruntime (fastbn.bench.report)
@@ -6,6 +6,7 @@
 ``fastbn bench --latency``   per-call eval forward latency against onnxruntime (fastbn.bench.latency)
 ``fastbn bench --channels-last``  channels-last memory against NCHW and torch (fastbn.bench.layouts)
 ``fastbn bench --half``      float16 and bfloat16 inputs against float32, in GB/s (fastbn.bench.halves)
+``fastbn bench --relu``      the fused ReLU against the same calls without it (fastbn.bench.activation)
 
 Nothing heavy is imported here at module level: ``fastbn`` imports this module for every
 subcommand; torch and onnxruntime load only when a benchmark runs, matplotlib only for ``--plot``.
@@ -20,7 +21,7 @@ import numpy as np
 import fastbn
 
 from .. import _openmp
-from . import halves, impls, latency, layouts, pipeline, report
+from . import activation, halves, impls, latency, layouts, pipeline, report
 from .cases import FULL_CASES, OPS, QUICK_CASES, SCALING_CASE, Problem
 from .timing import Contention
 
@@ -95,6 +96,11 @@ def add_arguments(parser):
     parser.add_argument("--half", action="store_true",
                         help=f"instead of the table: float16 and bfloat16 inputs against float32 on {halves.SHAPE}, "
                              f"in GB/s (see fastbn/bench/halves.py); --repeat: rounds (default {halves.DEFAULT_REPEAT})")
+    parser.add_argument("--relu", action="store_true",
+                        help="instead of the table: the fused ReLU (activation='relu') against the same forward and "
+                             "backward calls without it on " + ", ".join(map(str, activation.SHAPES))
+                             + f" float32 (see fastbn/bench/activation.py); --repeat: rounds "
+                             f"(default {activation.DEFAULT_REPEAT})")
     parser.add_argument("--channels-last", action="store_true",
                         help=f"instead of the table: channels-last memory against NCHW and torch's channels_last on "
                              f"{layouts.SHAPE} float32 (see fastbn/bench/layouts.py); --repeat: rounds "
@@ -110,7 +116,8 @@ def _write_json(path, data):
 def run(args):
     """Run the report the options ask for; its exit status (2 on a bad combination of options)."""
     modes = [m for m, on in (("--pipeline", args.pipeline), ("--latency", args.latency),
-                             ("--channels-last", args.channels_last), ("--half", args.half)) if on]
+                             ("--channels-last", args.channels_last), ("--half", args.half),
+                             ("--relu", args.relu)) if on]
     mode = modes[0] if modes else None
     problem = (f"{' and '.join(modes)} are different reports: pick one" if len(modes) > 1 else
                "--shape applies to --pipeline only" if args.shape and not args.pipeline else
@@ -130,6 +137,8 @@ def run(args):
         return run_layouts(args)
     if args.half:
         return run_halves(args)
+    if args.relu:
+        return run_activation(args)
     return run_table(args)
 
 
@@ -212,4 +221,15 @@ def run_halves(args):
     halves.print_report(rows, info, sys.stdout)
     if args.json:
         _write_json(args.json, {"machine": info, "repeat": repeat, "rows": rows})
+    return 0
+
+
+def run_activation(args):
+    """``fastbn bench --relu`` with --threads, --repeat and --json."""
+    repeat = args.repeat or activation.DEFAULT_REPEAT
+    rows, targets, info = activation.run(args.threads or activation.THREADS, repeat, report.machine_info)
+    activation.print_report(rows, targets, info, sys.stdout)
+    if args.json:
+        _write_json(args.json, {"machine": info, "repeat": repeat, "targets_met": sum(t["met"] for t in targets),
+                                "targets_checked": len(targets), "targets": targets, "rows": rows})
     return 0
