@@ -5,7 +5,8 @@
  *
  *   const char *emu_sig_<name>_<suffix>()   the kernel's parameter types, one code per
  *                                           parameter, each followed by a comma: i (int),
- *                                           q (long long), f (float), d (double), and P + code
+ *                                           q (long long), f (float), d (double), e (__half,
+ *                                           pointers only), and P + code
  *                                           for a pointer ("Pf,Pf,d,q,")
  *   int emu_launch_<name>_<suffix>(gx, gy, bx, by, void **args)
  *                                           runs the kernel on a (gx, gy) grid of (bx, by)
@@ -41,6 +42,9 @@ template <> struct emu_code<float> {
 };
 template <> struct emu_code<double> {
     static std::string s() { return "d"; }
+};
+template <> struct emu_code<__half> {
+    static std::string s() { return "e"; }
 };
 template <typename E> struct emu_code<E *> {
     static std::string s() { return "P" + emu_code<std::remove_const_t<E>>::s(); }

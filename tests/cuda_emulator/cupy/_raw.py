@@ -38,9 +38,10 @@ BUILD = os.environ.get("FAKE_CUPY_BUILD") or os.path.join(tempfile.gettempdir(),
 FLAGS = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-U_FORTIFY_SOURCE", "-Wall",
          "-Wno-unknown-pragmas"]
 _CODES = {"i": (_np.int32, ctypes.c_int32), "q": (_np.int64, ctypes.c_int64),
-          "f": (_np.float32, ctypes.c_float), "d": (_np.float64, ctypes.c_double)}
-_EXPR = re.compile(r"(\w+)<(float|double)>")
-_SUFFIX = {"float": "f32", "double": "f64"}
+          "f": (_np.float32, ctypes.c_float), "d": (_np.float64, ctypes.c_double),
+          "e": (_np.float16, None)}  # __half: pointer parameters only
+_EXPR = re.compile(r"(\w+)<(float|double|__half)>")
+_SUFFIX = {"float": "f32", "double": "f64", "__half": "f16"}
 
 
 class RawKernel:
@@ -72,6 +73,7 @@ class RawKernel:
                 v = ctypes.c_void_p(a.data.ptr)
             else:
                 want, ct = _CODES[code]
+                _check(ct is not None, f"{where}: the emulator passes {code} by pointer only")
                 _check(type(a) is want, f"{where}: expected {want.__name__}, got {type(a).__name__} {a!r}")
                 v = ct(a)
             keep.append(v)
@@ -94,7 +96,7 @@ class RawModule:
         entries = []
         for e in self.exprs:
             m = _EXPR.fullmatch(e)
-            _check(m, f"the emulator compiles kernel<float> or kernel<double> name expressions, not {e!r}")
+            _check(m, f"the emulator compiles kernel<float>, kernel<double> or kernel<__half> name expressions, not {e!r}")
             entries.append(f"EMU_KERNEL({m.group(1)}, {m.group(2)}, {_SUFFIX[m.group(2)]})")
         flags = FLAGS + (["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("FAKE_CUPY_ASAN") else [])
         key = hashlib.sha256()
