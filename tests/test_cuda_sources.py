@@ -1,8 +1,8 @@
 """CUDA sources and the GPU backend's CPU-only behaviour (no GPU, no CuPy needed).
 
 - every ``.cu`` under fastbn/_cuda compiles with ``nvcc --ptx`` for sm_80 and sm_90, with its
-  kernel templates instantiated for float and double (the name expressions the backend asks
-  NVRTC for), without warnings, and ``ptxas`` assembles the PTX;
+  kernel templates instantiated for float, double and __half (the name expressions the backend
+  asks NVRTC for), without warnings, and ``ptxas`` assembles the PTX;
 - the backend's kernel list and launch constants match the source;
 - without CuPy: ``import fastbn`` does not import CuPy, the CPU path works, asking for
   ``device="cuda"`` raises an ImportError that says what to install, ``status()`` says
@@ -35,6 +35,8 @@ from fastbn._backends import cuda as _cupy_backend
 CUDA_DIR = os.path.join(os.path.dirname(fastbn.__file__), "_cuda")
 CU_FILES = sorted(f for f in os.listdir(CUDA_DIR) if f.endswith(".cu"))
 ARCHS = ["sm_80", "sm_90"]
+# The kernels' element types (C++ name, Itanium mangling): the backend's CTYPES.
+TYPES = [("float", "f"), ("double", "d"), ("__half", "6__half")]
 # Subprocesses must import the fastbn this process imported (the installed package in CI, where
 # the source tree's fastbn/ is not built), from a neutral working directory.
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
@@ -73,12 +75,12 @@ def test_there_is_cuda_source():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("cu", CU_FILES)
 def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
-    """nvcc --ptx, all warnings as errors, every template instantiated for float and double."""
+    """nvcc --ptx, all warnings as errors, every template instantiated for float, double and __half."""
     nvcc = _nvcc()
     kernels = _template_kernels(_read(cu))
     # Taking each instantiation's address makes nvcc compile it, as NVRTC does for the backend's
     # name expressions ("bn_apply<float>", ...).
-    refs = "\n".join(f"    (void)&{k}<{t}>;" for k in kernels for t in ("float", "double"))
+    refs = "\n".join(f"    (void)&{k}<{t}>;" for k in kernels for t, _ in TYPES)
     wrapper = tmp_path / f"instantiate_{cu}"
     wrapper.write_text(f'#include "{os.path.join(CUDA_DIR, cu)}"\nvoid fastbn_instantiate_all()\n{{\n{refs}\n}}\n')
     ptx = tmp_path / f"{cu}.{arch}.ptx"
@@ -87,9 +89,10 @@ def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}{r.stderr}"
     assert not (r.stdout + r.stderr).strip(), f"nvcc printed warnings:\n{r.stdout}{r.stderr}"
     entries = re.findall(r"\.entry\s+(\w+)", ptx.read_text())
-    assert len(entries) == 2 * len(kernels) + len(re.findall(r"^\s*__global__", _read(cu), re.M)) - len(kernels)
-    for k in kernels:  # mangled as _Z<len><name>I{f,d}...
-        for t in "fd":
+    plain = len(re.findall(r"^\s*__global__", _read(cu), re.M)) - len(kernels)  # kernels that are no templates
+    assert len(entries) == len(TYPES) * len(kernels) + plain
+    for k in kernels:  # mangled as _Z<len><name>I{f,d,6__half}E...
+        for _, t in TYPES:
             assert any(e.startswith(f"_Z{len(k)}{k}I{t}E") for e in entries), (k, t, entries)
     ptxas = shutil.which("ptxas") or os.path.join(os.path.dirname(nvcc), "ptxas")
     if os.path.exists(ptxas):  # assemble too: register limits from __launch_bounds__, no errors
@@ -101,6 +104,8 @@ def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
 def test_backend_kernel_list_and_constants_match_the_source():
     src = _read("batch_norm.cu")
     assert sorted(_template_kernels(src)) == sorted(_cupy_backend.KERNELS)
+    assert sorted(_cupy_backend.CTYPES.values()) == sorted(t for t, _ in TYPES)
+    assert _cupy_backend.native_halves == frozenset({"float16"})
 
     def define(name):
         return int(re.search(rf"#define\s+{name}\s+(\d+)", src).group(1))
@@ -109,7 +114,10 @@ def test_backend_kernel_list_and_constants_match_the_source():
     assert (define("FBN_COL_X"), define("FBN_COL_Y")) == _cupy_backend.COLUMN_BLOCK
     assert define("FBN_MERGE_WARPS") == _cupy_backend.MERGE_WARPS
     includes = re.findall(r"^\s*#\s*include.*$", src, re.M)
-    assert includes == ['#include "../_coefs.h"', '#include "batch_norm_device.cuh"'], "NVRTC: no host headers"
+    # NVRTC has no host headers: fastbn's own files are spliced in; cuda_fp16.h comes from the include
+    # path CuPy gives NVRTC (under a guard: the emulator defines __half itself)
+    assert includes == ['#include "../_coefs.h"', "#include <cuda_fp16.h>", '#include "batch_norm_device.cuh"'], includes
+    assert re.search(r"#if defined\(__CUDACC__\) \|\| defined\(__CUDACC_RTC__\)\n#include <cuda_fp16.h>\n#endif", src)
     assert '#include "' not in _cupy_backend._read_source(), "_coefs.h is spliced in"
 
 
