@@ -12,7 +12,8 @@
   ``__syncthreads`` a barrier, warp shuffles an exchange between barriers, deadlocks reported),
   in a subprocess; tests/cuda_emulator/check_emulator.py checks the emulator on kernels with
   known results, tests/cuda_emulator/check_kernels.py compares the backend's results with the
-  CPU backend on every work-splitting path; then all of tests/test_gpu.py runs against the
+  CPU backend on every work-splitting path, tests/cuda_emulator/check_activation.py the fused
+  ReLU and float16 storage against PyTorch; then all of tests/test_gpu.py runs against the
   emulator.  This checks the indexing, the reductions, the Python launch code (argument types
   against the kernel signatures) and the GPU tests themselves where no GPU is available.  It
   cannot check speed, the memory model or NVRTC itself: tests/test_gpu.py on a real GPU does.
@@ -312,6 +313,18 @@ def test_kernels_run_correctly_in_the_cpu_emulator(emulator):
     done = re.search(r"emulated kernels: (\d+) cases, (\d+) launches", r.stdout)
     assert done, r.stdout + r.stderr
     assert int(done.group(1)) >= 22 and int(done.group(2)) > 0, r.stdout  # 11 cases x 2 dtypes at least
+
+
+def test_relu_and_float16_kernels_in_the_cpu_emulator(emulator):
+    """The fused ReLU (forward, and backward with bias= and output=) and float16 storage, emulated,
+    against PyTorch (CPU) on every path, in float32, float64 and float16
+    (tests/cuda_emulator/check_activation.py)."""
+    pytest.importorskip("torch", reason="the activation's reference is PyTorch (CPU)")
+    r = _run([sys.executable, cuda_emulator.CHECK_ACTIVATION], emulator)
+    assert r.returncode == 0, r.stdout + r.stderr
+    done = re.search(r"emulated activation: (\d+) cases, (\d+) launches", r.stdout)
+    assert done, r.stdout + r.stderr
+    assert int(done.group(1)) >= 30 and int(done.group(2)) > 0, r.stdout  # 7 cases x 3 dtypes + 9 special
 
 
 def test_gpu_suite_passes_in_the_cpu_emulator(emulator):
