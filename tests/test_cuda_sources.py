@@ -48,7 +48,10 @@ def _env(*paths, **extra):
     return dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, PKG_PARENT]), **extra)
 
 _TEMPLATE_KERNEL = re.compile(
-    r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
+    r"template\s*<\s*typename\s+T\s*(?:,\s*int\s+ACT\s*)?>\s*__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
+# the kernels with the activation mode as a second template argument: template <typename T, int ACT>
+_ACT_KERNEL = re.compile(
+    r"template\s*<\s*typename\s+T\s*,\s*int\s+ACT\s*>\s*__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
 
 
 def _nvcc():
@@ -60,6 +63,20 @@ def _nvcc():
 
 def _template_kernels(source):
     return _TEMPLATE_KERNEL.findall(source)
+
+
+def _instantiations(source):
+    """(kernel, C++ template arguments, mangled template arguments) of every kernel the backend
+    asks NVRTC for: each template for each type, and each ACT for the activation kernels."""
+    acts = set(_ACT_KERNEL.findall(source))
+    out = []
+    for k in _template_kernels(source):
+        for t, mt in TYPES:
+            if k in acts:
+                out += [(k, f"{t}, {a}", f"{mt}Li{a}E") for a in _cupy_backend.ACTS]
+            else:
+                out.append((k, t, mt))
+    return out
 
 
 def _read(name):
@@ -79,9 +96,10 @@ def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
     """nvcc --ptx, all warnings as errors, every template instantiated for float, double and __half."""
     nvcc = _nvcc()
     kernels = _template_kernels(_read(cu))
+    inst = _instantiations(_read(cu))
     # Taking each instantiation's address makes nvcc compile it, as NVRTC does for the backend's
-    # name expressions ("bn_apply<float>", ...).
-    refs = "\n".join(f"    (void)&{k}<{t}>;" for k in kernels for t, _ in TYPES)
+    # name expressions ("bn_apply<float>", "bn_grad_input<__half, 1>", ...).
+    refs = "\n".join(f"    (void)&{k}<{t}>;" for k, t, _ in inst)
     wrapper = tmp_path / f"instantiate_{cu}"
     wrapper.write_text(f'#include "{os.path.join(CUDA_DIR, cu)}"\nvoid fastbn_instantiate_all()\n{{\n{refs}\n}}\n')
     ptx = tmp_path / f"{cu}.{arch}.ptx"
@@ -91,10 +109,9 @@ def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
     assert not (r.stdout + r.stderr).strip(), f"nvcc printed warnings:\n{r.stdout}{r.stderr}"
     entries = re.findall(r"\.entry\s+(\w+)", ptx.read_text())
     plain = len(re.findall(r"^\s*__global__", _read(cu), re.M)) - len(kernels)  # kernels that are no templates
-    assert len(entries) == len(TYPES) * len(kernels) + plain
-    for k in kernels:  # mangled as _Z<len><name>I{f,d,6__half}E...
-        for _, t in TYPES:
-            assert any(e.startswith(f"_Z{len(k)}{k}I{t}E") for e in entries), (k, t, entries)
+    assert len(entries) == len(inst) + plain
+    for k, _, mt in inst:  # mangled as _Z<len><name>I{f,d,6__half}E... or _Z<len><name>IfLi1EE...
+        assert any(e.startswith(f"_Z{len(k)}{k}I{mt}E") for e in entries), (k, mt, entries)
     ptxas = shutil.which("ptxas") or os.path.join(os.path.dirname(nvcc), "ptxas")
     if os.path.exists(ptxas):  # assemble too: register limits from __launch_bounds__, no errors
         r = subprocess.run([ptxas, f"-arch={arch}", "-o", str(tmp_path / "out.cubin"), str(ptx)],
@@ -105,6 +122,13 @@ def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
 def test_backend_kernel_list_and_constants_match_the_source():
     src = _read("batch_norm.cu")
     assert sorted(_template_kernels(src)) == sorted(_cupy_backend.KERNELS)
+    assert sorted(_ACT_KERNEL.findall(src)) == sorted(_cupy_backend.ACT_KERNELS)
+    assert sorted(_cupy_backend._name_expressions("float").values()) == sorted(
+        f"{k}<{t}>" for k, t, _ in _instantiations(src) if t.split(",")[0] == "float")
+    assert _cupy_backend.ACTS == (0, 1, 2)
+    for name in ("NONE", "RECOMPUTE", "OUTPUT"):  # the backend's modes are the source's
+        value = re.search(rf"FBN_ACT_{name} = (\d)", _read("batch_norm_device.cuh")).group(1)
+        assert getattr(_cupy_backend, f"ACT_{name}") == int(value), name
     assert sorted(_cupy_backend.CTYPES.values()) == sorted(t for t, _ in TYPES)
     assert _cupy_backend.native_halves == frozenset({"float16"})
 

@@ -38,13 +38,15 @@ tuning = {"path": "auto", "unit": 0}
 PATHS = ("auto", "channels", "units", "columns")
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_cuda", "batch_norm.cu")
-# The kernel templates of SOURCE; each is compiled for float and double.
+# The kernel templates of SOURCE; each is compiled for float, double and __half, and those in
+# ACT_KERNELS (template <typename T, int ACT>) also for each activation mode ACT_*.
 KERNELS = (
     "bn_forward_channels", "bn_moments_units", "bn_moments_columns", "bn_merge_moments",
     "bn_eval_coefs", "bn_apply",
     "bn_backward_channels", "bn_grad_sums_units", "bn_grad_sums_columns", "bn_merge_grad",
     "bn_grad_input",
 )
+ACT_KERNELS = ("bn_backward_channels", "bn_grad_sums_units", "bn_grad_sums_columns", "bn_grad_input")
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.float16): "__half"}
 # The dtype names whose arrays the kernels take directly (besides float32 and float64): float16
 # elements are loaded as float, computed in float (statistics in double) and stored rounded to
@@ -52,6 +54,7 @@ CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtyp
 native_halves = frozenset({"float16"})
 # The activation's modes in the backward kernels (FBN_ACT_* in batch_norm_device.cuh).
 ACT_NONE, ACT_RECOMPUTE, ACT_OUTPUT = 0, 1, 2
+ACTS = (ACT_NONE, ACT_RECOMPUTE, ACT_OUTPUT)
 OPTIONS = ("-std=c++17",)
 
 BLOCK = 256              # FBN_GPU_THREADS in the source
@@ -272,8 +275,20 @@ def _read_source():
     return _source
 
 
+def _name_expressions(t):
+    """{key: name expression} of every kernel for the C++ type t: key kernel name, or (kernel name,
+    ACT) for ACT_KERNELS ("bn_grad_input<float, 1>")."""
+    exprs = {}
+    for kn in KERNELS:
+        if kn in ACT_KERNELS:
+            exprs.update({(kn, a): f"{kn}<{t}, {a}>" for a in ACTS})
+        else:
+            exprs[kn] = f"{kn}<{t}>"
+    return exprs
+
+
 def _kernels(device_id, dtype):
-    """The compiled kernels for one device and dtype, memoized."""
+    """The compiled kernels for one device and dtype, memoized: {kernel name or (name, ACT): kernel}."""
     key = (device_id, dtype.char)
     k = _modules.get(key)
     if k is not None:
@@ -283,11 +298,11 @@ def _kernels(device_id, dtype):
         if k is None:
             cp = _import_cupy()
             t = CTYPES[dtype]
-            exprs = [f"{kn}<{t}>" for kn in KERNELS]
-            module = cp.RawModule(code=_read_source(), options=OPTIONS, name_expressions=exprs)
+            exprs = _name_expressions(t)
+            module = cp.RawModule(code=_read_source(), options=OPTIONS, name_expressions=list(exprs.values()))
             try:
                 with cp.cuda.Device(device_id):
-                    k = {kn: module.get_function(e) for kn, e in zip(KERNELS, exprs)}
+                    k = {key: module.get_function(e) for key, e in exprs.items()}
             except Exception as exc:
                 raise RuntimeError(
                     f"compiling fastbn's CUDA kernels ({os.path.basename(SOURCE)}, {t}) with NVRTC failed: {exc}\n"
@@ -474,26 +489,25 @@ def backward(dy, x, dx, weight, mean, invstd, training, bias=None, output=None):
             act, b, out = ACT_OUTPUT, w, cp.ascontiguousarray(output.reshape(x.shape), dtype=x.dtype)
         else:
             act, b, out = ACT_NONE, w, x
-        act = np.int32(act)
         NS = N * S
         train = np.int32(1 if training else 0)
         path, k, U = _plan(cp, dev.id, C, S, NS)
         if path == "channels":
-            kern["bn_backward_channels"](_grid(C), (BLOCK,),
-                                         (dy, x, out, dx, w, b, act, m, istd, train, _i(N), _i(C), _i(S), gw, gb))
+            kern["bn_backward_channels", act](_grid(C), (BLOCK,),
+                                              (dy, x, out, dx, w, b, m, istd, train, _i(N), _i(C), _i(S), gw, gb))
             return gw, gb
         part = cp.empty(2 * C * k)
         if path == "columns":
             gx = _ceil(C, COLUMN_BLOCK[0])
-            kern["bn_grad_sums_columns"]((gx, min(k, MAX_GRID)), COLUMN_BLOCK,
-                                         (dy, x, out, w, b, act, m, istd, _i(N), _i(C), _i(U), _i(k), part))
+            kern["bn_grad_sums_columns", act]((gx, min(k, MAX_GRID)), COLUMN_BLOCK,
+                                              (dy, x, out, w, b, m, istd, _i(N), _i(C), _i(U), _i(k), part))
         else:
-            kern["bn_grad_sums_units"](_grid(C * k), (BLOCK,),
-                                       (dy, x, out, w, b, act, m, istd, _i(N), _i(C), _i(S), _i(k), _i(U), part))
+            kern["bn_grad_sums_units", act](_grid(C * k), (BLOCK,),
+                                            (dy, x, out, w, b, m, istd, _i(N), _i(C), _i(S), _i(k), _i(U), part))
         coef = cp.empty(6 * C, dtype=pdt)
         kern["bn_merge_grad"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
-                              (part, _i(C), _i(k), np.float64(NS), train, act, w, b, m, istd, gw, gb, coef))
+                              (part, _i(C), _i(k), np.float64(NS), train, np.int32(act), w, b, m, istd, gw, gb, coef))
         # dx = kdy * g + (((x - m_hi) - m_lo) * kx + kc) in training, g * kdy (x unread) in evaluation
-        kern["bn_grad_input"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
-                              (dy, x, out, dx, coef, train, act, _i(C), _i(S), _i(total)))
+        kern["bn_grad_input", act](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
+                                   (dy, x, out, dx, coef, train, _i(C), _i(S), _i(total)))
     return gw, gb

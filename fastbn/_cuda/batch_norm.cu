@@ -1,7 +1,8 @@
 /* fastbn/_cuda/batch_norm.cu -- fastbn's CUDA kernels (the GPU twin of _kernels.pyx + _simd.h).
  *
  * Compiled at run time by NVRTC through cupy.RawModule (fastbn/_backends/cuda.py), one module per
- * (device, dtype), with the name expressions "bn_xxx<float>" / "bn_xxx<double>" / "bn_xxx<__half>".
+ * (device, dtype), with the name expressions "bn_xxx<float>" / "bn_xxx<double>" / "bn_xxx<__half>"
+ * (and "bn_xxx<float, ACT>" for each activation mode of the backward kernels that gate dy).
  * T is the element type; weight, bias and the coefficients are FBN_K (T, float for __half: loads
  * are widened to float, statistics accumulate in double, stores round to nearest even).  NVRTC has no
  * host headers: everything used here is built in, but for the two #includes, ../_coefs.h and
@@ -241,15 +242,18 @@ bn_apply(const T *x, T *y, const FBN_K *coef, int relu, i64 C, i64 S, i64 total)
 }
 
 /* ================================================================== kernels: backward
- * act (FBN_ACT_*): the activation's gate on dy.  out (act 2) is the forward's output, bias (act 1)
- * the forward's bias; where they are not used the caller passes stand-ins of the right types (x,
- * weight), which are never read. */
+ * ACT (FBN_ACT_*): the activation's gate on dy, a template parameter of the kernels that gate
+ * elements ("bn_grad_input<float, 1>"), so that each mode gets its own registers: a kernel's
+ * register count is the most any of its branches needs, and the gated modes' extra loads would
+ * cost the plain backward occupancy (float64: 77 -> 128 registers).  out (ACT 2) is the forward's
+ * output, bias (ACT 1) the forward's bias; where they are not used the caller passes stand-ins of
+ * the right types (x, weight), which are never read. */
 
 /* channels path: sums, parameter gradients and grad_input of each channel in one block.
  * dx must not overlap dy, x or out. */
-template <typename T>
+template <typename T, int ACT>
 __global__ void __launch_bounds__(FBN_GPU_THREADS)
-bn_backward_channels(const T *dy, const T *x, const T *out, T *dx, const FBN_K *weight, const FBN_K *bias, int act,
+bn_backward_channels(const T *dy, const T *x, const T *out, T *dx, const FBN_K *weight, const FBN_K *bias,
                      const double *mean, const double *invstd, int training, i64 N, i64 C, i64 S,
                      double *grad_weight, double *grad_bias)
 {
@@ -257,28 +261,28 @@ bn_backward_channels(const T *dy, const T *x, const T *out, T *dx, const FBN_K *
     __shared__ K cf[6];
     const i64 NS = N * S;
     for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
-        const FbnAffine<K> f = fbn_act_affine(act, c, mean, invstd, weight, bias);
+        const FbnAffine<K> f = fbn_act_affine(ACT, c, mean, invstd, weight, bias);
         double a = 0.0, b = 0.0;
-        fbn_thread_grad_sums(dy, x, out, act, f, C, S, c, 0, NS, mean[c], a, b);
+        fbn_thread_grad_sums(dy, x, out, ACT, f, C, S, c, 0, NS, mean[c], a, b);
         fbn_block_sum2(a, b);
         if (threadIdx.x == 0)
-            fbn_finish_grad(c, a, b, (double)NS, training, act, weight, bias, mean, invstd, grad_weight, grad_bias,
+            fbn_finish_grad(c, a, b, (double)NS, training, ACT, weight, bias, mean, invstd, grad_weight, grad_bias,
                             cf);
         __syncthreads();
         K cr[6];
 #pragma unroll
         for (int j = 0; j < 6; j++)
             cr[j] = cf[j];
-        fbn_channel_grad_input(dy, x, out, dx, C, S, c, NS, cr, training, act);
+        fbn_channel_grad_input(dy, x, out, dx, C, S, c, NS, cr, training, ACT);
         __syncthreads();
     }
 }
 
 /* units path, stage 1: unit u writes (sum g, sum g * (x - mean)) to part[2u], part[2u + 1]. */
-template <typename T>
+template <typename T, int ACT>
 __global__ void __launch_bounds__(FBN_GPU_THREADS)
 bn_grad_sums_units(const T *__restrict__ dy, const T *__restrict__ x, const T *__restrict__ out,
-                   const FBN_K *__restrict__ weight, const FBN_K *__restrict__ bias, int act,
+                   const FBN_K *__restrict__ weight, const FBN_K *__restrict__ bias,
                    const double *__restrict__ mean, const double *__restrict__ invstd, i64 N, i64 C, i64 S, i64 k,
                    i64 U, double *__restrict__ part)
 {
@@ -286,9 +290,9 @@ bn_grad_sums_units(const T *__restrict__ dy, const T *__restrict__ x, const T *_
     const i64 NS = N * S;
     for (i64 u = blockIdx.x; u < C * k; u += gridDim.x) {
         const i64 c = u / k, e0 = (u - c * k) * U;
-        const FbnAffine<K> f = fbn_act_affine(act, c, mean, invstd, weight, bias);
+        const FbnAffine<K> f = fbn_act_affine(ACT, c, mean, invstd, weight, bias);
         double a = 0.0, b = 0.0;
-        fbn_thread_grad_sums(dy, x, out, act, f, C, S, c, e0, fbn_min(NS, e0 + U), mean[c], a, b);
+        fbn_thread_grad_sums(dy, x, out, ACT, f, C, S, c, e0, fbn_min(NS, e0 + U), mean[c], a, b);
         fbn_block_sum2(a, b);
         if (threadIdx.x == 0) {
             part[2 * u] = a;
@@ -298,10 +302,10 @@ bn_grad_sums_units(const T *__restrict__ dy, const T *__restrict__ x, const T *_
 }
 
 /* columns path (S == 1), stage 1: like bn_moments_columns, partial sums to part[2 (c k + j)]. */
-template <typename T>
+template <typename T, int ACT>
 __global__ void __launch_bounds__(FBN_COL_X *FBN_COL_Y)
 bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const T *__restrict__ out,
-                     const FBN_K *__restrict__ weight, const FBN_K *__restrict__ bias, int act,
+                     const FBN_K *__restrict__ weight, const FBN_K *__restrict__ bias,
                      const double *__restrict__ mean, const double *__restrict__ invstd, i64 N, i64 C, i64 R, i64 k,
                      double *__restrict__ part)
 {
@@ -310,7 +314,7 @@ bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const T 
     const int tx = threadIdx.x, ty = threadIdx.y;
     const i64 c = (i64)blockIdx.x * FBN_COL_X + tx;
     const double mc = c < C ? mean[c] : 0.0;
-    const FbnAffine<K> f = fbn_act_affine(c < C ? act : FBN_ACT_NONE, c, mean, invstd, weight, bias);
+    const FbnAffine<K> f = fbn_act_affine(c < C ? ACT : FBN_ACT_NONE, c, mean, invstd, weight, bias);
     for (i64 j = blockIdx.y; j < k; j += gridDim.y) {
         const i64 r1 = fbn_min(N, (j + 1) * R);
         double a = 0.0, b = 0.0;
@@ -324,14 +328,14 @@ bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const T 
                     if (rr < r1) {
                         g[t] = fbn_ld(dy[rr * C + c]);
                         v[t] = fbn_ld(x[rr * C + c]);
-                        o[t] = act == FBN_ACT_OUTPUT ? fbn_ld(out[rr * C + c]) : (K)0;
+                        o[t] = ACT == FBN_ACT_OUTPUT ? fbn_ld(out[rr * C + c]) : (K)0;
                         cnt = t + 1;
                     }
                 }
 #pragma unroll
                 for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     if (t < cnt) {
-                        const double gt = (double)fbn_gated<T>(g[t], v[t], o[t], act, f);
+                        const double gt = (double)fbn_gated<T>(g[t], v[t], o[t], ACT, f);
                         a += gt;
                         b = fbn_fma(gt, (double)v[t] - mc, b);
                     }
@@ -385,13 +389,12 @@ bn_merge_grad(const double *part, i64 C, i64 k, double count, int training, int 
 
 /* grad_input over the whole buffer from bn_merge_grad's coefficients (fbn_dx, with dy gated by the
  * activation).  Grid-stride. */
-template <typename T>
+template <typename T, int ACT>
 __global__ void __launch_bounds__(FBN_GPU_THREADS)
-bn_grad_input(const T *dy, const T *x, const T *out, T *dx, const FBN_K *coef, int training, int act, i64 C, i64 S,
-              i64 total)
+bn_grad_input(const T *dy, const T *x, const T *out, T *dx, const FBN_K *coef, int training, i64 C, i64 S, i64 total)
 {
     typedef FBN_K K;
-    const bool read_x = training || act == FBN_ACT_RECOMPUTE;
+    const bool read_x = training || ACT == FBN_ACT_RECOMPUTE;
     const i64 step = (i64)gridDim.x * blockDim.x;
     FbnFlatWalker w((i64)blockIdx.x * blockDim.x + threadIdx.x, C, S, step);
     while (w.i < total) {
@@ -404,7 +407,7 @@ bn_grad_input(const T *dy, const T *x, const T *out, T *dx, const FBN_K *coef, i
             if (idx[j] >= 0) {
                 g[j] = fbn_ld(dy[idx[j]]);
                 v[j] = read_x ? fbn_ld(x[idx[j]]) : (K)0;
-                o[j] = act == FBN_ACT_OUTPUT ? fbn_ld(out[idx[j]]) : (K)0;
+                o[j] = ACT == FBN_ACT_OUTPUT ? fbn_ld(out[idx[j]]) : (K)0;
             }
             w.next();
         }
@@ -413,9 +416,9 @@ bn_grad_input(const T *dy, const T *x, const T *out, T *dx, const FBN_K *coef, i
             if (idx[j] >= 0) {
                 const i64 c = ch[j];
                 const K cf[6] = {coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c], coef[4 * C + c],
-                                 act == FBN_ACT_RECOMPUTE ? coef[5 * C + c] : (K)0};
+                                 ACT == FBN_ACT_RECOMPUTE ? coef[5 * C + c] : (K)0};
                 const FbnAffine<K> f = {cf[0], cf[1], cf[2], cf[5]};
-                fbn_st(dx[idx[j]], fbn_dx(fbn_gated<T>(g[j], v[j], o[j], act, f), v[j], cf, training));
+                fbn_st(dx[idx[j]], fbn_dx(fbn_gated<T>(g[j], v[j], o[j], ACT, f), v[j], cf, training));
             }
         }
     }

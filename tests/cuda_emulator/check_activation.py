@@ -49,9 +49,12 @@ def check(ok, *what):
         raise AssertionError(what)
 
 
-def first_launch(n0, name, dt):
+def first_launch(n0, name, dt, act=None):
+    """The first kernel launched since launch n0 is name<ctype> (name<ctype, act> for a backward
+    kernel with the activation mode as its template argument)."""
     ctype = be.CTYPES[np.dtype(dt)]
-    check(cupy.launches[n0][0] == f"{name}<{ctype}>", name, cupy.launches[n0:n0 + 3])
+    want = f"{name}<{ctype}>" if act is None else f"{name}<{ctype}, {act}>"
+    check(cupy.launches[n0][0] == want, want, cupy.launches[n0:n0 + 3])
 
 
 def err(got, want):
@@ -62,7 +65,8 @@ def err(got, want):
     check((np.isnan(got) == nan).all(), "NaNs in other places")
     if nan.all():
         return 0.0
-    d = np.abs(got[~nan] - want[~nan])
+    with np.errstate(invalid="ignore"):  # inf - inf where both are the same infinity
+        d = np.abs(got[~nan] - want[~nan])
     d[np.isinf(want[~nan]) & (got[~nan] == want[~nan])] = 0
     return float(d.max(initial=0.0)) / max(1.0, float(np.abs(want[~nan][np.isfinite(want[~nan])]).max(initial=0)))
 
@@ -112,9 +116,13 @@ def check_case(rng, shape, path, unit, fwd_kernel, bwd_kernel, dt, tol):
     check((y0 < 0).any() and (y == np.where(y0 < 0, dt(0), y0)).all(), "relu is max(y, 0) of the plain output")
     n0 = len(cupy.launches)
     by_bias = gpu_backward(dy, x, w, mean, invstd, True, bias=b)
-    first_launch(n0, bwd_kernel, dt)
+    first_launch(n0, bwd_kernel, dt, be.ACT_RECOMPUTE)
+    n0 = len(cupy.launches)
     by_out = gpu_backward(dy, x, w, mean, invstd, True, output=y)
+    first_launch(n0, bwd_kernel, dt, be.ACT_OUTPUT)
+    n0 = len(cupy.launches)
     plain = gpu_backward(dy, x, w, mean, invstd, True)
+    first_launch(n0, bwd_kernel, dt, be.ACT_NONE)
     for got, want, what in zip(by_bias, (tdx, tdw, tdb), ("dx", "dw", "db")):
         errs[f"train {what}"] = err(got, want)
     for a, o, p, what in zip(by_bias, by_out, plain, ("dx", "dw", "db")):
