@@ -1,8 +1,8 @@
 """CUDA sources and the GPU backend's CPU-only behaviour (no GPU, no CuPy needed).
 
 - every ``.cu`` under fastbn/_cuda compiles with ``nvcc --ptx`` for sm_80 and sm_90, with its
-  kernel templates instantiated for float and double (the name expressions the backend asks
-  NVRTC for), without warnings, and ``ptxas`` assembles the PTX;
+  kernel templates instantiated for float, double and __half (the name expressions the backend
+  asks NVRTC for), without warnings, and ``ptxas`` assembles the PTX;
 - the backend's kernel list and launch constants match the source;
 - without CuPy: ``import fastbn`` does not import CuPy, the CPU path works, asking for
   ``device="cuda"`` raises an ImportError that says what to install, ``status()`` says
@@ -12,7 +12,8 @@
   ``__syncthreads`` a barrier, warp shuffles an exchange between barriers, deadlocks reported),
   in a subprocess; tests/cuda_emulator/check_emulator.py checks the emulator on kernels with
   known results, tests/cuda_emulator/check_kernels.py compares the backend's results with the
-  CPU backend on every work-splitting path; then all of tests/test_gpu.py runs against the
+  CPU backend on every work-splitting path, tests/cuda_emulator/check_activation.py the fused
+  ReLU and float16 storage against PyTorch; then all of tests/test_gpu.py runs against the
   emulator.  This checks the indexing, the reductions, the Python launch code (argument types
   against the kernel signatures) and the GPU tests themselves where no GPU is available.  It
   cannot check speed, the memory model or NVRTC itself: tests/test_gpu.py on a real GPU does.
@@ -35,6 +36,8 @@ from fastbn._backends import cuda as _cupy_backend
 CUDA_DIR = os.path.join(os.path.dirname(fastbn.__file__), "_cuda")
 CU_FILES = sorted(f for f in os.listdir(CUDA_DIR) if f.endswith(".cu"))
 ARCHS = ["sm_80", "sm_90"]
+# The kernels' element types (C++ name, Itanium mangling): the backend's CTYPES.
+TYPES = [("float", "f"), ("double", "d"), ("__half", "6__half")]
 # Subprocesses must import the fastbn this process imported (the installed package in CI, where
 # the source tree's fastbn/ is not built), from a neutral working directory.
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
@@ -45,7 +48,10 @@ def _env(*paths, **extra):
     return dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, PKG_PARENT]), **extra)
 
 _TEMPLATE_KERNEL = re.compile(
-    r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
+    r"template\s*<\s*typename\s+T\s*(?:,\s*int\s+ACT\s*)?>\s*__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
+# the kernels with the activation mode as a second template argument: template <typename T, int ACT>
+_ACT_KERNEL = re.compile(
+    r"template\s*<\s*typename\s+T\s*,\s*int\s+ACT\s*>\s*__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
 
 
 def _nvcc():
@@ -57,6 +63,20 @@ def _nvcc():
 
 def _template_kernels(source):
     return _TEMPLATE_KERNEL.findall(source)
+
+
+def _instantiations(source):
+    """(kernel, C++ template arguments, mangled template arguments) of every kernel the backend
+    asks NVRTC for: each template for each type, and each ACT for the activation kernels."""
+    acts = set(_ACT_KERNEL.findall(source))
+    out = []
+    for k in _template_kernels(source):
+        for t, mt in TYPES:
+            if k in acts:
+                out += [(k, f"{t}, {a}", f"{mt}Li{a}E") for a in _cupy_backend.ACTS]
+            else:
+                out.append((k, t, mt))
+    return out
 
 
 def _read(name):
@@ -73,12 +93,13 @@ def test_there_is_cuda_source():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("cu", CU_FILES)
 def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
-    """nvcc --ptx, all warnings as errors, every template instantiated for float and double."""
+    """nvcc --ptx, all warnings as errors, every template instantiated for float, double and __half."""
     nvcc = _nvcc()
     kernels = _template_kernels(_read(cu))
+    inst = _instantiations(_read(cu))
     # Taking each instantiation's address makes nvcc compile it, as NVRTC does for the backend's
-    # name expressions ("bn_apply<float>", ...).
-    refs = "\n".join(f"    (void)&{k}<{t}>;" for k in kernels for t in ("float", "double"))
+    # name expressions ("bn_apply<float>", "bn_grad_input<__half, 1>", ...).
+    refs = "\n".join(f"    (void)&{k}<{t}>;" for k, t, _ in inst)
     wrapper = tmp_path / f"instantiate_{cu}"
     wrapper.write_text(f'#include "{os.path.join(CUDA_DIR, cu)}"\nvoid fastbn_instantiate_all()\n{{\n{refs}\n}}\n')
     ptx = tmp_path / f"{cu}.{arch}.ptx"
@@ -87,10 +108,10 @@ def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}{r.stderr}"
     assert not (r.stdout + r.stderr).strip(), f"nvcc printed warnings:\n{r.stdout}{r.stderr}"
     entries = re.findall(r"\.entry\s+(\w+)", ptx.read_text())
-    assert len(entries) == 2 * len(kernels) + len(re.findall(r"^\s*__global__", _read(cu), re.M)) - len(kernels)
-    for k in kernels:  # mangled as _Z<len><name>I{f,d}...
-        for t in "fd":
-            assert any(e.startswith(f"_Z{len(k)}{k}I{t}E") for e in entries), (k, t, entries)
+    plain = len(re.findall(r"^\s*__global__", _read(cu), re.M)) - len(kernels)  # kernels that are no templates
+    assert len(entries) == len(inst) + plain
+    for k, _, mt in inst:  # mangled as _Z<len><name>I{f,d,6__half}E... or _Z<len><name>IfLi1EE...
+        assert any(e.startswith(f"_Z{len(k)}{k}I{mt}E") for e in entries), (k, mt, entries)
     ptxas = shutil.which("ptxas") or os.path.join(os.path.dirname(nvcc), "ptxas")
     if os.path.exists(ptxas):  # assemble too: register limits from __launch_bounds__, no errors
         r = subprocess.run([ptxas, f"-arch={arch}", "-o", str(tmp_path / "out.cubin"), str(ptx)],
@@ -101,6 +122,15 @@ def test_nvcc_compiles_every_kernel(tmp_path, cu, arch):
 def test_backend_kernel_list_and_constants_match_the_source():
     src = _read("batch_norm.cu")
     assert sorted(_template_kernels(src)) == sorted(_cupy_backend.KERNELS)
+    assert sorted(_ACT_KERNEL.findall(src)) == sorted(_cupy_backend.ACT_KERNELS)
+    assert sorted(_cupy_backend._name_expressions("float").values()) == sorted(
+        f"{k}<{t}>" for k, t, _ in _instantiations(src) if t.split(",")[0] == "float")
+    assert _cupy_backend.ACTS == (0, 1, 2)
+    for name in ("NONE", "RECOMPUTE", "OUTPUT"):  # the backend's modes are the source's
+        value = re.search(rf"FBN_ACT_{name} = (\d)", _read("batch_norm_device.cuh")).group(1)
+        assert getattr(_cupy_backend, f"ACT_{name}") == int(value), name
+    assert sorted(_cupy_backend.CTYPES.values()) == sorted(t for t, _ in TYPES)
+    assert _cupy_backend.native_halves == frozenset({"float16"})
 
     def define(name):
         return int(re.search(rf"#define\s+{name}\s+(\d+)", src).group(1))
@@ -109,7 +139,10 @@ def test_backend_kernel_list_and_constants_match_the_source():
     assert (define("FBN_COL_X"), define("FBN_COL_Y")) == _cupy_backend.COLUMN_BLOCK
     assert define("FBN_MERGE_WARPS") == _cupy_backend.MERGE_WARPS
     includes = re.findall(r"^\s*#\s*include.*$", src, re.M)
-    assert includes == ['#include "../_coefs.h"', '#include "batch_norm_device.cuh"'], "NVRTC: no host headers"
+    # NVRTC has no host headers: fastbn's own files are spliced in; cuda_fp16.h comes from the include
+    # path CuPy gives NVRTC (under a guard: the emulator defines __half itself)
+    assert includes == ['#include "../_coefs.h"', "#include <cuda_fp16.h>", '#include "batch_norm_device.cuh"'], includes
+    assert re.search(r"#if defined\(__CUDACC__\) \|\| defined\(__CUDACC_RTC__\)\n#include <cuda_fp16.h>\n#endif", src)
     assert '#include "' not in _cupy_backend._read_source(), "_coefs.h is spliced in"
 
 
@@ -304,6 +337,18 @@ def test_kernels_run_correctly_in_the_cpu_emulator(emulator):
     done = re.search(r"emulated kernels: (\d+) cases, (\d+) launches", r.stdout)
     assert done, r.stdout + r.stderr
     assert int(done.group(1)) >= 22 and int(done.group(2)) > 0, r.stdout  # 11 cases x 2 dtypes at least
+
+
+def test_relu_and_float16_kernels_in_the_cpu_emulator(emulator):
+    """The fused ReLU (forward, and backward with bias= and output=) and float16 storage, emulated,
+    against PyTorch (CPU) on every path, in float32, float64 and float16
+    (tests/cuda_emulator/check_activation.py)."""
+    pytest.importorskip("torch", reason="the activation's reference is PyTorch (CPU)")
+    r = _run([sys.executable, cuda_emulator.CHECK_ACTIVATION], emulator)
+    assert r.returncode == 0, r.stdout + r.stderr
+    done = re.search(r"emulated activation: (\d+) cases, (\d+) launches", r.stdout)
+    assert done, r.stdout + r.stderr
+    assert int(done.group(1)) >= 30 and int(done.group(2)) > 0, r.stdout  # 7 cases x 3 dtypes + 9 special
 
 
 def test_gpu_suite_passes_in_the_cpu_emulator(emulator):

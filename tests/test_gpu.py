@@ -380,6 +380,97 @@ def test_nan_propagates(rng):
     assert np.isfinite(y[:, [0, 2]]).all()
 
 
+# ---------------------------------------------------------------------------------- relu, float16
+def _relu_reference(x, w, b, dy, gate, mean=None, invstd=None):
+    """float64 relu(batch_norm(x)) and its gradients (dx, dw, db): from the batch statistics of x
+    where mean is None (training), else from (mean, invstd) (evaluation).  ``gate`` is where the
+    gradient stops (the GPU's own output <= 0: a float64 mask would flip where z is within
+    rounding of 0)."""
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    training = mean is None
+    if training:
+        mean = x64.mean(axis=(0, 2))
+        invstd = 1 / np.sqrt(x64.var(axis=(0, 2)) + 1e-5)
+    n = x.shape[0] * x.shape[2]
+    col = (1, -1, 1)
+    xhat = (x64 - mean.reshape(col)) * invstd.reshape(col)
+    y = np.maximum(xhat * w.reshape(col) + b.reshape(col), 0)
+    g = np.where(gate, 0.0, dy64)
+    db, dw = g.sum(axis=(0, 2)), (g * xhat).sum(axis=(0, 2))
+    k = (w.astype(np.float64) * invstd).reshape(col)
+    if training:
+        dx = k * (g - db.reshape(col) / n - xhat * dw.reshape(col) / n)
+    else:
+        dx = k * g
+    return y, dx, dw, db, mean, invstd
+
+
+RELU_DTYPES = [np.float32, np.float64, np.float16]
+RELU_TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12, np.dtype(np.float16): 4e-3}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", RELU_DTYPES, ids=["f32", "f64", "f16"])
+@pytest.mark.parametrize("shape", [(6, 5, 40), (300, 40, 1)], ids=["6x5x40", "300x40"])
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_relu_forward_and_backward(gpu_path, rng, path, shape, dtype, training):
+    """The backend's fused relu: forward (relu=True) and backward (bias= and output=, which must
+    agree bit for bit) against a float64 reference; float16 with float32 weight and bias."""
+    gpu_path(*path)
+    be = _cupy_backend
+    C = shape[1]
+    pdt = np.float32 if dtype == np.float16 else dtype
+    x = (rng.standard_normal(shape) * 2 + 0.2 * np.arange(C).reshape(1, -1, 1)).astype(dtype)
+    w, b, rm, rv = (a.astype(pdt) for a in _params(rng, C, np.float64))
+    dy = rng.standard_normal(shape).astype(dtype)
+    y = cp.empty(shape, dtype=dtype)
+    if training:
+        mean, _, invstd = be.forward_train(_g(x), y, _g(w), _g(b), 1e-5, relu=True)
+    else:
+        mean, invstd = be.forward_eval_running(_g(x), y, _g(w), _g(b), _g(rm), _g(rv), 1e-5, relu=True)
+    assert y.dtype == dtype and mean.dtype == np.float64
+    yh = y.get()
+    ref = _relu_reference(x, w, b, dy, yh <= 0, *(() if training else (mean.get(), invstd.get())))
+    tol = RELU_TOL[np.dtype(dtype)]
+    assert (yh >= 0).all() and (yh == 0).any()
+    _close(y, ref[0], tol, "relu output")
+    _close(mean, ref[4], 1e-12, "mean")
+    grads = []
+    for act in ({"bias": _g(b)}, {"output": y}):
+        dx = cp.empty(shape, dtype=dtype)
+        gw, gb = be.backward(_g(dy), _g(x), dx, _g(w), mean, invstd, training, **act)
+        assert dx.dtype == dtype and gw.dtype == np.float64
+        _close(dx, ref[1], tol * 10, f"grad_input {list(act)}")
+        _close(gw, ref[2], tol, f"grad_weight {list(act)}")
+        _close(gb, ref[3], tol, f"grad_bias {list(act)}")
+        grads.append([a.get() for a in (dx, gw, gb)])
+    for a, o in zip(*grads):
+        assert np.array_equal(a.view(np.uint8), o.view(np.uint8)), "bias= and output= disagree"
+    dx0 = cp.empty(shape, dtype=dtype)
+    gw0, _ = be.backward(_g(dy), _g(x), dx0, _g(w), mean, invstd, training)
+    assert not np.array_equal(gw0.get(), grads[0][1]), "the activation's gate changed nothing"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_float16_forward_within_an_ulp(gpu_path, rng, path):
+    """float16 elements, float32 weight and bias: the output within one float16 ulp of the float64
+    result from the upcast input (or float32's own rounding of a nearly cancelling bias)."""
+    gpu_path(*path)
+    shape = (16, 3, 50) if path[0] != "columns" else (800, 3, 1)
+    x = (rng.standard_normal(shape) * 3 + 100).astype(np.float16)
+    w, b = rng.uniform(0.5, 2, 3).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    y = cp.empty(shape, dtype=np.float16)
+    mean, var, _ = _cupy_backend.forward_train(_g(x), y, _g(w), _g(b), 1e-5)
+    x64 = x.astype(np.float64)
+    m, v = x64.mean(axis=(0, 2)), x64.var(axis=(0, 2))
+    z = (x64 - m.reshape(1, -1, 1)) / np.sqrt(v.reshape(1, -1, 1) + 1e-5) * w.reshape(1, -1, 1) + b.reshape(1, -1, 1)
+    ulp = np.maximum(np.spacing(np.abs(z).astype(np.float16)).astype(np.float64),
+                     2.0**-22 * (np.abs(z) + np.abs(b).reshape(1, -1, 1)))
+    assert (np.abs(y.get().astype(np.float64) - z) <= ulp).all()
+    np.testing.assert_allclose(mean.get(), m, rtol=1e-12)
+    np.testing.assert_allclose(var.get(), v, rtol=1e-9)
+
+
 def test_mixing_numpy_parameters_with_cupy_input_raises(rng):
     x = _g(_data(rng, (4, 3, 5), np.float32))
     with pytest.raises(TypeError, match="cupy"):

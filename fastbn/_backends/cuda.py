@@ -14,6 +14,12 @@ combines, then an elementwise kernel applies them (few channels with many elemen
 3, 64 on a big GPU); ``"columns"`` the same for spatial size 1, reading the (N, C) matrix a row
 of 32 channels at a time.  ``tuning["unit"]`` forces the partial size (elements per unit, or
 rows per row range for ``"columns"``).
+
+Activation: ``relu=True`` makes the forward functions write ``relu(batch_norm(x))`` in the same
+pass; ``backward(..., bias=...)`` or ``backward(..., output=...)`` gates the gradient by that
+ReLU (its input recomputed from x with the forward's coefficients, or read from the forward's
+output) inside the same passes.  float16 (``native_halves``): the kernels load and store half
+elements and compute in float, with float32 weight, bias and coefficients.
 """
 import os
 import re
@@ -32,14 +38,23 @@ tuning = {"path": "auto", "unit": 0}
 PATHS = ("auto", "channels", "units", "columns")
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_cuda", "batch_norm.cu")
-# The kernel templates of SOURCE; each is compiled for float and double.
+# The kernel templates of SOURCE; each is compiled for float, double and __half, and those in
+# ACT_KERNELS (template <typename T, int ACT>) also for each activation mode ACT_*.
 KERNELS = (
     "bn_forward_channels", "bn_moments_units", "bn_moments_columns", "bn_merge_moments",
     "bn_eval_coefs", "bn_apply",
     "bn_backward_channels", "bn_grad_sums_units", "bn_grad_sums_columns", "bn_merge_grad",
     "bn_grad_input",
 )
-CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+ACT_KERNELS = ("bn_backward_channels", "bn_grad_sums_units", "bn_grad_sums_columns", "bn_grad_input")
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.float16): "__half"}
+# The dtype names whose arrays the kernels take directly (besides float32 and float64): float16
+# elements are loaded as float, computed in float (statistics in double) and stored rounded to
+# nearest even; weight, bias and the coefficients are float32 for them.
+native_halves = frozenset({"float16"})
+# The activation's modes in the backward kernels (FBN_ACT_* in batch_norm_device.cuh).
+ACT_NONE, ACT_RECOMPUTE, ACT_OUTPUT = 0, 1, 2
+ACTS = (ACT_NONE, ACT_RECOMPUTE, ACT_OUTPUT)
 OPTIONS = ("-std=c++17",)
 
 BLOCK = 256              # FBN_GPU_THREADS in the source
@@ -260,8 +275,20 @@ def _read_source():
     return _source
 
 
+def _name_expressions(t):
+    """{key: name expression} of every kernel for the C++ type t: key kernel name, or (kernel name,
+    ACT) for ACT_KERNELS ("bn_grad_input<float, 1>")."""
+    exprs = {}
+    for kn in KERNELS:
+        if kn in ACT_KERNELS:
+            exprs.update({(kn, a): f"{kn}<{t}, {a}>" for a in ACTS})
+        else:
+            exprs[kn] = f"{kn}<{t}>"
+    return exprs
+
+
 def _kernels(device_id, dtype):
-    """The compiled kernels for one device and dtype, memoized."""
+    """The compiled kernels for one device and dtype, memoized: {kernel name or (name, ACT): kernel}."""
     key = (device_id, dtype.char)
     k = _modules.get(key)
     if k is not None:
@@ -271,11 +298,11 @@ def _kernels(device_id, dtype):
         if k is None:
             cp = _import_cupy()
             t = CTYPES[dtype]
-            exprs = [f"{kn}<{t}>" for kn in KERNELS]
-            module = cp.RawModule(code=_read_source(), options=OPTIONS, name_expressions=exprs)
+            exprs = _name_expressions(t)
+            module = cp.RawModule(code=_read_source(), options=OPTIONS, name_expressions=list(exprs.values()))
             try:
                 with cp.cuda.Device(device_id):
-                    k = {kn: module.get_function(e) for kn, e in zip(KERNELS, exprs)}
+                    k = {key: module.get_function(e) for key, e in exprs.items()}
             except Exception as exc:
                 raise RuntimeError(
                     f"compiling fastbn's CUDA kernels ({os.path.basename(SOURCE)}, {t}) with NVRTC failed: {exc}\n"
@@ -347,16 +374,23 @@ def _check_device(dev_id, arrays):
             )
 
 
-def _vec(cp, a):
-    return cp.ascontiguousarray(a)
+def _param_dtype(dtype):
+    """The dtype of weight, bias and the coefficients for elements of ``dtype``: float32 for
+    float16 (PyTorch's mixed batch norm), else ``dtype`` itself."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def _vec(cp, a, dtype=None):
+    return cp.ascontiguousarray(a, dtype=dtype)
 
 
 def _apply_grid(sm, total):
     return _grid(min(_ceil(total, BLOCK * 4), 32 * sm))
 
 
-def forward_train(x, y, weight, bias, eps):
-    """Write the normalized x into y; return the batch (mean, biased var, invstd), float64."""
+def forward_train(x, y, weight, bias, eps, relu=False):
+    """Write the normalized x (then ReLU'd where ``relu``) into y; return the batch (mean, biased
+    var, invstd), float64."""
     cp = _import_cupy()
     N, C, S = x.shape
     dev = x.device
@@ -366,12 +400,15 @@ def forward_train(x, y, weight, bias, eps):
         if C == 0 or N * S == 0:
             return mean, var, invstd
         kern = _kernels(dev.id, x.dtype)
-        w, b = _vec(cp, weight), _vec(cp, bias)  # apart from y: _checks.apart
+        pdt = _param_dtype(x.dtype)
+        w, b = _vec(cp, weight, pdt), _vec(cp, bias, pdt)  # apart from y: _checks.apart
+        act = np.int32(1 if relu else 0)
         NS = N * S
         path, k, U = _plan(cp, dev.id, C, S, NS)
         eps = np.float64(eps)
         if path == "channels":
-            kern["bn_forward_channels"](_grid(C), (BLOCK,), (x, y, w, b, eps, _i(N), _i(C), _i(S), mean, var, invstd))
+            kern["bn_forward_channels"](_grid(C), (BLOCK,),
+                                        (x, y, w, b, eps, act, _i(N), _i(C), _i(S), mean, var, invstd))
             return mean, var, invstd
         part = cp.empty(3 * C * k)
         if path == "columns":
@@ -379,11 +416,12 @@ def forward_train(x, y, weight, bias, eps):
             kern["bn_moments_columns"]((gx, min(k, MAX_GRID)), COLUMN_BLOCK, (x, _i(N), _i(C), _i(U), _i(k), part))
         else:
             kern["bn_moments_units"](_grid(C * k), (BLOCK,), (x, _i(N), _i(C), _i(S), _i(k), _i(U), part))
-        coef = cp.empty(4 * C, dtype=x.dtype)
+        coef = cp.empty(4 * C, dtype=pdt)
         kern["bn_merge_moments"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
                                  (part, x, _i(C), _i(S), _i(k), eps, w, b, mean, var, invstd, coef))
         total = N * C * S
-        kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,), (x, y, coef, _i(C), _i(S), _i(total)))
+        kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
+                         (x, y, coef, act, _i(C), _i(S), _i(total)))
     return mean, var, invstd
 
 
@@ -397,15 +435,15 @@ def eval_stats(running_mean, running_var, eps):
     return formulas.eval_stats(_import_cupy(), running_mean, running_var, eps)
 
 
-def forward_eval_running(x, y, weight, bias, running_mean, running_var, eps):
+def forward_eval_running(x, y, weight, bias, running_mean, running_var, eps, relu=False):
     """eval_stats, then forward_eval with them; returns (mean, invstd)."""
     mean, invstd = eval_stats(running_mean, running_var, eps)
-    forward_eval(x, y, weight, bias, mean, invstd)
+    forward_eval(x, y, weight, bias, mean, invstd, relu)
     return mean, invstd
 
 
-def forward_eval(x, y, weight, bias, mean, invstd):
-    """Write (x - mean) * invstd * weight + bias into y."""
+def forward_eval(x, y, weight, bias, mean, invstd, relu=False):
+    """Write (x - mean) * invstd * weight + bias (then ReLU'd where ``relu``) into y."""
     cp = _import_cupy()
     N, C, S = x.shape
     dev = x.device
@@ -415,46 +453,61 @@ def forward_eval(x, y, weight, bias, mean, invstd):
         return
     with dev:
         kern = _kernels(dev.id, x.dtype)
-        coef = cp.empty(4 * C, dtype=x.dtype)
+        pdt = _param_dtype(x.dtype)
+        coef = cp.empty(4 * C, dtype=pdt)
         kern["bn_eval_coefs"](_grid(_ceil(C, BLOCK)), (BLOCK,),
-                              (_vec(cp, mean), _vec(cp, invstd), _vec(cp, weight), _vec(cp, bias), _i(C), coef))
-        kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,), (x, y, coef, _i(C), _i(S), _i(total)))
+                              (_vec(cp, mean), _vec(cp, invstd), _vec(cp, weight, pdt), _vec(cp, bias, pdt), _i(C),
+                               coef))
+        kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
+                         (x, y, coef, np.int32(1 if relu else 0), _i(C), _i(S), _i(total)))
 
 
-def backward(dy, x, dx, weight, mean, invstd, training):
-    """Write grad_input into dx; return (grad_weight, grad_bias), float64."""
+def backward(dy, x, dx, weight, mean, invstd, training, bias=None, output=None):
+    """Write grad_input into dx; return (grad_weight, grad_bias), float64.
+
+    With ``bias`` (the forward's) or ``output`` (the forward's output, an (N, C, S) array like x),
+    the forward had a ReLU: dy is gated by it, 0 where its input z <= 0, z recomputed from x with
+    the forward's coefficients (mean, invstd, weight, bias) or z = output.  Never both."""
     cp = _import_cupy()
     N, C, S = x.shape
     dev = x.device
     _check_device(dev.id, (("grad_output", dy), ("grad_input", dx), ("weight", weight), ("save_mean", mean),
-                           ("save_invstd", invstd)))
+                           ("save_invstd", invstd)) + ((("bias", bias),) if bias is not None else ())
+                  + ((("output", output),) if output is not None else ()))
     with dev:
         gw, gb = cp.zeros(C), cp.zeros(C)
         total = N * C * S
         if total == 0:
             return gw, gb
         kern = _kernels(dev.id, x.dtype)
-        w, m, istd = _vec(cp, weight), _vec(cp, mean), _vec(cp, invstd)  # apart from dx: _checks.apart
+        pdt = _param_dtype(x.dtype)
+        w, m, istd = _vec(cp, weight, pdt), _vec(cp, mean), _vec(cp, invstd)  # apart from dx: _checks.apart
+        # Stand-ins of the right types where the activation reads nothing (never read there).
+        if bias is not None:
+            act, b, out = ACT_RECOMPUTE, _vec(cp, bias, pdt), x
+        elif output is not None:
+            act, b, out = ACT_OUTPUT, w, cp.ascontiguousarray(output.reshape(x.shape), dtype=x.dtype)
+        else:
+            act, b, out = ACT_NONE, w, x
         NS = N * S
         train = np.int32(1 if training else 0)
         path, k, U = _plan(cp, dev.id, C, S, NS)
         if path == "channels":
-            kern["bn_backward_channels"](_grid(C), (BLOCK,),
-                                         (dy, x, dx, w, m, istd, train, _i(N), _i(C), _i(S), gw, gb))
+            kern["bn_backward_channels", act](_grid(C), (BLOCK,),
+                                              (dy, x, out, dx, w, b, m, istd, train, _i(N), _i(C), _i(S), gw, gb))
             return gw, gb
         part = cp.empty(2 * C * k)
         if path == "columns":
             gx = _ceil(C, COLUMN_BLOCK[0])
-            kern["bn_grad_sums_columns"]((gx, min(k, MAX_GRID)), COLUMN_BLOCK,
-                                         (dy, x, m, _i(N), _i(C), _i(U), _i(k), part))
+            kern["bn_grad_sums_columns", act]((gx, min(k, MAX_GRID)), COLUMN_BLOCK,
+                                              (dy, x, out, w, b, m, istd, _i(N), _i(C), _i(U), _i(k), part))
         else:
-            kern["bn_grad_sums_units"](_grid(C * k), (BLOCK,), (dy, x, m, _i(N), _i(C), _i(S), _i(k), _i(U), part))
-        coef = cp.empty(5 * C, dtype=x.dtype)
+            kern["bn_grad_sums_units", act](_grid(C * k), (BLOCK,),
+                                            (dy, x, out, w, b, m, istd, _i(N), _i(C), _i(S), _i(k), _i(U), part))
+        coef = cp.empty(6 * C, dtype=pdt)
         kern["bn_merge_grad"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
-                              (part, _i(C), _i(k), np.float64(NS), train, w, m, istd, gw, gb, coef))
-        if training:
-            kern["bn_grad_input"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
-                                  (dy, x, dx, coef, _i(C), _i(S), _i(total)))
-        else:  # dx = dy * kdy: coef starts with the affine's [0 | 0 | kdy | 0] (see fbn_finish_grad)
-            kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,), (dy, dx, coef, _i(C), _i(S), _i(total)))
+                              (part, _i(C), _i(k), np.float64(NS), train, np.int32(act), w, b, m, istd, gw, gb, coef))
+        # dx = kdy * g + (((x - m_hi) - m_lo) * kx + kc) in training, g * kdy (x unread) in evaluation
+        kern["bn_grad_input", act](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
+                                   (dy, x, out, dx, coef, train, _i(C), _i(S), _i(total)))
     return gw, gb

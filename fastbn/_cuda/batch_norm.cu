@@ -1,7 +1,10 @@
 /* fastbn/_cuda/batch_norm.cu -- fastbn's CUDA kernels (the GPU twin of _kernels.pyx + _simd.h).
  *
- * Compiled at run time by NVRTC through cupy.RawModule (fastbn/_cupy_backend.py), one module per
- * (device, dtype), with the name expressions "bn_xxx<float>" / "bn_xxx<double>".  NVRTC has no
+ * Compiled at run time by NVRTC through cupy.RawModule (fastbn/_backends/cuda.py), one module per
+ * (device, dtype), with the name expressions "bn_xxx<float>" / "bn_xxx<double>" / "bn_xxx<__half>"
+ * (and "bn_xxx<float, ACT>" for each activation mode of the backward kernels that gate dy).
+ * T is the element type; weight, bias and the coefficients are FBN_K (T, float for __half: loads
+ * are widened to float, statistics accumulate in double, stores round to nearest even).  NVRTC has no
  * host headers: everything used here is built in, but for the two #includes, ../_coefs.h and
  * batch_norm_device.cuh, which _cupy_backend splices into the source it compiles.
  *
@@ -36,6 +39,11 @@
  *   - explicit fused multiply-adds (fbn_fma) where the CPU writes a * b + c, so the result does
  *     not depend on the compiler's contraction flags.
  *   - all reductions run in a fixed order: results are bitwise reproducible run to run.
+ * Fused ReLU (batch_norm_device.cuh, "the activation"): the forward kernels take `relu` and write
+ * max-like `v < 0 ? 0 : v` of the rounded output in the same pass; the backward kernels take `act`
+ * and gate dy by the activation's input z (z <= 0: no gradient) inside the reduction and the
+ * grad_input pass: z recomputed from x with the forward's coefficients (act 1, from mean, invstd,
+ * weight, bias: the same bits as the forward's output) or read from the forward's output (act 2).
  * CuPy appends -ftz=true to the NVRTC options, so float32 subnormals flush to zero on the GPU
  * (the CPU keeps them); float64 is unaffected.
  */
@@ -57,19 +65,28 @@
 
 typedef long long i64;
 
+/* __half, __half2float and __float2half_rn for float16 storage: cuda_fp16.h under nvcc and NVRTC
+ * (CuPy's RawModule puts the toolkit's include folder, or the copy of cuda_fp16.h that CuPy ships,
+ * on NVRTC's include path, as for CuPy's own float16 kernels); the CPU emulator defines them in
+ * its cuda_builtins.h. */
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#include <cuda_fp16.h>
+#endif
+
 /* The device functions: merges, walkers, reductions, coefficients, elementwise loops. */
 #include "batch_norm_device.cuh"
 
 /* ================================================================== kernels: forward */
 
-/* channels path, training: batch statistics and the normalize + affine of each channel in one
- * block.  y may be x.  Grid: any number of blocks (they stride over the channels). */
+/* channels path, training: batch statistics and the normalize + affine (+ relu) of each channel in
+ * one block.  y may be x.  Grid: any number of blocks (they stride over the channels). */
 template <typename T>
 __global__ void __launch_bounds__(FBN_GPU_THREADS)
-bn_forward_channels(const T *x, T *y, const T *weight, const T *bias, double eps, i64 N, i64 C, i64 S,
-                    double *mean, double *var, double *invstd)
+bn_forward_channels(const T *x, T *y, const FBN_K *weight, const FBN_K *bias, double eps, int relu, i64 N, i64 C,
+                    i64 S, double *mean, double *var, double *invstd)
 {
-    __shared__ T cf[4];
+    typedef FBN_K K;
+    __shared__ K cf[4];
     const i64 NS = N * S;
     for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
         double n = 0.0, m = 0.0, m2 = 0.0;
@@ -78,8 +95,8 @@ bn_forward_channels(const T *x, T *y, const T *weight, const T *bias, double eps
         if (threadIdx.x == 0)
             fbn_finish_stats(c, n, m + fbn_shift(x, S, c), m2, eps, weight, bias, mean, var, invstd, cf);
         __syncthreads();
-        const T mhi = cf[0], mlo = cf[1], a = cf[2], b = cf[3];
-        fbn_channel_affine(x, y, C, S, c, NS, mhi, mlo, a, b);
+        const K mhi = cf[0], mlo = cf[1], a = cf[2], b = cf[3];
+        fbn_channel_affine(x, y, C, S, c, NS, mhi, mlo, a, b, relu);
         __syncthreads(); /* cf is rewritten for the next channel */
     }
 }
@@ -126,7 +143,7 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
                 for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     const i64 rr = r + (i64)t * FBN_COL_Y;
                     if (rr < r1) {
-                        v[t] = (double)x[rr * C + c] - shift;
+                        v[t] = (double)fbn_ld(x[rr * C + c]) - shift;
                         cnt = t + 1;
                     }
                 }
@@ -155,9 +172,10 @@ bn_moments_columns(const T *__restrict__ x, i64 N, i64 C, i64 R, i64 k, double *
  * (FBN_MERGE_WARPS * 32). */
 template <typename T>
 __global__ void __launch_bounds__(FBN_MERGE_WARPS * 32)
-bn_merge_moments(const double *part, const T *x, i64 C, i64 S, i64 k, double eps, const T *weight, const T *bias,
-                 double *mean, double *var, double *invstd, T *coef)
+bn_merge_moments(const double *part, const T *x, i64 C, i64 S, i64 k, double eps, const FBN_K *weight,
+                 const FBN_K *bias, double *mean, double *var, double *invstd, FBN_K *coef)
 {
+    typedef FBN_K K;
     const int lane = threadIdx.x & 31;
     const i64 warps = (i64)gridDim.x * FBN_MERGE_WARPS;
     for (i64 c = (i64)blockIdx.x * FBN_MERGE_WARPS + (threadIdx.x >> 5); c < C; c += warps) {
@@ -168,7 +186,7 @@ bn_merge_moments(const double *part, const T *x, i64 C, i64 S, i64 k, double eps
         }
         fbn_warp_merge(n, m, m2);
         if (lane == 0) {
-            T cf[4];
+            K cf[4];
             fbn_finish_stats(c, n, m + fbn_shift(x, S, c), m2, eps, weight, bias, mean, var, invstd, cf);
             coef[c] = cf[0];
             coef[C + c] = cf[1];
@@ -180,89 +198,101 @@ bn_merge_moments(const double *part, const T *x, i64 C, i64 S, i64 k, double eps
 
 /* Evaluation mode: the affine coefficients from the given mean and invstd (one thread per channel). */
 template <typename T>
-__global__ void bn_eval_coefs(const double *mean, const double *invstd, const T *weight, const T *bias, i64 C,
-                              T *coef)
+__global__ void bn_eval_coefs(const double *mean, const double *invstd, const FBN_K *weight, const FBN_K *bias, i64 C,
+                              FBN_K *coef)
 {
+    typedef FBN_K K;
     for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += (i64)gridDim.x * blockDim.x) {
-        T hi, lo;
-        fbn_split_mean(mean[c], hi, lo);
-        coef[c] = hi;
-        coef[C + c] = lo;
-        coef[2 * C + c] = (T)fbn_scale((double)weight[c], invstd[c]);
-        coef[3 * C + c] = bias[c];
+        const FbnAffine<K> f = fbn_affine(mean[c], invstd[c], weight[c], bias[c]);
+        coef[c] = f.mhi;
+        coef[C + c] = f.mlo;
+        coef[2 * C + c] = f.a;
+        coef[3 * C + c] = f.b;
     }
 }
 
-/* y = ((x - m_hi) - m_lo) * a + b over the whole buffer (total = N * C * S elements), with the
- * per-channel coefficients of bn_merge_moments / bn_eval_coefs.  y may be x.  Grid-stride. */
+/* y = ((x - m_hi) - m_lo) * a + b (then relu) over the whole buffer (total = N * C * S elements),
+ * with the per-channel coefficients of bn_merge_moments / bn_eval_coefs.  y may be x.  Grid-stride. */
 template <typename T>
 __global__ void __launch_bounds__(FBN_GPU_THREADS)
-bn_apply(const T *x, T *y, const T *coef, i64 C, i64 S, i64 total)
+bn_apply(const T *x, T *y, const FBN_K *coef, int relu, i64 C, i64 S, i64 total)
 {
+    typedef FBN_K K;
     const i64 step = (i64)gridDim.x * blockDim.x;
     FbnFlatWalker w((i64)blockIdx.x * blockDim.x + threadIdx.x, C, S, step);
     while (w.i < total) {
         i64 idx[FBN_APPLY], ch[FBN_APPLY];
-        T v[FBN_APPLY];
+        K v[FBN_APPLY];
 #pragma unroll
         for (int j = 0; j < FBN_APPLY; j++) {
             idx[j] = w.i < total ? w.i : -1;
             ch[j] = w.c;
             if (idx[j] >= 0)
-                v[j] = x[idx[j]];
+                v[j] = fbn_ld(x[idx[j]]);
             w.next();
         }
 #pragma unroll
         for (int j = 0; j < FBN_APPLY; j++) {
             if (idx[j] >= 0) {
                 const i64 c = ch[j];
-                y[idx[j]] = fbn_normalize(v[j], coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]);
+                fbn_put(y[idx[j]], fbn_normalize(v[j], coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]), relu);
             }
         }
     }
 }
 
-/* ================================================================== kernels: backward */
+/* ================================================================== kernels: backward
+ * ACT (FBN_ACT_*): the activation's gate on dy, a template parameter of the kernels that gate
+ * elements ("bn_grad_input<float, 1>"), so that each mode gets its own registers: a kernel's
+ * register count is the most any of its branches needs, and the gated modes' extra loads would
+ * cost the plain backward occupancy (float64: 77 -> 128 registers).  out (ACT 2) is the forward's
+ * output, bias (ACT 1) the forward's bias; where they are not used the caller passes stand-ins of
+ * the right types (x, weight), which are never read. */
 
 /* channels path: sums, parameter gradients and grad_input of each channel in one block.
- * dx must not overlap dy or x. */
-template <typename T>
+ * dx must not overlap dy, x or out. */
+template <typename T, int ACT>
 __global__ void __launch_bounds__(FBN_GPU_THREADS)
-bn_backward_channels(const T *dy, const T *x, T *dx, const T *weight, const double *mean, const double *invstd,
-                     int training, i64 N, i64 C, i64 S, double *grad_weight, double *grad_bias)
+bn_backward_channels(const T *dy, const T *x, const T *out, T *dx, const FBN_K *weight, const FBN_K *bias,
+                     const double *mean, const double *invstd, int training, i64 N, i64 C, i64 S,
+                     double *grad_weight, double *grad_bias)
 {
-    __shared__ T cf[5];
+    typedef FBN_K K;
+    __shared__ K cf[6];
     const i64 NS = N * S;
     for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
+        const FbnAffine<K> f = fbn_act_affine(ACT, c, mean, invstd, weight, bias);
         double a = 0.0, b = 0.0;
-        fbn_thread_grad_sums(dy, x, C, S, c, 0, NS, mean[c], a, b);
+        fbn_thread_grad_sums(dy, x, out, ACT, f, C, S, c, 0, NS, mean[c], a, b);
         fbn_block_sum2(a, b);
         if (threadIdx.x == 0)
-            fbn_finish_grad(c, a, b, (double)NS, training, weight, mean, invstd, grad_weight, grad_bias, cf);
+            fbn_finish_grad(c, a, b, (double)NS, training, ACT, weight, bias, mean, invstd, grad_weight, grad_bias,
+                            cf);
         __syncthreads();
-        T cr[5];
+        K cr[6];
 #pragma unroll
-        for (int j = 0; j < 5; j++)
+        for (int j = 0; j < 6; j++)
             cr[j] = cf[j];
-        if (training)
-            fbn_channel_grad_input(dy, x, dx, C, S, c, NS, cr);
-        else
-            fbn_channel_affine(dy, dx, C, S, c, NS, cr[0], cr[1], cr[2], cr[3]);
+        fbn_channel_grad_input(dy, x, out, dx, C, S, c, NS, cr, training, ACT);
         __syncthreads();
     }
 }
 
-/* units path, stage 1: unit u writes (sum dy, sum dy * (x - mean)) to part[2u], part[2u + 1]. */
-template <typename T>
+/* units path, stage 1: unit u writes (sum g, sum g * (x - mean)) to part[2u], part[2u + 1]. */
+template <typename T, int ACT>
 __global__ void __launch_bounds__(FBN_GPU_THREADS)
-bn_grad_sums_units(const T *__restrict__ dy, const T *__restrict__ x, const double *__restrict__ mean, i64 N, i64 C,
-                   i64 S, i64 k, i64 U, double *__restrict__ part)
+bn_grad_sums_units(const T *__restrict__ dy, const T *__restrict__ x, const T *__restrict__ out,
+                   const FBN_K *__restrict__ weight, const FBN_K *__restrict__ bias,
+                   const double *__restrict__ mean, const double *__restrict__ invstd, i64 N, i64 C, i64 S, i64 k,
+                   i64 U, double *__restrict__ part)
 {
+    typedef FBN_K K;
     const i64 NS = N * S;
     for (i64 u = blockIdx.x; u < C * k; u += gridDim.x) {
         const i64 c = u / k, e0 = (u - c * k) * U;
+        const FbnAffine<K> f = fbn_act_affine(ACT, c, mean, invstd, weight, bias);
         double a = 0.0, b = 0.0;
-        fbn_thread_grad_sums(dy, x, C, S, c, e0, fbn_min(NS, e0 + U), mean[c], a, b);
+        fbn_thread_grad_sums(dy, x, out, ACT, f, C, S, c, e0, fbn_min(NS, e0 + U), mean[c], a, b);
         fbn_block_sum2(a, b);
         if (threadIdx.x == 0) {
             part[2 * u] = a;
@@ -272,36 +302,42 @@ bn_grad_sums_units(const T *__restrict__ dy, const T *__restrict__ x, const doub
 }
 
 /* columns path (S == 1), stage 1: like bn_moments_columns, partial sums to part[2 (c k + j)]. */
-template <typename T>
+template <typename T, int ACT>
 __global__ void __launch_bounds__(FBN_COL_X *FBN_COL_Y)
-bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const double *__restrict__ mean, i64 N, i64 C,
-                     i64 R, i64 k, double *__restrict__ part)
+bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const T *__restrict__ out,
+                     const FBN_K *__restrict__ weight, const FBN_K *__restrict__ bias,
+                     const double *__restrict__ mean, const double *__restrict__ invstd, i64 N, i64 C, i64 R, i64 k,
+                     double *__restrict__ part)
 {
+    typedef FBN_K K;
     __shared__ double sh[2][FBN_COL_Y][FBN_COL_X];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const i64 c = (i64)blockIdx.x * FBN_COL_X + tx;
     const double mc = c < C ? mean[c] : 0.0;
+    const FbnAffine<K> f = fbn_act_affine(c < C ? ACT : FBN_ACT_NONE, c, mean, invstd, weight, bias);
     for (i64 j = blockIdx.y; j < k; j += gridDim.y) {
         const i64 r1 = fbn_min(N, (j + 1) * R);
         double a = 0.0, b = 0.0;
         if (c < C) {
             for (i64 r = j * R + ty; r < r1; r += FBN_GPU_CHUNK * FBN_COL_Y) {
-                double g[FBN_GPU_CHUNK], v[FBN_GPU_CHUNK];
+                K g[FBN_GPU_CHUNK], v[FBN_GPU_CHUNK], o[FBN_GPU_CHUNK];
                 int cnt = 0;
 #pragma unroll
                 for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     const i64 rr = r + (i64)t * FBN_COL_Y;
                     if (rr < r1) {
-                        g[t] = (double)dy[rr * C + c];
-                        v[t] = (double)x[rr * C + c];
+                        g[t] = fbn_ld(dy[rr * C + c]);
+                        v[t] = fbn_ld(x[rr * C + c]);
+                        o[t] = ACT == FBN_ACT_OUTPUT ? fbn_ld(out[rr * C + c]) : (K)0;
                         cnt = t + 1;
                     }
                 }
 #pragma unroll
                 for (int t = 0; t < FBN_GPU_CHUNK; t++) {
                     if (t < cnt) {
-                        a += g[t];
-                        b = fbn_fma(g[t], v[t] - mc, b);
+                        const double gt = (double)fbn_gated<T>(g[t], v[t], o[t], ACT, f);
+                        a += gt;
+                        b = fbn_fma(gt, (double)v[t] - mc, b);
                     }
                 }
             }
@@ -323,12 +359,15 @@ bn_grad_sums_columns(const T *__restrict__ dy, const T *__restrict__ x, const do
 }
 
 /* units/columns path, stage 2: add channel c's k partial sums (fixed order), write the parameter
- * gradients and coef = [m_hi | m_lo | kdy | kx | kc] (C values each).  One warp per channel. */
+ * gradients and coef = [m_hi | m_lo | kdy | kx | kc | b] (C values each, fbn_finish_grad).  One
+ * warp per channel. */
 template <typename T>
 __global__ void __launch_bounds__(FBN_MERGE_WARPS * 32)
-bn_merge_grad(const double *part, i64 C, i64 k, double count, int training, const T *weight, const double *mean,
-              const double *invstd, double *grad_weight, double *grad_bias, T *coef)
+bn_merge_grad(const double *part, i64 C, i64 k, double count, int training, int act, const FBN_K *weight,
+              const FBN_K *bias, const double *mean, const double *invstd, double *grad_weight, double *grad_bias,
+              FBN_K *coef)
 {
+    typedef FBN_K K;
     const int lane = threadIdx.x & 31;
     const i64 warps = (i64)gridDim.x * FBN_MERGE_WARPS;
     for (i64 c = (i64)blockIdx.x * FBN_MERGE_WARPS + (threadIdx.x >> 5); c < C; c += warps) {
@@ -339,32 +378,36 @@ bn_merge_grad(const double *part, i64 C, i64 k, double count, int training, cons
         }
         fbn_warp_sum2(a, b);
         if (lane == 0) {
-            T cf[5];
-            fbn_finish_grad(c, a, b, count, training, weight, mean, invstd, grad_weight, grad_bias, cf);
+            K cf[6];
+            fbn_finish_grad(c, a, b, count, training, act, weight, bias, mean, invstd, grad_weight, grad_bias, cf);
 #pragma unroll
-            for (int t = 0; t < 5; t++)
+            for (int t = 0; t < 6; t++)
                 coef[t * C + c] = cf[t];
         }
     }
 }
 
-/* dx = kdy * dy + (((x - m_hi) - m_lo) * kx + kc) over the whole buffer.  Grid-stride. */
-template <typename T>
+/* grad_input over the whole buffer from bn_merge_grad's coefficients (fbn_dx, with dy gated by the
+ * activation).  Grid-stride. */
+template <typename T, int ACT>
 __global__ void __launch_bounds__(FBN_GPU_THREADS)
-bn_grad_input(const T *dy, const T *x, T *dx, const T *coef, i64 C, i64 S, i64 total)
+bn_grad_input(const T *dy, const T *x, const T *out, T *dx, const FBN_K *coef, int training, i64 C, i64 S, i64 total)
 {
+    typedef FBN_K K;
+    const bool read_x = training || ACT == FBN_ACT_RECOMPUTE;
     const i64 step = (i64)gridDim.x * blockDim.x;
     FbnFlatWalker w((i64)blockIdx.x * blockDim.x + threadIdx.x, C, S, step);
     while (w.i < total) {
         i64 idx[FBN_APPLY], ch[FBN_APPLY];
-        T g[FBN_APPLY], v[FBN_APPLY];
+        K g[FBN_APPLY], v[FBN_APPLY], o[FBN_APPLY];
 #pragma unroll
         for (int j = 0; j < FBN_APPLY; j++) {
             idx[j] = w.i < total ? w.i : -1;
             ch[j] = w.c;
             if (idx[j] >= 0) {
-                g[j] = dy[idx[j]];
-                v[j] = x[idx[j]];
+                g[j] = fbn_ld(dy[idx[j]]);
+                v[j] = read_x ? fbn_ld(x[idx[j]]) : (K)0;
+                o[j] = ACT == FBN_ACT_OUTPUT ? fbn_ld(out[idx[j]]) : (K)0;
             }
             w.next();
         }
@@ -372,8 +415,10 @@ bn_grad_input(const T *dy, const T *x, T *dx, const T *coef, i64 C, i64 S, i64 t
         for (int j = 0; j < FBN_APPLY; j++) {
             if (idx[j] >= 0) {
                 const i64 c = ch[j];
-                dx[idx[j]] = fbn_fma(coef[2 * C + c], g[j],
-                                     fbn_normalize(v[j], coef[c], coef[C + c], coef[3 * C + c], coef[4 * C + c]));
+                const K cf[6] = {coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c], coef[4 * C + c],
+                                 ACT == FBN_ACT_RECOMPUTE ? coef[5 * C + c] : (K)0};
+                const FbnAffine<K> f = {cf[0], cf[1], cf[2], cf[5]};
+                fbn_st(dx[idx[j]], fbn_dx(fbn_gated<T>(g[j], v[j], o[j], ACT, f), v[j], cf, training));
             }
         }
     }

@@ -17,6 +17,8 @@ DIR = os.path.dirname(os.path.abspath(__file__))
 # fastbn's CUDA backend on the emulator against its CPU backend on every work-splitting path
 CHECK_EMULATOR = os.path.join(DIR, "check_emulator.py")
 CHECK_KERNELS = os.path.join(DIR, "check_kernels.py")
+# the fused ReLU and float16 storage against PyTorch (CPU), on every path
+CHECK_ACTIVATION = os.path.join(DIR, "check_activation.py")
 
 _PROBE = "#include <ucontext.h>\n#include <csetjmp>\nint main() { ucontext_t c; return getcontext(&c); }\n"
 

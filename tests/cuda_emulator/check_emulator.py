@@ -9,6 +9,9 @@ Needs NumPy and g++, not fastbn.  Checks, for float and double:
 - __syncthreads and __shared__: a block sum gathered across a barrier;
 - scalars of every width arrive intact;
 - a barrier that only some threads reach is reported as a deadlock, and the next launch works;
+- float16 storage: __half2float on every half, __float2half_rn on every float32 value next to a
+  rounding boundary (each half, each midpoint between two, one float ulp either side), on the
+  specials and on random bit patterns, bit for bit against NumPy's casts (NaNs: a NaN of the sign);
 - launches that a GPU or the kernel's signature would refuse are refused: a Python int for an
   int, an int64 for an int, a double array for a float pointer, a non-contiguous array, an array
   on another device, a block that is not whole warps or over 1024 threads, a missing argument.
@@ -112,10 +115,42 @@ def check_dtype(ctype, dt):
     refused(k["probe_scalars"], (0,), (32,), good, "grid")
 
 
+def check_half():
+    """The emulated __half2float and __float2half_rn against NumPy's float16 casts."""
+    with open(PROBES, encoding="utf-8") as f:
+        module = cupy.RawModule(code=f.read(), name_expressions=["probe_half<__half>"])
+    k = module.get_function("probe_half<__half>")
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.sort(halves[np.isfinite(halves)].astype(np.float32))
+    mids = ((finite[1:].astype(np.float64) + finite[:-1]) / 2).astype(np.float32)  # exact in float32
+    points = np.concatenate([finite, mids, [np.float32(65520), np.float32(2.0**-25)]]).astype(np.float32)
+    near = np.concatenate([points, np.nextafter(points, np.float32(np.inf)), np.nextafter(points, np.float32(-np.inf))])
+    rng = np.random.default_rng(5)
+    specials = np.array([np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 1e-38, 3.4e38, -3.4e38, 65504, 65519.996,
+                         -65520, 1e5, 0.0, -0.0], dtype=np.float32)
+    f32 = np.concatenate([near, specials, rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
+                          .view(np.float32)]).astype(np.float32)
+    h = cupy.zeros(f32.size, dtype=np.float16)
+    g = cupy.zeros(halves.size, dtype=np.float32)
+    k((64,), (256,), (cupy.asarray(f32), h, np.int64(f32.size), cupy.asarray(halves), g, np.int64(halves.size)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        want_h, want_g = f32.astype(np.float16), halves.astype(np.float32)
+    got_h, got_g = h.get(), g.get()
+    for got, want, what in ((got_h, want_h, "float -> half"), (got_g, want_g, "half -> float")):
+        nan = np.isnan(want)
+        check((np.isnan(got) == nan).all(), what, "NaN")
+        check((np.signbit(got[nan]) == np.signbit(want[nan])).all(), what, "NaN sign")
+        wrong = np.flatnonzero(got[~nan].view(np.uint16 if got.dtype == np.float16 else np.uint32)
+                               != want[~nan].view(np.uint16 if got.dtype == np.float16 else np.uint32))
+        src = (f32 if what.startswith("float") else halves)[~nan]
+        check(wrong.size == 0, what, [(src[i], got[~nan][i], want[~nan][i]) for i in wrong[:5]])
+
+
 def main():
     check(cupy.__version__.endswith("-emulated"), f"this needs the emulated CuPy, not CuPy {cupy.__version__}")
     for ctype, dt in (("float", np.float32), ("double", np.float64)):
         check_dtype(ctype, dt)
+    check_half()
     print(f"emulator: ok, {len(cupy.launches)} launches")
 
 

@@ -1,11 +1,13 @@
 /* Launching an emulated kernel from Python (ctypes).
  *
  * Included after the kernel source.  For each kernel instantiation that the RawModule was asked
- * for, EMU_KERNEL(name, T, suffix) exports two C functions:
+ * for, EMU_KERNEL(name, suffix, template arguments...) exports two C functions (suffix f32, f64 or
+ * f16 for float, double or __half, then _N for a second template argument N):
  *
  *   const char *emu_sig_<name>_<suffix>()   the kernel's parameter types, one code per
  *                                           parameter, each followed by a comma: i (int),
- *                                           q (long long), f (float), d (double), and P + code
+ *                                           q (long long), f (float), d (double), e (__half,
+ *                                           pointers only), and P + code
  *                                           for a pointer ("Pf,Pf,d,q,")
  *   int emu_launch_<name>_<suffix>(gx, gy, bx, by, void **args)
  *                                           runs the kernel on a (gx, gy) grid of (bx, by)
@@ -41,6 +43,9 @@ template <> struct emu_code<float> {
 };
 template <> struct emu_code<double> {
     static std::string s() { return "d"; }
+};
+template <> struct emu_code<__half> {
+    static std::string s() { return "e"; }
 };
 template <typename E> struct emu_code<E *> {
     static std::string s() { return "P" + emu_code<std::remove_const_t<E>>::s(); }
@@ -79,12 +84,12 @@ int emu_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned 
 /* The library is built with -fvisibility=hidden: only these entry points are exported, so that
  * two emulated modules loaded into one process never share the scheduler's globals. */
 #define EMU_EXPORT extern "C" __attribute__((visibility("default")))
-#define EMU_KERNEL(name, T, suffix)                                                                   \
-    EMU_EXPORT const char *emu_sig_##name##_##suffix() { return emu_signature(&name<T>); }           \
+#define EMU_KERNEL(name, suffix, ...)                                                                 \
+    EMU_EXPORT const char *emu_sig_##name##_##suffix() { return emu_signature(&name<__VA_ARGS__>); } \
     EMU_EXPORT int emu_launch_##name##_##suffix(unsigned gx, unsigned gy, unsigned bx, unsigned by, \
                                                 void **p)                                          \
     {                                                                                                 \
-        return emu_launch(&name<T>, gx, gy, bx, by, p);                                               \
+        return emu_launch(&name<__VA_ARGS__>, gx, gy, bx, by, p);                                     \
     }
 
 #endif

@@ -64,3 +64,16 @@ template <typename T> __global__ void probe_scalars(T *out, int a, i64 b, float 
     if (threadIdx.x == 0)
         out[0] = (T)((double)a + (double)b + (double)c + d);
 }
+
+/* float16 conversions, grid-stride: h[i] = __float2half_rn(f[i]) and g[i] = __half2float(hin[i])
+ * (T is __half; check_emulator.py compares them with NumPy's casts). */
+template <typename T> __global__ void probe_half(const float *f, T *h, i64 n, const T *hin, float *g, i64 m)
+{
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n || i < m; i += step) {
+        if (i < n)
+            h[i] = __float2half_rn(f[i]);
+        if (i < m)
+            g[i] = __half2float(hin[i]);
+    }
+}

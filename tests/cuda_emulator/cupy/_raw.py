@@ -1,6 +1,6 @@
 """``RawModule`` and ``RawKernel`` of the emulated CuPy: CUDA C++ compiled with g++, run on fibers.
 
-``RawModule(code=..., name_expressions=["bn_apply<float>", ...])`` compiles, on the first
+``RawModule(code=..., name_expressions=["bn_apply<float>", "bn_grad_input<__half, 1>", ...])`` compiles, on the first
 ``get_function``, one shared library from
 
     cuda_builtins.h       the CUDA builtins as plain C++ (threadIdx, __syncthreads, shuffles, ...)
@@ -38,15 +38,21 @@ BUILD = os.environ.get("FAKE_CUPY_BUILD") or os.path.join(tempfile.gettempdir(),
 FLAGS = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-U_FORTIFY_SOURCE", "-Wall",
          "-Wno-unknown-pragmas"]
 _CODES = {"i": (_np.int32, ctypes.c_int32), "q": (_np.int64, ctypes.c_int64),
-          "f": (_np.float32, ctypes.c_float), "d": (_np.float64, ctypes.c_double)}
-_EXPR = re.compile(r"(\w+)<(float|double)>")
-_SUFFIX = {"float": "f32", "double": "f64"}
+          "f": (_np.float32, ctypes.c_float), "d": (_np.float64, ctypes.c_double),
+          "e": (_np.float16, None)}  # __half: pointer parameters only
+_EXPR = re.compile(r"(\w+)<(float|double|__half)(?:, (\d+))?>")  # kernel<T> or kernel<T, N>
+_SUFFIX = {"float": "f32", "double": "f64", "__half": "f16"}
+
+
+def _suffix(t, n):
+    """The exported symbols' suffix of kernel<t> ("f32") or kernel<t, n> ("f32_1")."""
+    return _SUFFIX[t] + ("" if n is None else f"_{n}")
 
 
 class RawKernel:
-    def __init__(self, lib, name, t):
-        suffix = _SUFFIX[t]
-        self.name = f"{name}<{t}>"
+    def __init__(self, lib, name, t, n=None):
+        suffix = _suffix(t, n)
+        self.name = f"{name}<{t}>" if n is None else f"{name}<{t}, {n}>"
         sig = getattr(lib, f"emu_sig_{name}_{suffix}")
         sig.restype = ctypes.c_char_p
         self.sig = sig().decode().rstrip(",").split(",")
@@ -72,6 +78,7 @@ class RawKernel:
                 v = ctypes.c_void_p(a.data.ptr)
             else:
                 want, ct = _CODES[code]
+                _check(ct is not None, f"{where}: the emulator passes {code} by pointer only")
                 _check(type(a) is want, f"{where}: expected {want.__name__}, got {type(a).__name__} {a!r}")
                 v = ct(a)
             keep.append(v)
@@ -94,8 +101,10 @@ class RawModule:
         entries = []
         for e in self.exprs:
             m = _EXPR.fullmatch(e)
-            _check(m, f"the emulator compiles kernel<float> or kernel<double> name expressions, not {e!r}")
-            entries.append(f"EMU_KERNEL({m.group(1)}, {m.group(2)}, {_SUFFIX[m.group(2)]})")
+            _check(m, f"the emulator compiles kernel<T> or kernel<T, N> name expressions (T float, double or "
+                      f"__half), not {e!r}")
+            targs = m.group(2) if m.group(3) is None else f"{m.group(2)}, {m.group(3)}"
+            entries.append(f"EMU_KERNEL({m.group(1)}, {_suffix(m.group(2), m.group(3))}, {targs})")
         flags = FLAGS + (["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("FAKE_CUPY_ASAN") else [])
         key = hashlib.sha256()
         for part in [self.code, *entries, *flags] + [_read(os.path.join(HERE, s)) for s in SOURCES]:
@@ -120,7 +129,7 @@ class RawModule:
         self._compile()
         m = _EXPR.fullmatch(expr)
         _check(expr in self.exprs, f"{expr} is not among the name expressions {self.exprs}")
-        return RawKernel(self._lib, m.group(1), m.group(2))
+        return RawKernel(self._lib, m.group(1), m.group(2), m.group(3))
 
 
 def _check(ok, message):
