@@ -26,7 +26,8 @@ cdef inline void *data(object a, int typenum, Py_ssize_t n, bint out, str name) 
     arr = <cnp.ndarray>a
     if (cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_SIZE(arr) != n or not cnp.PyArray_ISNOTSWAPPED(arr)
             or not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_CARRAY if out else cnp.NPY_ARRAY_CARRAY_RO)):
-        want = "float32" if typenum == cnp.NPY_FLOAT else "float64"
+        want = ("float32" if typenum == cnp.NPY_FLOAT else "float64" if typenum == cnp.NPY_DOUBLE
+                else "float16" if typenum == cnp.NPY_FLOAT16 else "bfloat16")
         raise ValueError(f"{name} must be an aligned, C-contiguous, native-order{', writable' if out else ''} "
                          f"{want} array of {n} elements, got {a.dtype} of shape {a.shape}")
     return cnp.PyArray_DATA(arr)

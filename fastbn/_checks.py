@@ -47,6 +47,22 @@ def float_dtype(a, name):
     raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {dt}{hint}")
 
 
+def storage_dtype(be, x, dt):
+    """The dtype the batch-norm kernels read ``x`` in: its own half type (float16, bfloat16), in
+    native byte order, where the backend's kernels take it in place (``be.native_halves``), computing
+    in float32; else ``dt`` (float_dtype's, through a float32 copy for a half type)."""
+    xd = x.dtype
+    if xd.itemsize == 2 and xd.isnative and xd.name in be.native_halves and half_dtype(xd):
+        return xd
+    return dt
+
+
+def compute_dtype(dt):
+    """The dtype of the weight, bias and coefficients for data of dtype ``dt``: float32 for the half
+    types, as PyTorch's mixed-precision batch norm keeps its parameters; else ``dt``."""
+    return _F32 if dt.itemsize == 2 else dt
+
+
 def half_dtype(dt):
     """Whether ``dt`` is float16 or bfloat16 (whose conversions come from the ml_dtypes package:
     TypeError, naming it, where it is missing)."""
@@ -119,11 +135,14 @@ def device_of(x):
     return backend_of(x).device(x)
 
 
-def as_ncs(x, name="input"):
+def as_ncs(x, name="input", native_half=False):
     """Validate x as an (N, C, *spatial) float array; return (backend, the kernels' view of it:
-    see :func:`ncs_view`)."""
+    see :func:`ncs_view`).  native_half: kernels that read the half types in place (batch norm's)
+    get them as they are where the backend can (:func:`storage_dtype`)."""
     be = backend_of(x)
     dt = float_dtype(x, name)
+    if native_half:
+        dt = storage_dtype(be, x, dt)
     if x.ndim < 2:
         raise ValueError(f"expected {name} of at least 2 dimensions (N, C, *spatial), got shape {tuple(x.shape)}")
     return be, ncs_view(be, x, dt)
@@ -162,8 +181,8 @@ def kernel_view(be, a, x, x3, name):
     layout of ``x3`` (ncs_view of x), in x3's dtype; a copy only where a's memory differs."""
     refuse_matrix_and_masked(a, name)
     dt = x3.dtype
-    if float_dtype(a, name) != dt:
-        raise TypeError(f"{name} must have the input's dtype {dt}, got {a.dtype}")
+    if (a.dtype if dt.itemsize == 2 and a.dtype == dt else float_dtype(a, name)) != dt:
+        raise TypeError(f"{name} must have the input's dtype {x.dtype if dt.itemsize == 2 else dt}, got {a.dtype}")
     if _channels_last(x, x3):
         a = a.transpose(_to_last(a.ndim))
     return be.contiguous(a, dt).reshape(x3.shape)
@@ -244,9 +263,11 @@ def prepare_out(be, out, x, x3, *reads):
     reads (ncs_view's layout): ``out`` may be one of them exactly (the kernels work elementwise:
     every pass reads an element before it writes it, at the same place), but not overlap one
     partly.  An ``out`` of another byte order or layout gets the result copied in; so does the
-    result of a half-precision ``x`` (float16, bfloat16), computed in float32 and rounded once,
-    into ``out`` or a new array of x's dtype and layout."""
-    half = x.dtype.itemsize == 2 and half_dtype(x.dtype)  # the result is of x's half type
+    result of a half-precision ``x`` (float16, bfloat16) read through a float32 copy (where the
+    backend has no kernels for it), computed in float32 and rounded once, into ``out`` or a new
+    array of x's dtype and layout."""
+    # a half-precision x read through a float32 copy: the result is rounded to x's half type after
+    half = x.dtype.itemsize == 2 and x3.dtype.itemsize != 2 and half_dtype(x.dtype)
     if out is None:
         y, y3 = new_output(be, x, x3)
         return y, y3, (be.xp.empty_like(x) if half else None)

@@ -8,28 +8,28 @@
 # here depends on which thread ran a task, nor on how many threads there were.
 
 # ---------------------------------------------------------------- second passes, walking back
-cdef void _affine_backwards(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
+cdef void _affine_backwards(const elem *x, elem *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
                             Py_ssize_t f1, const floating *cf, int stream, bint relu) noexcept nogil:
     """_affine over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
-    cdef Py_ssize_t s, piece = piece_elements(sizeof(floating))
+    cdef Py_ssize_t s, piece = piece_elements(sizeof(elem))
     while f1 > f0:
         s = piece_start(f0, f1, piece)
         _affine(x, y, C, S, s, f1, cf, stream, relu)
         f1 = s
 
 
-cdef void _grad_input_backwards(const floating *dy, const floating *x, floating *dx, Py_ssize_t C,
+cdef void _grad_input_backwards(const elem *dy, const elem *x, elem *dx, Py_ssize_t C,
                                 Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream,
-                                const floating *zs, const floating *fcf, bint fixed) noexcept nogil:
+                                const elem *zs, const floating *fcf, bint fixed) noexcept nogil:
     """_grad_input over [f0, f1) piece by piece, last piece first (PIECE_BYTES)."""
-    cdef Py_ssize_t s, piece = piece_elements(sizeof(floating))
+    cdef Py_ssize_t s, piece = piece_elements(sizeof(elem))
     while f1 > f0:
         s = piece_start(f0, f1, piece)
         _grad_input(dy, x, dx, C, S, s, f1, cf, stream, zs, fcf, fixed)
         f1 = s
 
 
-cdef inline const floating *_at(const floating *p, Py_ssize_t o) noexcept nogil:
+cdef inline const elem *_at(const elem *p, Py_ssize_t o) noexcept nogil:
     """p + o, or NULL for an absent array (NULL + o is undefined behaviour in C)."""
     return p + o if p != NULL else NULL
 
@@ -133,6 +133,12 @@ cdef enum:  # job.op: the passes
     SLICE = 5       # SLICES: slice k, all of it
     EVAL_STATS = 6  # channels of task k: statistics from the running buffers
 
+cdef enum:  # job.elem
+    E_F32 = 0
+    E_F64 = 1
+    E_F16 = 2
+    E_BF16 = 3
+
 cdef enum:  # job.kind
     TRAIN = 1
     EVAL = 2
@@ -141,7 +147,9 @@ cdef enum:  # job.kind
 
 cdef struct _Job:
     int op, kind, how       # the pass, the operation, the work split (RANGES, COLUMNS, SLICES)
-    bint single             # float32 elements, else float64
+    bint single             # computed in float (float32 and half-precision elements), else double
+    int elem                # the elements in memory: E_F32, E_F64, E_F16, E_BF16
+    int itemsize            # their bytes
     bint training           # backward: the forward used batch statistics (else fixed ones)
     bint rsingle            # evaluation: float32 running buffers, else float64
     bint relu               # forward: the fused activation
@@ -191,30 +199,35 @@ cdef inline void *_ptr(object a) noexcept:
 
 # ---------------------------------------------------------------- the passes
 cdef void _task(void *p, Py_ssize_t k) noexcept nogil:
+    # the pass, specialized for the element type and the type computed in (the pointers are tags)
     cdef _Job *jb = <_Job *>p
-    if jb.single:
-        _pass(jb, k, <float>0)
+    if jb.elem == E_F32:
+        _pass(jb, k, <float *>NULL, <float *>NULL)
+    elif jb.elem == E_F64:
+        _pass(jb, k, <double *>NULL, <double *>NULL)
+    elif jb.elem == E_F16:
+        _pass(jb, k, <float *>NULL, <fbn_f16 *>NULL)
     else:
-        _pass(jb, k, <double>0)
+        _pass(jb, k, <float *>NULL, <fbn_bf16 *>NULL)
 
 
-cdef void _pass(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
-    cdef const floating *xp = <const floating *>jb.x
-    cdef const floating *gp = <const floating *>jb.dy
-    cdef floating *yp = <floating *>jb.y
+cdef void _pass(const _Job *jb, Py_ssize_t k, floating *tag, elem *etag) noexcept nogil:
+    cdef const elem *xp = <const elem *>jb.x
+    cdef const elem *gp = <const elem *>jb.dy
+    cdef elem *yp = <elem *>jb.y
     cdef const floating *cw = <const floating *>jb.cw
-    cdef const floating *zp = <const floating *>jb.zs
+    cdef const elem *zp = <const elem *>jb.zs
     cdef const floating *fp = <const floating *>jb.fcw
     cdef bint gated = zp != NULL or fp != NULL  # backward through the activation
     cdef Py_ssize_t C = jb.C, S = jb.S, W = jb.W, N = jb.N, f0, f1, j, c, c1
     cdef double *th
     if jb.op == SLICE:
         if jb.kind == TRAIN:
-            _slice_train(jb, k, tag)
+            _slice_train(jb, k, tag, etag)
         elif jb.kind == EVAL:
-            _slice_eval(jb, k, tag)
+            _slice_eval(jb, k, tag, etag)
         else:
-            _slice_backward(jb, k, tag)
+            _slice_backward(jb, k, tag, etag)
     elif jb.op == MERGE:
         c1 = min(C, (k + 1) * MERGE_CHANNELS)
         for c in range(k * MERGE_CHANNELS, c1):
@@ -295,10 +308,12 @@ cdef inline void _merge(_Job *jb, Py_ssize_t merges, int T) noexcept nogil:
 
 
 cdef void _job(_Job *jb, int kind, int t, object x, Py_ssize_t unit):
-    """A job for x, an (N, C, S) array of element type t, everything else empty."""
+    """A job for x, an (N, C, S) array of element type t (see _elem_type), everything else empty."""
     memset(jb, 0, sizeof(_Job))
     jb.kind = kind
-    jb.single = t == cnp.NPY_FLOAT
+    jb.single = _computed_type(t) == cnp.NPY_FLOAT
+    jb.elem = E_F32 if t == cnp.NPY_FLOAT else E_F64 if t == cnp.NPY_DOUBLE else E_F16 if t == cnp.NPY_FLOAT16 else E_BF16
+    jb.itemsize = 4 if jb.elem == E_F32 else 8 if jb.elem == E_F64 else 2
     jb.N, jb.C, jb.S = x.shape[0], x.shape[1], x.shape[2]
     jb.W = jb.C * jb.S
     jb.L = jb.N * jb.W
@@ -306,7 +321,7 @@ cdef void _job(_Job *jb, int kind, int t, object x, Py_ssize_t unit):
 
 
 cdef inline Py_ssize_t _itemsize(const _Job *jb) noexcept nogil:
-    return 4 if jb.single else 8
+    return jb.itemsize
 
 
 cdef object _setup_split(_Job *jb, int path, int t, object coef, Py_ssize_t slot_doubles):
@@ -349,13 +364,13 @@ cdef void _run_two_pass(_Job *jb, int T) noexcept nogil:
 
 
 cdef _Job _forward_job(int kind, int t, x, y, weight, bias, Py_ssize_t unit, bint relu) except *:
-    """The job of a forward (TRAIN or EVAL) of x, of element type t (_float_type), into y with the
+    """The job of a forward (TRAIN or EVAL) of x, of element type t (_elem_type), into y with the
     affine's weight and bias (and the fused ReLU when relu), its arrays checked."""
     cdef _Job jb
     _job(&jb, kind, t, x, unit)
     jb.relu = relu
     jb.x = _data(x, t, jb.L, False, "x")
     jb.y = _data(y, t, jb.L, True, "y")
-    jb.w = _data(weight, t, jb.C, False, "weight")
-    jb.b = _data(bias, t, jb.C, False, "bias")
+    jb.w = _data(weight, _computed_type(t), jb.C, False, "weight")
+    jb.b = _data(bias, _computed_type(t), jb.C, False, "bias")
     return jb

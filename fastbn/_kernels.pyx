@@ -81,6 +81,30 @@ from fastbn._plan cimport (
 from fastbn._plan import PATHS, STREAM_L3_RATIO, plan_width, thread_threshold, thresholds, tune_for
 
 
+# ---- element types: float32, float64, and the half types float16 and bfloat16 (computed in float)
+cdef int _bf16_type = -1  # bfloat16's type number, which ml_dtypes registers at run time; once seen
+
+
+cdef int _elem_type(object a, int ndim, str name) except -1:
+    """The element type of a batch-norm array (x, y, dy, dx): NPY_FLOAT, NPY_DOUBLE, NPY_HALF, or
+    bfloat16's number; TypeError for anything else, as _float_type."""
+    global _bf16_type
+    cdef int t
+    if cnp.PyArray_Check(a) and (ndim < 0 or cnp.PyArray_NDIM(<cnp.ndarray>a) == ndim):
+        t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+        if t == cnp.NPY_FLOAT16 or t == _bf16_type:
+            return t
+        if _bf16_type < 0 and a.dtype.itemsize == 2 and a.dtype.name == "bfloat16":
+            _bf16_type = t
+            return t
+    return _float_type(a, ndim, name)
+
+
+cdef inline int _computed_type(int t) noexcept nogil:
+    """The type an element type is computed in, and its weight, bias and coefficients are of."""
+    return cnp.NPY_DOUBLE if t == cnp.NPY_DOUBLE else cnp.NPY_FLOAT
+
+
 # The job, its passes and the SLICES tasks (textual includes: one extension, no call indirection).
 include "_job.pxi"
 include "_slices.pxi"
@@ -93,15 +117,16 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
 
     x: (N, C, S) float32 or float64; y: its output, the same size and dtype (may be x itself);
     weight, bias: (C,) of x's dtype; mean, var (biased), invstd: (C,) float64 outputs."""
-    cdef int t = _float_type(x, 3, "x")
+    cdef int t = _elem_type(x, 3, "x")
     cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit, relu)
     cdef Py_ssize_t C = jb.C, L = jb.L
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, True, "mean")
     jb.var = <double *>_data(var, cnp.NPY_DOUBLE, C, True, "var")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, True, "invstd")
     jb.eps = eps
-    cdef object coef = _new(4 * C, t, False)  # [mhi | mlo | a | b]
-    cdef object keep = _setup_split(&jb, path, t, coef, FBN_ACC * C)
+    cdef int ct = _computed_type(t)
+    cdef object coef = _new(4 * C, ct, False)  # [mhi | mlo | a | b]
+    cdef object keep = _setup_split(&jb, path, ct, coef, FBN_ACC * C)
     jb.stream = plan_stream(2 * L * _itemsize(&jb), stream, jb.how, jb.W * _itemsize(&jb))
     cdef int T = plan_threads(n_threads, L)
     with nogil:
@@ -164,11 +189,11 @@ def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO,
 
     x: (N, C, S) float32 or float64; y: its output (may be x itself); weight, bias: (C,) of x's
     dtype; mean (the running mean), invstd (1 / sqrt(running_var + eps)): (C,) float64."""
-    cdef int t = _float_type(x, 3, "x")
+    cdef int t = _elem_type(x, 3, "x")
     cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit, relu)
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, jb.C, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, jb.C, False, "invstd")
-    cdef object coef = _new(4 * jb.C, t, False)  # [mhi | mlo | a | b], see _eval_coefs
+    cdef object coef = _new(4 * jb.C, _computed_type(t), False)  # [mhi | mlo | a | b], see _eval_coefs
     jb.cf = _ptr(coef)
     _forward_eval(&jb, t, n_threads, path, stream)
 
@@ -181,7 +206,7 @@ def forward_eval_running(x, y, weight, bias, running_mean, running_var, double e
     ((1, 16384) float32) added more than twice the size of the largest to the heap in every call,
     which made glibc give the memory back and the next call fault it in again (33 -> 90 us); and a
     SLICES task computes its own channels' statistics."""
-    cdef int t = _float_type(x, 3, "x")
+    cdef int t = _elem_type(x, 3, "x")
     cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit, relu)
     cdef Py_ssize_t C = jb.C
     cdef int rt = _float_type(running_mean, 1, "running_mean")
@@ -207,7 +232,7 @@ cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) exc
     jb.stream = plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how, jb.W * _itemsize(jb))
     jb.cw = jb.cf
     if jb.S > 1 and jb.how != RANGES:  # per-column coefficients: see _columns_coefs
-        wide = _new(4 * jb.W, t, False)
+        wide = _new(4 * jb.W, _computed_type(t), False)
         jb.cw = _ptr(wide)
     if jb.how == SLICES:  # each task makes its own channels' statistics and coefficients
         jb.K = plan_slices(C, jb.S, jb.L)
@@ -249,14 +274,15 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     grad_weight, grad_bias: (C,) float64 outputs.  Through a fused ReLU: ``bias`` ((C,) of x's
     dtype), the forward's, to recompute its output from x in the same passes, or ``output`` (like
     x), the forward's output itself; at most one of them."""
-    cdef int t = _float_type(x, 3, "x")
+    cdef int t = _elem_type(x, 3, "x")
     cdef _Job jb
     _job(&jb, BACKWARD, t, x, unit)
     cdef Py_ssize_t C = jb.C, L = jb.L, j
     jb.dy = _data(dy, t, L, False, "dy")
     jb.x = _data(x, t, L, False, "x")
     jb.y = _data(dx, t, L, True, "dx")
-    jb.w = _data(weight, t, C, False, "weight")
+    cdef int ct = _computed_type(t)
+    jb.w = _data(weight, ct, C, False, "weight")
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, C, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, C, False, "invstd")
     jb.gw = <double *>_data(grad_weight, cnp.NPY_DOUBLE, C, True, "grad_weight")
@@ -265,10 +291,10 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     if output is not None:
         jb.zs = _data(output, t, L, False, "output")
     # [mhi | mlo | kdy | kx | kc], then the forward's [mhi | mlo | a | b] when its output is recomputed
-    cdef object coef = _new((9 if bias is not None else 5) * C, t, False)
-    cdef object keep = _setup_split(&jb, path, t, coef, 2 * C), wide_mean = None
+    cdef object coef = _new((9 if bias is not None else 5) * C, ct, False)
+    cdef object keep = _setup_split(&jb, path, ct, coef, 2 * C), wide_mean = None
     if bias is not None:
-        _forward_coefs(&jb, _data(bias, t, C, False, "bias"))
+        _forward_coefs(&jb, _data(bias, ct, C, False, "bias"))
     jb.stream = plan_stream(3 * L * _itemsize(&jb), stream, jb.how, jb.W * _itemsize(&jb))
     cdef double *wm
     if jb.how == COLUMNS:

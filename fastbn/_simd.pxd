@@ -8,7 +8,20 @@
 # with per-column ones.
 from cython cimport floating
 
+# The element types of the data (x, y, dy, dx) the loops read and write; the coefficients are of
+# `floating`, the type computed in: float for float and the half types, double for double.
+ctypedef fused elem:
+    float
+    double
+    fbn_f16
+    fbn_bf16
+
 cdef extern from "_simd.h" nogil:
+    # half-precision elements (see _simd.h): distinct C types, so that the fused type elem tells them apart
+    ctypedef struct fbn_f16:
+        unsigned short bits
+    ctypedef struct fbn_bf16:
+        unsigned short bits
     void fbn_sfence()
     # _coefs.h (included by _simd.h): the per-channel arithmetic
     void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
@@ -35,6 +48,23 @@ cdef extern from "_simd.h" nogil:
     void fbn_col_grad_sums_f64(const double *dy, const double *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx, const double *zs, const double *fcf)
     void fbn_col_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream, const float *zs, const float *fcf, int fixed)
     void fbn_col_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *cf, int stream, const double *zs, const double *fcf, int fixed)
+    # the same loops for half-precision elements (computed in float: float coefficients)
+    void fbn_moments_h16(const fbn_f16 *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
+    void fbn_affine_h16(const fbn_f16 *x, fbn_f16 *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream, int relu)
+    void fbn_grad_sums_h16(const fbn_f16 *dy, const fbn_f16 *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc, const fbn_f16 *zs, const float *fcf)
+    void fbn_grad_input_h16(const fbn_f16 *dy, const fbn_f16 *x, fbn_f16 *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream, const fbn_f16 *zs, const float *fcf, int fixed)
+    void fbn_col_moments_h16(const fbn_f16 *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
+    void fbn_col_affine_h16(const fbn_f16 *x, fbn_f16 *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream, int relu)
+    void fbn_col_grad_sums_h16(const fbn_f16 *dy, const fbn_f16 *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx, const fbn_f16 *zs, const float *fcf)
+    void fbn_col_grad_input_h16(const fbn_f16 *dy, const fbn_f16 *x, fbn_f16 *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream, const fbn_f16 *zs, const float *fcf, int fixed)
+    void fbn_moments_b16(const fbn_bf16 *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
+    void fbn_affine_b16(const fbn_bf16 *x, fbn_bf16 *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream, int relu)
+    void fbn_grad_sums_b16(const fbn_bf16 *dy, const fbn_bf16 *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc, const fbn_bf16 *zs, const float *fcf)
+    void fbn_grad_input_b16(const fbn_bf16 *dy, const fbn_bf16 *x, fbn_bf16 *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int stream, const fbn_bf16 *zs, const float *fcf, int fixed)
+    void fbn_col_moments_b16(const fbn_bf16 *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, double *n, double *K, double *rel, double *m2, double *tmp)
+    void fbn_col_affine_b16(const fbn_bf16 *x, fbn_bf16 *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream, int relu)
+    void fbn_col_grad_sums_b16(const fbn_bf16 *dy, const fbn_bf16 *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const double *mean, double *sdy, double *sdyx, const fbn_bf16 *zs, const float *fcf)
+    void fbn_col_grad_input_b16(const fbn_bf16 *dy, const fbn_bf16 *x, fbn_bf16 *dx, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W, const float *cf, int stream, const fbn_bf16 *zs, const float *fcf, int fixed)
     # a channel's coefficients written into their blocks, and vector loops of them over many channels
     void fbn_affine_coefs_f32(double mean, double invstd, float weight, float bias, float *cf, Py_ssize_t C)
     void fbn_affine_coefs_f64(double mean, double invstd, double weight, double bias, double *cf, Py_ssize_t C)
@@ -51,40 +81,58 @@ cdef extern from "_simd.h" nogil:
 
 
 # ---------------------------------------------------------------- ranges of an (N, C, S) buffer
-cdef inline void _moments(const floating *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1,
+# Each picks the loop of its element type (elem) and computed type (floating) at compile time; the
+# pairs that do not exist (a half type with double) do nothing, and no caller makes them.
+cdef inline void _moments(const elem *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1,
                           double *acc) noexcept nogil:
-    if floating is float:
+    if elem is float:
         fbn_moments_f32(x, C, S, f0, f1, acc)
-    else:
+    elif elem is double:
         fbn_moments_f64(x, C, S, f0, f1, acc)
-
-
-cdef inline void _affine(const floating *x, floating *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
-                         Py_ssize_t f1, const floating *cf, int stream, bint relu) noexcept nogil:
-    if floating is float:
-        fbn_affine_f32(x, y, C, S, f0, f1, cf, stream, relu)
+    elif elem is fbn_f16:
+        fbn_moments_h16(x, C, S, f0, f1, acc)
     else:
+        fbn_moments_b16(x, C, S, f0, f1, acc)
+
+
+cdef inline void _affine(const elem *x, elem *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0,
+                         Py_ssize_t f1, const floating *cf, int stream, bint relu) noexcept nogil:
+    if elem is float and floating is float:
+        fbn_affine_f32(x, y, C, S, f0, f1, cf, stream, relu)
+    elif elem is double and floating is double:
         fbn_affine_f64(x, y, C, S, f0, f1, cf, stream, relu)
+    elif elem is fbn_f16 and floating is float:
+        fbn_affine_h16(x, y, C, S, f0, f1, cf, stream, relu)
+    elif elem is fbn_bf16 and floating is float:
+        fbn_affine_b16(x, y, C, S, f0, f1, cf, stream, relu)
     if stream:
         fbn_sfence()
 
 
-cdef inline void _grad_sums(const floating *dy, const floating *x, Py_ssize_t C, Py_ssize_t S,
-                            Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc, const floating *zs,
+cdef inline void _grad_sums(const elem *dy, const elem *x, Py_ssize_t C, Py_ssize_t S,
+                            Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc, const elem *zs,
                             const floating *fcf) noexcept nogil:
-    if floating is float:
+    if elem is float and floating is float:
         fbn_grad_sums_f32(dy, x, C, S, f0, f1, mean, acc, zs, fcf)
-    else:
+    elif elem is double and floating is double:
         fbn_grad_sums_f64(dy, x, C, S, f0, f1, mean, acc, zs, fcf)
+    elif elem is fbn_f16 and floating is float:
+        fbn_grad_sums_h16(dy, x, C, S, f0, f1, mean, acc, zs, fcf)
+    elif elem is fbn_bf16 and floating is float:
+        fbn_grad_sums_b16(dy, x, C, S, f0, f1, mean, acc, zs, fcf)
 
 
-cdef inline void _grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t C, Py_ssize_t S,
-                             Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream, const floating *zs,
+cdef inline void _grad_input(const elem *dy, const elem *x, elem *dx, Py_ssize_t C, Py_ssize_t S,
+                             Py_ssize_t f0, Py_ssize_t f1, const floating *cf, int stream, const elem *zs,
                              const floating *fcf, bint fixed) noexcept nogil:
-    if floating is float:
+    if elem is float and floating is float:
         fbn_grad_input_f32(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, fixed)
-    else:
+    elif elem is double and floating is double:
         fbn_grad_input_f64(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, fixed)
+    elif elem is fbn_f16 and floating is float:
+        fbn_grad_input_h16(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, fixed)
+    elif elem is fbn_bf16 and floating is float:
+        fbn_grad_input_b16(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, fixed)
     if stream:
         fbn_sfence()
 
@@ -97,42 +145,58 @@ cdef enum:
     COL_MOMENTS = 6
 
 
-cdef inline void _col_moments(const floating *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
+cdef inline void _col_moments(const elem *x, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
                               double *th) noexcept nogil:
     # th: one share's moments, [count | shift K (ncols) | mean - K (ncols) | M2 (ncols) | scratch (3 ncols)]
-    if floating is float:
+    if elem is float:
         fbn_col_moments_f32(x, rows, ncols, W, th, th + 1, th + 1 + ncols, th + 1 + 2 * ncols, th + 1 + 3 * ncols)
-    else:
+    elif elem is double:
         fbn_col_moments_f64(x, rows, ncols, W, th, th + 1, th + 1 + ncols, th + 1 + 2 * ncols, th + 1 + 3 * ncols)
-
-
-cdef inline void _col_affine(const floating *x, floating *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
-                             const floating *cf, int stream, bint relu) noexcept nogil:
-    if floating is float:
-        fbn_col_affine_f32(x, y, rows, ncols, W, cf, stream, relu)
+    elif elem is fbn_f16:
+        fbn_col_moments_h16(x, rows, ncols, W, th, th + 1, th + 1 + ncols, th + 1 + 2 * ncols, th + 1 + 3 * ncols)
     else:
+        fbn_col_moments_b16(x, rows, ncols, W, th, th + 1, th + 1 + ncols, th + 1 + 2 * ncols, th + 1 + 3 * ncols)
+
+
+cdef inline void _col_affine(const elem *x, elem *y, Py_ssize_t rows, Py_ssize_t ncols, Py_ssize_t W,
+                             const floating *cf, int stream, bint relu) noexcept nogil:
+    if elem is float and floating is float:
+        fbn_col_affine_f32(x, y, rows, ncols, W, cf, stream, relu)
+    elif elem is double and floating is double:
         fbn_col_affine_f64(x, y, rows, ncols, W, cf, stream, relu)
+    elif elem is fbn_f16 and floating is float:
+        fbn_col_affine_h16(x, y, rows, ncols, W, cf, stream, relu)
+    elif elem is fbn_bf16 and floating is float:
+        fbn_col_affine_b16(x, y, rows, ncols, W, cf, stream, relu)
     if stream:
         fbn_sfence()
 
 
-cdef inline void _col_grad_sums(const floating *dy, const floating *x, Py_ssize_t rows, Py_ssize_t ncols,
-                                Py_ssize_t W, const double *mean, double *th, const floating *zs,
+cdef inline void _col_grad_sums(const elem *dy, const elem *x, Py_ssize_t rows, Py_ssize_t ncols,
+                                Py_ssize_t W, const double *mean, double *th, const elem *zs,
                                 const floating *fcf) noexcept nogil:
     # th: one share's sums, [sum dy (ncols) | sum dy*(x-mean) (ncols)]
-    if floating is float:
+    if elem is float and floating is float:
         fbn_col_grad_sums_f32(dy, x, rows, ncols, W, mean, th, th + ncols, zs, fcf)
-    else:
+    elif elem is double and floating is double:
         fbn_col_grad_sums_f64(dy, x, rows, ncols, W, mean, th, th + ncols, zs, fcf)
+    elif elem is fbn_f16 and floating is float:
+        fbn_col_grad_sums_h16(dy, x, rows, ncols, W, mean, th, th + ncols, zs, fcf)
+    elif elem is fbn_bf16 and floating is float:
+        fbn_col_grad_sums_b16(dy, x, rows, ncols, W, mean, th, th + ncols, zs, fcf)
 
 
-cdef inline void _col_grad_input(const floating *dy, const floating *x, floating *dx, Py_ssize_t rows,
-                                 Py_ssize_t ncols, Py_ssize_t W, const floating *cf, int stream, const floating *zs,
+cdef inline void _col_grad_input(const elem *dy, const elem *x, elem *dx, Py_ssize_t rows,
+                                 Py_ssize_t ncols, Py_ssize_t W, const floating *cf, int stream, const elem *zs,
                                  const floating *fcf, bint fixed) noexcept nogil:
-    if floating is float:
+    if elem is float and floating is float:
         fbn_col_grad_input_f32(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, fixed)
-    else:
+    elif elem is double and floating is double:
         fbn_col_grad_input_f64(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, fixed)
+    elif elem is fbn_f16 and floating is float:
+        fbn_col_grad_input_h16(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, fixed)
+    elif elem is fbn_bf16 and floating is float:
+        fbn_col_grad_input_b16(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, fixed)
     if stream:
         fbn_sfence()
 

@@ -1,5 +1,8 @@
-/* fastbn/_simd_impl.h -- the typed loops of _simd.h; included once per type with
- * T (float or double), FBN_SUFFIX (f32 or f64) and FBN_TWO_PASS defined.  No include guard.
+/* fastbn/_simd_impl.h -- the typed loops of _simd.h; included once per element type with E (the
+ * element in memory: float, double, or a half type), T (the type it is computed in: float or
+ * double), FBN_LD / FBN_ST (E to T and back, rounding to nearest even), FBN_SUFFIX and FBN_TWO_PASS
+ * defined; FBN_DATA_ONLY leaves out the per-channel coefficient functions, which depend on T
+ * alone (a half type shares float's).  No include guard.
  *
  * Two layouts:
  *  - ranges: elements [f0, f1) of an (N, C, S) buffer in memory order.  Row r = f / S (S
@@ -17,6 +20,19 @@
          off += ln, r_++)
 #endif
 
+/* Half elements in the ranges loops: each piece is first converted to float in an L1 buffer
+ * (FBN_STAGE, the hardware's conversion where there is one), and float's own loops (the _f32 ones,
+ * FBN_RUN) run on it; results leave through FBN_FLUSH.  Elsewhere FBN_RUN is this type's loop. */
+#undef FBN_RUN
+#undef FBN_IN
+#if FBN_HALF
+#define FBN_RUN(name) FBN_CAT(name, f32)
+#define FBN_IN float
+#else
+#define FBN_RUN(name) FBN_NAME(name)
+#define FBN_IN E
+#endif
+
 /* The reductions over one row.  Rows shorter than FBN_SHORT elements (7x7 and 10x10 feature maps)
  * reduce with 8 lanes (`narrow`, a constant where these are inlined) instead of the 16 GCC picks:
  * GCC ends an `omp simd reduction` by adding its lanes one at a time, which took half the time of
@@ -24,37 +40,37 @@
  * 12% faster.  Long rows keep 16 lanes: with 8, cache-resident ones ran 8-13% slower. */
 
 /* sum(p[0:n]) in double. */
-FBN_INLINE double FBN_NAME(fbn_sum)(const T *p, ptrdiff_t n, const int narrow)
+FBN_INLINE double FBN_NAME(fbn_sum)(const E *p, ptrdiff_t n, const int narrow)
 {
     double t = 0.0;
     if (narrow) {
 #pragma omp simd simdlen(8) reduction(+:t)
         for (ptrdiff_t i = 0; i < n; i++)
-            t += (double)p[i];
+            t += (double)FBN_LD(p[i]);
     } else {
 #pragma omp simd reduction(+:t)
         for (ptrdiff_t i = 0; i < n; i++)
-            t += (double)p[i];
+            t += (double)FBN_LD(p[i]);
     }
     return t;
 }
 
 /* *s = sum(p - k) and *q = sum((p - k)^2) over p[0:n], in double. */
-FBN_INLINE void FBN_NAME(fbn_shifted_sums)(const T *p, ptrdiff_t n, double k, double *s_out, double *q_out,
+FBN_INLINE void FBN_NAME(fbn_shifted_sums)(const E *p, ptrdiff_t n, double k, double *s_out, double *q_out,
                                            const int narrow)
 {
     double s = 0.0, q = 0.0;
     if (narrow) {
 #pragma omp simd simdlen(8) reduction(+:s, q)
         for (ptrdiff_t i = 0; i < n; i++) {
-            double d = (double)p[i] - k;
+            double d = (double)FBN_LD(p[i]) - k;
             s += d;
             q += d * d;
         }
     } else {
 #pragma omp simd reduction(+:s, q)
         for (ptrdiff_t i = 0; i < n; i++) {
-            double d = (double)p[i] - k;
+            double d = (double)FBN_LD(p[i]) - k;
             s += d;
             q += d * d;
         }
@@ -71,7 +87,7 @@ FBN_INLINE void FBN_NAME(fbn_shifted_sums)(const T *p, ptrdiff_t n, double k, do
  * channel's first FBN_CPU_BLOCK elements (a first pass over them, in L1), then the channel's mean so
  * far.  With FBN_TWO_PASS (float64, where there is no conversion to pay for) every block of
  * FBN_CPU_BLOCK gets its own first pass. */
-FBN_INLINE void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *acc)
+FBN_INLINE void FBN_NAME(fbn_piece_moments)(const E *p, ptrdiff_t len, double *acc)
 {
     for (ptrdiff_t j = 0; j < len; ) {
         ptrdiff_t bl = len - j;
@@ -91,11 +107,21 @@ FBN_INLINE void FBN_NAME(fbn_piece_moments)(const T *p, ptrdiff_t len, double *a
 }
 
 /* Moments of a range into per-channel accumulators acc[FBN_ACC*c ..] (see fbn_shift_merge). */
-FBN_CLONES static void FBN_NAME(fbn_moments)(const T *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+FBN_CLONES static void FBN_NAME(fbn_moments)(const E *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
                                              ptrdiff_t f1, double *acc)
 {
+#if FBN_HALF
+    float tb[FBN_CPU_BLOCK];
+    FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)
+        for (ptrdiff_t j = 0; j < ln; j += FBN_CPU_BLOCK) {
+            const ptrdiff_t bl = ln - j < FBN_CPU_BLOCK ? ln - j : FBN_CPU_BLOCK;
+            FBN_STAGE(tb, x + off + j, bl);
+            fbn_piece_moments_f32(tb, bl, acc + FBN_ACC * c);
+        }
+#else
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)
         FBN_NAME(fbn_piece_moments)(x + off, ln, acc + FBN_ACC * c);
+#endif
 }
 
 /* Whether a channel's mean is so large that x - mhi could overflow T (see FBN_WIDE in _coefs.h). */
@@ -151,13 +177,13 @@ typedef struct { T mhi, mlo, a, b; } FBN_NAME(fbn_fwd);
 /* The gradient of element i through the activation: g[i] (act 0), or gated by the forward's output,
  * zs[i] (act 2) or ((p[i] - mhi) - mlo) * a + b recomputed (act 1; half for a wide mean, with f's
  * mhi, mlo halved and a doubled, as fbn_affine_run). */
-FBN_INLINE T FBN_NAME(fbn_gated)(const T *g, const T *p, const T *zs, ptrdiff_t i, T mhi, T mlo, T a, T b,
+FBN_INLINE T FBN_NAME(fbn_gated)(const E *g, const E *p, const E *zs, ptrdiff_t i, T mhi, T mlo, T a, T b,
                                  const int act, const int half)
 {
     if (act == 0)
-        return g[i];
-    const T z = act == 2 ? zs[i] : (((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo) * a + b;
-    return FBN_NAME(fbn_gate)(g[i], z);
+        return FBN_LD(g[i]);
+    const T z = act == 2 ? FBN_LD(zs[i]) : (((half ? FBN_LD(p[i]) * (T)0.5 : FBN_LD(p[i])) - mhi) - mlo) * a + b;
+    return FBN_NAME(fbn_gate)(FBN_LD(g[i]), z);
 }
 
 /* Channel c's forward coefficients from fcf = [mhi | mlo | a | b] (blocks C apart), prepared for
@@ -175,12 +201,12 @@ FBN_INLINE FBN_NAME(fbn_fwd) FBN_NAME(fbn_fwd_at)(const T *fcf, ptrdiff_t C, ptr
 /* q = ((p - mhi) - mlo) * a + b over n elements; lo and half are constants where this is inlined.
  * With lo = 0 the `- mlo` (which is then 0) folds away: the same result to the bit.  half: p is
  * halved first, for a wide mean (the caller passes mhi, mlo halved and a doubled). */
-FBN_INLINE void FBN_NAME(fbn_affine_run)(const T *p, T *q, ptrdiff_t n, T mhi, T mlo, T a, T b, const int lo,
+FBN_INLINE void FBN_NAME(fbn_affine_run)(const E *p, T *q, ptrdiff_t n, T mhi, T mlo, T a, T b, const int lo,
                                          const int half, const int relu)
 {
 #pragma omp simd
     for (ptrdiff_t i = 0; i < n; i++) {
-        const T v = (((half ? p[i] * (T)0.5 : p[i]) - mhi) - (lo ? mlo : (T)0)) * a + b;
+        const T v = (((half ? FBN_LD(p[i]) * (T)0.5 : FBN_LD(p[i])) - mhi) - (lo ? mlo : (T)0)) * a + b;
         q[i] = relu ? FBN_NAME(fbn_relu)(v) : v;
     }
 }
@@ -195,30 +221,38 @@ FBN_INLINE T FBN_NAME(fbn_norm_wide)(T x, T mhi, T mlo, T a, T b)
 
 /* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
  * x.  stream: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
-FBN_INLINE void FBN_NAME(fbn_affine_rows)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1,
+FBN_INLINE void FBN_NAME(fbn_affine_rows)(const E *x, E *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1,
                                           const T *cf, int stream, const int check_wide, const int relu)
 {
-    T buf[FBN_CHUNK];
+    T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (FBN_FLUSH) */
+#if FBN_HALF
+    float pb[FBN_CHUNK];
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const T mhi = cf[c], mlo = cf[C + c], a = cf[2 * C + c], b = cf[3 * C + c];
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
-            const T *p = x + off + j;
-            T *q = stream ? buf : y + off + j;
+#if FBN_HALF
+            const FBN_IN *p = pb;
+            FBN_STAGE(pb, x + off + j, bl);
+#else
+            const FBN_IN *p = x + off + j;
+#endif
+            T *q = stream || FBN_HALF ? buf : (T *)(y + off + j);
             if (check_wide && FBN_NAME(fbn_wide)(mhi))
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi * (T)0.5, mlo * (T)0.5, a * 2, b, 1, 1, relu);
+                FBN_RUN(fbn_affine_run)(p, q, bl, mhi * (T)0.5, mlo * (T)0.5, a * 2, b, 1, 1, relu);
             else if (mlo != 0)  /* 0 for float64, and for a float32 mean (evaluation) */
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1, 0, relu);
+                FBN_RUN(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1, 0, relu);
             else
-                FBN_NAME(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0, 0, relu);
-            if (stream)
-                fbn_stream_store(y + off + j, buf, (size_t)bl * sizeof(T));
+                FBN_RUN(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0, 0, relu);
+            if (stream || FBN_HALF)
+                FBN_FLUSH(y + off + j, buf, bl, stream);
         }
     }
 }
 
 /* relu: the fused activation. */
-FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+FBN_CLONES static void FBN_NAME(fbn_affine)(const E *x, E *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
                                             ptrdiff_t f1, const T *cf, int stream, int relu)
 {
     const int wide = FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1);
@@ -234,7 +268,7 @@ FBN_CLONES static void FBN_NAME(fbn_affine)(const T *x, T *y, ptrdiff_t C, ptrdi
 
 /* *a = sum(g') and *b = sum(g' * (p - m)) over n elements, in double, where g' is g through the
  * activation (fbn_gated; act, half and narrow are constants where this is inlined). */
-FBN_INLINE void FBN_NAME(fbn_grad_run)(const T *g, const T *p, const T *zs, ptrdiff_t n, double m,
+FBN_INLINE void FBN_NAME(fbn_grad_run)(const E *g, const E *p, const E *zs, ptrdiff_t n, double m,
                                        FBN_NAME(fbn_fwd) f, double *a_out, double *b_out, const int act,
                                        const int half, const int narrow)
 {
@@ -244,37 +278,62 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const T *g, const T *p, const T *zs, ptrd
         for (ptrdiff_t i = 0; i < n; i++) {
             double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
             a += gi;
-            b += gi * ((double)p[i] - m);
+            b += gi * ((double)FBN_LD(p[i]) - m);
         }
     } else {
 #pragma omp simd reduction(+:a, b)
         for (ptrdiff_t i = 0; i < n; i++) {
             double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
             a += gi;
-            b += gi * ((double)p[i] - m);
+            b += gi * ((double)FBN_LD(p[i]) - m);
         }
     }
     *a_out = a;
     *b_out = b;
 }
 
-FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const T *dy, const T *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
-                                             ptrdiff_t f1, const double *mean, double *acc, const T *zs,
+FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const E *dy, const E *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+                                             ptrdiff_t f1, const double *mean, double *acc, const E *zs,
                                              const T *fcf, const int act, const int check_wide)
 {
-    FBN_NAME(fbn_fwd) f = {0, 0, 0, 0};
+    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0};
+#if FBN_HALF
+    float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         double a, b;
         const int half = check_wide && FBN_NAME(fbn_wide)(fcf[c]);
         if (act == 1)
-            f = FBN_NAME(fbn_fwd_at)(fcf, C, c, half);
-        const T *z = act == 2 ? zs + off : zs;
-        if (half)
-            FBN_NAME(fbn_grad_run)(dy + off, x + off, z, ln, mean[c], f, &a, &b, act, 1, 0);
-        else if (ln < FBN_SHORT)
-            FBN_NAME(fbn_grad_run)(dy + off, x + off, z, ln, mean[c], f, &a, &b, act, 0, 1);
-        else
-            FBN_NAME(fbn_grad_run)(dy + off, x + off, z, ln, mean[c], f, &a, &b, act, 0, 0);
+            f = FBN_RUN(fbn_fwd_at)(fcf, C, c, half);
+#if FBN_HALF  /* the row in pieces of FBN_CHUNK, staged */
+        double sa = 0.0, sb = 0.0;
+        for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
+            const ptrdiff_t n = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
+            const FBN_IN *g = gb, *p = pb, *z = act == 2 ? zb : NULL;
+            FBN_STAGE(gb, dy + off + j, n);
+            FBN_STAGE(pb, x + off + j, n);
+            if (act == 2)
+                FBN_STAGE(zb, zs + off + j, n);
+#else
+        {
+            const ptrdiff_t n = ln;
+            const FBN_IN *g = dy + off, *p = x + off, *z = act == 2 ? zs + off : zs;
+#endif
+            if (half)
+                FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, act, 1, 0);
+            else if (n < FBN_SHORT)
+                FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, act, 0, 1);
+            else
+                FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, act, 0, 0);
+#if FBN_HALF
+            sa += a;
+            sb += b;
+        }
+        a = sa;
+        b = sb;
+#else
+        }
+#endif
         acc[2 * c] += a;
         acc[2 * c + 1] += b;
     }
@@ -284,9 +343,9 @@ FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const T *dy, const T *x, ptrdiff_t 
  * dy' is dy through the activation: gated by the forward's output zs (indexed as x) when zs is not
  * NULL, else by the output recomputed with the forward's coefficients fcf = [mhi | mlo | a | b]
  * (blocks C apart) when fcf is not NULL, else dy itself. */
-FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_t C, ptrdiff_t S,
+FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const E *dy, const E *x, ptrdiff_t C, ptrdiff_t S,
                                                ptrdiff_t f0, ptrdiff_t f1, const double *mean, double *acc,
-                                               const T *zs, const T *fcf)
+                                               const E *zs, const T *fcf)
 {
     if (zs)
         FBN_NAME(fbn_grad_sums_rows)(dy, x, C, S, f0, f1, mean, acc, zs, fcf, 2, 0);
@@ -301,45 +360,57 @@ FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const T *dy, const T *x, ptrdiff_
 /* q = kdy * g' + (((p - mhi) - mlo) * kx + kc) over n elements, g' = g through the activation
  * (fbn_gated); fixed (statistics that were constants): q = kdy * g', x's terms left out rather than
  * multiplied by 0 (an infinite x would give NaN).  half as in fbn_affine_run, for both. */
-FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const T *g, const T *p, const T *zs, T *q, ptrdiff_t n, T mhi, T mlo,
+FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const E *g, const E *p, const E *zs, T *q, ptrdiff_t n, T mhi, T mlo,
                                              T kdy, T kx, T kc, FBN_NAME(fbn_fwd) f, const int act,
                                              const int half, const int fixed)
 {
 #pragma omp simd
     for (ptrdiff_t i = 0; i < n; i++) {
-        const T d = ((half ? p[i] * (T)0.5 : p[i]) - mhi) - mlo;
+        const T d = ((half ? FBN_LD(p[i]) * (T)0.5 : FBN_LD(p[i])) - mhi) - mlo;
         /* in training the forward's mean is the backward's (f.mhi, f.mlo are mhi, mlo): its output is
          * d * a + b, sharing d with dx's terms */
-        const T gi = act == 1 && !fixed ? FBN_NAME(fbn_gate)(g[i], d * f.a + f.b)
+        const T gi = act == 1 && !fixed ? FBN_NAME(fbn_gate)(FBN_LD(g[i]), d * f.a + f.b)
                                         : FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
         q[i] = fixed ? kdy * gi : kdy * gi + (d * kx + kc);
     }
 }
 
-FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
-                                              ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const T *zs,
+FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, ptrdiff_t C, ptrdiff_t S,
+                                              ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const E *zs,
                                               const T *fcf, const int act, const int fixed, const int check_wide)
 {
-    T buf[FBN_CHUNK];
-    FBN_NAME(fbn_fwd) f = {0, 0, 0, 0};
+    T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (FBN_FLUSH) */
+    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0};
+#if FBN_HALF
+    float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const T mhi = cf[c], mlo = cf[C + c], kdy = cf[2 * C + c], kx = cf[3 * C + c], kc = cf[4 * C + c];
         /* a wide mean: the forward's mean where the mask is recomputed (the backward's is 0 when
          * fixed), else the backward's; in training the two are the same value */
         const int half = check_wide && FBN_NAME(fbn_wide)(act == 1 ? fcf[c] : mhi);
         if (act == 1)
-            f = FBN_NAME(fbn_fwd_at)(fcf, C, c, half);
+            f = FBN_RUN(fbn_fwd_at)(fcf, C, c, half);
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
-            const T *g = dy + off + j, *p = x + off + j, *z = act == 2 ? zs + off + j : zs;
-            T *q = stream ? buf : dx + off + j;
+#if FBN_HALF
+            const FBN_IN *g = gb, *p = pb, *z = act == 2 ? zb : NULL;
+            FBN_STAGE(gb, dy + off + j, bl);
+            if (!fixed || act == 1)
+                FBN_STAGE(pb, x + off + j, bl);
+            if (act == 2)
+                FBN_STAGE(zb, zs + off + j, bl);
+#else
+            const FBN_IN *g = dy + off + j, *p = x + off + j, *z = act == 2 ? zs + off + j : zs;
+#endif
+            T *q = stream || FBN_HALF ? buf : (T *)(dx + off + j);
             if (half)
-                FBN_NAME(fbn_grad_input_run)(g, p, z, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, f, act, 1,
-                                             fixed);
+                FBN_RUN(fbn_grad_input_run)(g, p, z, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, f, act, 1,
+                                            fixed);
             else
-                FBN_NAME(fbn_grad_input_run)(g, p, z, q, bl, mhi, mlo, kdy, kx, kc, f, act, 0, fixed);
-            if (stream)
-                fbn_stream_store(dx + off + j, buf, (size_t)bl * sizeof(T));
+                FBN_RUN(fbn_grad_input_run)(g, p, z, q, bl, mhi, mlo, kdy, kx, kc, f, act, 0, fixed);
+            if (stream || FBN_HALF)
+                FBN_FLUSH(dx + off + j, buf, bl, stream);
         }
     }
 }
@@ -347,8 +418,8 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const T *dy, const T *x, T *dx, pt
 /* dx = kdy * dy' + ((x - mhi) - mlo) * kx + kc over a range; cf = [mhi | mlo | kdy | kx | kc]; dy' as
  * in fbn_grad_sums (zs, fcf).  fixed: dx = kdy * dy' (the activation's evaluation-mode backward;
  * without the activation that is fbn_affine on dy). */
-FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t C, ptrdiff_t S,
-                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const T *zs,
+FBN_CLONES static void FBN_NAME(fbn_grad_input)(const E *dy, const E *x, E *dx, ptrdiff_t C, ptrdiff_t S,
+                                                ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const E *zs,
                                                 const T *fcf, int fixed)
 {
 #define FBN_GRAD_INPUT_ROWS(act, fixed, wide) FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, act, fixed, wide)
@@ -385,7 +456,7 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const T *dy, const T *x, T *dx, 
  * (a first pass; the block is sized to stay in L2) for a thread's first block, which become K,
  * then the means merged so far (K + rel, rounded: any shift near the mean will do, as long as the
  * merge knows which).  K, rel, m2: ncols values each; tmp: 3*ncols doubles of scratch. */
-FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
+FBN_CLONES static void FBN_NAME(fbn_col_moments)(const E *x, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
                                                  double *n, double *K, double *rel, double *m2, double *tmp)
 {
     double *s = tmp, *q = tmp + ncols, *k = tmp + 2 * ncols;
@@ -396,16 +467,16 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
         s[c] = q[c] = 0.0;
     if (first) {  /* k = the block's column means */
         for (r = 0; r + 4 <= rows; r += 4) {
-            const T *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
+            const E *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < ncols; c++)
-                s[c] += ((double)p0[c] + (double)p1[c]) + ((double)p2[c] + (double)p3[c]);
+                s[c] += ((double)FBN_LD(p0[c]) + (double)FBN_LD(p1[c])) + ((double)FBN_LD(p2[c]) + (double)FBN_LD(p3[c]));
         }
         for (; r < rows; r++) {
-            const T *p = x + r * W;
+            const E *p = x + r * W;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < ncols; c++)
-                s[c] += (double)p[c];
+                s[c] += (double)FBN_LD(p[c]);
         }
         for (ptrdiff_t c = 0; c < ncols; c++) {
             k[c] = K[c] = s[c] / b;
@@ -417,23 +488,23 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const T *x, ptrdiff_t rows, ptr
             k[c] = K[c] + rel[c];
     }
     for (r = 0; r + 8 <= rows; r += 8) {  /* q as a chain of multiply-adds: see FBN_ROWS8 */
-        const T *p = x + r * W;
+        const E *p = x + r * W;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
             const double kc = k[c];
-            double d0 = (double)p[c] - kc, d1 = (double)p[W + c] - kc;
-            double d2 = (double)p[2 * W + c] - kc, d3 = (double)p[3 * W + c] - kc;
-            double d4 = (double)p[4 * W + c] - kc, d5 = (double)p[5 * W + c] - kc;
-            double d6 = (double)p[6 * W + c] - kc, d7 = (double)p[7 * W + c] - kc;
+            double d0 = (double)FBN_LD(p[c]) - kc, d1 = (double)FBN_LD(p[W + c]) - kc;
+            double d2 = (double)FBN_LD(p[2 * W + c]) - kc, d3 = (double)FBN_LD(p[3 * W + c]) - kc;
+            double d4 = (double)FBN_LD(p[4 * W + c]) - kc, d5 = (double)FBN_LD(p[5 * W + c]) - kc;
+            double d6 = (double)FBN_LD(p[6 * W + c]) - kc, d7 = (double)FBN_LD(p[7 * W + c]) - kc;
             s[c] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7));
             q[c] = q[c] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3 + d4 * d4 + d5 * d5 + d6 * d6 + d7 * d7;
         }
     }
     for (; r < rows; r++) {
-        const T *p = x + r * W;
+        const E *p = x + r * W;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
-            double d = (double)p[c] - k[c];
+            double d = (double)FBN_LD(p[c]) - k[c];
             s[c] += d;
             q[c] += d * d;
         }
@@ -470,23 +541,23 @@ FBN_INLINE void FBN_NAME(fbn_col_flags)(const T *mhi, const T *mlo, ptrdiff_t nc
 /* Rows in fours with normal stores (the body of fbn_col_affine); returns the rows done.  lo is a
  * constant where this is inlined: with lo = 0 the low part of the mean is not loaded and
  * `- 0` folds away (x - 0 is x for every x), so the result is the same to the bit. */
-FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols,
+FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const E *x, E *y, ptrdiff_t rows, ptrdiff_t ncols,
                                                     ptrdiff_t W, const T *cf, const int lo, const int relu)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
     ptrdiff_t r = 0;
 #define FBN_ACT(v) (relu ? FBN_NAME(fbn_relu)(v) : (v))
     for (; r + 4 <= rows; r += 4) {
-        const T *p = x + r * W;
-        T *q = y + r * W;
+        const E *p = x + r * W;
+        E *q = y + r * W;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = lo ? mlo[c] : (T)0, ac = a[c], bc = b[c];
-            const T x0 = p[c], x1 = p[W + c], x2 = p[2 * W + c], x3 = p[3 * W + c];
-            q[c] = FBN_ACT(((x0 - m1) - m2) * ac + bc);
-            q[W + c] = FBN_ACT(((x1 - m1) - m2) * ac + bc);
-            q[2 * W + c] = FBN_ACT(((x2 - m1) - m2) * ac + bc);
-            q[3 * W + c] = FBN_ACT(((x3 - m1) - m2) * ac + bc);
+            const T x0 = FBN_LD(p[c]), x1 = FBN_LD(p[W + c]), x2 = FBN_LD(p[2 * W + c]), x3 = FBN_LD(p[3 * W + c]);
+            q[c] = FBN_ST(FBN_ACT(((x0 - m1) - m2) * ac + bc));
+            q[W + c] = FBN_ST(FBN_ACT(((x1 - m1) - m2) * ac + bc));
+            q[2 * W + c] = FBN_ST(FBN_ACT(((x2 - m1) - m2) * ac + bc));
+            q[3 * W + c] = FBN_ST(FBN_ACT(((x3 - m1) - m2) * ac + bc));
         }
     }
 #undef FBN_ACT
@@ -502,42 +573,42 @@ FBN_INLINE ptrdiff_t FBN_NAME(fbn_col_affine_rows4)(const T *x, T *y, ptrdiff_t 
  * for a dependency on that store until the full addresses are compared (4K aliasing).  Measured
  * on (4096, 1024) float32: the eval forward ran 1.5x faster with y 2 KiB off x's alignment than
  * with y aligned as NumPy allocates it; loading first removes that difference. */
-FBN_INLINE void FBN_NAME(fbn_col_affine_act)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
+FBN_INLINE void FBN_NAME(fbn_col_affine_act)(const E *x, E *y, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
                                              const T *cf, int stream, const int relu)
 {
     const T *mhi = cf, *mlo = cf + W, *a = cf + 2 * W, *b = cf + 3 * W;
-    T buf[FBN_CHUNK];
+    T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (FBN_FLUSH) */
     ptrdiff_t r = 0;
     int lo, wide;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
     FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
-    if (!stream && !wide)
+    if (!stream && !wide && !FBN_HALF)  /* half elements: rows one at a time, through buf */
         r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 1, relu)
                : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 0, relu);
     for (; r < rows; r++) {
         for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
             ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
-            const T *p = x + r * W + c0;
-            T *q = stream ? buf : y + r * W + c0;
+            const E *p = x + r * W + c0;
+            T *q = stream || FBN_HALF ? buf : (T *)(y + r * W + c0);
             if (wide) {
                 for (ptrdiff_t c = 0; c < bl; c++) {
-                    const T v = FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c], a[c0 + c], b[c0 + c]);
+                    const T v = FBN_NAME(fbn_norm_wide)(FBN_LD(p[c]), mhi[c0 + c], mlo[c0 + c], a[c0 + c], b[c0 + c]);
                     q[c] = relu ? FBN_NAME(fbn_relu)(v) : v;
                 }
             } else {
 #pragma omp simd
                 for (ptrdiff_t c = 0; c < bl; c++) {
-                    const T v = ((p[c] - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
+                    const T v = ((FBN_LD(p[c]) - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
                     q[c] = relu ? FBN_NAME(fbn_relu)(v) : v;
                 }
             }
-            if (stream)
-                fbn_stream_store(y + r * W + c0, buf, (size_t)bl * sizeof(T));
+            if (stream || FBN_HALF)
+                FBN_FLUSH(y + r * W + c0, buf, bl, stream);
         }
     }
 }
 
 /* relu: the fused activation. */
-FBN_CLONES static void FBN_NAME(fbn_col_affine)(const T *x, T *y, ptrdiff_t rows, ptrdiff_t ncols,
+FBN_CLONES static void FBN_NAME(fbn_col_affine)(const E *x, E *y, ptrdiff_t rows, ptrdiff_t ncols,
                                                 ptrdiff_t W, const T *cf, int stream, int relu)
 {
     if (relu)
@@ -561,42 +632,42 @@ FBN_INLINE int FBN_NAME(fbn_col_fwd_wide)(const T *fcf, ptrdiff_t ncols, ptrdiff
 }
 
 /* Element c of row r through the activation, for the column loops' rare wide blocks (fbn_norm_wide). */
-FBN_INLINE T FBN_NAME(fbn_col_gated_wide)(const T *g, const T *p, const T *zs, ptrdiff_t i, const T *fcf,
+FBN_INLINE T FBN_NAME(fbn_col_gated_wide)(const E *g, const E *p, const E *zs, ptrdiff_t i, const T *fcf,
                                           ptrdiff_t W, ptrdiff_t c, int act)
 {
     if (act == 0)
-        return g[i];
+        return FBN_LD(g[i]);
     if (act == 2)
-        return FBN_NAME(fbn_gate)(g[i], zs[i]);
-    return FBN_NAME(fbn_gate)(g[i], FBN_NAME(fbn_norm_wide)(p[i], fcf[c], fcf[W + c], fcf[2 * W + c], fcf[3 * W + c]));
+        return FBN_NAME(fbn_gate)(FBN_LD(g[i]), FBN_LD(zs[i]));
+    return FBN_NAME(fbn_gate)(FBN_LD(g[i]), FBN_NAME(fbn_norm_wide)(FBN_LD(p[i]), fcf[c], fcf[W + c], fcf[2 * W + c], fcf[3 * W + c]));
 }
 
-FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t ncols,
+FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const E *dy, const E *x, ptrdiff_t rows, ptrdiff_t ncols,
                                                 ptrdiff_t W, const double *mean, double *sdy, double *sdyx,
-                                                const T *zs, const T *fcf, const int act)
+                                                const E *zs, const T *fcf, const int act)
 {
     ptrdiff_t r = 0;
 #define FBN_G(k) ((double)FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fm1, fm2, fa, fb, act, 0))
     for (r = 0; r + 4 <= rows; r += 4) {
-        const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
+        const E *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
             FBN_COL_FWD(fcf, W, c, act);
             double g0 = FBN_G(0), g1 = FBN_G(1), g2 = FBN_G(2), g3 = FBN_G(3);
             double m = mean[c];
             sdy[c] += (g0 + g1) + (g2 + g3);
-            sdyx[c] += (g0 * ((double)p[c] - m) + g1 * ((double)p[W + c] - m))
-                       + (g2 * ((double)p[2 * W + c] - m) + g3 * ((double)p[3 * W + c] - m));
+            sdyx[c] += (g0 * ((double)FBN_LD(p[c]) - m) + g1 * ((double)FBN_LD(p[W + c]) - m))
+                       + (g2 * ((double)FBN_LD(p[2 * W + c]) - m) + g3 * ((double)FBN_LD(p[3 * W + c]) - m));
         }
     }
     for (; r < rows; r++) {
-        const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
+        const E *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
             FBN_COL_FWD(fcf, W, c, act);
             const double gi = FBN_G(0);
             sdy[c] += gi;
-            sdyx[c] += gi * ((double)p[c] - mean[c]);
+            sdyx[c] += gi * ((double)FBN_LD(p[c]) - mean[c]);
         }
     }
 #undef FBN_G
@@ -604,8 +675,8 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const T *dy, const T *x, ptrdiff
 
 /* sdy += sum dy' and sdyx += sum dy' * (x - mean), per column (ncols values each); dy' is dy through
  * the activation as in fbn_grad_sums, zs indexed as x, fcf per column (blocks W apart). */
-FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
-                                                   const double *mean, double *sdy, double *sdyx, const T *zs,
+FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const E *dy, const E *x, ptrdiff_t rows, ptrdiff_t ncols, ptrdiff_t W,
+                                                   const double *mean, double *sdy, double *sdyx, const E *zs,
                                                    const T *fcf)
 {
     if (zs) {
@@ -619,7 +690,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const T *dy, const T *x, ptrd
             for (ptrdiff_t c = 0; c < ncols; c++) {
                 const double gi = (double)FBN_NAME(fbn_col_gated_wide)(dy + r * W, x + r * W, zs, c, fcf, W, c, 1);
                 sdy[c] += gi;
-                sdyx[c] += gi * ((double)x[r * W + c] - mean[c]);
+                sdyx[c] += gi * ((double)FBN_LD(x[r * W + c]) - mean[c]);
             }
     }
 }
@@ -631,12 +702,12 @@ FBN_INLINE T FBN_NAME(fbn_dx)(T gi, T x, T mhi, T mlo, T kdy, T kx, T kc, const 
     return fixed ? kdy * gi : kdy * gi + (((x - mhi) - mlo) * kx + kc);
 }
 
-FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const T *dy, const T *x, T *dx, ptrdiff_t rows, ptrdiff_t ncols,
-                                                 ptrdiff_t W, const T *cf, int stream, const T *zs, const T *fcf,
+FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const E *dy, const E *x, E *dx, ptrdiff_t rows, ptrdiff_t ncols,
+                                                 ptrdiff_t W, const T *cf, int stream, const E *zs, const T *fcf,
                                                  const int act, const int fixed)
 {
     const T *mhi = cf, *mlo = cf + W, *kdy = cf + 2 * W, *kx = cf + 3 * W, *kc = cf + 4 * W;
-    T buf[FBN_CHUNK];
+    T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (FBN_FLUSH) */
     ptrdiff_t r = 0;
     int lo, wide;
     FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
@@ -644,33 +715,33 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const T *dy, const T *x, T *dx,
         wide |= FBN_NAME(fbn_col_fwd_wide)(fcf, ncols, W);
     /* in training the forward's mean is the backward's: m1, m2 for fm1, fm2 share (x - m1) - m2 with dx */
 #define FBN_DX(k) FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa, fb, \
-                                                   act, 0), p[(k) * W + c], m1, m2, k1, k2, k3, fixed)
-    for (; !stream && !wide && r + 4 <= rows; r += 4) {
-        const T *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
-        T *q = dx + r * W;
+                                                   act, 0), FBN_LD(p[(k) * W + c]), m1, m2, k1, k2, k3, fixed)
+    for (; !stream && !wide && !FBN_HALF && r + 4 <= rows; r += 4) {
+        const E *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
+        E *q = dx + r * W;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {  /* all loads before the stores: FBN_4K */
             const T m1 = mhi[c], m2 = mlo[c], k1 = kdy[c], k2 = kx[c], k3 = kc[c];
             FBN_COL_FWD(fcf, W, c, act);
             const T d0 = FBN_DX(0), d1 = FBN_DX(1), d2 = FBN_DX(2), d3 = FBN_DX(3);
-            q[c] = d0;
-            q[W + c] = d1;
-            q[2 * W + c] = d2;
-            q[3 * W + c] = d3;
+            q[c] = FBN_ST(d0);
+            q[W + c] = FBN_ST(d1);
+            q[2 * W + c] = FBN_ST(d2);
+            q[3 * W + c] = FBN_ST(d3);
         }
     }
 #undef FBN_DX
     for (; r < rows; r++) {
         for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
             ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
-            const T *g = dy + r * W + c0, *p = x + r * W + c0, *z = act == 2 ? zs + r * W + c0 : zs;
+            const E *g = dy + r * W + c0, *p = x + r * W + c0, *z = act == 2 ? zs + r * W + c0 : zs;
             const T *fc = act == 1 ? fcf + c0 : fcf;
-            T *q = stream ? buf : dx + r * W + c0;
+            T *q = stream || FBN_HALF ? buf : (T *)(dx + r * W + c0);
             if (wide) {  /* the last two terms as fbn_norm_wide: kc + ((x - mhi) - mlo) * kx */
                 for (ptrdiff_t c = 0; c < bl; c++) {
                     const T gi = FBN_NAME(fbn_col_gated_wide)(g, p, z, c, fc, W, c, act);
                     q[c] = fixed ? kdy[c0 + c] * gi
-                                 : kdy[c0 + c] * gi + FBN_NAME(fbn_norm_wide)(p[c], mhi[c0 + c], mlo[c0 + c],
+                                 : kdy[c0 + c] * gi + FBN_NAME(fbn_norm_wide)(FBN_LD(p[c]), mhi[c0 + c], mlo[c0 + c],
                                                                               kx[c0 + c], kc[c0 + c]);
                 }
             } else {
@@ -680,20 +751,20 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const T *dy, const T *x, T *dx,
                     const T m1 = mhi[c0 + c], m2 = mlo[c0 + c];
                     q[c] = FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa, fb,
                                                                 act, 0),
-                                            p[c], m1, m2, kdy[c0 + c], kx[c0 + c], kc[c0 + c], fixed);
+                                            FBN_LD(p[c]), m1, m2, kdy[c0 + c], kx[c0 + c], kc[c0 + c], fixed);
                 }
             }
-            if (stream)
-                fbn_stream_store(dx + r * W + c0, buf, (size_t)bl * sizeof(T));
+            if (stream || FBN_HALF)
+                FBN_FLUSH(dx + r * W + c0, buf, bl, stream);
         }
     }
 }
 
 /* cf = [mhi | mlo | kdy | kx | kc], blocks W apart; four rows at a time, as fbn_col_affine; dy' as in
  * fbn_col_grad_sums; fixed as in fbn_grad_input. */
-FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *dx, ptrdiff_t rows,
+FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const E *dy, const E *x, E *dx, ptrdiff_t rows,
                                                     ptrdiff_t ncols, ptrdiff_t W, const T *cf, int stream,
-                                                    const T *zs, const T *fcf, int fixed)
+                                                    const E *zs, const T *fcf, int fixed)
 {
     if (zs && fixed)
         FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 2, 1);
@@ -707,6 +778,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const T *dy, const T *x, T *
         FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 0, 0);
 }
 
+#ifndef FBN_DATA_ONLY
 /* ---- per-channel statistics and coefficients ----
  * The formulas are _coefs.h's; these write them for one channel into the blocks of a coefficient
  * array (blocks C apart), in the input type, and are called both from the vector loops below and,
@@ -812,3 +884,4 @@ FBN_CLONES static void FBN_NAME(fbn_col_finish_grad)(double count, const double 
                                      gb + c, cf + c, C);
     }
 }
+#endif /* FBN_DATA_ONLY */

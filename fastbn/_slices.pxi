@@ -30,11 +30,11 @@ cdef inline _Chunk _slice_chunk(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t N, Py_s
     return ch
 
 
-cdef void _slice_train(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
-    cdef const floating *xp = <const floating *>jb.x
+cdef void _slice_train(const _Job *jb, Py_ssize_t k, floating *tag, elem *etag) noexcept nogil:
+    cdef const elem *xp = <const elem *>jb.x
     cdef const floating *wp = <const floating *>jb.w
     cdef const floating *bp = <const floating *>jb.b
-    cdef floating *yp = <floating *>jb.y
+    cdef elem *yp = <elem *>jb.y
     cdef floating *cf = <floating *>jb.cf
     cdef floating *cw = <floating *>jb.cw
     cdef double *th = jb.part + k * SLICE_SCRATCH  # [count | K | rel | M2 | scratch], see _col_moments
@@ -58,7 +58,7 @@ cdef void _slice_train(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogi
         c0 = ch.end
 
 
-cdef void _slice_eval(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
+cdef void _slice_eval(const _Job *jb, Py_ssize_t k, floating *tag, elem *etag) noexcept nogil:
     # jb.rm != NULL: first the slice's channels' statistics from the running buffers (see _forward_eval)
     cdef floating *cf = <floating *>jb.cf
     cdef floating *cw = <floating *>jb.cw
@@ -74,18 +74,18 @@ cdef void _slice_eval(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil
     for c in range(c0, c1):
         _expand(cf, C, S, 4, c, cw)
     for j in range(nb):
-        _col_affine(<const floating *>jb.x + j * R * W + col0, <floating *>jb.y + j * R * W + col0,
+        _col_affine(<const elem *>jb.x + j * R * W + col0, <elem *>jb.y + j * R * W + col0,
                     min(R, N - j * R), ncols, W, cw + col0, jb.stream, jb.relu)
 
 
-cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
-    cdef const floating *gp = <const floating *>jb.dy
-    cdef const floating *xp = <const floating *>jb.x
+cdef void _slice_backward(const _Job *jb, Py_ssize_t k, floating *tag, elem *etag) noexcept nogil:
+    cdef const elem *gp = <const elem *>jb.dy
+    cdef const elem *xp = <const elem *>jb.x
     cdef const floating *wp = <const floating *>jb.w
-    cdef floating *dp = <floating *>jb.y
+    cdef elem *dp = <elem *>jb.y
     cdef floating *cf = <floating *>jb.cf
     cdef floating *cw = <floating *>jb.cw
-    cdef const floating *zp = <const floating *>jb.zs
+    cdef const elem *zp = <const elem *>jb.zs
     cdef const floating *fp = <const floating *>jb.fcw
     cdef bint gated = zp != NULL or fp != NULL  # through the activation
     cdef double *th = jb.part + k * SLICE_SCRATCH  # [sum dy (w) | sum dy*(x-mean) (w)]

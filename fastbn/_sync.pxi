@@ -75,7 +75,8 @@ cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept n
                 m = wm
             for j in range(ch.nb):
                 o = j * ch.R * W + ch.col0
-                _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, m, th, NULL, NULL)
+                _col_grad_sums(gp + o, xp + o, min(ch.R, N - j * ch.R), ch.ncols, W, m, th, <const floating *>NULL,
+                               <const floating *>NULL)
             for c in range(c0, ch.end):
                 sdy = 0
                 sdyx = 0
@@ -93,7 +94,7 @@ cdef void _sync_slice(const _SyncJob *sj, Py_ssize_t k, floating tag) noexcept n
             for j in range(ch.nb - 1, -1, -1):
                 o = j * ch.R * W + ch.col0
                 _col_grad_input(gp + o, xp + o, dp + o, min(ch.R, N - j * ch.R), ch.ncols, W, cw + ch.col0, jb.stream,
-                                NULL, NULL, False)
+                                <const floating *>NULL, <const floating *>NULL, False)
         c0 = ch.end
 
 

@@ -30,7 +30,7 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
 
 def _checked_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, out, unbiased,
                      activation):
-    be, x3 = ck.as_ncs(input)
+    be, x3 = ck.as_ncs(input, native_half=True)
     C = x3.shape[1]
     training = ck.flag(training, "training")
     unbiased = ck.flag(unbiased, "unbiased")
@@ -48,8 +48,9 @@ def _checked_forward(input, running_mean, running_var, weight, bias, training, m
     if running_mean is not None:
         ck.vector(running_mean, "running_mean", be, (C,), None, writable=training)
         ck.vector(running_var, "running_var", be, (C,), None, writable=training)
-    w = ck.param(weight, "weight", be, (C,), x3.dtype, 1.0)
-    b = ck.param(bias, "bias", be, (C,), x3.dtype, 0.0)
+    pdt = ck.compute_dtype(x3.dtype)
+    w = ck.param(weight, "weight", be, (C,), pdt, 1.0)
+    b = ck.param(bias, "bias", be, (C,), pdt, 0.0)
     return forward(be, input, x3, running_mean, running_var, w, b, training, momentum, eps, out, unbiased, relu)
 
 
@@ -120,11 +121,12 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     either alone defines the mask.
     """
     with ck.device_of(input):
-        be, x3 = ck.as_ncs(input)
+        be, x3 = ck.as_ncs(input, native_half=True)
         C = x3.shape[1]
         g3 = ck.like_input(be, grad_output, input, x3, "grad_output")
         training = ck.flag(training, "training")
-        w = ck.param(weight, "weight", be, (C,), x3.dtype, 1.0)
+        pdt = ck.compute_dtype(x3.dtype)
+        w = ck.param(weight, "weight", be, (C,), pdt, 1.0)
         mean = ck.vector(save_mean, "save_mean", be, (C,), be.xp.float64)
         invstd = ck.vector(save_invstd, "save_invstd", be, (C,), be.xp.float64)
         b = z3 = None
@@ -135,7 +137,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
                                  + ("both" if bias is not None else "neither")
                                  + " (a layer without bias: pass bias=np.zeros(C) or output=)")
             if bias is not None:
-                b = ck.param(bias, "bias", be, (C,), x3.dtype, 0.0)
+                b = ck.param(bias, "bias", be, (C,), pdt, 0.0)
             else:
                 z3 = ck.like_input(be, output, input, x3, "output")
         elif bias is not None or output is not None:
@@ -156,4 +158,5 @@ def backward(be, x, x3, g3, w, mean, invstd, training, out, bias=None, z3=None):
         gw, gb = be.backward(g3, x3, dx3, w, mean, invstd, training, bias=b, output=z3)
     else:
         gw, gb = be.xp.zeros(C), be.xp.zeros(C)
-    return ck.finish(dx, target), gw.astype(x3.dtype), gb.astype(x3.dtype)
+    pdt = ck.compute_dtype(x3.dtype)  # float32 for half x, as PyTorch's float32 parameters
+    return ck.finish(dx, target), gw.astype(pdt), gb.astype(pdt)

@@ -98,7 +98,7 @@ class _BatchNorm(_RunningStats, Layer):
         if be is not self._backend:
             raise TypeError(f"{type(self).__name__} lives on device {self.device!r} but got a {be.kind} array; "
                             f"move the layer with .to(...) or the array")
-        return be, ck.ncs_view(be, x, self.dtype)
+        return be, ck.ncs_view(be, x, ck.storage_dtype(be, x, self.dtype))
 
     @property
     def _backend(self):
@@ -145,7 +145,7 @@ class _BatchNorm(_RunningStats, Layer):
         if update:
             self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
         if saved_input is not input:  # an in-place forward: backward reads the copy
-            x3 = ck.ncs_view(be, saved_input, dt)
+            x3 = ck.ncs_view(be, saved_input, x3.dtype)
         return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats, self._saved_bias(record))
 
     def _saved_bias(self, record):

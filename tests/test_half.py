@@ -92,3 +92,88 @@ def test_bfloat16_without_ml_dtypes_is_a_typeerror_naming_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now raises ImportError
     with pytest.raises(TypeError, match="ml_dtypes"):
         fastbn.batch_norm(x, None, None, training=True)
+
+
+# ---- the kernels read and write half elements in place (fastbn/_simd.h): conversions and rounding
+def _identity(C):
+    """Evaluation-mode parameters whose output is the input itself, -0.0 included:
+    (x - 0) / sqrt(1 + 0) * 1 + (-0.0)."""
+    return np.ones(C, np.float32), np.full(C, -0.0, np.float32), np.zeros(C, np.float32), np.ones(C, np.float32)
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+def test_every_half_value_converts_exactly(half, kernel_path):
+    """All 65536 bit patterns in and out unchanged (NaN stays NaN), on every kernel path: the staged
+    (hardware) conversions of the ranges loops and the per-element ones of the column loops."""
+    dt = HALVES[half]
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    x = bits.view(dt).reshape(512, 8, 16)
+    w, b, rm, rv = _identity(8)
+    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0)
+    nan = np.isnan(x.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(y.astype(np.float32)), nan)
+    np.testing.assert_array_equal(y.view(np.uint16)[~nan], x.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+@pytest.mark.parametrize("scale", [1.5, 2.0 ** -10, 1.999, 3.0 ** 0.5], ids=["ties", "subnormal", "overflow", "any"])
+def test_results_round_to_nearest_even(half, scale, kernel_path):
+    """The half result is the float32 computation rounded once, as NumPy rounds (to nearest, ties
+    to even, overflow to infinity): x * 1.5 of every finite half value is exact in float32 and half
+    of them are ties; 2^-10 lands in the subnormals; 1.999 overflows past 65504."""
+    dt = HALVES[half]
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    x = bits.view(dt)
+    x = x[np.isfinite(x.astype(np.float32))]
+    x = x[: x.size // 64 * 64].reshape(-1, 4, 16)
+    w, b, rm, rv = _identity(4)
+    w[:] = scale
+    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0)
+    y32 = fastbn.batch_norm(x.astype(np.float32), rm, rv, w, b, eps=0.0)
+    with np.errstate(over="ignore"):  # NumPy's cast warns where it overflows to infinity, as meant here
+        want = y32.astype(dt)
+    np.testing.assert_array_equal(y.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+@pytest.mark.parametrize("shape", [(8, 3, 5, 7), (64, 5), (2, 5, 3000), (16, 2048)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_op_is_the_float32_one_rounded(half, shape, training, kernel_path):
+    """Forward (also with ReLU) and backward on half elements give the float32 computation of the
+    upcast input rounded once: within one unit in the last place of it (the statistics are summed in
+    other pieces, so their last bits may differ), and the parameter gradients float32."""
+    dt = HALVES[half]
+    rng = np.random.default_rng(7)
+    C = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    w, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    rm, rv = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    for act, kw in ((None, {}), ("relu", {"activation": "relu", "bias": b})):
+        y, m, s = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training, activation=act)
+        y32, m32, s32 = fastbn.batch_norm_forward(x.astype(np.float32), rm.copy(), rv.copy(), w, b, training,
+                                                  activation=act)
+        assert y.dtype == dt
+        assert _ulps(y, y32.astype(dt), dt).max() <= 1
+        dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, m, s, training, **kw)
+        dx32, gw32, gb32 = fastbn.batch_norm_backward(dy.astype(np.float32), x.astype(np.float32), w, m32, s32,
+                                                      training, **kw)
+        assert dx.dtype == dt and gw.dtype == np.float32 and gb.dtype == np.float32
+        assert _ulps(dx, dx32.astype(dt), dt).max() <= 1
+        np.testing.assert_allclose(gw, gw32, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(gb, gb32, rtol=1e-4, atol=1e-3)
+
+
+def test_half_is_read_in_place():
+    """No float32 copy: the CPU backend takes both half types, and an in-place call writes the
+    caller's half array itself."""
+    from fastbn._backends import cpu
+
+    assert cpu.native_halves == {"float16", "bfloat16"}
+    x = np.linspace(-3, 3, 4 * 6 * 10).astype(np.float16).reshape(4, 6, 10)
+    w, b, rm, rv = _identity(6)
+    rm[:] = 1.0
+    before = x.copy()
+    out = fastbn.batch_norm(x, rm, rv, w, b, out=x, eps=0.0)
+    assert out is x
+    np.testing.assert_array_equal(x, (before.astype(np.float32) - 1.0).astype(np.float16))

@@ -21,6 +21,9 @@ _kernels.tune_for(_machine.CACHES["l2"], _machine.CACHES["l3_effective"])
 # streaming stores (stream: -1 decide by size, 0 off, 1 on) here.
 tuning = {"path": "auto", "unit": 0, "stream": -1}
 
+# The half types the kernels read and write in place, computing in float32 (see fastbn/_simd.h).
+native_halves = frozenset({"bfloat16", "float16"})
+
 _HOST = contextlib.nullcontext()
 _PATHS = _kernels.PATHS
 
