@@ -471,6 +471,30 @@ def test_float16_forward_within_an_ulp(gpu_path, rng, path):
     np.testing.assert_allclose(var.get(), v, rtol=1e-9)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_public_api_relu_and_float16_match_cpu(rng, training):
+    """The public functions route activation="relu" and float16 CuPy arrays to the CUDA kernels (float16
+    in place, float32 parameters), as the CPU backend does: the same results to rounding."""
+    shape, C = (6, 5, 9, 7), 5
+    x = (rng.standard_normal(shape) * 2 + 0.3).astype(np.float16)
+    dy = rng.standard_normal(shape).astype(np.float16)
+    w, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    want = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training, activation="relu")
+    grm, grv = cp.asarray(rm), cp.asarray(rv)
+    got = fastbn.batch_norm_forward(cp.asarray(x), grm, grv, cp.asarray(w), cp.asarray(b), training,
+                                    activation="relu")
+    assert got[0].dtype == np.float16
+    np.testing.assert_allclose(got[0].get().astype(np.float32), want[0].astype(np.float32), rtol=2e-3, atol=2e-3)
+    dx_want = fastbn.batch_norm_backward(dy, x, w, want[1], want[2], training, activation="relu", bias=b)
+    dx_got = fastbn.batch_norm_backward(cp.asarray(dy), cp.asarray(x), cp.asarray(w), got[1], got[2], training,
+                                        activation="relu", bias=cp.asarray(b))
+    assert dx_got[0].dtype == np.float16 and dx_got[1].dtype == np.float32
+    np.testing.assert_allclose(dx_got[0].get().astype(np.float32), dx_want[0].astype(np.float32), rtol=5e-3,
+                               atol=5e-3)
+    np.testing.assert_allclose(dx_got[1].get(), dx_want[1], rtol=1e-3, atol=1e-3)
+
+
 def test_mixing_numpy_parameters_with_cupy_input_raises(rng):
     x = _g(_data(rng, (4, 3, 5), np.float32))
     with pytest.raises(TypeError, match="cupy"):
