@@ -66,7 +66,7 @@ cdef extern from "_norm_simd.h" nogil:
     enum: FBN_LN_FOLD
     double fbn_row_traffic_f32(const float *x, const float *dy, float *y, Py_ssize_t n, int nt)
     double fbn_row_traffic_f64(const double *x, const double *dy, double *y, Py_ssize_t n, int nt)
-    void fbn_ln_grad_input_f32(const float *dy, const float *x, float *dx, Py_ssize_t n, const float *w, float istd, float mhi, float mlo, float kx, float kc, int nt)
+    void fbn_ln_grad_input_fl(const float *dy, const float *x, float *dx, Py_ssize_t n, const float *w, float istd, float mhi, float mlo, float kx, float kc, int nt)
     void fbn_ln_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, const double *w, double istd, double mhi, double mlo, double kx, double kc, int nt)
 
 cdef enum:

@@ -209,8 +209,8 @@ cdef void _ln_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, 
         return
     _ln_row_coefs(jb, r, A, B, &istd, &hi, &lo, &kx, &kc)
     if floating is float:
-        fbn_ln_grad_input_f32(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, f1 - f0,
-                              <const float *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)
+        fbn_ln_grad_input_fl(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, f1 - f0,
+                             <const float *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)
     else:
         fbn_ln_grad_input_f64(<const double *>jb.dy + o, <const double *>jb.x + o, <double *>jb.y + o, f1 - f0,
                               <const double *>jb.w + f0, istd, hi, lo, kx, kc, jb.nt)

@@ -479,3 +479,40 @@ def test_float32_layer_norm_parameter_grads_over_many_rows():
     gbr = g.astype(np.float64).sum(axis=0)
     for ours, ref in ((gw, gwr), (gb, gbr)):
         assert np.max(np.abs(ours - ref)) <= 8 * EPS32 * np.max(np.abs(ref)), np.max(np.abs(ours - ref))
+
+
+@pytest.mark.parametrize("kind,shape", [("group", (3, 8, 37, 13)), ("group", (2, 4, 47, 45)), ("instance", (2, 3, 50, 41)),
+                                        ("layer", (37, 1003)), ("layer", (64, 768))])
+@pytest.mark.parametrize("shift", [0, 1, 5, 15])
+def test_float32_streaming_stores_same_grad_input(kind, shape, shift):
+    """The backward's streaming stores (on AVX-512: straight from the registers, the partial vectors
+    at either end of a run masked) give the dx of ordinary stores, at any offset of dx within a
+    64-byte line: runs of 481 (buffered: shorter than FBN_NT512_RUN), 2115, 2050 and 1003 elements,
+    not multiples of 16, and rows of 768."""
+    from fastbn import _norm_kernels as K
+
+    rng = np.random.default_rng(23)
+    x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    n = x.size
+    outs = []
+    for stream in (0, 1):
+        buf = np.full(n + 32, np.nan, dtype=np.float32)
+        dx = buf[shift:shift + n].reshape(shape)
+        if kind == "layer":
+            L = shape[-1]
+            w = (1 + 0.1 * rng.standard_normal(L)).astype(np.float32) if stream == 0 else w
+            _, m, s = fastbn.layer_norm_forward(x, (L,), w)
+            K.layer_backward(g, x, dx, w, L, m, s, 2, stream)
+        else:
+            C = shape[1]
+            G = 2 if kind == "group" else C
+            w = (1 + 0.1 * rng.standard_normal(C)).astype(np.float32) if stream == 0 else w
+            _, m, s = fastbn.group_norm_forward(x, G, w)
+            sums = np.zeros((shape[0], C, 2))
+            K.group_backward(g, x, dx, w, G, int(np.prod(shape[2:])), m, s, True, sums, 2, stream)
+        assert np.isnan(buf[:shift]).all() and np.isnan(buf[shift + n:]).all()  # nothing outside dx
+        outs.append(dx.copy())
+    # the same instructions either way (bit for bit with GCC 12 on Zen 4); a compiler may contract
+    # the clones' scalar tails otherwise
+    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=2 * EPS32 * np.max(np.abs(outs[0])))
