@@ -40,12 +40,17 @@ def self_check(out=None):
                 y, mean, invstd = fastbn.batch_norm_forward(x, rm1, rv1, w, b, training=True, momentum=0.25)
                 ye = fastbn.batch_norm(x, rm, rv, w, b, training=False)
                 dx, gw, gb = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=True)
+                yr = fastbn.batch_norm(x, None, None, w, b, training=True, activation="relu")
+                dxr = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training=True, activation="relu", bias=b)[0]
+                halves = _half_results(x, dy, w, b, rm, rv) if dtype == np.float32 else {}
             finally:
                 _cpu.tuning.update(saved)
             ref_rm, ref_rv = rm.astype(np.float64), rv.astype(np.float64)  # the reference updates them
             ref_ye = reference.forward_eval(x, w, b, ref_rm, ref_rv, 1e-5)
             ref_y = reference.forward_train(x, w, b, ref_rm, ref_rv, 0.25, 1e-5)[0]
-            ref_dx, ref_gw, ref_gb = reference.backward(dy, x, w, *reference.saved_stats(x, 1e-5))
+            stats = reference.saved_stats(x, 1e-5)
+            ref_dx, ref_gw, ref_gb = reference.backward(dy, x, w, *stats)
+            passes = (yr > 0) | np.isnan(yr)  # ReLU's gradient mask, from fastbn's own forward
             checks = {
                 "train forward": np.abs(y - ref_y).max(),
                 "running stats": max(np.abs(rm1 - ref_rm).max(), np.abs(rv1 - ref_rv).max()),
@@ -53,14 +58,44 @@ def self_check(out=None):
                 "backward dx": np.abs(dx - ref_dx).max(),
                 "backward dw": np.abs(gw - ref_gw).max() / max(1.0, np.abs(ref_gw).max()),
                 "backward db": np.abs(gb - ref_gb).max() / max(1.0, np.abs(ref_gb).max()),
+                "relu forward": np.abs(yr - np.maximum(ref_y, 0)).max(),
+                "relu backward": np.abs(dxr - reference.backward(dy * passes, x, w, *stats)[0]).max(),
             }
+            for name, (got, want, ulp) in halves.items():  # within ~1 ulp of the half type, plus rounding
+                checks[name] = np.abs(got - want).max() / max(1.0, np.abs(want).max()) * tol / ulp
             failed = [name for name, err in checks.items() if not err <= tol]
             ok &= not failed
             worst = max(checks.values())
             print(f"  {'FAIL' if failed else 'pass'}  {str(shape):<15} {np.dtype(dtype).name:<8} path={path:<9} nt={stream} "
-                  f"train/eval forward, running stats, backward: worst error {worst:.1e} (tolerance {tol:.0e})"
+                  f"forwards, running stats, backward, ReLU{', half types' if halves else ''}: worst error {worst:.1e} "
+                  f"(tolerance {tol:.0e})"
                   + (f"  failed: {', '.join(failed)}" if failed else ""), file=out)
     return ok
+
+
+def _half_results(x, dy, w, b, rm, rv):
+    """{check: (fastbn's result on the half types, the float64 reference of the upcast input, the
+    type's unit in the last place at 1)} for a float32 case: train and eval forward, backward."""
+    halves = {"float16": (np.float16, 2.0 ** -10)}
+    try:
+        import ml_dtypes
+
+        halves["bfloat16"] = (ml_dtypes.bfloat16, 2.0 ** -7)
+    except ImportError:
+        pass
+    out = {}
+    for name, (dt, ulp) in halves.items():
+        xh, dyh = x.astype(dt), dy.astype(dt)
+        x64, dy64 = xh.astype(np.float64), dyh.astype(np.float64)
+        yh, mean, invstd = fastbn.batch_norm_forward(xh, None, None, w, b, training=True)
+        ye = fastbn.batch_norm(xh, rm, rv, w, b, training=False)
+        dxh = fastbn.batch_norm_backward(dyh, xh, w, mean, invstd, training=True)[0]
+        stats = reference.saved_stats(x64, 1e-5)
+        ref_y = reference.forward_train(x64, w, b, None, None, 0.1, 1e-5)[0]
+        out[f"{name} train forward"] = (yh.astype(np.float64), ref_y, 2 * ulp)
+        out[f"{name} eval forward"] = (ye.astype(np.float64), reference.forward_eval(x64, w, b, rm, rv, 1e-5), 2 * ulp)
+        out[f"{name} backward dx"] = (dxh.astype(np.float64), reference.backward(dy64, x64, w, *stats)[0], 2 * ulp)
+    return out
 
 
 def build_flags():
