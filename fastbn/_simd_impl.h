@@ -34,19 +34,40 @@
 #endif
 
 /* The reductions over one row.  Rows shorter than FBN_SHORT elements (7x7 and 10x10 feature maps)
- * reduce with 8 lanes (`narrow`, a constant where these are inlined) instead of the 16 GCC picks:
- * GCC ends an `omp simd reduction` by adding its lanes one at a time, which took half the time of
- * a 49-element row (perf); on (32, 512, 7, 7) float32 the training forward got 16% and the backward
- * 12% faster.  Long rows keep 16 lanes: with 8, cache-resident ones ran 8-13% slower. */
+ * reduce into 8 explicit lanes (`narrow`, a constant where these are inlined), added as a tree at
+ * the end: GCC ends an `omp simd reduction` by storing its lanes and adding them one at a time, a
+ * chain of dependent adds that took half the time of a 49-element row (perf: first with 16 lanes,
+ * then, after narrowing them to 8 with simdlen(8), still half of the backward's gradient sums on
+ * (32, 512, 7, 7)).  Long rows keep the `omp simd` reduction: there the end is rare. */
+#ifndef FBN_LANES
+#define FBN_LANES 8
+FBN_INLINE double fbn_lanes_sum(const double *v)
+{
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+#endif
+
+/* for (i = 0; i < n; i++) BODY(i, lane), with lane = i % FBN_LANES, whole groups first */
+#define FBN_BY_LANES(n, BODY)                                                                     \
+    do {                                                                                          \
+        ptrdiff_t i_ = 0;                                                                         \
+        for (; i_ + FBN_LANES <= (n); i_ += FBN_LANES)                                            \
+            _Pragma("omp simd") for (int l_ = 0; l_ < FBN_LANES; l_++)                            \
+                BODY(i_ + l_, l_);                                                                \
+        for (int l_ = 0; i_ + l_ < (n); l_++)                                                     \
+            BODY(i_ + l_, l_);                                                                    \
+    } while (0)
 
 /* sum(p[0:n]) in double. */
 FBN_INLINE double FBN_NAME(fbn_sum)(const E *p, ptrdiff_t n, const int narrow)
 {
     double t = 0.0;
     if (narrow) {
-#pragma omp simd simdlen(8) reduction(+:t)
-        for (ptrdiff_t i = 0; i < n; i++)
-            t += (double)FBN_LD(p[i]);
+        double v[FBN_LANES] = {0};
+#define FBN_BODY(i, l) v[l] += (double)FBN_LD(p[i])
+        FBN_BY_LANES(n, FBN_BODY);
+#undef FBN_BODY
+        t = fbn_lanes_sum(v);
     } else {
 #pragma omp simd reduction(+:t)
         for (ptrdiff_t i = 0; i < n; i++)
@@ -61,12 +82,17 @@ FBN_INLINE void FBN_NAME(fbn_shifted_sums)(const E *p, ptrdiff_t n, double k, do
 {
     double s = 0.0, q = 0.0;
     if (narrow) {
-#pragma omp simd simdlen(8) reduction(+:s, q)
-        for (ptrdiff_t i = 0; i < n; i++) {
-            double d = (double)FBN_LD(p[i]) - k;
-            s += d;
-            q += d * d;
-        }
+        double vs[FBN_LANES] = {0}, vq[FBN_LANES] = {0};
+#define FBN_BODY(i, l)                                                                            \
+        do {                                                                                      \
+            const double d = (double)FBN_LD(p[i]) - k;                                            \
+            vs[l] += d;                                                                           \
+            vq[l] += d * d;                                                                       \
+        } while (0)
+        FBN_BY_LANES(n, FBN_BODY);
+#undef FBN_BODY
+        s = fbn_lanes_sum(vs);
+        q = fbn_lanes_sum(vq);
     } else {
 #pragma omp simd reduction(+:s, q)
         for (ptrdiff_t i = 0; i < n; i++) {
@@ -274,12 +300,17 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const E *g, const E *p, const E *zs, ptrd
 {
     double a = 0.0, b = 0.0;
     if (narrow) {
-#pragma omp simd simdlen(8) reduction(+:a, b)
-        for (ptrdiff_t i = 0; i < n; i++) {
-            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
-            a += gi;
-            b += gi * ((double)FBN_LD(p[i]) - m);
-        }
+        double va[FBN_LANES] = {0}, vb[FBN_LANES] = {0};
+#define FBN_BODY(i, l)                                                                            \
+        do {                                                                                      \
+            const double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half); \
+            va[l] += gi;                                                                          \
+            vb[l] += gi * ((double)FBN_LD(p[i]) - m);                                             \
+        } while (0)
+        FBN_BY_LANES(n, FBN_BODY);
+#undef FBN_BODY
+        a = fbn_lanes_sum(va);
+        b = fbn_lanes_sum(vb);
     } else {
 #pragma omp simd reduction(+:a, b)
         for (ptrdiff_t i = 0; i < n; i++) {
