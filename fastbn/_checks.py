@@ -85,7 +85,7 @@ def activation(value):
     """The ``activation`` argument: None, or ``"relu"`` for the fused ReLU; returns whether it is ReLU."""
     if value is None:
         return False
-    if type(value) is str and value == "relu":
+    if isinstance(value, str) and value == "relu":
         return True
     raise ValueError(f"activation must be None or 'relu', got {value!r}")
 
@@ -181,7 +181,11 @@ def kernel_view(be, a, x, x3, name):
     layout of ``x3`` (ncs_view of x), in x3's dtype; a copy only where a's memory differs."""
     refuse_matrix_and_masked(a, name)
     dt = x3.dtype
-    if (a.dtype if dt.itemsize == 2 and a.dtype == dt else float_dtype(a, name)) != dt:
+    if dt.itemsize == 2:  # a half type read in place: the same type (either byte order), as PyTorch's
+        same = a.dtype == dt or (a.dtype.kind == "f" and a.dtype.itemsize == 2 and a.dtype.newbyteorder("=") == dt)
+    else:
+        same = float_dtype(a, name) == dt
+    if not same:
         raise TypeError(f"{name} must have the input's dtype {x.dtype if dt.itemsize == 2 else dt}, got {a.dtype}")
     if _channels_last(x, x3):
         a = a.transpose(_to_last(a.ndim))

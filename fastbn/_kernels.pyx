@@ -40,7 +40,7 @@ Where each part lives, by role:
   _plan.pyx|pxd the work-split planner and its knobs (PATHS, thresholds, tune_for, ...)
   _pool.pyx|pxd the thread pool (_pool.h), one per process
   _simd.pxd     declarations of the C loops and the float/double dispatch
-  _simd.h, _simd_impl.h   the vector loops, for float and double
+  _simd.h, _simd_impl.h   the vector loops, for float, double, float16 and bfloat16
   _coefs.h      the per-channel arithmetic (merges, statistics, coefficients), shared with the
                 CUDA source (_cuda/batch_norm.cu)
 The benchmark's floor is fastbn._floor (_floor.pyx, _floor.h), apart from these.
@@ -115,8 +115,9 @@ def forward_train(x, y, weight, bias, double eps, mean, var, invstd,
                   int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1, bint relu=False):
     """Batch statistics and the fused normalize + affine (+ ReLU when relu).
 
-    x: (N, C, S) float32 or float64; y: its output, the same size and dtype (may be x itself);
-    weight, bias: (C,) of x's dtype; mean, var (biased), invstd: (C,) float64 outputs."""
+    x: (N, C, S) float32, float64, float16 or bfloat16; y: its output, the same size and dtype (may
+    be x itself); weight, bias: (C,) of the type x is computed in (float64 for float64, else
+    float32); mean, var (biased), invstd: (C,) float64 outputs."""
     cdef int t = _elem_type(x, 3, "x")
     cdef _Job jb = _forward_job(TRAIN, t, x, y, weight, bias, unit, relu)
     cdef Py_ssize_t C = jb.C, L = jb.L
@@ -187,8 +188,9 @@ def forward_eval(x, y, weight, bias, mean, invstd, int n_threads, int path=AUTO,
                  bint relu=False):
     """y = (x - mean) * invstd * weight + bias (then ReLU when relu): one read of x, one write of y.
 
-    x: (N, C, S) float32 or float64; y: its output (may be x itself); weight, bias: (C,) of x's
-    dtype; mean (the running mean), invstd (1 / sqrt(running_var + eps)): (C,) float64."""
+    x: (N, C, S) float32, float64, float16 or bfloat16; y: its output (may be x itself); weight,
+    bias: (C,) of the type x is computed in (as forward_train); mean (the running mean), invstd
+    (1 / sqrt(running_var + eps)): (C,) float64."""
     cdef int t = _elem_type(x, 3, "x")
     cdef _Job jb = _forward_job(EVAL, t, x, y, weight, bias, unit, relu)
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, jb.C, False, "mean")
@@ -268,8 +270,9 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
              int n_threads, int path=AUTO, Py_ssize_t unit=0, int stream=-1, bias=None, output=None):
     """grad_input, grad_weight, grad_bias from the saved mean/invstd (no recomputation).
 
-    dy (grad_output), x (the forward's input): (N, C, S) float32 or float64; dx: grad_input, an
-    output of the same size and dtype; weight: (C,) of x's dtype; mean, invstd: (C,) float64, the
+    dy (grad_output), x (the forward's input): (N, C, S) float32, float64, float16 or bfloat16; dx:
+    grad_input, an output of the same size and dtype; weight: (C,) of the type x is computed in (as
+    forward_train); mean, invstd: (C,) float64, the
     statistics the forward used; training: they were the batch's (True) or fixed (False);
     grad_weight, grad_bias: (C,) float64 outputs.  Through a fused ReLU: ``bias`` ((C,) of x's
     dtype), the forward's, to recompute its output from x in the same passes, or ``output`` (like

@@ -9,8 +9,8 @@
  *   - on x86-64 with GCC, `target_clones` builds each loop for the baseline, AVX2+FMA and AVX-512
  *     and picks one at load time, so a portable wheel still runs wide vectors.
  *
- * The typed loops are in _simd_impl.h, included once for float (suffix _f32) and once for
- * double (_f64).  Numerics:
+ * The typed loops are in _simd_impl.h, included once per element type: float (suffix _f32),
+ * bfloat16 (_b16) and float16 (_h16), both computed in float, and double (_f64).  Numerics:
  *   - moments: mean and M2 per block of about FBN_CPU_BLOCK elements from sums shifted by a value
  *     close to the mean (see moments in _simd_impl.h), in double, merged with Chan et al.'s
  *     pairwise update relative to a fixed shift (fbn_shift_merge, _coefs.h).  Never E[x^2]-E[x]^2.
@@ -176,7 +176,11 @@ FBN_INLINE uint32_t fbn_pick(uint32_t cond, uint32_t a, uint32_t b)  /* cond ? a
 FBN_INLINE float fbn_f16_load(fbn_f16 h)
 {
     const uint32_t em = (uint32_t)(h.bits & 0x7fffu) << 13, sign = (uint32_t)(h.bits & 0x8000u) << 16;
-    const uint32_t finite = fbn_fbits(fbn_ffrom(em) * 0x1p112f);
+    const uint32_t normal = fbn_fbits(fbn_ffrom(em) * 0x1p112f);
+    /* subnormal: its mantissa times 2^-24, from an integer, so that no float subnormal is involved
+     * (a process with "denormals are zero" set would read them as 0, and they can be slow) */
+    const uint32_t subnormal = fbn_fbits((float)(h.bits & 0x3ffu) * 0x1p-24f);
+    const uint32_t finite = fbn_pick(em < (0x0400u << 13), subnormal, normal);
     return fbn_ffrom(sign | fbn_pick(em >= (0x7c00u << 13), em | 0x7f800000u, finite));
 }
 
@@ -232,14 +236,15 @@ __attribute__((target("avx,f16c"))) static ptrdiff_t fbn_f16_in_f16c(float *d, c
     return i;
 }
 
-/* 2: AVX-512F, 1: F16C, 0: neither; found by the first call (read and written atomically, as in
+/* 2: AVX-512F, 1: AVX2 with F16C, 0: neither; found by the first call (read and written atomically, as in
  * fbn_stream_store) */
 static int fbn_f16_isa(void)
 {
     static int isa = -1;
     int level = __atomic_load_n(&isa, __ATOMIC_RELAXED);
     if (level < 0) {
-        level = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("f16c") ? 1 : 0;
+        /* F16C comes with AVX2 (x86-64-v3); older clang does not know the "f16c" string here */
+        level = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
         __atomic_store_n(&isa, level, __ATOMIC_RELAXED);
     }
     return level;
@@ -299,6 +304,7 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #define FBN_LD(v) (v) /* the element is the computed type */
 #define FBN_ST(v) (v)
 #define FBN_HALF 0   /* results reach memory directly, or through fbn_stream_store when streaming */
+#define FBN_ZERO 0   /* the largest value stored as +0 (see fbn_gate_at in _simd_impl.h) */
 #define FBN_FLUSH(dst, buf, n, stream) fbn_stream_store(dst, buf, (size_t)(n) * sizeof(*(buf)))
 
 #define E float
@@ -324,6 +330,8 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #define FBN_HALF 1
 #define FBN_FLUSH fbn_bf16_flush
 #define FBN_STAGE fbn_bf16_stage
+#undef FBN_ZERO
+#define FBN_ZERO 0x1p-134f /* half bfloat16's smallest subnormal: ties to even, to 0 */
 #include "_simd_impl.h"
 #undef FBN_FLUSH
 #undef FBN_STAGE
@@ -338,6 +346,8 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #define FBN_ST(v) fbn_f16_store(v)
 #define FBN_FLUSH fbn_f16_flush
 #define FBN_STAGE fbn_f16_stage
+#undef FBN_ZERO
+#define FBN_ZERO 0x1p-25f /* half float16's smallest subnormal */
 #include "_simd_impl.h"
 #undef FBN_FLUSH
 #undef FBN_STAGE
@@ -376,5 +386,6 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #undef FBN_ST
 #undef FBN_HALF
 #undef FBN_FLUSH
+#undef FBN_ZERO
 
 #endif /* FASTBN_SIMD_H */

@@ -1,7 +1,8 @@
 # fastbn/_simd.pxd -- the C side of the CPU kernels, as Cython sees it: the declarations of
 # _simd.h (the vector loops, _simd_impl.h) and of _coefs.h (the per-channel arithmetic), and the
-# float/double dispatch, written once here: each function below picks the _f32 or _f64 loop for
-# the fused type `floating` (resolved at compile time, so the choice costs nothing).
+# dispatch, written once here: each function below picks the _f32, _f64, _h16 (float16) or _b16
+# (bfloat16) loop for the fused types `elem` (the elements) and `floating` (the type computed in),
+# resolved at compile time, so the choice costs nothing.
 #
 # Two layouts (see _simd_impl.h): ranges [f0, f1) of an (N, C, S) buffer in memory order, with
 # per-channel accumulators and coefficients; and blocks of rows of an (N, W) matrix, W = C*S,

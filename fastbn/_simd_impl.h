@@ -185,31 +185,37 @@ FBN_INLINE int FBN_NAME(fbn_range_wide)(const T *mhi, ptrdiff_t C, ptrdiff_t S, 
  * recomputed from x with the forward's coefficients (act 1), the same arithmetic as the forward's, so
  * the mask has the forward's bits, in the backward's passes: no saved mask, no extra pass. */
 FBN_INLINE T FBN_NAME(fbn_relu)(T v) { return v < (T)0 ? (T)0 : v; }
-/* g, or +0 where z <= 0, as a bit mask rather than `z <= 0 ? 0 : g`: GCC turned that into a branch
- * in the gradient sums (it will not execute their conversions speculatively), which left the loop
- * scalar and the backward 6x slower. */
-FBN_INLINE T FBN_NAME(fbn_gate)(T g, T z)
+/* g, or +0 where z <= zero, as a bit mask rather than `z <= zero ? 0 : g`: GCC turned that into a
+ * branch in the gradient sums (it will not execute their conversions speculatively), which left the
+ * loop scalar and the backward 6x slower.  zero: 0 for an output read from memory; for one
+ * recomputed in T, FBN_ZERO, the largest value that the element type stores as +0 (0 for float and
+ * double; a tiny positive float16 or bfloat16 output is stored as +0, which stops the gradient). */
+FBN_INLINE T FBN_NAME(fbn_gate_at)(T g, T z, T zero)
 {
     FBN_UINT bits;
     memcpy(&bits, &g, sizeof bits);
-    bits &= (FBN_UINT)0 - (FBN_UINT)!(z <= (T)0);
+    bits &= (FBN_UINT)0 - (FBN_UINT)!(z <= zero);
     memcpy(&g, &bits, sizeof bits);
     return g;
 }
 
+FBN_INLINE T FBN_NAME(fbn_gate)(T g, T z) { return FBN_NAME(fbn_gate_at)(g, z, (T)0); }
+
 /* One channel's (or column's) forward coefficients, for act 1. */
-typedef struct { T mhi, mlo, a, b; } FBN_NAME(fbn_fwd);
+typedef struct { T mhi, mlo, a, b, zero; } FBN_NAME(fbn_fwd);
 
 /* The gradient of element i through the activation: g[i] (act 0), or gated by the forward's output,
  * zs[i] (act 2) or ((p[i] - mhi) - mlo) * a + b recomputed (act 1; half for a wide mean, with f's
  * mhi, mlo halved and a doubled, as fbn_affine_run). */
 FBN_INLINE T FBN_NAME(fbn_gated)(const E *g, const E *p, const E *zs, ptrdiff_t i, T mhi, T mlo, T a, T b,
-                                 const int act, const int half)
+                                 T zero, const int act, const int half)
 {
     if (act == 0)
         return FBN_LD(g[i]);
-    const T z = act == 2 ? FBN_LD(zs[i]) : (((half ? FBN_LD(p[i]) * (T)0.5 : FBN_LD(p[i])) - mhi) - mlo) * a + b;
-    return FBN_NAME(fbn_gate)(FBN_LD(g[i]), z);
+    if (act == 2)
+        return FBN_NAME(fbn_gate)(FBN_LD(g[i]), FBN_LD(zs[i]));
+    const T z = (((half ? FBN_LD(p[i]) * (T)0.5 : FBN_LD(p[i])) - mhi) - mlo) * a + b;
+    return FBN_NAME(fbn_gate_at)(FBN_LD(g[i]), z, zero);
 }
 
 /* Channel c's forward coefficients from fcf = [mhi | mlo | a | b] (blocks C apart), prepared for
@@ -221,6 +227,7 @@ FBN_INLINE FBN_NAME(fbn_fwd) FBN_NAME(fbn_fwd_at)(const T *fcf, ptrdiff_t C, ptr
     f.mlo = half ? fcf[C + c] * (T)0.5 : fcf[C + c];
     f.a = half ? fcf[2 * C + c] * 2 : fcf[2 * C + c];
     f.b = fcf[3 * C + c];
+    f.zero = (T)0;
     return f;
 }
 
@@ -303,7 +310,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const E *g, const E *p, const E *zs, ptrd
         double va[FBN_LANES] = {0}, vb[FBN_LANES] = {0};
 #define FBN_BODY(i, l)                                                                            \
         do {                                                                                      \
-            const double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half); \
+            const double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, f.zero, act, half); \
             va[l] += gi;                                                                          \
             vb[l] += gi * ((double)FBN_LD(p[i]) - m);                                             \
         } while (0)
@@ -314,7 +321,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const E *g, const E *p, const E *zs, ptrd
     } else {
 #pragma omp simd reduction(+:a, b)
         for (ptrdiff_t i = 0; i < n; i++) {
-            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
+            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, f.zero, act, half);
             a += gi;
             b += gi * ((double)FBN_LD(p[i]) - m);
         }
@@ -327,15 +334,17 @@ FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const E *dy, const E *x, ptrdiff_t 
                                              ptrdiff_t f1, const double *mean, double *acc, const E *zs,
                                              const T *fcf, const int act, const int check_wide)
 {
-    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0};
+    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0, 0};
 #if FBN_HALF
     float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
 #endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         double a, b;
         const int half = check_wide && FBN_NAME(fbn_wide)(fcf[c]);
-        if (act == 1)
+        if (act == 1) {
             f = FBN_RUN(fbn_fwd_at)(fcf, C, c, half);
+            f.zero = (T)FBN_ZERO;
+        }
 #if FBN_HALF  /* the row in pieces of FBN_CHUNK, staged */
         double sa = 0.0, sb = 0.0;
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
@@ -400,8 +409,8 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const E *g, const E *p, const E *zs
         const T d = ((half ? FBN_LD(p[i]) * (T)0.5 : FBN_LD(p[i])) - mhi) - mlo;
         /* in training the forward's mean is the backward's (f.mhi, f.mlo are mhi, mlo): its output is
          * d * a + b, sharing d with dx's terms */
-        const T gi = act == 1 && !fixed ? FBN_NAME(fbn_gate)(FBN_LD(g[i]), d * f.a + f.b)
-                                        : FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, act, half);
+        const T gi = act == 1 && !fixed ? FBN_NAME(fbn_gate_at)(FBN_LD(g[i]), d * f.a + f.b, f.zero)
+                                        : FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, f.zero, act, half);
         q[i] = fixed ? kdy * gi : kdy * gi + (d * kx + kc);
     }
 }
@@ -411,7 +420,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
                                               const T *fcf, const int act, const int fixed, const int check_wide)
 {
     T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (FBN_FLUSH) */
-    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0};
+    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0, 0};
 #if FBN_HALF
     float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
 #endif
@@ -420,8 +429,10 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
         /* a wide mean: the forward's mean where the mask is recomputed (the backward's is 0 when
          * fixed), else the backward's; in training the two are the same value */
         const int half = check_wide && FBN_NAME(fbn_wide)(act == 1 ? fcf[c] : mhi);
-        if (act == 1)
+        if (act == 1) {
             f = FBN_RUN(fbn_fwd_at)(fcf, C, c, half);
+            f.zero = (T)FBN_ZERO;
+        }
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
 #if FBN_HALF
@@ -456,7 +467,9 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const E *dy, const E *x, E *dx, 
 #define FBN_GRAD_INPUT_ROWS(act, fixed, wide) FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, act, fixed, wide)
     const int act = zs ? 2 : fcf ? 1 : 0;
     const int wide = (act != 2 || !fixed) && FBN_NAME(fbn_range_wide)(act == 1 ? fcf : cf, C, S, f0, f1);
-    if (act == 0)
+    if (act == 0 && fixed)  /* (the drivers run fbn_affine on dy for this) */
+        FBN_GRAD_INPUT_ROWS(0, 1, 0);
+    else if (act == 0)
         wide ? FBN_GRAD_INPUT_ROWS(0, 0, 1) : FBN_GRAD_INPUT_ROWS(0, 0, 0);
     else if (act == 2 && fixed)
         FBN_GRAD_INPUT_ROWS(2, 1, 0);
@@ -670,7 +683,8 @@ FBN_INLINE T FBN_NAME(fbn_col_gated_wide)(const E *g, const E *p, const E *zs, p
         return FBN_LD(g[i]);
     if (act == 2)
         return FBN_NAME(fbn_gate)(FBN_LD(g[i]), FBN_LD(zs[i]));
-    return FBN_NAME(fbn_gate)(FBN_LD(g[i]), FBN_NAME(fbn_norm_wide)(FBN_LD(p[i]), fcf[c], fcf[W + c], fcf[2 * W + c], fcf[3 * W + c]));
+    return FBN_NAME(fbn_gate_at)(FBN_LD(g[i]), FBN_NAME(fbn_norm_wide)(FBN_LD(p[i]), fcf[c], fcf[W + c], fcf[2 * W + c],
+                                                                         fcf[3 * W + c]), (T)FBN_ZERO);
 }
 
 FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const E *dy, const E *x, ptrdiff_t rows, ptrdiff_t ncols,
@@ -678,7 +692,7 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const E *dy, const E *x, ptrdiff
                                                 const E *zs, const T *fcf, const int act)
 {
     ptrdiff_t r = 0;
-#define FBN_G(k) ((double)FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fm1, fm2, fa, fb, act, 0))
+#define FBN_G(k) ((double)FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fm1, fm2, fa, fb, (T)FBN_ZERO, act, 0))
     for (r = 0; r + 4 <= rows; r += 4) {
         const E *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
 #pragma omp simd
@@ -746,7 +760,7 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const E *dy, const E *x, E *dx,
         wide |= FBN_NAME(fbn_col_fwd_wide)(fcf, ncols, W);
     /* in training the forward's mean is the backward's: m1, m2 for fm1, fm2 share (x - m1) - m2 with dx */
 #define FBN_DX(k) FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa, fb, \
-                                                   act, 0), FBN_LD(p[(k) * W + c]), m1, m2, k1, k2, k3, fixed)
+                                                   (T)FBN_ZERO, act, 0), FBN_LD(p[(k) * W + c]), m1, m2, k1, k2, k3, fixed)
     for (; !stream && !wide && !FBN_HALF && r + 4 <= rows; r += 4) {
         const E *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
         E *q = dx + r * W;
@@ -781,7 +795,7 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const E *dy, const E *x, E *dx,
                     FBN_COL_FWD(fc, W, c, act);
                     const T m1 = mhi[c0 + c], m2 = mlo[c0 + c];
                     q[c] = FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa, fb,
-                                                                act, 0),
+                                                                (T)FBN_ZERO, act, 0),
                                             FBN_LD(p[c]), m1, m2, kdy[c0 + c], kx[c0 + c], kc[c0 + c], fixed);
                 }
             }
@@ -805,6 +819,8 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const E *dy, const E *x, E *
         FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 1, 1);
     else if (fcf)
         FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 1, 0);
+    else if (fixed)  /* (the drivers run fbn_col_affine on dy for this) */
+        FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 0, 1);
     else
         FBN_NAME(fbn_col_grad_input_act)(dy, x, dx, rows, ncols, W, cf, stream, zs, fcf, 0, 0);
 }
@@ -812,7 +828,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_input)(const E *dy, const E *x, E *
 #ifndef FBN_DATA_ONLY
 /* ---- per-channel statistics and coefficients ----
  * The formulas are _coefs.h's; these write them for one channel into the blocks of a coefficient
- * array (blocks C apart), in the input type, and are called both from the vector loops below and,
+ * array (blocks C apart), in the type computed in (T), and are called both from the vector loops below and,
  * channel by channel, from the Cython drivers (_kernels.pyx), so that every path gives the same
  * bits.  The vector loops exist because a scalar loop whose division and square root per channel
  * took 2 ns was 8 us of a 20 us evaluation call on a (1, 4096) input, and half of a (8, 16384)

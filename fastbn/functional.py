@@ -18,9 +18,8 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     that normalized the input (the batch's in training, the running buffers' otherwise), as
     float64 arrays of shape ``(C,)``.
     """
-    if training is False and unbiased is True and (activation is None or activation == "relu"):
-        # the plain evaluation call, checked in C (or None)
-        done = _plain_eval(input, running_mean, running_var, weight, bias, eps, out, activation is not None)
+    if training is False and unbiased is True:  # the plain evaluation call, checked in C (or None)
+        done = _plain_eval(input, running_mean, running_var, weight, bias, eps, out, ck.activation(activation))
         if done is not None:
             return done
     with ck.device_of(input):  # arrays made from here on land on the input's device
@@ -93,8 +92,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     for an in-place call).  ``activation="relu"`` applies ReLU in the same pass:
     ``relu(batch_norm(...))``, with NaN and -0.0 kept as ``torch.relu`` keeps them.
     """
-    if training is False and unbiased is True and (activation is None or activation == "relu"):
-        done = _plain_eval(input, running_mean, running_var, weight, bias, eps, out, activation is not None)
+    if training is False and unbiased is True:
+        done = _plain_eval(input, running_mean, running_var, weight, bias, eps, out, ck.activation(activation))
         if done is not None:
             return done[0]
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, out=out,
@@ -109,7 +108,8 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     through the mean and variance too.  ``training=False``: the statistics were constants
     (evaluation mode), ``grad_input = grad_output * weight * save_invstd``.
     Returns ``(grad_input, grad_weight, grad_bias)``; the parameter gradients are computed even
-    when ``weight`` is None (they are cheap), in the input's dtype.  ``out=`` receives grad_input
+    when ``weight`` is None (they are cheap), in the dtype of the parameters (the input's, float32
+    for a half input).  ``out=`` receives grad_input
     (it may be ``grad_output`` or ``input`` itself, for an in-place call); without it a large
     grad_input comes from fastbn's caching allocator, which reuses the memory of dropped outputs
     (see fastbn._alloc), so reusing a buffer by hand no longer saves page faults.
@@ -118,7 +118,9 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, trai
     the gradient passes where the output is > 0 or NaN) taken in the same passes, no extra pass
     and no saved mask.  Give the forward's ``bias`` (the mask is recomputed from ``input``, the
     saved statistics, ``weight`` and ``bias``) or its ``output=``; exactly one of them, since
-    either alone defines the mask.
+    either alone defines the mask.  After an in-place forward (``out=input``) the input is gone:
+    pass ``output=`` then.  For a float16 or bfloat16 input, ``grad_input`` is of its type and
+    the parameter gradients float32.
     """
     with ck.device_of(input):
         be, x3 = ck.as_ncs(input, native_half=True)

@@ -177,3 +177,36 @@ def test_half_is_read_in_place():
     out = fastbn.batch_norm(x, rm, rv, w, b, out=x, eps=0.0)
     assert out is x
     np.testing.assert_array_equal(x, (before.astype(np.float32) - 1.0).astype(np.float16))
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+def test_relu_mask_of_outputs_the_half_type_stores_as_zero(half, kernel_path):
+    """A tiny positive output that the half type stores as +0 stops the gradient, as reading that
+    output does (and as PyTorch's threshold_backward on the half output): the recomputed mask (bias=)
+    and the read one (output=) agree to the bit, also where the output is a tie to +0."""
+    dt = HALVES[half]
+    smallest = float(ml_dtypes.finfo(dt).smallest_subnormal)
+    C = 4
+    bias = np.array([smallest / 4, smallest / 2, smallest, -smallest], np.float32)  # +0, tie (+0), kept, <0
+    x = np.zeros((6, C, 5), dt)
+    w, _, rm, rv = _identity(C)
+    y, m, s = fastbn.batch_norm_forward(x, rm, rv, w, bias, eps=0.0, activation="relu")
+    assert (y.astype(np.float32)[:, :2] == 0).all() and (y.astype(np.float32)[:, 2] == smallest).all()
+    dy = np.ones_like(x)
+    by_bias = fastbn.batch_norm_backward(dy, x, w, m, s, False, activation="relu", bias=bias)[0]
+    by_output = fastbn.batch_norm_backward(dy, x, w, m, s, False, activation="relu", output=y)[0]
+    np.testing.assert_array_equal(by_bias.view(np.uint16), by_output.view(np.uint16))
+    np.testing.assert_array_equal(by_bias.astype(np.float32)[0, :, 0], [0, 0, 1, 0])
+
+
+def test_grad_output_of_a_half_input_has_its_type():
+    """The kernels read a half input in place, so grad_output must be of that type too (either byte
+    order), as PyTorch's backward requires; a float32 one is a TypeError naming both."""
+    x = np.linspace(-2, 2, 2 * 3 * 4).astype(np.float16).reshape(2, 3, 4)
+    w = np.ones(3, np.float32)
+    _, m, s = fastbn.batch_norm_forward(x, None, None, w, None, training=True)
+    with pytest.raises(TypeError, match="grad_output must have the input's dtype float16, got float32"):
+        fastbn.batch_norm_backward(np.ones(x.shape, np.float32), x, w, m, s)
+    swapped = np.ones(x.shape, np.dtype(">f2"))
+    dx = fastbn.batch_norm_backward(swapped, x, w, m, s)[0]
+    np.testing.assert_array_equal(dx, fastbn.batch_norm_backward(np.ones_like(x), x, w, m, s)[0])
