@@ -374,6 +374,28 @@ def test_channels_last_report_runs_and_judges(monkeypatch, capsys):
     assert targets1 == []  # the targets are set for 2 threads
 
 
+def test_relu_report_times_every_variant_and_judges():
+    """fastbn bench --relu on small shapes: each op with and without the activation, the backward
+    both ways, the targets judged at 2 threads on the recomputed mask (bias=) only."""
+    import io
+
+    from fastbn.bench import activation, report
+
+    rows, targets, info = activation.run(2, 2, report.machine_info, shapes=((4, 8, 6, 6), (16, 5)))
+    assert [(tuple(r["shape"]), r["op"]) for r in rows] == [(s, op) for s in ((4, 8, 6, 6), (16, 5))
+                                                            for op in activation.OPS]
+    for r in rows:
+        want = activation.VARIANTS if "backward" in r["op"] else activation.VARIANTS[:2]
+        assert all(r[v] > 0 for v in want) and set(want) <= set(r)
+    judged = [op for op, limit in activation.OPS.items() if limit is not None]
+    assert [t["what"].split(") ", 1)[1].split(",")[0] for t in targets] == judged * 2
+    assert all("bias=" in t["what"] for t in targets)
+    out = io.StringIO()
+    activation.print_report(rows, targets, info, out)
+    assert "targets met:" in out.getvalue() and "relu (output=) ms" in out.getvalue()
+    assert activation.run(1, 1, report.machine_info, shapes=((4, 8, 6, 6),))[1] == []  # set for 2 threads
+
+
 def test_half_report_times_every_width(monkeypatch):
     """fastbn bench --half on a small shape: a row per (dtype, op) with a positive GB/s."""
     import io

@@ -16,7 +16,7 @@ import fastbn
 
 from . import impls
 from .impls import Bench
-from .timing import Contention, time_calls
+from .timing import Contention, print_footer, time_calls
 
 SHAPES = ((64, 64, 56, 56), (32, 512, 7, 7))
 THREADS = 2
@@ -81,11 +81,4 @@ def print_report(rows, targets, info, out):
     print("output=: the mask read from the forward's output, one more array than bias= (recomputed from x), so\n"
           "shown but not a target.  eval backward: without ReLU it reads grad_output only; the mask needs x or the\n"
           "output too, so it cannot stay within 1.1x and is not a target.", file=out)
-    cores = info.get("contention_cores")
-    if cores is not None and cores > 0.25:
-        print(f"WARNING: other processes kept {cores:.2f} cores busy during the run: rerun on a quiet machine.", file=out)
-    if targets:
-        print("targets (medians; issue 14 item 1):", file=out)
-        for t in targets:
-            print(f"  {'met   ' if t['met'] else 'MISSED'}  {t['what']}  ({t['value']:.3f}x)", file=out)
-        print(f"targets met: {sum(t['met'] for t in targets)}/{len(targets)}", file=out)
+    print_footer(info, targets, "issue 14 item 1", out, 3)

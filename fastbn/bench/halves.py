@@ -13,7 +13,7 @@ import fastbn
 
 from . import impls
 from .impls import Bench
-from .timing import Contention, time_calls
+from .timing import Contention, print_footer, time_calls
 
 SHAPE = (64, 64, 56, 56)
 THREADS = 2
@@ -75,6 +75,4 @@ def print_report(rows, info, out):
     print("GB/s: the bytes the operation must move at the input's width over the median time.  Half elements\n"
           "are read and written in place and computed in float32; where the time matches float32's, the call is\n"
           "bound by its per-element work (the conversions, float64 statistics), not by memory.", file=out)
-    cores = info.get("contention_cores")
-    if cores is not None and cores > 0.25:
-        print(f"WARNING: other processes kept {cores:.2f} cores busy during the run: rerun on a quiet machine.", file=out)
+    print_footer(info, [], "", out)

@@ -13,7 +13,7 @@ import fastbn
 
 from . import impls
 from .impls import Bench
-from .timing import Contention, time_calls
+from .timing import Contention, print_footer, time_calls
 
 SHAPE = (64, 64, 56, 56)
 DTYPE = "float32"
@@ -95,11 +95,4 @@ def print_report(rows, targets, info, out):
         print(f"{r['op']:15s} {ms(r['nchw_s']):>9s} {ms(r['channels_last_s']):>13s} "
               f"{r['channels_last_s'] / r['nchw_s']:>6.2f}x {ms(t):>12s} "
               f"{'-' if t is None else format(t / r['channels_last_s'], '.1f') + 'x':>13s}", file=out)
-    cores = info.get("contention_cores")
-    if cores is not None and cores > 0.25:
-        print(f"WARNING: other processes kept {cores:.2f} cores busy during the run: rerun on a quiet machine.", file=out)
-    if targets:
-        print("targets (medians; issue 14 item 3):", file=out)
-        for t in targets:
-            print(f"  {'met   ' if t['met'] else 'MISSED'}  {t['what']}  ({t['value']:.2f}x)", file=out)
-        print(f"targets met: {sum(t['met'] for t in targets)}/{len(targets)}", file=out)
+    print_footer(info, targets, "issue 14 item 3", out, 2)

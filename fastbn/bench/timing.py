@@ -95,6 +95,20 @@ class Contention:
         return False
 
 
+def print_footer(info, targets, what, out, digits=2):
+    """The end of a side report (--channels-last, --half, --relu): a warning where other processes
+    held more than a quarter of a core (info["contention_cores"]), then the targets, each met or
+    MISSED with its ratio, under the heading ``targets (medians; <what>):``."""
+    cores = info.get("contention_cores")
+    if cores is not None and cores > 0.25:
+        print(f"WARNING: other processes kept {cores:.2f} cores busy during the run: rerun on a quiet machine.", file=out)
+    if targets:
+        print(f"targets (medians; {what}):", file=out)
+        for t in targets:
+            print(f"  {'met   ' if t['met'] else 'MISSED'}  {t['what']}  ({t['value']:.{digits}f}x)", file=out)
+        print(f"targets met: {sum(t['met'] for t in targets)}/{len(targets)}", file=out)
+
+
 
 
 # ---------------------------------------------------------------- single calls
