@@ -568,15 +568,6 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const E *x, ptrdiff_t rows, ptr
     *n = nn;
 }
 
-/* Rows per flush of the column loops' buffered stores (streaming, or half elements): whole rows
- * (ncols == W) that fit the buffer several times go through it together, one flush for all; a flush
- * per row cost the channels-last (200704, 64) float32 matrix a call to fbn_stream_store per 256-byte
- * row, and its training forward 1.3-1.5x NCHW's time at 2 threads.  Otherwise a row at a time. */
-#ifndef FBN_ROWS_PER_FLUSH
-#define FBN_ROWS_PER_FLUSH(stream, ncols, W) \
-    ((stream || FBN_HALF) && (ncols) == (W) && 2 * (W) <= FBN_CHUNK ? FBN_CHUNK / (W) : (ptrdiff_t)1)
-#endif
-
 /* Whether any of ncols columns has a mean with a low part (lo), or a wide mean (see FBN_WIDE), in
  * one vector pass: a scalar one took a third of an evaluation call on (8, 16384) float32 (SLICES). */
 FBN_INLINE void FBN_NAME(fbn_col_flags)(const T *mhi, const T *mlo, ptrdiff_t ncols, int *lo_out, int *wide_out)
@@ -637,30 +628,25 @@ FBN_INLINE void FBN_NAME(fbn_col_affine_act)(const E *x, E *y, ptrdiff_t rows, p
     if (!stream && !wide && !FBN_HALF)  /* half elements: rows one at a time, through buf */
         r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 1, relu)
                : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 0, relu);
-    const ptrdiff_t per = FBN_ROWS_PER_FLUSH(stream, ncols, W);
-    for (; r < rows; r += per) {
-        const ptrdiff_t nr = rows - r < per ? rows - r : per;
+    for (; r < rows; r++) {
         for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
             ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
-            for (ptrdiff_t k = 0; k < nr; k++) {
-                const E *p = x + (r + k) * W + c0;
-                T *q = stream || FBN_HALF ? buf + k * bl : (T *)(y + (r + k) * W + c0);
-                if (wide) {
-                    for (ptrdiff_t c = 0; c < bl; c++) {
-                        const T v = FBN_NAME(fbn_norm_wide)(FBN_LD(p[c]), mhi[c0 + c], mlo[c0 + c], a[c0 + c],
-                                                            b[c0 + c]);
-                        q[c] = relu ? FBN_NAME(fbn_relu)(v) : v;
-                    }
-                } else {
+            const E *p = x + r * W + c0;
+            T *q = stream || FBN_HALF ? buf : (T *)(y + r * W + c0);
+            if (wide) {
+                for (ptrdiff_t c = 0; c < bl; c++) {
+                    const T v = FBN_NAME(fbn_norm_wide)(FBN_LD(p[c]), mhi[c0 + c], mlo[c0 + c], a[c0 + c], b[c0 + c]);
+                    q[c] = relu ? FBN_NAME(fbn_relu)(v) : v;
+                }
+            } else {
 #pragma omp simd
-                    for (ptrdiff_t c = 0; c < bl; c++) {
-                        const T v = ((FBN_LD(p[c]) - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
-                        q[c] = relu ? FBN_NAME(fbn_relu)(v) : v;
-                    }
+                for (ptrdiff_t c = 0; c < bl; c++) {
+                    const T v = ((FBN_LD(p[c]) - mhi[c0 + c]) - mlo[c0 + c]) * a[c0 + c] + b[c0 + c];
+                    q[c] = relu ? FBN_NAME(fbn_relu)(v) : v;
                 }
             }
             if (stream || FBN_HALF)
-                FBN_FLUSH(y + r * W + c0, buf, nr * bl, stream);
+                FBN_FLUSH(y + r * W + c0, buf, bl, stream);
         }
     }
 }
@@ -790,36 +776,31 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const E *dy, const E *x, E *dx,
         }
     }
 #undef FBN_DX
-    const ptrdiff_t per = FBN_ROWS_PER_FLUSH(stream, ncols, W);
-    for (; r < rows; r += per) {
-        const ptrdiff_t nr = rows - r < per ? rows - r : per;
+    for (; r < rows; r++) {
         for (ptrdiff_t c0 = 0; c0 < ncols; c0 += FBN_CHUNK) {
             ptrdiff_t bl = ncols - c0 < FBN_CHUNK ? ncols - c0 : FBN_CHUNK;
+            const E *g = dy + r * W + c0, *p = x + r * W + c0, *z = act == 2 ? zs + r * W + c0 : zs;
             const T *fc = act == 1 ? fcf + c0 : fcf;
-            for (ptrdiff_t k = 0; k < nr; k++) {
-                const ptrdiff_t o = (r + k) * W + c0;
-                const E *g = dy + o, *p = x + o, *z = act == 2 ? zs + o : zs;
-                T *q = stream || FBN_HALF ? buf + k * bl : (T *)(dx + o);
-                if (wide) {  /* the last two terms as fbn_norm_wide: kc + ((x - mhi) - mlo) * kx */
-                    for (ptrdiff_t c = 0; c < bl; c++) {
-                        const T gi = FBN_NAME(fbn_col_gated_wide)(g, p, z, c, fc, W, c, act);
-                        q[c] = fixed ? kdy[c0 + c] * gi
-                                     : kdy[c0 + c] * gi + FBN_NAME(fbn_norm_wide)(FBN_LD(p[c]), mhi[c0 + c],
-                                                                                  mlo[c0 + c], kx[c0 + c], kc[c0 + c]);
-                    }
-                } else {
+            T *q = stream || FBN_HALF ? buf : (T *)(dx + r * W + c0);
+            if (wide) {  /* the last two terms as fbn_norm_wide: kc + ((x - mhi) - mlo) * kx */
+                for (ptrdiff_t c = 0; c < bl; c++) {
+                    const T gi = FBN_NAME(fbn_col_gated_wide)(g, p, z, c, fc, W, c, act);
+                    q[c] = fixed ? kdy[c0 + c] * gi
+                                 : kdy[c0 + c] * gi + FBN_NAME(fbn_norm_wide)(FBN_LD(p[c]), mhi[c0 + c], mlo[c0 + c],
+                                                                              kx[c0 + c], kc[c0 + c]);
+                }
+            } else {
 #pragma omp simd
-                    for (ptrdiff_t c = 0; c < bl; c++) {
-                        FBN_COL_FWD(fc, W, c, act);
-                        const T m1 = mhi[c0 + c], m2 = mlo[c0 + c];
-                        q[c] = FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa,
-                                                                    fb, (T)FBN_ZERO, act, 0),
-                                                FBN_LD(p[c]), m1, m2, kdy[c0 + c], kx[c0 + c], kc[c0 + c], fixed);
-                    }
+                for (ptrdiff_t c = 0; c < bl; c++) {
+                    FBN_COL_FWD(fc, W, c, act);
+                    const T m1 = mhi[c0 + c], m2 = mlo[c0 + c];
+                    q[c] = FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa, fb,
+                                                                (T)FBN_ZERO, act, 0),
+                                            FBN_LD(p[c]), m1, m2, kdy[c0 + c], kx[c0 + c], kc[c0 + c], fixed);
                 }
             }
             if (stream || FBN_HALF)
-                FBN_FLUSH(dx + r * W + c0, buf, nr * bl, stream);
+                FBN_FLUSH(dx + r * W + c0, buf, bl, stream);
         }
     }
 }
