@@ -94,7 +94,7 @@ cdef int _elem_type(object a, int ndim, str name) except -1:
         t = cnp.PyArray_TYPE(<cnp.ndarray>a)
         if t == cnp.NPY_FLOAT16 or t == _bf16_type:
             return t
-        if _bf16_type < 0 and a.dtype.itemsize == 2 and a.dtype.name == "bfloat16":
+        if _bf16_type < 0 and cnp.PyArray_ITEMSIZE(<cnp.ndarray>a) == 2 and a.dtype.name == "bfloat16":
             _bf16_type = t
             return t
     return _float_type(a, ndim, name)

@@ -158,6 +158,18 @@ static void fbn_ln_grad_input_fl(const float *dy, const float *x, float *dx, ptr
 #endif
 #endif
 
+/* One element of layer norm's gradient sums (fbn_ln_grad_sums_fl, either version): a += dy*w and
+ * s += dy*w*(x - mean) in double, the column partials gbf, gwf in float32. */
+#define FBN_LN_GRAD_TERM(i)                                                                       \
+    do {                                                                                          \
+        const float e = dy[i], d = (x[i] - mhi) - mlo;                                            \
+        const double h = (double)e * (double)w[i];                                                \
+        a += h;                                                                                   \
+        s += h * (double)d;                                                                       \
+        gbf[i] += e;                                                                              \
+        gwf[i] += e * (d * istd);                                                                 \
+    } while (0)
+
 #ifdef FBN_FLANES
 /* The helpers are always inlined: no 64-byte vector crosses a call.  GCC warns of the ABI anyway,
  * at the end of the translation unit (so the warning stays off after this header). */
@@ -395,14 +407,8 @@ FBN_CLONES static void fbn_ln_grad_sums_fl(const float *dy, const float *x, cons
         fbn_fold16(sa + sb, &s0, &s1);
     }
     double a = fbn_hsum16(a0, a1), s = fbn_hsum16(s0, s1);
-    for (; i < n; i++) {
-        const float e = dy[i], d = (x[i] - mhi) - mlo;
-        const double h = (double)e * (double)w[i];
-        a += h;
-        s += h * (double)d;
-        gbf[i] += e;
-        gwf[i] += e * (d * istd);
-    }
+    for (; i < n; i++)
+        FBN_LN_GRAD_TERM(i);
     *a_out = a;
     *s_out = s;
 }
@@ -432,14 +438,8 @@ static void fbn_ln_grad_sums_fl(const float *dy, const float *x, const float *w,
 {
     double a = 0.0, s = 0.0;
 #pragma omp simd reduction(+:a, s)
-    for (ptrdiff_t i = 0; i < n; i++) {
-        const float e = dy[i], d = (x[i] - mhi) - mlo;
-        const double h = (double)e * (double)w[i];
-        a += h;
-        s += h * (double)d;
-        gbf[i] += e;
-        gwf[i] += e * (d * istd);
-    }
+    for (ptrdiff_t i = 0; i < n; i++)
+        FBN_LN_GRAD_TERM(i);
     *a_out = a;
     *s_out = s;
 }
