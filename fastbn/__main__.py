@@ -168,7 +168,8 @@ def machine_lines():
         f"machine: {m['cores']} usable cores; L1d {_size(m['l1d'])}, L2 {_size(m['l2'])} per core, {l3} "
         f"(from {', '.join(sources)}); L3 the kernels count on: {_size(m['l3_effective'])}",
         f"kernel thresholds: streaming stores above {_size(t['stream_bytes'])} touched by a call "
-        f"({_kernels.STREAM_L3_RATIO:g}x that L3), second passes in pieces of {_size(t['piece_bytes'])}",
+        f"({_kernels.STREAM_L3_RATIO:g}x that L3; group, layer and instance norm above "
+        f"{_size(_kernels.norm_stream_threshold())}), second passes in pieces of {_size(t['piece_bytes'])}",
         f"allocator: {alloc}",
     ]
 

@@ -78,7 +78,7 @@ from fastbn._plan cimport (
     plan_path, plan_stream, plan_ranges, plan_rows, plan_shares, plan_slices, plan_eval_stats, piece_elements,
     range_start, share_start, slice_start, slice_rows, piece_start)
 # the planner's knobs, part of this module's interface (see _plan.pyx)
-from fastbn._plan import PATHS, STREAM_L3_RATIO, plan_width, thread_threshold, thresholds, tune_for
+from fastbn._plan import PATHS, STREAM_L3_RATIO, norm_stream_threshold, plan_width, thread_threshold, thresholds, tune_for
 
 
 # ---- element types: float32, float64, and the half types float16 and bfloat16 (computed in float)

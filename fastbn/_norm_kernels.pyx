@@ -24,11 +24,10 @@ element: _norm_simd.h.  Layer norm's backward also sums grad_weight and grad_bia
 columns: each block of rows (at most LN_MAX_BLOCKS, fixed by the shape) has its own column
 partials, float32 ones folded into double every FBN_LN_FOLD rows.
 
-This module includes _pool.h, so it has its own pool instance (its own helper threads), apart
-from _kernels.pyx's; both size themselves from fastbn.get_num_threads() per call.
-
-The argument checks (_float_type, _data) are copies of _kernels.pyx's (a cdef function there
-cannot be cimported without a .pxd for _kernels, which other work edits at the same time).
+The tasks run on fastbn._pool's pool (one per process, shared with _kernels.pyx), sized from
+fastbn.get_num_threads() per call; the argument checks (_float_type, _data) are _arrays.pxd's, as
+in _kernels.pyx; the streaming threshold comes from the planner (fastbn._plan), which scales it
+with the detected L3.
 """
 import numpy as np
 cimport numpy as cnp
@@ -39,6 +38,7 @@ from libc.stdlib cimport malloc, free
 cnp.import_array()
 
 from fastbn._arrays cimport data as _data, float_type as _float_type
+from fastbn._plan cimport norm_stream_bytes
 from fastbn._pool cimport pool_run
 
 cdef extern from "_coefs.h" nogil:
@@ -76,11 +76,6 @@ cdef enum:
     ROW_ELEMS = 32768        # elements a FUSED task at least (whole rows)
     LN_MAX_BLOCKS = 16       # layer norm backward: column-partial slots, at most
 
-# Calls whose arrays (inputs and output) take more than this write the output with streaming
-# stores, as in _kernels.pyx (which uses 48 MiB).  Lower here: measured at kernel level on 2
-# threads, float32, the backward of (16, 64, 64, 64) InstanceNorm (48 MiB) 1.40 -> 1.14 ms with
-# them, (8, 256, 28, 28) GroupNorm(32) (18 MiB) 0.63 -> 0.58 ms; forwards within noise.
-cdef Py_ssize_t STREAM_BYTES = 16 * 1024 * 1024
 
 cdef enum:  # ops
     GN_FWD = 1      # fused rows: stats + coefficients + apply
@@ -231,7 +226,8 @@ cdef void _setup(Job *jb, int t, Py_ssize_t R, Py_ssize_t L, int nbuf, int strea
     jb.R = R
     jb.L = L
     cdef Py_ssize_t item = 8 if jb.dbl else 4
-    jb.nt = (R * L * item * nbuf > STREAM_BYTES) if stream < 0 else stream
+    # streaming stores above a share of the detected L3 (fastbn._plan.norm_stream_bytes)
+    jb.nt = (R * L * item * nbuf > norm_stream_bytes()) if stream < 0 else stream
     jb.rows_task = max(1, ROW_ELEMS // max(L, 1))
     jb.P = _pieces(R, L)
 

@@ -64,6 +64,7 @@ cdef Py_ssize_t plan_shares(Py_ssize_t nb, Py_ssize_t L, Py_ssize_t unit) noexce
 cdef Py_ssize_t plan_slices(Py_ssize_t C, Py_ssize_t S, Py_ssize_t L) noexcept nogil
 cdef Py_ssize_t plan_eval_stats(Py_ssize_t C) noexcept nogil
 cdef Py_ssize_t piece_elements(Py_ssize_t itemsize) noexcept nogil
+cdef Py_ssize_t norm_stream_bytes() noexcept nogil
 
 
 # ---- pure index arithmetic

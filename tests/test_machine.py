@@ -6,7 +6,7 @@ import pytest
 
 import fastbn
 from fastbn import __main__ as cli
-from fastbn import _kernels, _machine
+from fastbn import _kernels, _machine, _plan
 from fastbn._backends import cpu as _cpu
 
 
@@ -83,6 +83,8 @@ def test_the_stream_threshold_follows_the_l3_and_restores():
     before = _kernels.thresholds()
     try:
         assert _kernels.tune_for(1 << 20, 100 << 20)["stream_bytes"] == int(_kernels.STREAM_L3_RATIO * (100 << 20))
+        # the norm kernels' threshold follows the same L3, at their own share of it
+        assert _kernels.norm_stream_threshold() == int(_plan.NORM_STREAM_RATIO * (100 << 20))
         assert _kernels.thresholds(piece_bytes=1 << 20)["piece_bytes"] == 1 << 20
         with pytest.raises(ValueError, match="expected 4096"):
             _kernels.thresholds(stream_bytes=0)
