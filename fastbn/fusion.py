@@ -25,15 +25,18 @@ def _float_array(a, name, ndim=None):
 
 
 def _bn_scale_shift(C, bn_rm, bn_rv, bn_eps, bn_w, bn_b):
-    """(gamma / sqrt(var + eps), beta, mean) as float64 (C,) vectors, every argument checked."""
+    """(gamma / sqrt(var + eps), beta, mean) as float64 vectors, every argument checked.  Each batch
+    norm vector has C values, or 1 (a batch norm over one feature, which PyTorch's arithmetic
+    broadcasts over the C outputs, as its fuse_linear_bn_eval allows)."""
     vectors = {}
     for name, v, default in (("bn_rm", bn_rm, None), ("bn_rv", bn_rv, None), ("bn_w", bn_w, 1.0), ("bn_b", bn_b, 0.0)):
         if v is None and default is not None:
-            vectors[name] = np.full(C, default)
+            vectors[name] = np.full(1, default)
             continue
         _float_array(v, name)
-        if v.shape != (C,):
-            raise ValueError(f"{name} must have shape ({C},), one value per output channel, got {v.shape}")
+        if v.shape not in ((C,), (1,)):
+            raise ValueError(f"{name} must have shape ({C},), one value per output channel (or (1,), one "
+                             f"for all), got {v.shape}")
         vectors[name] = v.astype(np.float64)
     if isinstance(bn_eps, bool) or not isinstance(bn_eps, numbers.Real) or not bn_eps >= 0:
         raise ValueError(f"bn_eps must be a non-negative number, got {bn_eps!r}")
@@ -42,8 +45,8 @@ def _bn_scale_shift(C, bn_rm, bn_rv, bn_eps, bn_w, bn_b):
 
 
 def _fused_bias(b, C, scale, shift, mean, weight_dtype, name):
-    if b is None:
-        dtype, b64 = weight_dtype, np.zeros(C)
+    if b is None:  # as PyTorch: zeros like the running mean (so one value for a one-feature norm)
+        dtype, b64 = weight_dtype, np.zeros(mean.shape)
     else:
         _float_array(b, name)
         if b.shape != (C,):
@@ -58,13 +61,13 @@ def fuse_conv_bn_weights(conv_w, conv_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b, trans
     ``conv_w``: (C_out, C_in / groups, *kernel), or for a transposed convolution (``transpose=True``)
     (C_in, C_out / groups, *kernel), whose axis 1 holds the output channels; ``conv_b``: (C_out,)
     or None; the batch norm's running mean and variance, eps, and weight and bias (None: 1 and 0)."""
-    _float_array(conv_w, "conv_w", ndim=(3, 4, 5))
+    _float_array(conv_w, "conv_w", ndim=(2, 3, 4, 5))
     if not isinstance(transpose, (bool, np.bool_)):
         raise TypeError(f"transpose must be a bool, got {transpose!r}")
     C = conv_w.shape[1] if transpose else conv_w.shape[0]
     scale, shift, mean = _bn_scale_shift(C, bn_rm, bn_rv, bn_eps, bn_w, bn_b)
     shape = (1, -1) + (1,) * (conv_w.ndim - 2) if transpose else (-1,) + (1,) * (conv_w.ndim - 1)
-    w = (conv_w.astype(np.float64) * scale.reshape(shape)).astype(conv_w.dtype)
+    w = (conv_w.astype(np.float64) * np.broadcast_to(scale, (C,)).reshape(shape)).astype(conv_w.dtype)
     return w, _fused_bias(conv_b, C, scale, shift, mean, conv_w.dtype, "conv_b")
 
 
@@ -74,7 +77,7 @@ def fuse_linear_bn_weights(linear_w, linear_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b)
     _float_array(linear_w, "linear_w", ndim=(2,))
     C = linear_w.shape[0]
     scale, shift, mean = _bn_scale_shift(C, bn_rm, bn_rv, bn_eps, bn_w, bn_b)
-    w = (linear_w.astype(np.float64) * scale[:, None]).astype(linear_w.dtype)
+    w = (linear_w.astype(np.float64) * np.broadcast_to(scale, (C,))[:, None]).astype(linear_w.dtype)
     return w, _fused_bias(linear_b, C, scale, shift, mean, linear_w.dtype, "linear_b")
 
 

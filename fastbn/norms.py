@@ -67,6 +67,9 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, o
     statistics of shape ``(N, num_groups)`` for :func:`group_norm_backward`."""
     be, k, x = _input(input, "group_norm")
     N, C, G, S = _group_shape(input, num_groups)
+    if N * (C // G) * S == 1:  # PyTorch's check, on the (N * C / G, G, *spatial) view it normalizes
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
+                         f"{tuple(input.shape)} with num_groups={G} (N * C / num_groups * spatial size is 1)")
     eps = ck.scalar(eps, "eps")
     w = _param(weight, "weight", be, C, x.dtype, 1.0)
     b = _param(bias, "bias", be, C, x.dtype, 0.0)
@@ -218,7 +221,7 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
             ck.vector(buf, name, be, (C,), None, writable=use_input_stats)
     if use_input_stats:
         momentum = ck.scalar(momentum, "momentum", 0.0, 1.0)
-        if S <= 1 and input.size:
+        if S == 1:  # as PyTorch, also for an empty batch (an empty spatial size passes)
             raise ValueError(f"expected more than 1 spatial element when training, got input of shape {tuple(input.shape)}")
     y, y1, target = ck.prepare_out(be, out, input, x)
     ck.out_apart_from(be, out, (("running_mean", running_mean), ("running_var", running_var)))
@@ -226,6 +229,8 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
     if use_input_stats:
         if x.size:
             k.group_forward(x, y1, *ck.apart(be, out, w, b), C, S, eps, mean, var, invstd, be.threads())
+            if eps == 0.0:
+                _constant_instances(y, var, invstd, w, b)
             if running_mean is not None and N > 0:
                 # As PyTorch: each instance's statistics update a copy of the buffers (unbiased
                 # variance), and the buffers become the copies' mean over the batch.
@@ -239,6 +244,18 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
         if x.size:
             k.group_apply(x, y1, *ck.apart(be, out, w, b), C, S, mean, invstd, be.threads())
     return ck.finish(y, target), mean, invstd
+
+
+def _constant_instances(y, var, invstd, w, b):
+    """eps = 0: an instance of zero variance gets invstd 0, as in PyTorch (its batch-norm kernel,
+    which instance norm runs on, takes 1 / sqrt(var + eps) as 0 when both are 0), so its output is
+    (x - mean) * (0 * w) + b = 0 * w + b rather than 0 / 0; its gradient is then 0."""
+    n, c = np.nonzero(var == 0.0)
+    if n.size:
+        invstd[n, c] = 0.0
+        with np.errstate(invalid="ignore"):  # an infinite weight gives NaN, as the kernel's 0 * w
+            value = 0.0 * np.asarray(w, dtype=np.float64)[c] + np.asarray(b, dtype=np.float64)[c]
+        y[n, c] = value.reshape((-1,) + (1,) * (y.ndim - 2)).astype(y.dtype)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,

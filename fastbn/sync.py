@@ -354,6 +354,8 @@ class SyncBatchNorm(_BatchNorm):
         err = None
         C = self.num_features
         try:
+            if not self.eps > 0:  # as BatchNorm*d in training: a constant channel would divide by zero
+                raise ValueError(f"eps must be positive in training, got {self.eps!r}")
             x3 = self._local_check(input)
             prepared = ck.prepare_out(cpu, out, input, x3)  # a bad out= fails here, before the collective
             # the message: [channels, dtype, count | means (C) | M2s (C)], the kernel writing its part

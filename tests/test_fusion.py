@@ -79,9 +79,35 @@ def test_bad_input_is_refused_with_the_rule(rng):
         fastbn.fuse_conv_bn_weights(w, None, rm, rv, -1.0, bw, bb)
     with pytest.raises(TypeError, match="conv_w must be a floating-point numpy array"):
         fastbn.fuse_conv_bn_weights(w.astype(np.int32), None, rm, rv, 1e-5, bw, bb)
-    with pytest.raises(ValueError, match="conv_w must have 3 or 4 or 5 dimensions"):
-        fastbn.fuse_conv_bn_weights(w[0, 0], None, rm, rv, 1e-5, bw, bb)
+    with pytest.raises(ValueError, match="conv_w must have 2 or 3 or 4 or 5 dimensions"):
+        fastbn.fuse_conv_bn_weights(w[0, 0, 0], None, rm, rv, 1e-5, bw, bb)
     with pytest.raises(ValueError, match="training mode"):
         fastbn.fuse_conv_bn_eval(w, None, fastbn.BatchNorm2d(3))
     with pytest.raises(TypeError, match="fastbn BatchNorm"):
         fastbn.fuse_linear_bn_eval(w[:, :, 0, 0], None, object())
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_one_feature_norm_broadcasts_as_in_pytorch(rng, with_bias, conv):
+    """PyTorch's fuse_linear_bn_eval allows bn.num_features == 1, and its arithmetic broadcasts the
+    one value over every output (the fused bias keeps the running mean's shape without a bias)."""
+    w = rng.standard_normal((5, 7) + ((3,) if conv else ())).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32) if with_bias else None
+    rm, rv, bw, bb = _bn(rng, 1, np.float32)
+    fuse, tfuse = ((fastbn.fuse_conv_bn_weights, tfusion.fuse_conv_bn_weights) if conv else
+                   (fastbn.fuse_linear_bn_weights, tfusion.fuse_linear_bn_weights))
+    fw, fb = fuse(w, b, rm, rv, 1e-5, bw, bb)
+    tw, tb = tfuse(_t(w), _t(b), _t(rm), _t(rv), 1e-5, _t(bw), _t(bb))
+    assert fw.shape == tuple(tw.shape) and fb.shape == tuple(tb.shape)
+    np.testing.assert_allclose(fw, tw.detach().numpy(), rtol=2e-6)
+    np.testing.assert_allclose(fb, tb.detach().numpy(), rtol=2e-6, atol=1e-6)
+
+
+def test_a_2d_conv_weight_folds_as_in_pytorch(rng):
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    rm, rv, bw, bb = _bn(rng, 4, np.float32)
+    fw, fb = fastbn.fuse_conv_bn_weights(w, None, rm, rv, 1e-5, bw, bb)
+    tw, tb = tfusion.fuse_conv_bn_weights(_t(w), None, _t(rm), _t(rv), 1e-5, _t(bw), _t(bb))
+    np.testing.assert_allclose(fw, tw.detach().numpy(), rtol=2e-6)
+    np.testing.assert_allclose(fb, tb.detach().numpy(), rtol=2e-6, atol=1e-6)

@@ -1,5 +1,7 @@
 """Group, layer and instance norm (issue 13): PyTorch parity of the functional API on shapes and
 options drawn at random (not only the benchmark's), numerics, determinism and bad input."""
+import math
+
 import numpy as np
 import pytest
 
@@ -244,6 +246,8 @@ def test_empty_inputs():
     (lambda x: fastbn.instance_norm(x, np.zeros(6), None), ValueError, ["both"]),
     (lambda x: fastbn.instance_norm(x, np.zeros(6), np.ones(6), momentum=2.0), ValueError, ["momentum"]),
     (lambda x: fastbn.instance_norm(x[:, :, :1, :1]), ValueError, ["more than 1 spatial element"]),
+    (lambda x: fastbn.instance_norm(x[:0, :, :1, :1]), ValueError, ["more than 1 spatial element"]),
+    (lambda x: fastbn.group_norm(x[:1, :, :1, :1], 6), ValueError, ["more than 1 value per channel", "num_groups=6"]),
     (lambda x: fastbn.group_norm(x, 2, out=np.empty((2, 6))), ValueError, ["out", "shape"]),
     (lambda x: fastbn.group_norm_backward(x[:1], x, 2, None, np.zeros((2, 2)), np.ones((2, 2))), ValueError,
      ["grad_output", "shape"]),
@@ -516,3 +520,48 @@ def test_float32_streaming_stores_same_grad_input(kind, shape, shift):
     # the same instructions either way (bit for bit with GCC 12 on Zen 4); a compiler may contract
     # the clones' scalar tails otherwise
     np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=2 * EPS32 * np.max(np.abs(outs[0])))
+
+
+def test_pytorchs_checks_of_tiny_inputs_and_their_limits():
+    """PyTorch's group norm refuses N * C / G * spatial == 1 only (one-value groups in a batch of
+    several pass, as there); its instance norm refuses one spatial element also in an empty batch,
+    and lets an empty spatial size through."""
+    x = np.arange(24.0).reshape(4, 6)
+    for shape, G in (((4, 6), 6), ((1, 6, 1), 3)):
+        a = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
+        want = torch.nn.functional.group_norm(torch.from_numpy(a), G).numpy()
+        np.testing.assert_allclose(fastbn.group_norm(a, G), want, atol=1e-12)
+    assert fastbn.group_norm(x, 6).shape == (4, 6)
+    assert fastbn.instance_norm(np.zeros((2, 3, 0))).shape == (2, 3, 0)
+    assert torch.nn.functional.instance_norm(torch.zeros(2, 3, 0)).shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_eps_0_on_a_constant_instance_is_pytorchs(affine):
+    """eps = 0: PyTorch's kernel takes 1 / sqrt(var + eps) as 0 where both are 0, so a constant
+    (sample, channel) gives the bias and a zero gradient instead of 0 / 0."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    x[0, 1] = 2.5
+    x[2, 3] = -1.0
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    layer = fastbn.InstanceNorm1d(4, eps=0.0, affine=affine)
+    ref = torch.nn.InstanceNorm1d(4, eps=0.0, affine=affine)
+    if affine:
+        layer.weight[...] = rng.uniform(0.5, 2.0, 4)
+        layer.bias[...] = rng.standard_normal(4)
+        with torch.no_grad():
+            ref.weight.copy_(torch.from_numpy(layer.weight))
+            ref.bias.copy_(torch.from_numpy(layer.bias))
+    tx = torch.from_numpy(x.copy()).requires_grad_()
+    ty = ref(tx)
+    ty.backward(torch.from_numpy(g))
+    y = layer(x)
+    dx = layer.backward(g)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(y[0, 1], layer.bias[1] if affine else 0.0)
+    np.testing.assert_array_equal(dx[0, 1], 0.0)
+    _, _, invstd = fastbn.instance_norm_forward(x, eps=0.0)
+    assert invstd[0, 1] == 0.0 and invstd[2, 3] == 0.0 and (invstd[1] > 0).all()

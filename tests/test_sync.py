@@ -555,3 +555,19 @@ def _plain_grad(comm, r):
     x = rng.standard_normal((5, 3, 4))
     y = layer(x)
     return layer.backward(np.ones_like(y) + x)
+
+
+def test_eps_0_in_training_raises_on_every_rank_as_batchnorm():
+    """As BatchNorm*d (and PyTorch): training with eps <= 0 is refused, on every rank together (the
+    check runs inside the collective), with no state changed; evaluation with eps = 0 runs."""
+    x = np.random.default_rng(4).standard_normal((4, 3))
+
+    def fn(comm, r):
+        layer = SyncBatchNorm(3, eps=0.0, comm=comm, dtype=np.float64)
+        with pytest.raises(ValueError, match="eps must be positive in training, got 0.0"):
+            layer(x[2 * r:2 * r + 2])
+        assert layer.num_batches_tracked == 0 and (layer.running_mean == 0).all()
+        return layer.eval()(x[2 * r:2 * r + 2])
+
+    _, res = run_ranks(2, fn)
+    np.testing.assert_allclose(np.concatenate(res), x, rtol=1e-12)
