@@ -100,6 +100,13 @@ cdef int _elem_type(object a, int ndim, str name) except -1:
     return _float_type(a, ndim, name)
 
 
+def half_inline(enabled=None):
+    """Whether the ranges loops convert float16 and bfloat16 elements inside their vector loops
+    (_half512.h, AVX-512F) rather than staging them through float; sets it when given (the tests
+    run both).  Not part of fastbn's API."""
+    return bool(fbn_half_inline(-1 if enabled is None else int(bool(enabled))))
+
+
 cdef inline int _computed_type(int t) noexcept nogil:
     """The type an element type is computed in, and its weight, bias and coefficients are of."""
     return cnp.NPY_DOUBLE if t == cnp.NPY_DOUBLE else cnp.NPY_FLOAT

@@ -318,6 +318,8 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #undef E
 #undef FBN_SUFFIX
 
+#include "_half512.h"
+#define FBN_BF 1 /* the half type is bfloat16 (for _half512.h's loops) */
 #define E fbn_bf16 /* bfloat16 in memory, computed in float (the rest as for float) */
 #define FBN_SUFFIX b16
 #define FBN_DATA_ONLY
@@ -340,6 +342,8 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #undef FBN_LD
 #undef FBN_ST
 
+#undef FBN_BF
+#define FBN_BF 0 /* not bfloat16 (_half512.h) */
 #define E fbn_f16 /* IEEE half (float16) in memory, computed in float */
 #define FBN_SUFFIX h16
 #define FBN_LD(v) fbn_f16_load(v)

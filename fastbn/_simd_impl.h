@@ -138,9 +138,18 @@ FBN_CLONES static void FBN_NAME(fbn_moments)(const E *x, ptrdiff_t C, ptrdiff_t 
 {
 #if FBN_HALF
     float tb[FBN_CPU_BLOCK];
+#if FBN_HALF && defined(FBN_HALF_512)
+    const int h512 = fbn_half_512_ok();  /* half elements converted in the loops (_half512.h) */
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)
         for (ptrdiff_t j = 0; j < ln; j += FBN_CPU_BLOCK) {
             const ptrdiff_t bl = ln - j < FBN_CPU_BLOCK ? ln - j : FBN_CPU_BLOCK;
+#if FBN_HALF && defined(FBN_HALF_512)
+            if (h512) {
+                fbn_half_block_moments((const uint16_t *)(x + off + j), bl, acc + FBN_ACC * c, FBN_BF);
+                continue;
+            }
+#endif
             FBN_STAGE(tb, x + off + j, bl);
             fbn_piece_moments_f32(tb, bl, acc + FBN_ACC * c);
         }
@@ -261,10 +270,20 @@ FBN_INLINE void FBN_NAME(fbn_affine_rows)(const E *x, E *y, ptrdiff_t C, ptrdiff
 #if FBN_HALF
     float pb[FBN_CHUNK];
 #endif
+#if FBN_HALF && defined(FBN_HALF_512)
+    const int h512 = fbn_half_512_ok();
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const T mhi = cf[c], mlo = cf[C + c], a = cf[2 * C + c], b = cf[3 * C + c];
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
+#if FBN_HALF && defined(FBN_HALF_512)
+            if (h512 && !relu && !(check_wide && FBN_NAME(fbn_wide)(mhi))) {
+                fbn_half_affine((const uint16_t *)(x + off + j), buf, bl, mhi, mlo, a, b, FBN_BF);
+                FBN_FLUSH(y + off + j, buf, bl, stream);
+                continue;
+            }
+#endif
 #if FBN_HALF
             const FBN_IN *p = pb;
             FBN_STAGE(pb, x + off + j, bl);
@@ -338,9 +357,20 @@ FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const E *dy, const E *x, ptrdiff_t 
 #if FBN_HALF
     float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
 #endif
+#if FBN_HALF && defined(FBN_HALF_512)
+    const int h512 = act == 0 && fbn_half_512_ok();
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         double a, b;
         const int half = check_wide && FBN_NAME(fbn_wide)(fcf[c]);
+#if FBN_HALF && defined(FBN_HALF_512)
+        if (h512 && !half) {
+            fbn_half_grad_sums((const uint16_t *)(dy + off), (const uint16_t *)(x + off), ln, mean[c], &a, &b, FBN_BF);
+            acc[2 * c] += a;
+            acc[2 * c + 1] += b;
+            continue;
+        }
+#endif
         if (act == 1) {
             f = FBN_RUN(fbn_fwd_at)(fcf, C, c, half);
             f.zero = (T)FBN_ZERO;
@@ -424,6 +454,9 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
 #if FBN_HALF
     float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
 #endif
+#if FBN_HALF && defined(FBN_HALF_512)
+    const int h512 = act == 0 && !fixed && fbn_half_512_ok();
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const T mhi = cf[c], mlo = cf[C + c], kdy = cf[2 * C + c], kx = cf[3 * C + c], kc = cf[4 * C + c];
         /* a wide mean: the forward's mean where the mask is recomputed (the backward's is 0 when
@@ -435,6 +468,14 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
         }
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
+#if FBN_HALF && defined(FBN_HALF_512)
+            if (h512 && !half) {
+                fbn_half_grad_input((const uint16_t *)(dy + off + j), (const uint16_t *)(x + off + j), buf, bl, mhi, mlo,
+                                    kdy, kx, kc, FBN_BF);
+                FBN_FLUSH(dx + off + j, buf, bl, stream);
+                continue;
+            }
+#endif
 #if FBN_HALF
             const FBN_IN *g = gb, *p = pb, *z = act == 2 ? zb : NULL;
             FBN_STAGE(gb, dy + off + j, bl);

@@ -72,7 +72,11 @@ def print_report(rows, info, out):
     for op in OPS:
         print(f"{op:15s}" + "".join(f"{by[n, op]['median_s'] * 1e3:>14.2f}{by[n, op]['gbps']:>7.1f}" for n in names),
               file=out)
+    for n in names[1:]:
+        share = ", ".join(f"{op} {by[n, op]['gbps'] / by[names[0], op]['gbps']:.2f}" for op in OPS)
+        print(f"{n} GB/s over float32's: {share}", file=out)
     print("GB/s: the bytes the operation must move at the input's width over the median time.  Half elements\n"
-          "are read and written in place and computed in float32; where the time matches float32's, the call is\n"
-          "bound by its per-element work (the conversions, float64 statistics), not by memory.", file=out)
+          "are read and written in place and computed in float32 (converted inside the vector loops with\n"
+          "AVX-512F, else staged through float buffers); a ratio below 1 is time spent on per-element work\n"
+          "(conversions, float64 statistics) rather than on memory.", file=out)
     print_footer(info, [], "", out)

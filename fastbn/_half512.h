@@ -1,0 +1,181 @@
+/* fastbn/_half512.h -- float16 and bfloat16 rows converted inline (AVX-512F), for the ranges loops
+ * of _simd_impl.h's half instantiations (included by _simd.h before them).
+ *
+ * Why: GCC (12) converts float16 to float one element at a time, so the generic loops stage each
+ * piece of a row of either half type through a float buffer (FBN_STAGE: one vcvtph2ps per 16 elements, then the float
+ * loops).  The staging loop then takes every cache miss of the pass while the compute on the
+ * buffer takes none, so memory and arithmetic take turns instead of overlapping: the backward's
+ * gradient sums over two float16 streams ran at 6-7 GB/s, a float32 pass over the same elements at
+ * 23 (1 thread, Zen 4, (64, 64, 56, 56) elements, a C model of both loops).  These loops load 16
+ * halves, convert them in the register (vcvtph2ps; bfloat16: widen and shift) and compute, as the
+ * float32 loops do; the same model ran
+ * them in 0.55-0.65x the staged loops' time.
+ *
+ * They cover the hot cases: moments, the affine map (no activation), the gradient sums and the
+ * grad-input map (no activation, batch statistics), for means that are not wide (FBN_WIDE).  Every
+ * other case, and machines without AVX-512F, keep the staged loops.  Results are the float32
+ * computation of the upcast input, as the staged loops' (within the rounding of sums taken in
+ * another order): the same formulas, one FMA where the float32 clones contract one. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(FBN_NO_H16_512)
+#define FBN_HALF_512 1
+#define FBN_H512 __attribute__((target("avx512f,f16c,fma")))
+
+static int fbn_half_512_off; /* tests: 1 takes the staged loops (fbn_half_inline) */
+
+static inline int fbn_half_512_ok(void)
+{
+    return !__atomic_load_n(&fbn_half_512_off, __ATOMIC_RELAXED) && fbn_f16_isa() == 2;
+}
+
+/* 16 halves at p as floats: bf = 1 for bfloat16 (its bits are float's upper half), 0 for float16. */
+FBN_H512 static inline __m512 fbn_half_ld(const uint16_t *p, const int bf)
+{
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return bf ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+/* One half at p as a float (the tails). */
+static inline float fbn_half_ld1(const uint16_t *p, const int bf)
+{
+    fbn_f16 h;
+    fbn_bf16 b;
+    h.bits = b.bits = *p;
+    return bf ? fbn_bf16_load(b) : fbn_f16_load(h);
+}
+
+FBN_H512 static inline __m512d fbn_lo8(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+
+FBN_H512 static inline __m512d fbn_hi8(__m512 v)
+{
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+#define FBN_HLD(p) fbn_half_ld((p), bf) /* in the loops below, which take bf */
+
+/* The sum of four vectors' 32 lanes, in a fixed order. */
+FBN_H512 static inline double fbn_half_hsum(__m512d a, __m512d b, __m512d c, __m512d d)
+{
+    return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a, b), _mm512_add_pd(c, d)));
+}
+
+/* Moments of one block p[0:n] (n <= FBN_CPU_BLOCK) merged into acc, as fbn_piece_moments_f32 on
+ * the staged block: the shift is the block's exact mean for a channel's first block, else the
+ * channel's mean so far (either rounded to float); shifted sums in float lanes folded into double.
+ * With the double lanes of the staged loops the training forward stayed at float32's time on
+ * (64, 64, 56, 56) at 2 threads (bound by the conversions to double); with these, 0.6x it. */
+FBN_H512 static void fbn_half_block_moments(const uint16_t *p, ptrdiff_t n, double *acc, const int bf)
+{
+    const __m512d Z = _mm512_setzero_pd();
+    ptrdiff_t i;
+    double k = fbn_acc_mean(acc);
+    if (acc[FBN_N] == 0.0) {
+        __m512d a0 = Z, a1 = Z, a2 = Z, a3 = Z;
+        for (i = 0; i + 32 <= n; i += 32) {
+            const __m512 u = FBN_HLD(p + i), v = FBN_HLD(p + i + 16);
+            a0 = _mm512_add_pd(a0, fbn_lo8(u)), a1 = _mm512_add_pd(a1, fbn_hi8(u));
+            a2 = _mm512_add_pd(a2, fbn_lo8(v)), a3 = _mm512_add_pd(a3, fbn_hi8(v));
+        }
+        double t = fbn_half_hsum(a0, a1, a2, a3);
+        for (; i < n; i++)
+            t += (double)fbn_half_ld1(p + i, bf);
+        k = t / (double)n;
+    }
+    /* shifted sums in float32 lanes for 4 steps of 64 elements, then folded into double lanes (as
+     * _norm_simd.h's fbn_fl_shifted_sums: a half element is exact in float, and the shift, rounded
+     * to float, is the one the merge is told of) */
+    const float kf = (float)k;
+    const __m512 K = _mm512_set1_ps(kf), ZF = _mm512_setzero_ps();
+    __m512d s0 = Z, s1 = Z, q0 = Z, q1 = Z;
+    for (i = 0; i + 64 <= n;) {
+        __m512 sa = ZF, sb = ZF, sc = ZF, sd = ZF, qa = ZF, qb = ZF, qc = ZF, qd = ZF;
+        for (int t = 0; t < 4 && i + 64 <= n; t++, i += 64) {
+            const __m512 da = _mm512_sub_ps(FBN_HLD(p + i), K), db = _mm512_sub_ps(FBN_HLD(p + i + 16), K);
+            const __m512 dc = _mm512_sub_ps(FBN_HLD(p + i + 32), K), dd = _mm512_sub_ps(FBN_HLD(p + i + 48), K);
+            sa = _mm512_add_ps(sa, da), sb = _mm512_add_ps(sb, db), sc = _mm512_add_ps(sc, dc), sd = _mm512_add_ps(sd, dd);
+            qa = _mm512_fmadd_ps(da, da, qa), qb = _mm512_fmadd_ps(db, db, qb);
+            qc = _mm512_fmadd_ps(dc, dc, qc), qd = _mm512_fmadd_ps(dd, dd, qd);
+        }
+        const __m512 sv = _mm512_add_ps(_mm512_add_ps(sa, sb), _mm512_add_ps(sc, sd));
+        const __m512 qv = _mm512_add_ps(_mm512_add_ps(qa, qb), _mm512_add_ps(qc, qd));
+        s0 = _mm512_add_pd(s0, fbn_lo8(sv)), s1 = _mm512_add_pd(s1, fbn_hi8(sv));
+        q0 = _mm512_add_pd(q0, fbn_lo8(qv)), q1 = _mm512_add_pd(q1, fbn_hi8(qv));
+    }
+    double s = fbn_half_hsum(s0, s1, Z, Z), q = fbn_half_hsum(q0, q1, Z, Z);
+    for (; i < n; i++) {
+        const double d = (double)fbn_half_ld1(p + i, bf) - (double)kf;
+        s += d;
+        q += d * d;
+    }
+    k = (double)kf;
+    fbn_shift_merge(acc, (double)n, k, s / (double)n, q - s * (s / (double)n));
+}
+
+/* q[0:n] = ((p - mhi) - mlo) * a + b in float (fbn_affine_run's formula). */
+FBN_H512 static void fbn_half_affine(const uint16_t *p, float *q, ptrdiff_t n, float mhi, float mlo, float a, float b,
+                                     const int bf)
+{
+    const __m512 M = _mm512_set1_ps(mhi), L = _mm512_set1_ps(mlo), A = _mm512_set1_ps(a), B = _mm512_set1_ps(b);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(q + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(FBN_HLD(p + i), M), L), A, B));
+    for (; i < n; i++)
+        q[i] = __builtin_fmaf((fbn_half_ld1(p + i, bf) - mhi) - mlo, a, b);
+}
+
+/* *a_out = sum(g), *b_out = sum(g * (p - m)) over [0, n), in double (fbn_grad_run's sums). */
+FBN_H512 static void fbn_half_grad_sums(const uint16_t *g, const uint16_t *p, ptrdiff_t n, double m, double *a_out,
+                                        double *b_out, const int bf)
+{
+    const __m512d Z = _mm512_setzero_pd(), M = _mm512_set1_pd(m);
+    __m512d a0 = Z, a1 = Z, a2 = Z, a3 = Z, b0 = Z, b1 = Z, b2 = Z, b3 = Z;
+    ptrdiff_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512 gu = FBN_HLD(g + i), gv = FBN_HLD(g + i + 16);
+        const __m512 pu = FBN_HLD(p + i), pv = FBN_HLD(p + i + 16);
+        const __m512d g0 = fbn_lo8(gu), g1 = fbn_hi8(gu), g2 = fbn_lo8(gv), g3 = fbn_hi8(gv);
+        a0 = _mm512_add_pd(a0, g0), a1 = _mm512_add_pd(a1, g1), a2 = _mm512_add_pd(a2, g2), a3 = _mm512_add_pd(a3, g3);
+        b0 = _mm512_fmadd_pd(g0, _mm512_sub_pd(fbn_lo8(pu), M), b0);
+        b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(fbn_hi8(pu), M), b1);
+        b2 = _mm512_fmadd_pd(g2, _mm512_sub_pd(fbn_lo8(pv), M), b2);
+        b3 = _mm512_fmadd_pd(g3, _mm512_sub_pd(fbn_hi8(pv), M), b3);
+    }
+    double a = fbn_half_hsum(a0, a1, a2, a3), b = fbn_half_hsum(b0, b1, b2, b3);
+    for (; i < n; i++) {
+        const double gi = (double)fbn_half_ld1(g + i, bf);
+        a += gi;
+        b += gi * ((double)fbn_half_ld1(p + i, bf) - m);
+    }
+    *a_out = a;
+    *b_out = b;
+}
+
+/* q[0:n] = kdy * g + (((p - mhi) - mlo) * kx + kc) in float (fbn_grad_input_run's formula). */
+FBN_H512 static void fbn_half_grad_input(const uint16_t *g, const uint16_t *p, float *q, ptrdiff_t n, float mhi,
+                                         float mlo, float kdy, float kx, float kc, const int bf)
+{
+    const __m512 M = _mm512_set1_ps(mhi), L = _mm512_set1_ps(mlo), KD = _mm512_set1_ps(kdy);
+    const __m512 KX = _mm512_set1_ps(kx), KC = _mm512_set1_ps(kc);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 d = _mm512_sub_ps(_mm512_sub_ps(FBN_HLD(p + i), M), L);
+        _mm512_storeu_ps(q + i, _mm512_fmadd_ps(KD, FBN_HLD(g + i), _mm512_fmadd_ps(d, KX, KC)));
+    }
+    for (; i < n; i++)
+        q[i] = __builtin_fmaf(kdy, fbn_half_ld1(g + i, bf), __builtin_fmaf((fbn_half_ld1(p + i, bf) - mhi) - mlo, kx, kc));
+}
+#undef FBN_HLD
+#endif
+
+/* Whether the half loops convert inline (this file's loops) rather than stage; set >= 0 sets it
+ * (fastbn._kernels.half_inline, for the tests). */
+static inline int fbn_half_inline(int set)
+{
+#ifdef FBN_HALF_512
+    if (set >= 0)
+        __atomic_store_n(&fbn_half_512_off, !set, __ATOMIC_RELAXED);
+    return fbn_half_512_ok();
+#else
+    (void)set;
+    return 0;
+#endif
+}
