@@ -58,35 +58,42 @@ FBN_H512 static inline double fbn_half_hsum(__m512d a, __m512d b, __m512d c, __m
     return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a, b), _mm512_add_pd(c, d)));
 }
 
-/* Moments of one block p[0:n] (n <= FBN_CPU_BLOCK) merged into acc, as fbn_piece_moments_f32 on
- * the staged block: the shift is the block's exact mean for a channel's first block, else the
- * channel's mean so far (either rounded to float); shifted sums in float lanes folded into double.
- * With the double lanes of the staged loops the training forward stayed at float32's time on
- * (64, 64, 56, 56) at 2 threads (bound by the conversions to double); with these, 0.6x it. */
-FBN_H512 static void fbn_half_block_moments(const uint16_t *p, ptrdiff_t n, double *acc, const int bf)
+/* *s_out = sum(p - k), *q_out = sum((p - k)^2) over [0, n) in double lanes. */
+FBN_H512 static void fbn_half_shifted_sums(const uint16_t *p, ptrdiff_t n, double k, double *s_out, double *q_out,
+                                           const int bf)
+{
+    const __m512d Z = _mm512_setzero_pd(), K = _mm512_set1_pd(k);
+    __m512d s0 = Z, s1 = Z, s2 = Z, s3 = Z, q0 = Z, q1 = Z, q2 = Z, q3 = Z;
+    ptrdiff_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512 u = FBN_HLD(p + i), v = FBN_HLD(p + i + 16);
+        const __m512d d0 = _mm512_sub_pd(fbn_lo8(u), K), d1 = _mm512_sub_pd(fbn_hi8(u), K);
+        const __m512d d2 = _mm512_sub_pd(fbn_lo8(v), K), d3 = _mm512_sub_pd(fbn_hi8(v), K);
+        s0 = _mm512_add_pd(s0, d0), s1 = _mm512_add_pd(s1, d1), s2 = _mm512_add_pd(s2, d2), s3 = _mm512_add_pd(s3, d3);
+        q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
+        q2 = _mm512_fmadd_pd(d2, d2, q2), q3 = _mm512_fmadd_pd(d3, d3, q3);
+    }
+    double s = fbn_half_hsum(s0, s1, s2, s3), q = fbn_half_hsum(q0, q1, q2, q3);
+    for (; i < n; i++) {
+        const double d = (double)fbn_half_ld1(p + i, bf) - k;
+        s += d;
+        q += d * d;
+    }
+    *s_out = s;
+    *q_out = q;
+}
+
+/* The same with the shift kf in float32 lanes for 4 steps of 64 elements, then folded into double
+ * lanes (as _norm_simd.h's fbn_fl_shifted_sums: a half element is exact in float).  Not finite
+ * where a float lane overflowed (bfloat16 reaches float's range) or the input is not finite. */
+FBN_H512 static void fbn_half_shifted_sums_fl(const uint16_t *p, ptrdiff_t n, float kf, double *s_out,
+                                              double *q_out, const int bf)
 {
     const __m512d Z = _mm512_setzero_pd();
-    ptrdiff_t i;
-    double k = fbn_acc_mean(acc);
-    if (acc[FBN_N] == 0.0) {
-        __m512d a0 = Z, a1 = Z, a2 = Z, a3 = Z;
-        for (i = 0; i + 32 <= n; i += 32) {
-            const __m512 u = FBN_HLD(p + i), v = FBN_HLD(p + i + 16);
-            a0 = _mm512_add_pd(a0, fbn_lo8(u)), a1 = _mm512_add_pd(a1, fbn_hi8(u));
-            a2 = _mm512_add_pd(a2, fbn_lo8(v)), a3 = _mm512_add_pd(a3, fbn_hi8(v));
-        }
-        double t = fbn_half_hsum(a0, a1, a2, a3);
-        for (; i < n; i++)
-            t += (double)fbn_half_ld1(p + i, bf);
-        k = t / (double)n;
-    }
-    /* shifted sums in float32 lanes for 4 steps of 64 elements, then folded into double lanes (as
-     * _norm_simd.h's fbn_fl_shifted_sums: a half element is exact in float, and the shift, rounded
-     * to float, is the one the merge is told of) */
-    const float kf = (float)k;
     const __m512 K = _mm512_set1_ps(kf), ZF = _mm512_setzero_ps();
     __m512d s0 = Z, s1 = Z, q0 = Z, q1 = Z;
-    for (i = 0; i + 64 <= n;) {
+    ptrdiff_t i = 0;
+    while (i + 64 <= n) {
         __m512 sa = ZF, sb = ZF, sc = ZF, sd = ZF, qa = ZF, qb = ZF, qc = ZF, qd = ZF;
         for (int t = 0; t < 4 && i + 64 <= n; t++, i += 64) {
             const __m512 da = _mm512_sub_ps(FBN_HLD(p + i), K), db = _mm512_sub_ps(FBN_HLD(p + i + 16), K);
@@ -106,7 +113,39 @@ FBN_H512 static void fbn_half_block_moments(const uint16_t *p, ptrdiff_t n, doub
         s += d;
         q += d * d;
     }
-    k = (double)kf;
+    *s_out = s;
+    *q_out = q;
+}
+
+/* Moments of one block p[0:n] (n <= FBN_CPU_BLOCK) merged into acc, as fbn_piece_moments_f32 on
+ * the staged block: the shift is the block's exact mean for a channel's first block, else the
+ * channel's mean so far; the shifted sums in float lanes (the shift rounded to float), or in double
+ * where those are not finite.  With double lanes throughout, the training forward stayed at
+ * float32's time on (64, 64, 56, 56) at 2 threads (bound by the conversions to double); with the
+ * float lanes, 0.6x it. */
+FBN_H512 static void fbn_half_block_moments(const uint16_t *p, ptrdiff_t n, double *acc, const int bf)
+{
+    const __m512d Z = _mm512_setzero_pd();
+    double k = fbn_acc_mean(acc), s, q;
+    if (acc[FBN_N] == 0.0) {
+        __m512d a0 = Z, a1 = Z, a2 = Z, a3 = Z;
+        ptrdiff_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            const __m512 u = FBN_HLD(p + i), v = FBN_HLD(p + i + 16);
+            a0 = _mm512_add_pd(a0, fbn_lo8(u)), a1 = _mm512_add_pd(a1, fbn_hi8(u));
+            a2 = _mm512_add_pd(a2, fbn_lo8(v)), a3 = _mm512_add_pd(a3, fbn_hi8(v));
+        }
+        double t = fbn_half_hsum(a0, a1, a2, a3);
+        for (; i < n; i++)
+            t += (double)fbn_half_ld1(p + i, bf);
+        k = t / (double)n;
+    }
+    const float kf = (float)k;
+    fbn_half_shifted_sums_fl(p, n, kf, &s, &q, bf);
+    if (isfinite(s) && isfinite(q))
+        k = (double)kf;
+    else  /* a float lane overflowed, or the block holds NaN or Inf (which this keeps) */
+        fbn_half_shifted_sums(p, n, k, &s, &q, bf);
     fbn_shift_merge(acc, (double)n, k, s / (double)n, q - s * (s / (double)n));
 }
 

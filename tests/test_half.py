@@ -330,3 +330,23 @@ def test_grad_output_of_a_half_input_has_its_type():
     swapped = np.ones(x.shape, np.dtype(">f2"))
     dx = fastbn.batch_norm_backward(swapped, x, w, m, s)[0]
     np.testing.assert_array_equal(dx, fastbn.batch_norm_backward(np.ones_like(x), x, w, m, s)[0])
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+@pytest.mark.parametrize("scale", [1e4, 1e25, 3e37], ids=["f16-range", "large", "near-max"])
+def test_large_values_keep_their_statistics(half, scale, half_loops):
+    """The inline loops sum shifted squares in float lanes: bfloat16 reaches float's range, where a
+    lane can overflow; those blocks are summed again in double, so the statistics stay those of the
+    float32 computation (float16 values stay far from overflow)."""
+    dt = HALVES[half]
+    if dt == np.float16 and scale > 6e4:
+        pytest.skip("beyond float16's range")
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((4, 3, 700)) * scale + scale * (rng.standard_normal(3)[:, None])).astype(dt)
+    x32 = x.astype(np.float32)
+    y, m, s = fastbn.batch_norm_forward(x, None, None, training=True)
+    y32, m32, s32 = fastbn.batch_norm_forward(x32, None, None, training=True)
+    assert np.isfinite(m).all() and np.isfinite(s).all() and (s > 0).all()
+    np.testing.assert_allclose(m, m32, rtol=1e-6)
+    np.testing.assert_allclose(s, s32, rtol=1e-6)
+    assert _ulps(y, y32.astype(dt), dt).max() <= 1
