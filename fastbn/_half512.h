@@ -43,6 +43,26 @@ static inline float fbn_half_ld1(const uint16_t *p, const int bf)
     return bf ? fbn_bf16_load(b) : fbn_f16_load(h);
 }
 
+/* 16 floats rounded to the half type, to nearest even (bfloat16 as fbn_bf16_store: in integer
+ * arithmetic, a NaN kept a quiet NaN; float16 by vcvtps2ph). */
+FBN_H512 static inline __m256i fbn_half_round(__m512 v, const int bf)
+{
+    if (!bf)
+        return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+    const __m512i up = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                        _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, _mm512_srli_epi32(up, 16), quiet));
+}
+
+/* One float rounded to the half type (the tails). */
+static inline uint16_t fbn_half_round1(float v, const int bf)
+{
+    return bf ? fbn_bf16_store(v).bits : fbn_f16_store(v).bits;
+}
+
 FBN_H512 static inline __m512d fbn_lo8(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
 
 FBN_H512 static inline __m512d fbn_hi8(__m512 v)
@@ -149,16 +169,18 @@ FBN_H512 static void fbn_half_block_moments(const uint16_t *p, ptrdiff_t n, doub
     fbn_shift_merge(acc, (double)n, k, s / (double)n, q - s * (s / (double)n));
 }
 
-/* q[0:n] = ((p - mhi) - mlo) * a + b in float (fbn_affine_run's formula). */
-FBN_H512 static void fbn_half_affine(const uint16_t *p, float *q, ptrdiff_t n, float mhi, float mlo, float a, float b,
-                                     const int bf)
+/* h[0:n] = ((p - mhi) - mlo) * a + b (fbn_affine_run's formula) in float, rounded to the half type. */
+FBN_H512 static void fbn_half_affine(const uint16_t *p, uint16_t *h, ptrdiff_t n, float mhi, float mlo, float a,
+                                     float b, const int bf)
 {
     const __m512 M = _mm512_set1_ps(mhi), L = _mm512_set1_ps(mlo), A = _mm512_set1_ps(a), B = _mm512_set1_ps(b);
     ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(q + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(FBN_HLD(p + i), M), L), A, B));
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(FBN_HLD(p + i), M), L), A, B);
+        _mm256_storeu_si256((__m256i *)(h + i), fbn_half_round(v, bf));
+    }
     for (; i < n; i++)
-        q[i] = __builtin_fmaf((fbn_half_ld1(p + i, bf) - mhi) - mlo, a, b);
+        h[i] = fbn_half_round1(__builtin_fmaf((fbn_half_ld1(p + i, bf) - mhi) - mlo, a, b), bf);
 }
 
 /* *a_out = sum(g), *b_out = sum(g * (p - m)) over [0, n), in double (fbn_grad_run's sums). */
@@ -188,8 +210,9 @@ FBN_H512 static void fbn_half_grad_sums(const uint16_t *g, const uint16_t *p, pt
     *b_out = b;
 }
 
-/* q[0:n] = kdy * g + (((p - mhi) - mlo) * kx + kc) in float (fbn_grad_input_run's formula). */
-FBN_H512 static void fbn_half_grad_input(const uint16_t *g, const uint16_t *p, float *q, ptrdiff_t n, float mhi,
+/* h[0:n] = kdy * g + (((p - mhi) - mlo) * kx + kc) (fbn_grad_input_run's formula) in float,
+ * rounded to the half type. */
+FBN_H512 static void fbn_half_grad_input(const uint16_t *g, const uint16_t *p, uint16_t *h, ptrdiff_t n, float mhi,
                                          float mlo, float kdy, float kx, float kc, const int bf)
 {
     const __m512 M = _mm512_set1_ps(mhi), L = _mm512_set1_ps(mlo), KD = _mm512_set1_ps(kdy);
@@ -197,10 +220,14 @@ FBN_H512 static void fbn_half_grad_input(const uint16_t *g, const uint16_t *p, f
     ptrdiff_t i = 0;
     for (; i + 16 <= n; i += 16) {
         const __m512 d = _mm512_sub_ps(_mm512_sub_ps(FBN_HLD(p + i), M), L);
-        _mm512_storeu_ps(q + i, _mm512_fmadd_ps(KD, FBN_HLD(g + i), _mm512_fmadd_ps(d, KX, KC)));
+        const __m512 v = _mm512_fmadd_ps(KD, FBN_HLD(g + i), _mm512_fmadd_ps(d, KX, KC));
+        _mm256_storeu_si256((__m256i *)(h + i), fbn_half_round(v, bf));
     }
-    for (; i < n; i++)
-        q[i] = __builtin_fmaf(kdy, fbn_half_ld1(g + i, bf), __builtin_fmaf((fbn_half_ld1(p + i, bf) - mhi) - mlo, kx, kc));
+    for (; i < n; i++) {
+        const float v = __builtin_fmaf(kdy, fbn_half_ld1(g + i, bf),
+                                       __builtin_fmaf((fbn_half_ld1(p + i, bf) - mhi) - mlo, kx, kc));
+        h[i] = fbn_half_round1(v, bf);
+    }
 }
 #undef FBN_HLD
 #endif

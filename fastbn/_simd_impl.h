@@ -279,8 +279,11 @@ FBN_INLINE void FBN_NAME(fbn_affine_rows)(const E *x, E *y, ptrdiff_t C, ptrdiff
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
 #if FBN_HALF && defined(FBN_HALF_512)
             if (h512 && !relu && !(check_wide && FBN_NAME(fbn_wide)(mhi))) {
-                fbn_half_affine((const uint16_t *)(x + off + j), buf, bl, mhi, mlo, a, b, FBN_BF);
-                FBN_FLUSH(y + off + j, buf, bl, stream);
+                /* rounded to the half type in the register: into y, or into buf to stream from */
+                uint16_t *h = stream ? (uint16_t *)buf : (uint16_t *)(y + off + j);
+                fbn_half_affine((const uint16_t *)(x + off + j), h, bl, mhi, mlo, a, b, FBN_BF);
+                if (stream)
+                    fbn_stream_store(y + off + j, buf, (size_t)bl * sizeof(E));
                 continue;
             }
 #endif
@@ -469,10 +472,12 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
 #if FBN_HALF && defined(FBN_HALF_512)
-            if (h512 && !half) {
-                fbn_half_grad_input((const uint16_t *)(dy + off + j), (const uint16_t *)(x + off + j), buf, bl, mhi, mlo,
+            if (h512 && !half) {  /* as in fbn_affine_rows */
+                uint16_t *h = stream ? (uint16_t *)buf : (uint16_t *)(dx + off + j);
+                fbn_half_grad_input((const uint16_t *)(dy + off + j), (const uint16_t *)(x + off + j), h, bl, mhi, mlo,
                                     kdy, kx, kc, FBN_BF);
-                FBN_FLUSH(dx + off + j, buf, bl, stream);
+                if (stream)
+                    fbn_stream_store(dx + off + j, buf, (size_t)bl * sizeof(E));
                 continue;
             }
 #endif
