@@ -2,29 +2,43 @@
  * of _simd_impl.h's half instantiations (included by _simd.h before them).
  *
  * Why: GCC (12) converts float16 to float one element at a time, so the generic loops stage each
- * piece of a row of either half type through a float buffer (FBN_STAGE: one vcvtph2ps per 16 elements, then the float
- * loops).  The staging loop then takes every cache miss of the pass while the compute on the
- * buffer takes none, so memory and arithmetic take turns instead of overlapping: the backward's
- * gradient sums over two float16 streams ran at 6-7 GB/s, a float32 pass over the same elements at
- * 23 (1 thread, Zen 4, (64, 64, 56, 56) elements, a C model of both loops).  These loops load 16
- * halves, convert them in the register (vcvtph2ps; bfloat16: widen and shift) and compute, as the
- * float32 loops do; the same model ran
- * them in 0.55-0.65x the staged loops' time.
+ * piece of a row of either half type through a float buffer (FBN_STAGE: one vcvtph2ps per 16
+ * elements, then the float loops).  The staging loop then takes every cache miss of the pass while
+ * the compute on the buffer takes none, so memory and arithmetic take turns instead of
+ * overlapping: the backward's gradient sums over two float16 streams ran at 6-7 GB/s, a float32
+ * pass over the same elements at 23 (1 thread, Zen 4, (64, 64, 56, 56) elements, a C model of both
+ * loops).  These loops load 16 halves, convert them in the register (vcvtph2ps; bfloat16: widen
+ * and shift) and compute, as the float32 loops do; the same model ran them in 0.55-0.65x the
+ * staged loops' time.
  *
  * They cover the hot cases: moments, the affine map (no activation), the gradient sums and the
- * grad-input map (no activation, batch statistics), for means that are not wide (FBN_WIDE).  Every
- * other case, and machines without AVX-512F, keep the staged loops.  Results are the float32
- * computation of the upcast input, as the staged loops' (within the rounding of sums taken in
- * another order): the same formulas, one FMA where the float32 clones contract one. */
+ * grad-input map (no activation, batch statistics), for means that are not wide (FBN_WIDE) and
+ * rows of FBN_HALF_MIN_ROW elements or more; the two maps also round their results to the half
+ * type in the register and store them (through a buffer only to stream it), where the staged loops
+ * write floats that a second pass converts.  Every other case keeps the staged loops, as does
+ * every machine but x86-64 Linux with GCC or clang and a CPU with AVX-512F and FMA (checked at run
+ * time).  The maps are the staged loops' formulas, one FMA where the float32 clones contract one
+ * (the same bits); the moments sum partials of 16 terms in float lanes, so the statistics carry
+ * float's relative precision (about 1e-8, far below a half type's rounding) rather than double's. */
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(FBN_NO_H16_512)
 #define FBN_HALF_512 1
 #define FBN_H512 __attribute__((target("avx512f,f16c,fma")))
 
 static int fbn_half_512_off; /* tests: 1 takes the staged loops (fbn_half_inline) */
 
+/* Rows shorter than this keep the staged loops: these finish a row with up to 15 elements converted
+ * one at a time, which on 7x7 rows made the training forward 3x slower than staging them. */
+#define FBN_HALF_MIN_ROW 256
+
 static inline int fbn_half_512_ok(void)
 {
-    return !__atomic_load_n(&fbn_half_512_off, __ATOMIC_RELAXED) && fbn_f16_isa() == 2;
+    static int fma = -1; /* the loops use FMA too (a hypervisor may hide it beside AVX-512F) */
+    int has = __atomic_load_n(&fma, __ATOMIC_RELAXED);
+    if (has < 0) {
+        has = __builtin_cpu_supports("fma") ? 1 : 0;
+        __atomic_store_n(&fma, has, __ATOMIC_RELAXED);
+    }
+    return !__atomic_load_n(&fbn_half_512_off, __ATOMIC_RELAXED) && fbn_f16_isa() == 2 && has;
 }
 
 /* 16 halves at p as floats: bf = 1 for bfloat16 (its bits are float's upper half), 0 for float16. */
@@ -93,6 +107,13 @@ FBN_H512 static void fbn_half_shifted_sums(const uint16_t *p, ptrdiff_t n, doubl
         q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
         q2 = _mm512_fmadd_pd(d2, d2, q2), q3 = _mm512_fmadd_pd(d3, d3, q3);
     }
+    if (i + 16 <= n) {
+        const __m512 u = FBN_HLD(p + i);
+        const __m512d d0 = _mm512_sub_pd(fbn_lo8(u), K), d1 = _mm512_sub_pd(fbn_hi8(u), K);
+        s0 = _mm512_add_pd(s0, d0), s1 = _mm512_add_pd(s1, d1);
+        q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
+        i += 16;
+    }
     double s = fbn_half_hsum(s0, s1, s2, s3), q = fbn_half_hsum(q0, q1, q2, q3);
     for (; i < n; i++) {
         const double d = (double)fbn_half_ld1(p + i, bf) - k;
@@ -127,6 +148,15 @@ FBN_H512 static void fbn_half_shifted_sums_fl(const uint16_t *p, ptrdiff_t n, fl
         s0 = _mm512_add_pd(s0, fbn_lo8(sv)), s1 = _mm512_add_pd(s1, fbn_hi8(sv));
         q0 = _mm512_add_pd(q0, fbn_lo8(qv)), q1 = _mm512_add_pd(q1, fbn_hi8(qv));
     }
+    if (i + 16 <= n) {  /* up to 3 steps of 16 (a 28x28 row's 784 = 12 * 64 + 16) */
+        __m512 sa = ZF, qa = ZF;
+        for (; i + 16 <= n; i += 16) {
+            const __m512 da = _mm512_sub_ps(FBN_HLD(p + i), K);
+            sa = _mm512_add_ps(sa, da), qa = _mm512_fmadd_ps(da, da, qa);
+        }
+        s0 = _mm512_add_pd(s0, fbn_lo8(sa)), s1 = _mm512_add_pd(s1, fbn_hi8(sa));
+        q0 = _mm512_add_pd(q0, fbn_lo8(qa)), q1 = _mm512_add_pd(q1, fbn_hi8(qa));
+    }
     double s = fbn_half_hsum(s0, s1, Z, Z), q = fbn_half_hsum(q0, q1, Z, Z);
     for (; i < n; i++) {
         const double d = (double)fbn_half_ld1(p + i, bf) - (double)kf;
@@ -155,6 +185,11 @@ FBN_H512 static void fbn_half_block_moments(const uint16_t *p, ptrdiff_t n, doub
             a0 = _mm512_add_pd(a0, fbn_lo8(u)), a1 = _mm512_add_pd(a1, fbn_hi8(u));
             a2 = _mm512_add_pd(a2, fbn_lo8(v)), a3 = _mm512_add_pd(a3, fbn_hi8(v));
         }
+        if (i + 16 <= n) {
+            const __m512 u = FBN_HLD(p + i);
+            a0 = _mm512_add_pd(a0, fbn_lo8(u)), a1 = _mm512_add_pd(a1, fbn_hi8(u));
+            i += 16;
+        }
         double t = fbn_half_hsum(a0, a1, a2, a3);
         for (; i < n; i++)
             t += (double)fbn_half_ld1(p + i, bf);
@@ -162,9 +197,13 @@ FBN_H512 static void fbn_half_block_moments(const uint16_t *p, ptrdiff_t n, doub
     }
     const float kf = (float)k;
     fbn_half_shifted_sums_fl(p, n, kf, &s, &q, bf);
-    if (isfinite(s) && isfinite(q))
+    /* In double where a float lane overflowed (or the block holds NaN or Inf, which this keeps), and
+     * where the squares are so small that float's subnormals or zero could have taken some (bfloat16
+     * values 1e-19 apart; a constant block, q = 0, lands here too): there the mean square is below
+     * 2^-100, and any square lost below 2^-126 is at most 2^-26 of the sum. */
+    if (isfinite(s) && isfinite(q) && q >= (double)n * 0x1p-100)
         k = (double)kf;
-    else  /* a float lane overflowed, or the block holds NaN or Inf (which this keeps) */
+    else
         fbn_half_shifted_sums(p, n, k, &s, &q, bf);
     fbn_shift_merge(acc, (double)n, k, s / (double)n, q - s * (s / (double)n));
 }
@@ -199,6 +238,14 @@ FBN_H512 static void fbn_half_grad_sums(const uint16_t *g, const uint16_t *p, pt
         b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(fbn_hi8(pu), M), b1);
         b2 = _mm512_fmadd_pd(g2, _mm512_sub_pd(fbn_lo8(pv), M), b2);
         b3 = _mm512_fmadd_pd(g3, _mm512_sub_pd(fbn_hi8(pv), M), b3);
+    }
+    if (i + 16 <= n) {
+        const __m512 gu = FBN_HLD(g + i), pu = FBN_HLD(p + i);
+        const __m512d g0 = fbn_lo8(gu), g1 = fbn_hi8(gu);
+        a0 = _mm512_add_pd(a0, g0), a1 = _mm512_add_pd(a1, g1);
+        b0 = _mm512_fmadd_pd(g0, _mm512_sub_pd(fbn_lo8(pu), M), b0);
+        b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(fbn_hi8(pu), M), b1);
+        i += 16;
     }
     double a = fbn_half_hsum(a0, a1, a2, a3), b = fbn_half_hsum(b0, b1, b2, b3);
     for (; i < n; i++) {

@@ -145,7 +145,7 @@ FBN_CLONES static void FBN_NAME(fbn_moments)(const E *x, ptrdiff_t C, ptrdiff_t 
         for (ptrdiff_t j = 0; j < ln; j += FBN_CPU_BLOCK) {
             const ptrdiff_t bl = ln - j < FBN_CPU_BLOCK ? ln - j : FBN_CPU_BLOCK;
 #if FBN_HALF && defined(FBN_HALF_512)
-            if (h512) {
+            if (h512 && ln >= FBN_HALF_MIN_ROW) {
                 fbn_half_block_moments((const uint16_t *)(x + off + j), bl, acc + FBN_ACC * c, FBN_BF);
                 continue;
             }
@@ -278,7 +278,7 @@ FBN_INLINE void FBN_NAME(fbn_affine_rows)(const E *x, E *y, ptrdiff_t C, ptrdiff
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
 #if FBN_HALF && defined(FBN_HALF_512)
-            if (h512 && !relu && !(check_wide && FBN_NAME(fbn_wide)(mhi))) {
+            if (h512 && ln >= FBN_HALF_MIN_ROW && !relu && !(check_wide && FBN_NAME(fbn_wide)(mhi))) {
                 /* rounded to the half type in the register: into y, or into buf to stream from */
                 uint16_t *h = stream ? (uint16_t *)buf : (uint16_t *)(y + off + j);
                 fbn_half_affine((const uint16_t *)(x + off + j), h, bl, mhi, mlo, a, b, FBN_BF);
@@ -367,7 +367,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const E *dy, const E *x, ptrdiff_t 
         double a, b;
         const int half = check_wide && FBN_NAME(fbn_wide)(fcf[c]);
 #if FBN_HALF && defined(FBN_HALF_512)
-        if (h512 && !half) {
+        if (h512 && ln >= FBN_HALF_MIN_ROW && !half) {
             fbn_half_grad_sums((const uint16_t *)(dy + off), (const uint16_t *)(x + off), ln, mean[c], &a, &b, FBN_BF);
             acc[2 * c] += a;
             acc[2 * c + 1] += b;
@@ -472,7 +472,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
             ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
 #if FBN_HALF && defined(FBN_HALF_512)
-            if (h512 && !half) {  /* as in fbn_affine_rows */
+            if (h512 && ln >= FBN_HALF_MIN_ROW && !half) {  /* as in fbn_affine_rows */
                 uint16_t *h = stream ? (uint16_t *)buf : (uint16_t *)(dx + off + j);
                 fbn_half_grad_input((const uint16_t *)(dy + off + j), (const uint16_t *)(x + off + j), h, bl, mhi, mlo,
                                     kdy, kx, kc, FBN_BF);

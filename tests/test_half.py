@@ -96,152 +96,6 @@ def test_bfloat16_without_ml_dtypes_is_a_typeerror_naming_it(monkeypatch):
 
 
 # ---- the kernels read and write half elements in place (fastbn/_simd.h): conversions and rounding
-def _identity(C):
-    """Evaluation-mode parameters whose output is the input itself, -0.0 included:
-    (x - 0) / sqrt(1 + 0) * 1 + (-0.0)."""
-    return np.ones(C, np.float32), np.full(C, -0.0, np.float32), np.zeros(C, np.float32), np.ones(C, np.float32)
-
-
-@pytest.mark.parametrize("half", list(HALVES))
-def test_every_half_value_converts_exactly(half, kernel_path, half_loops):
-    """All 65536 bit patterns in and out unchanged (NaN stays NaN), on every kernel path: the ranges
-    loops' conversions (inline or staged) and the per-element ones of the column loops."""
-    dt = HALVES[half]
-    bits = np.arange(1 << 16, dtype=np.uint16)
-    x = bits.view(dt).reshape(512, 8, 16)
-    w, b, rm, rv = _identity(8)
-    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0)
-    nan = np.isnan(x.astype(np.float32))
-    np.testing.assert_array_equal(np.isnan(y.astype(np.float32)), nan)
-    np.testing.assert_array_equal(y.view(np.uint16)[~nan], x.view(np.uint16)[~nan])
-
-
-@pytest.mark.parametrize("half", list(HALVES))
-@pytest.mark.parametrize("scale", [1.5, 2.0 ** -10, 1.999, 3.0 ** 0.5], ids=["ties", "subnormal", "overflow", "any"])
-def test_results_round_to_nearest_even(half, scale, kernel_path, half_loops):
-    """The half result is the float32 computation rounded once, as NumPy rounds (to nearest, ties
-    to even, overflow to infinity): x * 1.5 of every finite half value is exact in float32 and half
-    of them are ties; 2^-10 lands in the subnormals; 1.999 overflows past 65504."""
-    dt = HALVES[half]
-    bits = np.arange(1 << 16, dtype=np.uint16)
-    x = bits.view(dt)
-    x = x[np.isfinite(x.astype(np.float32))]
-    x = x[: x.size // 64 * 64].reshape(-1, 4, 16)
-    w, b, rm, rv = _identity(4)
-    w[:] = scale
-    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0)
-    y32 = fastbn.batch_norm(x.astype(np.float32), rm, rv, w, b, eps=0.0)
-    with np.errstate(over="ignore"):  # NumPy's cast warns where it overflows to infinity, as meant here
-        want = y32.astype(dt)
-    np.testing.assert_array_equal(y.view(np.uint16), want.view(np.uint16))
-
-
-@pytest.mark.parametrize("half", list(HALVES))
-@pytest.mark.parametrize("shape", [(8, 3, 5, 7), (64, 5), (3, 4, 100), (2, 6, 3, 3, 3)])
-def test_forward_within_one_ulp_of_float64(half, shape):
-    dt = HALVES[half]
-    rng = np.random.default_rng(len(shape))
-    x = (rng.standard_normal(shape) * 3 + 1).astype(dt)
-    C = shape[1]
-    w, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
-    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
-    x64 = x.astype(np.float64)
-    y, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, w, b, training=True)
-    assert y.dtype == dt and y.shape == x.shape
-    assert _ulps(y, _reference(x64, w.astype(np.float64), b.astype(np.float64)), dt).max() <= 1.0
-    n = x.size // C
-    np.testing.assert_allclose(rm, 0.1 * x64.mean(axis=(0, *range(2, x.ndim))), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(rv, 0.9 + 0.1 * x64.var(axis=(0, *range(2, x.ndim))) * n / (n - 1), rtol=1e-6)
-    y_eval = fastbn.batch_norm(x, rm, rv, w, b)
-    ref = _reference(x64, w.astype(np.float64), b.astype(np.float64), rm.astype(np.float64), rv.astype(np.float64))
-    assert y_eval.dtype == dt and _ulps(y_eval, ref, dt).max() <= 1.0
-
-
-@pytest.mark.parametrize("half", list(HALVES))
-def test_backward_and_layer_match_torch(half):
-    torch = pytest.importorskip("torch", reason="the parity check needs torch")
-    dt = HALVES[half]
-    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[half]
-    rng = np.random.default_rng(7)
-    x = (rng.standard_normal((6, 4, 5, 5)) * 2).astype(dt)
-    g = rng.standard_normal(x.shape).astype(dt)
-    bn, tbn = fastbn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
-    xt = torch.from_numpy(x.astype(np.float32)).to(tdt).requires_grad_()
-    y, yt = bn(x), tbn(xt)
-    assert y.dtype == dt and yt.dtype == tdt
-    ulp = float(ml_dtypes.finfo(dt).eps)
-    np.testing.assert_allclose(y.astype(np.float32), yt.detach().float().numpy(), rtol=2 * ulp, atol=2 * ulp)
-    np.testing.assert_allclose(bn.running_var, tbn.running_var.numpy(), rtol=1e-5)
-    dx = bn.backward(g)
-    yt.backward(torch.from_numpy(g.astype(np.float32)).to(tdt))
-    assert dx.dtype == dt and bn.grad_weight.dtype == np.float32
-    np.testing.assert_allclose(dx.astype(np.float32), xt.grad.float().numpy(), rtol=4 * ulp, atol=4 * ulp)
-    np.testing.assert_allclose(bn.grad_weight, tbn.weight.grad.numpy(), rtol=1e-2, atol=1e-2)
-
-
-def test_out_must_be_of_the_half_type_and_in_place_works():
-    x = np.random.default_rng(1).standard_normal((5, 3, 4)).astype(np.float16)
-    want = fastbn.batch_norm(x, None, None, training=True)
-    with pytest.raises(ValueError, match="dtype float16"):
-        fastbn.batch_norm(x, None, None, training=True, out=np.empty(x.shape, np.float32))
-    y = fastbn.batch_norm(x, None, None, training=True, out=x)
-    assert y is x
-    np.testing.assert_array_equal(x, want)
-
-
-def test_a_float64_layer_refuses_half_input():
-    with pytest.raises(TypeError, match="holds float64 parameters, got input of dtype float16"):
-        fastbn.BatchNorm1d(3, dtype=np.float64)(np.ones((4, 3), np.float16))
-
-
-def test_bfloat16_without_ml_dtypes_is_a_typeerror_naming_it(monkeypatch):
-    x = np.ones((4, 3), ml_dtypes.bfloat16)
-    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes now raises ImportError
-    with pytest.raises(TypeError, match="ml_dtypes"):
-        fastbn.batch_norm(x, None, None, training=True)
-
-
-# ---- the kernels read and write half elements in place (fastbn/_simd.h): conversions and rounding
-def _identity(C):
-    """Evaluation-mode parameters whose output is the input itself, -0.0 included:
-    (x - 0) / sqrt(1 + 0) * 1 + (-0.0)."""
-    return np.ones(C, np.float32), np.full(C, -0.0, np.float32), np.zeros(C, np.float32), np.ones(C, np.float32)
-
-
-@pytest.mark.parametrize("half", list(HALVES))
-def test_every_half_value_converts_exactly(half, kernel_path, half_loops):
-    """All 65536 bit patterns in and out unchanged (NaN stays NaN), on every kernel path: the ranges
-    loops' conversions (inline or staged) and the per-element ones of the column loops."""
-    dt = HALVES[half]
-    bits = np.arange(1 << 16, dtype=np.uint16)
-    x = bits.view(dt).reshape(512, 8, 16)
-    w, b, rm, rv = _identity(8)
-    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0)
-    nan = np.isnan(x.astype(np.float32))
-    np.testing.assert_array_equal(np.isnan(y.astype(np.float32)), nan)
-    np.testing.assert_array_equal(y.view(np.uint16)[~nan], x.view(np.uint16)[~nan])
-
-
-@pytest.mark.parametrize("half", list(HALVES))
-@pytest.mark.parametrize("scale", [1.5, 2.0 ** -10, 1.999, 3.0 ** 0.5], ids=["ties", "subnormal", "overflow", "any"])
-def test_results_round_to_nearest_even(half, scale, kernel_path, half_loops):
-    """The half result is the float32 computation rounded once, as NumPy rounds (to nearest, ties
-    to even, overflow to infinity): x * 1.5 of every finite half value is exact in float32 and half
-    of them are ties; 2^-10 lands in the subnormals; 1.999 overflows past 65504."""
-    dt = HALVES[half]
-    bits = np.arange(1 << 16, dtype=np.uint16)
-    x = bits.view(dt)
-    x = x[np.isfinite(x.astype(np.float32))]
-    x = x[: x.size // 64 * 64].reshape(-1, 4, 16)
-    w, b, rm, rv = _identity(4)
-    w[:] = scale
-    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0)
-    y32 = fastbn.batch_norm(x.astype(np.float32), rm, rv, w, b, eps=0.0)
-    with np.errstate(over="ignore"):  # NumPy's cast warns where it overflows to infinity, as meant here
-        want = y32.astype(dt)
-    np.testing.assert_array_equal(y.view(np.uint16), want.view(np.uint16))
-
-
 @pytest.fixture(params=["inline", "staged"])
 def half_loops(request):
     """Both ways of reading half elements: converted inside the vector loops (AVX-512F) or staged
@@ -255,8 +109,50 @@ def half_loops(request):
     _kernels.half_inline(before)
 
 
+def _identity(C):
+    """Evaluation-mode parameters whose output is the input itself, -0.0 included:
+    (x - 0) / sqrt(1 + 0) * 1 + (-0.0)."""
+    return np.ones(C, np.float32), np.full(C, -0.0, np.float32), np.zeros(C, np.float32), np.ones(C, np.float32)
+
+
 @pytest.mark.parametrize("half", list(HALVES))
-@pytest.mark.parametrize("shape", [(8, 3, 5, 7), (64, 5), (2, 5, 3000), (16, 2048)])
+def test_every_half_value_converts_exactly(half, kernel_path, half_loops):
+    """All 65536 bit patterns in and out unchanged (NaN stays NaN), on every kernel path: the ranges
+    loops' conversions (inline or staged) and the per-element ones of the column loops."""
+    dt = HALVES[half]
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    x = bits.view(dt).reshape(512, 8, 16)
+    w, b, rm, rv = _identity(8)
+    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0)
+    nan = np.isnan(x.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(y.astype(np.float32)), nan)
+    np.testing.assert_array_equal(y.view(np.uint16)[~nan], x.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+@pytest.mark.parametrize("scale", [1.5, 2.0 ** -10, 1.999, 3.0 ** 0.5], ids=["ties", "subnormal", "overflow", "any"])
+def test_results_round_to_nearest_even(half, scale, kernel_path, half_loops):
+    """The half result is the float32 computation rounded once, as NumPy rounds (to nearest, ties
+    to even, overflow to infinity): x * 1.5 of every finite half value is exact in float32 and half
+    of them are ties; 2^-10 lands in the subnormals; 1.999 overflows past 65504."""
+    dt = HALVES[half]
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    x = bits.view(dt)
+    x = x[np.isfinite(x.astype(np.float32))]
+    x = x[: x.size // 64 * 64].reshape(-1, 4, 16)
+    w, b, rm, rv = _identity(4)
+    w[:] = scale
+    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0)
+    y32 = fastbn.batch_norm(x.astype(np.float32), rm, rv, w, b, eps=0.0)
+    with np.errstate(over="ignore"):  # NumPy's cast warns where it overflows to infinity, as meant here
+        want = y32.astype(dt)
+    np.testing.assert_array_equal(y.view(np.uint16), want.view(np.uint16))
+
+
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+@pytest.mark.parametrize("shape", [(8, 3, 5, 7), (64, 5), (2, 5, 3000), (16, 2048), (2, 3, 17, 17), (3, 2, 784)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_every_op_is_the_float32_one_rounded(half, shape, training, kernel_path, half_loops):
     """Forward (also with ReLU) and backward on half elements give the float32 computation of the
@@ -333,19 +229,21 @@ def test_grad_output_of_a_half_input_has_its_type():
 
 
 @pytest.mark.parametrize("half", list(HALVES))
-@pytest.mark.parametrize("scale", [1e4, 1e25, 3e37], ids=["f16-range", "large", "near-max"])
+@pytest.mark.parametrize("scale", [1e4, 1e25, 3e37, 1e-21, 1e-25, 1e-30],
+                         ids=["f16-range", "large", "near-max", "tiny", "tinier", "subnormal-squares"])
 def test_large_values_keep_their_statistics(half, scale, half_loops):
     """The inline loops sum shifted squares in float lanes: bfloat16 reaches float's range, where a
-    lane can overflow; those blocks are summed again in double, so the statistics stay those of the
-    float32 computation (float16 values stay far from overflow)."""
+    lane can overflow, and values so small that their squares fall to float's subnormals or zero;
+    those blocks are summed again in double, so the statistics stay those of the float32
+    computation (float16 values stay far from both).  eps=1e-300: the variance itself counts."""
     dt = HALVES[half]
-    if dt == np.float16 and scale > 6e4:
+    if dt == np.float16 and not 1e-4 < scale < 6e4:
         pytest.skip("beyond float16's range")
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((4, 3, 700)) * scale + scale * (rng.standard_normal(3)[:, None])).astype(dt)
     x32 = x.astype(np.float32)
-    y, m, s = fastbn.batch_norm_forward(x, None, None, training=True)
-    y32, m32, s32 = fastbn.batch_norm_forward(x32, None, None, training=True)
+    y, m, s = fastbn.batch_norm_forward(x, None, None, training=True, eps=1e-300)
+    y32, m32, s32 = fastbn.batch_norm_forward(x32, None, None, training=True, eps=1e-300)
     assert np.isfinite(m).all() and np.isfinite(s).all() and (s > 0).all()
     np.testing.assert_allclose(m, m32, rtol=1e-6)
     np.testing.assert_allclose(s, s32, rtol=1e-6)
