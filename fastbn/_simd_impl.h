@@ -553,10 +553,18 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const E *x, ptrdiff_t rows, ptr
     const double b = (double)rows;
     const int first = *n == 0.0;
     ptrdiff_t r = 0;
+    int h512 = 0;  /* half elements converted in the loops (_half512.h) */
+#if FBN_HALF && defined(FBN_HALF_512)
+    h512 = ncols >= 16 && fbn_half_512_ok();
+#endif
     for (ptrdiff_t c = 0; c < ncols; c++)
         s[c] = q[c] = 0.0;
     if (first) {  /* k = the block's column means */
-        for (r = 0; r + 4 <= rows; r += 4) {
+#if FBN_HALF && defined(FBN_HALF_512)
+        if (h512)
+            fbn_half_col_sums((const uint16_t *)x, rows, ncols, W, NULL, s, NULL, FBN_BF);
+#endif
+        for (r = h512 ? rows : 0; r + 4 <= rows; r += 4) {
             const E *p0 = x + r * W, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
 #pragma omp simd
             for (ptrdiff_t c = 0; c < ncols; c++)
@@ -577,7 +585,11 @@ FBN_CLONES static void FBN_NAME(fbn_col_moments)(const E *x, ptrdiff_t rows, ptr
         for (ptrdiff_t c = 0; c < ncols; c++)
             k[c] = K[c] + rel[c];
     }
-    for (r = 0; r + 8 <= rows; r += 8) {  /* q as a chain of multiply-adds: see FBN_ROWS8 */
+#if FBN_HALF && defined(FBN_HALF_512)
+    if (h512)
+        fbn_half_col_sums((const uint16_t *)x, rows, ncols, W, k, s, q, FBN_BF);
+#endif
+    for (r = h512 ? rows : 0; r + 8 <= rows; r += 8) {  /* q as a chain of multiply-adds: see FBN_ROWS8 */
         const E *p = x + r * W;
 #pragma omp simd
         for (ptrdiff_t c = 0; c < ncols; c++) {
@@ -671,6 +683,12 @@ FBN_INLINE void FBN_NAME(fbn_col_affine_act)(const E *x, E *y, ptrdiff_t rows, p
     ptrdiff_t r = 0;
     int lo, wide;  /* the mean's low part is 0 for float64, and for a float32 mean (evaluation) */
     FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
+#if FBN_HALF && defined(FBN_HALF_512)
+    if (!wide && ncols >= 16 && fbn_half_512_ok()) {
+        fbn_half_col_affine((const uint16_t *)x, (uint16_t *)y, rows, ncols, W, cf, stream, relu, FBN_BF);
+        return;
+    }
+#endif
     if (!stream && !wide && !FBN_HALF)  /* half elements: rows one at a time, through buf */
         r = lo ? FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 1, relu)
                : FBN_NAME(fbn_col_affine_rows4)(x, y, rows, ncols, W, cf, 0, relu);
@@ -738,6 +756,12 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_sums_act)(const E *dy, const E *x, ptrdiff
                                                 const E *zs, const T *fcf, const int act)
 {
     ptrdiff_t r = 0;
+#if FBN_HALF && defined(FBN_HALF_512)
+    if (act == 0 && ncols >= 16 && fbn_half_512_ok()) {
+        fbn_half_col_grad_sums((const uint16_t *)dy, (const uint16_t *)x, rows, ncols, W, mean, sdy, sdyx, FBN_BF);
+        return;
+    }
+#endif
 #define FBN_G(k) ((double)FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fm1, fm2, fa, fb, (T)FBN_ZERO, act, 0))
     for (r = 0; r + 4 <= rows; r += 4) {
         const E *g = dy + r * W, *p = x + r * W, *z = act == 2 ? zs + r * W : zs;
@@ -804,6 +828,13 @@ FBN_INLINE void FBN_NAME(fbn_col_grad_input_act)(const E *dy, const E *x, E *dx,
     FBN_NAME(fbn_col_flags)(mhi, mlo, ncols, &lo, &wide);
     if (act == 1)
         wide |= FBN_NAME(fbn_col_fwd_wide)(fcf, ncols, W);
+#if FBN_HALF && defined(FBN_HALF_512)
+    if (act == 0 && !fixed && !wide && ncols >= 16 && fbn_half_512_ok()) {
+        fbn_half_col_grad_input((const uint16_t *)dy, (const uint16_t *)x, (uint16_t *)dx, rows, ncols, W, cf, stream,
+                                FBN_BF);
+        return;
+    }
+#endif
     /* in training the forward's mean is the backward's: m1, m2 for fm1, fm2 share (x - m1) - m2 with dx */
 #define FBN_DX(k) FBN_NAME(fbn_dx)(FBN_NAME(fbn_gated)(g, p, z, (k) * W + c, fixed ? fm1 : m1, fixed ? fm2 : m2, fa, fb, \
                                                    (T)FBN_ZERO, act, 0), FBN_LD(p[(k) * W + c]), m1, m2, k1, k2, k3, fixed)

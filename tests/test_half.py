@@ -152,7 +152,8 @@ def test_results_round_to_nearest_even(half, scale, kernel_path, half_loops):
 
 
 @pytest.mark.parametrize("half", list(HALVES))
-@pytest.mark.parametrize("shape", [(8, 3, 5, 7), (64, 5), (2, 5, 3000), (16, 2048), (2, 3, 17, 17), (3, 2, 784)])
+@pytest.mark.parametrize("shape", [(8, 3, 5, 7), (64, 5), (2, 5, 3000), (16, 2048), (2, 3, 17, 17), (3, 2, 784),
+                                   (33, 19), (5, 2, 3, 3)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_every_op_is_the_float32_one_rounded(half, shape, training, kernel_path, half_loops):
     """Forward (also with ReLU) and backward on half elements give the float32 computation of the
@@ -248,3 +249,31 @@ def test_large_values_keep_their_statistics(half, scale, half_loops):
     np.testing.assert_allclose(m, m32, rtol=1e-6)
     np.testing.assert_allclose(s, s32, rtol=1e-6)
     assert _ulps(y, y32.astype(dt), dt).max() <= 1
+
+
+@pytest.mark.parametrize("half", list(HALVES))
+def test_streaming_stores_give_the_same_half_bits(half, kernel_path, half_loops):
+    """Streaming stores (taken by size; forced here with a tiny threshold) write the same bits as
+    normal ones, on every path, inline or staged, channels-last included."""
+    dt = HALVES[half]
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((6, 40, 9, 9)) * 2 + 1).astype(dt)
+    dy = rng.standard_normal(x.shape).astype(dt)
+    w, b = rng.uniform(0.5, 2, 40).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+    before = _kernels.thresholds()
+
+    def run(a, g):
+        y, m, s = fastbn.batch_norm_forward(a, None, None, w, b, True)
+        ye = fastbn.batch_norm(a, np.zeros(40, np.float32), np.ones(40, np.float32), w, b)
+        return y, ye, fastbn.batch_norm_backward(g, a, w, m, s, True)[0]
+
+    try:
+        for a, g in ((x, dy), (np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+                               np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))):
+            want = run(a, g)
+            _kernels.thresholds(stream_bytes=4096)
+            for got, w_ in zip(run(a, g), want):
+                np.testing.assert_array_equal(got.view(np.uint16), w_.view(np.uint16))
+            _kernels.thresholds(**before)
+    finally:
+        _kernels.thresholds(**before)
