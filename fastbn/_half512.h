@@ -13,14 +13,15 @@
  *
  * They cover the hot cases of the ranges loops and of the column loops (at the end): moments, the
  * affine map (the column one also with ReLU), the gradient sums and the grad-input map (no
- * activation, batch statistics), for means that are not wide (FBN_WIDE) and rows of
- * FBN_HALF_MIN_ROW elements or more (16 columns or more); the two maps also round their results to the half
- * type in the register and store them (through a buffer only to stream it), where the staged loops
- * write floats that a second pass converts.  Every other case keeps the staged loops, as does
- * every machine but x86-64 Linux with GCC or clang and a CPU with AVX-512F and FMA (checked at run
- * time).  The maps are the staged loops' formulas, one FMA where the float32 clones contract one
- * (the same bits); the moments sum partials of 16 terms in float lanes, so the statistics carry
- * float's relative precision (about 1e-8, far below a half type's rounding) rather than double's. */
+ * activation, batch statistics), for means that are not wide (FBN_WIDE), in rows of
+ * FBN_HALF_MIN_ROW elements or more, or 16 columns or more; the maps also round their results to
+ * the half type in the register and store them (through a buffer only to stream it), where the
+ * staged loops write floats that a second pass converts.  Every other case keeps the staged
+ * loops, as does every machine but x86-64 Linux with GCC or clang and a CPU with AVX-512F and FMA
+ * (checked at run time).  The maps are the staged loops' formulas, one FMA where the float32
+ * clones contract one (the same bits); the ranges loops' moments sum partials of 16 terms in float
+ * lanes, so the statistics carry float's relative precision (about 1e-8, far below a half type's
+ * rounding) rather than double's; the column loops' moments stay in double. */
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(FBN_NO_H16_512)
 #define FBN_HALF_512 1
 #define FBN_H512 __attribute__((target("avx512f,f16c,fma")))
