@@ -94,6 +94,28 @@ FBN_H512 static inline double fbn_half_hsum(__m512d a, __m512d b, __m512d c, __m
     return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a, b), _mm512_add_pd(c, d)));
 }
 
+/* One step of 16 elements v of the shifted sums: d = v - K (K0, K1: the shift for the low and high
+ * 8), s += d, and with q, q += d * d, in double lanes (two vectors each). */
+FBN_H512 static inline void fbn_half_sq16(__m512 v, __m512d K0, __m512d K1, __m512d *s0, __m512d *s1, __m512d *q0,
+                                          __m512d *q1, const int with_q)
+{
+    const __m512d d0 = _mm512_sub_pd(fbn_lo8(v), K0), d1 = _mm512_sub_pd(fbn_hi8(v), K1);
+    *s0 = _mm512_add_pd(*s0, d0), *s1 = _mm512_add_pd(*s1, d1);
+    if (with_q)
+        *q0 = _mm512_fmadd_pd(d0, d0, *q0), *q1 = _mm512_fmadd_pd(d1, d1, *q1);
+}
+
+/* One step of 16 elements of the gradient sums: a += g, b += g * (p - M) (M0, M1: the mean for the
+ * low and high 8), in double lanes. */
+FBN_H512 static inline void fbn_half_gs16(__m512 g, __m512 p, __m512d M0, __m512d M1, __m512d *a0, __m512d *a1,
+                                          __m512d *b0, __m512d *b1)
+{
+    const __m512d g0 = fbn_lo8(g), g1 = fbn_hi8(g);
+    *a0 = _mm512_add_pd(*a0, g0), *a1 = _mm512_add_pd(*a1, g1);
+    *b0 = _mm512_fmadd_pd(g0, _mm512_sub_pd(fbn_lo8(p), M0), *b0);
+    *b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(fbn_hi8(p), M1), *b1);
+}
+
 /* *s_out = sum(p - k), *q_out = sum((p - k)^2) over [0, n) in double lanes. */
 FBN_H512 static void fbn_half_shifted_sums(const uint16_t *p, ptrdiff_t n, double k, double *s_out, double *q_out,
                                            const int bf)
@@ -102,18 +124,11 @@ FBN_H512 static void fbn_half_shifted_sums(const uint16_t *p, ptrdiff_t n, doubl
     __m512d s0 = Z, s1 = Z, s2 = Z, s3 = Z, q0 = Z, q1 = Z, q2 = Z, q3 = Z;
     ptrdiff_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        const __m512 u = FBN_HLD(p + i), v = FBN_HLD(p + i + 16);
-        const __m512d d0 = _mm512_sub_pd(fbn_lo8(u), K), d1 = _mm512_sub_pd(fbn_hi8(u), K);
-        const __m512d d2 = _mm512_sub_pd(fbn_lo8(v), K), d3 = _mm512_sub_pd(fbn_hi8(v), K);
-        s0 = _mm512_add_pd(s0, d0), s1 = _mm512_add_pd(s1, d1), s2 = _mm512_add_pd(s2, d2), s3 = _mm512_add_pd(s3, d3);
-        q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
-        q2 = _mm512_fmadd_pd(d2, d2, q2), q3 = _mm512_fmadd_pd(d3, d3, q3);
+        fbn_half_sq16(FBN_HLD(p + i), K, K, &s0, &s1, &q0, &q1, 1);
+        fbn_half_sq16(FBN_HLD(p + i + 16), K, K, &s2, &s3, &q2, &q3, 1);
     }
     if (i + 16 <= n) {
-        const __m512 u = FBN_HLD(p + i);
-        const __m512d d0 = _mm512_sub_pd(fbn_lo8(u), K), d1 = _mm512_sub_pd(fbn_hi8(u), K);
-        s0 = _mm512_add_pd(s0, d0), s1 = _mm512_add_pd(s1, d1);
-        q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
+        fbn_half_sq16(FBN_HLD(p + i), K, K, &s0, &s1, &q0, &q1, 1);
         i += 16;
     }
     double s = fbn_half_hsum(s0, s1, s2, s3), q = fbn_half_hsum(q0, q1, q2, q3);
@@ -232,21 +247,11 @@ FBN_H512 static void fbn_half_grad_sums(const uint16_t *g, const uint16_t *p, pt
     __m512d a0 = Z, a1 = Z, a2 = Z, a3 = Z, b0 = Z, b1 = Z, b2 = Z, b3 = Z;
     ptrdiff_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        const __m512 gu = FBN_HLD(g + i), gv = FBN_HLD(g + i + 16);
-        const __m512 pu = FBN_HLD(p + i), pv = FBN_HLD(p + i + 16);
-        const __m512d g0 = fbn_lo8(gu), g1 = fbn_hi8(gu), g2 = fbn_lo8(gv), g3 = fbn_hi8(gv);
-        a0 = _mm512_add_pd(a0, g0), a1 = _mm512_add_pd(a1, g1), a2 = _mm512_add_pd(a2, g2), a3 = _mm512_add_pd(a3, g3);
-        b0 = _mm512_fmadd_pd(g0, _mm512_sub_pd(fbn_lo8(pu), M), b0);
-        b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(fbn_hi8(pu), M), b1);
-        b2 = _mm512_fmadd_pd(g2, _mm512_sub_pd(fbn_lo8(pv), M), b2);
-        b3 = _mm512_fmadd_pd(g3, _mm512_sub_pd(fbn_hi8(pv), M), b3);
+        fbn_half_gs16(FBN_HLD(g + i), FBN_HLD(p + i), M, M, &a0, &a1, &b0, &b1);
+        fbn_half_gs16(FBN_HLD(g + i + 16), FBN_HLD(p + i + 16), M, M, &a2, &a3, &b2, &b3);
     }
     if (i + 16 <= n) {
-        const __m512 gu = FBN_HLD(g + i), pu = FBN_HLD(p + i);
-        const __m512d g0 = fbn_lo8(gu), g1 = fbn_hi8(gu);
-        a0 = _mm512_add_pd(a0, g0), a1 = _mm512_add_pd(a1, g1);
-        b0 = _mm512_fmadd_pd(g0, _mm512_sub_pd(fbn_lo8(pu), M), b0);
-        b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(fbn_hi8(pu), M), b1);
+        fbn_half_gs16(FBN_HLD(g + i), FBN_HLD(p + i), M, M, &a0, &a1, &b0, &b1);
         i += 16;
     }
     double a = fbn_half_hsum(a0, a1, a2, a3), b = fbn_half_hsum(b0, b1, b2, b3);
@@ -297,22 +302,11 @@ FBN_H512 static void fbn_half_col_sums(const uint16_t *x, ptrdiff_t rows, ptrdif
         __m512d s0 = Z, s1 = Z, s2 = Z, s3 = Z, q0 = Z, q1 = Z, q2 = Z, q3 = Z;
         ptrdiff_t r = 0;
         for (; r + 2 <= rows; r += 2) {
-            const __m512 u = FBN_HLD(x + r * W + c), v = FBN_HLD(x + (r + 1) * W + c);
-            const __m512d d0 = _mm512_sub_pd(fbn_lo8(u), K0), d1 = _mm512_sub_pd(fbn_hi8(u), K1);
-            const __m512d d2 = _mm512_sub_pd(fbn_lo8(v), K0), d3 = _mm512_sub_pd(fbn_hi8(v), K1);
-            s0 = _mm512_add_pd(s0, d0), s1 = _mm512_add_pd(s1, d1), s2 = _mm512_add_pd(s2, d2), s3 = _mm512_add_pd(s3, d3);
-            if (q) {
-                q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
-                q2 = _mm512_fmadd_pd(d2, d2, q2), q3 = _mm512_fmadd_pd(d3, d3, q3);
-            }
+            fbn_half_sq16(FBN_HLD(x + r * W + c), K0, K1, &s0, &s1, &q0, &q1, q != NULL);
+            fbn_half_sq16(FBN_HLD(x + (r + 1) * W + c), K0, K1, &s2, &s3, &q2, &q3, q != NULL);
         }
-        if (r < rows) {
-            const __m512 u = FBN_HLD(x + r * W + c);
-            const __m512d d0 = _mm512_sub_pd(fbn_lo8(u), K0), d1 = _mm512_sub_pd(fbn_hi8(u), K1);
-            s0 = _mm512_add_pd(s0, d0), s1 = _mm512_add_pd(s1, d1);
-            if (q)
-                q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
-        }
+        if (r < rows)
+            fbn_half_sq16(FBN_HLD(x + r * W + c), K0, K1, &s0, &s1, &q0, &q1, q != NULL);
         _mm512_storeu_pd(s + c, _mm512_add_pd(_mm512_loadu_pd(s + c), _mm512_add_pd(s0, s2)));
         _mm512_storeu_pd(s + c + 8, _mm512_add_pd(_mm512_loadu_pd(s + c + 8), _mm512_add_pd(s1, s3)));
         if (q) {
@@ -372,22 +366,11 @@ FBN_H512 static void fbn_half_col_grad_sums(const uint16_t *dy, const uint16_t *
         __m512d a0 = Z, a1 = Z, a2 = Z, a3 = Z, b0 = Z, b1 = Z, b2 = Z, b3 = Z;
         ptrdiff_t r = 0;
         for (; r + 2 <= rows; r += 2) {
-            const __m512 gu = FBN_HLD(dy + r * W + c), gv = FBN_HLD(dy + (r + 1) * W + c);
-            const __m512 pu = FBN_HLD(x + r * W + c), pv = FBN_HLD(x + (r + 1) * W + c);
-            const __m512d g0 = fbn_lo8(gu), g1 = fbn_hi8(gu), g2 = fbn_lo8(gv), g3 = fbn_hi8(gv);
-            a0 = _mm512_add_pd(a0, g0), a1 = _mm512_add_pd(a1, g1), a2 = _mm512_add_pd(a2, g2), a3 = _mm512_add_pd(a3, g3);
-            b0 = _mm512_fmadd_pd(g0, _mm512_sub_pd(fbn_lo8(pu), M0), b0);
-            b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(fbn_hi8(pu), M1), b1);
-            b2 = _mm512_fmadd_pd(g2, _mm512_sub_pd(fbn_lo8(pv), M0), b2);
-            b3 = _mm512_fmadd_pd(g3, _mm512_sub_pd(fbn_hi8(pv), M1), b3);
+            fbn_half_gs16(FBN_HLD(dy + r * W + c), FBN_HLD(x + r * W + c), M0, M1, &a0, &a1, &b0, &b1);
+            fbn_half_gs16(FBN_HLD(dy + (r + 1) * W + c), FBN_HLD(x + (r + 1) * W + c), M0, M1, &a2, &a3, &b2, &b3);
         }
-        if (r < rows) {
-            const __m512 gu = FBN_HLD(dy + r * W + c), pu = FBN_HLD(x + r * W + c);
-            const __m512d g0 = fbn_lo8(gu), g1 = fbn_hi8(gu);
-            a0 = _mm512_add_pd(a0, g0), a1 = _mm512_add_pd(a1, g1);
-            b0 = _mm512_fmadd_pd(g0, _mm512_sub_pd(fbn_lo8(pu), M0), b0);
-            b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(fbn_hi8(pu), M1), b1);
-        }
+        if (r < rows)
+            fbn_half_gs16(FBN_HLD(dy + r * W + c), FBN_HLD(x + r * W + c), M0, M1, &a0, &a1, &b0, &b1);
         _mm512_storeu_pd(sdy + c, _mm512_add_pd(_mm512_loadu_pd(sdy + c), _mm512_add_pd(a0, a2)));
         _mm512_storeu_pd(sdy + c + 8, _mm512_add_pd(_mm512_loadu_pd(sdy + c + 8), _mm512_add_pd(a1, a3)));
         _mm512_storeu_pd(sdyx + c, _mm512_add_pd(_mm512_loadu_pd(sdyx + c), _mm512_add_pd(b0, b2)));
