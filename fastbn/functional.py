@@ -18,7 +18,7 @@ def batch_norm_forward(input, running_mean, running_var, weight=None, bias=None,
     that normalized the input (the batch's in training, the running buffers' otherwise), as
     float64 arrays of shape ``(C,)``.
     """
-    if training is False and unbiased is True:  # the plain evaluation call, checked in C (or None)
+    if training is False and unbiased is True and momentum is not None:  # the plain evaluation call, checked in C
         done = _plain_eval(input, running_mean, running_var, weight, bias, eps, out, ck.activation(activation))
         if done is not None:
             return done
@@ -39,10 +39,10 @@ def _checked_forward(input, running_mean, running_var, weight, bias, training, m
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")
     eps = ck.scalar(eps, "eps")
+    if momentum is None:  # PyTorch's functional batch_norm refuses None in either mode
+        raise TypeError("momentum must be a float; for a cumulative average pass 1/num_batches "
+                        "(the layers do this when momentum=None)")
     if training and running_mean is not None:
-        if momentum is None:
-            raise TypeError("momentum must be a float; for a cumulative average pass 1/num_batches "
-                            "(the layers do this when momentum=None)")
         momentum = ck.scalar(momentum, "momentum", 0.0, 1.0)
     if running_mean is not None:
         ck.vector(running_mean, "running_mean", be, (C,), None, writable=training)
@@ -92,7 +92,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     for an in-place call).  ``activation="relu"`` applies ReLU in the same pass:
     ``relu(batch_norm(...))``, with NaN and -0.0 kept as ``torch.relu`` keeps them.
     """
-    if training is False and unbiased is True:
+    if training is False and unbiased is True and momentum is not None:
         done = _plain_eval(input, running_mean, running_var, weight, bias, eps, out, ck.activation(activation))
         if done is not None:
             return done[0]
