@@ -1,6 +1,7 @@
 """The protocol every fastbn layer follows (:class:`Layer`): modes, parameters and their
 gradients, per-thread saved forwards, checkpoints with PyTorch's keys."""
 import contextlib
+import math
 import threading
 from collections import namedtuple
 
@@ -192,6 +193,12 @@ class Layer:
         self.grad_bias = gb if self.bias is not None else None
         return dx
 
+    def _holds_arrays(self):
+        """Whether the layer has parameters or buffers; one without any (PyTorch's default
+        InstanceNorm, affine=False BatchNorm without running statistics) takes an input of either
+        float type, as PyTorch's does, and computes in the input's precision."""
+        return any(getattr(self, n, None) is not None for n in ("weight", "bias", "running_mean", "running_var"))
+
     def _saved_weight(self, record):
         """A copy of the weight for a saved forward (the weight itself when nothing is saved)."""
         return self.weight.copy() if record and self.weight is not None else self.weight
@@ -237,17 +244,18 @@ class Layer:
             value = state_dict[name]
             if type(value).__module__.split(".")[0] == "cupy":
                 value = value.get()
+            elif hasattr(value, "detach"):  # a torch tensor; a Parameter that requires grad, too
+                value = value.detach()
             try:
                 value = np.asarray(value)
             except ValueError as e:  # e.g. a ragged nested list
                 raise ValueError(f"{name} is not an array: {e}") from None
             if name == "num_batches_tracked":
-                if value.shape != () or value.dtype.kind not in "iu" or not -2**63 <= int(value) < 2**63:
-                    raise ValueError(f"num_batches_tracked must be a scalar integer in int64's range, got {value!r}")
-                staged[name] = int(value)
+                staged[name] = _loaded_count(value)
                 continue
-            if value.dtype.kind != "f":
-                raise TypeError(f"{name} must be a float array, got dtype {value.dtype}")
+            # PyTorch casts what it loads (copy_); so does this, from any real type
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"{name} must be an array of real numbers (float, int or bool), got dtype {value.dtype}")
             target = getattr(self, name)
             want = tuple(target.shape)
             if value.shape != want:
@@ -266,6 +274,19 @@ class Layer:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def _loaded_count(value):
+    """num_batches_tracked from a state_dict value: an integer (or an integral float, or bool) of
+    shape () or (1,) (PyTorch loads a one-element value into a 0-d buffer), in int64's range."""
+    v = None
+    if value.shape in ((), (1,)) and value.dtype.kind in "biuf":
+        v = value.reshape(()).item()
+        if isinstance(v, float):
+            v = int(v) if math.isfinite(v) and v.is_integer() else None
+    if v is None or not -2**63 <= int(v) < 2**63:
+        raise ValueError(f"num_batches_tracked must be a scalar integer in int64's range, got {value!r}")
+    return int(v)
 
 
 class _RunningStats:

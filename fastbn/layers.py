@@ -94,11 +94,15 @@ class _BatchNorm(_RunningStats, Layer):
                 f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels "
                 f"(axis 1), got shape {tuple(x.shape)}"
             )
-        ck.kernel_dtype(x, self.dtype, type(self).__name__)
+        dt = self.dtype
+        if self._holds_arrays():
+            ck.kernel_dtype(x, dt, type(self).__name__)
+        else:  # nothing to hold a dtype: the input's, as in the functional API
+            dt = ck.float_dtype(x, "input")
         if be is not self._backend:
             raise TypeError(f"{type(self).__name__} lives on device {self.device!r} but got a {be.kind} array; "
                             f"move the layer with .to(...) or the array")
-        return be, ck.ncs_view(be, x, ck.storage_dtype(be, x, self.dtype))
+        return be, ck.ncs_view(be, x, ck.storage_dtype(be, x, dt))
 
     @property
     def _backend(self):
@@ -118,7 +122,7 @@ class _BatchNorm(_RunningStats, Layer):
                 y, mean, invstd = done
                 if is_grad_enabled():
                     self._local.saved = _Saved(False, (input, self.dtype, None, self._saved_weight(True), mean,
-                                                       invstd, False, self._saved_bias(True)))
+                                                       invstd, False, self._saved_bias(True, self.dtype)))
                 return y
         return Layer.forward(self, input, out=out, update_running_stats=update_running_stats)
 
@@ -133,7 +137,7 @@ class _BatchNorm(_RunningStats, Layer):
             factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         use_buffers = (not self.training and self.track_running_stats) or update
         rm, rv = (self.running_mean, self.running_var) if use_buffers else (None, None)
-        C, dt = self.num_features, self.dtype
+        C, dt = self.num_features, self.dtype if self._holds_arrays() else ck.compute_dtype(x3.dtype)
         with self._on_device():
             if rm is not None:
                 ck.vector(rm, "running_mean", be, (C,), None, writable=update)
@@ -146,15 +150,15 @@ class _BatchNorm(_RunningStats, Layer):
             self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
         if saved_input is not input:  # an in-place forward: backward reads the copy
             x3 = ck.ncs_view(be, saved_input, x3.dtype)
-        return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats, self._saved_bias(record))
+        return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats, self._saved_bias(record, dt))
 
-    def _saved_bias(self, record):
+    def _saved_bias(self, record, dt):
         """With the activation, the bias that ReLU's mask is recomputed with in backward (a copy, as
         the weight: an update between forward and backward must not change the mask); else None."""
         if not self._relu:
             return None
         if self.bias is None:
-            return self._xp.zeros(self.num_features, dtype=self.dtype)
+            return self._xp.zeros(self.num_features, dtype=dt)
         return self.bias.copy() if record else self.bias
 
     def _backward(self, be, grad_output, payload, out):

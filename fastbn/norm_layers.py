@@ -28,7 +28,8 @@ class _Norm(Layer):
     def _check_dtype(self, x):
         be = backend_of(x)
         be.norm_kernels(type(self).__name__)  # NotImplementedError where the backend has none
-        ck.kernel_dtype(x, self.dtype, type(self).__name__)
+        if self._holds_arrays():
+            ck.kernel_dtype(x, self.dtype, type(self).__name__)
         return be, x
 
     def to(self, device):
@@ -121,6 +122,16 @@ class LayerNorm(_Norm):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, bias={self.has_bias}"
 
 
+def _unbatched_out(be, out, x):
+    """out= for an unbatched input x, as the functional API's view of it (with N = 1): out[None],
+    after the check that out has x's own shape (a batched one would pass for x[None])."""
+    if out is None or not be.is_array(out):
+        return out  # (the functional API names what it is)
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"out must have the input's shape {tuple(x.shape)}, got shape {tuple(out.shape)}")
+    return out[None]
+
+
 class _InstanceNorm(_RunningStats, _Norm):
     _ndim = 0  # the batched rank; one less is an unbatched input
 
@@ -164,7 +175,7 @@ class _InstanceNorm(_RunningStats, _Norm):
         be = checked[0]
         unbatched = input.ndim == self._ndim - 1
         x = input[None] if unbatched else input
-        o = out[None] if unbatched and out is not None and be.is_array(out) and out.shape == input.shape else out
+        o = _unbatched_out(be, out, input) if unbatched else out
         use_input_stats = self.training or not self.track_running_stats
         buffers = self.track_running_stats and (not use_input_stats or update)
         momentum = 0.0 if self.momentum is None else self.momentum  # PyTorch: momentum=None keeps them
@@ -178,11 +189,22 @@ class _InstanceNorm(_RunningStats, _Norm):
     def _backward(self, be, grad_output, payload, out):
         x, w, mean, invstd, use_input_stats = payload
         if x.ndim == self._ndim - 1:
-            o = out[None] if be.is_array(out) and out.shape == x.shape else out
+            o = _unbatched_out(be, out, x)
             dx, gw, gb = norms.instance_norm_backward(grad_output[None], x[None], w, mean, invstd, use_input_stats,
                                                       out=o)
             return (out if out is not None else dx[0]), gw, gb
         return norms.instance_norm_backward(grad_output, x, w, mean, invstd, use_input_stats, out=out)
+
+    def load_state_dict(self, state_dict, strict=True):
+        """As ``Layer.load_state_dict``; running statistics for a layer without them are refused even
+        with ``strict=False``, as PyTorch refuses them (a checkpoint from a layer that tracked them)."""
+        if not self.track_running_stats:
+            found = [k for k in ("running_mean", "running_var") if k in state_dict]
+            if found:
+                raise ValueError(f"load_state_dict for {type(self).__name__}: unexpected running stats buffer(s) "
+                                 f"{found} for a layer with track_running_stats=False; remove them from the dict, or "
+                                 f"build the layer with track_running_stats=True to use them")
+        return super().load_state_dict(state_dict, strict)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "

@@ -111,7 +111,8 @@ def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, train
         w, m, istd = ck.apart(be, out, w, mean, invstd)
         k.group_backward(g, x, dx1, w, G, max(S, 1), m, istd, training, sums, be.threads())
     gb = sums[:, :, 0].sum(axis=0)
-    gw = (sums[:, :, 1].reshape(N, G, C // G) * invstd.reshape(N, G, 1)).reshape(N, C).sum(axis=0)
+    with np.errstate(invalid="ignore"):  # 0 * inf after an eps=0 forward on a constant group: NaN, as PyTorch
+        gw = (sums[:, :, 1].reshape(N, G, C // G) * invstd.reshape(N, G, 1)).reshape(N, C).sum(axis=0)
     return ck.finish(dx, target), gw.astype(dt), gb.astype(dt)
 
 
@@ -192,8 +193,8 @@ def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean,
 
 # ---------------------------------------------------------------- instance norm
 def _instance_shape(x, what):
-    if x.ndim < 3:
-        raise ValueError(f"{what} expects input of at least 3 dimensions (N, C, *spatial), got shape {tuple(x.shape)}"
+    if x.ndim < 2:  # (N, C) has one spatial element: only use_input_stats=False takes it, as in PyTorch
+        raise ValueError(f"{what} expects input of at least 2 dimensions (N, C, *spatial), got shape {tuple(x.shape)}"
                          f" (the layers take an unbatched (C, *spatial) input)")
     return x.shape[0], x.shape[1], math.prod(x.shape[2:])
 
@@ -240,7 +241,8 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
     else:
         rm = np.asarray(running_mean, dtype=np.float64)
         mean[...] = rm
-        invstd[...] = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+        with np.errstate(divide="ignore"):  # a zero variance with eps=0: inf, as 1/sqrt(0) in the kernels
+            invstd[...] = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
         if x.size:
             k.group_apply(x, y1, *ck.apart(be, out, w, b), C, S, mean, invstd, be.threads())
     return ck.finish(y, target), mean, invstd

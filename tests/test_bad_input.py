@@ -61,6 +61,7 @@ FORWARD_CASES = [
     ("momentum-high", dict(momentum=1.5), ValueError, r"momentum must be a real number in \[0.0, 1.0\], got 1.5"),
     ("momentum-negative", dict(momentum=-0.1), ValueError, r"momentum must be .*got -0.1"),
     ("momentum-none", dict(momentum=None), TypeError, r"momentum must be a float"),
+    ("momentum-none-eval", dict(momentum=None, training=False), TypeError, r"momentum must be a float"),
     ("momentum-str", dict(momentum="0.1"), TypeError, r"momentum must be a real number.*'0.1'"),
     ("eps-negative", dict(eps=-1e-5), ValueError, r"eps must be a real number >= 0.0, got -1e-05"),
     ("eps-nan", dict(eps=float("nan")), ValueError, r"eps must be .*nan"),
@@ -239,13 +240,13 @@ def test_load_state_dict_rejects_and_changes_nothing(rng, case):
         state["bias"] = np.zeros(4, np.float32)
         message = r"bias must have shape \(3,\), got shape \(4,\)"
     elif case == "dtype":
-        state["running_mean"] = np.zeros(3, np.int64)
-        exc, message = (TypeError, ValueError), r"running_mean must be a float array, got dtype int64"
+        state["running_mean"] = np.zeros(3, np.complex64)
+        exc, message = TypeError, r"running_mean must be an array of real numbers \(float, int or bool\), got dtype complex64"
     elif case == "nbt-float":
         state["num_batches_tracked"] = np.array(2.5)
         message = r"num_batches_tracked must be a scalar integer"
     elif case == "nbt-shape":
-        state["num_batches_tracked"] = np.array([2])
+        state["num_batches_tracked"] = np.array([2, 3])
         message = r"num_batches_tracked must be a scalar integer"
     else:  # everything valid except the last buffer
         state["running_var"] = np.ones((3, 1), np.float32)
@@ -475,5 +476,25 @@ def test_load_state_dict_names_a_value_that_is_not_an_array():
     bn = fastbn.BatchNorm1d(2)
     with pytest.raises(ValueError, match="running_mean is not an array"):
         bn.load_state_dict({**bn.state_dict(), "running_mean": [[1.0], [2.0, 3.0]]})
-    with pytest.raises(TypeError, match="running_var must be a float array, got dtype object"):
+    with pytest.raises(TypeError, match="running_var must be an array of real numbers .*, got dtype object"):
         bn.load_state_dict({**bn.state_dict(), "running_var": None})
+
+
+def test_load_state_dict_casts_as_pytorch():
+    """PyTorch's load copies with a cast: integer and bool arrays, an integral float or a
+    one-element num_batches_tracked (its old checkpoints), a Parameter that requires grad."""
+    bn = fastbn.BatchNorm1d(3)
+    bn.load_state_dict({"weight": np.array([1, 2, 3]), "bias": np.array([True, False, True]),
+                        "running_mean": np.arange(3, dtype=np.int32), "running_var": np.ones(3, np.uint8),
+                        "num_batches_tracked": np.array(5.0)})
+    np.testing.assert_array_equal(bn.weight, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(bn.bias, [1.0, 0.0, 1.0])
+    assert bn.weight.dtype == bn.running_var.dtype == np.float32 and bn.num_batches_tracked == 5
+    bn.load_state_dict({**bn.state_dict(), "num_batches_tracked": np.array([7])})
+    assert bn.num_batches_tracked == 7
+    torch = pytest.importorskip("torch")
+    tbn = torch.nn.BatchNorm1d(3)
+    params = {**{k: v for k, v in tbn.state_dict().items()}, **dict(tbn.named_parameters())}
+    assert params["weight"].requires_grad
+    bn.load_state_dict(params)
+    np.testing.assert_array_equal(bn.weight, tbn.weight.detach().numpy())

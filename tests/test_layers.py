@@ -368,3 +368,27 @@ def test_a_layer_with_no_features_gives_empty_results():
 def test_device_strings_are_checked(device):
     with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
         fastbn.BatchNorm1d(2, device=device)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_a_batch_norm_without_arrays_takes_either_float_type(activation):
+    """affine=False without running statistics: nothing holds a dtype, so a float32-built layer takes
+    float64 input as PyTorch's does, computing in float64."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    x, g = rng.standard_normal((4, 3, 5)), rng.standard_normal((4, 3, 5))
+    bn = fastbn.BatchNorm1d(3, affine=False, track_running_stats=False, activation=activation)
+    y = bn(x)
+    dx = bn.backward(g)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.batch_norm(tx, None, None, training=True)
+    if activation:
+        ty = torch.relu(ty)
+    ty.backward(torch.tensor(g))
+    assert y.dtype == dx.dtype == np.float64
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+    bn.eval()
+    assert bn(x).dtype == np.float64
+    with pytest.raises(TypeError, match=r"BatchNorm1d holds float32 parameters, got input of dtype float64"):
+        fastbn.BatchNorm1d(3, affine=False)(x)

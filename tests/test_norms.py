@@ -241,7 +241,8 @@ def test_empty_inputs():
     (lambda x: fastbn.layer_norm(x, ()), ValueError, ["normalized_shape"]),
     (lambda x: fastbn.layer_norm(x, "a"), TypeError, ["normalized_shape"]),
     (lambda x: fastbn.layer_norm(x, 4, np.ones(3)), ValueError, ["weight", "(4,)"]),
-    (lambda x: fastbn.instance_norm(x[0, 0]), ValueError, ["at least 3 dimensions"]),
+    (lambda x: fastbn.instance_norm(x[0, 0, 0]), ValueError, ["at least 2 dimensions"]),
+    (lambda x: fastbn.instance_norm(x[:, :, 0, 0]), ValueError, ["more than 1 spatial element"]),
     (lambda x: fastbn.instance_norm(x, use_input_stats=False), ValueError, ["running_mean"]),
     (lambda x: fastbn.instance_norm(x, np.zeros(6), None), ValueError, ["both"]),
     (lambda x: fastbn.instance_norm(x, np.zeros(6), np.ones(6), momentum=2.0), ValueError, ["momentum"]),
@@ -565,3 +566,74 @@ def test_instance_norm_eps_0_on_a_constant_instance_is_pytorchs(affine):
     np.testing.assert_array_equal(dx[0, 1], 0.0)
     _, _, invstd = fastbn.instance_norm_forward(x, eps=0.0)
     assert invstd[0, 1] == 0.0 and invstd[2, 3] == 0.0 and (invstd[1] > 0).all()
+
+
+@pytest.mark.parametrize("make, tmake", [
+    (lambda: fastbn.InstanceNorm2d(3), lambda: torch.nn.InstanceNorm2d(3)),
+    (lambda: fastbn.GroupNorm(1, 3, affine=False), lambda: torch.nn.GroupNorm(1, 3, affine=False)),
+    (lambda: fastbn.LayerNorm(5, elementwise_affine=False), lambda: torch.nn.LayerNorm(5, elementwise_affine=False)),
+])
+def test_a_layer_without_arrays_takes_either_float_type(make, tmake):
+    """PyTorch's default InstanceNorm holds nothing, so it takes float64 input although it was
+    built float32; so does fastbn's, computing in the input's precision."""
+    rng = np.random.default_rng(3)
+    x, g = rng.standard_normal((4, 3, 5, 5)), rng.standard_normal((4, 3, 5, 5))
+    layer, tlayer = make(), tmake().double()
+    y = layer(x)
+    dx = layer.backward(g)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = tlayer(tx)
+    ty.backward(torch.tensor(g))
+    assert y.dtype == dx.dtype == np.float64
+    _close(y, ty, np.float64)
+    _close(dx, tx.grad, np.float64)
+
+
+def test_a_layer_with_arrays_still_refuses_another_float_type():
+    with pytest.raises(TypeError, match=r"InstanceNorm2d holds float32 parameters, got input of dtype float64"):
+        fastbn.InstanceNorm2d(3, affine=True)(np.ones((2, 3, 4, 4)))
+    with pytest.raises(TypeError, match=r"holds float32 parameters, got input of dtype float64"):
+        fastbn.InstanceNorm2d(3, track_running_stats=True)(np.ones((2, 3, 4, 4)))
+
+
+def test_instance_norm_takes_2d_input_on_running_statistics_as_pytorch():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    rm, rv = rng.standard_normal(5).astype(np.float32), rng.uniform(0.5, 2, 5).astype(np.float32)
+    w, b = rng.uniform(0.5, 2, 5).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    y, mean, invstd = fastbn.instance_norm_forward(x, rm, rv, w, b, use_input_stats=False)
+    t = TF.instance_norm(*map(_t, (x, rm, rv, w, b)), use_input_stats=False)
+    _close(y, t, np.float32)
+    dx = fastbn.instance_norm_backward(np.ones_like(x), x, w, mean, invstd, False)[0]
+    np.testing.assert_allclose(dx, np.broadcast_to(w / np.sqrt(rv + 1e-5), x.shape), rtol=1e-6)
+
+
+def test_instance_norm_refuses_running_statistics_it_does_not_track():
+    layer = fastbn.InstanceNorm1d(3)
+    state = {"running_mean": np.zeros(3, np.float32), "running_var": np.ones(3, np.float32)}
+    for strict in (True, False):  # PyTorch raises even with strict=False
+        with pytest.raises(ValueError, match=r"unexpected running stats buffer\(s\) \['running_mean', 'running_var'\]"):
+            layer.load_state_dict(state, strict=strict)
+
+
+def test_unbatched_out_must_have_the_inputs_shape():
+    layer = fastbn.InstanceNorm1d(3)
+    x = np.random.default_rng(5).standard_normal((3, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"out must have the input's shape \(3, 6\), got shape \(1, 3, 6\)"):
+        layer(x, out=np.zeros((1, 3, 6), np.float32))
+    out = np.zeros((3, 6), np.float32)
+    assert layer(x, out=out) is out
+    with pytest.raises(ValueError, match=r"out must have the input's shape \(3, 6\), got shape \(1, 3, 6\)"):
+        layer.backward(x, out=np.zeros((1, 3, 6), np.float32))
+    assert layer.backward(x).shape == (3, 6)  # the refused call left the saved forward
+
+
+def test_zero_variance_with_eps_0_warns_nothing():
+    import warnings
+    xc = np.ones((2, 4, 3), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, m, s = fastbn.group_norm_forward(xc, 2, np.ones(4, np.float32), None, eps=0.0)
+        fastbn.group_norm_backward(xc, xc, 2, np.ones(4, np.float32), m, s)
+        y = fastbn.instance_norm(xc, np.zeros(4, np.float32), np.zeros(4, np.float32), use_input_stats=False, eps=0.0)
+    assert np.isnan(y).all()  # (1 - 0) * inf: PyTorch's NaN too
