@@ -336,8 +336,7 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input, out=out, update_running_stats=update_running_stats)
         record = is_grad_enabled()
         try:
-            y, payload = self._sync_forward(input, out, ck.flag(update_running_stats, "update_running_stats") and self.track_running_stats,
-                                            record)
+            y, payload = self._sync_forward(input, out, update_running_stats, record)
         except Exception:
             # the ranks failed together: a backward now would differentiate an earlier forward, which
             # is probably not the one meant, so none is left pending on this thread
@@ -350,10 +349,11 @@ class SyncBatchNorm(_BatchNorm):
 
     __call__ = forward
 
-    def _sync_forward(self, input, out, update, record):
+    def _sync_forward(self, input, out, update_running_stats, record):
         err = None
         C = self.num_features
         try:
+            update = ck.flag(update_running_stats, "update_running_stats") and self.track_running_stats
             if not self.eps > 0:  # as BatchNorm*d in training: a constant channel would divide by zero
                 raise ValueError(f"eps must be positive in training, got {self.eps!r}")
             x3 = self._local_check(input)
@@ -396,7 +396,16 @@ class SyncBatchNorm(_BatchNorm):
     def backward(self, grad_output, *, out=None):
         """Return grad_input for the last forward and set ``grad_weight``/``grad_bias`` (the global
         batch's).  After a training forward this is a collective: every rank must call it."""
-        payload = self._pending()  # this thread's last forward (RuntimeError where there is none)
+        try:
+            payload = self._pending()  # this thread's last forward (RuntimeError where there is none)
+        except RuntimeError:
+            # No forward to differentiate here, or one of the other mode.  Where the other ranks are
+            # in the backward's collective (this layer trains, or its last forward was a training
+            # one), take part in it flagged as failed, so that every rank raises instead of waiting.
+            saved = self._local.saved
+            if self.training or (saved is not None and isinstance(saved.payload, _SyncPayload)):
+                self.comm.allgather(np.array([self.num_features, -1.0]).tobytes())
+            raise
         if not isinstance(payload, _SyncPayload):
             return super().backward(grad_output, out=out)
         x, x3, weight, mean, invstd, count = payload

@@ -266,9 +266,43 @@ def test_a_bad_grad_output_in_backward_raises_everywhere_and_keeps_the_forward()
 
 
 def test_backward_needs_a_forward():
-    layer = SyncBatchNorm(2, comm=NoComm(), dtype=np.float64)
+    layer = SyncBatchNorm(2, comm=NoComm(), dtype=np.float64).eval()  # eval: no collective to join
     with pytest.raises(RuntimeError, match="needs a forward"):
         layer.backward(np.ones((2, 2)))
+
+
+@pytest.mark.parametrize("how", ["no_grad forward", "eval before backward"])
+def test_a_backward_without_its_forward_on_one_rank_raises_on_every_rank(how):
+    """The rank without a forward to differentiate joins the backward's collective flagged as
+    failed: every rank raises, none is left waiting."""
+    x = np.random.default_rng(4).standard_normal((6, 4))
+
+    def fn(comm, r):
+        layer = SyncBatchNorm(4, comm=comm, dtype=np.float64)
+        if r == 1 and how == "no_grad forward":
+            with fastbn.no_grad():
+                layer(x[3:])
+        else:
+            layer(x[3 * r:3 * r + 3])
+        if r == 1 and how == "eval before backward":
+            layer.eval()
+        return layer.backward(np.ones((3, 4)))
+
+    group, res = run_ranks(2, fn, timeout=20)
+    assert isinstance(res[1], RuntimeError) and "backward()" in str(res[1])
+    assert isinstance(res[0], RuntimeError) and "rank(s) [1] failed before the collective" in str(res[0])
+    assert group.calls == 2
+
+
+def test_a_bad_update_running_stats_on_one_rank_raises_on_every_rank():
+    def fn(comm, r):
+        layer = SyncBatchNorm(4, comm=comm, dtype=np.float64)
+        return layer(np.ones((3, 4)), update_running_stats=True if r == 0 else "yes")
+
+    group, res = run_ranks(2, fn, timeout=20)
+    assert isinstance(res[1], TypeError) and "update_running_stats" in str(res[1])
+    assert isinstance(res[0], RuntimeError) and "rank(s) [1] failed before the collective" in str(res[0])
+    assert group.calls == 1
 
 
 def test_comm_defaults_to_mpi_world_lazily():
