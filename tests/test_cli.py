@@ -89,6 +89,16 @@ def test_bench_refuses_an_unwritable_output_before_running(capsys, argv, message
     assert message in captured.err and "[1/" not in captured.err
 
 
+def test_bench_refuses_an_output_file_that_cannot_be_written(capsys, tmp_path):
+    """The folder's permissions pass, the file itself does not (/proc refuses new files even to
+    root; a read-only file refuses its owner unless root); nothing is left behind on success."""
+    assert cli.main(["bench", "--json", "/proc/fastbn-x.json"]) == 2
+    assert "--json /proc/fastbn-x.json: cannot be written" in capsys.readouterr().err
+    from fastbn.bench.cli import output_problem
+    assert output_problem(str(tmp_path / "new.json"), "json") is None
+    assert not (tmp_path / "new.json").exists()
+
+
 def test_bench_refuses_an_unknown_plot_format(capsys, tmp_path):
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (fastbn[plot])")
     assert cli.main(["bench", "--plot", str(tmp_path / "chart.txt")]) == 2

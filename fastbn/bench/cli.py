@@ -53,6 +53,14 @@ def output_problem(path, kind):
         return f"--{kind} {path}: the folder {folder} is not writable"
     if os.path.isdir(path):
         return f"--{kind} {path}: is a folder, expected a file name"
+    existed = os.path.exists(path)
+    try:  # what the folder's permissions do not tell: a read-only file, a file system that refuses
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        return f"--{kind} {path}: cannot be written ({e.strerror})"
+    if not existed:
+        os.remove(path)
     if kind == "plot":
         try:
             import matplotlib

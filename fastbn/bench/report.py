@@ -227,7 +227,7 @@ def print_report(rows, info, out=sys.stdout, scaling=None, json_path=None):
         print(f"vs onnxrt is empty: {onnxrt.unavailable()}", file=out)
     if others is not None and others > 0.2:
         print(f"WARNING: other processes kept {others:.2f} of the {info['cores']} cores busy during the run: "
-              "a thread that loses its core stalls its whole OpenMP team for a scheduler time slice, so "
+              "a thread that loses its core leaves its share of the work to the others, so "
               "these numbers are not representative; rerun on a quiet machine.", file=out)
     spread, impl, r = max(((r[f"{impl}_median_s"] / r[f"{impl}_min_s"], impl, r)
                            for r in rows for impl in ("copy", "fastbn")), key=lambda t: t[0])
