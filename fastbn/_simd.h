@@ -314,7 +314,13 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #define FBN_EXP_BITS 0x7f800000u
 #define FBN_TWO_PASS 0
 #define FBN_WIDE FBN_WIDE_F32
+#if defined(__GNUC__) && defined(__has_builtin)
+#if __has_builtin(__builtin_convertvector)
+#define FBN_COL_REG 1 /* narrow float32 rows' column sums in registers (see _simd_impl.h) */
+#endif
+#endif
 #include "_simd_impl.h"
+#undef FBN_COL_REG
 #undef E
 #undef FBN_SUFFIX
 

@@ -95,3 +95,23 @@ def test_layer_in_place_channels_last_backward():
     bn_ref(ref)
     g = rng.standard_normal(x.shape)
     np.testing.assert_allclose(bn.backward(g), bn_ref.backward(g), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("C", [8, 12, 24, 61, 64, 65])
+@pytest.mark.parametrize("path", ["columns", "slices"])
+def test_narrow_rows_statistics_keep_double_precision(C, path, force_path, threads):
+    """Rows of up to 64 float32 columns take their column moments a row at a time with the sums in
+    double registers (8 columns a vector; the rest, and wider rows, the vector-across-rows loops):
+    the statistics agree with float64 ones to double rounding, on every split of the work."""
+    force_path(path, unit=16)
+    threads(2)
+    rng = np.random.default_rng(C)
+    x = (rng.standard_normal((3, 7, 11, C)) * 3 + 1e3).astype(np.float32)  # an offset: shifts matter
+    x_cl = x.transpose(0, 3, 1, 2)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(x_cl, rm, rv, None, None, True)
+    flat = x.reshape(-1, C).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(flat.var(axis=0) + 1e-5), rtol=1e-11)
+    y_nchw = fastbn.batch_norm(np.ascontiguousarray(x_cl), rm.copy(), rv.copy(), None, None, True)
+    np.testing.assert_allclose(y, y_nchw, rtol=0, atol=2e-6)
