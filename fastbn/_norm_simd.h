@@ -311,22 +311,25 @@ FBN_CLONES static void fbn_affine_fl(const float *x, float *y, ptrdiff_t C, ptrd
                                      ptrdiff_t f1, const float *cf, int nt)
 {
     float buf[FBN_CHUNK];
+    fbn_out_f32 o = {y, 0, 0};  /* streamed results gathered across channel runs (_simd_impl.h) */
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const float mhi = cf[c], a = cf[2 * C + c];
         const float b = (float)((double)cf[3 * C + c] - (double)cf[C + c] * (double)a);
         const fbn_vf16 M = fbn_splat16(mhi), A = fbn_splat16(a), B = fbn_splat16(b);
-        for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
-            ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK, i = 0;
+        for (ptrdiff_t j = 0, bl; j < ln; j += bl) {
+            bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
+            float *q = nt ? fbn_out_at_f32(&o, buf, y + off + j, &bl) : y + off + j;
             const float *p = x + off + j;
-            float *q = nt ? buf : y + off + j;
+            ptrdiff_t i = 0;
             for (; i + 16 <= bl; i += 16)
                 fbn_st16(q + i, (fbn_ld16(p + i) - M) * A + B);
             for (; i < bl; i++)
                 q[i] = (p[i] - mhi) * a + b;
             if (nt)
-                fbn_stream_store(y + off + j, buf, (size_t)bl * sizeof(float));
+                fbn_out_done_f32(&o, buf, bl, nt);
         }
     }
+    fbn_out_flush_f32(&o, buf, nt);
 }
 
 /* fbn_grad_sums_f32 with float32 lanes: sum(dy) and sum(dy * (x - mean[c])) added to acc[2c],
@@ -350,6 +353,7 @@ FBN_CLONES static void fbn_grad_input_fl(const float *dy, const float *x, float 
                                          ptrdiff_t f0, ptrdiff_t f1, const float *cf, int nt)
 {
     float buf[FBN_CHUNK];
+    fbn_out_f32 o = {dx, 0, 0};  /* streamed results gathered across channel runs (_simd_impl.h) */
 #ifdef FBN_NT512
     const int nt512 = nt && fbn_nt512_ok(dx);
 #endif
@@ -358,23 +362,26 @@ FBN_CLONES static void fbn_grad_input_fl(const float *dy, const float *x, float 
         const float kc = (float)((double)cf[4 * C + c] - (double)cf[C + c] * (double)kx);
 #ifdef FBN_NT512
         if (nt512 && ln >= FBN_NT512_RUN) {
+            fbn_out_flush_f32(&o, buf, nt);
             fbn_gi_nt512(dy + off, x + off, dx + off, ln, mhi, kdy, kx, kc);
             continue;
         }
 #endif
         const fbn_vf16 M = fbn_splat16(mhi), KD = fbn_splat16(kdy), KX = fbn_splat16(kx), KC = fbn_splat16(kc);
-        for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
-            ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK, i = 0;
+        for (ptrdiff_t j = 0, bl; j < ln; j += bl) {
+            bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
+            float *q = nt ? fbn_out_at_f32(&o, buf, dx + off + j, &bl) : dx + off + j;
             const float *g = dy + off + j, *p = x + off + j;
-            float *q = nt ? buf : dx + off + j;
+            ptrdiff_t i = 0;
             for (; i + 16 <= bl; i += 16)
                 fbn_st16(q + i, KD * fbn_ld16(g + i) + ((fbn_ld16(p + i) - M) * KX + KC));
             for (; i < bl; i++)
                 q[i] = kdy * g[i] + ((p[i] - mhi) * kx + kc);
             if (nt)
-                fbn_stream_store(dx + off + j, buf, (size_t)bl * sizeof(float));
+                fbn_out_done_f32(&o, buf, bl, nt);
         }
     }
+    fbn_out_flush_f32(&o, buf, nt);
 }
 
 /* Layer norm's backward sums of one row (float32 lanes, folded into double): *a = sum(dy * w),

@@ -58,6 +58,14 @@
  * handed to another thread. */
 #define FBN_CHUNK 1024
 
+/* Elements (of `item` bytes) in a chunk of results that starts at dst: FBN_CHUNK, fewer where dst
+ * is inside a 64-byte line, so that the chunks after it start on a line and are streamed whole. */
+static inline ptrdiff_t fbn_chunk_cap(const void *dst, size_t item)
+{
+    const uintptr_t a = (uintptr_t)dst;
+    return (ptrdiff_t)(a % item ? FBN_CHUNK : FBN_CHUNK - (a & 63) / item);
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #include <stdint.h>

@@ -33,6 +33,41 @@
 #define FBN_IN E
 #endif
 
+/* Results that leave through a buffer (streaming stores, or a half type's rounding: FBN_FLUSH) are
+ * gathered across the runs (rows) of a range, which lie one after another in memory, and moved out
+ * a chunk at a time, on whole 64-byte lines after the first (fbn_chunk_cap).  A buffer per run
+ * streamed each run of a 7x7 map (196 bytes) with ordinary stores at both of its partial lines:
+ * evaluation on (256, 512, 7, 7) float32 took 2.1-2.2 ms streamed against 1.05 ms without
+ * streaming stores (2 threads).  fbn_out_at: where the results for out position `at` go (buf + n),
+ * *bl clamped to the room left; fbn_out_done: bl of them written; fbn_out_flush: the rest out. */
+typedef struct { E *dst; ptrdiff_t n, cap; } FBN_NAME(fbn_out);
+
+FBN_INLINE T *FBN_NAME(fbn_out_at)(FBN_NAME(fbn_out) *o, T *buf, E *at, ptrdiff_t *bl)
+{
+    if (o->n == 0) {
+        o->dst = at;
+        o->cap = fbn_chunk_cap(at, sizeof(E));
+    }
+    if (*bl > o->cap - o->n)
+        *bl = o->cap - o->n;
+    return buf + o->n;
+}
+
+FBN_INLINE void FBN_NAME(fbn_out_flush)(FBN_NAME(fbn_out) *o, T *buf, int stream)
+{
+    if (o->n) {
+        FBN_FLUSH(o->dst, buf, o->n, stream);
+        o->n = 0;
+    }
+}
+
+FBN_INLINE void FBN_NAME(fbn_out_done)(FBN_NAME(fbn_out) *o, T *buf, ptrdiff_t bl, int stream)
+{
+    o->n += bl;
+    if (o->n == o->cap)
+        FBN_NAME(fbn_out_flush)(o, buf, stream);
+}
+
 /* The reductions over one row.  Rows shorter than FBN_SHORT elements (7x7 and 10x10 feature maps)
  * reduce into 8 explicit lanes (`narrow`, a constant where these are inlined), added as a tree at
  * the end: GCC ends an `omp simd reduction` by storing its lanes and adding them one at a time, a
@@ -262,11 +297,13 @@ FBN_INLINE T FBN_NAME(fbn_norm_wide)(T x, T mhi, T mlo, T a, T b)
 }
 
 /* y = ((x - mhi) - mlo) * a + b over a range; cf = [mhi | mlo | a | b], C values each; y may be
- * x.  stream: streaming stores, through an L1 buffer of FBN_CHUNK elements. */
+ * x.  stream: streaming stores, through an L1 buffer of FBN_CHUNK elements (fbn_out). */
 FBN_INLINE void FBN_NAME(fbn_affine_rows)(const E *x, E *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1,
                                           const T *cf, int stream, const int check_wide, const int relu)
 {
-    T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (FBN_FLUSH) */
+    T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (fbn_out, FBN_FLUSH) */
+    FBN_NAME(fbn_out) o = {y, 0, 0};
+    const int buffered = stream || FBN_HALF;
 #if FBN_HALF
     float pb[FBN_CHUNK];
 #endif
@@ -275,11 +312,12 @@ FBN_INLINE void FBN_NAME(fbn_affine_rows)(const E *x, E *y, ptrdiff_t C, ptrdiff
 #endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const T mhi = cf[c], mlo = cf[C + c], a = cf[2 * C + c], b = cf[3 * C + c];
-        for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
-            ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
+        for (ptrdiff_t j = 0, bl; j < ln; j += bl) {
+            bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
 #if FBN_HALF && defined(FBN_HALF_512)
             if (h512 && ln >= FBN_HALF_MIN_ROW && !relu && !(check_wide && FBN_NAME(fbn_wide)(mhi))) {
                 /* rounded to the half type in the register: into y, or into buf to stream from */
+                FBN_NAME(fbn_out_flush)(&o, buf, stream);  /* (a range's first, partial row's results) */
                 uint16_t *h = stream ? (uint16_t *)buf : (uint16_t *)(y + off + j);
                 fbn_half_affine((const uint16_t *)(x + off + j), h, bl, mhi, mlo, a, b, FBN_BF);
                 if (stream)
@@ -287,23 +325,24 @@ FBN_INLINE void FBN_NAME(fbn_affine_rows)(const E *x, E *y, ptrdiff_t C, ptrdiff
                 continue;
             }
 #endif
+            T *q = buffered ? FBN_NAME(fbn_out_at)(&o, buf, y + off + j, &bl) : (T *)(y + off + j);
 #if FBN_HALF
             const FBN_IN *p = pb;
             FBN_STAGE(pb, x + off + j, bl);
 #else
             const FBN_IN *p = x + off + j;
 #endif
-            T *q = stream || FBN_HALF ? buf : (T *)(y + off + j);
             if (check_wide && FBN_NAME(fbn_wide)(mhi))
                 FBN_RUN(fbn_affine_run)(p, q, bl, mhi * (T)0.5, mlo * (T)0.5, a * 2, b, 1, 1, relu);
             else if (mlo != 0)  /* 0 for float64, and for a float32 mean (evaluation) */
                 FBN_RUN(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 1, 0, relu);
             else
                 FBN_RUN(fbn_affine_run)(p, q, bl, mhi, mlo, a, b, 0, 0, relu);
-            if (stream || FBN_HALF)
-                FBN_FLUSH(y + off + j, buf, bl, stream);
+            if (buffered)
+                FBN_NAME(fbn_out_done)(&o, buf, bl, stream);
         }
     }
+    FBN_NAME(fbn_out_flush)(&o, buf, stream);
 }
 
 /* relu: the fused activation. */
@@ -452,7 +491,9 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
                                               ptrdiff_t f0, ptrdiff_t f1, const T *cf, int stream, const E *zs,
                                               const T *fcf, const int act, const int fixed, const int check_wide)
 {
-    T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (FBN_FLUSH) */
+    T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (fbn_out, FBN_FLUSH) */
+    FBN_NAME(fbn_out) o = {dx, 0, 0};
+    const int buffered = stream || FBN_HALF;
     FBN_RUN(fbn_fwd) f = {0, 0, 0, 0, 0};
 #if FBN_HALF
     float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
@@ -469,10 +510,11 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
             f = FBN_RUN(fbn_fwd_at)(fcf, C, c, half);
             f.zero = (T)FBN_ZERO;
         }
-        for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
-            ptrdiff_t bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
+        for (ptrdiff_t j = 0, bl; j < ln; j += bl) {
+            bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
 #if FBN_HALF && defined(FBN_HALF_512)
             if (h512 && ln >= FBN_HALF_MIN_ROW && !half) {  /* as in fbn_affine_rows */
+                FBN_NAME(fbn_out_flush)(&o, buf, stream);
                 uint16_t *h = stream ? (uint16_t *)buf : (uint16_t *)(dx + off + j);
                 fbn_half_grad_input((const uint16_t *)(dy + off + j), (const uint16_t *)(x + off + j), h, bl, mhi, mlo,
                                     kdy, kx, kc, FBN_BF);
@@ -481,6 +523,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
                 continue;
             }
 #endif
+            T *q = buffered ? FBN_NAME(fbn_out_at)(&o, buf, dx + off + j, &bl) : (T *)(dx + off + j);
 #if FBN_HALF
             const FBN_IN *g = gb, *p = pb, *z = act == 2 ? zb : NULL;
             FBN_STAGE(gb, dy + off + j, bl);
@@ -491,16 +534,16 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
 #else
             const FBN_IN *g = dy + off + j, *p = x + off + j, *z = act == 2 ? zs + off + j : zs;
 #endif
-            T *q = stream || FBN_HALF ? buf : (T *)(dx + off + j);
             if (half)
                 FBN_RUN(fbn_grad_input_run)(g, p, z, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, f, act, 1,
                                             fixed);
             else
                 FBN_RUN(fbn_grad_input_run)(g, p, z, q, bl, mhi, mlo, kdy, kx, kc, f, act, 0, fixed);
-            if (stream || FBN_HALF)
-                FBN_FLUSH(dx + off + j, buf, bl, stream);
+            if (buffered)
+                FBN_NAME(fbn_out_done)(&o, buf, bl, stream);
         }
     }
+    FBN_NAME(fbn_out_flush)(&o, buf, stream);
 }
 
 /* dx = kdy * dy' + ((x - mhi) - mlo) * kx + kc over a range; cf = [mhi | mlo | kdy | kx | kc]; dy' as

@@ -299,3 +299,27 @@ def test_infinite_running_mean_gives_infinite_outputs_in_eval(kernel_path, dtype
     np.testing.assert_array_equal(y[:, :2], expect[:, :2])
     assert (y[:, 2] == (-np.inf if dtype == np.float32 else expect[:, 2])).all()
     assert_close(y[:, 3], expect[:, 3], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("unit", [0, 7, 333])
+def test_streamed_results_gathered_across_rows_keep_their_bits(force_path, rng, dtype, unit):
+    """Streaming stores gather the results of consecutive short rows (here 49 and 5 elements) into
+    one buffer and move it out a chunk at a time (fbn_out in _simd_impl.h); ranges that start and
+    end inside rows (unit) included, the bits are those of ordinary stores."""
+    for shape in [(6, 9, 7, 7), (40, 3, 5)]:
+        x = random_input(rng, shape, dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        w, b, rm, rv = (a.astype(np.float32) if dtype == np.float16 else a for a in random_params(rng, shape[1], dtype))
+        results = []
+        for stream in (0, 1):
+            force_path("ranges", unit, stream)
+            out = []
+            for act in (None, "relu"):
+                y, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, training=True, activation=act)
+                out += [y, fastbn.batch_norm(x, rm, rv, w, b, activation=act)]
+                out += list(fastbn.batch_norm_backward(dy, x, w, mean, invstd, activation=act,
+                                                       bias=b if act else None))
+            results.append(out)
+        for got, want in zip(*results):
+            np.testing.assert_array_equal(got, want)
