@@ -157,6 +157,24 @@ def empty_like(cnp.ndarray a, tuple shape):
         PyDataMem_SetHandler(old)
 
 
+def scratch(Py_ssize_t n, dtype):
+    """An uninitialized 1-D ndarray of ``n`` elements of ``dtype`` for a kernel's own use during a
+    call (coefficient blocks, per-channel sums): from the pool from MIN_BYTES on, as the outputs
+    are, so that scratch as large as the data is not mapped afresh, its pages faulted in, on
+    every call."""
+    import numpy as np
+    if not _on or n * np.dtype(dtype).itemsize < _min_bytes:
+        return np.empty(n, dtype)
+    old = PyDataMem_SetHandler(_handler)
+    if <PyObject *>old != PyDataMem_DefaultHandler:  # the caller's own handler: theirs
+        PyDataMem_SetHandler(old)
+        return np.empty(n, dtype)
+    try:
+        return np.empty(n, dtype)
+    finally:
+        PyDataMem_SetHandler(old)
+
+
 @contextmanager
 def handler():
     """Every NumPy array made in the block takes its memory from fastbn's allocator (small ones

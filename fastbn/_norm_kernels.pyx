@@ -38,6 +38,7 @@ from libc.stdlib cimport malloc, free
 cnp.import_array()
 
 from fastbn._arrays cimport data as _data, float_type as _float_type
+from fastbn._alloc import scratch as _alloc_scratch
 from fastbn._plan cimport norm_stream_bytes
 from fastbn._pool cimport pool_run
 
@@ -113,6 +114,13 @@ cdef struct Job:
 
 cdef inline Py_ssize_t _split(Py_ssize_t L, Py_ssize_t K, Py_ssize_t k) noexcept nogil:
     return L * k // K
+
+
+cdef object _scratch(object like, Py_ssize_t n):
+    """n elements of like's dtype for a call's own use, from fastbn's caching allocator
+    (_alloc.scratch): a coefficient block as large as the data (group norm on (N, C) input, one
+    element a channel) was mapped afresh, its pages faulted in, on every call."""
+    return _alloc_scratch(n, like.dtype)
 
 
 cdef inline double *_dptr(object a) noexcept:
@@ -258,7 +266,7 @@ def group_forward(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, double eps, me
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, True, "invstd")
     if n == 0:
         return
-    cf = np.empty(R * 5 * jb.Cg, dtype=x.dtype)
+    cf = _scratch(x, R * 5 * jb.Cg)
     jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
     part = np.empty(4 * R * jb.P)
     jb.part = _dptr(part)
@@ -304,7 +312,7 @@ def group_apply(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, mean, invstd, in
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, False, "invstd")
     if n == 0:
         return
-    cf = np.empty(R * 5 * jb.Cg, dtype=x.dtype)
+    cf = _scratch(x, R * 5 * jb.Cg)
     jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
     with nogil:
         for k in range(R):
@@ -342,11 +350,12 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
     jb.sums = <double *>_data(sums, cnp.NPY_DOUBLE, 2 * R * Cg, True, "sums")
     if n == 0:
         return
-    cf = np.empty(R * 5 * Cg, dtype=x.dtype)
+    cf = _scratch(x, R * 5 * Cg)
     jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
-    cmean = np.repeat(mean, Cg)
+    cmean = _scratch(mean, R * Cg)
+    cmean.reshape(R, Cg)[...] = mean.reshape(R, 1)
     jb.cmean = _dptr(cmean)
-    part = np.empty(2 * Cg * R * jb.P)
+    part = np.empty(2 * Cg * R * jb.P if jb.P > 1 else 0)
     jb.part = _dptr(part)
     with nogil:
         if jb.P == 1:

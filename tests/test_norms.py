@@ -487,6 +487,7 @@ def test_float32_layer_norm_parameter_grads_over_many_rows():
 
 
 @pytest.mark.parametrize("kind,shape", [("group", (3, 8, 37, 13)), ("group", (2, 4, 47, 45)), ("instance", (2, 3, 50, 41)),
+                                        ("group", (5, 66, 1)), ("group", (3, 40, 7, 7)),
                                         ("layer", (37, 1003)), ("layer", (64, 768))])
 @pytest.mark.parametrize("shift", [0, 1, 5, 15])
 def test_float32_streaming_stores_same_grad_input(kind, shape, shift):
@@ -637,3 +638,27 @@ def test_zero_variance_with_eps_0_warns_nothing():
         fastbn.group_norm_backward(xc, xc, 2, np.ones(4, np.float32), m, s)
         y = fastbn.instance_norm(xc, np.zeros(4, np.float32), np.zeros(4, np.float32), use_input_stats=False, eps=0.0)
     assert np.isnan(y).all()  # (1 - 0) * inf: PyTorch's NaN too
+
+
+@pytest.mark.parametrize("shape", [(5, 66), (7, 64, 1, 1), (3, 40, 7, 7), (2, 6, 5)])
+@pytest.mark.parametrize("shift", [0, 3])
+def test_group_norm_forward_streams_short_channels_with_the_same_bits(shape, shift):
+    """One element a channel (S = 1: a vector loop along the row) and short channel runs (results
+    gathered across runs before they are streamed): streaming stores on and off, the same bits."""
+    from fastbn import _norm_kernels as K
+
+    rng = np.random.default_rng(29)
+    x = (rng.standard_normal(shape) * 2 + 7).astype(np.float32)
+    C, G, S = shape[1], 2, int(np.prod(shape[2:]))
+    w, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    outs = []
+    for stream in (0, 1):
+        buf = np.full(x.size + 32, np.nan, dtype=np.float32)
+        y = buf[shift:shift + x.size].reshape(shape)
+        R = shape[0] * G
+        mean, var, invstd = np.zeros(R), np.zeros(R), np.zeros(R)
+        K.group_forward(x, y, w, b, G, S, 1e-5, mean, var, invstd, 2, stream)
+        assert np.isnan(buf[:shift]).all() and np.isnan(buf[shift + x.size:]).all()
+        outs.append(y.copy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    _close(outs[0], TF.group_norm(torch.tensor(x), G, torch.tensor(w), torch.tensor(b)), np.float32, scale=10)
