@@ -599,9 +599,8 @@ typedef double fbn_rd8 __attribute__((vector_size(64)));
 typedef float fbn_rf8 __attribute__((vector_size(32)));
 
 FBN_INLINE void fbn_col_reg_run(const float *x, ptrdiff_t rows, ptrdiff_t W, const double *k, double *s, double *q,
-                                const int nv, const int sq)
+                                fbn_rd8 *S, fbn_rd8 *Q, fbn_rd8 *K, const int nv, const int sq)
 {
-    fbn_rd8 S[FBN_REG_VECTORS], Q[FBN_REG_VECTORS], K[FBN_REG_VECTORS];
     for (int j = 0; j < nv; j++) {
         const fbn_rd8 z = {0};
         S[j] = Q[j] = K[j] = z;
@@ -628,11 +627,15 @@ FBN_INLINE void fbn_col_reg_run(const float *x, ptrdiff_t rows, ptrdiff_t W, con
 }
 
 /* fbn_col_reg_run on columns [0, 8 nv): s += sum(x - k) (k NULL: sum(x)), q += sum((x - k)^2) (q
- * NULL: not summed). */
+ * NULL: not summed).  The vectors are this function's, once for every case: with a set in each
+ * inlined case, an unoptimized (sanitizer) build overflowed a 48 KiB thread stack; optimized, they
+ * stay in registers either way. */
 FBN_INLINE void fbn_col_reg_sums(const float *x, ptrdiff_t rows, ptrdiff_t W, const double *k, double *s, double *q,
                                  ptrdiff_t nv)
 {
-#define FBN_REG_CASE(v) case v: q ? fbn_col_reg_run(x, rows, W, k, s, q, v, 1) : fbn_col_reg_run(x, rows, W, k, s, q, v, 0); break
+    fbn_rd8 S[FBN_REG_VECTORS], Q[FBN_REG_VECTORS], K[FBN_REG_VECTORS];
+#define FBN_REG_CASE(v) case v: q ? fbn_col_reg_run(x, rows, W, k, s, q, S, Q, K, v, 1) \
+                                  : fbn_col_reg_run(x, rows, W, k, s, q, S, Q, K, v, 0); break
     switch (nv) {
         FBN_REG_CASE(1); FBN_REG_CASE(2); FBN_REG_CASE(3); FBN_REG_CASE(4);
         FBN_REG_CASE(5); FBN_REG_CASE(6); FBN_REG_CASE(7); FBN_REG_CASE(8);
