@@ -14,7 +14,7 @@
  * FBN_FOR_ROWS visits a range's pieces: flat offset `off`, length `ln`, channel `c`. */
 #ifndef FBN_FOR_ROWS
 #define FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)                                                   \
-    for (ptrdiff_t r_ = (f0) / (S), end_ = (f1), off = (f0), ln = 0, c = r_ % (C);              \
+    for (ptrdiff_t r_ = (f0) / (S), end_ = (f1), off = (f0), ln = 0, c = (C) > 0 ? r_ % (C) : 0; \
          off < end_ && (ln = ((r_ + 1) * (S) < end_ ? (r_ + 1) * (S) : end_) - off, 1);          \
          off += ln, r_++, c = c + 1 == (C) ? 0 : c + 1) /* (no division a row: 7x7 rows are short) */
 #endif

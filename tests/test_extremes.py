@@ -192,3 +192,17 @@ def test_norm_rows_near_the_largest_value(norm, dtype, big):
         tol = 1e-5 if dtype == np.float32 else 1e-12
         np.testing.assert_allclose(y, want_y, rtol=tol, atol=tol)
         np.testing.assert_allclose(dx, want_dx, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=tol)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_channels_on_every_kernel_path(path):
+    """(N, 0, S): the public API returns early, the kernels must too (a per-range channel counter
+    once divided by C = 0 before looking at the empty range)."""
+    x = np.zeros((2, 0, 4), np.float32)
+    y, dx = np.empty_like(x), np.empty_like(x)
+    w = b = np.zeros(0, np.float32)
+    mean, var, invstd, gw, gb = (np.empty(0) for _ in range(5))
+    p = _kernels.PATHS[path]
+    _kernels.forward_train(x, y, w, b, 1e-5, mean, var, invstd, 1, p)
+    _kernels.forward_eval(x, y, w, b, mean, invstd, 1, p)
+    _kernels.backward(x, x, dx, w, mean, invstd, True, gw, gb, 1, p)
