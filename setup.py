@@ -188,6 +188,11 @@ def _c_string(text):
 class BuildExt(build_ext):
     """Per-compiler flags, the OpenMP decision, and a rebuild of everything when they change."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:  # pip passes no -j: compile the extensions side by side on every core
+            self.parallel = os.cpu_count() or 1
+
     def build_extensions(self):
         ctype = self.compiler.compiler_type
         sanitize = _sanitizers()
