@@ -371,6 +371,8 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #undef FBN_STAGE
 #undef FBN_HALF
 #define FBN_HALF 0
+#undef FBN_ZERO
+#define FBN_ZERO 0 /* float64 stores every positive output as itself */
 #define FBN_FLUSH(dst, buf, n, stream) fbn_stream_store(dst, buf, (size_t)(n) * sizeof(*(buf)))
 #undef E
 #undef FBN_SUFFIX

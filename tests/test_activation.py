@@ -78,6 +78,58 @@ def test_mask_matters(rng, training):
         assert (dx[plain <= 0] == 0).all() and (dx[plain > 0] != 0).all()
 
 
+def _around_roots(rng, shape, dtype, mean, scale, bias, ulps=30):
+    """x whose every channel holds the 2 * ulps values nearest the root of its normalized output,
+    mean - bias / scale (where scale is not 0), and standard-normal values in the rest."""
+    x = random_input(rng, shape, dtype).reshape(shape[0], shape[1], -1)
+    for c in range(shape[1]):
+        if scale[c] == 0:
+            continue
+        root = dtype(float(mean[c]) - float(bias[c]) / float(scale[c]))
+        near = [root]
+        for direction in (np.inf, -np.inf):
+            v = root
+            for _ in range(ulps):
+                v = np.nextafter(v, dtype(direction))
+                near.append(v)
+        flat = x[:, c].reshape(-1)
+        k = min(len(near), flat.size)
+        flat[:k] = near[:k]
+        x[:, c] = flat.reshape(x[:, c].shape)
+    return x.reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_mask_at_the_roots(rng, kernel_path, dtype, training):
+    """Outputs within a few ulps of 0, tiny positive ones, +-0 biases, zero and negative weights, a
+    float32 mean that needs its low part: the recomputed mask (bias=) is the forward's output's
+    (output=) to the bit.  (A float64 mask once dropped the outputs in (0, 3e-8], float16's
+    threshold.)"""
+    for shape, offset in (((3, 6, 7, 7), 0.0), ((40, 6), 1e4), ((2, 6, 130), -3e3)):
+        C = shape[1]
+        w, b, rm, rv = random_params(rng, C, dtype)
+        w[0], b[0] = 0, 0.5  # z = b > 0 everywhere
+        w[1], b[1] = 0, -0.0  # z = -0 everywhere
+        w[2] *= 1e-3
+        b[3:] = [-0.0, 0.0, 1e-3][: C - 3]
+        rm += dtype(offset)
+        scale = w / np.sqrt(rv.astype(np.float64) + 1e-5)
+        x = _around_roots(rng, shape, dtype, rm, scale, b)
+        if training:  # the batch's statistics: roots of the forward's own coefficients
+            _, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, True)
+            x = _around_roots(rng, shape, dtype, mean, w * invstd, b)
+        dy = random_input(rng, shape, dtype)
+        y, mean, invstd = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training, activation="relu")
+        assert ((y > 0) & (y < 3e-8)).any() or dtype == np.float32 or training
+        by_bias = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training, activation="relu", bias=b)
+        by_output = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training, activation="relu", output=y)
+        for a, c in zip(by_bias, by_output):
+            np.testing.assert_array_equal(a, c)
+        _, _, count = fastbn.batch_norm_backward(np.ones_like(x), x, w, mean, invstd, training, activation="relu", bias=b)
+        np.testing.assert_array_equal(count, (y > 0).sum(axis=(0,) + tuple(range(2, len(shape)))))
+
+
 def test_nan_and_negative_zero_as_pytorch():
     """torch.relu keeps NaN and -0.0; its backward passes the gradient at NaN, not at -0.0."""
     x = np.array([[0.0, 1.0], [np.nan, -1.0], [-2.0, 3.0], [0.5, -0.5]], dtype=np.float32)
