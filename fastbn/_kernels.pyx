@@ -300,8 +300,9 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.training = training
     if output is not None:
         jb.zs = _data(output, t, L, False, "output")
-    # [mhi | mlo | kdy | kx | kc], then the forward's [mhi | mlo | a | b] when its output is recomputed
-    cdef object coef = _new((9 if bias is not None else 5) * C, ct, False)
+    # [mhi | mlo | kdy | kx | kc], then the forward's [mhi | mlo | a | b | lo | hi] when its output
+    # is recomputed (see _forward_coefs)
+    cdef object coef = _new((11 if bias is not None else 5) * C, ct, False)
     cdef object keep = _setup_split(&jb, path, ct, coef, 2 * C), wide_mean = None
     if bias is not None:
         _forward_coefs(&jb, _data(bias, ct, C, False, "bias"))
@@ -321,18 +322,25 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
 cdef void _forward_coefs(_Job *jb, const void *bias) noexcept:
     """The forward's coefficients [mhi | mlo | a | b] from jb.mean, jb.invstd, jb.w and bias, in
     blocks 5 .. 8 of jb.cf and, per column, of jb.cw (see _columns_coefs), for the backward through
-    the activation; the arithmetic of the forward's own (_eval_coefs), so the output has its bits."""
+    the activation; the arithmetic of the forward's own (_eval_coefs), so the output has its bits.
+    On the RANGES path, float32 and float64 elements, blocks 9 and 10 hold the bounds on x that
+    give the same mask (fbn_relu_bounds in _simd_impl.h), for the gradient sums."""
     cdef Py_ssize_t C = jb.C, c
     cdef Py_ssize_t off = 5 * (C if jb.how == RANGES else jb.W)
+    cdef bint bounds = jb.how == RANGES and (jb.elem == E_F32 or jb.elem == E_F64)
     if jb.single:
         _eval_coefs(jb.mean, jb.invstd, <const float *>jb.w, <const float *>bias, <float *>jb.cf + 5 * C, C, C)
         for c in range(C):
             _expand(<float *>jb.cf + 5 * C, C, jb.S, 4, c, <float *>jb.cw + off)
+        if bounds:
+            fbn_relu_bounds_f32(<float *>jb.cf + 5 * C, C, <float *>jb.cf + 9 * C, <float *>jb.cf + 10 * C)
         jb.fcw = <float *>jb.cw + off
     else:
         _eval_coefs(jb.mean, jb.invstd, <const double *>jb.w, <const double *>bias, <double *>jb.cf + 5 * C, C, C)
         for c in range(C):
             _expand(<double *>jb.cf + 5 * C, C, jb.S, 4, c, <double *>jb.cw + off)
+        if bounds:
+            fbn_relu_bounds_f64(<double *>jb.cf + 5 * C, C, <double *>jb.cf + 9 * C, <double *>jb.cf + 10 * C)
         jb.fcw = <double *>jb.cw + off
 
 

@@ -80,6 +80,8 @@ cdef extern from "_simd.h" nogil:
     void fbn_col_finish_stats_f64(double count, const double *K, const double *rel, const double *m2, double eps, const double *w, const double *b, double *mean, double *var, double *invstd, double *cf, Py_ssize_t n, Py_ssize_t C)
     void fbn_col_finish_grad_f32(double count, const double *sdy, const double *sdyx, int training, const float *w, const double *mean, const double *invstd, double *gw, double *gb, float *cf, Py_ssize_t n, Py_ssize_t C)
     void fbn_col_finish_grad_f64(double count, const double *sdy, const double *sdyx, int training, const double *w, const double *mean, const double *invstd, double *gw, double *gb, double *cf, Py_ssize_t n, Py_ssize_t C)
+    void fbn_relu_bounds_f32(const float *fcf, Py_ssize_t C, float *lo, float *hi)
+    void fbn_relu_bounds_f64(const double *fcf, Py_ssize_t C, double *lo, double *hi)
 
 
 # ---------------------------------------------------------------- ranges of an (N, C, S) buffer

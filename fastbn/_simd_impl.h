@@ -233,19 +233,27 @@ FBN_INLINE T FBN_NAME(fbn_relu)(T v) { return v < (T)0 ? (T)0 : v; }
  * loop scalar and the backward 6x slower.  zero: 0 for an output read from memory; for one
  * recomputed in T, FBN_ZERO, the largest value that the element type stores as +0 (0 for float and
  * double; a tiny positive float16 or bfloat16 output is stored as +0, which stops the gradient). */
-FBN_INLINE T FBN_NAME(fbn_gate_at)(T g, T z, T zero)
+FBN_INLINE T FBN_NAME(fbn_gate_if)(T g, const int keep)
 {
     FBN_UINT bits;
     memcpy(&bits, &g, sizeof bits);
-    bits &= (FBN_UINT)0 - (FBN_UINT)!(z <= zero);
+    bits &= (FBN_UINT)0 - (FBN_UINT)keep;
     memcpy(&g, &bits, sizeof bits);
     return g;
 }
 
+FBN_INLINE T FBN_NAME(fbn_gate_at)(T g, T z, T zero) { return FBN_NAME(fbn_gate_if)(g, !(z <= zero)); }
+
 FBN_INLINE T FBN_NAME(fbn_gate)(T g, T z) { return FBN_NAME(fbn_gate_at)(g, z, (T)0); }
 
-/* One channel's (or column's) forward coefficients, for act 1. */
-typedef struct { T mhi, mlo, a, b, zero; } FBN_NAME(fbn_fwd);
+/* The forward's output recomputed from p (half: for a wide mean, mhi and mlo halved, a doubled). */
+FBN_INLINE T FBN_NAME(fbn_fwd_out)(T p, T mhi, T mlo, T a, T b, const int half)
+{
+    return (((half ? p * (T)0.5 : p) - mhi) - mlo) * a + b;
+}
+
+/* One channel's (or column's) forward coefficients, for act 1; its bounds on x for acts 3 and 4. */
+typedef struct { T mhi, mlo, a, b, zero, lo, hi; } FBN_NAME(fbn_fwd);
 
 /* The gradient of element i through the activation: g[i] (act 0), or gated by the forward's output,
  * zs[i] (act 2) or ((p[i] - mhi) - mlo) * a + b recomputed (act 1; half for a wide mean, with f's
@@ -257,8 +265,32 @@ FBN_INLINE T FBN_NAME(fbn_gated)(const E *g, const E *p, const E *zs, ptrdiff_t 
         return FBN_LD(g[i]);
     if (act == 2)
         return FBN_NAME(fbn_gate)(FBN_LD(g[i]), FBN_LD(zs[i]));
-    const T z = (((half ? FBN_LD(p[i]) * (T)0.5 : FBN_LD(p[i])) - mhi) - mlo) * a + b;
-    return FBN_NAME(fbn_gate_at)(FBN_LD(g[i]), z, zero);
+    return FBN_NAME(fbn_gate_at)(FBN_LD(g[i]), FBN_NAME(fbn_fwd_out)(FBN_LD(p[i]), mhi, mlo, a, b, half), zero);
+}
+
+/* fbn_gated with the coefficients of f, or act 1's mask from bounds on p (fbn_relu_bounds), one
+ * compare instead of the output's arithmetic: g where p >= lo (act 3) or p <= hi (act 4), or p is
+ * NaN; else +0. */
+FBN_INLINE T FBN_NAME(fbn_gated_by)(const E *g, const E *p, const E *zs, ptrdiff_t i, FBN_NAME(fbn_fwd) f,
+                                    const int act, const int half)
+{
+    if (act == 3)
+        return FBN_NAME(fbn_gate_if)(FBN_LD(g[i]), !(FBN_LD(p[i]) < f.lo));
+    if (act == 4)
+        return FBN_NAME(fbn_gate_if)(FBN_LD(g[i]), !(FBN_LD(p[i]) > f.hi));
+    return FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, f.zero, act, half);
+}
+
+/* Act 1's mask for channel c from its bounds on x, where blocks 4 and 5 of the ranges' fcf hold them
+ * (not NaN, see fbn_relu_bounds): 3 (keep x >= lo) or 4 (keep x <= hi), with f->lo, f->hi set;
+ * else act itself. */
+FBN_INLINE int FBN_NAME(fbn_bounded)(const T *fcf, ptrdiff_t C, ptrdiff_t c, FBN_NAME(fbn_fwd) *f, const int act)
+{
+    if (act != 1 || isnan(fcf[4 * C + c]))
+        return act;
+    f->lo = fcf[4 * C + c];
+    f->hi = fcf[5 * C + c];
+    return f->hi == (T)INFINITY ? 3 : 4;
 }
 
 /* Channel c's forward coefficients from fcf = [mhi | mlo | a | b] (blocks C apart), prepared for
@@ -282,7 +314,7 @@ FBN_INLINE void FBN_NAME(fbn_affine_run)(const E *p, T *q, ptrdiff_t n, T mhi, T
 {
 #pragma omp simd
     for (ptrdiff_t i = 0; i < n; i++) {
-        const T v = (((half ? FBN_LD(p[i]) * (T)0.5 : FBN_LD(p[i])) - mhi) - (lo ? mlo : (T)0)) * a + b;
+        const T v = FBN_NAME(fbn_fwd_out)(FBN_LD(p[i]), mhi, lo ? mlo : (T)0, a, b, half);
         q[i] = relu ? FBN_NAME(fbn_relu)(v) : v;
     }
 }
@@ -370,7 +402,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const E *g, const E *p, const E *zs, ptrd
         double va[FBN_LANES] = {0}, vb[FBN_LANES] = {0};
 #define FBN_BODY(i, l)                                                                            \
         do {                                                                                      \
-            const double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, f.zero, act, half); \
+            const double gi = (double)FBN_NAME(fbn_gated_by)(g, p, zs, i, f, act, half);          \
             va[l] += gi;                                                                          \
             vb[l] += gi * ((double)FBN_LD(p[i]) - m);                                             \
         } while (0)
@@ -381,7 +413,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const E *g, const E *p, const E *zs, ptrd
     } else {
 #pragma omp simd reduction(+:a, b)
         for (ptrdiff_t i = 0; i < n; i++) {
-            double gi = (double)FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, f.zero, act, half);
+            double gi = (double)FBN_NAME(fbn_gated_by)(g, p, zs, i, f, act, half);
             a += gi;
             b += gi * ((double)FBN_LD(p[i]) - m);
         }
@@ -394,7 +426,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const E *dy, const E *x, ptrdiff_t 
                                              ptrdiff_t f1, const double *mean, double *acc, const E *zs,
                                              const T *fcf, const int act, const int check_wide)
 {
-    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0, 0};
+    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0, 0, 0, 0};
 #if FBN_HALF
     float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
 #endif
@@ -416,6 +448,11 @@ FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const E *dy, const E *x, ptrdiff_t 
             f = FBN_RUN(fbn_fwd_at)(fcf, C, c, half);
             f.zero = (T)FBN_ZERO;
         }
+#if FBN_HALF
+        const int by = act;
+#else
+        const int by = half ? act : FBN_NAME(fbn_bounded)(fcf, C, c, &f, act);
+#endif
 #if FBN_HALF  /* the row in pieces of FBN_CHUNK, staged */
         double sa = 0.0, sb = 0.0;
         for (ptrdiff_t j = 0; j < ln; j += FBN_CHUNK) {
@@ -432,6 +469,14 @@ FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const E *dy, const E *x, ptrdiff_t 
 #endif
             if (half)
                 FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, act, 1, 0);
+            else if (by == 3 && n < FBN_SHORT)
+                FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, 3, 0, 1);
+            else if (by == 3)
+                FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, 3, 0, 0);
+            else if (by == 4 && n < FBN_SHORT)
+                FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, 4, 0, 1);
+            else if (by == 4)
+                FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, 4, 0, 0);
             else if (n < FBN_SHORT)
                 FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, act, 0, 1);
             else
@@ -481,7 +526,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_run)(const E *g, const E *p, const E *zs
         /* in training the forward's mean is the backward's (f.mhi, f.mlo are mhi, mlo): its output is
          * d * a + b, sharing d with dx's terms */
         const T gi = act == 1 && !fixed ? FBN_NAME(fbn_gate_at)(FBN_LD(g[i]), d * f.a + f.b, f.zero)
-                                        : FBN_NAME(fbn_gated)(g, p, zs, i, f.mhi, f.mlo, f.a, f.b, f.zero, act, half);
+                                        : FBN_NAME(fbn_gated_by)(g, p, zs, i, f, act, half);
         q[i] = fixed ? kdy * gi : kdy * gi + (d * kx + kc);
     }
 }
@@ -493,7 +538,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
     T buf[FBN_CHUNK];  /* results in T, for streaming stores and half elements (fbn_out, FBN_FLUSH) */
     FBN_NAME(fbn_out) o = {dx, 0, 0};
     const int buffered = stream || FBN_HALF;
-    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0, 0};
+    FBN_RUN(fbn_fwd) f = {0, 0, 0, 0, 0, 0, 0};
 #if FBN_HALF
     float gb[FBN_CHUNK], pb[FBN_CHUNK], zb[FBN_CHUNK];
 #endif
@@ -509,6 +554,13 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
             f = FBN_RUN(fbn_fwd_at)(fcf, C, c, half);
             f.zero = (T)FBN_ZERO;
         }
+        /* bounds on x only for the evaluation-mode backward: in training the mask shares d with
+         * dx's terms, and with bounds the pass was 6% slower on (32, 512, 7, 7) float32 */
+#if FBN_HALF
+        const int by = act;
+#else
+        const int by = half || !fixed ? act : FBN_NAME(fbn_bounded)(fcf, C, c, &f, act);
+#endif
         for (ptrdiff_t j = 0, bl; j < ln; j += bl) {
             bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
 #if FBN_HALF && defined(FBN_HALF_512)
@@ -536,6 +588,10 @@ FBN_INLINE void FBN_NAME(fbn_grad_input_rows)(const E *dy, const E *x, E *dx, pt
             if (half)
                 FBN_RUN(fbn_grad_input_run)(g, p, z, q, bl, mhi * (T)0.5, mlo * (T)0.5, kdy, kx * 2, kc, f, act, 1,
                                             fixed);
+            else if (by == 3)
+                FBN_RUN(fbn_grad_input_run)(g, p, z, q, bl, mhi, mlo, kdy, kx, kc, f, 3, 0, fixed);
+            else if (by == 4)
+                FBN_RUN(fbn_grad_input_run)(g, p, z, q, bl, mhi, mlo, kdy, kx, kc, f, 4, 0, fixed);
             else
                 FBN_RUN(fbn_grad_input_run)(g, p, z, q, bl, mhi, mlo, kdy, kx, kc, f, act, 0, fixed);
             if (buffered)
@@ -1123,4 +1179,78 @@ FBN_CLONES static void FBN_NAME(fbn_col_finish_grad)(double count, const double 
                                      gb + c, cf + c, C);
     }
 }
+
+/* ---- the ReLU mask as bounds on x ----
+ * With finite coefficients and a != 0, the recomputed output z(x) = ((x - mhi) - mlo) * a + b is a
+ * monotone function of x (every rounded operation is, an FMA included, and so is the overflow to
+ * an infinity), so the gradient's mask z > 0 is lo <= x (a > 0) or x <= hi (a < 0), and a NaN x
+ * keeps its gradient either way, as its NaN z does.  fbn_relu_bounds finds the bounds of each
+ * channel from fcf = [mhi | mlo | a | b] (blocks C apart), evaluating z with the kernels' own
+ * arithmetic (fbn_fwd_out, in a clone of the same instruction set: the same FMA contraction), so
+ * the mask keeps the forward's bits; the gradient sums then gate on two compares (act 3) instead of
+ * the output's arithmetic.  Bounds NaN where z is not monotone or the mean is wide: a non-finite
+ * coefficient, or a = 0 with b <= 0 (z = b, but NaN for an infinite x - mhi); the kernels then
+ * recompute z.  a = 0 with b > 0 keeps every gradient: bounds -inf, +inf. */
+FBN_INLINE FBN_UINT FBN_NAME(fbn_order_key)(T v)  /* keys in the order of the values (-0 before +0) */
+{
+    FBN_UINT u, sign = (FBN_UINT)1 << (sizeof(T) * 8 - 1);
+    memcpy(&u, &v, sizeof u);
+    return u & sign ? ~u : u | sign;
+}
+
+FBN_INLINE T FBN_NAME(fbn_order_value)(FBN_UINT k)
+{
+    FBN_UINT sign = (FBN_UINT)1 << (sizeof(T) * 8 - 1), u = k & sign ? k & ~sign : ~k;
+    T v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* Whether z(x) of key k is <= 0, the mask's drop (x not NaN: z is not NaN for finite
+ * coefficients), xor down: true from some key on, for a > 0 and a < 0 alike. */
+#define FBN_FLIPPED(k) ((FBN_NAME(fbn_fwd_out)(FBN_NAME(fbn_order_value)(k), mhi, mlo, a, b, 0) <= (T)0) != up)
+
+FBN_CLONES static void FBN_NAME(fbn_relu_bounds)(const T *fcf, ptrdiff_t C, T *lo, T *hi)
+{
+    const FBN_UINT kmin = FBN_NAME(fbn_order_key)(-(T)INFINITY), kmax = FBN_NAME(fbn_order_key)((T)INFINITY);
+    for (ptrdiff_t c = 0; c < C; c++) {
+        const T mhi = fcf[c], mlo = fcf[C + c], a = fcf[2 * C + c], b = fcf[3 * C + c];
+        lo[c] = -(T)INFINITY;
+        hi[c] = (T)INFINITY;
+        if (!(isfinite(mhi) && isfinite(mlo) && isfinite(a) && isfinite(b)) || FBN_NAME(fbn_wide)(mhi) ||
+            (a == 0 && !(b > 0))) {
+            lo[c] = hi[c] = (T)NAN;
+            continue;
+        }
+        if (a == 0)
+            continue;
+        /* the first key where the mask flips (z <= 0 from there on for a > 0, z > 0 where a < 0,
+         * ...): kmin = -inf's is not (z = -inf * a), kmax = +inf's is; searched from the root of
+         * the exact z, widening by powers of 2, then halving */
+        const int up = a > 0;
+        const double root = (double)mhi + (double)mlo - (double)b / (double)a;
+        FBN_UINT l = kmin, h = kmax, k = FBN_NAME(fbn_order_key)((T)root), step = 1;
+        if (FBN_FLIPPED(k)) {
+            for (h = k; h - kmin > step && FBN_FLIPPED(h - step); step *= 2)
+                h -= step;
+            l = h - kmin > step ? h - step : kmin;
+        } else {
+            for (l = k; kmax - l > step && !FBN_FLIPPED(l + step); step *= 2)
+                l += step;
+            h = kmax - l > step ? l + step : kmax;
+        }
+        while (h - l > 1) {
+            const FBN_UINT mid = l + (h - l) / 2;
+            if (FBN_FLIPPED(mid))
+                h = mid;
+            else
+                l = mid;
+        }
+        if (up)
+            lo[c] = FBN_NAME(fbn_order_value)(h);
+        else
+            hi[c] = FBN_NAME(fbn_order_value)(l);
+    }
+}
+#undef FBN_FLIPPED
 #endif /* FBN_DATA_ONLY */

@@ -105,7 +105,7 @@ def test_mask_at_the_roots(rng, kernel_path, dtype, training):
     """Outputs within a few ulps of 0, tiny positive ones, +-0 biases, zero and negative weights, a
     float32 mean that needs its low part: the recomputed mask (bias=) is the forward's output's
     (output=) to the bit.  (A float64 mask once dropped the outputs in (0, 3e-8], float16's
-    threshold.)"""
+    threshold; the ranges path gates on bounds on x, searched with the forward's arithmetic.)"""
     for shape, offset in (((3, 6, 7, 7), 0.0), ((40, 6), 1e4), ((2, 6, 130), -3e3)):
         C = shape[1]
         w, b, rm, rv = random_params(rng, C, dtype)
