@@ -68,28 +68,32 @@ FBN_INLINE void FBN_NAME(fbn_out_done)(FBN_NAME(fbn_out) *o, T *buf, ptrdiff_t b
 }
 
 /* The reductions over one row.  Rows shorter than FBN_SHORT elements (7x7 and 10x10 feature maps)
- * reduce into 8 explicit lanes (`narrow`, a constant where these are inlined), added as a tree at
- * the end: GCC ends an `omp simd reduction` by storing its lanes and adding them one at a time, a
- * chain of dependent adds that took half the time of a 49-element row (perf: first with 16 lanes,
- * then, after narrowing them to 8 with simdlen(8), still half of the backward's gradient sums on
- * (32, 512, 7, 7)).  Long rows keep the `omp simd` reduction: there the end is rare. */
+ * reduce into 8 explicit lanes and one for the rest (`narrow`, a constant where these are
+ * inlined), added as a tree at the end: GCC ends an `omp simd reduction` by storing its lanes and
+ * adding them one at a time, a chain of dependent adds that took half the time of a 49-element
+ * row (perf: first with 16 lanes, then, after narrowing them to 8 with simdlen(8), still half of
+ * the backward's gradient sums on (32, 512, 7, 7)).  Long rows keep the `omp simd` reduction:
+ * there the end is rare. */
 #ifndef FBN_LANES
 #define FBN_LANES 8
 FBN_INLINE double fbn_lanes_sum(const double *v)
 {
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) + v[FBN_LANES];
 }
 #endif
 
-/* for (i = 0; i < n; i++) BODY(i, lane), with lane = i % FBN_LANES, whole groups first */
+/* for (i = 0; i < n; i++) BODY(i, lane), with lane = i % FBN_LANES for the whole groups, then lane
+ * FBN_LANES (a ninth accumulator) for the rest.  The rest once went to lane i % FBN_LANES too: that
+ * index is not a constant, so the lanes lived on the stack, reloaded one by one for the sum; perf
+ * put most of the gradient sums of (32, 512, 7, 7) there. */
 #define FBN_BY_LANES(n, BODY)                                                                     \
     do {                                                                                          \
         ptrdiff_t i_ = 0;                                                                         \
         for (; i_ + FBN_LANES <= (n); i_ += FBN_LANES)                                            \
             _Pragma("omp simd") for (int l_ = 0; l_ < FBN_LANES; l_++)                            \
                 BODY(i_ + l_, l_);                                                                \
-        for (int l_ = 0; i_ + l_ < (n); l_++)                                                     \
-            BODY(i_ + l_, l_);                                                                    \
+        for (; i_ < (n); i_++)                                                                    \
+            BODY(i_, FBN_LANES);                                                                  \
     } while (0)
 
 /* sum(p[0:n]) in double. */
@@ -97,7 +101,7 @@ FBN_INLINE double FBN_NAME(fbn_sum)(const E *p, ptrdiff_t n, const int narrow)
 {
     double t = 0.0;
     if (narrow) {
-        double v[FBN_LANES] = {0};
+        double v[FBN_LANES + 1] = {0};
 #define FBN_BODY(i, l) v[l] += (double)FBN_LD(p[i])
         FBN_BY_LANES(n, FBN_BODY);
 #undef FBN_BODY
@@ -116,7 +120,7 @@ FBN_INLINE void FBN_NAME(fbn_shifted_sums)(const E *p, ptrdiff_t n, double k, do
 {
     double s = 0.0, q = 0.0;
     if (narrow) {
-        double vs[FBN_LANES] = {0}, vq[FBN_LANES] = {0};
+        double vs[FBN_LANES + 1] = {0}, vq[FBN_LANES + 1] = {0};
 #define FBN_BODY(i, l)                                                                            \
         do {                                                                                      \
             const double d = (double)FBN_LD(p[i]) - k;                                            \
@@ -399,7 +403,7 @@ FBN_INLINE void FBN_NAME(fbn_grad_run)(const E *g, const E *p, const E *zs, ptrd
 {
     double a = 0.0, b = 0.0;
     if (narrow) {
-        double va[FBN_LANES] = {0}, vb[FBN_LANES] = {0};
+        double va[FBN_LANES + 1] = {0}, vb[FBN_LANES + 1] = {0};
 #define FBN_BODY(i, l)                                                                            \
         do {                                                                                      \
             const double gi = (double)FBN_NAME(fbn_gated_by)(g, p, zs, i, f, act, half);          \
