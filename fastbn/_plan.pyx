@@ -161,14 +161,15 @@ cdef Py_ssize_t piece_elements(Py_ssize_t itemsize) noexcept nogil:
     return PIECE_BYTES // itemsize
 
 
-# The group, layer and instance norm kernels (_norm_kernels.pyx) stream their output from a lower
-# share of the L3: NORM_STREAM_RATIO x the L3 (2/3 of STREAM_BYTES).  Their passes run row by row
-# (a row's statistics, then its output from L2), so they keep less of the input in cache for a
-# later pass than batch norm's walk does.  Measured on the Zen 4 VM (32 MiB L3) when it was a
-# fixed 16 MiB, at kernel level on 2 threads, float32: the backward of (16, 64, 64, 64)
-# InstanceNorm (48 MiB touched) 1.40 -> 1.14 ms with streaming stores, (8, 256, 28, 28)
-# GroupNorm(32) (18 MiB) 0.63 -> 0.58 ms; forwards within noise.
-NORM_STREAM_RATIO = 0.5
+# The group, layer and instance norm kernels (_norm_kernels.pyx) stream their output above
+# NORM_STREAM_RATIO x the L3.  It was 0.5 (16 MiB on the Zen 4 VM's 32 MiB L3), from a measurement
+# when those kernels were slower; with today's kernels (2026-12-07, kernel level, 2 threads,
+# float32, min of 15 interleaved rounds, stream off / on) GroupNorm(32) on (N, 256, 28, 28):
+# backward N = 8 (18 MiB touched) 0.279 / 0.316 ms, N = 10 (23 MiB) 0.383 / 0.405, N = 12 (28 MiB)
+# 0.532 / 0.498, N = 16 (37 MiB) 0.85 / 0.74; forward N = 12 (18 MiB) 0.385 / 0.479, N = 16
+# (25 MiB) 0.60 / 0.63, N = 24 (37 MiB) 1.06 / 1.02; InstanceNorm's backward on (16, 64, 64, 64)
+# (48 MiB) 1.31 / 0.96.  The crossover sits at batch norm's STREAM_L3_RATIO.
+NORM_STREAM_RATIO = 0.75
 cdef double norm_share = NORM_STREAM_RATIO / STREAM_L3_RATIO
 
 
