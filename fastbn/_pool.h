@@ -16,7 +16,10 @@
  *     does not hold a core the next library needs;
  *   - fork(): the child forgets the parent's helpers (pthread_atfork) and starts its own.
  * Which thread ran which task does not change a result: the kernels write each task's partial
- * sums to the task's own slot and merge them in task order.
+ * sums to the task's own slot and merge them in task order, and every task runs in the caller's
+ * floating-point mode (x86's MXCSR: flush-to-zero, denormals-are-zero, rounding), which a helper
+ * adopts when it claims a task (torch.set_flush_denormal(True) sets it on the calling thread only:
+ * a helper that kept its own gave outputs that depended on which thread wrote them).
  *
  * The claim counter, the task count and a generation number share one 64-bit word, so a claim is
  * one compare-and-swap that also proves the job is still the one the helper was invited to.  One
@@ -38,6 +41,15 @@ typedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task);
 #include <signal.h>
 #else
 #define FBN_POOL_THREADS 0
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define FBN_FP_MODE() _mm_getcsr()  /* the calling thread's floating-point mode */
+#define FBN_FP_ADOPT(mode) do { if (_mm_getcsr() != (mode)) _mm_setcsr(mode); } while (0)
+#else
+#define FBN_FP_MODE() 0u
+#define FBN_FP_ADOPT(mode) ((void)(mode))
 #endif
 
 #define FBN_POOL_MAX 1024                      /* threads, the caller included */
@@ -86,6 +98,7 @@ static struct {
     Py_ssize_t done __attribute__((aligned(64)));  /* tasks finished in this job */
     fbn_task_fn fn;
     void *ctx;
+    unsigned int fp_mode;  /* the caller's floating-point mode (FBN_FP_MODE) */
     uint32_t gen;       /* the last job's generation (the caller's own copy) */
     int busy;           /* a job is running */
     int started;        /* helpers started */
@@ -114,7 +127,9 @@ static Py_ssize_t fbn_pool_work(uint32_t gen)
             return ran;
         if (!__atomic_compare_exchange_n(&fbn_pool.word, &w, w + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             continue;  /* w now holds the current word */
-        /* A claimed task keeps job `gen` alive (its caller waits for it), so fn and ctx are its. */
+        /* A claimed task keeps job `gen` alive (its caller waits for it), so fn, ctx and fp_mode
+         * are its. */
+        FBN_FP_ADOPT(fbn_pool.fp_mode);
         fbn_pool.fn(fbn_pool.ctx, FBN_WORD_NEXT(w));
         ran++;
         if (__atomic_add_fetch(&fbn_pool.done, 1, __ATOMIC_ACQ_REL) == FBN_WORD_N(w)) {
@@ -231,6 +246,7 @@ static void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
         helpers = threads - 1;
     fbn_pool.fn = fn;
     fbn_pool.ctx = ctx;
+    fbn_pool.fp_mode = FBN_FP_MODE();
     __atomic_store_n(&fbn_pool.done, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&fbn_pool.word, FBN_WORD(gen, n, 0), __ATOMIC_RELEASE);
     for (int i = 0; i < helpers; i++)

@@ -103,6 +103,29 @@ def test_results_are_the_same_bits_on_any_thread_count(rng, threads, force_path,
     assert_close(two["dx"], ref_dx, tol=1e-4 if dtype == np.float32 else 1e-10)
 
 
+def test_helpers_run_in_the_callers_floating_point_mode(threads, force_path):
+    """torch.set_flush_denormal(True) sets denormals-are-zero on the calling thread only; the
+    pool's helpers adopt the caller's mode for each task, so the result does not depend on which
+    thread read which subnormal input (before, helpers read them as they are: 20480 of the 262144
+    outputs below were not 0)."""
+    torch = pytest.importorskip("torch", reason="sets the calling thread's FP mode (pip install torch)")
+    threads(2)
+    force_path("ranges", 4096)
+    x = np.full((64, 1, 4096), 1e-40, np.float32)  # subnormal inputs
+    w, b = np.ones(1, np.float32), np.zeros(1, np.float32)
+    fastbn.batch_norm(x, None, None, w, b, training=True)  # starts the helpers
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        two = [fastbn.batch_norm(x, None, None, w, b, training=True) for _ in range(5)]
+        fastbn.set_num_threads(1)
+        one = fastbn.batch_norm(x, None, None, w, b, training=True)
+    finally:
+        torch.set_flush_denormal(False)
+    for y in two:
+        np.testing.assert_array_equal(y, one)
+
+
 @needs_openmp
 @pytest.mark.parametrize("training", [True, False])
 def test_slices_in_place_on_two_threads(rng, threads, training):
