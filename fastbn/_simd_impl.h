@@ -471,7 +471,9 @@ FBN_INLINE void FBN_NAME(fbn_grad_sums_rows)(const E *dy, const E *x, ptrdiff_t 
             const ptrdiff_t n = ln;
             const FBN_IN *g = dy + off, *p = x + off, *z = act == 2 ? zs + off : zs;
 #endif
-            if (half)
+            if (half && n < FBN_SHORT)  /* (in the order of the other masks' sums, narrow or not) */
+                FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, act, 1, 1);
+            else if (half)
                 FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, act, 1, 0);
             else if (by == 3 && n < FBN_SHORT)
                 FBN_RUN(fbn_grad_run)(g, p, z, n, mean[c], f, &a, &b, 3, 0, 1);
@@ -975,13 +977,24 @@ FBN_CLONES static void FBN_NAME(fbn_col_grad_sums)(const E *dy, const E *x, ptrd
         FBN_NAME(fbn_col_grad_sums_act)(dy, x, rows, ncols, W, mean, sdy, sdyx, zs, fcf, 0);
     } else if (!FBN_NAME(fbn_col_fwd_wide)(fcf, ncols, W)) {
         FBN_NAME(fbn_col_grad_sums_act)(dy, x, rows, ncols, W, mean, sdy, sdyx, zs, fcf, 1);
-    } else {  /* a wide mean: element by element (see fbn_norm_wide) */
-        for (ptrdiff_t r = 0; r < rows; r++)
+    } else {  /* a wide mean: element by element (see fbn_norm_wide), summed in fbn_col_grad_sums_act's order */
+        ptrdiff_t r = 0;
+#define FBN_GW(k) ((double)FBN_NAME(fbn_col_gated_wide)(dy + (r + (k)) * W, x + (r + (k)) * W, zs, c, fcf, W, c, 1))
+#define FBN_XM(k) ((double)FBN_LD(x[(r + (k)) * W + c]) - mean[c])
+        for (; r + 4 <= rows; r += 4)
             for (ptrdiff_t c = 0; c < ncols; c++) {
-                const double gi = (double)FBN_NAME(fbn_col_gated_wide)(dy + r * W, x + r * W, zs, c, fcf, W, c, 1);
-                sdy[c] += gi;
-                sdyx[c] += gi * ((double)FBN_LD(x[r * W + c]) - mean[c]);
+                const double g0 = FBN_GW(0), g1 = FBN_GW(1), g2 = FBN_GW(2), g3 = FBN_GW(3);
+                sdy[c] += (g0 + g1) + (g2 + g3);
+                sdyx[c] += (g0 * FBN_XM(0) + g1 * FBN_XM(1)) + (g2 * FBN_XM(2) + g3 * FBN_XM(3));
             }
+        for (; r < rows; r++)
+            for (ptrdiff_t c = 0; c < ncols; c++) {
+                const double gi = FBN_GW(0);
+                sdy[c] += gi;
+                sdyx[c] += gi * FBN_XM(0);
+            }
+#undef FBN_GW
+#undef FBN_XM
     }
 }
 

@@ -130,6 +130,34 @@ def test_mask_at_the_roots(rng, kernel_path, dtype, training):
         np.testing.assert_array_equal(count, (y > 0).sum(axis=(0,) + tuple(range(2, len(shape)))))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_masks_agree_for_wide_means(rng, kernel_path, dtype, training):
+    """Means past FBN_WIDE (2^103 for float32, 2^970 for float64), where the kernels halve before
+    subtracting the mean: bias= and output= give the same gradients (their sums once ran in
+    different orders there, 1-2 ulp apart).  On the column paths a float32 training grad_input
+    still differs in a few elements by a few ulps (a difference of two nearly equal terms), and
+    is held to 1e-5."""
+    big = dtype(1e32 if dtype == np.float32 else 1e293)
+    for shape in ((2, 3, 49), (9, 3), (5, 4, 7), (2, 3, 130)):
+        C = shape[1]
+        x = (big * (1 + 1e-3 * rng.standard_normal(shape))).astype(dtype)
+        w, b, _, _ = random_params(rng, C, dtype)
+        rm, rv = np.full(C, big, dtype), np.full(C, 3e38 if dtype == np.float32 else 1e300, dtype)
+        dy = random_input(rng, shape, dtype)
+        y, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, w, b, training, activation="relu")
+        # (float64 training: the batch variance overflows, so y = relu(b); eval masks are mixed)
+        assert ((y > 0).any() and (y == 0).any()) or (dtype == np.float64 and training)
+        by_bias = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training, activation="relu", bias=b)
+        by_output = fastbn.batch_norm_backward(dy, x, w, mean, invstd, training, activation="relu", output=y)
+        if dtype == np.float32 and training and kernel_path[0] != "ranges":
+            np.testing.assert_allclose(by_bias[0], by_output[0], rtol=1e-5, atol=0)
+        else:
+            np.testing.assert_array_equal(by_bias[0], by_output[0])
+        np.testing.assert_array_equal(by_bias[1], by_output[1])
+        np.testing.assert_array_equal(by_bias[2], by_output[2])
+
+
 def test_nan_and_negative_zero_as_pytorch():
     """torch.relu keeps NaN and -0.0; its backward passes the gradient at NaN, not at -0.0."""
     x = np.array([[0.0, 1.0], [np.nan, -1.0], [-2.0, 3.0], [0.5, -0.5]], dtype=np.float32)
