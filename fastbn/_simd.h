@@ -24,6 +24,7 @@
 #ifndef FASTBN_SIMD_H
 #define FASTBN_SIMD_H
 
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>

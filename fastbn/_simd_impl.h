@@ -1246,7 +1246,10 @@ FBN_CLONES static void FBN_NAME(fbn_relu_bounds)(const T *fcf, ptrdiff_t C, T *l
          * the exact z, widening by powers of 2, then halving */
         const int up = a > 0;
         const double root = (double)mhi + (double)mlo - (double)b / (double)a;
-        FBN_UINT l = kmin, h = kmax, k = FBN_NAME(fbn_order_key)((T)root), step = 1;
+        const double big = sizeof(T) == 4 ? FLT_MAX : DBL_MAX;  /* (a double past T's range converts
+                                                                   to T with undefined behaviour) */
+        const T guess = root > big ? (T)INFINITY : root < -big ? -(T)INFINITY : (T)root;
+        FBN_UINT l = kmin, h = kmax, k = FBN_NAME(fbn_order_key)(guess), step = 1;
         if (FBN_FLIPPED(k)) {
             for (h = k; h - kmin > step && FBN_FLIPPED(h - step); step *= 2)
                 h -= step;
