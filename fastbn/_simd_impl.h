@@ -1204,10 +1204,10 @@ FBN_CLONES static void FBN_NAME(fbn_col_finish_grad)(double count, const double 
  * keeps its gradient either way, as its NaN z does.  fbn_relu_bounds finds the bounds of each
  * channel from fcf = [mhi | mlo | a | b] (blocks C apart), evaluating z with the kernels' own
  * arithmetic (fbn_fwd_out, in a clone of the same instruction set: the same FMA contraction), so
- * the mask keeps the forward's bits; the gradient sums then gate on two compares (act 3) instead of
- * the output's arithmetic.  Bounds NaN where z is not monotone or the mean is wide: a non-finite
- * coefficient, or a = 0 with b <= 0 (z = b, but NaN for an infinite x - mhi); the kernels then
- * recompute z.  a = 0 with b > 0 keeps every gradient: bounds -inf, +inf. */
+ * the mask keeps the forward's bits; the gradient sums then gate on one compare (acts 3 and 4)
+ * instead of the output's arithmetic.  Bounds NaN where z is not monotone or the mean is wide: a
+ * non-finite coefficient, or a = 0 with b <= 0 (z = b, but NaN for an infinite x - mhi); the
+ * kernels then recompute z.  a = 0 with b > 0 keeps every gradient: bounds -inf, +inf. */
 FBN_INLINE FBN_UINT FBN_NAME(fbn_order_key)(T v)  /* keys in the order of the values (-0 before +0) */
 {
     FBN_UINT u, sign = (FBN_UINT)1 << (sizeof(T) * 8 - 1);
@@ -1223,8 +1223,9 @@ FBN_INLINE T FBN_NAME(fbn_order_value)(FBN_UINT k)
     return v;
 }
 
-/* Whether z(x) of key k is <= 0, the mask's drop (x not NaN: z is not NaN for finite
- * coefficients), xor down: true from some key on, for a > 0 and a < 0 alike. */
+/* Whether the mask at key k is the other one than at -inf (x is not NaN there, nor z for finite
+ * coefficients): keep (z > 0) for a > 0, drop (z <= 0) for a < 0; false up to some key, true
+ * from there on. */
 #define FBN_FLIPPED(k) ((FBN_NAME(fbn_fwd_out)(FBN_NAME(fbn_order_value)(k), mhi, mlo, a, b, 0) <= (T)0) != up)
 
 FBN_CLONES static void FBN_NAME(fbn_relu_bounds)(const T *fcf, ptrdiff_t C, T *lo, T *hi)
@@ -1241,9 +1242,9 @@ FBN_CLONES static void FBN_NAME(fbn_relu_bounds)(const T *fcf, ptrdiff_t C, T *l
         }
         if (a == 0)
             continue;
-        /* the first key where the mask flips (z <= 0 from there on for a > 0, z > 0 where a < 0,
-         * ...): kmin = -inf's is not (z = -inf * a), kmax = +inf's is; searched from the root of
-         * the exact z, widening by powers of 2, then halving */
+        /* h, the first key where the mask flips (kmin, -inf's, does not: z = -inf * a; kmax,
+         * +inf's, does), and l = h - 1: from the root of the exact z, widening a bracket by powers
+         * of 2, then halving it.  The bound: x >= value(h) keeps (a > 0), x <= value(l) (a < 0). */
         const int up = a > 0;
         const double root = (double)mhi + (double)mlo - (double)b / (double)a;
         const double big = sizeof(T) == 4 ? FLT_MAX : DBL_MAX;  /* (a double past T's range converts
