@@ -45,8 +45,15 @@ typedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task);
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
-#define FBN_FP_MODE() _mm_getcsr()  /* the calling thread's floating-point mode */
-#define FBN_FP_ADOPT(mode) do { if (_mm_getcsr() != (mode)) _mm_setcsr(mode); } while (0)
+/* the calling thread's floating-point mode: MXCSR's control bits, not its sticky exception flags
+ * (bits 0-5), which differ between threads all the time and would cost an ldmxcsr a task */
+#define FBN_FP_MODE() (_mm_getcsr() & ~0x3Fu)
+#define FBN_FP_ADOPT(mode)                                      \
+    do {                                                        \
+        const unsigned int csr_ = _mm_getcsr();                 \
+        if ((csr_ & ~0x3Fu) != (mode))                          \
+            _mm_setcsr((csr_ & 0x3Fu) | (mode));                \
+    } while (0)
 #else
 #define FBN_FP_MODE() 0u
 #define FBN_FP_ADOPT(mode) ((void)(mode))
