@@ -313,6 +313,10 @@ FBN_CLONES static void fbn_row_moments_fl(const float *p, ptrdiff_t n, double *a
  *
  * fbn_affine_f32 (y = ((x - mhi) - mlo) * a + b, cf = [mhi | mlo | a | b]) as (x - mhi) * a + c
  * with c = b - mlo * a: one subtraction and one FMA an element. */
+/* c - mlo * k in double, rounded once: the constant term of (x - mhi) * k + c that takes the place
+ * of ((x - mhi) - mlo) * k + c (fbn_affine_fl's b, fbn_grad_input_fl's kc). */
+FBN_INLINE float fbn_fold_lo(float c, float mlo, float k) { return (float)((double)c - (double)mlo * (double)k); }
+
 FBN_CLONES static void fbn_affine_fl(const float *x, float *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
                                      ptrdiff_t f1, const float *cf, int nt)
 {
@@ -326,7 +330,7 @@ FBN_CLONES static void fbn_affine_fl(const float *x, float *y, ptrdiff_t C, ptrd
             for (ptrdiff_t i = 0; i < bl; i++) {
                 const ptrdiff_t f = j + i;
                 const float a = cf[2 * C + f];
-                q[i] = (x[f] - cf[f]) * a + (float)((double)cf[3 * C + f] - (double)cf[C + f] * (double)a);
+                q[i] = (x[f] - cf[f]) * a + fbn_fold_lo(cf[3 * C + f], cf[C + f], a);
             }
             if (nt)
                 fbn_out_done_f32(&o, buf, bl, nt);
@@ -336,7 +340,7 @@ FBN_CLONES static void fbn_affine_fl(const float *x, float *y, ptrdiff_t C, ptrd
     }
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const float mhi = cf[c], a = cf[2 * C + c];
-        const float b = (float)((double)cf[3 * C + c] - (double)cf[C + c] * (double)a);
+        const float b = fbn_fold_lo(cf[3 * C + c], cf[C + c], a);
         const fbn_vf16 M = fbn_splat16(mhi), A = fbn_splat16(a), B = fbn_splat16(b);
         for (ptrdiff_t j = 0, bl; j < ln; j += bl) {
             bl = ln - j < FBN_CHUNK ? ln - j : FBN_CHUNK;
@@ -396,7 +400,7 @@ FBN_CLONES static void fbn_grad_input_fl(const float *dy, const float *x, float 
             for (ptrdiff_t i = 0; i < bl; i++) {
                 const ptrdiff_t f = j + i;
                 const float kx = cf[3 * C + f];
-                const float kc = (float)((double)cf[4 * C + f] - (double)cf[C + f] * (double)kx);
+                const float kc = fbn_fold_lo(cf[4 * C + f], cf[C + f], kx);
                 q[i] = cf[2 * C + f] * dy[f] + ((x[f] - cf[f]) * kx + kc);
             }
             if (nt)
@@ -407,7 +411,7 @@ FBN_CLONES static void fbn_grad_input_fl(const float *dy, const float *x, float 
     }
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const float mhi = cf[c], kdy = cf[2 * C + c], kx = cf[3 * C + c];
-        const float kc = (float)((double)cf[4 * C + c] - (double)cf[C + c] * (double)kx);
+        const float kc = fbn_fold_lo(cf[4 * C + c], cf[C + c], kx);
 #ifdef FBN_NT512
         if (nt512 && ln >= FBN_NT512_RUN) {
             fbn_out_flush_f32(&o, buf, nt);
