@@ -213,6 +213,29 @@ def test_backward_uses_the_input_of_the_last_forward_even_in_place(rng):
     assert_close(bn.grad_bias, ref_gb)
 
 
+@pytest.mark.parametrize("view", [lambda a: a, lambda a: a[...], lambda a: a.view(), lambda a: a.reshape(a.shape)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("training", [False, True])
+def test_in_place_through_any_view_of_the_input_keeps_the_gradient(rng, view, activation, training):
+    """out= a *view* of the input (not the same object) overwrites the input as out=input does: the
+    backward must still see the forward's input (the evaluation fast path once saved it by
+    reference, and grad_weight, and with the ReLU grad_input, came out wrong)."""
+    bn = _randomize(fastbn.BatchNorm2d(3, activation=activation), rng)
+    bn.running_mean[:] = 0.5
+    bn.train(training)
+    x = random_input(rng, (4, 3, 2, 5), np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    want = bn(x.copy(), update_running_stats=False)
+    want_dx, want_gw, want_gb = bn.backward(dy), bn.grad_weight.copy(), bn.grad_bias.copy()
+    buf = x.copy()
+    y = bn(buf, out=view(buf), update_running_stats=False)
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(buf, want)  # written in place
+    np.testing.assert_array_equal(bn.backward(dy), want_dx)
+    np.testing.assert_array_equal(bn.grad_weight, want_gw)
+    np.testing.assert_array_equal(bn.grad_bias, want_gb)
+
+
 def test_backward_needs_a_forward_each_time(rng):
     bn = fastbn.BatchNorm1d(3)
     with pytest.raises(RuntimeError, match="forward"):
