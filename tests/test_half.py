@@ -83,6 +83,40 @@ def test_out_must_be_of_the_half_type_and_in_place_works():
     np.testing.assert_array_equal(x, want)
 
 
+@pytest.mark.parametrize("half", list(HALVES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_running_buffers_of_the_half_type_work_in_any_layout(half, training, unbiased, strided):
+    """Running buffers of the input's half type (PyTorch takes float16 buffers too) are accepted
+    whatever their layout and flags, and act as float32 buffers rounded to their type.  A
+    contiguous pair once reached the kernels, which refused it after the forward had written out
+    (a failed call that changed out), where a strided pair or unbiased=False was accepted."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((4, 3, 5)) * 2 + 1).astype(half)
+    start = np.array([0.1, -0.2, 0.3]), np.array([1.0, 2.0, 0.5])
+
+    def buffers(dtype):
+        pair = [np.zeros(6 if strided else 3, dtype)[::2 if strided else 1] for _ in range(2)]
+        for buf, v in zip(pair, start):
+            buf[:] = v.astype(dtype)
+        return pair
+
+    rm, rv = buffers(half)
+    rm32, rv32 = buffers(np.float32)
+    rm32[:], rv32[:] = rm, rv  # the same starting values
+    out = np.zeros_like(x)
+    y = fastbn.batch_norm(x, rm, rv, training=training, unbiased=unbiased, out=out)
+    want = fastbn.batch_norm(x, rm32, rv32, training=training, unbiased=unbiased)
+    assert y is out and y.dtype == half
+    assert _ulps(y, want.astype(np.float64), half).max() <= 1
+    for got, ref in ((rm, rm32), (rv, rv32)):
+        assert got.dtype == half
+        assert _ulps(got, ref.astype(np.float64), half).max() <= 1
+    if training:
+        assert not np.array_equal(rm.astype(np.float64), start[0].astype(half).astype(np.float64))
+
+
 def test_a_float64_layer_refuses_half_input():
     with pytest.raises(TypeError, match="holds float64 parameters, got input of dtype float16"):
         fastbn.BatchNorm1d(3, dtype=np.float64)(np.ones((4, 3), np.float16))

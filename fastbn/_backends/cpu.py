@@ -94,10 +94,13 @@ def forward_train(x, y, weight, bias, eps, relu=False):
 
 
 def _kernel_ready(a, b):
-    """Running buffers the kernels can update in place: one float dtype in native byte order,
-    C-contiguous and aligned; anything else (views, mixed dtypes) goes through the formulas."""
+    """Running buffers the kernels can update in place: both float32 or both float64, in native
+    byte order, C-contiguous and aligned; anything else (views, mixed dtypes, half buffers) goes
+    through the formulas."""
     dt = a.dtype
     if dt is not b.dtype and (dt != b.dtype or not dt.isnative):
+        return False
+    if dt.type is not np.float32 and dt.type is not np.float64:
         return False
     fa, fb = a.flags, b.flags
     return fa.c_contiguous and fb.c_contiguous and fa.aligned and fb.aligned and dt.isnative
