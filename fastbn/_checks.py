@@ -272,14 +272,14 @@ def prepare_out(be, out, x, x3, *reads):
     array of x's dtype and layout."""
     # a half-precision x read through a float32 copy: the result is rounded to x's half type after
     half = x.dtype.itemsize == 2 and x3.dtype.itemsize != 2 and half_dtype(x.dtype)
-    if out is None:
+    if out is None:  # a new result is in native byte order, whatever the input's (as NumPy's)
         y, y3 = new_output(be, x, x3)
-        return y, y3, (be.xp.empty_like(x) if half else None)
+        return y, y3, (be.xp.empty_like(x, dtype=x.dtype.newbyteorder("=")) if half else None)
     if not be.is_array(out):
         raise TypeError(f"out must be a {be.xp.__name__} array, got {type(out).__name__}")
     refuse_matrix_and_masked(out, "out")
-    want = x.dtype if half else x3.dtype
-    if tuple(out.shape) != tuple(x.shape) or (out.dtype != want and out.dtype.newbyteorder("=") != want):
+    want = (x.dtype if half else x3.dtype).newbyteorder("=")
+    if tuple(out.shape) != tuple(x.shape) or out.dtype.newbyteorder("=") != want:
         raise ValueError(
             f"out must have the input's shape {tuple(x.shape)} and dtype {want} (either byte order), "
             f"got shape {tuple(out.shape)} and dtype {out.dtype}"

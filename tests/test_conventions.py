@@ -92,6 +92,29 @@ def test_in_place_on_big_endian_input():
     np.testing.assert_array_equal(x.astype(np.float32), want)
 
 
+@pytest.mark.parametrize("dtype", ["f2", "f4", "f8"])
+@pytest.mark.parametrize("call", [
+    lambda x, **kw: fastbn.batch_norm(x, None, None, training=True, **kw),
+    lambda x, **kw: fastbn.group_norm(x, 3, **kw),
+    lambda x, **kw: fastbn.layer_norm(x, (4,), **kw),
+], ids=["batch", "group", "layer"])
+def test_either_byte_order_in_and_out(dtype, call):
+    """An input of either byte order gives a native-order result, and takes out= of either byte
+    order (float16 in big-endian once refused a native out=, and returned a big-endian result
+    where float32 and float64 returned native ones)."""
+    native = np.random.default_rng(2).standard_normal((2, 3, 4)).astype("=" + dtype)
+    want = call(native)
+    for order in "<>":
+        x = native.astype(order + dtype)
+        y = call(x)
+        assert y.dtype.isnative and y.dtype == want.dtype
+        np.testing.assert_array_equal(y, want)
+        for out_order in "<>":
+            out = np.empty(x.shape, out_order + dtype)
+            assert call(x, out=out) is out
+            np.testing.assert_array_equal(out.astype(want.dtype), want)
+
+
 def test_load_state_dict_into_a_read_only_array_changes_nothing():
     bn = fastbn.BatchNorm1d(3)
     bn.running_var = np.ones(3, np.float32)
