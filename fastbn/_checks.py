@@ -223,10 +223,11 @@ def like_input(be, a, x, x3, name):
     return kernel_view(be, a, x, x3, name)
 
 
-def vector(v, name, be, shape, dtype, writable=False):
+def vector(v, name, be, shape, dtype, writable=False, what=None):
     """Check a parameter or statistics array of ``shape`` (weight, bias, running buffers, saved
     statistics).  With a ``dtype``, return it as a flat contiguous, aligned array of that dtype (a
-    copy where needed); without (running buffers, updated in place), return ``v`` itself."""
+    copy where needed); without (running buffers, updated in place), return ``v`` itself.
+    ``what``: what the shape comes from, for the message (default: the input's channels)."""
     if type(v) is np.ndarray and be.xp is np and v.shape == shape:  # the common case, cheaply:
         dt = v.dtype  # a contiguous vector of a native float dtype (builtin dtypes are singletons)
         if (dt is dtype if dtype is not None else (dt is _F32 or dt is _F64)) and len(shape) == 1:
@@ -241,8 +242,10 @@ def vector(v, name, be, shape, dtype, writable=False):
     refuse_matrix_and_masked(v, name)
     float_dtype(v, name)
     if tuple(v.shape) != shape:
-        what = f" to match the input's {shape[0]} channels" if len(shape) == 1 else ""
-        raise ValueError(f"{name} must have shape {shape}{what}, got shape {tuple(v.shape)}")
+        if what is None and len(shape) == 1:
+            what = f"the input's {shape[0]} channels"
+        raise ValueError(f"{name} must have shape {shape}{' to match ' + what if what else ''}, "
+                         f"got shape {tuple(v.shape)}")
     if writable and not be.writeable(v):
         raise ValueError(f"{name} is read-only, but training updates it in place")
     if dtype is None:

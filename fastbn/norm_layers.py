@@ -197,8 +197,14 @@ class _InstanceNorm(_RunningStats, _Norm):
 
     def load_state_dict(self, state_dict, strict=True):
         """As ``Layer.load_state_dict``; running statistics for a layer without them are refused even
-        with ``strict=False``, as PyTorch refuses them (a checkpoint from a layer that tracked them)."""
-        if not self.track_running_stats:
+        with ``strict=False`` in a dict without PyTorch's version metadata (a plain dict, such as
+        one of NumPy arrays), as PyTorch refuses them there (a checkpoint from before PyTorch 0.4,
+        or from a layer that tracked them); PyTorch's own ``state_dict()`` carries the version, and
+        its running statistics are then unexpected keys like any other, as in PyTorch."""
+        metadata = getattr(state_dict, "_metadata", None)
+        versioned = isinstance(metadata, dict) and isinstance(metadata.get(""), dict) and \
+            metadata[""].get("version") is not None
+        if not self.track_running_stats and not versioned:
             found = [k for k in ("running_mean", "running_var") if k in state_dict]
             if found:
                 raise ValueError(f"load_state_dict for {type(self).__name__}: unexpected running stats buffer(s) "

@@ -33,8 +33,9 @@ def _input(x, what, name="input"):
     return be, kernels, be.contiguous(x, dt)
 
 
-def _vector(v, name, be, n, dt, shape=None):
-    """A weight/bias/statistics argument as a contiguous vector of ``n`` values of ``dt``."""
+def _vector(v, name, be, n, dt, shape=None, what=None):
+    """A weight/bias/statistics argument as a contiguous vector of ``n`` values of ``dt``
+    (``what``: what its shape comes from, for ck.vector's message)."""
     if v is not None and not be.is_array(v):
         try:
             other = backend_of(v)
@@ -42,11 +43,11 @@ def _vector(v, name, be, n, dt, shape=None):
             other = None
         if other is not None:
             other.norm_kernels(name)  # NotImplementedError for a GPU array
-    return ck.vector(v, name, be, (n,) if shape is None else tuple(shape), dt)
+    return ck.vector(v, name, be, (n,) if shape is None else tuple(shape), dt, what=what)
 
 
-def _param(v, name, be, n, dt, default, shape=None):
-    return be.xp.full(n, default, dtype=dt) if v is None else _vector(v, name, be, n, dt, shape)
+def _param(v, name, be, n, dt, default, shape=None, what=None):
+    return be.xp.full(n, default, dtype=dt) if v is None else _vector(v, name, be, n, dt, shape, what)
 
 
 # ---------------------------------------------------------------- group norm
@@ -95,8 +96,8 @@ def _grad_args(grad_output, input, what):
     return be, k, x.dtype, ck.like_input(be, grad_output, input, x, "grad_output"), x
 
 
-def _stats(v, name, be, shape):
-    return _vector(v, name, be, math.prod(shape), np.float64, shape)
+def _stats(v, name, be, shape, what=None):
+    return _vector(v, name, be, math.prod(shape), np.float64, shape, what)
 
 
 def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, training, out, what):
@@ -104,8 +105,9 @@ def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, train
     N, C, G, S = _group_shape(input, G, what)
     training = ck.flag(training, "use_input_stats")
     w = _param(weight, "weight", be, C, dt, 1.0)
-    mean = _stats(save_mean, "save_mean", be, (N, G))
-    invstd = _stats(save_invstd, "save_invstd", be, (N, G))
+    rows = "(N, C)" if what.startswith("instance") else "(N, num_groups)"
+    mean = _stats(save_mean, "save_mean", be, (N, G), rows)
+    invstd = _stats(save_invstd, "save_invstd", be, (N, G), rows)
     dx, dx1, target = ck.prepare_out(be, out, input, x, g)
     # every (n, c) is written by the kernel; from fastbn's caching allocator, as the kernels' scratch
     sums = _alloc.scratch(N * C * 2, np.float64).reshape(N, C, 2) if x.size else np.zeros((N, C, 2))
@@ -120,8 +122,8 @@ def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, train
 
 def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_invstd, *, out=None):
     """Gradients of :func:`group_norm` from the statistics :func:`group_norm_forward` returned:
-    ``(grad_input, grad_weight, grad_bias)``, the parameter gradients in the input's dtype (also
-    when ``weight`` is None).  ``out=`` receives grad_input."""
+    ``(grad_input, grad_weight, grad_bias)``, the parameter gradients in the input's dtype (float32
+    for a float16 or bfloat16 input; also when ``weight`` is None).  ``out=`` receives grad_input."""
     return _group_backward(grad_output, input, num_groups, weight, save_mean, save_invstd, True, out,
                            "group_norm_backward")
 
@@ -157,8 +159,8 @@ def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5
     be, k, x = _input(input, "layer_norm")
     shape, lead, L = _layer_shape(input, normalized_shape)
     eps = ck.scalar(eps, "eps")
-    w = _param(weight, "weight", be, L, x.dtype, 1.0, shape)
-    b = _param(bias, "bias", be, L, x.dtype, 0.0, shape)
+    w = _param(weight, "weight", be, L, x.dtype, 1.0, shape, "normalized_shape")
+    b = _param(bias, "bias", be, L, x.dtype, 0.0, shape, "normalized_shape")
     y, y1, target = ck.prepare_out(be, out, input, x)
     mean, var, invstd = np.zeros(lead), np.zeros(lead), np.zeros(lead)
     if x.size:
@@ -178,12 +180,13 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
 
 def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean, save_invstd, *, out=None):
     """Gradients of :func:`layer_norm`: ``(grad_input, grad_weight, grad_bias)``, the parameter
-    gradients of shape ``normalized_shape`` in the input's dtype."""
+    gradients of shape ``normalized_shape`` in the input's dtype (float32 for a float16 or bfloat16
+    input)."""
     be, k, dt, g, x = _grad_args(grad_output, input, "layer_norm_backward")
     shape, lead, L = _layer_shape(input, normalized_shape)
-    w = _param(weight, "weight", be, L, dt, 1.0, shape)
-    mean = _stats(save_mean, "save_mean", be, lead)
-    invstd = _stats(save_invstd, "save_invstd", be, lead)
+    w = _param(weight, "weight", be, L, dt, 1.0, shape, "normalized_shape")
+    mean = _stats(save_mean, "save_mean", be, lead, "the input's leading dimensions")
+    invstd = _stats(save_invstd, "save_invstd", be, lead, "the input's leading dimensions")
     dx, dx1, target = ck.prepare_out(be, out, input, x, g)
     if x.size:
         w, m, istd = ck.apart(be, out, w, mean, invstd)

@@ -617,6 +617,43 @@ def test_instance_norm_refuses_running_statistics_it_does_not_track():
             layer.load_state_dict(state, strict=strict)
 
 
+def test_instance_norm_takes_a_versioned_pytorch_state_dict_as_pytorch():
+    """PyTorch's own state_dict() carries version metadata; PyTorch then treats a tracking layer's
+    running statistics as unexpected keys (reported with strict=False, an error with strict=True),
+    not as the pre-0.4 checkpoint it refuses even with strict=False."""
+    torch = pytest.importorskip("torch", reason="the PyTorch state_dict needs torch")
+    sd = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True).state_dict()
+    sd["weight"].fill_(2.0)
+    layer = fastbn.InstanceNorm2d(3, affine=True)
+    want = torch.nn.InstanceNorm2d(3, affine=True).load_state_dict(sd, strict=False)
+    got = layer.load_state_dict(sd, strict=False)
+    assert sorted(got.unexpected_keys) == sorted(want.unexpected_keys) == [
+        "num_batches_tracked", "running_mean", "running_var"]
+    assert got.missing_keys == want.missing_keys == []
+    np.testing.assert_array_equal(layer.weight, np.full(3, 2.0, np.float32))
+    with pytest.raises((RuntimeError, ValueError), match="running_mean"):
+        fastbn.InstanceNorm2d(3, affine=True).load_state_dict(sd, strict=True)
+    with pytest.raises(ValueError, match="unexpected running stats"):  # the same dict without its metadata
+        fastbn.InstanceNorm2d(3, affine=True).load_state_dict(dict(sd), strict=False)
+
+
+def test_shape_errors_name_what_the_shape_comes_from():
+    x = np.ones((2, 3, 5), np.float32)
+    cases = [
+        (lambda: fastbn.layer_norm(x, 5, weight=np.ones(6, np.float32)), r"weight .*\(5,\) to match normalized_shape"),
+        (lambda: fastbn.layer_norm_backward(x, x, (5,), None, np.zeros((2, 1, 1)), np.ones((2, 3))),
+         r"save_mean .*\(2, 3\) to match the input's leading dimensions"),
+        (lambda: fastbn.group_norm_backward(x, x, 3, None, np.zeros((2, 2)), np.ones((2, 3))),
+         r"save_mean .*\(2, 3\) to match \(N, num_groups\)"),
+        (lambda: fastbn.instance_norm_backward(x, x, None, np.zeros((2, 2)), np.ones((2, 3))),
+         r"save_mean .*\(2, 3\) to match \(N, C\)"),
+        (lambda: fastbn.group_norm(x, 3, weight=np.ones(4, np.float32)), r"weight .*\(3,\) to match the input's 3 channels"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_unbatched_out_must_have_the_inputs_shape():
     layer = fastbn.InstanceNorm1d(3)
     x = np.random.default_rng(5).standard_normal((3, 6)).astype(np.float32)
