@@ -323,18 +323,20 @@ def group_apply(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, mean, invstd, in
         _run(&jb, GN_APPLY, R * jb.P, _threads(threads, n, R * jb.P))
 
 
-def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, bint training, sums,
-                   int threads, int stream=-1):
-    """Group norm's backward: write dx, and sums (N*C*2 float64): per (n, c), sum(dy) and
-    sum(dy * (x - mean)), from which the caller takes grad_weight and grad_bias.  ``training``
-    False: the statistics were constants (dx = dy * weight * invstd)."""
+def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, bint training, int threads,
+                   int stream=-1):
+    """Group norm's backward: write dx; return (grad_weight, grad_bias) as float64 (C,) arrays,
+    from the per-(n, c) sums of dy and dy * (x - mean) (summed over n in order, the (n, c) sum of
+    dy * (x - mean) times its row's invstd).  ``training`` False: the statistics were constants
+    (dx = dy * weight * invstd)."""
     cdef int t = _float_type(x, -1, "x")
     cdef Job jb
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k, p, c, Cg
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k, p, c, Cg, N
     if G <= 0 or S <= 0 or C % G or n % (C * S):
         raise ValueError("group_backward: inconsistent shape")
     R = n // (C * S) * G
     L = n // R if R else 0
+    N = R // G
     _setup(&jb, t, R, L, 3, stream)
     Cg = C // G
     jb.G = G
@@ -347,17 +349,22 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
     jb.w = _data(weight, t, C, False, "weight")
     jb.mean = <double *>_data(mean, cnp.NPY_DOUBLE, R, False, "mean")
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, False, "invstd")
-    jb.sums = <double *>_data(sums, cnp.NPY_DOUBLE, 2 * R * Cg, True, "sums")
+    gw, gb = np.zeros(C), np.zeros(C)
     if n == 0:
-        return
+        return gw, gb
+    cdef double *pw = _dptr(gw)
+    cdef double *pb = _dptr(gb)
+    sums = _alloc_scratch(2 * R * Cg, np.float64)  # every (n, c) pair is written by the kernel
+    jb.sums = _dptr(sums)
     cf = _scratch(x, R * 5 * Cg)
     jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
-    cmean = _scratch(mean, R * Cg)
-    cmean.reshape(R, Cg)[...] = mean.reshape(R, 1)
+    cmean = _alloc_scratch(R * Cg, np.float64)
     jb.cmean = _dptr(cmean)
     part = np.empty(2 * Cg * R * jb.P if jb.P > 1 else 0)
     jb.part = _dptr(part)
     with nogil:
+        for k in range(R * Cg):  # each channel's mean: its row's
+            jb.cmean[k] = jb.mean[k // Cg]
         if jb.P == 1:
             k = (R + jb.rows_task - 1) // jb.rows_task
             _run(&jb, GN_BWD, k, _threads(threads, n, k))
@@ -374,6 +381,11 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
                 else:
                     _group_grad_coefs(&jb, k, <float>0)
             _run(&jb, GN_GINPUT, R * jb.P, _threads(threads, n, R * jb.P))
+        for k in range(N):  # sums[(n * C + c) * 2 + {0, 1}]; channel c is in row n * G + c // Cg
+            for c in range(C):
+                pb[c] += jb.sums[(k * C + c) * 2]
+                pw[c] += jb.sums[(k * C + c) * 2 + 1] * jb.invstd[k * G + c // Cg]
+    return gw, gb
 
 
 def layer_forward(x, y, weight, bias, Py_ssize_t L, double eps, mean, var, invstd, int threads, int stream=-1):

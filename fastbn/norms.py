@@ -14,7 +14,6 @@ import numbers
 
 import numpy as np
 
-from . import _alloc
 from . import _checks as ck
 from ._backends import backend_of
 
@@ -109,14 +108,10 @@ def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, train
     mean = _stats(save_mean, "save_mean", be, (N, G), rows)
     invstd = _stats(save_invstd, "save_invstd", be, (N, G), rows)
     dx, dx1, target = ck.prepare_out(be, out, input, x, g)
-    # every (n, c) is written by the kernel; from fastbn's caching allocator, as the kernels' scratch
-    sums = _alloc.scratch(N * C * 2, np.float64).reshape(N, C, 2) if x.size else np.zeros((N, C, 2))
-    if x.size:
+    gw = gb = np.zeros(C)
+    if x.size:  # (0 * inf after an eps=0 forward on a constant group makes grad_weight NaN, as in PyTorch)
         w, m, istd = ck.apart(be, out, w, mean, invstd)
-        k.group_backward(g, x, dx1, w, G, max(S, 1), m, istd, training, sums, be.threads())
-    gb = sums[:, :, 0].sum(axis=0)
-    with np.errstate(invalid="ignore"):  # 0 * inf after an eps=0 forward on a constant group: NaN, as PyTorch
-        gw = (sums[:, :, 1].reshape(N, G, C // G) * invstd.reshape(N, G, 1)).reshape(N, C).sum(axis=0)
+        gw, gb = k.group_backward(g, x, dx1, w, G, max(S, 1), m, istd, training, be.threads())
     return ck.finish(dx, target), gw.astype(dt), gb.astype(dt)
 
 
