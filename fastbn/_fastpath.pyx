@@ -62,9 +62,10 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
-def eval_forward(x, running_mean, running_var, weight, bias, eps, out, bint relu=False):
+def eval_forward(x, running_mean, running_var, weight, bias, eps, out, bint relu=False, bint in_place=True):
     """``(y, save_mean, save_invstd)`` of an evaluation-mode batch norm (with the fused ReLU when
-    relu) whose arguments are all plain (see the module's docstring), or None."""
+    relu) whose arguments are all plain (see the module's docstring), or None.  ``in_place``
+    False: None also for an ``out`` over x's memory (a layer that saves x for its backward)."""
     cdef int t = _plain(x, -2, False)
     if t < 0 or weight is None or bias is None or type(eps) is not float or not <double>eps >= 0:
         return None
@@ -83,7 +84,7 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, out, bint relu
     else:
         if _plain(out, cnp.PyArray_NDIM(xa), True) != t or not _same_shape(<cnp.ndarray>out, xa):
             return None
-        if cnp.PyArray_DATA(<cnp.ndarray>out) != cnp.PyArray_DATA(xa) and not _apart(out, x):
+        if not _apart(out, x) and (not in_place or cnp.PyArray_DATA(<cnp.ndarray>out) != cnp.PyArray_DATA(xa)):
             return None
         if not (_apart(out, weight) and _apart(out, bias) and _apart(out, running_mean) and _apart(out, running_var)):
             return None

@@ -112,14 +112,13 @@ class _BatchNorm(_RunningStats, Layer):
         """Normalize ``input``; ``out=``: an array to receive the output (it may be ``input``).
         Saves this forward for ``backward`` (per thread) unless inside ``fastbn.no_grad()``;
         ``update_running_stats=False`` leaves the running statistics alone in training mode."""
-        if (not self.training and self.track_running_stats and self._cuda is None
+        if (not self.training and self.track_running_stats and self._cuda is None and out is not input
                 and type(input) is np.ndarray and input.dtype is self.dtype and input.ndim in self._ndims
-                and (update_running_stats is True or update_running_stats is False)
-                and (out is None or not np.may_share_memory(out, input))):
+                and (update_running_stats is True or update_running_stats is False)):
             # the plain evaluation call, checked in C (None: anything else, for the full checks); an
-            # out= over the input takes Layer.forward, which saves a copy of the input for backward
+            # out= over the input's memory takes Layer.forward, which saves a copy of the input
             done = _plain_eval(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps, out,
-                               self._relu)
+                               self._relu, False)
             if done is not None:
                 y, mean, invstd = done
                 if is_grad_enabled():
