@@ -225,7 +225,8 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
         if S == 1:  # as PyTorch, also for an empty batch (an empty spatial size passes)
             raise ValueError(f"expected more than 1 spatial element when training, got input of shape {tuple(input.shape)}")
     y, y1, target = ck.prepare_out(be, out, input, x)
-    ck.out_apart_from(be, out, (("running_mean", running_mean), ("running_var", running_var)))
+    if use_input_stats:  # (otherwise the buffers are copied into mean and invstd before out is written)
+        ck.out_apart_from(be, out, (("running_mean", running_mean), ("running_var", running_var)))
     mean, var, invstd = np.zeros((N, C)), np.zeros((N, C)), np.zeros((N, C))
     if use_input_stats:
         if x.size:

@@ -366,6 +366,22 @@ def test_training_out_sharing_memory_with_a_running_buffer_is_refused():
     np.testing.assert_array_equal(x, before)
 
 
+def test_instance_norm_on_running_statistics_may_write_over_them():
+    """Without input statistics the running buffers are read into the call's own statistics
+    before out is written, so out may overlap them (in training it may not, as above)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    buf = np.ones(24, np.float32)
+    buf[:3], buf[3:6] = [0.5, -1.0, 2.0], [1.0, 4.0, 0.25]
+    rm, rv = buf[:3], buf[3:6]
+    want = fastbn.instance_norm(x, rm.copy(), rv.copy(), use_input_stats=False)
+    out = buf.reshape(2, 3, 4)
+    assert fastbn.instance_norm(x, rm, rv, use_input_stats=False, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="out shares memory with running_mean"):
+        fastbn.instance_norm(x, buf[:3], buf[3:6], use_input_stats=True, out=buf.reshape(2, 3, 4))
+
+
 def test_layer_in_place_forward_through_a_view_of_another_type_keeps_the_input(rng):
     """out= a plain view of a subclass input (e.g. np.asarray of a memmap) is still in place: the
     layer must save a copy of the input for backward."""
