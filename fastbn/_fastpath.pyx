@@ -1,18 +1,19 @@
-"""The plain evaluation call, checked in C.
+"""The plain calls, checked in C.
 
 ``batch_norm(x, running_mean, running_var, weight, bias)`` in evaluation mode spends a few
 microseconds in its Python checks (fastbn._checks), which on a small input is more than the kernel
-itself.  :func:`eval_forward` recognises, in C, the call whose arguments need nothing from those
-checks -- exact NumPy arrays of one native float dtype, C-contiguous and aligned, of matching
-shapes, a float ``eps >= 0``, an ``out`` of the input's shape that is the input itself or apart
-from every array the kernel reads -- and runs the kernel on it.  For anything else it returns
-None, and the caller runs the full checks, which give the conversions and the error messages:
-this module rejects nothing, it only accepts.
+itself; after a large kernel has emptied the caches, the same checks take tens of microseconds.
+:func:`eval_forward` (and :func:`group_forward`, for ``group_norm_forward``) recognises, in C, the
+call whose arguments need nothing from those checks -- exact NumPy arrays of one native float
+dtype, C-contiguous and aligned, of matching shapes, a float ``eps >= 0``, an ``out`` of the
+input's shape that is the input itself or apart from every array the kernel reads -- and runs the
+kernel on it.  For anything else it returns None, and the caller runs the full checks, which give
+the conversions and the error messages: this module rejects nothing, it only accepts.
 """
 cimport numpy as cnp
 import numpy as np
 
-from . import _alloc, _kernels
+from . import _alloc, _kernels, _norm_kernels
 from ._backends import cpu
 
 cnp.import_array()
@@ -20,6 +21,8 @@ cnp.import_array()
 cdef object _forward_eval_running = _kernels.forward_eval_running
 cdef object _empty_like = _alloc.empty_like
 cdef object _plan = cpu.plan
+cdef object _group_forward = _norm_kernels.group_forward
+cdef object _threads = cpu.threads
 
 
 cdef inline int _plain(object a, int ndim, bint writable) noexcept:
@@ -90,4 +93,39 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, out, bint relu
             return None
         y = out
     mean, invstd = _forward_eval_running(x3, y.reshape(shape3), weight, bias, running_mean, running_var, eps, *_plan(), relu=relu)
+    return y, mean, invstd
+
+
+cdef inline bint _plain_out(object out, cnp.ndarray x, int t) noexcept:
+    """An ``out`` the kernels can write for input x: plain, writable, of x's shape and type, and
+    x itself or apart from it."""
+    if _plain(out, cnp.PyArray_NDIM(x), True) != t or not _same_shape(<cnp.ndarray>out, x):
+        return False
+    return _apart(out, x) or cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(x)
+
+
+def group_forward(x, num_groups, weight, bias, eps, out):
+    """``(y, save_mean, save_invstd)`` of ``group_norm_forward`` whose arguments are all plain (an
+    int ``num_groups`` that divides the channels, weight and bias given, more than one value a
+    group, a non-empty input), or None."""
+    cdef int t = _plain(x, -2, False)
+    if (t < 0 or weight is None or bias is None or type(num_groups) is not int or type(eps) is not float
+            or not <double>eps >= 0):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef Py_ssize_t N = cnp.PyArray_DIM(xa, 0), C = cnp.PyArray_DIM(xa, 1), size = cnp.PyArray_SIZE(xa), G, S
+    if size == 0 or not 1 <= num_groups <= C:
+        return None
+    G = num_groups
+    S = size // (N * C)
+    if C % G or N * (C // G) * S == 1 or not (_vector(weight, t, C) and _vector(bias, t, C)):
+        return None
+    if out is None:
+        y = _empty_like(xa, x.shape)
+    elif _plain_out(out, xa, t) and _apart(out, weight) and _apart(out, bias):
+        y = out
+    else:
+        return None
+    mean, var, invstd = np.empty((N, G)), np.empty((N, G)), np.empty((N, G))  # the kernel writes every row
+    _group_forward(x, y, weight, bias, G, S, <double>eps, mean, var, invstd, _threads())
     return y, mean, invstd

@@ -653,6 +653,38 @@ def test_shape_errors_name_what_the_shape_comes_from():
             call()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,G", [((4, 6, 5, 3), 3), ((2, 8), 4), ((3, 4, 7), 1), ((1, 16, 2, 2, 2), 16), ((40, 64, 9), 32)])
+def test_group_norm_forward_plain_call_is_the_checked_one(dtype, shape, G):
+    """group_norm_forward's C fast path (fastbn._fastpath.group_forward) gives the full path's
+    results to the bit, and steps aside for anything not plain."""
+    from fastbn import _fastpath
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    C = shape[1]
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    fast = _fastpath.group_forward(x, G, w, b, 1e-5, None)
+    assert fast is not None
+    slow = fastbn.group_norm_forward(np.asfortranarray(x), G, np.repeat(w, 2)[::2], b, 1e-5)  # checked in Python
+    for f, s in zip(fast, slow):
+        assert f.dtype == s.dtype and f.shape == s.shape
+        np.testing.assert_array_equal(f, s)
+    out = np.empty_like(x)
+    y = fastbn.group_norm_forward(x, G, w, b, out=out)[0]
+    assert y is out
+    np.testing.assert_array_equal(out, slow[0])
+    buf = x.copy()  # in place
+    assert _fastpath.group_forward(buf, G, w, b, 1e-5, buf)[0] is buf
+    np.testing.assert_array_equal(buf, slow[0])
+    # not plain: None, and the checked path decides
+    for args in [(x, True, w, b, 1e-5, None), (x, np.int64(G), w, b, 1e-5, None), (x, G, None, b, 1e-5, None),
+                 (x, G, w, b, 0, None), (x, G, w, b, -1.0, None), (x, G, w.astype(np.float16), b, 1e-5, None),
+                 (x[:, ::-1], G, w, b, 1e-5, None), (x.astype(np.float16), G, w, b, 1e-5, None),
+                 (x, G, w, b, 1e-5, np.empty(x.shape, np.float16)), (x, C + 1, w, b, 1e-5, None),
+                 (x, 0, w, b, 1e-5, None), (x, G, w, b, 1e-5, x.reshape(-1)[::-1].reshape(x.shape))]:
+        assert _fastpath.group_forward(*args) is None
+
+
 def test_unbatched_out_must_have_the_inputs_shape():
     layer = fastbn.InstanceNorm1d(3)
     x = np.random.default_rng(5).standard_normal((3, 6)).astype(np.float32)
