@@ -3,7 +3,8 @@
 ``batch_norm(x, running_mean, running_var, weight, bias)`` in evaluation mode spends a few
 microseconds in its Python checks (fastbn._checks), which on a small input is more than the kernel
 itself; after a large kernel has emptied the caches, the same checks take tens of microseconds.
-:func:`eval_forward` (and :func:`group_forward`, for ``group_norm_forward``) recognises, in C, the
+:func:`eval_forward` (and :func:`group_forward` and :func:`layer_forward`, for
+``group_norm_forward`` and ``layer_norm_forward``) recognises, in C, the
 call whose arguments need nothing from those checks -- exact NumPy arrays of one native float
 dtype, C-contiguous and aligned, of matching shapes, a float ``eps >= 0``, an ``out`` of the
 input's shape that is the input itself or apart from every array the kernel reads -- and runs the
@@ -22,6 +23,7 @@ cdef object _forward_eval_running = _kernels.forward_eval_running
 cdef object _empty_like = _alloc.empty_like
 cdef object _plan = cpu.plan
 cdef object _group_forward = _norm_kernels.group_forward
+cdef object _layer_forward = _norm_kernels.layer_forward
 cdef object _threads = cpu.threads
 
 
@@ -118,14 +120,46 @@ def group_forward(x, num_groups, weight, bias, eps, out):
         return None
     G = num_groups
     S = size // (N * C)
-    if C % G or N * (C // G) * S == 1 or not (_vector(weight, t, C) and _vector(bias, t, C)):
+    if C % G or N * (C // G) * S == 1:
         return None
-    if out is None:
-        y = _empty_like(xa, x.shape)
-    elif _plain_out(out, xa, t) and _apart(out, weight) and _apart(out, bias):
-        y = out
-    else:
+    y = _affine_out(xa, t, C, weight, bias, out)
+    if y is None:
         return None
     mean, var, invstd = np.empty((N, G)), np.empty((N, G)), np.empty((N, G))  # the kernel writes every row
     _group_forward(x, y, weight, bias, G, S, <double>eps, mean, var, invstd, _threads())
     return y, mean, invstd
+
+
+def layer_forward(x, normalized_shape, weight, bias, eps, out):
+    """``(y, save_mean, save_invstd)`` of ``layer_norm_forward`` whose arguments are all plain (one
+    normalized dimension, an int or a 1-tuple of an int equal to x's last, weight and bias given,
+    a non-empty input), or None."""
+    cdef int t = _plain(x, -1, False)
+    if t < 0 or weight is None or bias is None or type(eps) is not float or not <double>eps >= 0:
+        return None
+    if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
+        normalized_shape = (<tuple>normalized_shape)[0]
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(xa)
+    cdef Py_ssize_t L = cnp.PyArray_DIM(xa, nd - 1)
+    if type(normalized_shape) is not int or normalized_shape != L or cnp.PyArray_SIZE(xa) == 0:
+        return None
+    y = _affine_out(xa, t, L, weight, bias, out)
+    if y is None:
+        return None
+    lead = x.shape[:nd - 1]
+    mean, var, invstd = np.empty(lead), np.empty(lead), np.empty(lead)  # the kernel writes every row
+    _layer_forward(x, y, weight, bias, L, <double>eps, mean, var, invstd, _threads())
+    return y, mean, invstd
+
+
+cdef object _affine_out(cnp.ndarray x, int t, Py_ssize_t n, object weight, object bias, object out):
+    """The output array for a plain call with weight and bias of n values, or None where they or
+    ``out`` are not plain: a new one, or ``out`` (x itself, or apart from x and the parameters)."""
+    if not (_vector(weight, t, n) and _vector(bias, t, n)):
+        return None
+    if out is None:
+        return _empty_like(x, (<object>x).shape)
+    if _plain_out(out, x, t) and _apart(<cnp.ndarray>out, weight) and _apart(<cnp.ndarray>out, bias):
+        return out
+    return None

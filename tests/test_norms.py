@@ -685,6 +685,37 @@ def test_group_norm_forward_plain_call_is_the_checked_one(dtype, shape, G):
         assert _fastpath.group_forward(*args) is None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 6, 5), (7,), (3, 768), (2, 3, 4, 33), (64, 9)])
+def test_layer_norm_forward_plain_call_is_the_checked_one(dtype, shape):
+    """layer_norm_forward's C fast path (fastbn._fastpath.layer_forward) gives the full path's
+    results to the bit, and steps aside for anything not plain."""
+    from fastbn import _fastpath
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    L = shape[-1]
+    w, b = rng.standard_normal(L).astype(dtype), rng.standard_normal(L).astype(dtype)
+    slow = fastbn.layer_norm_forward(np.asfortranarray(x), (L,), np.repeat(w, 2)[::2], b, 1e-5)  # checked in Python
+    for ns in (L, (L,)):
+        fast = _fastpath.layer_forward(x, ns, w, b, 1e-5, None)
+        assert fast is not None
+        for f, s in zip(fast, slow):
+            assert f.dtype == s.dtype and f.shape == s.shape
+            np.testing.assert_array_equal(f, s)
+    out = np.empty_like(x)
+    assert fastbn.layer_norm_forward(x, L, w, b, out=out)[0] is out
+    np.testing.assert_array_equal(out, slow[0])
+    buf = x.copy()  # in place
+    assert _fastpath.layer_forward(buf, [L][0], w, b, 1e-5, buf)[0] is buf
+    np.testing.assert_array_equal(buf, slow[0])
+    for args in [(x, [L], w, b, 1e-5, None), (x, np.int64(L), w, b, 1e-5, None), (x, L + 1, w, b, 1e-5, None),
+                 (x, (1, L), w, b, 1e-5, None), (x, L, None, b, 1e-5, None), (x, L, w, b, 0, None),
+                 (x, L, w, b, -1.0, None), (x, L, w.astype(np.float16), b, 1e-5, None), (x[..., ::-1], L, w, b, 1e-5, None),
+                 (x, L, w, b, 1e-5, np.empty(x.shape, np.float16)), (x, True, w, b, 1e-5, None),
+                 (x, L, w, b, 1e-5, x.reshape(-1)[::-1].reshape(x.shape))]:
+        assert _fastpath.layer_forward(*args) is None
+
+
 def test_unbatched_out_must_have_the_inputs_shape():
     layer = fastbn.InstanceNorm1d(3)
     x = np.random.default_rng(5).standard_normal((3, 6)).astype(np.float32)
