@@ -3,8 +3,8 @@
 ``batch_norm(x, running_mean, running_var, weight, bias)`` in evaluation mode spends a few
 microseconds in its Python checks (fastbn._checks), which on a small input is more than the kernel
 itself; after a large kernel has emptied the caches, the same checks take tens of microseconds.
-:func:`eval_forward` (and :func:`group_forward` and :func:`layer_forward`, for
-``group_norm_forward`` and ``layer_norm_forward``) recognises, in C, the
+:func:`eval_forward` (and the group and layer norm calls: :func:`group_forward`,
+:func:`layer_forward`, :func:`group_backward`, :func:`layer_backward`) recognises, in C, the
 call whose arguments need nothing from those checks -- exact NumPy arrays of one native float
 dtype, C-contiguous and aligned, of matching shapes, a float ``eps >= 0``, an ``out`` of the
 input's shape that is the input itself or apart from every array the kernel reads -- and runs the
@@ -24,6 +24,8 @@ cdef object _empty_like = _alloc.empty_like
 cdef object _plan = cpu.plan
 cdef object _group_forward = _norm_kernels.group_forward
 cdef object _layer_forward = _norm_kernels.layer_forward
+cdef object _group_backward = _norm_kernels.group_backward
+cdef object _layer_backward = _norm_kernels.layer_backward
 cdef object _threads = cpu.threads
 
 
@@ -163,3 +165,79 @@ cdef object _affine_out(cnp.ndarray x, int t, Py_ssize_t n, object weight, objec
     if _plain_out(out, x, t) and _apart(<cnp.ndarray>out, weight) and _apart(<cnp.ndarray>out, bias):
         return out
     return None
+
+
+cdef inline bint _stats_of(object a, cnp.ndarray x, int nd) noexcept:
+    """A plain float64 array of x's first nd dimensions (saved statistics)."""
+    cdef int d
+    if _plain(a, nd, False) != cnp.NPY_DOUBLE:
+        return False
+    for d in range(nd):
+        if cnp.PyArray_DIM(<cnp.ndarray>a, d) != cnp.PyArray_DIM(x, d):
+            return False
+    return True
+
+
+cdef inline bint _group_stats(object a, Py_ssize_t N, Py_ssize_t G) noexcept:
+    """A plain float64 (N, G) array (group norm's saved statistics)."""
+    return (_plain(a, 2, False) == cnp.NPY_DOUBLE and cnp.PyArray_DIM(<cnp.ndarray>a, 0) == N
+            and cnp.PyArray_DIM(<cnp.ndarray>a, 1) == G)
+
+
+cdef object _grad_out(cnp.ndarray x, int t, object g, object out, object w, object mean, object invstd):
+    """The grad_input array for a plain backward (grad_output g plain, of x's shape and type), or
+    None: a new one, or ``out`` (x or g itself, or apart from both, and apart from the vectors)."""
+    if _plain(g, cnp.PyArray_NDIM(x), False) != t or not _same_shape(<cnp.ndarray>g, x):
+        return None
+    if out is None:
+        return _empty_like(x, (<object>x).shape)
+    if not (_plain_out(out, x, t) and (_apart(<cnp.ndarray>out, g) or
+                                       cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(<cnp.ndarray>g))):
+        return None
+    if _apart(<cnp.ndarray>out, w) and _apart(<cnp.ndarray>out, mean) and _apart(<cnp.ndarray>out, invstd):
+        return out
+    return None
+
+
+def group_backward(grad_output, x, num_groups, weight, save_mean, save_invstd, out):
+    """``(grad_input, grad_weight, grad_bias)`` of ``group_norm_backward`` whose arguments are all
+    plain (grad_output like x, weight given, the saved statistics float64 (N, num_groups), a
+    non-empty input), or None."""
+    cdef int t = _plain(x, -2, False)
+    if t < 0 or weight is None or type(num_groups) is not int:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef Py_ssize_t N = cnp.PyArray_DIM(xa, 0), C = cnp.PyArray_DIM(xa, 1), size = cnp.PyArray_SIZE(xa), G
+    if size == 0 or not 1 <= num_groups <= C:
+        return None
+    G = num_groups
+    if C % G or not (_vector(weight, t, C) and _group_stats(save_mean, N, G) and _group_stats(save_invstd, N, G)):
+        return None
+    dx = _grad_out(xa, t, grad_output, out, weight, save_mean, save_invstd)
+    if dx is None:
+        return None
+    gw, gb = _group_backward(grad_output, x, dx, weight, G, size // (N * C), save_mean, save_invstd, True, _threads())
+    return dx, gw.astype(x.dtype), gb.astype(x.dtype)
+
+
+def layer_backward(grad_output, x, normalized_shape, weight, save_mean, save_invstd, out):
+    """``(grad_input, grad_weight, grad_bias)`` of ``layer_norm_backward`` whose arguments are all
+    plain (one normalized dimension as in layer_forward, grad_output like x, weight given, the
+    saved statistics float64 of x's leading shape, a non-empty input), or None."""
+    cdef int t = _plain(x, -1, False)
+    if t < 0 or weight is None:
+        return None
+    if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
+        normalized_shape = (<tuple>normalized_shape)[0]
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(xa)
+    cdef Py_ssize_t L = cnp.PyArray_DIM(xa, nd - 1)
+    if type(normalized_shape) is not int or normalized_shape != L or cnp.PyArray_SIZE(xa) == 0:
+        return None
+    if not (_vector(weight, t, L) and _stats_of(save_mean, xa, nd - 1) and _stats_of(save_invstd, xa, nd - 1)):
+        return None
+    dx = _grad_out(xa, t, grad_output, out, weight, save_mean, save_invstd)
+    if dx is None:
+        return None
+    gw, gb = _layer_backward(grad_output, x, dx, weight, L, save_mean, save_invstd, _threads())
+    return dx, gw.astype(x.dtype), gb.astype(x.dtype)

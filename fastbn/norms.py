@@ -16,7 +16,8 @@ import numpy as np
 
 from . import _checks as ck
 from ._backends import backend_of
-from ._fastpath import group_forward as _plain_group, layer_forward as _plain_layer
+from ._fastpath import group_backward as _plain_group_backward, group_forward as _plain_group
+from ._fastpath import layer_backward as _plain_layer_backward, layer_forward as _plain_layer
 
 __all__ = [
     "group_norm", "group_norm_forward", "group_norm_backward",
@@ -123,6 +124,9 @@ def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_
     """Gradients of :func:`group_norm` from the statistics :func:`group_norm_forward` returned:
     ``(grad_input, grad_weight, grad_bias)``, the parameter gradients in the input's dtype (float32
     for a float16 or bfloat16 input; also when ``weight`` is None).  ``out=`` receives grad_input."""
+    done = _plain_group_backward(grad_output, input, num_groups, weight, save_mean, save_invstd, out)
+    if done is not None:  # the plain call, checked in C
+        return done
     return _group_backward(grad_output, input, num_groups, weight, save_mean, save_invstd, True, out,
                            "group_norm_backward")
 
@@ -184,6 +188,9 @@ def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean,
     """Gradients of :func:`layer_norm`: ``(grad_input, grad_weight, grad_bias)``, the parameter
     gradients of shape ``normalized_shape`` in the input's dtype (float32 for a float16 or bfloat16
     input)."""
+    done = _plain_layer_backward(grad_output, input, normalized_shape, weight, save_mean, save_invstd, out)
+    if done is not None:  # the plain call, checked in C
+        return done
     be, k, dt, g, x = _grad_args(grad_output, input, "layer_norm_backward")
     shape, lead, L = _layer_shape(input, normalized_shape)
     w = _param(weight, "weight", be, L, dt, 1.0, shape, "normalized_shape")

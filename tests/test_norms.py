@@ -716,6 +716,42 @@ def test_layer_norm_forward_plain_call_is_the_checked_one(dtype, shape):
         assert _fastpath.layer_forward(*args) is None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind,shape,arg", [("group", (4, 6, 5, 3), 3), ("group", (2, 8), 8), ("group", (40, 64, 9), 32),
+                                            ("layer", (4, 6, 5), 5), ("layer", (7,), 7), ("layer", (2, 3, 4, 33), (33,))])
+def test_norm_backward_plain_call_is_the_checked_one(dtype, kind, shape, arg):
+    """group_norm_backward's and layer_norm_backward's C fast paths give the full paths' results to
+    the bit (grad_input, grad_weight, grad_bias), and step aside for anything not plain."""
+    from fastbn import _fastpath
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    n = shape[1] if kind == "group" else shape[-1]
+    w = rng.standard_normal(n).astype(dtype)
+    forward = fastbn.group_norm_forward if kind == "group" else fastbn.layer_norm_forward
+    backward = fastbn.group_norm_backward if kind == "group" else fastbn.layer_norm_backward
+    plain = _fastpath.group_backward if kind == "group" else _fastpath.layer_backward
+    _, m, s = forward(x, arg, w, None)
+    slow = backward(np.asfortranarray(g), x, arg, np.repeat(w, 2)[::2], m, s)  # checked in Python
+    fast = plain(g, x, arg, w, m, s, None)
+    assert fast is not None
+    for f, want in zip(fast, slow):
+        assert f.dtype == want.dtype and f.shape == want.shape
+        np.testing.assert_array_equal(f, want)
+    target = np.empty_like(x)
+    assert backward(g, x, arg, w, m, s, out=target)[0] is target
+    np.testing.assert_array_equal(target, slow[0])
+    target = g.copy()  # in place over grad_output
+    assert backward(target, x, arg, w, m, s, out=target)[0] is target
+    np.testing.assert_array_equal(target, slow[0])
+    bad_arg = np.int64(arg) if not isinstance(arg, tuple) else [arg[0]]
+    for args in [(g, x, bad_arg, w, m, s, None), (g, x, arg, None, m, s, None), (g.astype(np.float16), x, arg, w, m, s, None),
+                 (g[..., ::-1], x, arg, w, m, s, None), (g, x, arg, w, m.astype(np.float32), s, None),
+                 (g, x, arg, w, m, s.reshape(1, *s.shape), None),
+                 (g, x, arg, w, m, s, np.empty(x.shape, np.float16)), (g, x, arg, w, m, s, x.reshape(-1)[::-1].reshape(x.shape))]:
+        assert plain(*args) is None
+
+
 def test_unbatched_out_must_have_the_inputs_shape():
     layer = fastbn.InstanceNorm1d(3)
     x = np.random.default_rng(5).standard_normal((3, 6)).astype(np.float32)
