@@ -132,6 +132,17 @@ def group_forward(x, num_groups, weight, bias, eps, out):
     return y, mean, invstd
 
 
+cdef Py_ssize_t _last_dim(object normalized_shape, cnp.ndarray x):
+    """x's last dimension where ``normalized_shape`` names it alone (an int, or a 1-tuple of an
+    int) and x is not empty; else -1."""
+    if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
+        normalized_shape = (<tuple>normalized_shape)[0]
+    cdef Py_ssize_t L = cnp.PyArray_DIM(x, cnp.PyArray_NDIM(x) - 1)
+    if type(normalized_shape) is not int or normalized_shape != L or cnp.PyArray_SIZE(x) == 0:
+        return -1
+    return L
+
+
 def layer_forward(x, normalized_shape, weight, bias, eps, out):
     """``(y, save_mean, save_invstd)`` of ``layer_norm_forward`` whose arguments are all plain (one
     normalized dimension, an int or a 1-tuple of an int equal to x's last, weight and bias given,
@@ -139,12 +150,10 @@ def layer_forward(x, normalized_shape, weight, bias, eps, out):
     cdef int t = _plain(x, -1, False)
     if t < 0 or weight is None or bias is None or type(eps) is not float or not <double>eps >= 0:
         return None
-    if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
-        normalized_shape = (<tuple>normalized_shape)[0]
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(xa)
-    cdef Py_ssize_t L = cnp.PyArray_DIM(xa, nd - 1)
-    if type(normalized_shape) is not int or normalized_shape != L or cnp.PyArray_SIZE(xa) == 0:
+    cdef Py_ssize_t L = _last_dim(normalized_shape, xa)
+    if L < 0:
         return None
     y = _affine_out(xa, t, L, weight, bias, out)
     if y is None:
@@ -227,12 +236,10 @@ def layer_backward(grad_output, x, normalized_shape, weight, save_mean, save_inv
     cdef int t = _plain(x, -1, False)
     if t < 0 or weight is None:
         return None
-    if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
-        normalized_shape = (<tuple>normalized_shape)[0]
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(xa)
-    cdef Py_ssize_t L = cnp.PyArray_DIM(xa, nd - 1)
-    if type(normalized_shape) is not int or normalized_shape != L or cnp.PyArray_SIZE(xa) == 0:
+    cdef Py_ssize_t L = _last_dim(normalized_shape, xa)
+    if L < 0:
         return None
     if not (_vector(weight, t, L) and _stats_of(save_mean, xa, nd - 1) and _stats_of(save_invstd, xa, nd - 1)):
         return None
