@@ -69,6 +69,14 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+cdef inline bint _plain_out(object out, cnp.ndarray x, int t) noexcept:
+    """An ``out`` the kernels can write for input x: plain, writable, of x's shape and type, and
+    x itself or apart from it."""
+    if _plain(out, cnp.PyArray_NDIM(x), True) != t or not _same_shape(<cnp.ndarray>out, x):
+        return False
+    return _apart(out, x) or cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(x)
+
+
 def eval_forward(x, running_mean, running_var, weight, bias, eps, out, bint relu=False, bint in_place=True):
     """``(y, save_mean, save_invstd)`` of an evaluation-mode batch norm (with the fused ReLU when
     relu) whose arguments are all plain (see the module's docstring), or None.  ``in_place``
@@ -89,23 +97,13 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, out, bint relu
     if out is None:
         y = _empty_like(x3, x.shape)
     else:
-        if _plain(out, cnp.PyArray_NDIM(xa), True) != t or not _same_shape(<cnp.ndarray>out, xa):
-            return None
-        if not _apart(out, x) and (not in_place or cnp.PyArray_DATA(<cnp.ndarray>out) != cnp.PyArray_DATA(xa)):
+        if not _plain_out(out, xa, t) or not (in_place or _apart(out, x)):
             return None
         if not (_apart(out, weight) and _apart(out, bias) and _apart(out, running_mean) and _apart(out, running_var)):
             return None
         y = out
     mean, invstd = _forward_eval_running(x3, y.reshape(shape3), weight, bias, running_mean, running_var, eps, *_plan(), relu=relu)
     return y, mean, invstd
-
-
-cdef inline bint _plain_out(object out, cnp.ndarray x, int t) noexcept:
-    """An ``out`` the kernels can write for input x: plain, writable, of x's shape and type, and
-    x itself or apart from it."""
-    if _plain(out, cnp.PyArray_NDIM(x), True) != t or not _same_shape(<cnp.ndarray>out, x):
-        return False
-    return _apart(out, x) or cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(x)
 
 
 def group_forward(x, num_groups, weight, bias, eps, out):
