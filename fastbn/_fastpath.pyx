@@ -108,11 +108,10 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, out, bint relu
 
 def group_forward(x, num_groups, weight, bias, eps, out):
     """``(y, save_mean, save_invstd)`` of ``group_norm_forward`` whose arguments are all plain (an
-    int ``num_groups`` that divides the channels, weight and bias given, more than one value a
-    group, a non-empty input), or None."""
+    int ``num_groups`` that divides the channels, weight and bias plain or None, more than one
+    value a group, a non-empty input), or None."""
     cdef int t = _plain(x, -2, False)
-    if (t < 0 or weight is None or bias is None or type(num_groups) is not int or type(eps) is not float
-            or not <double>eps >= 0):
+    if t < 0 or type(num_groups) is not int or type(eps) is not float or not <double>eps >= 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef Py_ssize_t N = cnp.PyArray_DIM(xa, 0), C = cnp.PyArray_DIM(xa, 1), size = cnp.PyArray_SIZE(xa), G, S
@@ -122,11 +121,12 @@ def group_forward(x, num_groups, weight, bias, eps, out):
     S = size // (N * C)
     if C % G or N * (C // G) * S == 1:
         return None
-    y = _affine_out(xa, t, C, weight, bias, out)
+    w, b = _param_or(weight, t, C, 1.0, xa), _param_or(bias, t, C, 0.0, xa)
+    y = _affine_out(xa, t, w, b, out)
     if y is None:
         return None
     mean, var, invstd = np.empty((N, G)), np.empty((N, G)), np.empty((N, G))  # the kernel writes every row
-    _group_forward(x, y, weight, bias, G, S, <double>eps, mean, var, invstd, _threads())
+    _group_forward(x, y, w, b, G, S, <double>eps, mean, var, invstd, _threads())
     return y, mean, invstd
 
 
@@ -143,29 +143,38 @@ cdef Py_ssize_t _last_dim(object normalized_shape, cnp.ndarray x):
 
 def layer_forward(x, normalized_shape, weight, bias, eps, out):
     """``(y, save_mean, save_invstd)`` of ``layer_norm_forward`` whose arguments are all plain (one
-    normalized dimension, an int or a 1-tuple of an int equal to x's last, weight and bias given,
-    a non-empty input), or None."""
+    normalized dimension, an int or a 1-tuple of an int equal to x's last, weight and bias plain
+    or None, a non-empty input), or None."""
     cdef int t = _plain(x, -1, False)
-    if t < 0 or weight is None or bias is None or type(eps) is not float or not <double>eps >= 0:
+    if t < 0 or type(eps) is not float or not <double>eps >= 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(xa)
     cdef Py_ssize_t L = _last_dim(normalized_shape, xa)
     if L < 0:
         return None
-    y = _affine_out(xa, t, L, weight, bias, out)
+    w, b = _param_or(weight, t, L, 1.0, xa), _param_or(bias, t, L, 0.0, xa)
+    y = _affine_out(xa, t, w, b, out)
     if y is None:
         return None
     lead = x.shape[:nd - 1]
     mean, var, invstd = np.empty(lead), np.empty(lead), np.empty(lead)  # the kernel writes every row
-    _layer_forward(x, y, weight, bias, L, <double>eps, mean, var, invstd, _threads())
+    _layer_forward(x, y, w, b, L, <double>eps, mean, var, invstd, _threads())
     return y, mean, invstd
 
 
-cdef object _affine_out(cnp.ndarray x, int t, Py_ssize_t n, object weight, object bias, object out):
-    """The output array for a plain call with weight and bias of n values, or None where they or
-    ``out`` are not plain: a new one, or ``out`` (x itself, or apart from x and the parameters)."""
-    if not (_vector(weight, t, n) and _vector(bias, t, n)):
+cdef object _param_or(object v, int t, Py_ssize_t n, double fill, cnp.ndarray x):
+    """v where it is a plain vector of n values of type t; n values of fill in x's dtype where v is
+    None (as the checked path fills a missing weight or bias); else None."""
+    if v is None:
+        return np.full(n, fill, dtype=(<object>x).dtype)
+    return v if _vector(v, t, n) else None
+
+
+cdef object _affine_out(cnp.ndarray x, int t, object weight, object bias, object out):
+    """The output array for a plain call whose weight and bias _param_or gave, or None where one of
+    them or ``out`` is not plain: a new one, or ``out`` (x itself, or apart from x and them)."""
+    if weight is None or bias is None:
         return None
     if out is None:
         return _empty_like(x, (<object>x).shape)
@@ -208,41 +217,43 @@ cdef object _grad_out(cnp.ndarray x, int t, object g, object out, object w, obje
 
 def group_backward(grad_output, x, num_groups, weight, save_mean, save_invstd, out):
     """``(grad_input, grad_weight, grad_bias)`` of ``group_norm_backward`` whose arguments are all
-    plain (grad_output like x, weight given, the saved statistics float64 (N, num_groups), a
-    non-empty input), or None."""
+    plain (grad_output like x, weight plain or None, the saved statistics float64 (N, num_groups),
+    a non-empty input), or None."""
     cdef int t = _plain(x, -2, False)
-    if t < 0 or weight is None or type(num_groups) is not int:
+    if t < 0 or type(num_groups) is not int:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef Py_ssize_t N = cnp.PyArray_DIM(xa, 0), C = cnp.PyArray_DIM(xa, 1), size = cnp.PyArray_SIZE(xa), G
     if size == 0 or not 1 <= num_groups <= C:
         return None
     G = num_groups
-    if C % G or not (_vector(weight, t, C) and _group_stats(save_mean, N, G) and _group_stats(save_invstd, N, G)):
+    w = _param_or(weight, t, C, 1.0, xa)
+    if C % G or w is None or not (_group_stats(save_mean, N, G) and _group_stats(save_invstd, N, G)):
         return None
-    dx = _grad_out(xa, t, grad_output, out, weight, save_mean, save_invstd)
+    dx = _grad_out(xa, t, grad_output, out, w, save_mean, save_invstd)
     if dx is None:
         return None
-    gw, gb = _group_backward(grad_output, x, dx, weight, G, size // (N * C), save_mean, save_invstd, True, _threads())
+    gw, gb = _group_backward(grad_output, x, dx, w, G, size // (N * C), save_mean, save_invstd, True, _threads())
     return dx, gw.astype(x.dtype), gb.astype(x.dtype)
 
 
 def layer_backward(grad_output, x, normalized_shape, weight, save_mean, save_invstd, out):
     """``(grad_input, grad_weight, grad_bias)`` of ``layer_norm_backward`` whose arguments are all
-    plain (one normalized dimension as in layer_forward, grad_output like x, weight given, the
-    saved statistics float64 of x's leading shape, a non-empty input), or None."""
+    plain (one normalized dimension as in layer_forward, grad_output like x, weight plain or None,
+    the saved statistics float64 of x's leading shape, a non-empty input), or None."""
     cdef int t = _plain(x, -1, False)
-    if t < 0 or weight is None:
+    if t < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(xa)
     cdef Py_ssize_t L = _last_dim(normalized_shape, xa)
     if L < 0:
         return None
-    if not (_vector(weight, t, L) and _stats_of(save_mean, xa, nd - 1) and _stats_of(save_invstd, xa, nd - 1)):
+    w = _param_or(weight, t, L, 1.0, xa)
+    if w is None or not (_stats_of(save_mean, xa, nd - 1) and _stats_of(save_invstd, xa, nd - 1)):
         return None
-    dx = _grad_out(xa, t, grad_output, out, weight, save_mean, save_invstd)
+    dx = _grad_out(xa, t, grad_output, out, w, save_mean, save_invstd)
     if dx is None:
         return None
-    gw, gb = _layer_backward(grad_output, x, dx, weight, L, save_mean, save_invstd, _threads())
+    gw, gb = _layer_backward(grad_output, x, dx, w, L, save_mean, save_invstd, _threads())
     return dx, gw.astype(x.dtype), gb.astype(x.dtype)

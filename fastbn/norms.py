@@ -218,6 +218,14 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
     """Like :func:`instance_norm`, and also return ``(output, save_mean, save_invstd)``: float64
     statistics of shape ``(N, C)`` for :func:`instance_norm_backward` (with
     ``use_input_stats=False``, the running statistics broadcast over N)."""
+    if (running_mean is None and running_var is None and use_input_stats is True and type(momentum) is float
+            and 0.0 <= momentum <= 1.0 and type(eps) is float and eps > 0.0 and type(input) is np.ndarray
+            and input.ndim >= 3 and math.prod(input.shape[2:]) > 1):
+        # batch statistics, nothing to update: group norm with a group a channel, its plain call in C
+        # (eps = 0 and one spatial element keep their rules below)
+        done = _plain_group(input, input.shape[1], weight, bias, eps, out)
+        if done is not None:
+            return done
     be, k, x = _input(input, "instance_norm")
     dt = x.dtype
     N, C, S = _instance_shape(input, "instance_norm")
@@ -289,6 +297,10 @@ def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, u
     """Gradients of :func:`instance_norm`: ``(grad_input, grad_weight, grad_bias)``.
     ``use_input_stats=False``: the statistics were constants, ``grad_input = grad_output * weight
     * save_invstd``."""
+    if use_input_stats is True and type(input) is np.ndarray and input.ndim >= 2:  # as group norm's, in C
+        done = _plain_group_backward(grad_output, input, input.shape[1], weight, save_mean, save_invstd, out)
+        if done is not None:
+            return done
     be = backend_of(input)
     be.norm_kernels("instance_norm_backward")
     _instance_shape(input, "instance_norm_backward")

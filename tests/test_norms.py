@@ -677,7 +677,10 @@ def test_group_norm_forward_plain_call_is_the_checked_one(dtype, shape, G):
     assert _fastpath.group_forward(buf, G, w, b, 1e-5, buf)[0] is buf
     np.testing.assert_array_equal(buf, slow[0])
     # not plain: None, and the checked path decides
-    for args in [(x, True, w, b, 1e-5, None), (x, np.int64(G), w, b, 1e-5, None), (x, G, None, b, 1e-5, None),
+    none = _fastpath.group_forward(x, G, None, None, 1e-5, None)  # no affine: the checked path's ones and zeros
+    for f, s in zip(none, fastbn.group_norm_forward(np.asfortranarray(x), G, None, None, 1e-5)):
+        np.testing.assert_array_equal(f, s)
+    for args in [(x, True, w, b, 1e-5, None), (x, np.int64(G), w, b, 1e-5, None), (x, G, w[:-1], b, 1e-5, None),
                  (x, G, w, b, 0, None), (x, G, w, b, -1.0, None), (x, G, w.astype(np.float16), b, 1e-5, None),
                  (x[:, ::-1], G, w, b, 1e-5, None), (x.astype(np.float16), G, w, b, 1e-5, None),
                  (x, G, w, b, 1e-5, np.empty(x.shape, np.float16)), (x, C + 1, w, b, 1e-5, None),
@@ -708,8 +711,11 @@ def test_layer_norm_forward_plain_call_is_the_checked_one(dtype, shape):
     buf = x.copy()  # in place
     assert _fastpath.layer_forward(buf, [L][0], w, b, 1e-5, buf)[0] is buf
     np.testing.assert_array_equal(buf, slow[0])
+    none = _fastpath.layer_forward(x, L, None, None, 1e-5, None)  # no affine: the checked path's ones and zeros
+    for f, s in zip(none, fastbn.layer_norm_forward(np.asfortranarray(x), (L,), None, None, 1e-5)):
+        np.testing.assert_array_equal(f, s)
     for args in [(x, [L], w, b, 1e-5, None), (x, np.int64(L), w, b, 1e-5, None), (x, L + 1, w, b, 1e-5, None),
-                 (x, (1, L), w, b, 1e-5, None), (x, L, None, b, 1e-5, None), (x, L, w, b, 0, None),
+                 (x, (1, L), w, b, 1e-5, None), (x, L, w, b[:-1], 1e-5, None), (x, L, w, b, 0, None),
                  (x, L, w, b, -1.0, None), (x, L, w.astype(np.float16), b, 1e-5, None), (x[..., ::-1], L, w, b, 1e-5, None),
                  (x, L, w, b, 1e-5, np.empty(x.shape, np.float16)), (x, True, w, b, 1e-5, None),
                  (x, L, w, b, 1e-5, x.reshape(-1)[::-1].reshape(x.shape))]:
@@ -744,12 +750,47 @@ def test_norm_backward_plain_call_is_the_checked_one(dtype, kind, shape, arg):
     target = g.copy()  # in place over grad_output
     assert backward(target, x, arg, w, m, s, out=target)[0] is target
     np.testing.assert_array_equal(target, slow[0])
+    none = plain(g, x, arg, None, m, s, None)  # no weight: the checked path's ones
+    for f, want in zip(none, backward(np.asfortranarray(g), x, arg, None, m, s)):
+        np.testing.assert_array_equal(f, want)
     bad_arg = np.int64(arg) if not isinstance(arg, tuple) else [arg[0]]
-    for args in [(g, x, bad_arg, w, m, s, None), (g, x, arg, None, m, s, None), (g.astype(np.float16), x, arg, w, m, s, None),
+    for args in [(g, x, bad_arg, w, m, s, None), (g, x, arg, w[:-1], m, s, None), (g.astype(np.float16), x, arg, w, m, s, None),
                  (g[..., ::-1], x, arg, w, m, s, None), (g, x, arg, w, m.astype(np.float32), s, None),
                  (g, x, arg, w, m, s.reshape(1, *s.shape), None),
                  (g, x, arg, w, m, s, np.empty(x.shape, np.float16)), (g, x, arg, w, m, s, x.reshape(-1)[::-1].reshape(x.shape))]:
         assert plain(*args) is None
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(4, 6, 5), (2, 3, 4, 4), (1, 8, 3, 2, 2)])
+def test_instance_norm_plain_call_is_the_checked_one(shape, affine):
+    """instance_norm_forward/backward on batch statistics without running buffers take group
+    norm's C fast path (a group a channel): the checked path's bits; eps = 0, running buffers and
+    one spatial element keep the checked path's rules."""
+    rng = np.random.default_rng(shape[1])
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    C = shape[1]
+    w, b = (rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)) if affine else (None, None)
+    fast = fastbn.instance_norm_forward(x, None, None, w, b)
+    slow = fastbn.instance_norm_forward(np.asfortranarray(x), None, None, w, b)  # checked in Python
+    for f, s in zip(fast, slow):
+        assert f.dtype == s.dtype and f.shape == s.shape
+        np.testing.assert_array_equal(f, s)
+    fast_b = fastbn.instance_norm_backward(g, x, w, fast[1], fast[2])
+    slow_b = fastbn.instance_norm_backward(np.asfortranarray(g), x, w, fast[1], fast[2])
+    for f, s in zip(fast_b, slow_b):
+        np.testing.assert_array_equal(f, s)
+    layer = fastbn.InstanceNorm2d(C, affine=affine) if len(shape) == 4 else None
+    if layer is not None:
+        if affine:
+            layer.weight[...], layer.bias[...] = w, b
+        np.testing.assert_array_equal(layer(x), fast[0])
+        np.testing.assert_array_equal(layer.backward(g), fast_b[0])
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        fastbn.instance_norm(x.reshape(shape[0], C, -1)[..., :1].copy())
+    with pytest.raises(ValueError, match="momentum"):
+        fastbn.instance_norm(x, momentum=1.5)
 
 
 def test_unbatched_out_must_have_the_inputs_shape():
