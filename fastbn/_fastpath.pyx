@@ -130,13 +130,18 @@ def group_forward(x, num_groups, weight, bias, eps, out):
     return y, mean, invstd
 
 
-cdef Py_ssize_t _last_dim(object normalized_shape, cnp.ndarray x):
-    """x's last dimension where ``normalized_shape`` names it alone (an int, or a 1-tuple of an
-    int) and x is not empty; else -1."""
+cdef Py_ssize_t _layer_dims(object x, object normalized_shape, int *t):
+    """Layer norm's plain input: x plain (its element type into t) and not empty, with
+    ``normalized_shape`` naming its last dimension alone (an int, or a 1-tuple of an int); that
+    dimension, else -1."""
+    t[0] = _plain(x, -1, False)
+    if t[0] < 0:
+        return -1
     if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
         normalized_shape = (<tuple>normalized_shape)[0]
-    cdef Py_ssize_t L = cnp.PyArray_DIM(x, cnp.PyArray_NDIM(x) - 1)
-    if type(normalized_shape) is not int or normalized_shape != L or cnp.PyArray_SIZE(x) == 0:
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef Py_ssize_t L = cnp.PyArray_DIM(xa, cnp.PyArray_NDIM(xa) - 1)
+    if type(normalized_shape) is not int or normalized_shape != L or cnp.PyArray_SIZE(xa) == 0:
         return -1
     return L
 
@@ -145,14 +150,12 @@ def layer_forward(x, normalized_shape, weight, bias, eps, out):
     """``(y, save_mean, save_invstd)`` of ``layer_norm_forward`` whose arguments are all plain (one
     normalized dimension, an int or a 1-tuple of an int equal to x's last, weight and bias plain
     or None, a non-empty input), or None."""
-    cdef int t = _plain(x, -1, False)
-    if t < 0 or type(eps) is not float or not <double>eps >= 0:
+    cdef int t
+    cdef Py_ssize_t L = _layer_dims(x, normalized_shape, &t)
+    if L < 0 or type(eps) is not float or not <double>eps >= 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(xa)
-    cdef Py_ssize_t L = _last_dim(normalized_shape, xa)
-    if L < 0:
-        return None
     w, b = _param_or(weight, t, L, 1.0, xa), _param_or(bias, t, L, 0.0, xa)
     y = _affine_out(xa, t, w, b, out)
     if y is None:
@@ -241,14 +244,12 @@ def layer_backward(grad_output, x, normalized_shape, weight, save_mean, save_inv
     """``(grad_input, grad_weight, grad_bias)`` of ``layer_norm_backward`` whose arguments are all
     plain (one normalized dimension as in layer_forward, grad_output like x, weight plain or None,
     the saved statistics float64 of x's leading shape, a non-empty input), or None."""
-    cdef int t = _plain(x, -1, False)
-    if t < 0:
+    cdef int t
+    cdef Py_ssize_t L = _layer_dims(x, normalized_shape, &t)
+    if L < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int nd = cnp.PyArray_NDIM(xa)
-    cdef Py_ssize_t L = _last_dim(normalized_shape, xa)
-    if L < 0:
-        return None
     w = _param_or(weight, t, L, 1.0, xa)
     if w is None or not (_stats_of(save_mean, xa, nd - 1) and _stats_of(save_invstd, xa, nd - 1)):
         return None
