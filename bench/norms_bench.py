@@ -6,7 +6,10 @@ Every column of a case is measured in the same run, at the same thread count, in
 round times every implementation once (the --stat of --calls calls) in a shuffled order, so that
 a neighbour's load spoils all of them alike, and the table shows the minimum over the rounds.
 Before the rounds each implementation runs for 0.3 s (PyTorch's first dozen calls on a new shape
-ran 25x slower than the rest here).
+ran 25x slower than the rest here); before each sample the process's other threads settle
+(fastbn.bench.timing.settle: PyTorch's OpenMP workers spin for 8 ms after its calls, and a
+sample taken meanwhile ran on one core), then the implementation runs for 2 ms untimed
+(fastbn.bench.timing.hand_over), so that each is timed in the steady state of its own loop.
 
 The columns (milliseconds):
   copy      np.copyto(out, x) into a preallocated array: NumPy, one thread; reads x, writes out.
@@ -50,6 +53,7 @@ import numpy as np
 
 import fastbn
 from fastbn import _norm_kernels
+from fastbn.bench.timing import hand_over
 
 CASES = [
     ("GroupNorm(32)", (32, 64, 56, 56), "group", 32),
@@ -216,7 +220,7 @@ def main(argv=None):
                 order = list(fns)
                 random.shuffle(order)
                 for k in order:
-                    fns[k]()
+                    hand_over(fns[k])
                     best[k] = min(best[k], _timeit(fns[k], args.calls, args.stat))
             faults = {k: _faults_per_call(fns[k]) for k in ("fastbn", "torch", "t.out")}
             t = best

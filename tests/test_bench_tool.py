@@ -83,6 +83,54 @@ def test_time_calls_samples_in_rounds_and_honours_each_repeat_count():
     assert len(after_a) >= 3
 
 
+def _busy_thread(seconds):
+    """A thread that keeps a core busy for about ``seconds`` (hashlib releases the GIL on long
+    inputs), started; (thread, its end time on perf_counter, filled in when it ends)."""
+    import hashlib
+    import threading
+    import time
+
+    data, end = b"x" * (1 << 20), []
+
+    def work():
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            hashlib.sha256(data).digest()
+        end.append(time.perf_counter())
+
+    t = threading.Thread(target=work)
+    t.start()
+    return t, end
+
+
+@pytest.mark.skipif(timing._other_threads_cpu() is None, reason="per-thread CPU clocks are read from Linux's /proc")
+def test_settle_waits_while_another_thread_runs_and_not_when_none_does():
+    import time
+
+    t, end = _busy_thread(0.3)
+    start = time.perf_counter()
+    waited = timing.settle(step_s=0.01, max_s=5.0)
+    t.join()
+    # it returned after the busy thread's last hash (a 10 ms step with the thread below 5% of it)
+    assert waited >= 0.1 and start + waited >= end[0] - 0.05, (waited, end[0] - start)
+    assert timing.settle(step_s=0.001, max_s=5.0) < 0.5  # nothing else runs: one or a few steps
+    t, end = _busy_thread(1.0)
+    assert timing.settle(step_s=0.001, max_s=0.05) < 0.2  # max_s bounds the wait
+    t.join()
+
+
+def test_hand_over_runs_the_function_for_its_warm_up_time_at_least_once():
+    import time
+
+    calls = []
+    start = time.perf_counter()
+    timing.hand_over(lambda: calls.append(time.perf_counter()), warm_s=0.01)
+    assert len(calls) > 1 and calls[-1] - start >= 0.01
+    calls.clear()
+    timing.hand_over(lambda: calls.append(1), warm_s=0)
+    assert calls == [1]
+
+
 # ---------------------------------------------------------------- judging targets
 def _row(op, shape=(64, 64, 56, 56), **times):
     row = {"op": op, "shape": list(shape)}

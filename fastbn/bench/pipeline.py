@@ -45,7 +45,7 @@ import fastbn
 
 from . import native, report
 from .impls import thread_count
-from .timing import Contention
+from .timing import Contention, settle
 
 SHAPES = [(450, 100), (32, 16, 8, 8), (32, 64, 28, 28), (64, 64, 56, 56)]
 SCENARIOS = ("matmul", "neighbours", "threads")
@@ -168,11 +168,14 @@ def two_threads(impl, n, inputs, torch=None):
 
 
 def interleave(loops, budget, rounds=ROUNDS):
-    """{key: Timed}: every loop of the dict once per round, each round a share of ``budget``."""
+    """{key: Timed}: every loop of the dict once per round, each round a share of ``budget``; before
+    each, the previous loop's threads settle (its library's spinning workers belong to that loop,
+    not to the next one's first steps)."""
     part = Budget(max(1, math.ceil(budget.steps / rounds)), budget.seconds / rounds)
     out = {key: Timed([], []) for key in loops}
     for r in range(rounds):
         for key, run in loops.items():
+            settle()
             timed = run(part, WARMUP if r == 0 else 1)
             out[key].matmul.extend(timed.matmul)
             out[key].step.extend(timed.step)

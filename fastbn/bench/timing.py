@@ -2,13 +2,15 @@
 
 :func:`time_calls` samples every implementation once per round, in a shuffled order, so that all
 of them see the same stretch of a shared machine's time; :func:`latency_samples` does the same
-with single calls timed one by one, for per-call medians and percentiles; :class:`Contention`
+with single calls timed one by one, for per-call medians and percentiles; :func:`settle` lets the
+previous implementation's threads go quiet before the next one's sample; :class:`Contention`
 measures how many cores other processes kept busy meanwhile.
 """
 import math
 import os
 import random
 import statistics
+import threading
 import time
 from collections import namedtuple
 
@@ -26,6 +28,67 @@ def calibrate(bench):
     return max(t, 1e-7)
 
 
+# ---------------------------------------------------------------- hand-over
+def _other_threads_cpu():
+    """{thread id: CPU seconds} of this process's threads other than the calling one (Linux: the
+    kernel's per-thread CPU clocks, exact to the nanosecond even for a thread that is running now;
+    /proc's utime and schedstat move in scheduler ticks), or None where that is not available."""
+    me = threading.get_native_id()
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return None
+    out = {}
+    for tid in tids:
+        if tid != me:
+            try:  # the kernel's CPU clock id of thread `tid`: MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)
+                out[tid] = time.clock_gettime(((~tid) << 3) | 6)
+            except (OSError, OverflowError):
+                pass  # the thread has ended
+    return out
+
+
+def settle(step_s=5e-4, busy=0.05, max_s=0.2):
+    """Wait until no other thread of this process runs: seconds waited (0.0 where that cannot be
+    seen, off Linux).
+
+    An OpenMP runtime's threads spin after every parallel region, waiting for the next one: PyTorch's
+    libgomp workers here kept a core busy for 7.7 ms after a group_norm call (GOMP_SPINCOUNT's
+    default), and onnxruntime's spin too.  A call of another library timed inside that window gets
+    one core, not two: fastbn's GroupNorm (8, 256, 28, 28) backward at 2 threads took 0.56-0.63 ms
+    right after PyTorch's calls and 0.30-0.32 ms with PyTorch's threads asleep (OMP_WAIT_POLICY=
+    passive), as slow as on one thread.  Before each sample the benchmarks wait here, the calling
+    thread awake (a busy wait: a sleeping vCPU comes back slower), until every other thread has
+    used less than ``busy`` of a ``step_s`` interval, at most ``max_s``.  Each implementation is
+    then timed as it runs in a loop of its own calls; its own threads' spinning between those
+    calls is its own business."""
+    last = _other_threads_cpu()
+    if not last:
+        return 0.0
+    start = now = time.perf_counter()
+    while now - start < max_s:
+        mark = now
+        while now - mark < step_s:
+            now = time.perf_counter()
+        cpu = _other_threads_cpu()
+        if all(cpu[t] - last.get(t, cpu[t]) < busy * (now - mark) for t in cpu):
+            break
+        last = cpu
+    return now - start
+
+
+def hand_over(fn, warm_s=2e-3):
+    """Make ``fn`` the process's running work, as in a loop of its own calls: :func:`settle`, then
+    call it for ``warm_s`` seconds (once at least).  After the settle, a fastbn call whose helper
+    thread had to wake on an idle core ran 2.4x its steady time, and reached it after 2 ms of
+    calls (GroupNorm (8, 256, 28, 28) backward, 2 threads: 0.72, 0.49, 0.37 ... 0.29 ms)."""
+    settle()
+    end = time.perf_counter() + warm_s
+    fn()
+    while time.perf_counter() < end:
+        fn()
+
+
 def time_calls(benches, repeats, sample_s=1e-3):
     """Seconds per call of each Bench in ``benches`` (a dict): a Timing (min and median of the
     samples) per key, after a warm-up.
@@ -39,7 +102,9 @@ def time_calls(benches, repeats, sample_s=1e-3):
     ``x.copy()`` of a 16 MiB array, whose output the allocator had just taken back, measured up to
     1.7x its time elsewhere in the round (fastbn's eval forward of (4096, 1024) float32, which
     always came second).  A sample is one call, or (for calls faster than ``sample_s`` without a
-    setup) a loop of calls long enough to time reliably, divided by the count.
+    setup) a loop of calls long enough to time reliably, divided by the count.  Before each sample
+    the other threads :func:`settle`: another library's spinning workers would otherwise hold a
+    core the sampled one needs.
     """
     number = {}
     for key, bench in benches.items():
@@ -56,6 +121,7 @@ def time_calls(benches, repeats, sample_s=1e-3):
                 continue
             if bench.setup is not None:
                 bench.setup()
+            settle()
             t0 = time.perf_counter()
             for _ in range(number[key]):
                 bench.run()
@@ -118,9 +184,9 @@ def latency_samples(calls, rounds, per_round, warmup=3):
     own ~0.1 us is in every sample: time an empty function beside them to see it).
 
     Rounds interleave the functions as :func:`time_calls` does (a new seeded shuffle each round);
-    in a round each function first runs ``warmup`` times untimed, so that its timed calls are the
-    steady state of back-to-back calls (its data in cache, its threads awake) rather than the
-    cost of taking over from the previous function (another library's threads still spinning)."""
+    in a round the other threads first :func:`settle` (another library's threads still spinning),
+    then each function runs ``warmup`` times untimed, so that its timed calls are the steady state
+    of back-to-back calls (its data in cache, its threads awake)."""
     perf = time.perf_counter_ns
     order, shuffle = list(calls), random.Random(0).shuffle
     samples = {key: [] for key in calls}
@@ -129,6 +195,7 @@ def latency_samples(calls, rounds, per_round, warmup=3):
             shuffle(order)
         for key in order:
             fn, out = calls[key], samples[key]
+            settle()
             for _ in range(warmup):
                 fn()
             for _ in range(per_round):
