@@ -54,8 +54,6 @@ cdef double _range(const _Floor *fl, Py_ssize_t f0, Py_ssize_t f1, floating tag)
 
 cdef void _task(void *p, Py_ssize_t k) noexcept nogil:
     cdef _Floor *fl = <_Floor *>p
-    if fl.backwards:  # walking back: the tasks in reverse order too, as the kernels' APPLY_BACK
-        k = fl.K - 1 - k
     if fl.single:
         fl.part[k] = _range(fl, range_start(fl.L, fl.K, k), range_start(fl.L, fl.K, k + 1), <float>0)
     else:
@@ -93,7 +91,7 @@ def traffic(const floating[::1] a, const floating[::1] b=None, floating[::1] y=N
     if fl.part == NULL:
         raise MemoryError()
     with nogil:
-        pool_run(_task, &fl, fl.K, plan_threads(n_threads, n))
+        pool_run(_task, &fl, fl.K, plan_threads(n_threads, n), fl.backwards)  # as the kernels' APPLY_BACK
     for k in range(fl.K):
         total += fl.part[k]
     free(fl.part)

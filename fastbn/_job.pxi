@@ -128,7 +128,7 @@ cdef void _merge_column_grad(Py_ssize_t c, Py_ssize_t C, Py_ssize_t S, Py_ssize_
 cdef enum:  # job.op: the passes
     REDUCE = 1      # task k's partial sums: moments (forward) or gradient sums (backward)
     MERGE = 2       # channels of merge task k: merge the partials, statistics, coefficients
-    APPLY_BACK = 3  # the second pass: task K-1-k, back to front (see PIECE_BYTES)
+    APPLY_BACK = 3  # the second pass: the tasks in reverse order, each back to front (see PIECE_BYTES)
     APPLY = 4       # evaluation forward: range k (RANGES) or row block k (COLUMNS), front to back
     SLICE = 5       # SLICES: slice k, all of it
     EVAL_STATS = 6  # channels of task k: statistics from the running buffers
@@ -248,8 +248,6 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating *tag, elem *etag) noexcep
     elif jb.op == EVAL_STATS:
         _eval_stats(jb.rm, jb.rv, jb.eps, jb.mean, jb.invstd, range_start(C, jb.K, k), range_start(C, jb.K, k + 1), jb.rsingle)
     elif jb.how == RANGES:
-        if jb.op == APPLY_BACK:
-            k = jb.K - 1 - k
         f0 = range_start(jb.L, jb.K, k)
         f1 = range_start(jb.L, jb.K, k + 1)
         if jb.op == REDUCE and jb.kind == TRAIN:
@@ -281,8 +279,7 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating *tag, elem *etag) noexcep
             else:
                 _col_grad_sums(gp + j * jb.R * W, xp + j * jb.R * W, min(jb.R, N - j * jb.R), W, W, jb.wm, th,
                                _at(zp, j * jb.R * W), fp)
-    else:  # COLUMNS, APPLY_BACK: share K-1-k, its blocks back to front
-        k = jb.K - 1 - k
+    else:  # COLUMNS, APPLY_BACK: share k, its blocks back to front
         j = share_start(jb.nb, jb.K, k + 1)
         while j > share_start(jb.nb, jb.K, k):
             j = j - 1
@@ -298,7 +295,7 @@ cdef void _pass(const _Job *jb, Py_ssize_t k, floating *tag, elem *etag) noexcep
 
 cdef inline void _run(_Job *jb, int op, Py_ssize_t n, int T) noexcept nogil:
     jb.op = op
-    pool_run(_task, jb, n, T)
+    pool_run(_task, jb, n, T, op == APPLY_BACK)  # APPLY_BACK: each thread's tasks last to first
 
 
 cdef inline void _merge(_Job *jb, Py_ssize_t merges, int T) noexcept nogil:

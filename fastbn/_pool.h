@@ -8,8 +8,16 @@
  * hung in its first parallel region.
  *
  * What this pool does instead (the pattern of TBB's and ONNX Runtime's pools):
- *   - a call is cut into `n` tasks, which threads claim from one shared counter;
- *   - the calling thread starts on them at once, and helpers join when they get a core;
+ *   - a call is cut into `n` tasks; each of its threads (the caller, participant 0, and helper i,
+ *     participant i + 1) owns a home range of them, the same equal share on every call, and
+ *     claims its own tasks from the range's near end, then the others' from their far end;
+ *     `back` (a backwards second pass) swaps the ends, so a thread starts where its first pass
+ *     ended.  Homes keep the same rows on the same core from call to call: the Zen 4 VM's two
+ *     cores behave as if each had a cache of its own, and a plain GroupNorm backward of
+ *     (8, 256, 28, 28) float32 took 0.20 ms with fixed halves and 0.40 ms with the halves swapped
+ *     every call (one shared claim counter, before, gave each call a different split);
+ *   - the calling thread starts on them at once, and helpers join when they get a core (the
+ *     caller takes a late helper's tasks from the far end of its range);
  *   - the caller waits only for tasks a helper has actually claimed (not for helpers that have not
  *     started), so a helper without a core costs the call its parallelism, never a time slice;
  *   - an idle helper spins for fbn_pool_spin_ns, then sleeps on a condition variable, so that it
@@ -21,8 +29,8 @@
  * adopts when it claims a task (torch.set_flush_denormal(True) sets it on the calling thread only:
  * a helper that kept its own gave outputs that depended on which thread wrote them).
  *
- * The claim counter, the task count and a generation number share one 64-bit word, so a claim is
- * one compare-and-swap that also proves the job is still the one the helper was invited to.  One
+ * A range's two ends and a generation number share one 64-bit word, so a claim is one
+ * compare-and-swap that also proves the job is still the one the helper was invited to.  One
  * job runs at a time; a call from a second Python thread while a job runs does its tasks itself,
  * on its own thread (same results).
  */
@@ -100,9 +108,17 @@ typedef struct {
     char pad[64];       /* one helper's mailbox per cache line, at least */
 } fbn_helper;
 
+typedef struct {
+    uint64_t word;      /* generation | end | start of the tasks left in this participant's range */
+    char pad[56];
+} fbn_range;
+
 static struct {
-    uint64_t word __attribute__((aligned(64)));  /* generation | task count | next task to claim */
+    fbn_range range[FBN_POOL_MAX];  /* participant p's home range: the caller 0, helper i i + 1 */
     Py_ssize_t done __attribute__((aligned(64)));  /* tasks finished in this job */
+    Py_ssize_t n;       /* the job's task count */
+    int parts;          /* participants of the job (the caller and its helpers) */
+    int back;           /* owners claim their range's last task first (kernels' backwards passes) */
     fbn_task_fn fn;
     void *ctx;
     unsigned int fp_mode;  /* the caller's floating-point mode (FBN_FP_MODE) */
@@ -118,34 +134,58 @@ static struct {
     int64_t jobs, helper_tasks, waits, sleeps, wait_ns;
 } fbn_pool;
 
-#define FBN_WORD(gen, n, next) \
-    (((uint64_t)(gen) << (2 * FBN_COUNT_BITS)) | ((uint64_t)(n) << FBN_COUNT_BITS) | (uint64_t)(next))
+#define FBN_WORD(gen, end, start) \
+    (((uint64_t)(gen) << (2 * FBN_COUNT_BITS)) | ((uint64_t)(end) << FBN_COUNT_BITS) | (uint64_t)(start))
 #define FBN_WORD_GEN(w) ((uint32_t)((w) >> (2 * FBN_COUNT_BITS)))
-#define FBN_WORD_N(w) ((Py_ssize_t)(((w) >> FBN_COUNT_BITS) & FBN_TASKS_MAX))
-#define FBN_WORD_NEXT(w) ((Py_ssize_t)((w) & FBN_TASKS_MAX))
+#define FBN_WORD_END(w) ((Py_ssize_t)(((w) >> FBN_COUNT_BITS) & FBN_TASKS_MAX))
+#define FBN_WORD_START(w) ((Py_ssize_t)((w) & FBN_TASKS_MAX))
 
-/* Claim and run tasks of job `gen` until none is left (or the job is another one by now). */
-static Py_ssize_t fbn_pool_work(uint32_t gen)
+/* Claim one task of job `gen` from range q: from its front (front != 0) or its back; -1 when
+ * the range is empty or the job is another one by now. */
+static Py_ssize_t fbn_pool_claim(uint32_t gen, int q, int front)
 {
-    Py_ssize_t ran = 0;
-    uint64_t w = __atomic_load_n(&fbn_pool.word, __ATOMIC_ACQUIRE);
+    uint64_t *word = &fbn_pool.range[q].word;
+    uint64_t w = __atomic_load_n(word, __ATOMIC_ACQUIRE);
     for (;;) {
-        if (FBN_WORD_GEN(w) != gen || FBN_WORD_NEXT(w) >= FBN_WORD_N(w))
-            return ran;
-        if (!__atomic_compare_exchange_n(&fbn_pool.word, &w, w + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            continue;  /* w now holds the current word */
-        /* A claimed task keeps job `gen` alive (its caller waits for it), so fn, ctx and fp_mode
-         * are its. */
-        FBN_FP_ADOPT(fbn_pool.fp_mode);
-        fbn_pool.fn(fbn_pool.ctx, FBN_WORD_NEXT(w));
-        ran++;
-        if (__atomic_add_fetch(&fbn_pool.done, 1, __ATOMIC_ACQ_REL) == FBN_WORD_N(w)) {
-            pthread_mutex_lock(&fbn_pool.m);  /* the last task: wake a caller that sleeps */
-            pthread_cond_signal(&fbn_pool.c);
-            pthread_mutex_unlock(&fbn_pool.m);
-        }
-        w = __atomic_load_n(&fbn_pool.word, __ATOMIC_ACQUIRE);
+        const Py_ssize_t start = FBN_WORD_START(w), end = FBN_WORD_END(w);
+        if (FBN_WORD_GEN(w) != gen || start >= end)
+            return -1;
+        const uint64_t next = front ? w + 1 : w - ((uint64_t)1 << FBN_COUNT_BITS);
+        if (__atomic_compare_exchange_n(word, &w, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return front ? start : end - 1;
     }
+}
+
+/* Participant p's share of job `gen`: its own range's tasks in order, then the others' from the
+ * far end (a helper that has not started yet loses its range's tail to those who have), until
+ * no task is left (or the job is another one by now).  Returns the tasks it ran. */
+static Py_ssize_t fbn_pool_work(uint32_t gen, int p)
+{
+    Py_ssize_t ran = 0, k;
+    const int parts = __atomic_load_n(&fbn_pool.parts, __ATOMIC_ACQUIRE);
+    const int back = __atomic_load_n(&fbn_pool.back, __ATOMIC_ACQUIRE);
+    if (parts <= 0 || parts > FBN_POOL_MAX)
+        return 0;  /* a job of another generation is being set up: gen no longer matches */
+    if (p >= parts)
+        p = 0;
+    for (int i = 0; i < parts; i++) {
+        const int q = (p + i) % parts;
+        const int front = (i == 0) != back;  /* the owner from its near end, thieves from the far one */
+        while ((k = fbn_pool_claim(gen, q, front)) >= 0) {
+            /* A claimed task keeps job `gen` alive (its caller waits for it), so fn, ctx and
+             * fp_mode are its. */
+            const Py_ssize_t n = fbn_pool.n;  /* read before this task counts as done */
+            FBN_FP_ADOPT(fbn_pool.fp_mode);
+            fbn_pool.fn(fbn_pool.ctx, k);
+            ran++;
+            if (__atomic_add_fetch(&fbn_pool.done, 1, __ATOMIC_ACQ_REL) == n) {
+                pthread_mutex_lock(&fbn_pool.m);  /* the last task: wake a caller that sleeps */
+                pthread_cond_signal(&fbn_pool.c);
+                pthread_mutex_unlock(&fbn_pool.m);
+            }
+        }
+    }
+    return ran;
 }
 
 static void *fbn_helper_main(void *arg)
@@ -169,7 +209,7 @@ static void *fbn_helper_main(void *arg)
             pthread_mutex_unlock(&h->m);
         }
         seen = gen;
-        Py_ssize_t ran = fbn_pool_work(gen);
+        Py_ssize_t ran = fbn_pool_work(gen, (int)(h - fbn_pool.helpers) + 1);
         if (ran)
             __atomic_add_fetch(&fbn_pool.helper_tasks, ran, __ATOMIC_RELAXED);
     }
@@ -229,8 +269,9 @@ static void fbn_pool_setup(void)
     fbn_pool.ready = 1;
 }
 
-/* Run fn(ctx, 0 .. n-1) on up to `threads` threads, the caller one of them; returns when all ran. */
-static void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
+/* Run fn(ctx, 0 .. n-1) on up to `threads` threads, the caller one of them; returns when all ran.
+ * `back`: each thread takes its home range's tasks last to first (alone: n-1 down to 0). */
+static void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads, int back)
 {
     Py_ssize_t k;
     if (threads > n)
@@ -239,7 +280,7 @@ static void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
         threads = FBN_POOL_MAX;
     if (threads <= 1 || n > FBN_TASKS_MAX || __atomic_exchange_n(&fbn_pool.busy, 1, __ATOMIC_ACQUIRE)) {
         for (k = 0; k < n; k++)  /* alone, or another thread's job runs: all tasks here */
-            fn(ctx, k);
+            fn(ctx, back ? n - 1 - k : k);
         return;
     }
     if (!fbn_pool.ready)
@@ -251,14 +292,19 @@ static void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
     int helpers = fbn_pool_grow(threads - 1);
     if (helpers > threads - 1)
         helpers = threads - 1;
+    const int parts = helpers + 1;
     fbn_pool.fn = fn;
     fbn_pool.ctx = ctx;
+    fbn_pool.n = n;
     fbn_pool.fp_mode = FBN_FP_MODE();
+    __atomic_store_n(&fbn_pool.parts, parts, __ATOMIC_RELAXED);
+    __atomic_store_n(&fbn_pool.back, back, __ATOMIC_RELAXED);
     __atomic_store_n(&fbn_pool.done, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&fbn_pool.word, FBN_WORD(gen, n, 0), __ATOMIC_RELEASE);
+    for (int q = 0; q < parts; q++)  /* participant q's home: the q-th of `parts` equal ranges */
+        __atomic_store_n(&fbn_pool.range[q].word, FBN_WORD(gen, n * (q + 1) / parts, n * q / parts), __ATOMIC_RELEASE);
     for (int i = 0; i < helpers; i++)
         fbn_pool_post(&fbn_pool.helpers[i], gen);
-    fbn_pool_work(gen);
+    fbn_pool_work(gen, 0);
     fbn_pool.jobs++;
     /* Every task is claimed; wait for the ones helpers hold: spin a little, then sleep. */
     if (__atomic_load_n(&fbn_pool.done, __ATOMIC_ACQUIRE) < n) {
@@ -294,11 +340,11 @@ static void fbn_pool_counters(int64_t *c)
 
 #else /* no pthreads or GCC atomics: every task on the calling thread */
 
-static void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
+static void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads, int back)
 {
     (void)threads;
     for (Py_ssize_t k = 0; k < n; k++)
-        fn(ctx, k);
+        fn(ctx, back ? n - 1 - k : k);
 }
 
 static int fbn_pool_helpers(void) { return 0; }

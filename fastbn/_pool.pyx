@@ -5,15 +5,15 @@ from libc.stdint cimport int64_t
 
 cdef extern from "_pool.h" nogil:
     ctypedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task) noexcept nogil
-    void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads)
+    void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads, int back)
     int fbn_pool_helpers()
     void fbn_pool_counters(int64_t *c)
     int64_t fbn_pool_spin()
     void fbn_pool_set_spin(int64_t ns)
 
 
-cdef void pool_run(task_fn fn, void *ctx, Py_ssize_t n, int threads) noexcept nogil:
-    fbn_pool_run(<fbn_task_fn>fn, ctx, n, threads)
+cdef void pool_run(task_fn fn, void *ctx, Py_ssize_t n, int threads, bint back=False) noexcept nogil:
+    fbn_pool_run(<fbn_task_fn>fn, ctx, n, threads, back)
 
 
 def pool_helpers():
