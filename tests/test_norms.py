@@ -523,6 +523,38 @@ def test_float32_streaming_stores_same_grad_input(kind, shape, shift):
     np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=2 * EPS32 * np.max(np.abs(outs[0])))
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 28, 28), (3, 4, 17, 19), (2, 6, 256)])
+def test_group_norm_output_at_any_offset_in_a_line_has_the_same_values(shape):
+    """Channel runs of FBN_AL512_RUN elements or more, written with ordinary stores to an output that
+    is not 64-byte aligned, take AVX-512 loops that store whole vectors at aligned addresses (the
+    partial vectors at a run's ends masked): the forward's y and the backward's dx are those of an
+    aligned output, at every offset of the output in a line, runs of 784, 323 (not a multiple of
+    16) and 256 elements; nothing outside the output is written."""
+    from fastbn import _norm_kernels as K
+
+    rng = np.random.default_rng(31)
+    x = (rng.standard_normal(shape) * 3 + 20).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    C, G, S = shape[1], 2, int(np.prod(shape[2:]))
+    w, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    _, m, s = fastbn.group_norm_forward(x, G, w, b)
+    ys, dxs = [], []
+    for shift in range(16):
+        buf = np.full(2 * x.size + 64, np.nan, dtype=np.float32)
+        base = (-buf.ctypes.data % 64) // 4  # buf[base] starts a line
+        y = buf[base + shift:base + shift + x.size].reshape(shape)
+        dx = buf[base + shift + x.size + 16:base + shift + 2 * x.size + 16].reshape(shape)
+        K.group_forward(x, y, w, b, G, S, 1e-5, np.zeros(shape[0] * G), np.zeros(shape[0] * G),
+                        np.zeros(shape[0] * G), 2, 0)
+        K.group_backward(g, x, dx, w, G, S, m, s, True, 2, 0)
+        assert np.isnan(buf[:base + shift]).all() and np.isnan(buf[base + shift + 2 * x.size + 16:]).all()
+        ys.append(y.copy())
+        dxs.append(dx.copy())
+    for outs in (ys, dxs):  # the same instructions either way (see the streaming test above)
+        for o in outs[1:]:
+            np.testing.assert_allclose(o, outs[0], rtol=0, atol=2 * EPS32 * np.max(np.abs(outs[0])))
+
+
 def test_pytorchs_checks_of_tiny_inputs_and_their_limits():
     """PyTorch's group norm refuses N * C / G * spatial == 1 only (one-value groups in a batch of
     several pass, as there); its instance norm refuses one spatial element also in an empty batch,
