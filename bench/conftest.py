@@ -77,6 +77,7 @@ def run_bench(benchmark, impl, problem):
         if benchmark.disabled:  # --benchmark-disable: one call, the check still runs
             rounds, iterations = 1, 1
         else:
+            timing.settle()  # the previous test's library threads (PyTorch's spin ~8 ms) go quiet first
             rounds, iterations = _plan(bench)
         result = benchmark.pedantic(bench.run, setup=bench.setup, rounds=rounds, iterations=iterations)
         if impl in ("fastbn", "fastbn_out", "onnxruntime"):
