@@ -78,8 +78,19 @@ static int fbn_nt512_ok(const void *q)
  * short runs (7x7: 49 elements). */
 #define FBN_AL512_RUN 256
 
-/* dx = kd * dy + ((x - mhi) * kx + kc), as fbn_grad_input_fl's loop; whole vectors streamed (nt)
- * or stored at their 64-byte aligned addresses. */
+/* One vector of results at q, in FBN_NT512_LOOP: a whole one streamed (nt) or stored at its
+ * 64-byte aligned address, a partial one through its mask. */
+__attribute__((target("avx512f"))) static inline void fbn_st512(float *q, __m512 v, __mmask16 k, int full, int nt)
+{
+    if (full && nt)
+        _mm512_stream_ps(q, v);
+    else if (full)
+        _mm512_store_ps(q, v);
+    else
+        _mm512_mask_storeu_ps(q, k, v);
+}
+
+/* dx = kd * dy + ((x - mhi) * kx + kc), as fbn_grad_input_fl's loop. */
 __attribute__((target("avx512f,fma"))) static void fbn_gi_512(const float *g, const float *p, float *q, ptrdiff_t n,
                                                               float mhi, float kd, float kx, float kc, int nt)
 {
@@ -88,32 +99,19 @@ __attribute__((target("avx512f,fma"))) static void fbn_gi_512(const float *g, co
     do {                                                                                                \
         const __m512 gv = _mm512_maskz_loadu_ps(k, g + (i)), pv = _mm512_maskz_loadu_ps(k, p + (i));    \
         const __m512 v = _mm512_fmadd_ps(KD, gv, _mm512_fmadd_ps(_mm512_sub_ps(pv, M), KX, KC));          \
-        if (full && nt)                                                                                 \
-            _mm512_stream_ps(q + (i), v);                                                               \
-        else if (full)                                                                                  \
-            _mm512_store_ps(q + (i), v);                                                                \
-        else                                                                                            \
-            _mm512_mask_storeu_ps(q + (i), k, v);                                                       \
+        fbn_st512(q + (i), v, k, full, nt);                                                             \
     } while (0)
     FBN_NT512_LOOP(n, q, FBN_GI_BODY);
 #undef FBN_GI_BODY
 }
 
-/* y = (x - mhi) * a + b, as fbn_affine_fl's loop, stored as fbn_gi_512's. */
+/* y = (x - mhi) * a + b, as fbn_affine_fl's loop. */
 __attribute__((target("avx512f,fma"))) static void fbn_affine_512(const float *p, float *q, ptrdiff_t n, float mhi,
                                                                   float a, float b, int nt)
 {
     const __m512 M = _mm512_set1_ps(mhi), A = _mm512_set1_ps(a), B = _mm512_set1_ps(b);
-#define FBN_AF_BODY(i, k, full)                                                                         \
-    do {                                                                                                \
-        const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + (i)), M), A, B);    \
-        if (full && nt)                                                                                 \
-            _mm512_stream_ps(q + (i), v);                                                               \
-        else if (full)                                                                                  \
-            _mm512_store_ps(q + (i), v);                                                                \
-        else                                                                                            \
-            _mm512_mask_storeu_ps(q + (i), k, v);                                                       \
-    } while (0)
+#define FBN_AF_BODY(i, k, full) \
+    fbn_st512(q + (i), _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + (i)), M), A, B), k, full, nt)
     FBN_NT512_LOOP(n, q, FBN_AF_BODY);
 #undef FBN_AF_BODY
 }
@@ -130,11 +128,7 @@ __attribute__((target("avx512f,fma"))) static void fbn_ln_gi_nt512(const float *
         const __m512 gv = _mm512_maskz_loadu_ps(k, g + (i)), pv = _mm512_maskz_loadu_ps(k, p + (i));    \
         const __m512 wv = _mm512_maskz_loadu_ps(k, w + (i));                                            \
         const __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(pv, M), ML), KX, KC);              \
-        const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(gv, wv), IS, t);                                 \
-        if (full)                                                                                       \
-            _mm512_stream_ps(q + (i), v);                                                               \
-        else                                                                                            \
-            _mm512_mask_storeu_ps(q + (i), k, v);                                                       \
+        fbn_st512(q + (i), _mm512_fmadd_ps(_mm512_mul_ps(gv, wv), IS, t), k, full, 1);                  \
     } while (0)
     FBN_NT512_LOOP(n, q, FBN_LN_BODY);
 #undef FBN_LN_BODY
