@@ -331,7 +331,8 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
     (dx = dy * weight * invstd)."""
     cdef int t = _float_type(x, -1, "x")
     cdef Job jb
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k, p, c, Cg, N
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x), C = weight.shape[0], R, L, k, p, c, g, Cg, N
+    cdef double istd
     if G <= 0 or S <= 0 or C % G or n % (C * S):
         raise ValueError("group_backward: inconsistent shape")
     R = n // (C * S) * G
@@ -363,8 +364,9 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
     part = np.empty(2 * Cg * R * jb.P if jb.P > 1 else 0)
     jb.part = _dptr(part)
     with nogil:
-        for k in range(R * Cg):  # each channel's mean: its row's
-            jb.cmean[k] = jb.mean[k // Cg]
+        for k in range(R):  # each channel's mean: its row's (loops, not k // Cg: a division costs)
+            for c in range(Cg):
+                jb.cmean[k * Cg + c] = jb.mean[k]
         if jb.P == 1:
             k = (R + jb.rows_task - 1) // jb.rows_task
             _run(&jb, GN_BWD, k, _threads(threads, n, k))
@@ -382,9 +384,11 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
                     _group_grad_coefs(&jb, k, <float>0)
             _run(&jb, GN_GINPUT, R * jb.P, _threads(threads, n, R * jb.P))
         for k in range(N):  # sums[(n * C + c) * 2 + {0, 1}]; channel c is in row n * G + c // Cg
-            for c in range(C):
-                pb[c] += jb.sums[(k * C + c) * 2]
-                pw[c] += jb.sums[(k * C + c) * 2 + 1] * jb.invstd[k * G + c // Cg]
+            for g in range(G):
+                istd = jb.invstd[k * G + g]
+                for c in range(g * Cg, (g + 1) * Cg):
+                    pb[c] += jb.sums[(k * C + c) * 2]
+                    pw[c] += jb.sums[(k * C + c) * 2 + 1] * istd
     return gw, gb
 
 
