@@ -164,10 +164,8 @@ static Py_ssize_t fbn_pool_work(uint32_t gen, int p)
     Py_ssize_t ran = 0, k;
     const int parts = __atomic_load_n(&fbn_pool.parts, __ATOMIC_ACQUIRE);
     const int back = __atomic_load_n(&fbn_pool.back, __ATOMIC_ACQUIRE);
-    if (parts <= 0 || parts > FBN_POOL_MAX)
-        return 0;  /* a job of another generation is being set up: gen no longer matches */
     if (p >= parts)
-        p = 0;
+        p = 0;  /* parts is a later job's (gen no longer matches: every claim below fails) */
     for (int i = 0; i < parts; i++) {
         const int q = (p + i) % parts;
         const int front = (i == 0) != back;  /* the owner from its near end, thieves from the far one */
