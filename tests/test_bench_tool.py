@@ -103,20 +103,42 @@ def _busy_thread(seconds):
     return t, end
 
 
+def test_settle_waits_until_the_other_threads_go_quiet(monkeypatch):
+    # the other threads' CPU clocks, scripted: thread 7 runs flat out for its first 5 readings
+    # (each step), then stops; settle returns after the first quiet step, and no sooner
+    readings = iter([{7: 0.0}] + [{7: 0.1 * k} for k in range(1, 6)] + [{7: 0.5}] * 100)
+    monkeypatch.setattr(timing, "_other_threads_cpu", lambda: next(readings))
+    waited = timing.settle(step_s=0.002, max_s=5.0)
+    assert 0.012 <= waited < 1.0, waited  # 5 busy steps, then one quiet one: at least 6 steps
+    readings = iter([{7: 0.0}] + [{7: 0.1 * k} for k in range(1, 1000)])  # never quiet
+    assert 0.02 <= timing.settle(step_s=0.001, max_s=0.02) < 0.5  # max_s bounds the wait
+    readings = iter([{7: 0.0}] * 10)  # quiet at once: one step
+    assert timing.settle(step_s=0.001, max_s=5.0) < 0.5
+    monkeypatch.setattr(timing, "_other_threads_cpu", lambda: None)
+    assert timing.settle() == 0.0  # no per-thread clocks (off Linux): no wait
+
+
 @pytest.mark.skipif(timing._other_threads_cpu() is None, reason="per-thread CPU clocks are read from Linux's /proc")
-def test_settle_waits_while_another_thread_runs_and_not_when_none_does():
+def test_the_per_thread_clocks_see_a_busy_thread_and_not_a_sleeping_one():
+    import threading
     import time
 
-    t, end = _busy_thread(0.3)
-    start = time.perf_counter()
-    waited = timing.settle(step_s=0.01, max_s=5.0)
+    t, end = _busy_thread(0.4)
+    before = timing._other_threads_cpu()
+    time.sleep(0.3)  # (the GIL free: the busy thread runs whenever it gets a core)
+    after = timing._other_threads_cpu()
     t.join()
-    # it returned after the busy thread's last hash (a 10 ms step with the thread below 5% of it)
-    assert waited >= 0.1 and start + waited >= end[0] - 0.05, (waited, end[0] - start)
-    assert timing.settle(step_s=0.001, max_s=5.0) < 0.5  # nothing else runs: one or a few steps
-    t, end = _busy_thread(1.0)
-    assert timing.settle(step_s=0.001, max_s=0.05) < 0.2  # max_s bounds the wait
-    t.join()
+    grown = max(after[tid] - before[tid] for tid in after if tid in before)
+    assert grown > 0.02, grown  # it ran (on a loaded 2-core machine it still gets a share)
+    stop = threading.Event()
+    sleeper = threading.Thread(target=stop.wait)
+    sleeper.start()
+    before = timing._other_threads_cpu()
+    time.sleep(0.1)
+    after = timing._other_threads_cpu()
+    stop.set()
+    sleeper.join()
+    assert after[sleeper.native_id] - before[sleeper.native_id] < 0.01
 
 
 def test_hand_over_runs_the_function_for_its_warm_up_time_at_least_once():
