@@ -231,9 +231,12 @@ class Layer:
         ``IncompatibleKeys(missing_keys, unexpected_keys)``, as PyTorch does.
         """
         names = self._state_names()
-        # PyTorch loads a dict without num_batches_tracked (a checkpoint from before it existed)
-        # and keeps the layer's own count; so does this.
-        missing = [n for n in names if n not in state_dict and n != "num_batches_tracked"]
+        # PyTorch loads a dict without num_batches_tracked and keeps the layer's own count when the
+        # dict has no version metadata or one below 2 (a checkpoint from before the count existed,
+        # or a plain dict of arrays); from its own state_dict() (version 2) the key is missing.
+        version = state_dict_version(state_dict)
+        optional = ("num_batches_tracked",) if version is None or version < 2 else ()
+        missing = [n for n in names if n not in state_dict and n not in optional]
         unexpected = [k for k in state_dict if k not in names]
         if strict and (missing or unexpected):
             raise ValueError(f"load_state_dict for {type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}")
@@ -274,6 +277,14 @@ class Layer:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def state_dict_version(state_dict):
+    """The version in PyTorch's metadata of a ``state_dict()`` (its ``_metadata[""]["version"]``),
+    or None: a plain dict, such as one of NumPy arrays, carries none."""
+    metadata = getattr(state_dict, "_metadata", None)
+    root = metadata.get("") if isinstance(metadata, dict) else None
+    return root.get("version") if isinstance(root, dict) else None
 
 
 def _loaded_count(value):

@@ -13,6 +13,8 @@ _Buffer = Any
 
 PROTOCOL_DOC: str
 
+def state_dict_version(state_dict: Mapping[str, Any]) -> Any: ...
+
 class IncompatibleKeys(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]

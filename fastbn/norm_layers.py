@@ -10,7 +10,7 @@ import numpy as np
 from . import _checks as ck
 from . import norms
 from ._backends import backend_of
-from ._layer_base import PROTOCOL_DOC, Layer, _RunningStats
+from ._layer_base import PROTOCOL_DOC, Layer, _RunningStats, state_dict_version
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -201,10 +201,7 @@ class _InstanceNorm(_RunningStats, _Norm):
         one of NumPy arrays), as PyTorch refuses them there (a checkpoint from before PyTorch 0.4,
         or from a layer that tracked them); PyTorch's own ``state_dict()`` carries the version, and
         its running statistics are then unexpected keys like any other, as in PyTorch."""
-        metadata = getattr(state_dict, "_metadata", None)
-        versioned = isinstance(metadata, dict) and isinstance(metadata.get(""), dict) and \
-            metadata[""].get("version") is not None
-        if not self.track_running_stats and not versioned:
+        if not self.track_running_stats and state_dict_version(state_dict) is None:
             found = [k for k in ("running_mean", "running_var") if k in state_dict]
             if found:
                 raise ValueError(f"load_state_dict for {type(self).__name__}: unexpected running stats buffer(s) "

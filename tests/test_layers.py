@@ -415,3 +415,29 @@ def test_a_batch_norm_without_arrays_takes_either_float_type(activation):
     assert bn(x).dtype == np.float64
     with pytest.raises(TypeError, match=r"BatchNorm1d holds float32 parameters, got input of dtype float64"):
         fastbn.BatchNorm1d(3, affine=False)(x)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_versioned_pytorch_state_dict_without_num_batches_tracked_misses_it(strict):
+    """PyTorch's own state_dict() carries version 2 metadata; without num_batches_tracked it is a
+    missing key there (an error with strict=True), unlike a plain dict or a version-1 one."""
+    torch = pytest.importorskip("torch", reason="the PyTorch state_dict needs torch")
+    sd = torch.nn.BatchNorm2d(3).state_dict()
+    del sd["num_batches_tracked"]
+    sd["running_mean"].fill_(4.0)
+    bn = fastbn.BatchNorm2d(3)
+    bn(np.ones((2, 3, 2, 2), np.float32))
+    if strict:
+        with pytest.raises(RuntimeError, match="num_batches_tracked"):
+            torch.nn.BatchNorm2d(3).load_state_dict(sd, strict=True)
+        with pytest.raises(ValueError, match=r"missing keys \['num_batches_tracked'\]"):
+            bn.load_state_dict(sd, strict=True)
+        np.testing.assert_array_equal(bn.running_mean, np.float32(0.1))  # a refused dict changes nothing
+        return
+    want = torch.nn.BatchNorm2d(3).load_state_dict(sd, strict=False)
+    assert bn.load_state_dict(sd, strict=False) == (want.missing_keys, want.unexpected_keys) == (
+        ["num_batches_tracked"], [])
+    np.testing.assert_array_equal(bn.running_mean, 4.0)
+    assert bn.num_batches_tracked == 1
+    sd._metadata[""]["version"] = 1  # a checkpoint from before the count: optional, as in PyTorch
+    assert bn.load_state_dict(sd, strict=True) == ([], [])
