@@ -26,6 +26,17 @@ cdef inline bint _wide(double m, floating tag) noexcept nogil:
     return m >= w or m <= -w
 
 
+# ---- rows with a steep spread (invstd below 2**-40 for float32, 2**-400 for float64: std past
+# 1e12, 1e120), whose grad_input takes the same double path: the coefficient of x - mean is about
+# weight * |dy| * invstd**2, which the float32 coefficients cannot hold past std 1e19 (it fell
+# below float's normal range, and grad_input came out 5-45% off); the margin leaves room for a
+# small weight and grad_output.
+cdef inline bint _steep(double istd, floating tag) noexcept nogil:
+    if floating is float:
+        return istd < 9.094947017729282e-13  # 2**-40
+    return istd < 3.872591914849318e-121  # 2**-400
+
+
 cdef inline double _centred(double x, double m) noexcept nogil:
     """x - m, through halves: inf only where the exact difference is beyond double's range."""
     return 2.0 * (0.5 * x - 0.5 * m)
@@ -81,7 +92,7 @@ cdef void _group_grad_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept 
         B += <double>w[ch0 + c] * s[2 * c + 1]
     if jb.training:
         _split_mean(jb.mean[r], &hi, &lo)
-        kx = <floating>(-istd * istd * istd * B / n)
+        kx = <floating>fbn_x_coef(istd, istd, B, n)
         kc = <floating>(-istd * A / n)
     else:
         hi = lo = kx = kc = 0
@@ -155,7 +166,7 @@ cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f
     cdef const floating *w = <const floating *>jb.w + ch0
     cdef const double *sums = jb.sums + r * 2 * Cg
     cdef double A = 0.0, B = 0.0, istd = jb.invstd[r]
-    if jb.training and _wide(jb.mean[r], tag):  # as _group_grad_coefs, in double
+    if jb.training and (_wide(jb.mean[r], tag) or _steep(istd, tag)):  # as _group_grad_coefs, in double
         for c in range(Cg):
             A += <double>w[c] * sums[2 * c]
             B += <double>w[c] * sums[2 * c + 1]
@@ -179,7 +190,7 @@ cdef void _ln_row_coefs(const Job *jb, Py_ssize_t r, double A, double B, floatin
     cdef double s = jb.invstd[r], n = <double>jb.L
     istd[0] = <floating>s
     _split_mean(jb.mean[r], hi, lo)
-    kx[0] = <floating>(-s * s * s * B / n)
+    kx[0] = <floating>fbn_x_coef(s, s, B, n)
     kc[0] = <floating>(-s * A / n)
 
 
@@ -203,7 +214,7 @@ cdef void _ln_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, 
     cdef Py_ssize_t o = r * jb.L + f0
     cdef floating istd, hi, lo, kx, kc
     cdef double s = jb.invstd[r]
-    if _wide(jb.mean[r], tag):
+    if _wide(jb.mean[r], tag) or _steep(s, tag):
         _wide_grad(<const floating *>jb.dy + r * jb.L, <const floating *>jb.x + r * jb.L, <floating *>jb.y + r * jb.L,
                    f0, f1, jb.mean[r], s, <const floating *>jb.w, 1, -s * (s * B) / <double>jb.L, -s * A / <double>jb.L)
         return
