@@ -106,7 +106,11 @@ def _stats(v, name, be, shape, what=None):
 
 def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, training, out, what):
     be, k, dt, g, x = _grad_args(grad_output, input, what)
-    N, C, G, S = _group_shape(input, G, what)
+    if G is None:  # instance norm: a group a channel, also for no channels (num_groups cannot be 0)
+        N, C, S = _instance_shape(input, what)
+        G = C
+    else:
+        N, C, G, S = _group_shape(input, G, what)
     training = ck.flag(training, "use_input_stats")
     w = _param(weight, "weight", be, C, dt, 1.0)
     rows = "(N, C)" if what.startswith("instance") else "(N, num_groups)"
@@ -303,6 +307,5 @@ def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, u
             return done
     be = backend_of(input)
     be.norm_kernels("instance_norm_backward")
-    _instance_shape(input, "instance_norm_backward")
-    return _group_backward(grad_output, input, getattr(input, "shape", (0, 1))[1] or 1, weight, save_mean,
-                           save_invstd, use_input_stats, out, "instance_norm_backward")
+    return _group_backward(grad_output, input, None, weight, save_mean, save_invstd, use_input_stats, out,
+                           "instance_norm_backward")

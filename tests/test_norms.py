@@ -870,3 +870,18 @@ def test_group_norm_forward_streams_short_channels_with_the_same_bits(shape, shi
         outs.append(y.copy())
     np.testing.assert_array_equal(outs[1], outs[0])
     _close(outs[0], TF.group_norm(torch.tensor(x), G, torch.tensor(w), torch.tensor(b)), np.float32, scale=10)
+
+
+def test_instance_norm_with_no_channels_runs_backward_as_pytorch():
+    """(N, 0, L): the forward's statistics are (N, 0), and its backward takes them (it once asked
+    for (N, 1), a group of no channels)."""
+    x = np.zeros((2, 0, 5), np.float32)
+    y, m, s = fastbn.instance_norm_forward(x)
+    assert y.shape == x.shape and m.shape == s.shape == (2, 0)
+    dx, gw, gb = fastbn.instance_norm_backward(np.zeros_like(x), x, None, m, s)
+    assert dx.shape == x.shape and dx.dtype == np.float32 and gw.shape == gb.shape == (0,)
+    layer = fastbn.InstanceNorm1d(0, affine=True)
+    layer(x)
+    assert layer.backward(np.zeros_like(x)).shape == x.shape
+    with pytest.raises(ValueError, match=r"save_mean .*\(2, 0\)"):
+        fastbn.instance_norm_backward(np.zeros_like(x), x, None, np.zeros((2, 1)), s)
