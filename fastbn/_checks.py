@@ -181,12 +181,11 @@ def kernel_view(be, a, x, x3, name):
     layout of ``x3`` (ncs_view of x), in x3's dtype; a copy only where a's memory differs."""
     refuse_matrix_and_masked(a, name)
     dt = x3.dtype
-    if dt.itemsize == 2:  # a half type read in place: the same type (either byte order), as PyTorch's
-        same = a.dtype == dt or (a.dtype.kind == "f" and a.dtype.itemsize == 2 and a.dtype.newbyteorder("=") == dt)
-    else:
-        same = float_dtype(a, name) == dt
-    if not same:
-        raise TypeError(f"{name} must have the input's dtype {x.dtype if dt.itemsize == 2 else dt}, got {a.dtype}")
+    float_dtype(a, name)  # a TypeError for anything but the float types
+    # the input's own dtype, either byte order, whatever type the kernels read it in (a half input
+    # of batch norm in place, of the other norms through float32): as PyTorch's backward kernels
+    if a.dtype.newbyteorder("=") != x.dtype.newbyteorder("="):
+        raise TypeError(f"{name} must have the input's dtype {x.dtype.newbyteorder('=')}, got {a.dtype}")
     if _channels_last(x, x3):
         a = a.transpose(_to_last(a.ndim))
     return be.contiguous(a, dt).reshape(x3.shape)

@@ -311,3 +311,32 @@ def test_streaming_stores_give_the_same_half_bits(half, kernel_path, half_loops)
             _kernels.thresholds(**before)
     finally:
         _kernels.thresholds(**before)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "layer", "instance"])
+def test_grad_output_has_the_input_dtype_in_every_norm(norm):
+    """One rule for every backward, whatever type the kernels read the input in (batch norm reads
+    a half input in place, the other norms through float32): grad_output has the input's dtype, in
+    either byte order.  The other norms once took a float32 grad_output for a float16 input, and
+    every norm a float16 one for a float32 input."""
+    def backward(x, dy):
+        if norm == "batch":
+            _, m, s = fastbn.batch_norm_forward(x, None, None, training=True)
+            return fastbn.batch_norm_backward(dy, x, None, m, s)[0]
+        if norm == "group":
+            _, m, s = fastbn.group_norm_forward(x, 2)
+            return fastbn.group_norm_backward(dy, x, 2, None, m, s)[0]
+        if norm == "layer":
+            _, m, s = fastbn.layer_norm_forward(x, 6)
+            return fastbn.layer_norm_backward(dy, x, 6, None, m, s)[0]
+        _, m, s = fastbn.instance_norm_forward(x)
+        return fastbn.instance_norm_backward(dy, x, None, m, s)[0]
+
+    rng = np.random.default_rng(0)
+    x32, dy32 = rng.standard_normal((2, 4, 6)).astype(np.float32), rng.standard_normal((2, 4, 6)).astype(np.float32)
+    for xd, gd in ((np.float16, np.float32), (np.float32, np.float16), (np.float32, np.float64), (">f2", np.float32)):
+        want = np.dtype(xd).newbyteorder("=")
+        with pytest.raises(TypeError, match=f"grad_output must have the input's dtype {want}, got {np.dtype(gd)}"):
+            backward(x32.astype(xd), dy32.astype(gd))
+    x16 = x32.astype(np.float16)
+    np.testing.assert_array_equal(backward(x16, dy32.astype(">f2")), backward(x16, dy32.astype(np.float16)))
