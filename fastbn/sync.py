@@ -335,14 +335,9 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training:  # running statistics, or the local batch's: no communication
             return super().forward(input, out=out, update_running_stats=update_running_stats)
         record = is_grad_enabled()
-        try:
-            y, payload = self._sync_forward(input, out, update_running_stats, record)
-        except Exception:
-            # the ranks failed together: a backward now would differentiate an earlier forward, which
-            # is probably not the one meant, so none is left pending on this thread
-            if record:
-                self._local.saved = None
-            raise
+        # the ranks fail together, and a failed forward changes no state on any of them (as
+        # BatchNorm*d's): the pending forward stays, so a backward still differentiates it everywhere
+        y, payload = self._sync_forward(input, out, update_running_stats, record)
         if record:
             self._local.saved = _Saved(True, payload)
         return y

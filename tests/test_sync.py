@@ -426,20 +426,28 @@ def test_protocol_argument_checks():
         sync.finish_backward(x, x, None, np.zeros(3), np.ones(3), np.zeros((3, 2)), -1)
 
 
-def test_a_failed_forward_leaves_nothing_to_backward_on_any_rank():
+def test_a_failed_forward_changes_no_state_on_any_rank():
+    """The ranks fail together (one rank's bad input), and, as BatchNorm*d's, a failed forward
+    changes nothing: the running statistics and the pending forward stay, so the backward then
+    differentiates the last good forward on every rank."""
+    x = np.random.default_rng(1).standard_normal((8, 2))
+    dy = np.random.default_rng(2).standard_normal((8, 2))
+
     def fn(comm, r):
         layer = SyncBatchNorm(2, comm=comm, dtype=np.float64)
-        layer(np.arange(8.0).reshape(4, 2))
-        layer.backward(np.ones((4, 2)))
-        layer(np.ones((4, 2)))
+        layer(x[4 * r:4 * r + 4])
+        state = {k: v.copy() for k, v in layer.state_dict().items()}
         with pytest.raises((ValueError, RuntimeError)):
             layer(np.ones((4, 2)) if r == 0 else np.ones((4, 3)))
-        with pytest.raises(RuntimeError, match="needs a forward"):
-            layer.backward(np.ones((4, 2)))
-        return True
+        assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in state.items())
+        return layer.backward(dy[4 * r:4 * r + 4]), layer.grad_weight
 
     _, res = run_ranks(2, fn)
-    assert res == [True, True]
+    ref = fastbn.BatchNorm1d(2, dtype=np.float64)
+    ref(x)
+    _close(np.concatenate([r[0] for r in res]), ref.backward(dy), np.float64, "grad_input")
+    for r in res:
+        _close(r[1], ref.grad_weight, np.float64, "grad_weight")
 
 
 # ---------------------------------------------------------------------------------- any split
