@@ -122,15 +122,28 @@ def _merge(n, mean, m2, eps):
 
 
 def _count_of(merged):
+    """The global count of merged (C, 3) rows: the same non-negative whole number in every row."""
     if merged.shape[0] == 0:
         return 0
-    return int(merged[0, 0])
+    counts = merged[:, 0]
+    first = counts[0]
+    if not (np.isfinite(first) and first >= 0 and first == math.floor(first)) or (counts != first).any():
+        raise ValueError(f"the merged statistics' counts (column 0) must be one non-negative whole number for "
+                         f"every channel, got {counts.tolist()[:8]}")
+    return int(first)
 
 
 def _check_count(count, shape):
     if count == 1:
         raise ValueError(f"expected more than 1 value per channel when training, got a global batch of 1 value "
                          f"per channel (input of shape {tuple(shape)} on this rank)")
+
+
+def _check_local_count(count, x3):
+    """The global batch holds this rank's: count >= its values per channel."""
+    local = x3.shape[0] * x3.shape[2]
+    if count < local:
+        raise ValueError(f"the global count must be at least this rank's {local} values per channel, got {count}")
 
 
 def _statistics(merged, eps):
@@ -142,10 +155,11 @@ def _statistics(merged, eps):
 
 
 def _check_merged(merged, C):
+    """merge_stats' (C, 3) array (C = -1: any number of channels)."""
     merged = np.asarray(merged, dtype=np.float64)
-    if merged.shape != (C, 3):
-        raise ValueError(f"the merged statistics must have shape ({C}, 3) for the input's {C} channels, "
-                         f"got shape {merged.shape}")
+    if merged.ndim != 2 or merged.shape[1] != 3 or (C >= 0 and merged.shape[0] != C):
+        channels = f"({C}, 3) for the input's {C} channels" if C >= 0 else "(C, 3)"
+        raise ValueError(f"the merged statistics must have shape {channels}, got shape {merged.shape}")
     return merged
 
 
@@ -161,6 +175,7 @@ def normalize(x, merged, weight=None, bias=None, eps=1e-5, *, out=None):
         raise ValueError(f"eps must be positive in training, got {eps!r}")
     merged = _check_merged(merged, C)
     count, mean, var, invstd = _statistics(merged, eps)
+    _check_local_count(count, x3)
     _check_count(count, x.shape)
     y = _normalize3(x, x3, mean, invstd, weight, bias, out)
     return y, mean, invstd
@@ -181,7 +196,10 @@ def _normalize3(x, x3, mean, invstd, weight, bias, out, prepared=None):
 def update_running(running_mean, running_var, merged, momentum):
     """``running = (1 - momentum) * running + momentum * batch`` with the merged statistics, the
     variance unbiased with the global count; in place (nothing happens for an empty global batch)."""
-    merged = np.asarray(merged, dtype=np.float64)
+    merged = _check_merged(merged, -1)
+    C = merged.shape[0]
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):  # as batch_norm's
+        ck.vector(buf, name, cpu, (C,), None, writable=True, what=f"the merged statistics' {C} channels")
     count, mean, var, _ = _statistics(merged, 1.0)
     momentum = ck.scalar(momentum, "momentum", 0.0, 1.0)
     if count:
@@ -240,8 +258,10 @@ def finish_backward(grad_output, x, weight, mean, invstd, sums, count, *, out=No
     sums = np.asarray(sums, dtype=np.float64)
     if sums.shape != (C, 2):
         raise ValueError(f"sums must have shape ({C}, 2), got {sums.shape}")
-    if isinstance(count, bool) or not isinstance(count, numbers.Real) or not count >= 0 or count != math.floor(count):
+    if (isinstance(count, bool) or not isinstance(count, numbers.Real) or not math.isfinite(count) or count < 0
+            or count != math.floor(count)):
         raise ValueError(f"count must be a non-negative whole number, got {count!r}")
+    _check_local_count(count, x3)
     return _finish_backward3(grad_output, x, g3, x3, weight, mean, invstd, np.ascontiguousarray(sums[:, 0]),
                              np.ascontiguousarray(sums[:, 1]), float(count), out)
 

@@ -613,3 +613,36 @@ def test_eps_0_in_training_raises_on_every_rank_as_batchnorm():
 
     _, res = run_ranks(2, fn)
     np.testing.assert_allclose(np.concatenate(res), x, rtol=1e-12)
+
+
+def test_the_statistics_functions_check_their_buffers_and_counts():
+    """update_running takes batch_norm's running buffers (float arrays of shape (C,), writeable),
+    and every function a count that can be a global batch's: a whole number, the same in every
+    row of the merged statistics, at least this rank's values per channel."""
+    x = np.random.default_rng(0).standard_normal((5, 4, 3)).astype(np.float32)
+    merged = sync.merge_stats([sync.local_stats(x)])
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    bad_rows = merged.copy()
+    bad_rows[:, 0] = -5
+    cases = [
+        (lambda: sync.update_running(np.zeros(4, np.int64), rv, merged, 0.5), TypeError, "running_mean must be float16"),
+        (lambda: sync.update_running([0.0] * 4, rv, merged, 0.5), TypeError, "running_mean must be a numpy array"),
+        (lambda: sync.update_running(rm, np.ones(3, np.float32), merged, 0.5), ValueError,
+         r"running_var must have shape \(4,\) to match the merged statistics' 4 channels"),
+        (lambda: sync.update_running(rm, rv, merged[:, :2], 0.5), ValueError, r"shape \(C, 3\), got shape \(4, 2\)"),
+        (lambda: sync.update_running(rm, rv, bad_rows, 0.5), ValueError, "one non-negative whole number"),
+        (lambda: sync.update_running(rm, rv, np.where(np.arange(3) == 0, np.nan, merged), 0.5), ValueError,
+         r"whole number .*\[nan"),
+        (lambda: sync.normalize(x, np.where(np.arange(3) == 0, 3.0, merged)), ValueError,
+         "at least this rank's 15 values per channel, got 3"),
+        (lambda: sync.finish_backward(x, x, None, merged[:, 1], np.ones(4), np.zeros((4, 2)), float("inf")), ValueError,
+         "count must be a non-negative whole number, got inf"),
+        (lambda: sync.finish_backward(x, x, None, merged[:, 1], np.ones(4), np.zeros((4, 2)), 0), ValueError,
+         "at least this rank's 15 values per channel, got 0"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert not rm.any() and (rv == 1).all()  # the refused calls changed nothing
+    sync.update_running(rm, rv, merged, 0.5)
+    np.testing.assert_allclose(rm, 0.5 * merged[:, 1], rtol=1e-6)
