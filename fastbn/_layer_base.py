@@ -312,5 +312,16 @@ class _RunningStats:
     def _reset_buffers(self):
         self.reset_running_stats()
 
+    def _update_factor(self):
+        """The weight of this batch in the running statistics: ``momentum``, or with momentum=None
+        1 / (num_batches_tracked + 1), the cumulative average (which a loaded count below 0 cannot
+        give: PyTorch divides by zero or goes on with a negative factor)."""
+        if self.momentum is not None:
+            return self.momentum
+        if self.num_batches_tracked < 0:
+            raise ValueError(f"momentum=None averages over num_batches_tracked + 1 batches, which needs "
+                             f"num_batches_tracked >= 0, got {self.num_batches_tracked}")
+        return 1.0 / (self.num_batches_tracked + 1)
+
 
 Layer.__doc__ += PROTOCOL_DOC

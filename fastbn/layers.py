@@ -135,7 +135,7 @@ class _BatchNorm(_RunningStats, Layer):
         update = update and self.training and self.track_running_stats
         factor = 0.0
         if update:
-            factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+            factor = self._update_factor()
         use_buffers = (not self.training and self.track_running_stats) or update
         rm, rv = (self.running_mean, self.running_var) if use_buffers else (None, None)
         C, dt = self.num_features, self.dtype if self._holds_arrays() else ck.compute_dtype(x3.dtype)

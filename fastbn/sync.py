@@ -393,7 +393,7 @@ class SyncBatchNorm(_BatchNorm):
         _check_count(count, input.shape)
         factor = 0.0
         if update:
-            factor = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+            factor = self._update_factor()
         counts = np.broadcast_to(stack[:, 2:3], (stack.shape[0], C))
         _, mean, _, var, invstd = _merge(counts, stack[:, 3:3 + C], stack[:, 3 + C:], self.eps)
         saved, saved3 = input, x3

@@ -441,3 +441,17 @@ def test_a_versioned_pytorch_state_dict_without_num_batches_tracked_misses_it(st
     assert bn.num_batches_tracked == 1
     sd._metadata[""]["version"] = 1  # a checkpoint from before the count: optional, as in PyTorch
     assert bn.load_state_dict(sd, strict=True) == ([], [])
+
+
+@pytest.mark.parametrize("count", [-1, -3])
+def test_momentum_none_with_a_negative_loaded_count_raises_naming_it(count):
+    """momentum=None averages over num_batches_tracked + 1 batches; a loaded count below 0 gives
+    no average (PyTorch divides by zero at -1 and goes on with a negative factor below): a
+    ValueError that names the count, and nothing changes."""
+    bn = fastbn.BatchNorm1d(2, momentum=None)
+    bn.load_state_dict({**bn.state_dict(), "num_batches_tracked": np.array(count)})
+    with pytest.raises(ValueError, match=f"num_batches_tracked >= 0, got {count}"):
+        bn(np.arange(6.0, dtype=np.float32).reshape(3, 2))
+    assert bn.num_batches_tracked == count and not bn.running_mean.any()
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        bn.backward(np.ones((3, 2), np.float32))
