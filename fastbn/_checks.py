@@ -288,6 +288,9 @@ def prepare_out(be, out, x, x3, *reads):
         )
     if not be.writeable(out):
         raise ValueError("out is read-only")
+    if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):  # (as PyTorch refuses it)
+        raise ValueError(f"out has elements that share one memory location (strides {out.strides}), so the "
+                         f"results would overwrite each other")
     o = out.transpose(_to_last(out.ndim)) if _channels_last(x, x3) else out
     if out.dtype == x3.dtype and o.flags.c_contiguous and be.aligned(out):
         o3 = o.reshape(x3.shape)

@@ -514,3 +514,19 @@ def test_load_state_dict_casts_as_pytorch():
     assert params["weight"].requires_grad
     bn.load_state_dict(params)
     np.testing.assert_array_equal(bn.weight, tbn.weight.detach().numpy())
+
+
+def test_an_out_whose_elements_share_memory_is_refused():
+    """A writeable out with a stride of 0 (as_strided) would keep only the last result written to
+    each location: refused, as PyTorch refuses it, before anything is written."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    base = np.zeros(3 * 5, np.float32)
+    out = np.lib.stride_tricks.as_strided(base, shape=x.shape, strides=(0, 20, 4))
+    assert out.flags.writeable
+    calls = [lambda: fastbn.batch_norm(x, None, None, training=True, out=out),
+             lambda: fastbn.group_norm(x, 3, out=out), lambda: fastbn.layer_norm(x, 5, out=out),
+             lambda: fastbn.instance_norm(x, out=out)]
+    for call in calls:
+        with pytest.raises(ValueError, match="share one memory location"):
+            call()
+    assert not base.any()
