@@ -141,13 +141,18 @@ def test_the_per_thread_clocks_see_a_busy_thread_and_not_a_sleeping_one():
     assert after[sleeper.native_id] - before[sleeper.native_id] < 0.01
 
 
-def test_hand_over_runs_the_function_for_its_warm_up_time_at_least_once():
-    import time
+def test_hand_over_runs_the_function_for_its_warm_up_time_at_least_once(monkeypatch):
+    import types
 
+    # a scripted clock, 1 ms a reading (on a loaded machine a real one jumps while the process
+    # waits for a core, and the last call's time says little), and no settle
+    ticks = iter(range(10**6))
+    clock = types.SimpleNamespace(perf_counter=lambda: next(ticks) * 1e-3)
+    monkeypatch.setattr(timing, "time", clock)
+    monkeypatch.setattr(timing, "settle", lambda: 0.0)
     calls = []
-    start = time.perf_counter()
-    timing.hand_over(lambda: calls.append(time.perf_counter()), warm_s=0.01)
-    assert len(calls) > 1 and calls[-1] - start >= 0.01
+    timing.hand_over(lambda: calls.append(clock.perf_counter()), warm_s=0.01)
+    assert len(calls) >= 3 and calls[-1] >= 0.005 and clock.perf_counter() >= 0.01  # called until 10 ms had passed
     calls.clear()
     timing.hand_over(lambda: calls.append(1), warm_s=0)
     assert calls == [1]
