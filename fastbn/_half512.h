@@ -142,7 +142,8 @@ FBN_H512 static void fbn_half_shifted_sums(const uint16_t *p, ptrdiff_t n, doubl
 }
 
 /* The same with the shift kf in float32 lanes for 4 steps of 64 elements, then folded into double
- * lanes (as _norm_simd.h's fbn_fl_shifted_sums: a half element is exact in float).  Not finite
+ * lanes (a half element is exact in float, and float's 1e-8 lies far below a half type's
+ * rounding; float32 input sums in double lanes throughout).  Not finite
  * where a float lane overflowed (bfloat16 reaches float's range) or the input is not finite. */
 FBN_H512 static void fbn_half_shifted_sums_fl(const uint16_t *p, ptrdiff_t n, float kf, double *s_out,
                                               double *q_out, const int bf)

@@ -6,8 +6,8 @@ norm's rows of prod(normalized_shape).  A row's statistics are its own, so rows 
 with each other and the work splits by rows:
 
 FUSED   (R >= PLAN_WIDTH rows, or rows too short to cut): a task takes a block of whole rows and
-        does everything for one row before the next: moments (fbn_row_moments: shifted sums,
-        float32 rows in float32 lanes folded into double, see _norm_simd.h), the row's
+        does everything for one row before the next: moments (fbn_row_moments: shifted sums
+        in double lanes, for float32 rows too, see _norm_simd.h), the row's
         coefficients, then the apply pass, which reads the row back from L1/L2 (a row of the
         benchmark's shapes is 3 to 25 KiB).  Memory sees one read and one write, as a copy.  The
         backward likewise: gradient sums, then grad_input.
@@ -54,7 +54,6 @@ cdef extern from "_norm_simd.h" nogil:
     float fbn_mean_lo_f32(double m, float hi)  # _simd.h's, not in _simd.pxd (the batch-norm kernels split in C)
     double fbn_mean_lo_f64(double m, double hi)
     void fbn_row_moments_f32(const float *p, Py_ssize_t n, double *acc)
-    void fbn_row_moments_fl(const float *p, Py_ssize_t n, double *acc)
     void fbn_affine_fl(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)
     void fbn_grad_sums_fl(const float *dy, const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const double *mean, double *acc)
     void fbn_grad_input_fl(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, const float *cf, int nt)

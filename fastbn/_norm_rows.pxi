@@ -106,23 +106,9 @@ cdef void _group_grad_coefs(const Job *jb, Py_ssize_t r, floating tag) noexcept 
 
 cdef void _moments(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, double *acc, floating tag) noexcept nogil:
     cdef const floating *x = <const floating *>jb.x + r * jb.L
-    cdef Py_ssize_t i
-    cdef double k = 0.0, sd = 0.0, q = 0.0, d
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0
-    if floating is float:
-        fbn_row_moments_fl(x + f0, f1 - f0, acc)
-        if not (isfinite(acc[<int>FBN_REL]) and isfinite(acc[<int>FBN_M2])) and f1 > f0:
-            # float32 lanes overflowed (values near FLT_MAX): the piece again in double, where
-            # the sums of float32 values cannot (a NaN or Inf input stays non-finite)
-            for i in range(f0, f1):
-                k += x[i]
-            k /= <double>(f1 - f0)
-            for i in range(f0, f1):
-                d = <double>x[i] - k
-                sd += d
-                q += d * d
-            acc[0] = acc[1] = acc[2] = acc[3] = 0.0
-            fbn_shift_merge(acc, <double>(f1 - f0), k, sd / <double>(f1 - f0), q - sd * (sd / <double>(f1 - f0)))
+    if floating is float:  # in double lanes: float64's statistics (_norm_simd.h)
+        fbn_row_moments_f32(x + f0, f1 - f0, acc)
     else:
         fbn_row_moments_f64(x + f0, f1 - f0, acc)
 

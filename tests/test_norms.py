@@ -422,11 +422,11 @@ def test_float32_backward_error_no_worse_than_torch(kind):
         assert _err(a, r) <= _err(t, r) * 1.01 + 1e-6, (_err(a, r), _err(t, r))
 
 
-# float32 rows are summed in float32 SIMD lanes of 16 terms, folded into double (_norm_simd.h), and
-# layer norm's backward folds its float32 column partials into double every FBN_LN_FOLD rows.  These
-# bound what that costs against a float64 reference, on shapes that reach every part of the loops:
-# rows shorter than a vector step, ragged tails, channel runs that are not a multiple of 16, long
-# rows cut into pieces, and row blocks that are not a multiple of the fold.
+# float32 rows are summed in double lanes (_norm_simd.h), and layer norm's backward folds its
+# float32 column partials into double every FBN_LN_FOLD rows.  These bound the results against a
+# float64 reference, on shapes that reach every part of the loops: rows shorter than a vector step,
+# ragged tails, channel runs that are not a multiple of 16, long rows cut into pieces, and row
+# blocks that are not a multiple of the fold.
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -885,3 +885,32 @@ def test_instance_norm_with_no_channels_runs_backward_as_pytorch():
     assert layer.backward(np.zeros_like(x)).shape == x.shape
     with pytest.raises(ValueError, match=r"save_mean .*\(2, 0\)"):
         fastbn.instance_norm_backward(np.zeros_like(x), x, None, np.zeros((2, 1)), s)
+
+
+@pytest.mark.parametrize("kind", ["group", "layer", "instance"])
+@pytest.mark.parametrize("head", [0.0, 40.0, 1000.0])
+def test_float32_statistics_are_float64s(kind, head):
+    """A float32 row's statistics are accumulated in double: the saved mean and invstd are
+    float64's to 1e-12, and y is within 3 ulps of the exact output everywhere, also where it is
+    near zero and where the row's first 256 values sit far above the rest (once the moments'
+    shift: float32 partial sums then left outputs 70,000 ulps off, PyTorch's float32 2,100)."""
+    rng = np.random.default_rng(31)
+    n = 40_000
+    x = rng.standard_normal((2, 1, n))
+    x[:, :, :256] += head
+    x = x.astype(np.float32)
+    if kind == "group":
+        y, m, s = fastbn.group_norm_forward(x, 1)
+    elif kind == "layer":
+        y, m, s = fastbn.layer_norm_forward(x, n)
+    else:
+        y, m, s = fastbn.instance_norm_forward(x)
+    r = x.astype(np.float64).reshape(2, n)
+    mean = r.mean(axis=1)
+    d = r - mean[:, None]
+    invstd = 1 / np.sqrt((d * d).mean(axis=1) + 1e-5)
+    np.testing.assert_allclose(m.reshape(-1), mean, rtol=0, atol=1e-12 * np.abs(r).max())
+    np.testing.assert_allclose(s.reshape(-1), invstd, rtol=1e-12)
+    exact = d * invstd[:, None]
+    ulps = np.abs(y.reshape(2, n) - exact) / np.spacing(np.abs(exact).astype(np.float32))
+    assert ulps.max() <= 3, ulps.max()
