@@ -111,6 +111,13 @@ FBN_COEF double fbn_var(double n, double m2) { return m2 / n; }
 /* 1 / sqrt(var + eps): what the forward normalizes with, and the backward reuses. */
 FBN_COEF double fbn_invstd(double var, double eps) { return 1.0 / sqrt(var + eps); }
 
+/* A batch's invstd, fbn_invstd, or NaN where its variance overflowed double (finite float64 data
+ * with a spread past 1.3e154: an infinite input makes the variance NaN, not inf).  1 / sqrt(inf)
+ * = 0 would turn every output into the bias, silently; NaN says it, as PyTorch's group and layer
+ * norm do there.  var - var is +0 for a finite variance (the sum is exact), NaN for inf: no
+ * branch, so the per-channel loops still vectorize. */
+FBN_COEF double fbn_batch_invstd(double var, double eps) { return fbn_invstd(var, eps) + (var - var); }
+
 /* ---- the forward's coefficients: y = ((x - mhi) - mlo) * a + b ---------------------------------
  * mhi + mlo is the double mean split into two values of the input type: mhi = (T)mean, and
  * mlo = (T)fbn_split_lo(mean, mhi).  x - mhi is exact for x near the mean, so a float32 input with

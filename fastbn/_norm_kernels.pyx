@@ -45,6 +45,7 @@ from fastbn._pool cimport pool_run
 cdef extern from "_coefs.h" nogil:
     double FBN_WIDE_F32, FBN_WIDE_F64  # means this large take the rows' double path (_norm_rows.pxi)
     double fbn_x_coef(double k, double invstd, double s, double count)  # grad_input's x - mean term
+    double fbn_batch_invstd(double var, double eps)  # NaN where the variance overflowed
 
 # the batch-norm loops this module shares are declared once, in _simd.pxd
 from fastbn._simd cimport (FBN_ACC, FBN_K, FBN_M2, FBN_N, FBN_REL, fbn_acc_mean, fbn_affine_f64, fbn_grad_input_f64,

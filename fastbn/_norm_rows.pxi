@@ -6,7 +6,7 @@ cdef inline void _finish_row(const Job *jb, Py_ssize_t r, const double *acc) noe
     cdef double v = acc[<int>FBN_M2] / acc[<int>FBN_N]
     jb.mean[r] = fbn_acc_mean(acc)
     jb.var[r] = v
-    jb.invstd[r] = 1.0 / sqrt(v + jb.eps)
+    jb.invstd[r] = fbn_batch_invstd(v, jb.eps)
 
 
 cdef inline void _split_mean(double m, floating *hi, floating *lo) noexcept nogil:

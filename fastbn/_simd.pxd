@@ -31,6 +31,7 @@ cdef extern from "_simd.h" nogil:
     double fbn_acc_mean(const double *acc)
     double fbn_var(double n, double m2)
     double fbn_invstd(double var, double eps)
+    double fbn_batch_invstd(double var, double eps)
     enum: FBN_N, FBN_K, FBN_REL, FBN_M2, FBN_ACC
     # ranges [f0, f1) of an (N, C, S) buffer in memory order
     void fbn_moments_f32(const float *x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t f0, Py_ssize_t f1, double *acc)
@@ -264,7 +265,7 @@ cdef inline void _finish_stats(Py_ssize_t c, Py_ssize_t C, const double *acc, do
     # acc: the channel's merged moments (fbn_shift_merge)
     mean[c] = fbn_acc_mean(acc)
     var[c] = fbn_var(acc[<int>FBN_N], acc[<int>FBN_M2])
-    invstd[c] = fbn_invstd(var[c], eps)
+    invstd[c] = fbn_batch_invstd(var[c], eps)
     _affine_coefs(c, C, mean[c], invstd[c], w, b, cf)
 
 

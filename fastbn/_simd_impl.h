@@ -1168,7 +1168,7 @@ FBN_CLONES static void FBN_NAME(fbn_col_finish_stats)(double count, const double
 {
 #pragma omp simd
     for (ptrdiff_t c = 0; c < n; c++) {
-        const double m = K[c] + rel[c], v = fbn_var(count, m2[c]), is = fbn_invstd(v, eps);
+        const double m = K[c] + rel[c], v = fbn_var(count, m2[c]), is = fbn_batch_invstd(v, eps);
         mean[c] = m;
         var[c] = v;
         invstd[c] = is;

@@ -328,4 +328,4 @@ def sync_merge(const double[:, :] n, const double[:, :] mean, const double[:, :]
             m2_out[c] = q
             v = fbn_var(k, q) if k != 0 else 0.0
             var_out[c] = v
-            invstd_out[c] = fbn_invstd(v, eps)
+            invstd_out[c] = fbn_batch_invstd(v, eps)

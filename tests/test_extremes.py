@@ -240,3 +240,18 @@ def test_grad_input_of_a_steep_spread_keeps_its_x_term(norm, dtype, scale):
     got = _norm_pair(norm, x)[1](dy.astype(dtype))
     tol = 1e-6 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "layer", "instance"])
+def test_a_float64_variance_past_doubles_range_gives_nan_not_the_bias(norm):
+    """float64 data with a spread past 1.3e154 has a variance past double's range; 1 / sqrt(inf)
+    = 0 made every output the bias (0 here) without a sign.  The invstd is NaN instead, so are
+    the outputs (PyTorch's group and layer norm give NaN too); a spread just inside still
+    normalizes exactly."""
+    x = np.resize([1e307, -1e307, 3e306, -5e306], (4, 6, 5))
+    (y, m, s), _ = _norm_pair(norm, x)
+    assert np.isnan(s).all() and np.isnan(y).all()
+    x1 = np.random.default_rng(4).standard_normal((4, 6, 5))
+    (y, m, s), _ = _norm_pair(norm, x1 * 1e153)
+    (y1, _, _), _ = _norm_pair(norm, x1, eps=1e-300)
+    np.testing.assert_allclose(y, y1, rtol=0, atol=1e-13)

@@ -347,7 +347,7 @@ __device__ __forceinline__ void fbn_finish_stats(i64 c, double n, double m, doub
                                                  const K *bias, double *mean, double *var, double *invstd, K *cf)
 {
     const double v = fbn_var(n, m2);
-    const double istd = fbn_invstd(v, eps);
+    const double istd = fbn_batch_invstd(v, eps);
     mean[c] = m;
     var[c] = v;
     invstd[c] = istd;
