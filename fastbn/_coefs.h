@@ -80,12 +80,8 @@ FBN_COEF void fbn_chan_merge(double *n, double *m, double *m2, double nb, double
  * factor 2 (Sterbenz), so it carries no rounding of the means' magnitude.  Holding absolute
  * means instead, each merge's d*d term took an error of about 1e-16 * |mean| * d, which made a
  * float64 variance with mean/std = 1e8 lose 9 digits (d is of the order of std).  With the shift
- * far from the data (an outlier first), each merge's kb - K rounds at the shift's magnitude, so the
- * shift follows the mean: when the mean has moved from K by more than half of K, K becomes the
- * mean rounded and rel its exact remainder (Knuth's two-sum, so K + rel is unchanged).  A float64
- * channel of (2048, 64) with one value of 1e9 in its first row had its mean 3,288 ulps off
- * (PyTorch's: 144) with the shift fixed at the first block's mean.  (The GPU shifts the data
- * itself, by each channel's first element, and merges with fbn_chan_merge.) */
+ * far from the data (an outlier first), it is as good as absolute means, no worse.  (The GPU
+ * shifts the data itself, by each channel's first element, and merges with fbn_chan_merge.) */
 enum { FBN_N = 0, FBN_K = 1, FBN_REL = 2, FBN_M2 = 3, FBN_ACC = 4 };
 
 FBN_COEF void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
@@ -102,15 +98,6 @@ FBN_COEF void fbn_shift_merge(double *acc, double nb, double kb, double rb, doub
     const double n = acc[FBN_N], nn = n + nb, f = nb / nn;
     fbn_chan_add(&acc[FBN_REL], &acc[FBN_M2], ((kb - acc[FBN_K]) - acc[FBN_REL]) + rb, f, n * f, m2b);
     acc[FBN_N] = nn;
-    const double k = acc[FBN_K], rel = acc[FBN_REL];
-    if ((rel < 0.0 ? -rel : rel) > 0.5 * (k < 0.0 ? -k : k)) {  /* the shift follows the mean */
-        const double m = k + rel, back = m - k;
-        const double rest = (k - (m - back)) + (rel - back);
-        if (m - m == 0.0 && rest - rest == 0.0) {  /* (an infinite or NaN mean keeps its shift) */
-            acc[FBN_K] = m;
-            acc[FBN_REL] = rest;
-        }
-    }
 }
 
 /* The accumulator's mean. */
