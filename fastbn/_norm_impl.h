@@ -108,6 +108,13 @@ FBN_CLONES static void FBN_NAME(fbn_row_moments)(const T *p, ptrdiff_t n, double
     for (ptrdiff_t i = 0; i < h; i++)
         k += (double)p[i];
     k /= (double)h;
+#if defined(FBN_NT512) && FBN_IS_F32
+    if (n >= FBN_NORM_LONG && fbn_nt512_ok(p)) {
+        fbn_row_sums_512(p, n, k, &s, &q);
+        fbn_shift_merge(acc, (double)n, k, s / (double)n, q - s * (s / (double)n));
+        return;
+    }
+#endif
     if (n < FBN_NORM_SHORT)
         FBN_NAME(fbn_row_sums)(p, n, k, &s, &q, 8);
     else if (n < FBN_NORM_LONG)

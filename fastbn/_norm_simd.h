@@ -116,6 +116,36 @@ __attribute__((target("avx512f,fma"))) static void fbn_affine_512(const float *p
 #undef FBN_AF_BODY
 }
 
+/* *s = sum(x - k) and *q = sum((x - k)^2) over p[0:n] in double lanes, 32 elements a step: x
+ * converted, k subtracted, and both sums as multiply-adds (s += d * 1), which moves half the adds
+ * from the FP add pipes (where the conversions and subtractions run) to the FMA pipes. */
+__attribute__((target("avx512f,fma"))) static void fbn_row_sums_512(const float *p, ptrdiff_t n, double k,
+                                                                    double *s_out, double *q_out)
+{
+    const __m512d K = _mm512_set1_pd(k), ONE = _mm512_set1_pd(1.0);
+    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
+    ptrdiff_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i)), K);
+        const __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 8)), K);
+        const __m512d d2 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 16)), K);
+        const __m512d d3 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 24)), K);
+        s0 = _mm512_fmadd_pd(d0, ONE, s0), s1 = _mm512_fmadd_pd(d1, ONE, s1);
+        s2 = _mm512_fmadd_pd(d2, ONE, s2), s3 = _mm512_fmadd_pd(d3, ONE, s3);
+        q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
+        q2 = _mm512_fmadd_pd(d2, d2, q2), q3 = _mm512_fmadd_pd(d3, d3, q3);
+    }
+    double s = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3)));
+    double q = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3)));
+    for (; i < n; i++) {
+        const double d = (double)p[i] - k;
+        s += d;
+        q += d * d;
+    }
+    *s_out = s;
+    *q_out = q;
+}
+
 /* Layer norm: dx = (dy * w) * istd + (((x - mhi) - mlo) * kx + kc), as fbn_ln_grad_input_f32's. */
 __attribute__((target("avx512f,fma"))) static void fbn_ln_gi_nt512(const float *g, const float *p, float *q, ptrdiff_t n,
                                                                    const float *w, float istd, float mhi, float mlo,
@@ -137,13 +167,17 @@ __attribute__((target("avx512f,fma"))) static void fbn_ln_gi_nt512(const float *
 
 #define T float
 #define FBN_SUFFIX f32
+#define FBN_IS_F32 1
 #include "_norm_impl.h"
 #undef T
 #undef FBN_SUFFIX
+#undef FBN_IS_F32
 
 #define T double
 #define FBN_SUFFIX f64
+#define FBN_IS_F32 0
 #include "_norm_impl.h"
+#undef FBN_IS_F32
 #undef T
 #undef FBN_SUFFIX
 
