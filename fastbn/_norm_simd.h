@@ -146,6 +146,31 @@ __attribute__((target("avx512f,fma"))) static void fbn_row_sums_512(const float 
     *q_out = q;
 }
 
+/* *a = sum(g) and *b = sum(g * (x - m)) over [0, n) in double lanes, 16 elements a step, both sums
+ * as multiply-adds (a += g * 1), as fbn_row_sums_512. */
+__attribute__((target("avx512f,fma"))) static void fbn_grad_run_512(const float *g, const float *p, ptrdiff_t n,
+                                                                    double m, double *a_out, double *b_out)
+{
+    const __m512d M = _mm512_set1_pd(m), ONE = _mm512_set1_pd(1.0);
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0;
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512d g0 = _mm512_cvtps_pd(_mm256_loadu_ps(g + i)), g1 = _mm512_cvtps_pd(_mm256_loadu_ps(g + i + 8));
+        const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i)), M);
+        const __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 8)), M);
+        a0 = _mm512_fmadd_pd(g0, ONE, a0), a1 = _mm512_fmadd_pd(g1, ONE, a1);
+        b0 = _mm512_fmadd_pd(g0, d0, b0), b1 = _mm512_fmadd_pd(g1, d1, b1);
+    }
+    double a = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1)), b = _mm512_reduce_add_pd(_mm512_add_pd(b0, b1));
+    for (; i < n; i++) {
+        const double gi = (double)g[i];
+        a += gi;
+        b += gi * ((double)p[i] - m);
+    }
+    *a_out = a;
+    *b_out = b;
+}
+
 /* Layer norm: dx = (dy * w) * istd + (((x - mhi) - mlo) * kx + kc), as fbn_ln_grad_input_f32's. */
 __attribute__((target("avx512f,fma"))) static void fbn_ln_gi_nt512(const float *g, const float *p, float *q, ptrdiff_t n,
                                                                    const float *w, float istd, float mhi, float mlo,
@@ -392,6 +417,17 @@ FBN_CLONES static void fbn_grad_sums_fl(const float *dy, const float *x, ptrdiff
         }
         return;
     }
+#ifdef FBN_NT512
+    if (S >= FBN_AL512_RUN && fbn_nt512_ok(dy)) {  /* runs of 256 or more, as fbn_row_sums_512 */
+        FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
+            double a, b;
+            fbn_grad_run_512(dy + off, x + off, ln, mean[c], &a, &b);
+            acc[2 * c] += a;
+            acc[2 * c + 1] += b;
+        }
+        return;
+    }
+#endif
     fbn_grad_sums_f32(dy, x, C, S, f0, f1, mean, acc, NULL, NULL);
 }
 
