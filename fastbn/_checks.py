@@ -110,7 +110,8 @@ def scalar(value, name, low=0.0, high=math.inf):
         ok = False
     if not ok:
         rule = f"a real number in [{low}, {high}]" if high != math.inf else f"a real number >= {low}"
-        raise (TypeError if not isinstance(value, numbers.Real) else ValueError)(f"{name} must be {rule}, got {value!r}")
+        wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Real)
+        raise (TypeError if wrong_type else ValueError)(f"{name} must be {rule}, got {value!r}")
     return float(value)
 
 
@@ -124,8 +125,11 @@ def integer(value, name, low=0):
 
 
 def count(value, name):
-    """A non-negative integer constructor argument (ValueError otherwise, as PyTorch's layers)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    """A non-negative integer constructor argument: TypeError for another type (a bool, a float,
+    a string: PyTorch's layers raise TypeError there too), ValueError for a negative one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative integer, got {value!r}")
+    if value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 

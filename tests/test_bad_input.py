@@ -65,7 +65,7 @@ FORWARD_CASES = [
     ("momentum-str", dict(momentum="0.1"), TypeError, r"momentum must be a real number.*'0.1'"),
     ("eps-negative", dict(eps=-1e-5), ValueError, r"eps must be a real number >= 0.0, got -1e-05"),
     ("eps-nan", dict(eps=float("nan")), ValueError, r"eps must be .*nan"),
-    ("eps-bool", dict(eps=True), ValueError, r"eps must be .*True"),
+    ("eps-bool", dict(eps=True), TypeError, r"eps must be .*True"),
 ]
 
 
@@ -258,8 +258,9 @@ def test_load_state_dict_rejects_and_changes_nothing(rng, case):
 
 @pytest.mark.parametrize("kwargs,exc,message", [
     (dict(num_features=-2), ValueError, r"num_features must be a non-negative integer, got -2"),
-    (dict(num_features=2.5), ValueError, r"num_features must be a non-negative integer, got 2.5"),
-    (dict(num_features=True), ValueError, r"num_features must be a non-negative integer, got True"),
+    (dict(num_features=2.5), TypeError, r"num_features must be a non-negative integer, got 2.5"),
+    (dict(num_features=True), TypeError, r"num_features must be a non-negative integer, got True"),
+    (dict(num_features="4"), TypeError, r"num_features must be a non-negative integer, got '4'"),
     (dict(num_features=3, eps=-1.0), ValueError, r"eps must be a real number >= 0.0, got -1.0"),
     (dict(num_features=3, momentum=2.0), ValueError, r"momentum must be a real number in \[0.0, 1.0\], got 2.0"),
     (dict(num_features=3, momentum="fast"), TypeError, r"momentum must be a real number.*'fast'"),
