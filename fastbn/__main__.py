@@ -63,14 +63,59 @@ def self_check(out=None):
             }
             for name, (got, want, ulp) in halves.items():  # within ~1 ulp of the half type, plus rounding
                 checks[name] = np.abs(got - want).max() / max(1.0, np.abs(want).max()) * tol / ulp
-            failed = [name for name, err in checks.items() if not err <= tol]
-            ok &= not failed
-            worst = max(checks.values())
-            print(f"  {'FAIL' if failed else 'pass'}  {str(shape):<15} {np.dtype(dtype).name:<8} path={path:<9} nt={stream} "
-                  f"forwards, running stats, backward, ReLU{', half types' if halves else ''}: worst error {worst:.1e} "
-                  f"(tolerance {tol:.0e})"
-                  + (f"  failed: {', '.join(failed)}" if failed else ""), file=out)
+            ok &= _report(out, checks, tol, f"{str(shape):<15} {np.dtype(dtype).name:<8} path={path:<9} nt={stream} "
+                          f"forwards, running stats, backward, ReLU{', half types' if halves else ''}")
+    for shape in ((4, 6, 5, 7), (2, 4, 3000)):  # group, layer and instance norm: short rows, and rows of pieces
+        for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+            ok &= _report(out, _norm_checks(rng, shape, dtype), tol,
+                          f"{str(shape):<15} {np.dtype(dtype).name:<8} group, layer and instance norm, forward and backward")
     return ok
+
+
+def _report(out, checks, tol, what):
+    """Print one self-check line; True if every error is within tol."""
+    failed = [name for name, err in checks.items() if not err <= tol]
+    print(f"  {'FAIL' if failed else 'pass'}  {what}: worst error {max(checks.values()):.1e} (tolerance {tol:.0e})"
+          + (f"  failed: {', '.join(failed)}" if failed else ""), file=out)
+    return not failed
+
+
+def _norm_checks(rng, shape, dtype):
+    """{check: error} of group (2 groups), layer (over the last axis) and instance norm against
+    batch norm's float64 reference on the (1, rows, row length) view that each normalizes, with
+    the affine applied elementwise after."""
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C, L = shape[1], shape[-1]
+    wc, bc = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    wl, bl = rng.standard_normal(L).astype(dtype), rng.standard_normal(L).astype(dtype)
+    per_channel = (1, C) + (1,) * (len(shape) - 2)
+    runs = {
+        "group": (lambda: fastbn.group_norm_forward(x, 2, wc, bc),
+                  lambda m, s: fastbn.group_norm_backward(dy, x, 2, wc, m, s), shape[0] * 2, wc, bc, per_channel),
+        "layer": (lambda: fastbn.layer_norm_forward(x, L, wl, bl),
+                  lambda m, s: fastbn.layer_norm_backward(dy, x, L, wl, m, s), x.size // L, wl, bl, (L,)),
+        "instance": (lambda: fastbn.instance_norm_forward(x, weight=wc, bias=bc),
+                     lambda m, s: fastbn.instance_norm_backward(dy, x, wc, m, s), shape[0] * C, wc, bc, per_channel),
+    }
+    checks = {}
+    for kind, (forward, backward, rows, w, b, wshape) in runs.items():
+        y, m, s = forward()
+        dx, gw, gb = backward(m, s)
+        xr = x.astype(np.float64).reshape(1, rows, -1)
+        mean, var = reference.batch_stats(xr)
+        one, zero = np.ones(rows), np.zeros(rows)
+        xhat = reference.normalize(xr, one, zero, mean, var, 1e-5).reshape(shape)
+        W, B = w.astype(np.float64).reshape(wshape), b.astype(np.float64).reshape(wshape)
+        g = (dy * W).reshape(1, rows, -1)
+        ref_dx = reference.backward(g, xr, one, mean, 1 / np.sqrt(var + 1e-5))[0].reshape(shape)
+        over = tuple(range(len(shape) - 1)) if kind == "layer" else reference.axes(x)  # the weight's sums
+        ref_gw, ref_gb = (dy * xhat).sum(axis=over), dy.astype(np.float64).sum(axis=over)
+        checks[f"{kind} forward"] = np.abs(y - (xhat * W + B)).max()
+        checks[f"{kind} backward dx"] = np.abs(dx - ref_dx).max()
+        checks[f"{kind} backward dw"] = np.abs(gw - ref_gw).max() / max(1.0, np.abs(ref_gw).max())
+        checks[f"{kind} backward db"] = np.abs(gb - ref_gb).max() / max(1.0, np.abs(ref_gb).max())
+    return checks
 
 
 def _half_results(x, dy, w, b, rm, rv):

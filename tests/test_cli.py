@@ -72,6 +72,26 @@ def test_self_check_fails_on_a_broken_kernel(monkeypatch):
     assert any("FAIL" in line for line in lines)
 
 
+@pytest.mark.parametrize("name", ["group_norm_backward", "layer_norm_forward", "instance_norm_backward"])
+def test_self_check_covers_the_other_norms(monkeypatch, name):
+    """Group, layer and instance norm are in the self-check too: a wrong one fails it."""
+    real = getattr(cli.fastbn, name)
+
+    def off_by_a_little(*args, **kwargs):
+        first, *rest = real(*args, **kwargs)
+        return (first + 1e-3, *rest)
+
+    monkeypatch.setattr(cli.fastbn, name, off_by_a_little)
+    lines = []
+
+    class Sink:
+        def write(self, text):
+            lines.append(text)
+
+    assert cli.self_check(out=Sink()) is False
+    assert any("FAIL" in line and name.split("_")[0] in line for line in lines)
+
+
 def test_bench_subcommand_is_wired():
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--help"])
