@@ -369,6 +369,7 @@ class SyncBatchNorm(_BatchNorm):
         C = self.num_features
         try:
             update = ck.flag(update_running_stats, "update_running_stats") and self.track_running_stats
+            factor = self._update_factor() if update else 0.0  # (a bad count fails on every rank)
             if not self.eps > 0:  # as BatchNorm*d in training: a constant channel would divide by zero
                 raise ValueError(f"eps must be positive in training, got {self.eps!r}")
             x3 = self._local_check(input)
@@ -391,9 +392,6 @@ class SyncBatchNorm(_BatchNorm):
             raise AssertionError("unreachable: the headers disagree")  # pragma: no cover
         count = int(sum(int(h[2]) for h in hdr))
         _check_count(count, input.shape)
-        factor = 0.0
-        if update:
-            factor = self._update_factor()
         counts = np.broadcast_to(stack[:, 2:3], (stack.shape[0], C))
         _, mean, _, var, invstd = _merge(counts, stack[:, 3:3 + C], stack[:, 3 + C:], self.eps)
         saved, saved3 = input, x3

@@ -646,3 +646,18 @@ def test_the_statistics_functions_check_their_buffers_and_counts():
     assert not rm.any() and (rv == 1).all()  # the refused calls changed nothing
     sync.update_running(rm, rv, merged, 0.5)
     np.testing.assert_allclose(rm, 0.5 * merged[:, 1], rtol=1e-6)
+
+
+def test_a_negative_loaded_count_with_momentum_none_fails_on_every_rank():
+    """momentum=None needs num_batches_tracked >= 0; a bad count on one rank is found before the
+    collective, so every rank raises (none waits for the other) and nothing changes."""
+    def fn(comm, r):
+        layer = SyncBatchNorm(2, comm=comm, momentum=None, dtype=np.float64)
+        if r == 1:
+            layer.num_batches_tracked = -3
+        with pytest.raises((ValueError, RuntimeError), match="num_batches_tracked|rank"):
+            layer(np.arange(8.0).reshape(4, 2))
+        return layer.num_batches_tracked, bool(layer.running_mean.any())
+
+    _, res = run_ranks(2, fn)
+    assert res == [(0, False), (-3, False)]
