@@ -32,7 +32,6 @@ with the detected L3.
 import numpy as np
 cimport numpy as cnp
 from cython cimport floating
-from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport malloc, free
 
 cnp.import_array()
