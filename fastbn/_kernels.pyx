@@ -41,6 +41,8 @@ Where each part lives, by role:
   _pool.pyx|pxd the thread pool (_pool.h), one per process
   _simd.pxd     declarations of the C loops and the float/double dispatch
   _simd.h, _simd_impl.h   the vector loops, for float, double, float16 and bfloat16
+  _half512.h, _short512.h AVX-512 loops the vector loops hand hot cases to, chosen at run time:
+                half elements converted in the register; float32's backward over short rows
   _coefs.h      the per-channel arithmetic (merges, statistics, coefficients), shared with the
                 CUDA source (_cuda/batch_norm.cu)
 The benchmark's floor is fastbn._floor (_floor.pyx, _floor.h), apart from these.
@@ -105,6 +107,13 @@ def half_inline(enabled=None):
     (_half512.h, AVX-512F) rather than staging them through float; sets it when given (the tests
     run both).  Not part of fastbn's API."""
     return bool(fbn_half_inline(-1 if enabled is None else int(bool(enabled))))
+
+
+def short_inline(enabled=None):
+    """Whether float32's backward over rows shorter than 128 elements takes _short512.h's AVX-512
+    loops (the same bits as the generic ones) rather than the generic loops; sets it when given
+    (the tests run both).  Not part of fastbn's API."""
+    return bool(fbn_short_inline(-1 if enabled is None else int(bool(enabled))))
 
 
 cdef inline int _computed_type(int t) noexcept nogil:

@@ -32,6 +32,7 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
 #define FBN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define FBN_HAS_CLONES 1
 #else
 #define FBN_CLONES
 #endif
@@ -305,6 +306,13 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
         fbn_stream_store(dst, tmp, (size_t)n * sizeof(fbn_bf16));
 }
 
+/* The pieces of elements [f0, f1) of an (N, C, S) buffer, in memory order (see _simd_impl.h): flat
+ * offset `off`, length `ln`, channel `c`. */
+#define FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)                                                   \
+    for (ptrdiff_t r_ = (f0) / (S), end_ = (f1), off = (f0), ln = 0, c = (C) > 0 ? r_ % (C) : 0; \
+         off < end_ && (ln = ((r_ + 1) * (S) < end_ ? (r_ + 1) * (S) : end_) - off, 1);          \
+         off += ln, r_++, c = c + 1 == (C) ? 0 : c + 1) /* (no division a row: 7x7 rows are short) */
+
 /* The typed loops, once per input type (no C++ templates in a C extension). */
 #define FBN_CAT2(a, b) a##_##b
 #define FBN_CAT(a, b) FBN_CAT2(a, b)
@@ -328,7 +336,12 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #define FBN_COL_REG 1 /* narrow float32 rows' column sums in registers (see _simd_impl.h) */
 #endif
 #endif
+#include "_short512.h"
+#ifdef FBN_SHORT_512
+#define FBN_S512_HERE 1 /* float32's backward over short rows takes _short512.h's loops */
+#endif
 #include "_simd_impl.h"
+#undef FBN_S512_HERE
 #undef FBN_COL_REG
 #undef E
 #undef FBN_SUFFIX

@@ -25,6 +25,7 @@ cdef extern from "_simd.h" nogil:
         unsigned short bits
     void fbn_sfence()
     int fbn_half_inline(int set)  # _half512.h: half elements converted in the loops (1) or staged (0)
+    int fbn_short_inline(int set)  # _short512.h: float32's backward over short rows in its loops (1) or the generic ones (0)
     # _coefs.h (included by _simd.h): the per-channel arithmetic
     void fbn_shift_merge(double *acc, double nb, double kb, double rb, double m2b)
     void fbn_chan_merge(double *n, double *m, double *m2, double nb, double mb, double m2b)

@@ -11,14 +11,7 @@
  *    indexed by channel.
  *  - blocks: `rows` rows of an (N, W) matrix (W = C*S columns; S is 1 or small), vectorized
  *    across the columns.  Per-column accumulators and coefficients are indexed by column.
- * FBN_FOR_ROWS visits a range's pieces: flat offset `off`, length `ln`, channel `c`. */
-#ifndef FBN_FOR_ROWS
-#define FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)                                                   \
-    for (ptrdiff_t r_ = (f0) / (S), end_ = (f1), off = (f0), ln = 0, c = (C) > 0 ? r_ % (C) : 0; \
-         off < end_ && (ln = ((r_ + 1) * (S) < end_ ? (r_ + 1) * (S) : end_) - off, 1);          \
-         off += ln, r_++, c = c + 1 == (C) ? 0 : c + 1) /* (no division a row: 7x7 rows are short) */
-#endif
-
+ * FBN_FOR_ROWS (_simd.h) visits a range's pieces: flat offset `off`, length `ln`, channel `c`. */
 /* Half elements in the ranges loops: each piece is first converted to float in an L1 buffer
  * (FBN_STAGE, the hardware's conversion where there is one), and float's own loops (the _f32 ones,
  * FBN_RUN) run on it; results leave through FBN_FLUSH.  Elsewhere FBN_RUN is this type's loop. */
@@ -509,6 +502,12 @@ FBN_CLONES static void FBN_NAME(fbn_grad_sums)(const E *dy, const E *x, ptrdiff_
                                                ptrdiff_t f0, ptrdiff_t f1, const double *mean, double *acc,
                                                const E *zs, const T *fcf)
 {
+#ifdef FBN_S512_HERE  /* (float32: _short512.h) */
+    if (S < FBN_SHORT && fbn_short_512_ok() && !(fcf && !zs && FBN_NAME(fbn_range_wide)(fcf, C, S, f0, f1))) {
+        fbn_grad_sums_s512(dy, x, C, S, f0, f1, mean, acc, zs, fcf);
+        return;
+    }
+#endif
     if (zs)
         FBN_NAME(fbn_grad_sums_rows)(dy, x, C, S, f0, f1, mean, acc, zs, fcf, 2, 0);
     else if (!fcf)
@@ -617,6 +616,12 @@ FBN_CLONES static void FBN_NAME(fbn_grad_input)(const E *dy, const E *x, E *dx, 
 #define FBN_GRAD_INPUT_ROWS(act, fixed, wide) FBN_NAME(fbn_grad_input_rows)(dy, x, dx, C, S, f0, f1, cf, stream, zs, fcf, act, fixed, wide)
     const int act = zs ? 2 : fcf ? 1 : 0;
     const int wide = (act != 2 || !fixed) && FBN_NAME(fbn_range_wide)(act == 1 ? fcf : cf, C, S, f0, f1);
+#ifdef FBN_S512_HERE  /* (float32: _short512.h) */
+    if (act == 1 && !fixed && !wide && !stream && S < FBN_SHORT && fbn_short_512_ok()) {
+        fbn_grad_input_s512(dy, x, dx, C, S, f0, f1, cf, fcf);
+        return;
+    }
+#endif
     if (act == 0 && fixed)  /* (the drivers run fbn_affine on dy for this) */
         FBN_GRAD_INPUT_ROWS(0, 1, 0);
     else if (act == 0)

@@ -1,0 +1,261 @@
+/* fastbn/_short512.h -- batch norm's float32 backward over short rows (S < FBN_SHORT: 7x7 and
+ * 10x10 maps) with AVX-512F, VL and FMA, for the ranges loops of _simd_impl.h's float
+ * instantiation (included by _simd.h before it; fbn_grad_sums_f32 and fbn_grad_input_f32 hand
+ * these their ranges).
+ *
+ * Why: on (32, 512, 7, 7) the fused ReLU's backward took 1.2-1.28x the plain one (target 1.1).
+ * Short rows are bound by instructions, not memory.  GCC's loops gate the gradient with a vector
+ * AND and keep the 8 double lanes of a row's sums in two 256-bit registers, which they then add
+ * with 14 scalar adds a row (perf: a quarter of the sums' time on 49-element rows).  Here the 8
+ * lanes are one 512-bit register, the gate is a mask register (an AVX-512VL compare on 8 floats)
+ * that the conversion or load applies at no cost (zero-masking), a row's lanes are added with
+ * three vector adds for both sums at once, and rows go in pairs (independent chains of adds side
+ * by side).  Two lessons from Zen 4: masked stores are slow (grad-input stores full vectors
+ * unmasked, only a row's tail masked: 1.5x -> 1.1x the plain backward), and a branch on the mask
+ * in a row's scalar tail is mispredicted half the time (the tail gates with a bit mask too).
+ * On (32, 512, 7, 7), 1 thread: the plain backward 410 -> 340 us, through ReLU 470 -> 378 us.
+ *
+ * The same bits as the generic loops, on purpose (the tests run both: fastbn._kernels.short_inline):
+ * the gradient sums add into the same 8 lanes plus one for a row's last n % 8 elements, in the
+ * same order (FBN_BY_LANES), and add the lanes as fbn_lanes_sum does; the grad-input map contracts
+ * the FMAs the float32 clones contract; the mask is the generic one (bounds on x from
+ * fbn_relu_bounds where they are finite, else the output recomputed, which gives the same mask).
+ * They cover every activation (none, the output's mask, the recomputed one) in the sums, and the
+ * recomputed mask with batch statistics in the grad-input map; means that are wide (FBN_WIDE) and
+ * streaming stores keep the generic loops, as does every machine without AVX-512F, VL and FMA, and
+ * every build without the clones (FBN_CLONES: GCC 12 or later, x86-64 Linux with glibc). */
+/* (Only where the generic loops have AVX2 and AVX-512 clones, which contract the same FMAs.) */
+#if defined(FBN_HAS_CLONES) && !defined(FBN_NO_SHORT512)
+#define FBN_SHORT_512 1
+#define FBN_S512 __attribute__((target("avx512f,avx512vl,fma")))
+#define FBN_S512_INLINE FBN_S512 static inline __attribute__((always_inline))
+
+static int fbn_short_512_off; /* tests: 1 takes the generic loops (fbn_short_inline) */
+
+static inline int fbn_short_512_ok(void)
+{
+    static int isa = -1;
+    int has = __atomic_load_n(&isa, __ATOMIC_RELAXED);
+    if (has < 0) {
+        has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+        __atomic_store_n(&isa, has, __ATOMIC_RELAXED);
+    }
+    return has && !__atomic_load_n(&fbn_short_512_off, __ATOMIC_RELAXED);
+}
+
+/* One channel's mask rule, as fbn_gated_by's acts: 0 keep all, 1 the output ((x - mhi) - mlo) * a + b
+ * recomputed (kept where not <= 0), 2 the forward's output zs (the same), 3 keep x >= lo, 4 keep
+ * x <= hi (NaN x kept by every rule). */
+typedef struct { int act; float mhi, mlo, a, b, lo, hi; } fbn_s512_gate;
+
+/* Channel c's rule: act 1's bounds from fcf's blocks 4 and 5 where they are not NaN (fbn_bounded). */
+static inline fbn_s512_gate fbn_s512_gate_at(const float *fcf, const float *zs, ptrdiff_t C, ptrdiff_t c)
+{
+    fbn_s512_gate r = {zs ? 2 : fcf ? 1 : 0, 0, 0, 0, 0, 0, 0};
+    if (r.act != 1)
+        return r;
+    r.mhi = fcf[c], r.mlo = fcf[C + c], r.a = fcf[2 * C + c], r.b = fcf[3 * C + c];
+    if (!isnan(fcf[4 * C + c])) {
+        r.lo = fcf[4 * C + c], r.hi = fcf[5 * C + c];
+        r.act = r.hi == INFINITY ? 3 : 4;
+    }
+    return r;
+}
+
+/* The mask of the 8 elements at i (p: x there, as floats). */
+FBN_S512_INLINE __mmask8 fbn_s512_keep8(__m256 p, const float *zs, ptrdiff_t i, fbn_s512_gate q, const int act)
+{
+    if (act == 0)
+        return 0xff;
+    if (act == 3)
+        return _mm256_cmp_ps_mask(p, _mm256_set1_ps(q.lo), _CMP_NLT_UQ);
+    if (act == 4)
+        return _mm256_cmp_ps_mask(p, _mm256_set1_ps(q.hi), _CMP_NGT_UQ);
+    const __m256 d = _mm256_sub_ps(_mm256_sub_ps(p, _mm256_set1_ps(q.mhi)), _mm256_set1_ps(q.mlo));
+    const __m256 z = act == 2 ? _mm256_loadu_ps(zs + i) : _mm256_fmadd_ps(d, _mm256_set1_ps(q.a), _mm256_set1_ps(q.b));
+    return _mm256_cmp_ps_mask(z, _mm256_setzero_ps(), _CMP_NLE_UQ);
+}
+
+/* The same for one element (the row's last n % 8). */
+static inline int fbn_s512_keep1(float p, const float *zs, ptrdiff_t i, fbn_s512_gate q, const int act)
+{
+    if (act == 0)
+        return 1;
+    if (act == 3)
+        return !(p < q.lo);
+    if (act == 4)
+        return !(p > q.hi);
+    return !((act == 2 ? zs[i] : __builtin_fmaf((p - q.mhi) - q.mlo, q.a, q.b)) <= 0.0f);
+}
+
+/* The sums of one row of a range, as fbn_grad_run: sum(g') and sum(g' * (p - m)), g' = g through
+ * the mask. */
+typedef struct { const float *g, *p, *z; double m; fbn_s512_gate q; double *a, *b; } fbn_s512_row;
+
+/* Lanes i % 8 of a row's sums, for its whole groups of 8 elements. */
+FBN_S512_INLINE void fbn_s512_lanes(fbn_s512_row r, ptrdiff_t i, __m512d *va, __m512d *vb, const int act)
+{
+    const __m256 pv = _mm256_loadu_ps(r.p + i);
+    const __m512d gd = _mm512_maskz_cvtps_pd(fbn_s512_keep8(pv, r.z, i, r.q, act), _mm256_loadu_ps(r.g + i));
+    *va = _mm512_add_pd(*va, gd);
+    *vb = _mm512_fmadd_pd(gd, _mm512_sub_pd(_mm512_cvtps_pd(pv), _mm512_set1_pd(r.m)), *vb);
+}
+
+/* The ninth lane: the row's last elements, from i on, one at a time. */
+FBN_S512_INLINE void fbn_s512_rest(fbn_s512_row r, ptrdiff_t i, ptrdiff_t n, double *ta, double *tb, const int act)
+{
+    for (; i < n; i++) {  /* (the gate as a bit mask: a branch on it would be mispredicted) */
+        float gf = r.g[i];
+        uint32_t bits;
+        memcpy(&bits, &gf, sizeof bits);
+        bits &= 0u - (uint32_t)fbn_s512_keep1(r.p[i], r.z, i, r.q, act);
+        memcpy(&gf, &bits, sizeof bits);
+        const double gi = (double)gf;
+        *ta += gi;
+        *tb = __builtin_fma(gi, (double)r.p[i] - r.m, *tb);
+    }
+}
+
+/* Adds ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) + t of va and vb to *r.a and *r.b (as
+ * fbn_lanes_sum, then acc += ...): lanes [a01 b01 a23 b23 ...], [a0123 b0123 . . a4567 b4567 . .],
+ * then the halves. */
+FBN_S512_INLINE void fbn_s512_finish(fbn_s512_row r, __m512d va, __m512d vb, double ta, double tb)
+{
+    const __m512d s1 = _mm512_add_pd(_mm512_unpacklo_pd(va, vb), _mm512_unpackhi_pd(va, vb));
+    const __m512d s2 = _mm512_add_pd(s1, _mm512_permutex_pd(s1, 0x4e));
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(s2), _mm512_extractf64x4_pd(s2, 1));
+    *r.a += h[0] + ta;
+    *r.b += h[1] + tb;
+}
+
+/* One row of n elements. */
+FBN_S512_INLINE void fbn_s512_row_sums(fbn_s512_row r, ptrdiff_t n, const int act)
+{
+    __m512d va = _mm512_setzero_pd(), vb = va;
+    double ta = 0.0, tb = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        fbn_s512_lanes(r, i, &va, &vb, act);
+    fbn_s512_rest(r, i, n, &ta, &tb, act);
+    fbn_s512_finish(r, va, vb, ta, tb);
+}
+
+/* Two rows of n elements with the same mask rule, in one loop: a row's sums are chains of
+ * dependent adds, and two rows side by side give the core twice the independent work. */
+FBN_S512_INLINE void fbn_s512_pair_sums(fbn_s512_row r, fbn_s512_row u, ptrdiff_t n, const int act)
+{
+    __m512d va = _mm512_setzero_pd(), vb = va, wa = va, wb = va;
+    double ta = 0.0, tb = 0.0, sa = 0.0, sb = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        fbn_s512_lanes(r, i, &va, &vb, act);
+        fbn_s512_lanes(u, i, &wa, &wb, act);
+    }
+    fbn_s512_rest(r, i, n, &ta, &tb, act);
+    fbn_s512_rest(u, i, n, &sa, &sb, act);
+    fbn_s512_finish(r, va, vb, ta, tb);
+    fbn_s512_finish(u, wa, wb, sa, sb);
+}
+
+/* fbn_grad_sums_f32 over a range whose rows are short, whatever the activation, for means that are
+ * not wide where the mask is recomputed (the caller checks): rows in pairs where two in a row have
+ * the same length and mask rule. */
+FBN_S512 static void fbn_grad_sums_s512(const float *dy, const float *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
+                                        ptrdiff_t f1, const double *mean, double *acc, const float *zs,
+                                        const float *fcf)
+{
+#define FBN_S512_ACTS(call) \
+    switch (r.q.act) {      \
+    case 0: call(0); break; \
+    case 1: call(1); break; \
+    case 2: call(2); break; \
+    case 3: call(3); break; \
+    default: call(4); break;\
+    }
+#define FBN_S512_ONE(act) fbn_s512_row_sums(r, rn, act)
+#define FBN_S512_TWO(act) fbn_s512_pair_sums(r, u, ln, act)
+    fbn_s512_row r = {0};
+    ptrdiff_t rn = 0;  /* a row waiting for its pair: rn elements (0: none) */
+    FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
+        const fbn_s512_row u = {dy + off, x + off, zs ? zs + off : zs, mean[c], fbn_s512_gate_at(fcf, zs, C, c),
+                                acc + 2 * c, acc + 2 * c + 1};
+        if (rn == ln && r.q.act == u.q.act) {
+            FBN_S512_ACTS(FBN_S512_TWO);
+            rn = 0;
+            continue;
+        }
+        if (rn)
+            FBN_S512_ACTS(FBN_S512_ONE);
+        r = u;
+        rn = ln;
+    }
+    if (rn)
+        FBN_S512_ACTS(FBN_S512_ONE);
+#undef FBN_S512_ONE
+#undef FBN_S512_TWO
+#undef FBN_S512_ACTS
+}
+
+/* dx = kdy * g' + (((p - mhi) - mlo) * kx + kc) for the 8 elements at i of which `in` are in the
+ * row, g' = g through the mask (act 1, 3 or 4; act 1's recomputed output uses the forward's mean,
+ * which in training is this one, as in the generic loop).  Full vectors store unmasked. */
+FBN_S512_INLINE void fbn_s512_grad_input8(const float *g, const float *p, float *out, ptrdiff_t i, __mmask8 in,
+                                          __m256 mhi, __m256 mlo, __m256 kdy, __m256 kx, __m256 kc, fbn_s512_gate q,
+                                          const int act)
+{
+    const __m256 pv = _mm256_maskz_loadu_ps(in, p + i), d = _mm256_sub_ps(_mm256_sub_ps(pv, mhi), mlo);
+    const __m256 gv = _mm256_maskz_loadu_ps(fbn_s512_keep8(pv, NULL, i, q, act) & in, g + i);
+    const __m256 r = _mm256_fmadd_ps(kdy, gv, _mm256_fmadd_ps(d, kx, kc));
+    if (in == 0xff)
+        _mm256_storeu_ps(out + i, r);
+    else
+        _mm256_mask_storeu_ps(out + i, in, r);
+}
+
+/* A row of n, 8 elements at a time, the last ones masked.  (Vectors of 8: of 16, a 49-element row
+ * wastes 15 lanes, and Zen 4 takes 16 in two halves.) */
+FBN_S512_INLINE void fbn_s512_row_grad_input(const float *g, const float *p, float *out, ptrdiff_t n, float mhi,
+                                             float mlo, float kdy, float kx, float kc, fbn_s512_gate q,
+                                             const int act)
+{
+    const __m256 MHI = _mm256_set1_ps(mhi), MLO = _mm256_set1_ps(mlo), KDY = _mm256_set1_ps(kdy);
+    const __m256 KX = _mm256_set1_ps(kx), KC = _mm256_set1_ps(kc);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        fbn_s512_grad_input8(g, p, out, i, 0xff, MHI, MLO, KDY, KX, KC, q, act);
+    if (i < n)
+        fbn_s512_grad_input8(g, p, out, i, (__mmask8)((1u << (n - i)) - 1), MHI, MLO, KDY, KX, KC, q, act);
+}
+
+/* fbn_grad_input_f32 over a range whose rows are short, for the recomputed mask with batch
+ * statistics (act 1, not fixed), means that are not wide, results stored directly (the caller
+ * checks); cf = [mhi | mlo | kdy | kx | kc], fcf as in fbn_grad_sums. */
+FBN_S512 static void fbn_grad_input_s512(const float *dy, const float *x, float *dx, ptrdiff_t C, ptrdiff_t S,
+                                         ptrdiff_t f0, ptrdiff_t f1, const float *cf, const float *fcf)
+{
+    FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
+        const fbn_s512_gate q = fbn_s512_gate_at(fcf, NULL, C, c);
+        const float mhi = cf[c], mlo = cf[C + c], kdy = cf[2 * C + c], kx = cf[3 * C + c], kc = cf[4 * C + c];
+        if (q.act == 3)
+            fbn_s512_row_grad_input(dy + off, x + off, dx + off, ln, mhi, mlo, kdy, kx, kc, q, 3);
+        else if (q.act == 4)
+            fbn_s512_row_grad_input(dy + off, x + off, dx + off, ln, mhi, mlo, kdy, kx, kc, q, 4);
+        else
+            fbn_s512_row_grad_input(dy + off, x + off, dx + off, ln, mhi, mlo, kdy, kx, kc, q, 1);
+    }
+}
+#endif
+
+/* Whether float32's backward over short rows takes this file's loops; set >= 0 sets it
+ * (fastbn._kernels.short_inline, for the tests). */
+static inline int fbn_short_inline(int set)
+{
+#ifdef FBN_SHORT_512
+    if (set >= 0)
+        __atomic_store_n(&fbn_short_512_off, !set, __ATOMIC_RELAXED);
+    return fbn_short_512_ok();
+#else
+    (void)set;
+    return 0;
+#endif
+}
