@@ -53,7 +53,7 @@ cimport numpy as cnp
 from cython cimport floating
 
 from fastbn._arrays cimport data as _data, float_type as _float_type
-from fastbn._pool cimport pool_run
+from fastbn._pool cimport pool_run, pool_wake
 # the pool's knobs and counters, part of this module's interface (see _pool.pyx)
 from fastbn._pool import pool_counters, pool_helpers, pool_spin_us
 from fastbn._simd cimport *
@@ -309,6 +309,9 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.training = training
     if output is not None:
         jb.zs = _data(output, t, L, False, "output")
+    cdef int T = plan_threads(n_threads, L)
+    if bias is not None and T > 1:
+        pool_wake(T)  # the mask's bounds come first: the helpers wake meanwhile (_pool.h)
     # [mhi | mlo | kdy | kx | kc], then the forward's [mhi | mlo | a | b | lo | hi] when its output
     # is recomputed (see _forward_coefs)
     cdef object coef = _new((11 if bias is not None else 5) * C, ct, False)
@@ -323,7 +326,6 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
         for j in range(jb.W):
             wm[j] = jb.mean[j // jb.S]
         jb.wm = wm
-    cdef int T = plan_threads(n_threads, L)
     with nogil:
         _run_two_pass(&jb, T)
 

@@ -8,3 +8,6 @@
 ctypedef void (*task_fn)(void *ctx, Py_ssize_t task) noexcept nogil
 
 cdef void pool_run(task_fn fn, void *ctx, Py_ssize_t n, int threads, bint back=*) noexcept nogil
+# pool_wake(T): wake sleeping helpers among the first T - 1 ahead of a call's first pool_run, when
+# the call has work of its own to do first.
+cdef void pool_wake(int threads) noexcept nogil

@@ -8,6 +8,7 @@ class _PoolCounters(TypedDict):
     waits: int
     sleeps: int
     wait_s: float
+    wakes: int
 
 def pool_helpers() -> int: ...
 def pool_counters() -> _PoolCounters: ...

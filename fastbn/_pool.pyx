@@ -6,6 +6,7 @@ from libc.stdint cimport int64_t
 cdef extern from "_pool.h" nogil:
     ctypedef void (*fbn_task_fn)(void *ctx, Py_ssize_t task) noexcept nogil
     void fbn_pool_run(fbn_task_fn fn, void *ctx, Py_ssize_t n, int threads, int back)
+    void fbn_pool_wake(int threads)
     int fbn_pool_helpers()
     void fbn_pool_counters(int64_t *c)
     int64_t fbn_pool_spin()
@@ -16,6 +17,10 @@ cdef void pool_run(task_fn fn, void *ctx, Py_ssize_t n, int threads, bint back=F
     fbn_pool_run(<fbn_task_fn>fn, ctx, n, threads, back)
 
 
+cdef void pool_wake(int threads) noexcept nogil:
+    fbn_pool_wake(threads)
+
+
 def pool_helpers():
     """Helper threads fastbn's pool has started in this process (0 in a fresh fork child)."""
     return fbn_pool_helpers()
@@ -24,10 +29,11 @@ def pool_helpers():
 def pool_counters():
     """The pool's counters since the process started (for the benchmark): jobs run with helpers,
     tasks the helpers ran, the caller's waits for tasks a helper held, how many of those slept,
-    and the seconds it waited in all."""
-    cdef int64_t c[5]
+    the seconds it waited in all, and the sleeping helpers woken ahead of a job (pool_wake)."""
+    cdef int64_t c[6]
     fbn_pool_counters(c)
-    return {"jobs": c[0], "helper_tasks": c[1], "waits": c[2], "sleeps": c[3], "wait_s": c[4] * 1e-9}
+    return {"jobs": c[0], "helper_tasks": c[1], "waits": c[2], "sleeps": c[3], "wait_s": c[4] * 1e-9,
+            "wakes": c[5]}
 
 
 def pool_spin_us(us=None):

@@ -446,3 +446,28 @@ def test_two_python_threads_at_once_get_their_own_results(rng, threads):
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         assert list(pool.map(loop, range(2))) == [True, True]
+
+
+@needs_openmp
+def test_relu_backward_wakes_sleeping_helpers_first(rng, threads):
+    """The ReLU backward with bias= finds its mask's bounds before its first job, and wakes the
+    pool's sleeping helpers first (_pool.h's fbn_pool_wake), so that they are up when the job
+    comes; the result is the same bits as on one thread."""
+    threads(1)
+    x, dy = random_input(rng, (16, 8, 49), np.float32), random_input(rng, (16, 8, 49), np.float32)
+    w, b = np.linspace(0.5, 2.0, 8).astype(np.float32), np.linspace(-1.0, 1.0, 8).astype(np.float32)
+    _, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, True, activation="relu")
+    want = fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, activation="relu", bias=b)
+    threads(2)
+    fastbn.batch_norm(x, None, None, training=True)  # the helper exists
+    assert _kernels.pool_helpers() >= 1
+    time.sleep(0.05)  # ... and sleeps: it spins 20 us after a job
+    before = _kernels.pool_counters()
+    got = fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, activation="relu", bias=b)
+    assert _kernels.pool_counters()["wakes"] > before["wakes"]
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(g, e)
+    time.sleep(0.05)
+    before = _kernels.pool_counters()
+    fastbn.batch_norm_backward(dy, x, w, mean, invstd, True)  # (no bounds: no wake ahead)
+    assert _kernels.pool_counters()["wakes"] == before["wakes"]
