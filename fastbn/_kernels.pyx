@@ -53,6 +53,8 @@ cimport numpy as cnp
 from cython cimport floating
 
 from fastbn._arrays cimport data as _data, float_type as _float_type
+from fastbn._alloc import MIN_BYTES as _alloc_min_bytes, MODE as _alloc_mode, scratch as _alloc_scratch
+cdef bint _alloc_pooled = _alloc_mode != "system"  # (_new: scratch from fastbn's pool)
 from fastbn._pool cimport pool_run, pool_wake
 # the pool's knobs and counters, part of this module's interface (see _pool.pyx)
 from fastbn._pool import pool_counters, pool_helpers, pool_spin_us
@@ -250,7 +252,7 @@ cdef int _forward_eval(_Job *jb, int t, int n_threads, int path, int stream) exc
     jb.stream = plan_stream(2 * jb.L * _itemsize(jb), stream, jb.how, jb.W * _itemsize(jb))
     jb.cw = jb.cf
     if jb.S > 1 and jb.how != RANGES:  # per-column coefficients: see _columns_coefs
-        wide = _new(4 * jb.W, _computed_type(t), False)
+        wide = _new_wide(4 * jb.W, _computed_type(t))
         jb.cw = _ptr(wide)
     if jb.how == SLICES:  # each task makes its own channels' statistics and coefficients
         jb.K = plan_slices(C, jb.S, jb.L)
@@ -321,7 +323,7 @@ def backward(dy, x, dx, weight, mean, invstd, bint training, grad_weight, grad_b
     jb.stream = plan_stream(3 * L * _itemsize(&jb), stream, jb.how, jb.W * _itemsize(&jb))
     cdef double *wm
     if jb.how == COLUMNS:
-        wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
+        wide_mean = _new_wide(jb.W, cnp.NPY_DOUBLE)  # the mean of each column's channel
         wm = <double *>_ptr(wide_mean)
         for j in range(jb.W):
             wm[j] = jb.mean[j // jb.S]

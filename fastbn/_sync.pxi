@@ -189,7 +189,7 @@ cdef object _sync_backward_job(_Job *jb, dy, x, mean, int path, Py_ssize_t unit,
     cdef object keep = _setup_split(jb, path, t[0], coef, 2 * C), wide_mean = None
     cdef double *wm
     if jb.how == COLUMNS:
-        wide_mean = _new(jb.W, cnp.NPY_DOUBLE, False)  # the mean of each column's channel
+        wide_mean = _new_wide(jb.W, cnp.NPY_DOUBLE)  # the mean of each column's channel
         wm = <double *>_ptr(wide_mean)
         for j in range(jb.W):
             wm[j] = jb.mean[j // jb.S]

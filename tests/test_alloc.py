@@ -97,6 +97,34 @@ def test_large_outputs_come_from_the_pool_small_ones_from_numpy(rng, pool):
     assert handler_name(y_eval) == OURS
 
 
+@needs_pool
+@pytest.mark.skipif(sys.platform != "linux", reason="counts page faults with getrusage (Linux)")
+def test_large_kernel_scratch_is_not_mapped_afresh_every_call():
+    """The COLUMNS path's per-column coefficients and partials grow with the row's width; with the
+    fused ReLU's on (32, 1024, 4, 4) float32 they are 0.9 MiB, which NumPy's allocator (glibc)
+    mapped afresh on every call in a fresh process: 230 page faults a call, 3x the plain call's
+    time.  They come from fastbn's pool (_job.pxi's _new), so calls in a loop fault (almost) no
+    pages in."""
+    code = """
+import resource, numpy as np, fastbn
+rng = np.random.default_rng(0)
+x = rng.standard_normal((32, 1024, 4, 4), dtype=np.float32)
+dy = rng.standard_normal((32, 1024, 4, 4), dtype=np.float32)
+w, b = rng.uniform(0.5, 2.0, 1024).astype(np.float32), rng.standard_normal(1024).astype(np.float32)
+_, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, True, activation="relu")
+for _ in range(5):
+    fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, activation="relu", bias=b)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, activation="relu", bias=b)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    faults = float(done.stdout.split()[-1])
+    assert faults < 50, f"{faults:.0f} page faults a call"
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_pool_outputs_are_correct_and_independent(rng, pool, training):
     """Many calls of a few sizes (so that blocks are recycled), every output checked against the
