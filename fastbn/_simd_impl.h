@@ -12,6 +12,7 @@
  *  - blocks: `rows` rows of an (N, W) matrix (W = C*S columns; S is 1 or small), vectorized
  *    across the columns.  Per-column accumulators and coefficients are indexed by column.
  * FBN_FOR_ROWS (_simd.h) visits a range's pieces: flat offset `off`, length `ln`, channel `c`. */
+
 /* Half elements in the ranges loops: each piece is first converted to float in an L1 buffer
  * (FBN_STAGE, the hardware's conversion where there is one), and float's own loops (the _f32 ones,
  * FBN_RUN) run on it; results leave through FBN_FLUSH.  Elsewhere FBN_RUN is this type's loop. */

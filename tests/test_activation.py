@@ -285,11 +285,12 @@ def test_short_row_loops_are_the_generic_ones_to_the_bit(rng, kernel_path, train
         _kernels.short_inline(before)
         pytest.skip("the short-row loops need AVX-512F, VL and FMA, which this CPU lacks")
     try:
-        for shape in ((3, 6, 7, 7), (2, 5, 9), (4, 3, 1, 8), (2, 4, 127), (3, 2, 1), (2, 3, 10, 10)):
+        for shape in ((3, 6, 7, 7), (2, 5, 9), (4, 3, 1, 8), (2, 4, 127), (3, 2, 1), (2, 3, 10, 10), (6, 1, 49)):
             C = shape[1]
             w, b, rm, rv = random_params(rng, C, np.float32)
-            w[0], b[0] = 0, 0.5  # z = b > 0 everywhere: every gradient kept
-            w[1], b[1] = 0, -0.0  # z = -0: none kept, the output recomputed (no bounds)
+            if C > 1:
+                w[0], b[0] = 0, 0.5  # z = b > 0 everywhere: every gradient kept
+                w[1], b[1] = 0, -0.0  # z = -0: none kept, the output recomputed (no bounds)
             if C > 2:
                 w[2] = np.inf  # a non-finite coefficient: the output recomputed
             x = random_input(rng, shape, np.float32)
