@@ -99,11 +99,14 @@ def test_large_outputs_come_from_the_pool_small_ones_from_numpy(rng, pool):
 
 @needs_pool
 @pytest.mark.skipif(sys.platform != "linux", reason="counts page faults with getrusage (Linux)")
+@pytest.mark.skipif(_alloc.MODE == "debug", reason="the debug allocator unmaps every dropped block, on purpose")
+@pytest.mark.skipif("fsanitize=address" in fastbn._kernels.BUILD_FLAGS,
+                    reason="AddressSanitizer's allocator hands out fresh memory for every malloc (its quarantine)")
 def test_large_kernel_scratch_is_not_mapped_afresh_every_call():
     """The COLUMNS path's per-column coefficients and partials grow with the row's width; with the
     fused ReLU's on (32, 1024, 4, 4) float32 they are 0.9 MiB, which NumPy's allocator (glibc)
     mapped afresh on every call in a fresh process: 230 page faults a call, 3x the plain call's
-    time.  They come from fastbn's pool (_job.pxi's _new), so calls in a loop fault (almost) no
+    time.  They come from fastbn's pool (_job.pxi's _new_wide), so calls in a loop fault (almost) no
     pages in."""
     code = """
 import resource, numpy as np, fastbn
