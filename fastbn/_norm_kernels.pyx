@@ -48,7 +48,7 @@ cdef extern from "_coefs.h" nogil:
 
 # the batch-norm loops this module shares are declared once, in _simd.pxd
 from fastbn._simd cimport (FBN_ACC, FBN_K, FBN_M2, FBN_N, FBN_REL, fbn_acc_mean, fbn_affine_f64, fbn_grad_input_f64,
-                           fbn_grad_sums_f64, fbn_moments_f64, fbn_sfence, fbn_shift_merge)
+                           fbn_grad_sums_f64, fbn_moments_f64, fbn_sfence, fbn_shift_merge, fbn_short_inline)
 
 cdef extern from "_norm_simd.h" nogil:
     float fbn_mean_lo_f32(double m, float hi)  # _simd.h's, not in _simd.pxd (the batch-norm kernels split in C)
@@ -241,6 +241,14 @@ cdef void _setup(Job *jb, int t, Py_ssize_t R, Py_ssize_t L, int nbuf, int strea
 
 
 # ---------------------------------------------------------------- entry points
+def short_inline(enabled=None):
+    """Whether float32 rows of short channel runs take the AVX-512 loops (_norm_simd.h's
+    fbn_gs_affine and fbn_gs_grad_input, and _short512.h's gradient sums: the same bits as the
+    generic loops) rather than the generic ones; sets it when given (the tests run both).  This
+    module's switch; fastbn._kernels.short_inline is batch norm's.  Not part of fastbn's API."""
+    return bool(fbn_short_inline(-1 if enabled is None else int(bool(enabled))))
+
+
 def group_forward(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, double eps, mean, var, invstd,
                   int threads, int stream=-1):
     """Group norm's training forward on x viewed as (N, C, S) with C = G * Cg: write y, and each

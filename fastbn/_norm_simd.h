@@ -283,6 +283,117 @@ FBN_INLINE fbn_vf16 fbn_splat16(float a)
  * of ((x - mhi) - mlo) * k + c (fbn_affine_fl's b, fbn_grad_input_fl's kc). */
 FBN_INLINE float fbn_fold_lo(float c, float mlo, float k) { return (float)((double)c - (double)mlo * (double)k); }
 
+/* ---- group norm rows of short channel runs, with AVX-512 -----------------------------------------
+ * A row of group norm is Cg channel runs of S elements.  With S of 2 to FBN_GS_MAX_S - 1 (maps of
+ * 2x2 to 7x7), the loops below (FBN_FOR_ROWS) paid a run's setup and scalar tail for every few
+ * elements: perf put 57% of GroupNorm(32)'s forward on (64, 512, 2, 2) in the normalize, at 8 ns
+ * a 4-element run.  Here a whole row (Cg <= 32 channels, at most FBN_GS_MAX_L elements) is one
+ * vector loop: each vector's per-channel coefficients are picked from the row's (at most 32, in
+ * two registers) by a permute with the lanes' channel indices, which depend on (S, L) alone and
+ * are kept per thread (fbn_gs_index).  The arithmetic of each element is the loops' own (the
+ * same subtraction, FMAs and folded constant, fbn_fold_lo), so the results are the same values
+ * (tests/test_norms.py compares both; fastbn._norm_kernels.short_inline switches), but for the
+ * sign of a zero gradient where a weight is 0 (both signs occur: -0 here where the generic loop
+ * gives +0, for some elements of such a channel).  Whole rows
+ * only, ordinary stores only (no streaming), and rows whose channels share their mean's hi part
+ * (every group-norm row does). */
+#if defined(FBN_SHORT_512)
+#define FBN_GS_MAX_S 64
+#define FBN_GS_MAX_S_GRAD 16
+#define FBN_GS_MAX_L 1024
+#define FBN_GS_MAX_C 32
+
+/* The channel index of each element of a row of L elements in runs of S (padded to whole
+ * vectors with the last channel), computed for the thread's last (S, L). */
+static const int32_t *fbn_gs_index(ptrdiff_t S, ptrdiff_t L)
+{
+    static __thread int32_t idx[FBN_GS_MAX_L + 16] __attribute__((aligned(64)));
+    static __thread ptrdiff_t have_s, have_l;
+    if (have_s != S || have_l != L) {
+        for (ptrdiff_t e = 0; e < L + 16; e++)
+            idx[e] = (int32_t)((e < L ? e : L - 1) / S);
+        have_s = S, have_l = L;
+    }
+    return idx;
+}
+
+/* Whether a row of C runs of S, from f0 to f1, takes these loops (cf's first block: the hi parts
+ * of the channels' means, which must be one value). */
+static inline int fbn_gs_ok(ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1, const float *cf, int nt,
+                            ptrdiff_t max_s)
+{
+    if (nt || f0 != 0 || f1 != C * S || S < 2 || S >= max_s || C > FBN_GS_MAX_C || C * S > FBN_GS_MAX_L
+        || !fbn_short_512_ok())
+        return 0;
+    for (ptrdiff_t c = 1; c < C; c++)
+        if (memcmp(cf + c, cf, sizeof *cf))
+            return 0;
+    return 1;
+}
+
+/* k[0:C] as two vectors of 16, zero beyond C. */
+FBN_S512_INLINE void fbn_gs_load(const float *k, ptrdiff_t C, __m512 *lo, __m512 *hi)
+{
+    *lo = _mm512_maskz_loadu_ps(C >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << C) - 1), k);
+    *hi = C > 16 ? _mm512_maskz_loadu_ps((__mmask16)((1u << (C - 16)) - 1), k + 16) : _mm512_setzero_ps();
+}
+
+/* The lanes' coefficients of the vector at element i: v[idx[i + lane]]. */
+#define FBN_GS_PICK(lo, k, hi) _mm512_permutex2var_ps(lo, k, hi)
+
+/* y = (x - mhi) * a[c] + b'[c] over the row, b' = fbn_fold_lo(b, mlo, a): fbn_affine_fl's. */
+FBN_S512 static void fbn_gs_affine(const float *x, float *y, ptrdiff_t C, ptrdiff_t S, const float *cf)
+{
+    const ptrdiff_t L = C * S;
+    const int32_t *idx = fbn_gs_index(S, L);
+    float b[FBN_GS_MAX_C];
+    for (ptrdiff_t c = 0; c < C; c++)
+        b[c] = fbn_fold_lo(cf[3 * C + c], cf[C + c], cf[2 * C + c]);
+    __m512 a0, a1, b0, b1;
+    fbn_gs_load(cf + 2 * C, C, &a0, &a1);
+    fbn_gs_load(b, C, &b0, &b1);
+    const __m512 M = _mm512_set1_ps(cf[0]);
+    for (ptrdiff_t i = 0; i < L; i += 16) {
+        const __mmask16 m = L - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - i)) - 1);
+        const __m512i k = _mm512_load_si512((const void *)(idx + i));
+        const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), M), FBN_GS_PICK(a0, k, a1),
+                                         FBN_GS_PICK(b0, k, b1));
+        if (m == 0xffff)  /* (Zen 4's masked stores are slow: only the row's tail) */
+            _mm512_storeu_ps(y + i, v);
+        else
+            _mm512_mask_storeu_ps(y + i, m, v);
+    }
+}
+
+/* dx = kdy[c] * dy + ((x - mhi) * kx[c] + kc'[c]), kc' = fbn_fold_lo(kc, mlo, kx): fbn_grad_input_fl's. */
+FBN_S512 static void fbn_gs_grad_input(const float *dy, const float *x, float *dx, ptrdiff_t C, ptrdiff_t S,
+                                       const float *cf)
+{
+    const ptrdiff_t L = C * S;
+    const int32_t *idx = fbn_gs_index(S, L);
+    float kc[FBN_GS_MAX_C];
+    for (ptrdiff_t c = 0; c < C; c++)
+        kc[c] = fbn_fold_lo(cf[4 * C + c], cf[C + c], cf[3 * C + c]);
+    __m512 d0, d1, x0, x1, c0, c1;
+    fbn_gs_load(cf + 2 * C, C, &d0, &d1);
+    fbn_gs_load(cf + 3 * C, C, &x0, &x1);
+    fbn_gs_load(kc, C, &c0, &c1);
+    const __m512 M = _mm512_set1_ps(cf[0]);
+    for (ptrdiff_t i = 0; i < L; i += 16) {
+        const __mmask16 m = L - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - i)) - 1);
+        const __m512i k = _mm512_load_si512((const void *)(idx + i));
+        const __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), M), FBN_GS_PICK(x0, k, x1),
+                                         FBN_GS_PICK(c0, k, c1));
+        const __m512 v = _mm512_fmadd_ps(FBN_GS_PICK(d0, k, d1), _mm512_maskz_loadu_ps(m, dy + i), t);
+        if (m == 0xffff)
+            _mm512_storeu_ps(dx + i, v);
+        else
+            _mm512_mask_storeu_ps(dx + i, m, v);
+    }
+}
+#endif
+
+
 FBN_CLONES static void fbn_affine_fl(const float *x, float *y, ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0,
                                      ptrdiff_t f1, const float *cf, int nt)
 {
@@ -304,6 +415,12 @@ FBN_CLONES static void fbn_affine_fl(const float *x, float *y, ptrdiff_t C, ptrd
         fbn_out_flush_f32(&o, buf, nt);
         return;
     }
+#if defined(FBN_SHORT_512)
+    if (fbn_gs_ok(C, S, f0, f1, cf, nt, FBN_GS_MAX_S)) {
+        fbn_gs_affine(x, y, C, S, cf);
+        return;
+    }
+#endif
 #ifdef FBN_NT512
     const int al512 = !nt && ((uintptr_t)y & 63) && fbn_nt512_ok(y);
 #endif
@@ -360,6 +477,12 @@ FBN_CLONES static void fbn_grad_input_fl(const float *dy, const float *x, float 
         fbn_out_flush_f32(&o, buf, nt);
         return;
     }
+#if defined(FBN_SHORT_512)
+    if (fbn_gs_ok(C, S, f0, f1, cf, nt, FBN_GS_MAX_S_GRAD)) {
+        fbn_gs_grad_input(dy, x, dx, C, S, cf);
+        return;
+    }
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {
         const float mhi = cf[c], kdy = cf[2 * C + c], kx = cf[3 * C + c];
         const float kc = fbn_fold_lo(cf[4 * C + c], cf[C + c], kx);

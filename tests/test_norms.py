@@ -914,3 +914,50 @@ def test_float32_statistics_are_float64s(kind, head):
     exact = d * invstd[:, None]
     ulps = np.abs(y.reshape(2, n) - exact) / np.spacing(np.abs(exact).astype(np.float32))
     assert ulps.max() <= 3, ulps.max()
+
+
+@pytest.mark.parametrize("shape, G", [((3, 64, 2, 2), 4), ((2, 24, 3, 3), 3), ((4, 64, 4, 4), 2), ((3, 32, 31), 1),
+                                      ((2, 8, 63), 2), ((3, 10, 5), 2), ((2, 33, 3), 1), ((2, 6, 200), 3),
+                                      ((5, 16, 7, 7), 16)])
+def test_short_channel_runs_loops_are_the_generic_ones(shape, G):
+    """Rows of short channel runs take one vector loop a row with AVX-512 (_norm_simd.h's
+    fbn_gs_affine and fbn_gs_grad_input; fastbn._norm_kernels.short_inline switches them and
+    _short512.h's sums): the generic loops' values for the forward, grad_input and the parameter
+    gradients, group and instance norm, with NaN input, zero, negative and infinite weights and a
+    1e4 offset; up to the sign of a zero gradient where a weight is 0.  Where the rows are too
+    long or have more than 32 channels (the last cases) both runs take the generic loops."""
+    from fastbn import _norm_kernels as K
+
+    before = K.short_inline()
+    if not K.short_inline(True):
+        K.short_inline(before)
+        pytest.skip("no AVX-512F, VL and FMA here, or a build without the AVX-512 loops: one set of loops")
+    rng = np.random.default_rng(31)
+    C = shape[1]
+    results = {}
+    try:
+        for offset in (0.0, 1e4):
+            x = (rng.standard_normal(shape) + offset).astype(np.float32)
+            x.flat[5] = np.nan
+            dy = rng.standard_normal(shape).astype(np.float32)
+            w = rng.uniform(-2, 2, C).astype(np.float32)
+            w[0], w[-1] = 0.0, np.inf
+            b = rng.standard_normal(C).astype(np.float32)
+            for inline in (True, False):
+                K.short_inline(inline)
+                y, m, s = fastbn.group_norm_forward(x, G, w, b)
+                dx, gw, gb = fastbn.group_norm_backward(dy, x, G, w, m, s)
+                yi, mi, si = fastbn.instance_norm_forward(x, weight=w, bias=b)
+                dxi, gwi, gbi = fastbn.instance_norm_backward(dy, x, w, mi, si)
+                results[offset, inline] = (y, dx, gw, gb, yi, dxi, gwi, gbi)
+    finally:
+        K.short_inline(before)
+    for offset in (0.0, 1e4):
+        for a, c in zip(results[offset, True], results[offset, False]):
+            np.testing.assert_array_equal(a, c)  # (equal values: +0 == -0, NaN where NaN)
+    # and PyTorch's, where the input is finite and the weights too
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(-2, 2, C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    _close(fastbn.group_norm(x, G, w, b), TF.group_norm(torch.tensor(x), G, torch.tensor(w), torch.tensor(b)),
+           np.float32, scale=10)
