@@ -284,13 +284,17 @@ FBN_INLINE fbn_vf16 fbn_splat16(float a)
 FBN_INLINE float fbn_fold_lo(float c, float mlo, float k) { return (float)((double)c - (double)mlo * (double)k); }
 
 /* ---- group norm rows of short channel runs, with AVX-512 -----------------------------------------
- * A row of group norm is Cg channel runs of S elements.  With S of 2 to FBN_GS_MAX_S - 1 (maps of
- * 2x2 to 7x7), the loops below (FBN_FOR_ROWS) paid a run's setup and scalar tail for every few
- * elements: perf put 57% of GroupNorm(32)'s forward on (64, 512, 2, 2) in the normalize, at 8 ns
- * a 4-element run.  Here a whole row (Cg <= 32 channels, at most FBN_GS_MAX_L elements) is one
- * vector loop: each vector's per-channel coefficients are picked from the row's (at most 32, in
- * two registers) by a permute with the lanes' channel indices, which depend on (S, L) alone and
- * are kept per thread (fbn_gs_index).  The arithmetic of each element is the loops' own (the
+ * A row of group norm is Cg channel runs of S elements.  With S of 2 to 12 (maps of 2x2 to 3x4),
+ * the loops below (FBN_FOR_ROWS) paid a run's setup and scalar tail for every few elements: perf
+ * put 57% of GroupNorm(32)'s forward on (64, 512, 2, 2) in the normalize, at 8 ns a 4-element
+ * run.  Here a whole row (Cg <= 32 channels, at most FBN_GS_MAX_L elements) is one vector loop:
+ * each vector's per-channel coefficients are picked from the row's (at most 32, in one or two
+ * registers) by a permute with the lanes' channel indices, which depend on (S, L) alone and are
+ * kept per thread (fbn_gs_index).  One thread, min of 6-10 alternating processes against the
+ * runs' loops: (64, 512, 2, 2) forward 0.65-0.69x, backward 0.90-0.93x; (64, 256, 3, 3) forward
+ * 0.78-0.83x, backward 0.89-0.91x; but (16, 512, 4, 4) 1.0x forward and 1.08-1.13x backward, 7x7
+ * maps 1.17-1.25x and 1.3-1.4x (a vector's permutes cost more than a run's setup shared by
+ * whole vectors), hence runs of at most 12.  The arithmetic of each element is the loops' own (the
  * same subtraction, FMAs and folded constant, fbn_fold_lo), so the results are the same values
  * (tests/test_norms.py compares both; fastbn._norm_kernels.short_inline switches), but for the
  * sign of a zero gradient where a weight is 0 (both signs occur: -0 here where the generic loop
@@ -298,8 +302,7 @@ FBN_INLINE float fbn_fold_lo(float c, float mlo, float k) { return (float)((doub
  * only, ordinary stores only (no streaming), and rows whose channels share their mean's hi part
  * (every group-norm row does). */
 #if defined(FBN_SHORT_512)
-#define FBN_GS_MAX_S 64
-#define FBN_GS_MAX_S_GRAD 16
+#define FBN_GS_MAX_S 13 /* runs of 2 to 12: see below */
 #define FBN_GS_MAX_L 1024
 #define FBN_GS_MAX_C 32
 
@@ -317,18 +320,25 @@ static const int32_t *fbn_gs_index(ptrdiff_t S, ptrdiff_t L)
     return idx;
 }
 
-/* Whether a row of C runs of S, from f0 to f1, takes these loops (cf's first block: the hi parts
- * of the channels' means, which must be one value). */
-static inline int fbn_gs_ok(ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1, const float *cf, int nt,
-                            ptrdiff_t max_s)
+/* Whether the C values at p are one value (bit for bit). */
+static inline int fbn_gs_same(const float *p, ptrdiff_t C)
 {
-    if (nt || f0 != 0 || f1 != C * S || S < 2 || S >= max_s || C > FBN_GS_MAX_C || C * S > FBN_GS_MAX_L
-        || !fbn_short_512_ok())
-        return 0;
     for (ptrdiff_t c = 1; c < C; c++)
-        if (memcmp(cf + c, cf, sizeof *cf))
+        if (memcmp(p + c, p, sizeof *p))
             return 0;
     return 1;
+}
+
+/* Whether a row of C runs of S, from f0 to f1, takes these loops: whole rows of short runs, and
+ * coefficient blocks of cf (which has nblk of them) that are one value across the channels where
+ * these loops broadcast them (every group-norm row's are): the mean's hi and lo parts (blocks 0
+ * and 1), and for grad_input kx and kc (blocks 3 and 4). */
+static inline int fbn_gs_ok(ptrdiff_t C, ptrdiff_t S, ptrdiff_t f0, ptrdiff_t f1, const float *cf, int nt, int nblk)
+{
+    if (nt || f0 != 0 || f1 != C * S || S < 2 || S >= FBN_GS_MAX_S || C > FBN_GS_MAX_C || C * S > FBN_GS_MAX_L
+        || !fbn_short_512_ok())
+        return 0;
+    return fbn_gs_same(cf, C) && fbn_gs_same(cf + C, C) && (nblk < 5 || (fbn_gs_same(cf + 3 * C, C) && fbn_gs_same(cf + 4 * C, C)));
 }
 
 /* k[0:C] as two vectors of 16, zero beyond C. */
@@ -338,8 +348,30 @@ FBN_S512_INLINE void fbn_gs_load(const float *k, ptrdiff_t C, __m512 *lo, __m512
     *hi = C > 16 ? _mm512_maskz_loadu_ps((__mmask16)((1u << (C - 16)) - 1), k + 16) : _mm512_setzero_ps();
 }
 
-/* The lanes' coefficients of the vector at element i: v[idx[i + lane]]. */
-#define FBN_GS_PICK(lo, k, hi) _mm512_permutex2var_ps(lo, k, hi)
+/* The row's loop: BODY(i, k, m) for each vector at element i, k its lanes' channel indices and
+ * m its mask (all lanes but in the row's last, partial vector). */
+#define FBN_GS_LOOP(L, idx, BODY)                                                                  \
+    do {                                                                                           \
+        ptrdiff_t i_ = 0;                                                                          \
+        for (; i_ + 16 <= (L); i_ += 16)                                                           \
+            BODY(i_, _mm512_load_si512((const void *)((idx) + i_)), (__mmask16)0xffff, 1);         \
+        if (i_ < (L))                                                                              \
+            BODY(i_, _mm512_load_si512((const void *)((idx) + i_)),                                \
+                 (__mmask16)((1u << ((L) - i_)) - 1), 0);                                          \
+    } while (0)
+
+/* The lanes' coefficients, v[k[lane]], from one register for 16 channels or fewer, else two. */
+#define FBN_GS_PICK(k, lo, hi, C) ((C) <= 16 ? _mm512_permutexvar_ps(k, lo) : _mm512_permutex2var_ps(lo, k, hi))
+
+/* A result vector: stored whole, or through the mask at the row's end (Zen 4's masked stores
+ * are slow, so only there). */
+#define FBN_GS_STORE(q, v, m, full)         \
+    do {                                    \
+        if (full)                           \
+            _mm512_storeu_ps(q, v);         \
+        else                                \
+            _mm512_mask_storeu_ps(q, m, v); \
+    } while (0)
 
 /* y = (x - mhi) * a[c] + b'[c] over the row, b' = fbn_fold_lo(b, mlo, a): fbn_affine_fl's. */
 FBN_S512 static void fbn_gs_affine(const float *x, float *y, ptrdiff_t C, ptrdiff_t S, const float *cf)
@@ -353,43 +385,39 @@ FBN_S512 static void fbn_gs_affine(const float *x, float *y, ptrdiff_t C, ptrdif
     fbn_gs_load(cf + 2 * C, C, &a0, &a1);
     fbn_gs_load(b, C, &b0, &b1);
     const __m512 M = _mm512_set1_ps(cf[0]);
-    for (ptrdiff_t i = 0; i < L; i += 16) {
-        const __mmask16 m = L - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - i)) - 1);
-        const __m512i k = _mm512_load_si512((const void *)(idx + i));
-        const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), M), FBN_GS_PICK(a0, k, a1),
-                                         FBN_GS_PICK(b0, k, b1));
-        if (m == 0xffff)  /* (Zen 4's masked stores are slow: only the row's tail) */
-            _mm512_storeu_ps(y + i, v);
-        else
-            _mm512_mask_storeu_ps(y + i, m, v);
-    }
+#define FBN_GS_AF(i, k, m, full)                                                                        \
+    FBN_GS_STORE(y + (i),                                                                               \
+                 _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + (i)), M), FBN_GS_PICK(k, a0, a1, C), \
+                                 FBN_GS_PICK(k, b0, b1, C)),                                            \
+                 m, full)
+    if (C <= 16)
+        FBN_GS_LOOP(L, idx, FBN_GS_AF);
+    else
+        FBN_GS_LOOP(L, idx, FBN_GS_AF);
+#undef FBN_GS_AF
 }
 
-/* dx = kdy[c] * dy + ((x - mhi) * kx[c] + kc'[c]), kc' = fbn_fold_lo(kc, mlo, kx): fbn_grad_input_fl's. */
+/* dx = kdy[c] * dy + ((x - mhi) * kx + kc'), kc' = fbn_fold_lo(kc, mlo, kx): fbn_grad_input_fl's,
+ * with kx and kc the row's (fbn_gs_ok). */
 FBN_S512 static void fbn_gs_grad_input(const float *dy, const float *x, float *dx, ptrdiff_t C, ptrdiff_t S,
                                        const float *cf)
 {
     const ptrdiff_t L = C * S;
     const int32_t *idx = fbn_gs_index(S, L);
-    float kc[FBN_GS_MAX_C];
-    for (ptrdiff_t c = 0; c < C; c++)
-        kc[c] = fbn_fold_lo(cf[4 * C + c], cf[C + c], cf[3 * C + c]);
-    __m512 d0, d1, x0, x1, c0, c1;
+    __m512 d0, d1;
     fbn_gs_load(cf + 2 * C, C, &d0, &d1);
-    fbn_gs_load(cf + 3 * C, C, &x0, &x1);
-    fbn_gs_load(kc, C, &c0, &c1);
-    const __m512 M = _mm512_set1_ps(cf[0]);
-    for (ptrdiff_t i = 0; i < L; i += 16) {
-        const __mmask16 m = L - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - i)) - 1);
-        const __m512i k = _mm512_load_si512((const void *)(idx + i));
-        const __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), M), FBN_GS_PICK(x0, k, x1),
-                                         FBN_GS_PICK(c0, k, c1));
-        const __m512 v = _mm512_fmadd_ps(FBN_GS_PICK(d0, k, d1), _mm512_maskz_loadu_ps(m, dy + i), t);
-        if (m == 0xffff)
-            _mm512_storeu_ps(dx + i, v);
-        else
-            _mm512_mask_storeu_ps(dx + i, m, v);
-    }
+    const __m512 M = _mm512_set1_ps(cf[0]), KX = _mm512_set1_ps(cf[3 * C]);
+    const __m512 KC = _mm512_set1_ps(fbn_fold_lo(cf[4 * C], cf[C], cf[3 * C]));
+#define FBN_GS_GI(i, k, m, full)                                                                        \
+    FBN_GS_STORE(dx + (i),                                                                              \
+                 _mm512_fmadd_ps(FBN_GS_PICK(k, d0, d1, C), _mm512_maskz_loadu_ps(m, dy + (i)),          \
+                                 _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + (i)), M), KX, KC)), \
+                 m, full)
+    if (C <= 16)  /* (two loops: the permute's kind is fixed in each) */
+        FBN_GS_LOOP(L, idx, FBN_GS_GI);
+    else
+        FBN_GS_LOOP(L, idx, FBN_GS_GI);
+#undef FBN_GS_GI
 }
 #endif
 
@@ -416,7 +444,7 @@ FBN_CLONES static void fbn_affine_fl(const float *x, float *y, ptrdiff_t C, ptrd
         return;
     }
 #if defined(FBN_SHORT_512)
-    if (fbn_gs_ok(C, S, f0, f1, cf, nt, FBN_GS_MAX_S)) {
+    if (fbn_gs_ok(C, S, f0, f1, cf, nt, 4)) {
         fbn_gs_affine(x, y, C, S, cf);
         return;
     }
@@ -478,7 +506,7 @@ FBN_CLONES static void fbn_grad_input_fl(const float *dy, const float *x, float 
         return;
     }
 #if defined(FBN_SHORT_512)
-    if (fbn_gs_ok(C, S, f0, f1, cf, nt, FBN_GS_MAX_S_GRAD)) {
+    if (fbn_gs_ok(C, S, f0, f1, cf, nt, 5)) {
         fbn_gs_grad_input(dy, x, dx, C, S, cf);
         return;
     }
