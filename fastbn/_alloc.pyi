@@ -13,6 +13,8 @@ MAX_FRACTION: int
 MIN_BYTES: int
 MULTIPLE: int
 MODE: str
+SCRATCH_POOL_BYTES: int
+SCRATCH_SKEW: int
 
 def empty_like(a: np.ndarray[Any, Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any]: ...
 def scratch(n: int, dtype: npt.DTypeLike) -> np.ndarray[Any, Any]: ...

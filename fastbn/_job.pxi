@@ -195,38 +195,8 @@ cdef inline object _new(Py_ssize_t n, int typenum, bint zero):
 
 cdef inline object _new_wide(Py_ssize_t n, int typenum):
     """Uninitialized scratch that grows with the row's width (the COLUMNS path's per-column
-    coefficients and partials): from SCRATCH_POOL_BYTES on, from fastbn's pool."""
-    if _alloc_pooled and n * (8 if typenum == cnp.NPY_DOUBLE else 4) >= SCRATCH_POOL_BYTES:
-        return _pooled(n, typenum)
-    return _new(n, typenum, False)
-
-
-cdef object _pooled(Py_ssize_t n, int typenum):
-    """n elements from fastbn's pool, SCRATCH_SKEW bytes into a block of at least
-    _alloc.MIN_BYTES (so that the pool, not the heap, serves it)."""
-    cdef Py_ssize_t item = 8 if typenum == cnp.NPY_DOUBLE else 4, skew = SCRATCH_SKEW // item
-    return _alloc_scratch(max(n + skew, (_alloc_min_bytes + item - 1) // item),
-                          np.float64 if item == 8 else np.float32)[skew:skew + n]
-
-
-# Scratch from this size on (_new_wide: the COLUMNS path's per-column coefficients and partials,
-# which grow with the row's width) comes from fastbn's allocator (fastbn._alloc), which keeps freed blocks
-# mapped for the next call, rounded up to its smallest pooled block.  Below its 1 MiB, NumPy's
-# allocator (glibc's malloc) did not always keep them: with the fused ReLU's 720 KiB of
-# coefficients next to the partials, a backward on (32, 1024, 4, 4) float32 page-faulted 230
-# times a call (0.9 MiB mapped afresh) and took 3x the plain call's time (2 threads, Zen 4 VM).
-# 128 KiB: glibc's first mmap threshold; smaller blocks stay in its heap.
-cdef enum:
-    SCRATCH_POOL_BYTES = 128 << 10
-
-
-# The pool's blocks start on pages, as large inputs do (mmap, 16 bytes in): scratch read and
-# written beside them at the same offset within 4 KiB (x, grad_output and the column partials)
-# conflicts in the L1 (4K aliasing).  Without the skew the plain backward and the training
-# forward on (32, 1024, 4, 4) and (64, 2048, 4) float32 took 1.2-1.47x their time with NumPy's
-# scratch; with it 1.00-1.02x (min of 8 rounds, alternating processes, 2 threads).
-cdef enum:
-    SCRATCH_SKEW = 2048 + 192
+    coefficients and partials): _alloc.scratch's, from the pool when it is large."""
+    return _alloc_scratch(n, np.float64 if typenum == cnp.NPY_DOUBLE else np.float32)
 
 
 cdef inline void *_ptr(object a) noexcept:

@@ -53,8 +53,7 @@ cimport numpy as cnp
 from cython cimport floating
 
 from fastbn._arrays cimport data as _data, float_type as _float_type
-from fastbn._alloc import MIN_BYTES as _alloc_min_bytes, MODE as _alloc_mode, scratch as _alloc_scratch
-cdef bint _alloc_pooled = _alloc_mode != "system"  # (_new_wide in _job.pxi: scratch from the pool)
+from fastbn._alloc import scratch as _alloc_scratch
 from fastbn._pool cimport pool_run, pool_wake
 # the pool's knobs and counters, part of this module's interface (see _pool.pyx)
 from fastbn._pool import pool_counters, pool_helpers, pool_spin_us

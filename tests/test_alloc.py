@@ -102,24 +102,31 @@ def test_large_outputs_come_from_the_pool_small_ones_from_numpy(rng, pool):
 @pytest.mark.skipif(_alloc.MODE == "debug", reason="the debug allocator unmaps every dropped block, on purpose")
 @pytest.mark.skipif("fsanitize=address" in fastbn._kernels.BUILD_FLAGS,
                     reason="AddressSanitizer's allocator hands out fresh memory for every malloc (its quarantine)")
-def test_large_kernel_scratch_is_not_mapped_afresh_every_call():
-    """The COLUMNS path's per-column coefficients and partials grow with the row's width; with the
-    fused ReLU's on (32, 1024, 4, 4) float32 they are 0.9 MiB, which NumPy's allocator (glibc)
-    mapped afresh on every call in a fresh process: 230 page faults a call, 3x the plain call's
-    time.  They come from fastbn's pool (_job.pxi's _new_wide), so calls in a loop fault (almost) no
-    pages in."""
-    code = """
+@pytest.mark.parametrize("shape, call", [
+    ((32, 1024, 4, 4), "fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, activation='relu', bias=b)"),
+    ((64, 512, 2, 2), "fastbn.group_norm_backward(dy, x, 32, w, gmean, ginvstd)"),
+])
+def test_large_kernel_scratch_is_not_mapped_afresh_every_call(shape, call):
+    """Kernel scratch that grows with the data: the COLUMNS path's per-column coefficients and
+    partials with the fused ReLU on (32, 1024, 4, 4) float32 (0.9 MiB), group norm's per-channel
+    sums, coefficients and means on (64, 512, 2, 2) (1.4 MiB), outputs of 0.5 MiB.  NumPy's
+    allocator (glibc) mapped them afresh on every call in a fresh process: 230 and 320 page faults
+    a call, 3x the plain call's time.  They come from fastbn's pool (_alloc.scratch), so calls in a
+    loop fault (almost) no pages in."""
+    code = f"""
 import resource, numpy as np, fastbn
 rng = np.random.default_rng(0)
-x = rng.standard_normal((32, 1024, 4, 4), dtype=np.float32)
-dy = rng.standard_normal((32, 1024, 4, 4), dtype=np.float32)
-w, b = rng.uniform(0.5, 2.0, 1024).astype(np.float32), rng.standard_normal(1024).astype(np.float32)
+x = rng.standard_normal({shape}, dtype=np.float32)
+dy = rng.standard_normal({shape}, dtype=np.float32)
+C = {shape[1]}
+w, b = rng.uniform(0.5, 2.0, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
 _, mean, invstd = fastbn.batch_norm_forward(x, None, None, w, b, True, activation="relu")
+_, gmean, ginvstd = fastbn.group_norm_forward(x, 32, w, b)
 for _ in range(5):
-    fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, activation="relu", bias=b)
+    {call}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
-    fastbn.batch_norm_backward(dy, x, w, mean, invstd, True, activation="relu", bias=b)
+    {call}
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """
     done = run_python(code)
