@@ -276,7 +276,7 @@ def group_forward(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, double eps, me
         return
     cf = _scratch(x, R * 5 * jb.Cg)
     jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
-    part = np.empty(4 * R * jb.P)
+    part = _alloc_scratch(4 * R * jb.P, np.float64)
     jb.part = _dptr(part)
     cdef double acc[4]
     with nogil:
@@ -369,7 +369,7 @@ def group_backward(dy, x, dx, weight, Py_ssize_t G, Py_ssize_t S, mean, invstd, 
     jb.cf = cnp.PyArray_DATA(<cnp.ndarray>cf)
     cmean = _alloc_scratch(R * Cg, np.float64)
     jb.cmean = _dptr(cmean)
-    part = np.empty(2 * Cg * R * jb.P if jb.P > 1 else 0)
+    part = _alloc_scratch(2 * Cg * R * jb.P if jb.P > 1 else 0, np.float64)
     jb.part = _dptr(part)
     with nogil:
         for k in range(R):  # each channel's mean: its row's (loops, not k // Cg: a division costs)
@@ -420,7 +420,7 @@ def layer_forward(x, y, weight, bias, Py_ssize_t L, double eps, mean, var, invst
     jb.invstd = <double *>_data(invstd, cnp.NPY_DOUBLE, R, True, "invstd")
     if n == 0:
         return
-    part = np.empty(4 * R * jb.P)
+    part = _alloc_scratch(4 * R * jb.P, np.float64)
     jb.part = _dptr(part)
     cdef double acc[4]
     with nogil:
@@ -463,7 +463,7 @@ def layer_backward(dy, x, dx, weight, Py_ssize_t L, mean, invstd, int threads, i
     jb.col = _dptr(col)
     colf = np.zeros(0 if jb.dbl else jb.nb * 2 * L, dtype=np.float32)
     jb.colf = <float *>cnp.PyArray_DATA(<cnp.ndarray>colf)
-    part = np.empty(2 * R * jb.P)
+    part = _alloc_scratch(2 * R * jb.P, np.float64)
     jb.part = _dptr(part)
     with nogil:
         _run(&jb, LN_BWD, jb.nb * jb.P, _threads(threads, n, jb.nb * jb.P))
