@@ -419,6 +419,41 @@ FBN_S512 static void fbn_gs_grad_input(const float *dy, const float *x, float *d
         FBN_GS_LOOP(L, idx, FBN_GS_GI);
 #undef FBN_GS_GI
 }
+
+/* The gradient sums of a row of C runs of S (2 to 7) elements, a channel a lane: acc[2c] +=
+ * sum(dy), acc[2c + 1] += sum(dy * (x - mean[c])), in double, 8 channels at a time from gathers
+ * of each run's element s.  _short512.h's row loops (fbn_s512_row_sums, activation none), which
+ * take a run at a time, walk runs shorter than their 8 lanes in their scalar tail, with a run's
+ * setup and lane sum each; these are the same additions in the same order (the tail's, then 0 +
+ * the tail as fbn_s512_finish adds it).  GroupNorm(32)'s backward on (64, 512, 2, 2), 2 threads,
+ * 455 -> 382 us.  On runs of 9 (one lane group and a tail) the gathers cost more than the lanes:
+ * 291 -> 323 us on (64, 256, 3, 3), so runs of 8 or more keep those loops. */
+FBN_S512 static void fbn_gs_grad_sums(const float *dy, const float *x, ptrdiff_t C, ptrdiff_t S, const double *mean,
+                                      double *acc)
+{
+    const __m256i step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)S));
+    const __m512d zero = _mm512_setzero_pd();
+    for (ptrdiff_t c0 = 0; c0 < C; c0 += 8) {
+        const __mmask8 in = C - c0 >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (C - c0)) - 1);
+        const float *g = dy + c0 * S, *p = x + c0 * S;
+        const __m512d m = _mm512_maskz_loadu_pd(in, mean + c0);
+        __m512d ta = zero, tb = zero;
+        for (ptrdiff_t s = 0; s < S; s++) {
+            const __m512d gs = _mm512_cvtps_pd(_mm256_mmask_i32gather_ps(_mm256_setzero_ps(), in, step, g + s, 4));
+            const __m512d ds = _mm512_sub_pd(
+                _mm512_cvtps_pd(_mm256_mmask_i32gather_ps(_mm256_setzero_ps(), in, step, p + s, 4)), m);
+            ta = _mm512_add_pd(ta, gs);
+            tb = _mm512_fmadd_pd(gs, ds, tb);
+        }
+        double va[8], vb[8];
+        _mm512_storeu_pd(va, _mm512_add_pd(zero, ta));
+        _mm512_storeu_pd(vb, _mm512_add_pd(zero, tb));
+        for (ptrdiff_t c = 0; c < 8 && c0 + c < C; c++) {
+            acc[2 * (c0 + c)] += va[c];
+            acc[2 * (c0 + c) + 1] += vb[c];
+        }
+    }
+}
 #endif
 
 
@@ -571,6 +606,12 @@ FBN_CLONES static void fbn_grad_sums_fl(const float *dy, const float *x, ptrdiff
         }
         return;
     }
+#if defined(FBN_SHORT_512)
+    if (f0 == 0 && f1 == C * S && S >= 2 && S < 8 && fbn_short_512_ok()) {  /* runs of 2 to 7 */
+        fbn_gs_grad_sums(dy, x, C, S, mean, acc);
+        return;
+    }
+#endif
 #ifdef FBN_NT512
     if (S >= FBN_AL512_RUN && fbn_nt512_ok(dy)) {  /* runs of 256 or more, as fbn_row_sums_512 */
         FBN_FOR_ROWS(C, S, f0, f1, off, ln, c) {

@@ -923,8 +923,9 @@ def test_short_channel_runs_loops_are_the_generic_ones(shape, G):
     """Rows of short channel runs take one vector loop a row with AVX-512 (_norm_simd.h's
     fbn_gs_affine and fbn_gs_grad_input; fastbn._norm_kernels.short_inline switches them and
     _short512.h's sums): the generic loops' values for the forward, grad_input and the parameter
-    gradients, group and instance norm, with NaN input, zero, negative and infinite weights and a
-    1e4 offset; up to the sign of a zero gradient where a weight is 0.  Runs of 2 to 12 elements
+    gradients, group and instance norm, with NaN input, zero, negative and infinite weights, a 1e4
+    offset and +-2**40 in grad_output (so that the sums' order shows); up to the sign of a zero
+    gradient where a weight is 0.  Runs of 2 to 12 elements
     take them, with 1 to 32 channels a group (one register of coefficients or two); more channels
     or longer runs (the last cases) take the generic loops both times."""
     from fastbn import _norm_kernels as K
@@ -941,6 +942,10 @@ def test_short_channel_runs_loops_are_the_generic_ones(shape, G):
             x = (rng.standard_normal(shape) + offset).astype(np.float32)
             x.flat[5] = np.nan
             dy = rng.standard_normal(shape).astype(np.float32)
+            if offset:  # +-2**40 in each run's first two elements: a change in the sums' order shows
+                runs = dy.reshape(shape[0], C, -1)
+                runs[:, :, 0] += np.float32(2.0 ** 40)
+                runs[:, :, min(1, runs.shape[2] - 1)] -= np.float32(2.0 ** 40)
             w = rng.uniform(-2, 2, C).astype(np.float32)
             w[0], w[-1] = 0.0, np.inf
             b = rng.standard_normal(C).astype(np.float32)
