@@ -606,7 +606,7 @@ FBN_CLONES static void fbn_grad_sums_fl(const float *dy, const float *x, ptrdiff
         }
         return;
     }
-#if defined(FBN_SHORT_512)
+#if defined(FBN_SHORT_512) && defined(FBN_FLANES)  /* (fbn_gs_grad_sums is in the FBN_FLANES part) */
     if (f0 == 0 && f1 == C * S && S >= 2 && S < 8 && fbn_short_512_ok()) {  /* runs of 2 to 7 */
         fbn_gs_grad_sums(dy, x, C, S, mean, acc);
         return;
