@@ -298,11 +298,11 @@ FBN_INLINE float fbn_fold_lo(float c, float mlo, float k) { return (float)((doub
  * same subtraction, FMAs and folded constant, fbn_fold_lo), so the results are the same values
  * (tests/test_norms.py compares both; fastbn._norm_kernels.short_inline switches), but for the
  * sign of a zero gradient where a weight is 0 (both signs occur: -0 here where the generic loop
- * gives +0, for some elements of such a channel).  Whole rows
- * only, ordinary stores only (no streaming), and rows whose channels share their mean's hi part
- * (every group-norm row does). */
+ * gives +0, for some elements of such a channel).  Whole rows only, ordinary stores only (no
+ * streaming), and rows whose channels share the coefficients these loops broadcast (fbn_gs_ok;
+ * every group-norm row does). */
 #if defined(FBN_SHORT_512)
-#define FBN_GS_MAX_S 13 /* runs of 2 to 12: see below */
+#define FBN_GS_MAX_S 13 /* runs of 2 to 12 (above) */
 #define FBN_GS_MAX_L 1024
 #define FBN_GS_MAX_C 32
 
@@ -390,7 +390,7 @@ FBN_S512 static void fbn_gs_affine(const float *x, float *y, ptrdiff_t C, ptrdif
                  _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + (i)), M), FBN_GS_PICK(k, a0, a1, C), \
                                  FBN_GS_PICK(k, b0, b1, C)),                                            \
                  m, full)
-    if (C <= 16)
+    if (C <= 16)  /* (two loops: the permute's kind is fixed in each) */
         FBN_GS_LOOP(L, idx, FBN_GS_AF);
     else
         FBN_GS_LOOP(L, idx, FBN_GS_AF);
