@@ -348,9 +348,10 @@ FBN_S512_INLINE void fbn_gs_load(const float *k, ptrdiff_t C, __m512 *lo, __m512
     *hi = C > 16 ? _mm512_maskz_loadu_ps((__mmask16)((1u << (C - 16)) - 1), k + 16) : _mm512_setzero_ps();
 }
 
-/* The row's loop: BODY(i, k, m) for each vector at element i, k its lanes' channel indices and
- * m its mask (all lanes but in the row's last, partial vector). */
-#define FBN_GS_LOOP(L, idx, BODY)                                                                  \
+/* The row's loop: BODY(i, k, m, full) for each vector at element i, k its lanes' channel indices
+ * and m its mask (all lanes, full, but in the row's last, partial vector).  Two copies of it, for
+ * C <= 16 and above, so that FBN_GS_PICK's kind of permute is fixed in each. */
+#define FBN_GS_ROW(L, idx, BODY)                                                                   \
     do {                                                                                           \
         ptrdiff_t i_ = 0;                                                                          \
         for (; i_ + 16 <= (L); i_ += 16)                                                           \
@@ -358,6 +359,13 @@ FBN_S512_INLINE void fbn_gs_load(const float *k, ptrdiff_t C, __m512 *lo, __m512
         if (i_ < (L))                                                                              \
             BODY(i_, _mm512_load_si512((const void *)((idx) + i_)),                                \
                  (__mmask16)((1u << ((L) - i_)) - 1), 0);                                          \
+    } while (0)
+#define FBN_GS_LOOP(C, L, idx, BODY)     \
+    do {                                 \
+        if ((C) <= 16)                   \
+            FBN_GS_ROW(L, idx, BODY);    \
+        else                             \
+            FBN_GS_ROW(L, idx, BODY);    \
     } while (0)
 
 /* The lanes' coefficients, v[k[lane]], from one register for 16 channels or fewer, else two. */
@@ -390,10 +398,7 @@ FBN_S512 static void fbn_gs_affine(const float *x, float *y, ptrdiff_t C, ptrdif
                  _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + (i)), M), FBN_GS_PICK(k, a0, a1, C), \
                                  FBN_GS_PICK(k, b0, b1, C)),                                            \
                  m, full)
-    if (C <= 16)  /* (two loops: the permute's kind is fixed in each) */
-        FBN_GS_LOOP(L, idx, FBN_GS_AF);
-    else
-        FBN_GS_LOOP(L, idx, FBN_GS_AF);
+    FBN_GS_LOOP(C, L, idx, FBN_GS_AF);
 #undef FBN_GS_AF
 }
 
@@ -413,10 +418,7 @@ FBN_S512 static void fbn_gs_grad_input(const float *dy, const float *x, float *d
                  _mm512_fmadd_ps(FBN_GS_PICK(k, d0, d1, C), _mm512_maskz_loadu_ps(m, dy + (i)),          \
                                  _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + (i)), M), KX, KC)), \
                  m, full)
-    if (C <= 16)  /* (two loops: the permute's kind is fixed in each) */
-        FBN_GS_LOOP(L, idx, FBN_GS_GI);
-    else
-        FBN_GS_LOOP(L, idx, FBN_GS_GI);
+    FBN_GS_LOOP(C, L, idx, FBN_GS_GI);
 #undef FBN_GS_GI
 }
 
