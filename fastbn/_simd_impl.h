@@ -221,11 +221,12 @@ FBN_INLINE int FBN_NAME(fbn_range_wide)(const T *mhi, ptrdiff_t C, ptrdiff_t S, 
 
 /* ---- the fused activation (activation="relu") ----
  * The forward writes relu(v) = v < 0 ? 0 : v in the same pass, which keeps NaN and -0 as torch.relu
- * does.  The backward passes the gradient through it as PyTorch's threshold_backward: g where the
+ * does; for float16 and bfloat16 elements, v < -FBN_ZERO ? 0 : v, since torch.relu sees v rounded
+ * to the element type, and a v in [-FBN_ZERO, 0) rounds to -0, which it keeps.  The backward passes the gradient through it as PyTorch's threshold_backward: g where the
  * forward's output z was > 0 or NaN, 0 where z <= 0.  z is read from the forward's output (act 2), or
  * recomputed from x with the forward's coefficients (act 1), the same arithmetic as the forward's, so
  * the mask has the forward's bits, in the backward's passes: no saved mask, no extra pass. */
-FBN_INLINE T FBN_NAME(fbn_relu)(T v) { return v < (T)0 ? (T)0 : v; }
+FBN_INLINE T FBN_NAME(fbn_relu)(T v) { return v < -(T)FBN_ZERO ? (T)0 : v; }
 /* g, or +0 where z <= zero, as a bit mask rather than `z <= zero ? 0 : g`: GCC turned that into a
  * branch in the gradient sums (it will not execute their conversions speculatively), which left the
  * loop scalar and the backward 6x slower.  zero: 0 for an output read from memory; for one

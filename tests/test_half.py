@@ -340,3 +340,26 @@ def test_grad_output_has_the_input_dtype_in_every_norm(norm):
             backward(x32.astype(xd), dy32.astype(gd))
     x16 = x32.astype(np.float16)
     np.testing.assert_array_equal(backward(x16, dy32.astype(">f2")), backward(x16, dy32.astype(np.float16)))
+
+
+@pytest.mark.parametrize("name", sorted(HALVES))
+def test_relu_keeps_outputs_that_round_to_negative_zero(name):
+    """torch.relu sees the output rounded to the half type: a tiny negative value is -0.0 there,
+    which it keeps.  fastbn computes in float32 and rounds after its ReLU, so it keeps the values
+    that round to -0.0 as well (and its backward passes no gradient there: z <= 0)."""
+    torch = pytest.importorskip("torch", reason="the parity check needs torch")
+    dt = HALVES[name]
+    x = np.array([[-1.0, -1.0, 1.0], [1.0, 1.0, -1.0], [0.0, 0.0, 0.0]], dtype=dt)
+    rm, rv, b = np.zeros(3, np.float32), np.ones(3, np.float32), np.zeros(3, np.float32)
+    # products that round to -0: below half the smallest subnormal (float16 2**-25, bfloat16 2**-134)
+    w = np.array([1e-9 if name == "float16" else 1e-41, 1e-30 if name == "float16" else 2e-42, 2.0], np.float32)
+    y = fastbn.batch_norm(x, rm, rv, w, b, eps=0.0, activation="relu")
+    tx = torch.from_numpy(x.astype(np.float32)).to(getattr(torch, name))
+    ty = torch.relu(torch.nn.functional.batch_norm(tx, *(torch.from_numpy(a) for a in (rm, rv, w, b)), False, 0.1, 0.0))
+    y32, ty32 = y.astype(np.float32), ty.float().numpy()
+    np.testing.assert_array_equal(np.signbit(y32), np.signbit(ty32))
+    np.testing.assert_array_equal(y32, ty32)
+    assert np.signbit(y32[0, 0]) and np.signbit(y32[0, 1])  # the cases themselves
+    _, mean, invstd = fastbn.batch_norm_forward(x, rm, rv, w, b, eps=0.0, activation="relu")
+    dx, _, _ = fastbn.batch_norm_backward(np.ones_like(x), x, w, mean, invstd, False, activation="relu", bias=b)
+    assert not np.any(dx.astype(np.float32)[:2, :2])  # every z here rounds to a zero
