@@ -293,7 +293,8 @@ def prepare_out(be, out, x, x3, *reads):
         )
     if not be.writeable(out):
         raise ValueError("out is read-only")
-    if 0 in out.strides and any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):  # as PyTorch
+    # as PyTorch; an empty out has no elements to share (NumPy 2 gives every empty array 0 strides)
+    if out.size and 0 in out.strides and any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
         raise ValueError(f"out has elements that share one memory location (strides {out.strides}), so the "
                          f"results would overwrite each other")
     o = out.transpose(_to_last(out.ndim)) if _channels_last(x, x3) else out

@@ -228,6 +228,24 @@ def test_empty_inputs():
     assert fastbn.instance_norm(np.zeros((0, 2, 4))).shape == (0, 2, 4)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 0), (0, 4, 3), (0, 4)], ids=str)
+def test_empty_out_arrays_are_accepted(shape):
+    """NumPy 2 gives every empty array zero strides; an empty out= has no elements that could
+    share a location, so it is accepted (and returned) as PyTorch accepts an empty out."""
+    x = np.zeros(shape, np.float32)
+    w = np.ones(4, np.float32)
+    for call in (lambda o: fastbn.group_norm(x, 2, w, w, out=o), lambda o: fastbn.layer_norm(x, shape[-1:], out=o),
+                 lambda o: fastbn.batch_norm(x, None, None, w, w, training=True, out=o)):
+        o = np.empty_like(x)
+        assert call(o) is o
+    y, m, s = fastbn.group_norm_forward(x, 2, w)
+    o = np.empty_like(x)
+    assert fastbn.group_norm_backward(x, x, 2, w, m, s, out=o)[0] is o
+    if len(shape) == 3:  # (to instance norm, a 2-d input is one unbatched instance, (C, L))
+        o = np.empty_like(x)
+        assert fastbn.instance_norm(x, out=o) is o
+
+
 @pytest.mark.parametrize("call, exc, words", [
     (lambda x: fastbn.group_norm(x, 5), ValueError, ["num_groups", "divide", "6 channels"]),
     (lambda x: fastbn.group_norm(x, 0), ValueError, ["num_groups", ">= 1"]),
