@@ -89,25 +89,34 @@ FBN_INLINE void FBN_NAME(fbn_row_sums)(const T *p, ptrdiff_t n, double k, double
     *q_out = q;
 }
 
-/* Moments of p[0:n] merged into acc (fbn_shift_merge), in one pass: the shift is the exact mean
- * of the first h = min(n, max(32, min(256, n / 8))) elements, then sums of (x - k) and
- * (x - k)^2 in double (fbn_row_sums).  No cancellation to speak of: the head's mean is within
- * sqrt(n / h) standard deviations of the mean (the head's deviation counts in the variance), so
- * M2's relative rounding is below 1e-16 * (1 + n / h). */
-FBN_CLONES static void FBN_NAME(fbn_row_moments)(const T *p, ptrdiff_t n, double *acc)
+/* The shift of fbn_row_moments: the exact mean of the first h = min(n, max(32, min(256, n / 8)))
+ * elements of p[0:n], n > 0.  (Not inlined: the paired rows' loops (_norm_simd.h) take the same
+ * clone's shift.) */
+FBN_CLONES static double FBN_NAME(fbn_row_shift)(const T *p, ptrdiff_t n)
 {
-    if (n <= 0)
-        return;
     ptrdiff_t h = n / 8 < 256 ? n / 8 : 256;
     if (h < 32)
         h = 32;
     if (h > n)
         h = n;
-    double k = 0.0, s, q;
+    double k = 0.0;
 #pragma omp simd simdlen(8) reduction(+:k)
     for (ptrdiff_t i = 0; i < h; i++)
         k += (double)p[i];
-    k /= (double)h;
+    return k / (double)h;
+}
+
+/* Moments of p[0:n] merged into acc (fbn_shift_merge), in one pass: the shift k is the exact mean
+ * of the row's head (fbn_row_shift), then sums of (x - k) and (x - k)^2 in double
+ * (fbn_row_sums).  No cancellation to speak of: the head's mean is within sqrt(n / h) standard
+ * deviations of the mean (the head's deviation counts in the variance), so M2's relative
+ * rounding is below 1e-16 * (1 + n / h). */
+FBN_CLONES static void FBN_NAME(fbn_row_moments)(const T *p, ptrdiff_t n, double *acc)
+{
+    if (n <= 0)
+        return;
+    const double k = FBN_NAME(fbn_row_shift)(p, n);
+    double s, q;
 #if defined(FBN_NT512) && FBN_IS_F32
     if (n >= FBN_NORM_LONG && fbn_nt512_ok(p)) {
         fbn_row_sums_512(p, n, k, &s, &q);

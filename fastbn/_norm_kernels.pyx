@@ -10,7 +10,10 @@ FUSED   (R >= PLAN_WIDTH rows, or rows too short to cut): a task takes a block o
         in double lanes, for float32 rows too, see _norm_simd.h), the row's
         coefficients, then the apply pass, which reads the row back from L1/L2 (a row of the
         benchmark's shapes is 3 to 25 KiB).  Memory sees one read and one write, as a copy.  The
-        backward likewise: gradient sums, then grad_input.
+        backward likewise: gradient sums, then grad_input.  Group norm's forward pairs float32
+        rows of long channel runs with AVX-512: a row's apply pass runs in one loop with the
+        next row's moments (_norm_simd.h's paired rows), so that the core reads and writes at
+        once.
 PIECES  (fewer rows than PLAN_WIDTH, long rows): each row is cut into P pieces, a task each; the
         pieces' partials go to their own slots and are merged per row in piece order on the
         calling thread (Chan's update, fbn_shift_merge), then a second pass of (row, piece) tasks
@@ -69,6 +72,8 @@ cdef extern from "_norm_simd.h" nogil:
     double fbn_row_traffic_f64(const double *x, const double *dy, double *y, Py_ssize_t n, int nt)
     void fbn_ln_grad_input_fl(const float *dy, const float *x, float *dx, Py_ssize_t n, const float *w, float istd, float mhi, float mlo, float kx, float kc, int nt)
     void fbn_ln_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, const double *w, double istd, double mhi, double mlo, double kx, double kc, int nt)
+    int fbn_pair_affine(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, const float *cf, int nt, const float *xn, double *acc)
+    int fbn_row_pairs(int set)
 
 cdef enum:
     PLAN_WIDTH = 16          # tasks a call aims at (8 per core on 2 cores), fixed: see PIECES
@@ -146,18 +151,17 @@ cdef void _pass(const Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
     elif op == GN_FWD or op == GN_BWD or op == LN_FWD:  # whole rows
         r0 = k * jb.rows_task
         r1 = min(jb.R, r0 + jb.rows_task)
-        for r in range(r0, r1):
-            if op == GN_BWD:
-                _group_gsums(jb, r, 0, jb.L, jb.sums + r * 2 * jb.Cg, tag)
-                _group_grad_coefs(jb, r, tag)
-                _group_ginput(jb, r, 0, jb.L, tag)
-                continue
-            _moments(jb, r, 0, jb.L, acc, tag)
-            _finish_row(jb, r, acc)
-            if op == GN_FWD:
-                _group_coefs(jb, r, tag)
-                _group_apply(jb, r, 0, jb.L, tag)
-            else:
+        if op == GN_FWD:
+            _group_forward_rows(jb, r0, r1, tag)
+        else:
+            for r in range(r0, r1):
+                if op == GN_BWD:
+                    _group_gsums(jb, r, 0, jb.L, jb.sums + r * 2 * jb.Cg, tag)
+                    _group_grad_coefs(jb, r, tag)
+                    _group_ginput(jb, r, 0, jb.L, tag)
+                    continue
+                _moments(jb, r, 0, jb.L, acc, tag)
+                _finish_row(jb, r, acc)
                 _ln_apply(jb, r, 0, jb.L, tag)
     elif op == LN_BWD or op == LN_GINPUT:  # (row block, piece)
         blk = k // jb.P
@@ -247,6 +251,13 @@ def short_inline(enabled=None):
     generic loops) rather than the generic ones; sets it when given (the tests run both).  This
     module's switch; fastbn._kernels.short_inline is batch norm's.  Not part of fastbn's API."""
     return bool(fbn_short_inline(-1 if enabled is None else int(bool(enabled))))
+
+
+def row_pairs(enabled=None):
+    """Whether group norm's fused float32 forward tasks pair rows (_norm_simd.h: a row's normalize
+    in one loop with the next row's moments; the same bits as a row at a time) where they can;
+    sets it when given (the tests run both).  Not part of fastbn's API."""
+    return bool(fbn_row_pairs(-1 if enabled is None else int(bool(enabled))))
 
 
 def group_forward(x, y, weight, bias, Py_ssize_t G, Py_ssize_t S, double eps, mean, var, invstd,

@@ -171,6 +171,32 @@ cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f
             fbn_affine_f64(<const double *>jb.dy + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt, 0)
 
 
+# ---- a forward task's whole rows, one after the other; float32 rows that pair (fbn_pair_affine
+# in _norm_simd.h) normalize a row in one loop with the next row's moments.
+cdef bint _group_apply_pair(const Job *jb, Py_ssize_t r, double *acc, floating tag) noexcept nogil:
+    """Row r's normalize (as _group_apply, a mean that is not wide) with row r + 1's moments into
+    acc, where the rows pair."""
+    cdef Py_ssize_t L = jb.L
+    if floating is double or _wide(jb.mean[r], tag):
+        return False
+    return fbn_pair_affine(<const float *>jb.x + r * L, <float *>jb.y + r * L, jb.Cg, jb.S,
+                           <const float *>jb.cf + r * 5 * jb.Cg, jb.nt, <const float *>jb.x + (r + 1) * L, acc) != 0
+
+
+cdef void _group_forward_rows(const Job *jb, Py_ssize_t r0, Py_ssize_t r1, floating tag) noexcept nogil:
+    cdef double acc[4]
+    cdef bint summed = False  # row r's moments are in acc
+    cdef Py_ssize_t r
+    for r in range(r0, r1):
+        if not summed:
+            _moments(jb, r, 0, jb.L, acc, tag)
+        _finish_row(jb, r, acc)
+        _group_coefs(jb, r, tag)
+        summed = r + 1 < r1 and _group_apply_pair(jb, r, acc, tag)
+        if not summed:
+            _group_apply(jb, r, 0, jb.L, tag)
+
+
 cdef void _ln_row_coefs(const Job *jb, Py_ssize_t r, double A, double B, floating *istd, floating *hi,
                         floating *lo, floating *kx, floating *kc) noexcept nogil:
     cdef double s = jb.invstd[r], n = <double>jb.L

@@ -116,27 +116,33 @@ __attribute__((target("avx512f,fma"))) static void fbn_affine_512(const float *p
 #undef FBN_AF_BODY
 }
 
-/* *s = sum(x - k) and *q = sum((x - k)^2) over p[0:n] in double lanes, 32 elements a step: x
- * converted, k subtracted, and both sums as multiply-adds (s += d * 1), which moves half the adds
- * from the FP add pipes (where the conversions and subtractions run) to the FMA pipes. */
-__attribute__((target("avx512f,fma"))) static void fbn_row_sums_512(const float *p, ptrdiff_t n, double k,
-                                                                    double *s_out, double *q_out)
+/* The step helpers below are inlined into both loops that use them (these sums and the paired
+ * rows' loop further down), so that both add the same terms in the same order. */
+#define FBN_SUM512 __attribute__((target("avx512f,fma"))) static inline __attribute__((always_inline))
+
+/* fbn_row_sums_512's lanes: four accumulators of sum(x - k) and four of sum((x - k)^2). */
+typedef struct { __m512d s0, s1, s2, s3, q0, q1, q2, q3; } fbn_rs512;
+
+/* One step: the 32 elements at p, the k of K subtracted, into the lanes of *a. */
+FBN_SUM512 void fbn_rs512_step(fbn_rs512 *a, const float *p, __m512d K)
 {
-    const __m512d K = _mm512_set1_pd(k), ONE = _mm512_set1_pd(1.0);
-    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
-    ptrdiff_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i)), K);
-        const __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 8)), K);
-        const __m512d d2 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 16)), K);
-        const __m512d d3 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 24)), K);
-        s0 = _mm512_fmadd_pd(d0, ONE, s0), s1 = _mm512_fmadd_pd(d1, ONE, s1);
-        s2 = _mm512_fmadd_pd(d2, ONE, s2), s3 = _mm512_fmadd_pd(d3, ONE, s3);
-        q0 = _mm512_fmadd_pd(d0, d0, q0), q1 = _mm512_fmadd_pd(d1, d1, q1);
-        q2 = _mm512_fmadd_pd(d2, d2, q2), q3 = _mm512_fmadd_pd(d3, d3, q3);
-    }
-    double s = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3)));
-    double q = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3)));
+    const __m512d ONE = _mm512_set1_pd(1.0);
+    const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p)), K);
+    const __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)), K);
+    const __m512d d2 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + 16)), K);
+    const __m512d d3 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + 24)), K);
+    a->s0 = _mm512_fmadd_pd(d0, ONE, a->s0), a->s1 = _mm512_fmadd_pd(d1, ONE, a->s1);
+    a->s2 = _mm512_fmadd_pd(d2, ONE, a->s2), a->s3 = _mm512_fmadd_pd(d3, ONE, a->s3);
+    a->q0 = _mm512_fmadd_pd(d0, d0, a->q0), a->q1 = _mm512_fmadd_pd(d1, d1, a->q1);
+    a->q2 = _mm512_fmadd_pd(d2, d2, a->q2), a->q3 = _mm512_fmadd_pd(d3, d3, a->q3);
+}
+
+/* The lanes added up, then elements [i, n) of p one at a time. */
+FBN_SUM512 void fbn_rs512_end(const fbn_rs512 *a, const float *p, ptrdiff_t i, ptrdiff_t n, double k, double *s_out,
+                              double *q_out)
+{
+    double s = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a->s0, a->s1), _mm512_add_pd(a->s2, a->s3)));
+    double q = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a->q0, a->q1), _mm512_add_pd(a->q2, a->q3)));
     for (; i < n; i++) {
         const double d = (double)p[i] - k;
         s += d;
@@ -144,6 +150,20 @@ __attribute__((target("avx512f,fma"))) static void fbn_row_sums_512(const float 
     }
     *s_out = s;
     *q_out = q;
+}
+
+/* *s = sum(x - k) and *q = sum((x - k)^2) over p[0:n] in double lanes, 32 elements a step: x
+ * converted, k subtracted, and both sums as multiply-adds (s += d * 1), which moves half the adds
+ * from the FP add pipes (where the conversions and subtractions run) to the FMA pipes. */
+__attribute__((target("avx512f,fma"))) static void fbn_row_sums_512(const float *p, ptrdiff_t n, double k,
+                                                                    double *s_out, double *q_out)
+{
+    const __m512d K = _mm512_set1_pd(k), z = _mm512_setzero_pd();
+    fbn_rs512 a = {z, z, z, z, z, z, z, z};
+    ptrdiff_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        fbn_rs512_step(&a, p + i, K);
+    fbn_rs512_end(&a, p, i, n, k, s_out, q_out);
 }
 
 /* *a = sum(g) and *b = sum(g * (x - m)) over [0, n) in double lanes, 16 elements a step, both sums
@@ -658,6 +678,105 @@ FBN_CLONES static void fbn_ln_fold(float *gf, double *g, ptrdiff_t n)
         g[j] += (double)gf[j];
         gf[j] = 0.0f;
     }
+}
+
+/* ---- paired rows: a row's normalize while the next row's moments are read ---------------------
+ * Group norm's fused forward tasks (whole rows) read a row for its moments, then write it out
+ * normalized.  One after the other, a core's reads and writes took turns: the (8, 256, 28, 28)
+ * GroupNorm(32) forward ran at 1.7-1.9x a copy, where a C harness with one loop doing both, the
+ * sums of row r + 1 step by step with the normalize of row r, ran at 1.3-1.5x (2 threads; the
+ * same two loops chunk by chunk gained a third of that).  fbn_pair_affine is that loop: row r +
+ * 1's sums are fbn_row_sums_512's steps in their order, and row r's elements take fbn_affine_fl's
+ * arithmetic, so the results are the same bits (tests/test_norms.py compares both:
+ * fastbn._norm_kernels.row_pairs).  Stores as fbn_affine_512's: 64-byte aligned whole vectors,
+ * streamed with nt.  Measured, min of 8 alternating rounds in one process, paired / a row at a time:
+ * (8, 256, 28, 28) 0.82-0.88 on 1 and 2 threads; (32, 64, 56, 56) 0.78-0.90; (16, 64, 64, 64) (one
+ * channel a group) 1.0.  The backward's version (row r's grad_input with row r + 1's gradient sums)
+ * did not gain: 0.92-1.08 in cache, 1.03-1.25 with streaming stores; its sums are bound by their
+ * float-to-double conversions, two an element, not by memory. */
+#if defined(FBN_NT512) && defined(FBN_FLANES)
+static int fbn_pairs_off; /* tests: 1 takes a row at a time (fbn_row_pairs) */
+
+/* y = the normalize of row x (C runs of S, cf = [mhi | mlo | a | b] as fbn_affine_fl's) while
+ * summing the next row xn (C * S elements) as fbn_row_moments_f32 does, into acc (zeroed first).
+ * Each run: a masked head up to y's next 64-byte line, 32 elements at a time with one step of the
+ * sums each (while the sums have whole steps left), then 16 at a time, then a masked tail; the
+ * sums' remaining steps and elements after the last run. */
+__attribute__((target("avx512f,fma"))) static void fbn_pair_affine_512(const float *x, float *y, ptrdiff_t C,
+                                                                       ptrdiff_t S, const float *cf, int nt,
+                                                                       const float *xn, double *acc)
+{
+    const ptrdiff_t n = C * S, body = n - n % 32;
+    const double k = fbn_row_shift_f32(xn, n);
+    const __m512d K = _mm512_set1_pd(k), z = _mm512_setzero_pd();
+    fbn_rs512 sums = {z, z, z, z, z, z, z, z};
+    ptrdiff_t i = 0; /* the sums' next step */
+    double s, q2;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        const float a = cf[2 * C + c], b = fbn_fold_lo(cf[3 * C + c], cf[C + c], a);
+        const __m512 M = _mm512_set1_ps(cf[c]), A = _mm512_set1_ps(a), B = _mm512_set1_ps(b);
+        const float *p = x + c * S;
+        float *q = y + c * S;
+#define FBN_PA_VEC(j, k, full) \
+    fbn_st512(q + (j), _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + (j)), M), A, B), k, full, nt)
+        ptrdiff_t j = (ptrdiff_t)((-(uintptr_t)q & 63) / 4);
+        if (j)
+            FBN_PA_VEC(0, (__mmask16)((1u << j) - 1), 0);
+        for (; j + 32 <= S; j += 32) {
+            FBN_PA_VEC(j, (__mmask16)0xffff, 1);
+            FBN_PA_VEC(j + 16, (__mmask16)0xffff, 1);
+            if (i < body) {
+                fbn_rs512_step(&sums, xn + i, K);
+                i += 32;
+            }
+        }
+        for (; j + 16 <= S; j += 16)
+            FBN_PA_VEC(j, (__mmask16)0xffff, 1);
+        if (j < S)
+            FBN_PA_VEC(j, (__mmask16)((1u << (S - j)) - 1), 0);
+#undef FBN_PA_VEC
+    }
+    for (; i < body; i += 32)
+        fbn_rs512_step(&sums, xn + i, K);
+    fbn_rs512_end(&sums, xn, body, n, k, &s, &q2);
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0;
+    fbn_shift_merge(acc, (double)n, k, s / (double)n, q2 - s * (s / (double)n));
+}
+
+/* Row r's normalize (x, y) with row r + 1's moments (xn) into acc; 0 where the rows do not pair,
+ * and nothing was done: they pair where the unpaired loops take the AVX-512 sums (rows of
+ * FBN_NORM_LONG or more) and vector loops (runs of FBN_AL512_RUN or more; with nt, of
+ * FBN_NT512_RUN, below which streaming goes through a buffer). */
+static int fbn_pair_affine(const float *x, float *y, ptrdiff_t C, ptrdiff_t S, const float *cf, int nt,
+                           const float *xn, double *acc)
+{
+    if (__atomic_load_n(&fbn_pairs_off, __ATOMIC_RELAXED) || C * S < FBN_NORM_LONG ||
+        S < (nt ? FBN_NT512_RUN : FBN_AL512_RUN) || !fbn_nt512_ok(x) || !fbn_nt512_ok(y) || !fbn_nt512_ok(xn))
+        return 0;
+    fbn_pair_affine_512(x, y, C, S, cf, nt, xn, acc);
+    return 1;
+}
+#else
+static int fbn_pair_affine(const float *x, float *y, ptrdiff_t C, ptrdiff_t S, const float *cf, int nt,
+                           const float *xn, double *acc)
+{
+    (void)x, (void)y, (void)C, (void)S, (void)cf, (void)nt, (void)xn, (void)acc;
+    return 0;
+}
+#endif
+
+/* Whether group norm's fused forward tasks pair rows (above); set >= 0 sets it
+ * (fastbn._norm_kernels.row_pairs). */
+static inline int fbn_row_pairs(int set)
+{
+#if defined(FBN_NT512) && defined(FBN_FLANES)
+    if (set >= 0)
+        __atomic_store_n(&fbn_pairs_off, !set, __ATOMIC_RELAXED);
+    return !__atomic_load_n(&fbn_pairs_off, __ATOMIC_RELAXED) && fbn_nt512_ok(&fbn_pairs_off);
+#else
+    (void)set;
+    return 0;
+#endif
 }
 
 #endif /* FASTBN_NORM_SIMD_H */

@@ -934,6 +934,59 @@ def test_float32_statistics_are_float64s(kind, head):
     assert ulps.max() <= 3, ulps.max()
 
 
+@pytest.mark.parametrize("stream", [0, 1])
+@pytest.mark.parametrize("shape, G, skew", [((6, 8, 16, 16), 1, 0), ((5, 12, 17, 31), 2, 1), ((4, 6, 2100), 3, 3),
+                                            ((3, 4, 700), 1, 2), ((3, 8, 16, 16), 4, 0), ((2, 64, 130), 16, 1)])
+def test_paired_rows_are_rows_one_at_a_time(shape, G, skew, stream):
+    """Group norm's fused float32 forward tasks with AVX-512 normalize a row in one loop with the
+    next row's moments (_norm_simd.h's paired rows; fastbn._norm_kernels.row_pairs switches them):
+    the same bits as a row at a time, output and statistics, with streaming stores and without,
+    arrays 4 * skew bytes past a 64-byte line, NaN input, a 1e4 offset, and a row with a wide mean
+    among paired ones (it takes the double loop, the rest pair).  Rows shorter than 2048 (the fifth
+    case) and runs shorter than 256 (the last; with streaming stores, 2048) never pair."""
+    from fastbn import _norm_kernels as K
+
+    before = K.row_pairs()
+    if not K.row_pairs(True):
+        K.row_pairs(before)
+        pytest.skip("no AVX-512F here, or a build without the paired loop: one set of loops")
+    rng = np.random.default_rng(37)
+    N, C = shape[0], shape[1]
+    S = int(np.prod(shape[2:]))
+    R = N * G
+
+    def skewed(a):  # a copy 4 * skew bytes past a 64-byte aligned start
+        buf = np.empty(a.size + 16 + skew, np.float32)
+        out = buf[(-buf.ctypes.data % 64) // 4 + skew:][:a.size].reshape(a.shape)
+        out[...] = a
+        return out
+
+    x = (rng.standard_normal(shape) * 2 + 1e4 * rng.standard_normal((1, C) + (1,) * (len(shape) - 2)))
+    x = skewed(x.astype(np.float32))
+    rows = x.reshape(R, -1)
+    rows[1, 7] = np.nan
+    if R > 3:
+        rows[2] = 3e38  # a wide mean: the rows' double loop
+    w = skewed(rng.uniform(-2, 2, C).astype(np.float32))
+    b = skewed(rng.standard_normal(C).astype(np.float32))
+    results = {}
+    try:
+        for paired in (True, False):
+            K.row_pairs(paired)
+            for threads in (1, 2):
+                y = skewed(np.zeros(shape, np.float32))
+                mean, var, invstd = (np.empty(R) for _ in range(3))
+                K.group_forward(x, y, w, b, G, S, 1e-5, mean, var, invstd, threads, stream)
+                results[paired, threads] = (y, mean, var, invstd)
+    finally:
+        K.row_pairs(before)
+    for threads in (1, 2):
+        for a, c in zip(results[True, threads], results[False, threads]):
+            np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
+    for a, c in zip(results[True, 1], results[True, 2]):
+        np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
+
+
 @pytest.mark.parametrize("shape, G", [((3, 64, 2, 2), 4), ((2, 24, 3, 3), 3), ((3, 10, 5), 2), ((2, 64, 3, 4), 2),
                                       ((3, 20, 11), 1), ((4, 6, 2), 6), ((2, 33, 3), 1), ((4, 64, 4, 4), 2),
                                       ((2, 6, 200), 3)])
