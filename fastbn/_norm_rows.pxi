@@ -26,6 +26,10 @@ cdef inline bint _wide(double m, floating tag) noexcept nogil:
     return m >= w or m <= -w
 
 
+# ---- rows of one element (layer norm over one feature, group norm with one element a group) take
+# the same double path in the backward: there x - mean = 0 and dx = invstd * (g - mean(g)) is
+# exactly 0, as PyTorch's, where the float coefficients' dy * w * invstd + kc left a rounding of
+# dy * w * invstd (about 5e-8 of it).
 # ---- rows with a steep spread (invstd below 2**-40 for float32, 2**-400 for float64: std past
 # 1e12, 1e120), whose grad_input takes the same double path: the coefficient of x - mean is about
 # weight * |dy| * invstd**2, which the float32 coefficients cannot hold past std 1e19 (it fell
@@ -152,7 +156,7 @@ cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f
     cdef const floating *w = <const floating *>jb.w + ch0
     cdef const double *sums = jb.sums + r * 2 * Cg
     cdef double A = 0.0, B = 0.0, istd = jb.invstd[r]
-    if jb.training and (_wide(jb.mean[r], tag) or _steep(istd, tag)):  # as _group_grad_coefs, in double
+    if jb.training and (_wide(jb.mean[r], tag) or _steep(istd, tag) or jb.L == 1):  # as _group_grad_coefs, in double
         for c in range(Cg):
             A += <double>w[c] * sums[2 * c]
             B += <double>w[c] * sums[2 * c + 1]
@@ -226,7 +230,7 @@ cdef void _ln_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f1, 
     cdef Py_ssize_t o = r * jb.L + f0
     cdef floating istd, hi, lo, kx, kc
     cdef double s = jb.invstd[r]
-    if _wide(jb.mean[r], tag) or _steep(s, tag):
+    if _wide(jb.mean[r], tag) or _steep(s, tag) or jb.L == 1:
         _wide_grad(<const floating *>jb.dy + r * jb.L, <const floating *>jb.x + r * jb.L, <floating *>jb.y + r * jb.L,
                    f0, f1, jb.mean[r], s, <const floating *>jb.w, 1, -s * (s * B) / <double>jb.L, -s * A / <double>jb.L)
         return

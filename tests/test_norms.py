@@ -228,6 +228,26 @@ def test_empty_inputs():
     assert fastbn.instance_norm(np.zeros((0, 2, 4))).shape == (0, 2, 4)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_of_one_element_give_a_zero_grad_input(dtype):
+    """A row of one element (layer norm over one feature, group norm with one element a group) has
+    x - mean = 0, so grad_input = invstd * (g - mean(g)) = 0 exactly, as PyTorch's layer norm
+    gives; NaN where grad_output is NaN."""
+    rng = np.random.default_rng(41)
+    x = (rng.standard_normal((7, 6)) * 3).astype(dtype)
+    g = (rng.standard_normal((7, 6)) * 100).astype(dtype)
+    g[2, 3] = np.nan
+    w = rng.uniform(0.5, 3, 6).astype(dtype)
+    y, m, s = fastbn.layer_norm_forward(x[..., None], (1,), w[:1])
+    dx = fastbn.layer_norm_backward(g[..., None], x[..., None], (1,), w[:1], m, s)[0]
+    for out in (dx[..., 0], fastbn.group_norm_backward(g, x, 6, w, *fastbn.group_norm_forward(x, 6, w)[1:])[0],
+                fastbn.group_norm_backward(g[..., None, None], x[..., None, None], 6, w,
+                                           *fastbn.group_norm_forward(x[..., None, None], 6, w)[1:])[0][..., 0, 0]):
+        assert np.isnan(out[2, 3])
+        out[2, 3] = 0
+        np.testing.assert_array_equal(out, 0)
+
+
 @pytest.mark.parametrize("shape", [(2, 4, 0), (0, 4, 3), (0, 4)], ids=str)
 def test_empty_out_arrays_are_accepted(shape):
     """NumPy 2 gives every empty array zero strides; an empty out= has no elements that could
