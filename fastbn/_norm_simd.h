@@ -689,9 +689,9 @@ FBN_CLONES static void fbn_ln_fold(float *gf, double *g, ptrdiff_t n)
  * 1's sums are fbn_row_sums_512's steps in their order, and row r's elements take fbn_affine_fl's
  * arithmetic, so the results are the same bits (tests/test_norms.py compares both:
  * fastbn._norm_kernels.row_pairs).  Stores as fbn_affine_512's: 64-byte aligned whole vectors,
- * streamed with nt.  Measured, min of 8 alternating rounds in one process, paired / a row at a time:
- * (8, 256, 28, 28) 0.82-0.88 on 1 and 2 threads; (32, 64, 56, 56) 0.78-0.90; (16, 64, 64, 64) (one
- * channel a group) 1.0.  The backward's version (row r's grad_input with row r + 1's gradient sums)
+ * streamed with nt.  Measured, min of 8 alternating rounds in one process, paired / a row at a time,
+ * on 2 and 1 threads: (8, 256, 28, 28) 0.87, 0.85; (32, 64, 56, 56) 0.91, 0.97; (16, 64, 64, 64)
+ * (one channel a group) 0.96, 0.96.  The backward's version (row r's grad_input with row r + 1's gradient sums)
  * did not gain: 0.92-1.08 in cache, 1.03-1.25 with streaming stores; its sums are bound by their
  * float-to-double conversions, two an element, not by memory. */
 #if defined(FBN_NT512) && defined(FBN_FLANES)
@@ -772,7 +772,7 @@ static inline int fbn_row_pairs(int set)
 #if defined(FBN_NT512) && defined(FBN_FLANES)
     if (set >= 0)
         __atomic_store_n(&fbn_pairs_off, !set, __ATOMIC_RELAXED);
-    return !__atomic_load_n(&fbn_pairs_off, __ATOMIC_RELAXED) && fbn_nt512_ok(&fbn_pairs_off);
+    return !__atomic_load_n(&fbn_pairs_off, __ATOMIC_RELAXED) && fbn_nt512_ok(&fbn_pairs_off); /* (AVX-512F here) */
 #else
     (void)set;
     return 0;

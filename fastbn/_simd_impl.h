@@ -222,8 +222,9 @@ FBN_INLINE int FBN_NAME(fbn_range_wide)(const T *mhi, ptrdiff_t C, ptrdiff_t S, 
 /* ---- the fused activation (activation="relu") ----
  * The forward writes relu(v) = v < 0 ? 0 : v in the same pass, which keeps NaN and -0 as torch.relu
  * does; for float16 and bfloat16 elements, v < -FBN_ZERO ? 0 : v, since torch.relu sees v rounded
- * to the element type, and a v in [-FBN_ZERO, 0) rounds to -0, which it keeps.  The backward passes the gradient through it as PyTorch's threshold_backward: g where the
- * forward's output z was > 0 or NaN, 0 where z <= 0.  z is read from the forward's output (act 2), or
+ * to the element type, and a v in [-FBN_ZERO, 0) rounds to -0, which it keeps.  The backward
+ * passes the gradient through it as PyTorch's threshold_backward: g where the forward's output z
+ * was > 0 or NaN, 0 where z <= 0.  z is read from the forward's output (act 2), or
  * recomputed from x with the forward's coefficients (act 1), the same arithmetic as the forward's, so
  * the mask has the forward's bits, in the backward's passes: no saved mask, no extra pass. */
 FBN_INLINE T FBN_NAME(fbn_relu)(T v) { return v < -(T)FBN_ZERO ? (T)0 : v; }
