@@ -26,9 +26,12 @@ PROTOCOL_DOC = """
       backward consumes the saved forward, and a second backward raises ``RuntimeError``.
     - A forward that needs no backward (evaluation, monitoring, a finite-difference probe) goes
       inside ``with fastbn.no_grad():``: it saves nothing and leaves the pending forward alone.
-      Without it, a later forward *replaces* the pending one; when the two ran in different modes
-      (``train()``/``eval()``) the backward raises ``RuntimeError`` instead of silently returning
-      the gradient of the wrong call.
+      Without it, a later forward *replaces* the pending one, and where the API cannot know which
+      of them you mean, the backward raises ``RuntimeError`` instead of silently returning the
+      gradient of the wrong call: a backward in another mode (``train()``/``eval()``) than the
+      last forward's, and an evaluation-mode forward that replaced a pending training-mode one.
+      (A training forward replaces a pending evaluation one silently: a validation pass between
+      training steps, each forward followed by its backward, is the common case.)
     - The weight is copied when the forward is saved, so updating the parameters in place before
       the backward does not change its gradient.  Do not modify the *input* in place between the
       forward and the backward (pass ``out=`` for an in-place forward instead).
@@ -38,7 +41,9 @@ PROTOCOL_DOC = """
       ``num_batches_tracked``) untouched in training mode; ``no_grad`` does not, as PyTorch's.
 """
 
-_Saved = namedtuple("_Saved", "training payload")
+# A thread's pending forward: its mode, what backward needs, and whether it is an evaluation
+# forward that replaced a pending training one (directly or through other evaluation forwards).
+_Saved = namedtuple("_Saved", "training payload replaced_training")
 
 
 def _wrap_int64(n):
@@ -152,8 +157,14 @@ class Layer:
             saved_input = input.copy(order="K")  # an in-place forward overwrites the input backward needs
         y, payload = self._forward(input, checked, out, update, saved_input, record)
         if record:
-            self._local.saved = _Saved(self.training, payload)
+            self._save(self.training, payload)
         return y
+
+    def _save(self, training, payload):
+        """Save this thread's forward for backward, replacing the pending one (see _Saved)."""
+        prev = self._local.saved
+        replaced = not training and prev is not None and (prev.training or prev.replaced_training)
+        self._local.saved = _Saved(training, payload, replaced)
 
     def __call__(self, input, *, out=None, update_running_stats=True):
         return self.forward(input, out=out, update_running_stats=update_running_stats)
@@ -171,6 +182,11 @@ class Layer:
                 f"any earlier forward, so the gradient would be that of the {then}-mode call, probably not the one "
                 f"you mean. Run forwards that need no backward (monitoring, evaluation) inside fastbn.no_grad(), "
                 f"or switch the mode back before the forward you differentiate")
+        if saved.replaced_training:
+            raise RuntimeError(
+                f"{name}.backward() after an eval-mode forward that replaced this thread's pending training-mode "
+                f"forward: which of the two to differentiate is not clear, so neither is. Run forwards that need no "
+                f"backward (monitoring, evaluation) inside fastbn.no_grad(), or call backward before them")
         return saved.payload
 
     def backward(self, grad_output, *, out=None):

@@ -18,7 +18,7 @@ from . import functional as F
 from ._backends import backend_of, cpu
 from ._fastpath import eval_forward as _plain_eval
 from ._grad_mode import is_grad_enabled
-from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _RunningStats, _Saved, _wrap_int64  # noqa: F401
+from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _RunningStats, _wrap_int64  # noqa: F401
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Layer"]
 
@@ -122,8 +122,8 @@ class _BatchNorm(_RunningStats, Layer):
             if done is not None:
                 y, mean, invstd = done
                 if is_grad_enabled():
-                    self._local.saved = _Saved(False, (input, self.dtype, None, self._saved_weight(True), mean,
-                                                       invstd, False, self._saved_bias(True, self.dtype)))
+                    self._save(False, (input, self.dtype, None, self._saved_weight(True), mean, invstd, False,
+                                       self._saved_bias(True, self.dtype)))
                 return y
         return Layer.forward(self, input, out=out, update_running_stats=update_running_stats)
 

@@ -51,7 +51,7 @@ from . import _checks as ck
 from . import _kernels
 from ._backends import cpu
 from ._grad_mode import is_grad_enabled
-from ._layer_base import _Saved, _wrap_int64
+from ._layer_base import _wrap_int64
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 # What a training forward saves for its backward (the layer protocol's per-thread payload).
@@ -359,7 +359,7 @@ class SyncBatchNorm(_BatchNorm):
         # BatchNorm*d's): the pending forward stays, so a backward still differentiates it everywhere
         y, payload = self._sync_forward(input, out, update_running_stats, record)
         if record:
-            self._local.saved = _Saved(True, payload)
+            self._save(True, payload)
         return y
 
     __call__ = forward

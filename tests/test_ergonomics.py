@@ -62,6 +62,39 @@ def test_monitoring_pass_raises_instead_of_a_wrong_gradient(name, rng):
         layer.backward(g)  # one forward, one backward
 
 
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_an_eval_forward_over_a_pending_training_one_raises(name, rng):
+    """A training forward, then an evaluation forward outside no_grad, then a backward still in
+    evaluation mode: which forward is meant is not clear, so the backward raises rather than
+    return the evaluation call's gradient; further evaluation forwards keep it so, and a training
+    forward ends it.  A validation pass between training steps (each forward with its backward)
+    raises nothing, nor does an evaluation forward with its backward."""
+    layer, shape = _randomized(name, rng)
+    xa, xb, g = (rng.standard_normal(shape) for _ in range(3))
+    layer(xa)
+    layer.eval()
+    layer(xb)
+    with pytest.raises(RuntimeError, match=r"eval-mode forward that replaced .* pending training-mode forward.*no_grad"):
+        layer.backward(g)
+    layer(xb)  # another evaluation forward: still after the pending training one
+    with pytest.raises(RuntimeError, match="replaced"):
+        layer.backward(g)
+    layer.train()
+    layer(xa)  # a training forward replaces the evaluation ones: the one meant
+    ref_dx, _, _ = _reference_grad(layer, xa, g)
+    layer(xa)
+    np.testing.assert_allclose(layer.backward(g), ref_dx, rtol=1e-10, atol=1e-12)
+    # a validation pass between training steps, each forward followed by its backward
+    layer.eval()
+    layer(xb)
+    eval_dx = layer.backward(g)  # an evaluation forward and its own backward
+    layer(xb)                    # validation, without no_grad: pending, never differentiated
+    layer.train()
+    layer(xa)
+    np.testing.assert_allclose(layer.backward(g), ref_dx, rtol=1e-10, atol=1e-12)
+    assert eval_dx.shape == xb.shape
+
+
 @pytest.mark.parametrize("name", ["BatchNorm2d", "GroupNorm", "LayerNorm", "InstanceNorm2d"])
 def test_threads_sharing_a_layer_get_their_own_gradients(name):
     """8 Python threads share one layer, each forward then backward on its own input: every dx (and

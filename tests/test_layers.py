@@ -115,7 +115,8 @@ def test_no_running_stats_uses_batch_statistics_in_eval(rng):
     bn = _randomize(fastbn.BatchNorm2d(3, track_running_stats=False), rng)
     assert bn.running_mean is None and bn.running_var is None and bn.num_batches_tracked is None
     x = random_input(rng, (2, 3, 3, 3), np.float32)
-    y_train = bn(x)
+    with fastbn.no_grad():  # (not differentiated: a pending training forward would make the eval backward raise)
+        y_train = bn(x)
     bn.eval()
     y_eval = bn(x)
     np.testing.assert_array_equal(y_train, y_eval)
