@@ -44,6 +44,7 @@ PROTOCOL_DOC = """
 # A thread's pending forward: its mode, what backward needs, and whether it is an evaluation
 # forward that replaced a pending training one (directly or through other evaluation forwards).
 _Saved = namedtuple("_Saved", "training payload replaced_training")
+_NO_LOCK = contextlib.nullcontext()  # (reusable: it holds nothing)
 
 
 def _wrap_int64(n):
@@ -72,16 +73,19 @@ class Layer:
         self.training = True
         self._local = _PerThread()  # this thread's pending forward and gradients
         self._last_grads = {"weight": None, "bias": None}  # the last backward's, on any thread
+        self._stats_lock = threading.Lock()  # one running-statistics update at a time (_updating)
 
     # ------------------------------------------------------------------ pickling / copying
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_local", None)  # saved forwards are per thread and do not travel
+        state.pop("_stats_lock", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._local = _PerThread()
+        self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------ modes and parameters
     def train(self, mode=True):
@@ -327,6 +331,12 @@ class _RunningStats:
 
     def _reset_buffers(self):
         self.reset_running_stats()
+
+    def _updating(self, update):
+        """The context of a forward that updates the running statistics in place (``update``): one
+        at a time, so that threads sharing the layer lose no update (the buffers' read-modify-write,
+        and with momentum=None the factor read from num_batches_tracked and its increment)."""
+        return self._stats_lock if update else _NO_LOCK
 
     def _update_factor(self):
         """The weight of this batch in the running statistics: ``momentum``, or with momentum=None

@@ -133,22 +133,24 @@ class _BatchNorm(_RunningStats, Layer):
         be, x3 = checked
         batch_stats = self.training or not self.track_running_stats
         update = update and self.training and self.track_running_stats
-        factor = 0.0
-        if update:
-            factor = self._update_factor()
-        use_buffers = (not self.training and self.track_running_stats) or update
-        rm, rv = (self.running_mean, self.running_var) if use_buffers else (None, None)
-        C, dt = self.num_features, self.dtype if self._holds_arrays() else ck.compute_dtype(x3.dtype)
-        with self._on_device():
-            if rm is not None:
-                ck.vector(rm, "running_mean", be, (C,), None, writable=update)
-                ck.vector(rv, "running_var", be, (C,), None, writable=update)
-            w = ck.param(self.weight, "weight", be, (C,), dt, 1.0)
-            b = ck.param(self.bias, "bias", be, (C,), dt, 0.0)
-            y, mean, invstd = F.forward(be, input, x3, rm, rv, w, b, batch_stats, ck.scalar(factor, "momentum", 0.0, 1.0),
-                                        ck.scalar(self.eps, "eps"), out, self.unbiased, self._relu)
-        if update:
-            self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
+        with self._updating(update):
+            factor = 0.0
+            if update:
+                factor = self._update_factor()
+            use_buffers = (not self.training and self.track_running_stats) or update
+            rm, rv = (self.running_mean, self.running_var) if use_buffers else (None, None)
+            C, dt = self.num_features, self.dtype if self._holds_arrays() else ck.compute_dtype(x3.dtype)
+            with self._on_device():
+                if rm is not None:
+                    ck.vector(rm, "running_mean", be, (C,), None, writable=update)
+                    ck.vector(rv, "running_var", be, (C,), None, writable=update)
+                w = ck.param(self.weight, "weight", be, (C,), dt, 1.0)
+                b = ck.param(self.bias, "bias", be, (C,), dt, 0.0)
+                y, mean, invstd = F.forward(be, input, x3, rm, rv, w, b, batch_stats,
+                                            ck.scalar(factor, "momentum", 0.0, 1.0), ck.scalar(self.eps, "eps"), out,
+                                            self.unbiased, self._relu)
+            if update:
+                self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
         if saved_input is not input:  # an in-place forward: backward reads the copy
             x3 = ck.ncs_view(be, saved_input, x3.dtype)
         return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats, self._saved_bias(record, dt))

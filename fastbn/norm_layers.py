@@ -179,9 +179,10 @@ class _InstanceNorm(_RunningStats, _Norm):
         use_input_stats = self.training or not self.track_running_stats
         buffers = self.track_running_stats and (not use_input_stats or update)
         momentum = 0.0 if self.momentum is None else self.momentum  # PyTorch: momentum=None keeps them
-        y, mean, invstd = norms.instance_norm_forward(
-            x, self.running_mean if buffers else None, self.running_var if buffers else None, self.weight, self.bias,
-            use_input_stats, momentum, self.eps, out=o)
+        with self._updating(buffers and use_input_stats):
+            y, mean, invstd = norms.instance_norm_forward(
+                x, self.running_mean if buffers else None, self.running_var if buffers else None, self.weight,
+                self.bias, use_input_stats, momentum, self.eps, out=o)
         if unbatched:
             y = out if out is not None else y[0]
         return y, (saved_input, self._saved_weight(record), mean, invstd, use_input_stats)

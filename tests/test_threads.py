@@ -471,3 +471,31 @@ def test_relu_backward_wakes_sleeping_helpers_first(rng, threads):
     before = _kernels.pool_counters()
     fastbn.batch_norm_backward(dy, x, w, mean, invstd, True)  # (no bounds: no wake ahead)
     assert _kernels.pool_counters()["wakes"] == before["wakes"]
+
+
+def test_threads_sharing_a_training_layer_lose_no_running_statistics_update():
+    """8 Python threads run training forwards on one BatchNorm1d(momentum=None) at once, thread t's
+    batch of mean t + 3.5: every update counts (num_batches_tracked) and the cumulative average
+    is 7.0 whatever their order.  Each update (the factor read from the count, the buffers'
+    read-modify-write in the kernel, the increment) runs under the layer's lock; without it two
+    threads took the same factor and the average drifted (7.118 in one run)."""
+    bn = fastbn.BatchNorm1d(4, momentum=None)
+    xs = [np.full((8, 4), float(t), np.float32) + np.arange(8, dtype=np.float32)[:, None] for t in range(8)]
+    steps = 200
+
+    def work(t):
+        for _ in range(steps):
+            bn(xs[t])
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so that a race shows
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert bn.num_batches_tracked == 8 * steps
+    np.testing.assert_allclose(bn.running_mean, 7.0, atol=5e-5)
