@@ -381,6 +381,12 @@ FBN_CLONES static void FBN_NAME(fbn_affine)(const E *x, E *y, ptrdiff_t C, ptrdi
                                             ptrdiff_t f1, const T *cf, int stream, int relu)
 {
     const int wide = FBN_NAME(fbn_range_wide)(cf, C, S, f0, f1);
+#ifdef FBN_S512_HERE  /* (float32: _short512.h) */
+    if (!wide && !stream && S < FBN_SHORT && fbn_short_512_ok()) {
+        fbn_affine_s512(x, y, C, S, f0, f1, cf, relu);
+        return;
+    }
+#endif
     if (relu && wide)
         FBN_NAME(fbn_affine_rows)(x, y, C, S, f0, f1, cf, stream, 1, 1);
     else if (relu)

@@ -273,6 +273,46 @@ def test_bad_arguments(rng):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_short_row_forward_is_the_generic_loop_to_the_bit(rng, kernel_path, training):
+    """float32 rows shorter than 128 elements take _short512.h's AVX-512 map for the forward's
+    normalize + affine, with and without ReLU (its max(0, v) for GCC's compare and select), and for
+    the evaluation backward without it (the same map on grad_output): the generic loop's bits, with
+    NaN, +-0 and +-inf outputs, a zero and an infinite weight, a large offset (a nonzero low part of
+    the mean), rows of 1 to 127 elements split between ranges (the kernel paths' units)."""
+    before = _kernels.short_inline()
+    if not _kernels.short_inline(True):
+        _kernels.short_inline(before)
+        pytest.skip("the short-row loops need AVX-512F, VL and FMA, which this CPU lacks")
+    try:
+        for shape in ((3, 6, 7, 7), (2, 5, 9), (4, 3, 1, 8), (2, 4, 127), (3, 2, 1), (2, 3, 10, 10), (6, 1, 49)):
+            C = shape[1]
+            w, b, rm, rv = random_params(rng, C, np.float32)
+            if C > 1:
+                w[0], b[0] = 0, -0.0  # every output +-0
+            if C > 2:
+                w[2] = np.inf  # +-inf and NaN outputs
+            x = random_input(rng, shape, np.float32)
+            x[:, -1].reshape(-1)[::3] = np.nan
+            x.reshape(-1)[1::7] = -0.0
+            if C > 3:
+                x[:, 3] += np.float32(1e4)
+                rm[3] = np.float32(1e4)
+            dy = random_input(rng, shape, np.float32)
+            with np.errstate(all="ignore"):
+                results = {}
+                for inline in (True, False):
+                    _kernels.short_inline(inline)
+                    results[inline] = [fastbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training, activation=a)
+                                       for a in (None, "relu")]
+                    _, mean, invstd = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training)
+                    results[inline] += fastbn.batch_norm_backward(dy, x, w, mean, invstd, training)
+            for ours, generic in zip(results[True], results[False]):
+                assert ours.tobytes() == generic.tobytes(), (shape, training)
+    finally:
+        _kernels.short_inline(before)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_short_row_loops_are_the_generic_ones_to_the_bit(rng, kernel_path, training):
     """float32 rows shorter than 128 elements take _short512.h's AVX-512 loops for the backward
     (fastbn._kernels.short_inline); they promise the generic loops' bits, for every activation and
