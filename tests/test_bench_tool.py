@@ -58,6 +58,16 @@ def test_floor_bench_runs_every_operation(rng, op):
 
 
 # ---------------------------------------------------------------- interleaved timing
+def test_paired_ratio_is_the_median_of_the_rounds_ratios_not_of_the_medians():
+    # b is 1.1x a in the rounds where both ran at the same speed; in round 2 the machine slowed 2x
+    # for a's sample only.  The ratio of the medians (1.1 / 2.0) is off, the rounds' median is not.
+    a = timing.Timing(1.0, 2.0, 3, (1.0, 2.0, 2.0))
+    b = timing.Timing(1.1, 1.1, 3, (1.1, 1.1, 2.2))
+    assert b.median / a.median == pytest.approx(0.55)
+    assert timing.paired_ratio(a, b) == pytest.approx(1.1)
+    assert timing.paired_ratio(b, a) == pytest.approx(1 / 1.1)
+
+
 def test_time_calls_samples_in_rounds_and_honours_each_repeat_count():
     log = []
 
@@ -67,7 +77,8 @@ def test_time_calls_samples_in_rounds_and_honours_each_repeat_count():
     benches = {"a": bench("a"), "b": bench("b", setup=True), "c": bench("c")}
     timings = timing.time_calls(benches, {"a": 3, "b": 3, "c": 1}, sample_s=0)
     assert {k: t.samples for k, t in timings.items()} == {"a": 3, "b": 3, "c": 1}
-    assert all(0 <= t.min <= t.median for t in timings.values())
+    assert {k: len(t.rounds) for k, t in timings.items()} == {"a": 3, "b": 3, "c": 1}
+    assert all(0 <= t.min <= t.median and min(t.rounds) == t.min for t in timings.values())
     timed = [name for name in log if name != "b.setup"]
     # two warm-up calls each (calibration), then rounds: a b c in order, then each in a shuffled order
     assert timed[:9] == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"]
