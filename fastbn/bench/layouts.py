@@ -19,7 +19,7 @@ from .timing import Contention, paired_ratio, print_footer, time_calls
 SHAPE = (64, 64, 56, 56)
 DTYPE = "float32"
 THREADS = 2
-DEFAULT_REPEAT = 15
+DEFAULT_REPEAT = 41  # rounds (15 left the ratio to NCHW 1.1-1.3 on a noisy machine)
 OPS = ("train forward", "eval forward", "backward")
 WITHIN_NCHW = 1.15  # channels-last time / NCHW time, at most
 OVER_TORCH = 3.0    # torch channels_last time / fastbn channels-last time, at least
