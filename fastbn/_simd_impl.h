@@ -192,7 +192,7 @@ FBN_CLONES static void FBN_NAME(fbn_moments)(const E *x, ptrdiff_t C, ptrdiff_t 
 }
 
 /* Whether a channel's mean is so large that x - mhi could overflow T (see FBN_WIDE in _coefs.h). */
-FBN_INLINE int FBN_NAME(fbn_wide)(T mhi) { return mhi >= FBN_WIDE || mhi <= -FBN_WIDE; }
+FBN_INLINE int FBN_NAME(fbn_wide)(T mhi) { return (mhi >= FBN_WIDE) | (mhi <= -FBN_WIDE); }
 
 /* Whether any of n means is wide, in one vector pass. */
 FBN_INLINE int FBN_NAME(fbn_any_wide)(const T *mhi, ptrdiff_t n)
@@ -1245,7 +1245,25 @@ FBN_INLINE T FBN_NAME(fbn_order_value)(FBN_UINT k)
 FBN_CLONES static void FBN_NAME(fbn_relu_bounds)(const T *fcf, ptrdiff_t C, T *lo, T *hi)
 {
     const FBN_UINT kmin = FBN_NAME(fbn_order_key)(-(T)INFINITY), kmax = FBN_NAME(fbn_order_key)((T)INFINITY);
+    /* First every channel in vector lanes, without branches: the root rounded in T is mostly
+     * within a key of the flip, so the flip is at its key k or at k + 1 when z's mask at k - 1 and
+     * k + 1 differ.  Where they do not (and for the special cases below), lo = NaN sends the
+     * channel to the search after.  (The search alone, with its branches, took 6 ns a channel:
+     * 3 us of a 512-channel backward on the calling thread.) */
+#pragma omp simd
     for (ptrdiff_t c = 0; c < C; c++) {
+        const T mhi = fcf[c], mlo = fcf[C + c], a = fcf[2 * C + c], b = fcf[3 * C + c];
+        const int up = a > 0, ok = isfinite(mhi) & isfinite(mlo) & isfinite(a) & isfinite(b) & (a != 0) &
+                                   !FBN_NAME(fbn_wide)(mhi);
+        const FBN_UINT k = FBN_NAME(fbn_order_key)(mhi + (mlo - b / a));
+        const int found = ok & (k > kmin) & (kmax - k > 1) & !FBN_FLIPPED(k - 1) & FBN_FLIPPED(k + 1);
+        const FBN_UINT h = FBN_FLIPPED(k) ? k : k + 1;
+        lo[c] = !found ? (T)NAN : up ? FBN_NAME(fbn_order_value)(h) : -(T)INFINITY;
+        hi[c] = !found ? (T)NAN : up ? (T)INFINITY : FBN_NAME(fbn_order_value)(h - 1);
+    }
+    for (ptrdiff_t c = 0; c < C; c++) {
+        if (!isnan(lo[c]))
+            continue;
         const T mhi = fcf[c], mlo = fcf[C + c], a = fcf[2 * C + c], b = fcf[3 * C + c];
         lo[c] = -(T)INFINITY;
         hi[c] = (T)INFINITY;
