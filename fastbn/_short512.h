@@ -19,7 +19,9 @@
  * vector (+5-10% on 7x7 rows, +17% on 4x4); here a row is full 16- and 8-wide vectors and a scalar
  * tail, and ReLU one MAXPS: (32, 512, 7, 7) in a C harness, 1 thread, 102 -> 77 us, ReLU +1%.
  *
- * The same bits as the generic loops, on purpose (the tests run both: fastbn._kernels.short_inline):
+ * The same bits as the generic loops, on purpose (the tests run both: fastbn._kernels.short_inline;
+ * NaN payloads aside where two operands of one FMA are NaN, x and a coefficient: GCC's loop itself
+ * returns either, by the instruction form its registers get):
  * the gradient sums add into the same 8 lanes plus one for a row's last n % 8 elements, in the
  * same order (FBN_BY_LANES), and add the lanes as fbn_lanes_sum does; the grad-input map contracts
  * the FMAs the float32 clones contract; the mask is the generic one (bounds on x from
