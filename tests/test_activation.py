@@ -272,87 +272,89 @@ def test_bad_arguments(rng):
         fastbn.batch_norm_backward(x, x, w, mean, invstd, activation="relu", bias=b[:2])
 
 
+# Rows of 1 to 127 elements, 7x7 and 10x10 maps, rows split between ranges by the kernel paths' units
+SHORT_SHAPES = ((3, 6, 7, 7), (2, 5, 9), (4, 3, 1, 8), (2, 4, 127), (3, 2, 1), (2, 3, 10, 10), (6, 1, 49))
+
+
+@pytest.fixture
+def short_inline():
+    """Runs the test with _short512.h's AVX-512 loops on, then restores the switch; the tests switch
+    it off and on to compare the two (fastbn._kernels.short_inline)."""
+    before = _kernels.short_inline()
+    if not _kernels.short_inline(True):
+        _kernels.short_inline(before)
+        pytest.skip("the short-row loops need AVX-512F, VL and FMA, which this CPU lacks")
+    yield _kernels.short_inline
+    _kernels.short_inline(before)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_short_row_forward_is_the_generic_loop_to_the_bit(rng, kernel_path, training):
+def test_short_row_forward_is_the_generic_loop_to_the_bit(rng, kernel_path, short_inline, training):
     """float32 rows shorter than 128 elements take _short512.h's AVX-512 map for the forward's
     normalize + affine, with and without ReLU (its max(0, v) for GCC's compare and select), and for
     the evaluation backward without it (the same map on grad_output): the generic loop's bits, with
     NaN, +-0 and +-inf outputs, a zero and an infinite weight, a large offset (a nonzero low part of
     the mean), rows of 1 to 127 elements split between ranges (the kernel paths' units)."""
-    before = _kernels.short_inline()
-    if not _kernels.short_inline(True):
-        _kernels.short_inline(before)
-        pytest.skip("the short-row loops need AVX-512F, VL and FMA, which this CPU lacks")
-    try:
-        for shape in ((3, 6, 7, 7), (2, 5, 9), (4, 3, 1, 8), (2, 4, 127), (3, 2, 1), (2, 3, 10, 10), (6, 1, 49)):
-            C = shape[1]
-            w, b, rm, rv = random_params(rng, C, np.float32)
-            if C > 1:
-                w[0], b[0] = 0, -0.0  # every output +-0
-            if C > 2:
-                w[2] = np.inf  # +-inf and NaN outputs
-            x = random_input(rng, shape, np.float32)
-            x[:, -1].reshape(-1)[::3] = np.nan
-            x.reshape(-1)[1::7] = -0.0
-            if C > 3:
-                x[:, 3] += np.float32(1e4)
-                rm[3] = np.float32(1e4)
-            dy = random_input(rng, shape, np.float32)
-            with np.errstate(all="ignore"):
-                results = {}
-                for inline in (True, False):
-                    _kernels.short_inline(inline)
-                    results[inline] = [fastbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training, activation=a)
-                                       for a in (None, "relu")]
-                    _, mean, invstd = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training)
-                    results[inline] += fastbn.batch_norm_backward(dy, x, w, mean, invstd, training)
-            for ours, generic in zip(results[True], results[False]):
-                assert ours.tobytes() == generic.tobytes(), (shape, training)
-    finally:
-        _kernels.short_inline(before)
+    for shape in SHORT_SHAPES:
+        C = shape[1]
+        w, b, rm, rv = random_params(rng, C, np.float32)
+        if C > 1:
+            w[0], b[0] = 0, -0.0  # every output +-0
+        if C > 2:
+            w[2] = np.inf  # +-inf and NaN outputs
+        x = random_input(rng, shape, np.float32)
+        x[:, -1].reshape(-1)[::3] = np.nan
+        x.reshape(-1)[1::7] = -0.0
+        if C > 3:
+            x[:, 3] += np.float32(1e4)
+            rm[3] = np.float32(1e4)
+        dy = random_input(rng, shape, np.float32)
+        with np.errstate(all="ignore"):
+            results = {}
+            for inline in (True, False):
+                short_inline(inline)
+                results[inline] = [fastbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training, activation=a)
+                                   for a in (None, "relu")]
+                _, mean, invstd = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training)
+                results[inline] += fastbn.batch_norm_backward(dy, x, w, mean, invstd, training)
+        for ours, generic in zip(results[True], results[False]):
+            assert ours.tobytes() == generic.tobytes(), (shape, training)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_short_row_loops_are_the_generic_ones_to_the_bit(rng, kernel_path, training):
+def test_short_row_loops_are_the_generic_ones_to_the_bit(rng, kernel_path, short_inline, training):
     """float32 rows shorter than 128 elements take _short512.h's AVX-512 loops for the backward
     (fastbn._kernels.short_inline); they promise the generic loops' bits, for every activation and
     mask rule: bounds on x (positive and negative scales), the output recomputed (a zero scale, an
     infinite weight), the forward's output read, NaN x, -0 gradients, a large offset, rows split
     between ranges (the kernel paths' units), rows of 1 to 127 elements.  Each row's gradients hold
     +-2^40 among values near 1, so that the lanes' sum rounds and its order shows in the results."""
-    before = _kernels.short_inline()
-    if not _kernels.short_inline(True):
-        _kernels.short_inline(before)
-        pytest.skip("the short-row loops need AVX-512F, VL and FMA, which this CPU lacks")
-    try:
-        for shape in ((3, 6, 7, 7), (2, 5, 9), (4, 3, 1, 8), (2, 4, 127), (3, 2, 1), (2, 3, 10, 10), (6, 1, 49)):
-            C = shape[1]
-            w, b, rm, rv = random_params(rng, C, np.float32)
-            if C > 1:
-                w[0], b[0] = 0, 0.5  # z = b > 0 everywhere: every gradient kept
-                w[1], b[1] = 0, -0.0  # z = -0: none kept, the output recomputed (no bounds)
-            if C > 2:
-                w[2] = np.inf  # a non-finite coefficient: the output recomputed
-            x = random_input(rng, shape, np.float32)
-            last = x[:, -1]  # NaN in one channel (they make its sum of dy * (x - mean) NaN)
-            last[np.arange(last.size).reshape(last.shape) % 3 == 0] = np.nan
-            if C > 3:
-                x[:, 3] += np.float32(1e4)
-            dy = random_input(rng, shape, np.float32)
-            dy.reshape(-1)[::5] = -0.0
-            rows = dy.reshape(-1, int(np.prod(shape[2:])))
-            if rows.shape[1] >= 3:  # +-2^40 in lanes 0 and 2 of each row: the sums' order shows in the results
-                rows[:, 0], rows[:, 2] = 2.0**40, -(2.0**40)
-            with np.errstate(all="ignore"):
-                y, mean, invstd = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training, activation="relu")
-                results = {}
-                for inline in (True, False):
-                    _kernels.short_inline(inline)
-                    results[inline] = [
-                        fastbn.batch_norm_backward(dy, x, w, mean, invstd, training, **kw)
-                        for kw in ({}, dict(activation="relu", bias=b), dict(activation="relu", output=y))]
-            for ours, generic in zip(results[True], results[False]):
-                for a, g in zip(ours, generic):
-                    assert a.tobytes() == g.tobytes(), (shape, training)
-    finally:
-        _kernels.short_inline(before)
+    for shape in SHORT_SHAPES:
+        C = shape[1]
+        w, b, rm, rv = random_params(rng, C, np.float32)
+        if C > 1:
+            w[0], b[0] = 0, 0.5  # z = b > 0 everywhere: every gradient kept
+            w[1], b[1] = 0, -0.0  # z = -0: none kept, the output recomputed (no bounds)
+        if C > 2:
+            w[2] = np.inf  # a non-finite coefficient: the output recomputed
+        x = random_input(rng, shape, np.float32)
+        last = x[:, -1]  # NaN in one channel (they make its sum of dy * (x - mean) NaN)
+        last[np.arange(last.size).reshape(last.shape) % 3 == 0] = np.nan
+        if C > 3:
+            x[:, 3] += np.float32(1e4)
+        dy = random_input(rng, shape, np.float32)
+        dy.reshape(-1)[::5] = -0.0
+        rows = dy.reshape(-1, int(np.prod(shape[2:])))
+        if rows.shape[1] >= 3:  # +-2^40 in lanes 0 and 2 of each row: the sums' order shows in the results
+            rows[:, 0], rows[:, 2] = 2.0**40, -(2.0**40)
+        with np.errstate(all="ignore"):
+            y, mean, invstd = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training, activation="relu")
+            results = {}
+            for inline in (True, False):
+                short_inline(inline)
+                results[inline] = [
+                    fastbn.batch_norm_backward(dy, x, w, mean, invstd, training, **kw)
+                    for kw in ({}, dict(activation="relu", bias=b), dict(activation="relu", output=y))]
+        for ours, generic in zip(results[True], results[False]):
+            for a, g in zip(ours, generic):
+                assert a.tobytes() == g.tobytes(), (shape, training)
