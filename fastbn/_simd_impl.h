@@ -186,6 +186,12 @@ FBN_CLONES static void FBN_NAME(fbn_moments)(const E *x, ptrdiff_t C, ptrdiff_t 
             fbn_piece_moments_f32(tb, bl, acc + FBN_ACC * c);
         }
 #else
+#ifdef FBN_S512_HERE  /* (float32: _short512.h; rows under 8 elements had no vector to gain from) */
+    if (S >= 8 && S < FBN_SHORT && fbn_short_512_ok()) {
+        fbn_moments_s512(x, C, S, f0, f1, acc);
+        return;
+    }
+#endif
     FBN_FOR_ROWS(C, S, f0, f1, off, ln, c)
         FBN_NAME(fbn_piece_moments)(x + off, ln, acc + FBN_ACC * c);
 #endif

@@ -290,11 +290,13 @@ def short_inline():
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_short_row_forward_is_the_generic_loop_to_the_bit(rng, kernel_path, short_inline, training):
-    """float32 rows shorter than 128 elements take _short512.h's AVX-512 map for the forward's
-    normalize + affine, with and without ReLU (its max(0, v) for GCC's compare and select), and for
-    the evaluation backward without it (the same map on grad_output): the generic loop's bits, with
-    NaN, +-0 and +-inf outputs, a zero and an infinite weight, a large offset (a nonzero low part of
-    the mean), rows of 1 to 127 elements split between ranges (the kernel paths' units)."""
+    """float32 rows shorter than 128 elements take _short512.h's AVX-512 loops for the training
+    forward's moments (8 to 127 elements) and for the forward's normalize + affine, with and without
+    ReLU (its max(0, v) for GCC's compare and select), and for the evaluation backward without it
+    (the same map on grad_output): the generic loops' bits (outputs, saved statistics, running
+    statistics), with NaN, +-0 and +-inf outputs, a zero and an infinite weight, a large offset (a
+    nonzero low part of the mean), rows of 1 to 127 elements split between ranges (the kernel
+    paths' units)."""
     for shape in SHORT_SHAPES:
         C = shape[1]
         w, b, rm, rv = random_params(rng, C, np.float32)
@@ -315,7 +317,9 @@ def test_short_row_forward_is_the_generic_loop_to_the_bit(rng, kernel_path, shor
                 short_inline(inline)
                 results[inline] = [fastbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training, activation=a)
                                    for a in (None, "relu")]
-                _, mean, invstd = fastbn.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training)
+                rm2, rv2 = rm.copy(), rv.copy()
+                _, mean, invstd = fastbn.batch_norm_forward(x, rm2, rv2, w, b, training)
+                results[inline] += [mean, invstd, rm2, rv2]
                 results[inline] += fastbn.batch_norm_backward(dy, x, w, mean, invstd, training)
         for ours, generic in zip(results[True], results[False]):
             assert ours.tobytes() == generic.tobytes(), (shape, training)
