@@ -1,7 +1,7 @@
-/* fastbn/_short512.h -- batch norm's float32 backward and forward map over short rows
- * (S < FBN_SHORT: 7x7 and 10x10 maps) with AVX-512F, VL and FMA, for the ranges loops of
+/* fastbn/_short512.h -- batch norm's float32 backward, training moments and forward map over short
+ * rows (S < FBN_SHORT: 7x7 and 10x10 maps) with AVX-512F, VL and FMA, for the ranges loops of
  * _simd_impl.h's float instantiation (included by _simd.h before it; fbn_grad_sums_f32,
- * fbn_grad_input_f32 and fbn_affine_f32 hand these their ranges).
+ * fbn_grad_input_f32, fbn_moments_f32 and fbn_affine_f32 hand these their ranges).
  *
  * Why: on (32, 512, 7, 7) the fused ReLU's backward took 1.2-1.28x the plain one (target 1.1).
  * Short rows are bound by instructions, not memory.  GCC's loops gate the gradient with a vector
@@ -27,8 +27,9 @@
  * the FMAs the float32 clones contract; the mask is the generic one (bounds on x from
  * fbn_relu_bounds where they are finite, else the output recomputed, which gives the same mask).
  * They cover every activation (none, the output's mask, the recomputed one) in the sums, the
- * recomputed mask with batch statistics in the grad-input map, and the forward's map with and
- * without ReLU (also the evaluation backward's map of dy); means that are wide (FBN_WIDE) and
+ * recomputed mask with batch statistics in the grad-input map, the moments (fbn_piece_moments'
+ * shift, lanes, tree and merge), and the forward's map with and without ReLU (also the evaluation
+ * backward's map of dy); means that are wide (FBN_WIDE) and
  * streaming stores keep the generic loops, as does every machine without AVX-512F, VL and FMA, and
  * every build without the clones (FBN_CLONES: GCC 12 or later, x86-64 Linux with glibc). */
 /* (Only where the generic loops have AVX2 and AVX-512 clones, which contract the same FMAs.) */

@@ -338,7 +338,7 @@ FBN_INLINE void fbn_bf16_flush(fbn_bf16 *dst, const float *src, ptrdiff_t n, int
 #endif
 #include "_short512.h"
 #ifdef FBN_SHORT_512
-#define FBN_S512_HERE 1 /* float32's backward and forward map over short rows take _short512.h's loops */
+#define FBN_S512_HERE 1 /* float32's short rows take _short512.h's loops */
 #endif
 #include "_simd_impl.h"
 #undef FBN_S512_HERE
