@@ -8,7 +8,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _checks as ck
-from ._backends import backend_of
+from ._backends import backend_of, cpu
 from ._grad_mode import is_grad_enabled
 
 # What load_state_dict returns, as PyTorch's: the keys it expected and did not find, and the ones
@@ -59,6 +59,24 @@ class _PerThread(threading.local):
     grads = None
 
 
+_HOST = contextlib.nullcontext()  # reusable: the CPU layers' device context
+
+
+def _resolve_device(device):
+    """A layer's ``device`` argument: ``("cpu", None)`` for NumPy arrays, ``(device,
+    cuda.CudaDevice)`` for ``"cuda"`` / ``"cuda:N"`` (CuPy arrays on that GPU)."""
+    if device is None or device == "cpu":
+        return "cpu", None
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        from ._backends import cuda
+
+        index = device[5:]  # after "cuda:"
+        if device != "cuda" and not (index.isascii() and index.isdigit()):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' with N a device number, got {device!r}")
+        return device, cuda.device_module(int(index) if index else None)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 class Layer:
     """Base of fastbn's layers.  Subclasses set ``_check_input`` (checks what is the layer's own:
     rank, features, dtype, device; returns ``(backend, contiguous input)`` for ``_forward``),
@@ -66,8 +84,36 @@ class Layer:
     input) and ``_backward`` (returns grad_input, grad_weight, grad_bias)."""
 
     _param_names = ("weight", "bias")
-    _xp = np
-    _cuda = None
+    _cuda = None  # _resolve_device's: None on the CPU
+
+    @property
+    def _xp(self):
+        return np if self._cuda is None else self._cuda.xp
+
+    @property
+    def _backend(self):
+        return cpu if self._cuda is None else self._cuda.backend
+
+    def _on_device(self):
+        """A context in which new arrays land on the layer's device (its GPU; nothing on the CPU)."""
+        return _HOST if self._cuda is None else self._cuda.device
+
+    def _check_backend(self, be):
+        """Raise unless arrays of backend ``be`` are the layer's own kind."""
+        if be is not self._backend:
+            raise TypeError(f"{type(self).__name__} lives on device {self.device!r} but got a {be.kind} array; "
+                            f"move the layer with .to(...) or the array")
+
+    def to(self, device):
+        """Move parameters and buffers to ``'cpu'`` or ``'cuda[:N]'``; returns the layer."""
+        device, cuda = _resolve_device(device)
+        state = {n: getattr(self, n) for n in self._state_names() if n != "num_batches_tracked"}
+        for name, value in state.items():
+            host = value.get() if self._cuda is not None else value
+            setattr(self, name, cuda.to_device(host) if cuda is not None else np.array(host))
+        self.device, self._cuda = device, cuda
+        self._forget()
+        return self
 
     def _init_layer(self):
         self.training = True
@@ -229,9 +275,6 @@ class Layer:
         if getattr(self, "track_running_stats", False):
             names += ["running_mean", "running_var", "num_batches_tracked"]
         return names
-
-    def _on_device(self):
-        return contextlib.nullcontext()
 
     def state_dict(self):
         """PyTorch's keys, NumPy arrays (copies, also from the GPU)."""

@@ -9,34 +9,17 @@ parameters, or None), ``running_mean``, ``running_var`` (or None), ``num_batches
 Calling it runs the forward; ``backward(grad_output)`` returns ``grad_input`` and *sets*
 ``grad_weight`` and ``grad_bias``.
 """
-import contextlib
-
 import numpy as np
 
 from . import _checks as ck
 from . import functional as F
-from ._backends import backend_of, cpu
+from ._backends import backend_of
 from ._fastpath import eval_forward as _plain_eval
 from ._grad_mode import is_grad_enabled
 from ._layer_base import PROTOCOL_DOC, IncompatibleKeys, Layer, _RunningStats, _wrap_int64  # noqa: F401
+from ._layer_base import _resolve_device
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Layer"]
-
-_HOST = contextlib.nullcontext()  # reusable: the CPU layers' device context
-
-
-def _resolve_device(device):
-    """'cpu' -> None (NumPy); 'cuda' / 'cuda:N' -> (cupy module, device id)."""
-    if device is None or device == "cpu":
-        return "cpu", None
-    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
-        from ._backends import cuda
-
-        index = device[5:]  # after "cuda:"
-        if device != "cuda" and not (index.isascii() and index.isdigit()):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' with N a device number, got {device!r}")
-        return device, cuda.device_module(int(index) if index else None)
-    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 class _BatchNorm(_RunningStats, Layer):
@@ -74,14 +57,6 @@ class _BatchNorm(_RunningStats, Layer):
                 self.running_mean = self.running_var = self.num_batches_tracked = None
         self._init_layer()
 
-    @property
-    def _xp(self):
-        return np if self._cuda is None else self._cuda.xp
-
-    def _on_device(self):
-        """A context in which new arrays land on the layer's device (its GPU; nothing on the CPU)."""
-        return _HOST if self._cuda is None else self._cuda.device
-
     # ------------------------------------------------------------------ forward / backward
     def _check_input(self, x):
         be = backend_of(x)
@@ -99,14 +74,8 @@ class _BatchNorm(_RunningStats, Layer):
             ck.kernel_dtype(x, dt, type(self).__name__)
         else:  # nothing to hold a dtype: the input's, as in the functional API
             dt = ck.float_dtype(x, "input")
-        if be is not self._backend:
-            raise TypeError(f"{type(self).__name__} lives on device {self.device!r} but got a {be.kind} array; "
-                            f"move the layer with .to(...) or the array")
+        self._check_backend(be)
         return be, ck.ncs_view(be, x, ck.storage_dtype(be, x, dt))
-
-    @property
-    def _backend(self):
-        return cpu if self._cuda is None else self._cuda.backend
 
     def forward(self, input, *, out=None, update_running_stats=True):
         """Normalize ``input``; ``out=``: an array to receive the output (it may be ``input``).
@@ -174,18 +143,6 @@ class _BatchNorm(_RunningStats, Layer):
             b = None if bias is None else ck.param(bias, "bias", be, (C,), dt, 0.0)
             g3 = ck.kernel_view(be, grad_output, x, x3, "grad_output")
             return F.backward(be, x, x3, g3, w, mean, invstd, batch_stats, out, b)
-
-    # ------------------------------------------------------------------ devices
-    def to(self, device):
-        """Move parameters and buffers to ``'cpu'`` or ``'cuda[:N]'``; returns the layer."""
-        device, cuda = _resolve_device(device)
-        state = {n: getattr(self, n) for n in self._state_names() if n != "num_batches_tracked"}
-        for name, value in state.items():
-            host = value.get() if self._cuda is not None else value
-            setattr(self, name, cuda.to_device(host) if cuda is not None else np.array(host))
-        self.device, self._cuda = device, cuda
-        self._forget()
-        return self
 
     def extra_repr(self):
         act = "" if self.activation is None else f", activation={self.activation!r}"
