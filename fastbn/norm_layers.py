@@ -1,8 +1,8 @@
 """GroupNorm, LayerNorm and InstanceNorm1d/2d/3d layers with PyTorch's constructors, semantics and
 ``state_dict`` keys, on the layer protocol of :class:`fastbn.layers.Layer` (per-thread saved
 forwards, ``backward`` returning grad_input and setting ``grad_weight``/``grad_bias``,
-``params_and_grads``, ``fastbn.no_grad``).  NumPy arrays only: ``device="cuda"`` raises
-NotImplementedError (these norms have no CUDA kernels yet)."""
+``params_and_grads``, ``fastbn.no_grad``).  NumPy arrays, or CuPy arrays with ``device="cuda"``
+(fastbn._backends.cuda_norms)."""
 import warnings
 
 import numpy as np
@@ -10,32 +10,25 @@ import numpy as np
 from . import _checks as ck
 from . import norms
 from ._backends import backend_of
-from ._layer_base import PROTOCOL_DOC, Layer, _RunningStats, state_dict_version
+from ._layer_base import PROTOCOL_DOC, Layer, _resolve_device, _RunningStats, state_dict_version
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
-
-
-def _cpu_only(name, device):
-    if device is None or device == "cpu":
-        return "cpu"
-    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
-        raise NotImplementedError(f"{name} has no CUDA backend yet: build it with device='cpu' (NumPy arrays); "
-                                  f"fastbn does not copy GPU arrays to the host silently")
-    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 class _Norm(Layer):
     def _check_dtype(self, x):
         be = backend_of(x)
-        be.norm_kernels(type(self).__name__)  # NotImplementedError where the backend has none
+        self._check_backend(be)
         if self._holds_arrays():
             ck.kernel_dtype(x, self.dtype, type(self).__name__)
         return be, x
 
-    def to(self, device):
-        """Only ``'cpu'`` (these layers have no CUDA backend yet); returns the layer."""
-        _cpu_only(type(self).__name__, device)
-        return self
+    def _arrays(self, device, **shapes):
+        """Set the device and create the arrays ``name=(shape, fill value)`` on it (None: skipped)."""
+        self.device, self._cuda = _resolve_device(device)
+        with self._on_device():
+            for name, spec in shapes.items():
+                setattr(self, name, None if spec is None else self._xp.full(spec[0], spec[1], dtype=self.dtype))
 
 
 class GroupNorm(_Norm):
@@ -56,9 +49,7 @@ class GroupNorm(_Norm):
         self.affine = ck.flag(affine, "affine")
         self.has_bias = self.affine and ck.flag(bias, "bias")
         self.dtype = ck.dtype_arg(dtype)
-        self.device = _cpu_only("GroupNorm", device)
-        self.weight = np.ones(C, self.dtype) if self.affine else None
-        self.bias = np.zeros(C, self.dtype) if self.has_bias else None
+        self._arrays(device, weight=(C, 1) if self.affine else None, bias=(C, 0) if self.has_bias else None)
         self._init_layer()
 
     def _check_input(self, x):
@@ -96,9 +87,9 @@ class LayerNorm(_Norm):
         self.elementwise_affine = ck.flag(elementwise_affine, "elementwise_affine")
         self.has_bias = self.elementwise_affine and ck.flag(bias, "bias")
         self.dtype = ck.dtype_arg(dtype)
-        self.device = _cpu_only("LayerNorm", device)
-        self.weight = np.ones(self.normalized_shape, self.dtype) if self.elementwise_affine else None
-        self.bias = np.zeros(self.normalized_shape, self.dtype) if self.has_bias else None
+        shape = self.normalized_shape
+        self._arrays(device, weight=(shape, 1) if self.elementwise_affine else None,
+                     bias=(shape, 0) if self.has_bias else None)
         self._init_layer()
 
     def _check_input(self, x):
@@ -145,15 +136,12 @@ class _InstanceNorm(_RunningStats, _Norm):
         self.affine = ck.flag(affine, "affine")
         self.has_bias = self.affine and ck.flag(bias, "bias")
         self.track_running_stats = ck.flag(track_running_stats, "track_running_stats")
-        self.dtype = dt = ck.dtype_arg(dtype)
-        self.device = _cpu_only(type(self).__name__, device)
-        self.weight = np.ones(C, dt) if self.affine else None
-        self.bias = np.zeros(C, dt) if self.has_bias else None
-        if self.track_running_stats:
-            self.running_mean, self.running_var = np.zeros(C, dt), np.ones(C, dt)
-            self.num_batches_tracked = 0  # in the state_dict, as PyTorch's; never counted (nor there)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.dtype = ck.dtype_arg(dtype)
+        track = self.track_running_stats
+        self._arrays(device, weight=(C, 1) if self.affine else None, bias=(C, 0) if self.has_bias else None,
+                     running_mean=(C, 0) if track else None, running_var=(C, 1) if track else None)
+        # in the state_dict, as PyTorch's; never counted (nor there)
+        self.num_batches_tracked = 0 if track else None
         self._init_layer()
 
     def _check_input(self, x):

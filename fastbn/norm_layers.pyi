@@ -1,16 +1,14 @@
-# Type stubs for fastbn.norm_layers.  The layers hold NumPy arrays (no CUDA backend yet); the
+# Type stubs for fastbn.norm_layers.  The layers hold NumPy arrays (CuPy arrays on device="cuda"); the
 # protocol they follow (forward, backward, params_and_grads, ...) is Layer's, in _layer_base.pyi.
 from collections.abc import Sequence
 
 import numpy.typing as npt
-from typing_extensions import Self
 
 from ._layer_base import Layer, _Buffer
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
-class _Norm(Layer):
-    def to(self, device: str) -> Self: ...
+class _Norm(Layer): ...
 
 class GroupNorm(_Norm):
     num_groups: int

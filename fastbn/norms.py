@@ -6,8 +6,7 @@ also return the saved statistics and ``*_backward`` variants that return
 Validation is here; the arithmetic is in the Cython kernels of ``fastbn._norm_kernels`` (statistics
 in float64, never ``E[x^2] - E[x]^2``; one fused normalize + affine pass).  Saved statistics are
 float64: ``save_mean`` and ``save_invstd = 1 / sqrt(var + eps)`` per normalized row.  CuPy arrays
-raise NotImplementedError (these norms have no CUDA kernels yet; fastbn never copies a GPU array
-to the host behind your back).
+run on the GPU (fastbn._backends.cuda_norms: the batch-norm CUDA kernels on views of the input).
 """
 import math
 import numbers
@@ -37,13 +36,6 @@ def _input(x, what, name="input"):
 def _vector(v, name, be, n, dt, shape=None, what=None):
     """A weight/bias/statistics argument as a contiguous vector of ``n`` values of ``dt``
     (``what``: what its shape comes from, for ck.vector's message)."""
-    if v is not None and not be.is_array(v):
-        try:
-            other = backend_of(v)
-        except TypeError:  # not an array: ck.vector names the argument
-            other = None
-        if other is not None:
-            other.norm_kernels(name)  # NotImplementedError for a GPU array
     return ck.vector(v, name, be, (n,) if shape is None else tuple(shape), dt, what=what)
 
 
@@ -80,7 +72,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, o
     w = _param(weight, "weight", be, C, x.dtype, 1.0)
     b = _param(bias, "bias", be, C, x.dtype, 0.0)
     y, y1, target = ck.prepare_out(be, out, input, x)
-    mean, var, invstd = np.zeros((N, G)), np.zeros((N, G)), np.zeros((N, G))
+    mean, var, invstd = (be.xp.zeros((N, G)) for _ in range(3))
     if x.size:
         k.group_forward(x, y1, *ck.apart(be, out, w, b), G, max(S, 1), eps, mean, var, invstd, be.threads())
     return ck.finish(y, target), mean, invstd
@@ -95,8 +87,6 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None)
 
 def _grad_args(grad_output, input, what):
     be, k, x = _input(input, what)
-    if not be.is_array(grad_output):
-        backend_of(grad_output).norm_kernels(what)  # NotImplementedError for a GPU array, else TypeError
     return be, k, x.dtype, ck.like_input(be, grad_output, input, x, "grad_output"), x
 
 
@@ -117,7 +107,7 @@ def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, train
     mean = _stats(save_mean, "save_mean", be, (N, G), rows)
     invstd = _stats(save_invstd, "save_invstd", be, (N, G), rows)
     dx, dx1, target = ck.prepare_out(be, out, input, x, g)
-    gw = gb = np.zeros(C)
+    gw = gb = be.xp.zeros(C)
     if x.size:  # (0 * inf after an eps=0 forward on a constant group makes grad_weight NaN, as in PyTorch)
         w, m, istd = ck.apart(be, out, w, mean, invstd)
         gw, gb = k.group_backward(g, x, dx1, w, G, max(S, 1), m, istd, training, be.threads())
@@ -172,7 +162,7 @@ def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5
     w = _param(weight, "weight", be, L, x.dtype, 1.0, shape, "normalized_shape")
     b = _param(bias, "bias", be, L, x.dtype, 0.0, shape, "normalized_shape")
     y, y1, target = ck.prepare_out(be, out, input, x)
-    mean, var, invstd = np.zeros(lead), np.zeros(lead), np.zeros(lead)
+    mean, var, invstd = (be.xp.zeros(lead) for _ in range(3))
     if x.size:
         k.layer_forward(x, y1, *ck.apart(be, out, w, b), L, eps, mean, var, invstd, be.threads())
     elif L == 0:
@@ -205,7 +195,7 @@ def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean,
         w, m, istd = ck.apart(be, out, w, mean, invstd)
         gw, gb = k.layer_backward(g, x, dx1, w, L, m, istd, be.threads())
     else:
-        gw, gb = np.zeros(L), np.zeros(L)
+        gw, gb = be.xp.zeros(L), be.xp.zeros(L)
     return ck.finish(dx, target), gw.astype(dt).reshape(shape), gb.astype(dt).reshape(shape)
 
 
@@ -253,12 +243,12 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
     y, y1, target = ck.prepare_out(be, out, input, x)
     if use_input_stats:  # (otherwise the buffers are copied into mean and invstd before out is written)
         ck.out_apart_from(be, out, (("running_mean", running_mean), ("running_var", running_var)))
-    mean, var, invstd = np.zeros((N, C)), np.zeros((N, C)), np.zeros((N, C))
+    mean, var, invstd = (be.xp.zeros((N, C)) for _ in range(3))
     if use_input_stats:
         if x.size:
             k.group_forward(x, y1, *ck.apart(be, out, w, b), C, S, eps, mean, var, invstd, be.threads())
             if eps == 0.0:
-                _constant_instances(y, var, invstd, w, b)
+                _constant_instances(be, y, var, invstd, w, b)
             if running_mean is not None and N > 0:
                 # As PyTorch: each instance's statistics update a copy of the buffers (unbiased
                 # variance), and the buffers become the copies' mean over the batch.
@@ -266,24 +256,23 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
                 running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
                                     + momentum * (var * (S / (S - 1))).mean(axis=0))
     else:
-        rm = np.asarray(running_mean, dtype=np.float64)
-        mean[...] = rm
+        mean[...] = running_mean.astype(np.float64)
         with np.errstate(divide="ignore"):  # a zero variance with eps=0: inf, as 1/sqrt(0) in the kernels
-            invstd[...] = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+            invstd[...] = 1.0 / be.xp.sqrt(running_var.astype(np.float64) + eps)
         if x.size:
             k.group_apply(x, y1, *ck.apart(be, out, w, b), C, S, mean, invstd, be.threads())
     return ck.finish(y, target), mean, invstd
 
 
-def _constant_instances(y, var, invstd, w, b):
+def _constant_instances(be, y, var, invstd, w, b):
     """eps = 0: an instance of zero variance gets invstd 0, as in PyTorch (its batch-norm kernel,
     which instance norm runs on, takes 1 / sqrt(var + eps) as 0 when both are 0), so its output is
     (x - mean) * (0 * w) + b = 0 * w + b rather than 0 / 0; its gradient is then 0."""
-    n, c = np.nonzero(var == 0.0)
+    n, c = be.xp.nonzero(var == 0.0)
     if n.size:
         invstd[n, c] = 0.0
         with np.errstate(invalid="ignore"):  # an infinite weight gives NaN, as the kernel's 0 * w
-            value = 0.0 * np.asarray(w, dtype=np.float64)[c] + np.asarray(b, dtype=np.float64)[c]
+            value = 0.0 * w.astype(np.float64)[c] + b.astype(np.float64)[c]
         y[n, c] = value.reshape((-1,) + (1,) * (y.ndim - 2)).astype(y.dtype)
 
 
@@ -305,7 +294,5 @@ def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, u
         done = _plain_group_backward(grad_output, input, input.shape[1], weight, save_mean, save_invstd, out)
         if done is not None:
             return done
-    be = backend_of(input)
-    be.norm_kernels("instance_norm_backward")
     return _group_backward(grad_output, input, None, weight, save_mean, save_invstd, use_input_stats, out,
                            "instance_norm_backward")

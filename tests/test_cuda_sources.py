@@ -190,10 +190,13 @@ def test_cpu_path_works_without_cupy(no_cupy):
     assert "cupy" not in {type(v).__module__.split(".")[0] for v in bn.state_dict().values()}
 
 
+@pytest.mark.parametrize("make", [lambda d: fastbn.BatchNorm2d(4, device=d), lambda d: fastbn.GroupNorm(2, 4, device=d),
+                                  lambda d: fastbn.LayerNorm(4, device=d), lambda d: fastbn.InstanceNorm2d(4, device=d)],
+                         ids=["BatchNorm2d", "GroupNorm", "LayerNorm", "InstanceNorm2d"])
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
-def test_cuda_layer_without_cupy_says_what_to_install(no_cupy, device):
+def test_cuda_layer_without_cupy_says_what_to_install(no_cupy, device, make):
     with pytest.raises(ImportError, match="CuPy") as info:
-        fastbn.BatchNorm2d(4, device=device)
+        make(device)
     msg = str(info.value)
     assert "fastbn[cuda]" in msg and "cupy-cuda12x" in msg, msg
     assert isinstance(info.value.__cause__, ImportError)  # chained: the original error is kept

@@ -536,6 +536,143 @@ def test_more_than_2_31_elements():
         del y
 
 
+# ---------------------------------------------------------------------------------- group, layer and instance norm
+# (fastbn._backends.cuda_norms: the batch-norm kernels on views of the input; their paths forced as above)
+NORM_PATHS = [("auto", 0), ("units", 97), ("columns", 97)]
+NORM_IDS = ["auto", "units-97", "columns-97"]
+
+
+def _outputs_close(gpu, cpu, tols, what):
+    for name, g, c, tol in zip(("output", "grad_weight" if len(cpu) == 3 else "mean", "grad_bias" if len(cpu) == 3
+                                else "invstd"), gpu, cpu, tols):
+        _close(g, c, tol, f"{what} {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,G", [((4, 6, 5, 7), 3), ((3, 8, 33), 8), ((16, 6), 2), ((2, 4, 1, 1), 1)],
+                         ids=["4d-G3", "3d-G8", "2d-G2", "spatial-1"])
+@pytest.mark.parametrize("path", NORM_PATHS, ids=NORM_IDS)
+def test_group_norm_matches_cpu(gpu_path, rng, path, shape, G, dtype):
+    gpu_path(*path)
+    tol = OUT_TOL[np.dtype(dtype)]
+    x, dy = _data(rng, shape, dtype, offset=30.0), rng.standard_normal(shape).astype(dtype)
+    w, b, _, _ = _params(rng, shape[1], dtype)
+    fwd_c = fastbn.group_norm_forward(x, G, w, b)
+    fwd_g = fastbn.group_norm_forward(_g(x), G, _g(w), _g(b))
+    _outputs_close(fwd_g, fwd_c, (tol, STAT_RTOL * 100, 1e-10), "forward")
+    bwd_c = fastbn.group_norm_backward(dy, x, G, w, fwd_c[1], fwd_c[2])
+    bwd_g = fastbn.group_norm_backward(_g(dy), _g(x), G, _g(w), fwd_g[1], fwd_g[2])
+    _outputs_close(bwd_g, bwd_c, (tol * 10, tol * 10, tol * 10), "backward")
+    xg = _g(x)  # in place, as the CPU allows
+    assert fastbn.group_norm(xg, G, _g(w), _g(b), out=xg) is xg
+    _close(xg, fwd_c[0], tol, "in place")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,ns", [((4, 6, 40), (40,)), ((3, 5, 4, 6), (4, 6)), ((7, 1), (1,))],
+                         ids=["last-dim", "last-two", "one-feature"])
+@pytest.mark.parametrize("path", NORM_PATHS, ids=NORM_IDS)
+def test_layer_norm_matches_cpu(gpu_path, rng, path, shape, ns, dtype):
+    gpu_path(*path)
+    tol = OUT_TOL[np.dtype(dtype)]
+    x, dy = _data(rng, shape, dtype, offset=-40.0), rng.standard_normal(shape).astype(dtype)
+    w, b = _params(rng, int(np.prod(ns)), dtype)[:2]
+    w, b = w.reshape(ns), b.reshape(ns)
+    fwd_c = fastbn.layer_norm_forward(x, ns, w, b)
+    fwd_g = fastbn.layer_norm_forward(_g(x), ns, _g(w), _g(b))
+    _outputs_close(fwd_g, fwd_c, (tol, STAT_RTOL * 100, 1e-10), "forward")
+    bwd_c = fastbn.layer_norm_backward(dy, x, ns, w, fwd_c[1], fwd_c[2])
+    gd, xg = _g(dy), _g(x)
+    bwd_g = fastbn.layer_norm_backward(gd, xg, ns, _g(w), fwd_g[1], fwd_g[2], out=gd)  # in place over dy
+    assert bwd_g[0] is gd
+    _outputs_close(bwd_g, bwd_c, (tol * 10, tol * 10, tol * 10), "backward")
+    assert fastbn.layer_norm(xg, ns, _g(w), _g(b), out=xg) is xg
+    _close(xg, fwd_c[0], tol, "in place")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("path", NORM_PATHS, ids=NORM_IDS)
+def test_instance_norm_matches_cpu(gpu_path, rng, path, dtype):
+    gpu_path(*path)
+    tol = OUT_TOL[np.dtype(dtype)]
+    shape = (3, 5, 6, 7)
+    x, dy = _data(rng, shape, dtype), rng.standard_normal(shape).astype(dtype)
+    w, b, rm, rv = _params(rng, 5, dtype)
+    rm_g, rv_g = _g(rm), _g(rv)
+    fwd_c = fastbn.instance_norm_forward(x, rm, rv, w, b, momentum=0.3)
+    fwd_g = fastbn.instance_norm_forward(_g(x), rm_g, rv_g, _g(w), _g(b), momentum=0.3)
+    _outputs_close(fwd_g, fwd_c, (tol, STAT_RTOL * 100, 1e-10), "training forward")
+    _close(rm_g, rm, tol, "running_mean")
+    _close(rv_g, rv, tol, "running_var")
+    bwd_c = fastbn.instance_norm_backward(dy, x, w, fwd_c[1], fwd_c[2])
+    bwd_g = fastbn.instance_norm_backward(_g(dy), _g(x), _g(w), fwd_g[1], fwd_g[2])
+    _outputs_close(bwd_g, bwd_c, (tol * 10, tol * 10, tol * 10), "backward")
+    # on the running statistics (eval): dx = dy * weight * invstd
+    fwd_c = fastbn.instance_norm_forward(x, rm, rv, w, b, use_input_stats=False)
+    fwd_g = fastbn.instance_norm_forward(_g(x), rm_g, rv_g, _g(w), _g(b), use_input_stats=False)
+    _outputs_close(fwd_g, fwd_c, (tol, STAT_RTOL, 1e-10), "eval forward")
+    bwd_c = fastbn.instance_norm_backward(dy, x, w, fwd_c[1], fwd_c[2], use_input_stats=False)
+    bwd_g = fastbn.instance_norm_backward(_g(dy), _g(x), _g(w), fwd_g[1], fwd_g[2], use_input_stats=False)
+    _outputs_close(bwd_g, bwd_c, (tol * 10, tol * 10, tol * 10), "eval backward")
+
+
+def test_norms_float16_and_eps0_constant_instances_match_cpu(rng):
+    x = _data(rng, (2, 4, 6, 5), np.float16)
+    for call in (lambda a: fastbn.group_norm(a, 2), lambda a: fastbn.layer_norm(a, (6, 5)),
+                 lambda a: fastbn.instance_norm(a)):
+        y_c, y_g = call(x), call(_g(x))
+        assert y_g.dtype == y_c.dtype == np.float16
+        _close(y_g, y_c, 1e-3, "float16")
+    x = _data(rng, (2, 3, 4, 4), np.float32)
+    x[1, 2] = 7.0  # a constant instance with eps=0: invstd 0 and the output the bias, as PyTorch's
+    w, b = _params(rng, 3, np.float32)[:2]
+    y_c, m_c, s_c = fastbn.instance_norm_forward(x, None, None, w, b, eps=0.0)
+    y_g, m_g, s_g = fastbn.instance_norm_forward(_g(x), None, None, _g(w), _g(b), eps=0.0)
+    _close(y_g, y_c, 1e-5, "eps=0 output")
+    _close(s_g, s_c, 1e-10, "eps=0 invstd")
+    assert float(s_g[1, 2]) == 0.0
+
+
+def test_norms_mixing_numpy_and_cupy_raises(rng):
+    x = _g(_data(rng, (4, 6, 5), np.float32))
+    with pytest.raises(TypeError, match="cupy array"):
+        fastbn.group_norm(x, 2, np.ones(6, np.float32))
+    with pytest.raises(TypeError, match="grad_output"):
+        fastbn.layer_norm_backward(np.ones((4, 6, 5), np.float32), x, 5, None, cp.zeros((4, 6)), cp.ones((4, 6)))
+
+
+NORM_LAYERS = [(lambda **k: fastbn.GroupNorm(3, 6, **k), (4, 6, 5, 5)),
+               (lambda **k: fastbn.LayerNorm((5, 5), **k), (4, 6, 5, 5)),
+               (lambda **k: fastbn.InstanceNorm2d(6, affine=True, track_running_stats=True, **k), (4, 6, 5, 5)),
+               (lambda **k: fastbn.InstanceNorm1d(6, **k), (6, 9))]
+
+
+@pytest.mark.parametrize("make,shape", NORM_LAYERS, ids=["GroupNorm", "LayerNorm", "InstanceNorm2d", "InstanceNorm1d-unbatched"])
+def test_norm_layer_on_cuda_matches_cpu_layer(rng, make, shape):
+    cpu, gpu = make(), make(device="cuda")
+    assert gpu.device == "cuda" and all(isinstance(p, cp.ndarray) for p in gpu.parameters())
+    for p in cpu.parameters():
+        p[...] = rng.uniform(0.5, 2.0, p.shape)
+    gpu.load_state_dict(cpu.state_dict())
+    for step in range(2):
+        x, dy = _data(rng, shape, np.float32), rng.standard_normal(shape).astype(np.float32)
+        _close(gpu(_g(x)), cpu(x), 1e-5, f"forward step {step}")
+        _close(gpu.backward(_g(dy)), cpu.backward(dy), 1e-4, f"grad_input step {step}")
+        for (_, g), (_, c) in zip(gpu.params_and_grads(), cpu.params_and_grads()):
+            _close(g, c, 1e-4, "parameter gradient")
+    for k, v in gpu.state_dict().items():
+        assert isinstance(v, np.ndarray), k
+        np.testing.assert_allclose(v, cpu.state_dict()[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    gpu.eval()
+    cpu.eval()
+    x = _data(rng, shape, np.float32)
+    _close(gpu(_g(x)), cpu(x), 1e-5, "eval")
+    with pytest.raises(TypeError, match="NumPy"):
+        gpu(x)
+    gpu.to("cpu")
+    np.testing.assert_allclose(gpu(x), cpu(x), rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------- layers
 LAYERS = [(fastbn.BatchNorm1d, (64, 5)), (fastbn.BatchNorm1d, (8, 5, 30)), (fastbn.BatchNorm2d, (4, 5, 9, 7)),
           (fastbn.BatchNorm3d, (2, 5, 3, 4, 5))]

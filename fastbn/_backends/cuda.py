@@ -166,9 +166,15 @@ def empty(x3, shape):
 
 
 def norm_kernels(what):
-    raise NotImplementedError(
-        f"{what} has no CUDA (CuPy) backend yet: fastbn only runs it on NumPy arrays, and does not copy "
-        f"GPU arrays to the host silently; pass cupy.asnumpy(...) explicitly if that is what you want")
+    """Group, layer and instance norm's kernels (fastbn._backends.cuda_norms)."""
+    from . import cuda_norms
+
+    return cuda_norms
+
+
+def threads():
+    """The CPU thread count the norm kernels take (the GPU's kernels ignore it)."""
+    return 1
 
 
 def _version(cp):
@@ -403,25 +409,62 @@ def forward_train(x, y, weight, bias, eps, relu=False):
         pdt = _param_dtype(x.dtype)
         w, b = _vec(cp, weight, pdt), _vec(cp, bias, pdt)  # apart from y: _checks.apart
         act = np.int32(1 if relu else 0)
-        NS = N * S
-        path, k, U = _plan(cp, dev.id, C, S, NS)
+        path, k, U = _plan(cp, dev.id, C, S, N * S)
         eps = np.float64(eps)
         if path == "channels":
             kern["bn_forward_channels"](_grid(C), (BLOCK,),
                                         (x, y, w, b, eps, act, _i(N), _i(C), _i(S), mean, var, invstd))
             return mean, var, invstd
-        part = cp.empty(3 * C * k)
-        if path == "columns":
-            gx = _ceil(C, COLUMN_BLOCK[0])
-            kern["bn_moments_columns"]((gx, min(k, MAX_GRID)), COLUMN_BLOCK, (x, _i(N), _i(C), _i(U), _i(k), part))
-        else:
-            kern["bn_moments_units"](_grid(C * k), (BLOCK,), (x, _i(N), _i(C), _i(S), _i(k), _i(U), part))
-        coef = cp.empty(4 * C, dtype=pdt)
-        kern["bn_merge_moments"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
-                                 (part, x, _i(C), _i(S), _i(k), eps, w, b, mean, var, invstd, coef))
-        total = N * C * S
-        kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
-                         (x, y, coef, act, _i(C), _i(S), _i(total)))
+        coef = _statistics(cp, kern, x, path, k, U, eps, w, b, mean, var, invstd)
+        _apply(cp, kern, x, y, coef, act)
+    return mean, var, invstd
+
+
+def _statistics(cp, kern, x, path, k, U, eps, w, b, mean, var, invstd):
+    """The units or columns path's statistics of (N, C, S) x, k partials a channel: mean, var and
+    invstd written; returns the forward's coefficients [m_hi | m_lo | a | b] for weight w, bias b."""
+    N, C, S = x.shape
+    part = cp.empty(3 * C * k)
+    if path == "columns":
+        gx = _ceil(C, COLUMN_BLOCK[0])
+        kern["bn_moments_columns"]((gx, min(k, MAX_GRID)), COLUMN_BLOCK, (x, _i(N), _i(C), _i(U), _i(k), part))
+    else:
+        kern["bn_moments_units"](_grid(C * k), (BLOCK,), (x, _i(N), _i(C), _i(S), _i(k), _i(U), part))
+    coef = cp.empty(4 * C, dtype=w.dtype)
+    kern["bn_merge_moments"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
+                             (part, x, _i(C), _i(S), _i(k), eps, w, b, mean, var, invstd, coef))
+    return coef
+
+
+def _apply(cp, kern, x, y, coef, act):
+    """y = ((x - m_hi) - m_lo) * a + b (then ReLU'd where act) over (N, C, S) x, coef's channels."""
+    N, C, S = x.shape
+    total = N * C * S
+    kern["bn_apply"](_apply_grid(_sm_count(cp, x.device.id), total), (BLOCK,), (x, y, coef, act, _i(C), _i(S), _i(total)))
+
+
+def _split_plan(cp, dev_id, C, S, NS):
+    """_plan's split for kernels that only reduce: the channels path (whose kernels also write
+    the output) as units of a whole channel each."""
+    path, k, U = _plan(cp, dev_id, C, S, NS)
+    return ("units", 1, NS) if path == "channels" else (path, k, U)
+
+
+def moments(x, eps):
+    """The statistics of each channel of (N, C, S) x, (mean, biased var, invstd = 1 / sqrt(var +
+    eps)) as float64 vectors, as forward_train's, writing nothing else (the group and layer norms
+    of cuda_norms)."""
+    cp = _import_cupy()
+    N, C, S = x.shape
+    dev = x.device
+    with dev:
+        mean, var, invstd = cp.empty(C), cp.empty(C), cp.empty(C)
+        if C == 0 or N * S == 0:
+            return mean, var, invstd
+        kern = _kernels(dev.id, x.dtype)
+        pdt = _param_dtype(x.dtype)
+        path, k, U = _split_plan(cp, dev.id, C, S, N * S)
+        _statistics(cp, kern, x, path, k, U, np.float64(eps), cp.ones(C, pdt), cp.zeros(C, pdt), mean, var, invstd)
     return mean, var, invstd
 
 
@@ -448,18 +491,20 @@ def forward_eval(x, y, weight, bias, mean, invstd, relu=False):
     N, C, S = x.shape
     dev = x.device
     _check_device(dev.id, (("out", y), ("weight", weight), ("bias", bias), ("mean", mean), ("invstd", invstd)))
-    total = N * C * S
-    if total == 0:
+    if N * C * S == 0:
         return
     with dev:
         kern = _kernels(dev.id, x.dtype)
         pdt = _param_dtype(x.dtype)
-        coef = cp.empty(4 * C, dtype=pdt)
-        kern["bn_eval_coefs"](_grid(_ceil(C, BLOCK)), (BLOCK,),
-                              (_vec(cp, mean), _vec(cp, invstd), _vec(cp, weight, pdt), _vec(cp, bias, pdt), _i(C),
-                               coef))
-        kern["bn_apply"](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
-                         (x, y, coef, np.int32(1 if relu else 0), _i(C), _i(S), _i(total)))
+        coef = _eval_coefs(cp, kern, C, mean, invstd, _vec(cp, weight, pdt), _vec(cp, bias, pdt))
+        _apply(cp, kern, x, y, coef, np.int32(1 if relu else 0))
+
+
+def _eval_coefs(cp, kern, C, mean, invstd, w, b):
+    """The forward's coefficients [m_hi | m_lo | a | b] (w's dtype) from the given statistics."""
+    coef = cp.empty(4 * C, dtype=w.dtype)
+    kern["bn_eval_coefs"](_grid(_ceil(C, BLOCK)), (BLOCK,), (_vec(cp, mean), _vec(cp, invstd), w, b, _i(C), coef))
+    return coef
 
 
 def backward(dy, x, dx, weight, mean, invstd, training, bias=None, output=None):
@@ -496,18 +541,74 @@ def backward(dy, x, dx, weight, mean, invstd, training, bias=None, output=None):
             kern["bn_backward_channels", act](_grid(C), (BLOCK,),
                                               (dy, x, out, dx, w, b, m, istd, train, _i(N), _i(C), _i(S), gw, gb))
             return gw, gb
-        part = cp.empty(2 * C * k)
-        if path == "columns":
-            gx = _ceil(C, COLUMN_BLOCK[0])
-            kern["bn_grad_sums_columns", act]((gx, min(k, MAX_GRID)), COLUMN_BLOCK,
-                                              (dy, x, out, w, b, m, istd, _i(N), _i(C), _i(U), _i(k), part))
-        else:
-            kern["bn_grad_sums_units", act](_grid(C * k), (BLOCK,),
-                                            (dy, x, out, w, b, m, istd, _i(N), _i(C), _i(S), _i(k), _i(U), part))
-        coef = cp.empty(6 * C, dtype=pdt)
-        kern["bn_merge_grad"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
-                              (part, _i(C), _i(k), np.float64(NS), train, np.int32(act), w, b, m, istd, gw, gb, coef))
-        # dx = kdy * g + (((x - m_hi) - m_lo) * kx + kc) in training, g * kdy (x unread) in evaluation
-        kern["bn_grad_input", act](_apply_grid(_sm_count(cp, dev.id), total), (BLOCK,),
-                                   (dy, x, out, dx, coef, train, _i(C), _i(S), _i(total)))
+        coef = _grad_sums(cp, kern, dy, x, out, w, b, m, istd, path, k, U, train, act, gw, gb)
+        _grad_input(cp, kern, dy, x, out, dx, coef, train, act)
     return gw, gb
+
+
+def _grad_sums(cp, kern, dy, x, out, w, b, m, istd, path, k, U, train, act, gw, gb):
+    """The units or columns path's gradient sums of (N, C, S) dy and x: grad_weight and grad_bias
+    written; returns the coefficients [m_hi | m_lo | kdy | kx | kc | b] of grad_input."""
+    N, C, S = x.shape
+    part = cp.empty(2 * C * k)
+    if path == "columns":
+        gx = _ceil(C, COLUMN_BLOCK[0])
+        kern["bn_grad_sums_columns", act]((gx, min(k, MAX_GRID)), COLUMN_BLOCK,
+                                          (dy, x, out, w, b, m, istd, _i(N), _i(C), _i(U), _i(k), part))
+    else:
+        kern["bn_grad_sums_units", act](_grid(C * k), (BLOCK,),
+                                        (dy, x, out, w, b, m, istd, _i(N), _i(C), _i(S), _i(k), _i(U), part))
+    coef = cp.empty(6 * C, dtype=w.dtype)
+    kern["bn_merge_grad"](_grid(_ceil(C, MERGE_WARPS)), (MERGE_WARPS * 32,),
+                          (part, _i(C), _i(k), np.float64(N * S), train, np.int32(act), w, b, m, istd, gw, gb, coef))
+    return coef
+
+
+def _grad_input(cp, kern, dy, x, out, dx, coef, train, act=ACT_NONE):
+    """dx = kdy * g + (((x - m_hi) - m_lo) * kx + kc) in training, g * kdy (x unread) in
+    evaluation, over (N, C, S) arrays, g being dy gated by the activation act."""
+    N, C, S = x.shape
+    total = N * C * S
+    kern["bn_grad_input", act](_apply_grid(_sm_count(cp, x.device.id), total), (BLOCK,),
+                               (dy, x, out, dx, coef, train, _i(C), _i(S), _i(total)))
+
+
+def channel_sums(dy, x, mean, invstd):
+    """(sum dy * (x - mean) * invstd, sum dy) over each channel of (N, C, S) dy and x, float64
+    vectors: batch norm's grad_weight and grad_bias, writing nothing else (cuda_norms)."""
+    cp = _import_cupy()
+    N, C, S = x.shape
+    dev = x.device
+    with dev:
+        gw, gb = cp.zeros(C), cp.zeros(C)
+        if N * C * S == 0:
+            return gw, gb
+        kern = _kernels(dev.id, x.dtype)
+        one = cp.ones(C, _param_dtype(x.dtype))
+        path, k, U = _split_plan(cp, dev.id, C, S, N * S)
+        _grad_sums(cp, kern, dy, x, x, one, one, _vec(cp, mean), _vec(cp, invstd), path, k, U, np.int32(1), ACT_NONE,
+                   gw, gb)
+    return gw, gb
+
+
+def grad_input(dy, x, dx, mean, kdy, kx, kc, training):
+    """dx = kdy * dy + (((x - m_hi) - m_lo) * kx + kc) over (N, C, S) arrays from per-channel
+    float64 vectors (rounded to the coefficients' type; kx, kc unused and x unread where not
+    ``training``), the mean split as the forward's (cuda_norms: coefficients that are not batch
+    norm's)."""
+    cp = _import_cupy()
+    N, C, S = x.shape
+    dev = x.device
+    if N * C * S == 0:
+        return
+    with dev:
+        kern = _kernels(dev.id, x.dtype)
+        pdt = _param_dtype(x.dtype)
+        zero = cp.zeros(C, pdt)
+        coef = cp.zeros(6 * C, dtype=pdt)
+        coef[:4 * C] = _eval_coefs(cp, kern, C, mean, cp.zeros(C), zero, zero)  # [m_hi | m_lo | . | .]
+        coef[2 * C:3 * C] = kdy
+        if training:
+            coef[3 * C:4 * C] = kx
+            coef[4 * C:5 * C] = kc
+        _grad_input(cp, kern, dy, x, x, dx, coef, np.int32(1 if training else 0))
