@@ -7,6 +7,7 @@ column, a CUDA build of torch::
     python bench/gpu_bench.py                       # (64,64,56,56) and (256,256,14,14), float32
     python bench/gpu_bench.py --shapes 32,3,224,224 --dtype float64 --json gpu.json
     python bench/gpu_bench.py --dtype float16       # float16 elements, float32 weight and bias
+    python bench/gpu_bench.py --norms               # group, layer and instance norm (issue 13's shapes)
 
 Times are CUDA-event medians: each round launches an operation ``repeat`` times back to back
 between two events (so launch overhead counts when it is what limits the rate, as it does for a
@@ -30,6 +31,11 @@ ReLU after the batch norm ("+ relu": fastbn's fused kernels, relu=True and backw
 against torch's relu(batch_norm) and its autograd, and the naive expression with cupy.maximum).
 A row whose implementation does not take the dtype or the activation (the public API before it
 routes them) is left out, with a note.
+
+``--norms``: group, layer and instance norm instead (fastbn's public calls, which run the batch-norm
+kernels on views of the input: fastbn/_backends/cuda_norms.py), forward and backward, against a
+copy and torch.nn.functional's (autograd for the backward), on issue 13's shapes unless --shapes
+is given (then GroupNorm(32), LayerNorm over the last dimension and InstanceNorm on each).
 """
 import argparse
 import json
@@ -214,6 +220,99 @@ class Case:
         return dx, gw, gb
 
 
+class NormCase:
+    """One norm on one shape: fastbn's forward and backward, torch's, a copy (the same rows as Case)."""
+
+    def __init__(self, kind, shape, dtype, torch, seed=0):
+        rng = np.random.default_rng(seed)
+        self.kind, self.shape, self.dtype, self.torch = kind, tuple(shape), np.dtype(dtype), torch
+        host = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+        self.x, self.y = cp.asarray(host), cp.empty(shape, dtype)
+        self.dy = cp.asarray(rng.standard_normal(shape).astype(dtype))
+        pshape = shape[-1:] if kind == "layer" else shape[1:2]
+        self.w = cp.asarray(rng.uniform(0.5, 2, pshape).astype(dtype))
+        self.b = cp.asarray(rng.standard_normal(pshape).astype(dtype))
+        self.arg = {"group": min(32, shape[1]), "layer": pshape, "instance": None}[kind]
+        self.saved = self._fastbn_forward()[1:]
+        if torch is not None:
+            self.tx = torch.as_tensor(host, device="cuda").requires_grad_(True)
+            self.tdy = torch.as_tensor(self.dy.get(), device="cuda")
+            self.tw = torch.as_tensor(self.w.get(), device="cuda").requires_grad_(True)
+            self.tb = torch.as_tensor(self.b.get(), device="cuda").requires_grad_(True)
+            self.ty = self._torch_forward()
+
+    def title(self):
+        if self.kind == "group":
+            return f"GroupNorm({self.arg})"
+        return f"LayerNorm({self.arg[0]})" if self.kind == "layer" else "InstanceNorm"
+
+    def nbytes(self):
+        return self.x.nbytes
+
+    def copy(self):
+        cp.copyto(self.y, self.x)
+
+    def _fastbn_forward(self):
+        if self.kind == "group":
+            return fastbn.group_norm_forward(self.x, self.arg, self.w, self.b, out=self.y)
+        if self.kind == "layer":
+            return fastbn.layer_norm_forward(self.x, self.arg, self.w, self.b, out=self.y)
+        return fastbn.instance_norm_forward(self.x, None, None, self.w, self.b, out=self.y)
+
+    def fastbn_forward(self):
+        return self._fastbn_forward()[0]
+
+    def fastbn_backward(self):
+        m, s = self.saved
+        if self.kind == "group":
+            return fastbn.group_norm_backward(self.dy, self.x, self.arg, self.w, m, s)
+        if self.kind == "layer":
+            return fastbn.layer_norm_backward(self.dy, self.x, self.arg, self.w, m, s)
+        return fastbn.instance_norm_backward(self.dy, self.x, self.w, m, s)
+
+    def _torch_forward(self):
+        F = self.torch.nn.functional
+        if self.kind == "group":
+            return F.group_norm(self.tx, self.arg, self.tw, self.tb, EPS)
+        if self.kind == "layer":
+            return F.layer_norm(self.tx, self.arg, self.tw, self.tb, EPS)
+        return F.instance_norm(self.tx, None, None, self.tw, self.tb, True, MOMENTUM, EPS)
+
+    def torch_forward(self):
+        with self.torch.no_grad():
+            return self._torch_forward()
+
+    def torch_backward(self):
+        return self.torch.autograd.grad(self.ty, (self.tx, self.tw, self.tb), self.tdy, retain_graph=True)
+
+    def check(self):
+        out = {}
+        if self.torch is not None:
+            out["forward vs torch"] = _diff(self.fastbn_forward(), self.torch_forward())
+            for name, a, b in zip(("dx", "dw", "db"), self.fastbn_backward(), self.torch_backward()):
+                out[f"backward {name} vs torch"] = _diff(a, b)
+        return out
+
+
+NORM_SHAPES = [("group", (32, 64, 56, 56)), ("group", (8, 256, 28, 28)), ("layer", (64, 197, 768)),
+               ("instance", (16, 64, 64, 64))]
+
+
+def run_norm_case(case, rounds, repeat):
+    rows = []
+    t_copy, _ = time_op(case.copy, rounds, repeat)
+    for op, arrays in (("forward", 2), ("backward", 3)):
+        impls = [("copy", None), ("fastbn", getattr(case, f"fastbn_{op}"))]
+        if case.torch is not None:
+            impls.append(("torch", getattr(case, f"torch_{op}")))
+        times = {impl: t_copy if fn is None else time_op(fn, rounds, repeat)[0] for impl, fn in impls}
+        for impl, t in times.items():
+            rows.append({"op": f"{case.title()} {op}", "impl": impl, "us": t * 1e6,
+                         "GB/s": (2 if impl == "copy" else arrays) * case.nbytes() / t / 1e9, "x copy": t / t_copy,
+                         "torch/this": times["torch"] / t if "torch" in times else None, "naive/this": None})
+    return rows
+
+
 OPS = [  # (title, method suffix, arrays of traffic)
     ("train forward", "train", 2),
     ("eval forward", "eval", 2),
@@ -300,7 +399,8 @@ def device_line():
 def print_table(shape, dtype, rows, checks, nbytes):
     print(f"\nshape {shape} {dtype}, {nbytes / 1e6:.1f} MB per array")
     print("  check: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
-    head = f"  {'operation':<16}{'impl':<16}{'time (us)':>10}{'GB/s':>8}{'x copy':>9}{'vs torch':>10}{'vs naive':>10}"
+    ow = max(16, max((len(r["op"]) + 2 for r in rows), default=0))
+    head = f"  {'operation':<{ow}}{'impl':<16}{'time (us)':>10}{'GB/s':>8}{'x copy':>9}{'vs torch':>10}{'vs naive':>10}"
     print(head)
     print("  " + "-" * (len(head) - 2))
     last = None
@@ -309,18 +409,20 @@ def print_table(shape, dtype, rows, checks, nbytes):
         last = r["op"]
         vt = f"{r['torch/this']:.2f}x" if r["torch/this"] is not None else "-"
         vn = f"{r['naive/this']:.2f}x" if r["naive/this"] is not None else "-"
-        print(f"  {op:<16}{r['impl']:<16}{r['us']:>10.1f}{r['GB/s']:>8.0f}{r['x copy']:>8.2f}x{vt:>10}{vn:>10}")
+        print(f"  {op:<{ow}}{r['impl']:<16}{r['us']:>10.1f}{r['GB/s']:>8.0f}{r['x copy']:>8.2f}x{vt:>10}{vn:>10}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["64,64,56,56", "256,256,14,14"],
-                   help="comma-separated shapes (N,C,...) (default: %(default)s)")
+    p.add_argument("--shapes", nargs="+", default=None,
+                   help="comma-separated shapes (N,C,...) (default: 64,64,56,56 256,256,14,14; with --norms, "
+                        "issue 13's four cases)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"],
                    help="element dtype; float16 takes float32 weight and bias (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=15, help="timed rounds per measurement; the median is shown")
     p.add_argument("--repeat", type=int, default=None, help="calls per round (default: enough for ~2 ms)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--norms", action="store_true", help="group, layer and instance norm instead of batch norm")
     args = p.parse_args(argv)
 
     torch, why_not = _torch()
@@ -335,8 +437,21 @@ def main(argv=None):
 
     results = {"device": device_line(), "cupy": cp.__version__, "fastbn": fastbn.__version__,
                "torch": None if torch is None else torch.__version__, "cases": []}
-    for text in args.shapes:
-        shape = tuple(int(s) for s in text.split(","))
+    if args.shapes is None and args.norms:
+        cases = [(s, [kind]) for kind, s in NORM_SHAPES]
+    else:
+        cases = [(tuple(int(v) for v in text.split(",")), ["group", "layer", "instance"])
+                 for text in args.shapes or ["64,64,56,56", "256,256,14,14"]]
+    for shape, kinds in cases:
+        if args.norms:
+            for kind in kinds:
+                case = NormCase(kind, shape, args.dtype, torch)
+                checks, rows = case.check(), run_norm_case(case, args.rounds, args.repeat)
+                print_table(shape, args.dtype, rows, checks, case.nbytes())
+                results["cases"].append({"shape": shape, "dtype": args.dtype, "norm": kind, "checks": checks,
+                                         "rows": rows})
+                del case
+            continue
         case = Case(shape, args.dtype, torch)
         checks = check(case)
         rows = run_case(case, args.rounds, args.repeat, torch is not None)

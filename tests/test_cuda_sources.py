@@ -190,9 +190,13 @@ def test_cpu_path_works_without_cupy(no_cupy):
     assert "cupy" not in {type(v).__module__.split(".")[0] for v in bn.state_dict().values()}
 
 
-@pytest.mark.parametrize("make", [lambda d: fastbn.BatchNorm2d(4, device=d), lambda d: fastbn.GroupNorm(2, 4, device=d),
-                                  lambda d: fastbn.LayerNorm(4, device=d), lambda d: fastbn.InstanceNorm2d(4, device=d)],
-                         ids=["BatchNorm2d", "GroupNorm", "LayerNorm", "InstanceNorm2d"])
+LAYER_MAKERS = {"BatchNorm2d": lambda d: fastbn.BatchNorm2d(4, device=d),
+                "GroupNorm": lambda d: fastbn.GroupNorm(2, 4, device=d),
+                "LayerNorm": lambda d: fastbn.LayerNorm(4, device=d),
+                "InstanceNorm2d": lambda d: fastbn.InstanceNorm2d(4, device=d)}
+
+
+@pytest.mark.parametrize("make", LAYER_MAKERS.values(), ids=LAYER_MAKERS.keys())
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
 def test_cuda_layer_without_cupy_says_what_to_install(no_cupy, device, make):
     with pytest.raises(ImportError, match="CuPy") as info:
@@ -361,3 +365,17 @@ def test_gpu_suite_passes_in_the_cpu_emulator(emulator):
     tail = (r.stdout + r.stderr)[-3000:]
     assert r.returncode == 0, tail
     assert " passed" in tail and "failed" not in tail, tail
+
+
+@pytest.mark.parametrize("mode", [[], ["--norms"]], ids=["batch-norm", "norms"])
+def test_gpu_bench_runs_in_the_cpu_emulator(emulator, mode):
+    """bench/gpu_bench.py, for the first GPU that runs it: every row of its table on tiny shapes
+    (the emulator's times mean nothing)."""
+    bench = os.path.join(os.path.dirname(TESTS_DIR), "bench", "gpu_bench.py")
+    r = _run([sys.executable, bench, *mode, "--shapes", "3,8,2,5", "--rounds", "1", "--repeat", "1"], emulator)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ops = ["GroupNorm(8) forward", "GroupNorm(8) backward", "LayerNorm(5) backward", "InstanceNorm forward"] if mode \
+        else ["train forward", "eval forward", "backward", "backward + relu"]
+    for op in ops:
+        assert re.search(rf"^  {re.escape(op)} +(copy|fastbn)", r.stdout, re.M), (op, r.stdout)
+    assert r.stdout.count("fastbn") >= len(ops), r.stdout

@@ -647,7 +647,8 @@ NORM_LAYERS = [(lambda **k: fastbn.GroupNorm(3, 6, **k), (4, 6, 5, 5)),
                (lambda **k: fastbn.InstanceNorm1d(6, **k), (6, 9))]
 
 
-@pytest.mark.parametrize("make,shape", NORM_LAYERS, ids=["GroupNorm", "LayerNorm", "InstanceNorm2d", "InstanceNorm1d-unbatched"])
+@pytest.mark.parametrize("make,shape", NORM_LAYERS,
+                         ids=["GroupNorm", "LayerNorm", "InstanceNorm2d", "InstanceNorm1d-unbatched"])
 def test_norm_layer_on_cuda_matches_cpu_layer(rng, make, shape):
     cpu, gpu = make(), make(device="cuda")
     assert gpu.device == "cuda" and all(isinstance(p, cp.ndarray) for p in gpu.parameters())

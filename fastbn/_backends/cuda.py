@@ -440,7 +440,8 @@ def _apply(cp, kern, x, y, coef, act):
     """y = ((x - m_hi) - m_lo) * a + b (then ReLU'd where act) over (N, C, S) x, coef's channels."""
     N, C, S = x.shape
     total = N * C * S
-    kern["bn_apply"](_apply_grid(_sm_count(cp, x.device.id), total), (BLOCK,), (x, y, coef, act, _i(C), _i(S), _i(total)))
+    kern["bn_apply"](_apply_grid(_sm_count(cp, x.device.id), total), (BLOCK,),
+                     (x, y, coef, act, _i(C), _i(S), _i(total)))
 
 
 def _split_plan(cp, dev_id, C, S, NS):
