@@ -9,6 +9,8 @@ parameters, or None), ``running_mean``, ``running_var`` (or None), ``num_batches
 Calling it runs the forward; ``backward(grad_output)`` returns ``grad_input`` and *sets*
 ``grad_weight`` and ``grad_bias``.
 """
+import warnings
+
 import numpy as np
 
 from . import _checks as ck
@@ -65,10 +67,13 @@ class _BatchNorm(_RunningStats, Layer):
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
             raise ValueError(f"{type(self).__name__} expected {self._layout} input, got shape {shape}")
         if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels "
-                f"(axis 1), got shape {tuple(x.shape)}"
-            )
+            msg = (f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels (axis 1), "
+                   f"got shape {tuple(x.shape)}")
+            if self._holds_arrays():
+                raise ValueError(msg)
+            # nothing of the layer's is per channel: PyTorch normalizes any channel count (silently)
+            warnings.warn(msg + "; num_features is not used because the layer has no parameters or running "
+                          "statistics", stacklevel=4)
         dt = self.dtype
         if self._holds_arrays():
             ck.kernel_dtype(x, dt, type(self).__name__)
@@ -92,7 +97,7 @@ class _BatchNorm(_RunningStats, Layer):
                 y, mean, invstd = done
                 if is_grad_enabled():
                     self._save(False, (input, self.dtype, None, self._saved_weight(True), mean, invstd, False,
-                                       self._saved_bias(True, self.dtype)))
+                                       self._saved_bias(True, self.dtype, self.num_features)))
                 return y
         return Layer.forward(self, input, out=out, update_running_stats=update_running_stats)
 
@@ -108,7 +113,8 @@ class _BatchNorm(_RunningStats, Layer):
                 factor = self._update_factor()
             use_buffers = (not self.training and self.track_running_stats) or update
             rm, rv = (self.running_mean, self.running_var) if use_buffers else (None, None)
-            C, dt = self.num_features, self.dtype if self._holds_arrays() else ck.compute_dtype(x3.dtype)
+            # the input's channels: the layer's own where it holds arrays (checked), any count where not
+            C, dt = x3.shape[1], self.dtype if self._holds_arrays() else ck.compute_dtype(x3.dtype)
             with self._on_device():
                 if rm is not None:
                     ck.vector(rm, "running_mean", be, (C,), None, writable=update)
@@ -122,15 +128,15 @@ class _BatchNorm(_RunningStats, Layer):
                 self.num_batches_tracked = _wrap_int64(self.num_batches_tracked + 1)
         if saved_input is not input:  # an in-place forward: backward reads the copy
             x3 = ck.ncs_view(be, saved_input, x3.dtype)
-        return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats, self._saved_bias(record, dt))
+        return y, (saved_input, dt, x3, self._saved_weight(record), mean, invstd, batch_stats, self._saved_bias(record, dt, C))
 
-    def _saved_bias(self, record, dt):
+    def _saved_bias(self, record, dt, C):
         """With the activation, the bias that ReLU's mask is recomputed with in backward (a copy, as
         the weight: an update between forward and backward must not change the mask); else None."""
         if not self._relu:
             return None
         if self.bias is None:
-            return self._xp.zeros(self.num_features, dtype=dt)
+            return self._xp.zeros(C, dtype=dt)
         return self.bias.copy() if record else self.bias
 
     def _backward(self, be, grad_output, payload, out):
@@ -138,7 +144,7 @@ class _BatchNorm(_RunningStats, Layer):
         if x3 is None:  # saved by the plain evaluation call
             x3 = ck.ncs_view(be, x, dt)
         with self._on_device():
-            C = self.num_features
+            C = x3.shape[1]
             w = ck.param(weight, "weight", be, (C,), dt, 1.0)
             b = None if bias is None else ck.param(bias, "bias", be, (C,), dt, 0.0)
             g3 = ck.kernel_view(be, grad_output, x, x3, "grad_output")

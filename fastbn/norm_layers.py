@@ -55,8 +55,12 @@ class GroupNorm(_Norm):
     def _check_input(self, x):
         checked = self._check_dtype(x)
         if x.ndim < 2 or x.shape[1] != self.num_channels:
-            raise ValueError(f"GroupNorm({self.num_groups}, {self.num_channels}) expected (N, {self.num_channels}, *) "
-                             f"input, got shape {tuple(x.shape)}")
+            msg = (f"GroupNorm({self.num_groups}, {self.num_channels}) expected (N, {self.num_channels}, *) input, "
+                   f"got shape {tuple(x.shape)}")
+            if x.ndim < 2 or self.affine:
+                raise ValueError(msg)
+            # no per-channel parameters: PyTorch normalizes any channel count num_groups divides (silently)
+            warnings.warn(msg + "; num_channels is not used because affine=False", stacklevel=4)
         return checked
 
     def _forward(self, input, checked, out, update, saved_input, record):

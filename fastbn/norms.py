@@ -236,8 +236,8 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
             if not be.is_array(buf):
                 _vector(buf, name, be, C, dt)  # raises the right error
             ck.vector(buf, name, be, (C,), None, writable=use_input_stats)
-    if use_input_stats:
-        momentum = ck.scalar(momentum, "momentum", 0.0, 1.0)
+    if use_input_stats:  # [0, 1] where it weighs a running update (as batch_norm's); else unused
+        momentum = ck.scalar(momentum, "momentum", *((0.0, 1.0) if running_mean is not None else (-math.inf, math.inf)))
         if S == 1:  # as PyTorch, also for an empty batch (an empty spatial size passes)
             raise ValueError(f"expected more than 1 spatial element when training, got input of shape {tuple(input.shape)}")
     y, y1, target = ck.prepare_out(be, out, input, x)

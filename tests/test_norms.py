@@ -846,8 +846,12 @@ def test_instance_norm_plain_call_is_the_checked_one(shape, affine):
         np.testing.assert_array_equal(layer.backward(g), fast_b[0])
     with pytest.raises(ValueError, match="more than 1 spatial element"):
         fastbn.instance_norm(x.reshape(shape[0], C, -1)[..., :1].copy())
-    with pytest.raises(ValueError, match="momentum"):
-        fastbn.instance_norm(x, momentum=1.5)
+    # momentum weighs nothing without running buffers (any real number, as in PyTorch and batch_norm)
+    np.testing.assert_array_equal(fastbn.instance_norm(x, None, None, w, b, momentum=1.5), fast[0])
+    with pytest.raises(TypeError, match="momentum must be a real number"):
+        fastbn.instance_norm(x, momentum=None)
+    with pytest.raises(ValueError, match=r"momentum must be a real number in \[0.0, 1.0\], got 1.5"):
+        fastbn.instance_norm(x, np.zeros(C, np.float32), np.ones(C, np.float32), momentum=1.5)
 
 
 def test_unbatched_out_must_have_the_inputs_shape():

@@ -219,3 +219,37 @@ def test_one_value_per_channel_is_an_error_like_torch(rng):
     # evaluation with one value is fine in both
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
     close(fastbn.batch_norm(x, rm, rv), N(torch.nn.functional.batch_norm(T(x), T(rm), T(rv))), np.float32)
+
+
+PARAMETERLESS = [
+    (lambda: fastbn.BatchNorm1d(5, affine=False, track_running_stats=False),
+     lambda: torch.nn.BatchNorm1d(5, affine=False, track_running_stats=False), (4, 6, 7)),
+    (lambda: fastbn.BatchNorm2d(2, affine=False, track_running_stats=False, activation="relu"),
+     lambda: torch.nn.Sequential(torch.nn.BatchNorm2d(2, affine=False, track_running_stats=False), torch.nn.ReLU()),
+     (3, 4, 5, 5)),
+    (lambda: fastbn.GroupNorm(3, 9, affine=False), lambda: torch.nn.GroupNorm(3, 9, affine=False), (2, 6, 11)),
+]
+
+
+@pytest.mark.parametrize("make,make_torch,shape", PARAMETERLESS, ids=["BatchNorm1d", "BatchNorm2d-relu", "GroupNorm"])
+def test_layer_without_parameters_takes_any_channel_count_like_torch(rng, make, make_torch, shape):
+    """A layer with nothing per channel (no affine parameters, no running statistics) normalizes an
+    input of another channel count, as PyTorch's does (fastbn also warns: the count was given for
+    nothing); one with parameters refuses it."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    ours, theirs = make(), make_torch()
+    tx = T(x).requires_grad_(True)
+    ty = theirs(tx)
+    ty.backward(T(g))
+    for mode in ("train", "eval"):
+        getattr(ours, mode)()
+        with pytest.warns(UserWarning, match="is not used because"):
+            y = ours(x)
+        np.testing.assert_allclose(y, N(ty), **TOL[x.dtype])
+    ours.train()
+    with pytest.warns(UserWarning):
+        ours(x)
+    np.testing.assert_allclose(ours.backward(g), N(tx.grad), **TOL[x.dtype])
+    with pytest.raises(ValueError, match="expected"):
+        (fastbn.BatchNorm1d(5) if "Batch" in type(ours).__name__ else fastbn.GroupNorm(3, 9))(x)
