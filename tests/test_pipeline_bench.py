@@ -70,10 +70,10 @@ def test_only_fastbn_rows_carry_targets(report):
     assert names[("neighbours", "fastbn")] == ["median <= 1.3x idle"]
     assert names[("threads", "fastbn")] == []
     assert all(not v for (scenario, impl), v in names.items() if impl in ("torch", "floor"))
-    # every fastbn target carries its floor's value where the floor has one (not for the matmul ratio)
+    # every fastbn target carries its floor's value, the matmul ratio's too
     for r in report[0]:
         if r["impl"] == "fastbn":
-            assert all(("floor" in t) == (not t["name"].startswith("matmul")) for t in r["targets"])
+            assert all("floor" in t and "reachable" in t for t in r["targets"])
 
 
 def test_neighbour_processes_ran_until_the_end_and_are_gone(report):
@@ -230,6 +230,18 @@ def test_a_miss_the_floor_shares_is_out_of_reach():
     row = pipeline.make_row("neighbours", SHAPE, "fastbn", 2, [1.0], _timed([1.6]))
     pipeline.judge_against_floor(row, pipeline.make_row("neighbours", SHAPE, "floor", 2, [1.0], _timed([1.2])))
     assert pipeline.fmt_targets(row) == "MISS median <= 1.3x idle (1.6)" and pipeline.out_of_reach([row]) == 0
+    # the matmul next to the step over the matmul next to the control: the floor's, in the same rounds
+    control = _timed([0.1], [1.0])
+
+    def judged(floor_matmul):
+        row = pipeline.make_row("matmul", SHAPE, "fastbn", 2, [1.0], _timed([1.0], [1.45]), control)
+        floor = pipeline.make_row("matmul", SHAPE, "floor", 2, [1.0], _timed([1.0], [floor_matmul]), control)
+        pipeline.judge_against_floor(row, floor)
+        return row
+    row = judged(1.4)
+    assert pipeline.fmt_targets(row) == "MISS matmul <= 1.3x control (1.45; floor 1.4: out of reach)"
+    row = judged(1.1)
+    assert pipeline.fmt_targets(row) == "MISS matmul <= 1.3x control (1.45)" and pipeline.out_of_reach([row]) == 0
 
 
 def test_the_floor_step_moves_the_memory_it_says(rng):
