@@ -39,8 +39,24 @@ def _vector(v, name, be, n, dt, shape=None, what=None):
     return ck.vector(v, name, be, (n,) if shape is None else tuple(shape), dt, what=what)
 
 
-def _param(v, name, be, n, dt, default, shape=None, what=None):
-    return be.xp.full(n, default, dtype=dt) if v is None else _vector(v, name, be, n, dt, shape, what)
+def _param(v, name, be, x, n, dt, default, shape=None, what=None):
+    """``v`` as _vector gives it, or ``default`` everywhere on x's device where it is None."""
+    if v is not None:
+        return _vector(v, name, be, n, dt, shape, what)
+    with be.device(x):
+        return be.xp.full(n, default, dtype=dt)
+
+
+def _zeros(be, x, shape):
+    """float64 zeros (statistics, gradients) on x's device."""
+    with be.device(x):
+        return be.xp.zeros(shape)
+
+
+def _on_device(be, x, *named):
+    """Raise before any kernel runs unless every ``(name, array)`` the caller gave (None: skipped)
+    is on the device of x, the caller's input (the GPU's rule; NumPy arrays always are)."""
+    be.check_device(x, tuple((n, a) for n, a in named if a is not None and be.is_array(a)))
 
 
 # ---------------------------------------------------------------- group norm
@@ -69,10 +85,11 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, o
         raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
                          f"{tuple(input.shape)} with num_groups={G} (N * C / num_groups * spatial size is 1)")
     eps = ck.scalar(eps, "eps")
-    w = _param(weight, "weight", be, C, x.dtype, 1.0)
-    b = _param(bias, "bias", be, C, x.dtype, 0.0)
+    w = _param(weight, "weight", be, x, C, x.dtype, 1.0)
+    b = _param(bias, "bias", be, x, C, x.dtype, 0.0)
+    _on_device(be, input, ("weight", weight), ("bias", bias), ("out", out))
     y, y1, target = ck.prepare_out(be, out, input, x)
-    mean, var, invstd = (be.xp.zeros((N, G)) for _ in range(3))
+    mean, var, invstd = (_zeros(be, x, (N, G)) for _ in range(3))
     if x.size:
         k.group_forward(x, y1, *ck.apart(be, out, w, b), G, max(S, 1), eps, mean, var, invstd, be.threads())
     return ck.finish(y, target), mean, invstd
@@ -102,12 +119,14 @@ def _group_backward(grad_output, input, G, weight, save_mean, save_invstd, train
     else:
         N, C, G, S = _group_shape(input, G, what)
     training = ck.flag(training, "use_input_stats")
-    w = _param(weight, "weight", be, C, dt, 1.0)
+    w = _param(weight, "weight", be, x, C, dt, 1.0)
     rows = "(N, C)" if what.startswith("instance") else "(N, num_groups)"
     mean = _stats(save_mean, "save_mean", be, (N, G), rows)
     invstd = _stats(save_invstd, "save_invstd", be, (N, G), rows)
+    _on_device(be, input, ("grad_output", grad_output), ("weight", weight), ("save_mean", save_mean),
+               ("save_invstd", save_invstd), ("out", out))
     dx, dx1, target = ck.prepare_out(be, out, input, x, g)
-    gw = gb = be.xp.zeros(C)
+    gw = gb = _zeros(be, x, C)
     if x.size:  # (0 * inf after an eps=0 forward on a constant group makes grad_weight NaN, as in PyTorch)
         w, m, istd = ck.apart(be, out, w, mean, invstd)
         gw, gb = k.group_backward(g, x, dx1, w, G, max(S, 1), m, istd, training, be.threads())
@@ -159,10 +178,11 @@ def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5
     be, k, x = _input(input, "layer_norm")
     shape, lead, L = _layer_shape(input, normalized_shape)
     eps = ck.scalar(eps, "eps")
-    w = _param(weight, "weight", be, L, x.dtype, 1.0, shape, "normalized_shape")
-    b = _param(bias, "bias", be, L, x.dtype, 0.0, shape, "normalized_shape")
+    w = _param(weight, "weight", be, x, L, x.dtype, 1.0, shape, "normalized_shape")
+    b = _param(bias, "bias", be, x, L, x.dtype, 0.0, shape, "normalized_shape")
+    _on_device(be, input, ("weight", weight), ("bias", bias), ("out", out))
     y, y1, target = ck.prepare_out(be, out, input, x)
-    mean, var, invstd = (be.xp.zeros(lead) for _ in range(3))
+    mean, var, invstd = (_zeros(be, x, lead) for _ in range(3))
     if x.size:
         k.layer_forward(x, y1, *ck.apart(be, out, w, b), L, eps, mean, var, invstd, be.threads())
     elif L == 0:
@@ -187,15 +207,17 @@ def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean,
         return done
     be, k, dt, g, x = _grad_args(grad_output, input, "layer_norm_backward")
     shape, lead, L = _layer_shape(input, normalized_shape)
-    w = _param(weight, "weight", be, L, dt, 1.0, shape, "normalized_shape")
+    w = _param(weight, "weight", be, x, L, dt, 1.0, shape, "normalized_shape")
     mean = _stats(save_mean, "save_mean", be, lead, "the input's leading dimensions")
     invstd = _stats(save_invstd, "save_invstd", be, lead, "the input's leading dimensions")
+    _on_device(be, input, ("grad_output", grad_output), ("weight", weight), ("save_mean", save_mean),
+               ("save_invstd", save_invstd), ("out", out))
     dx, dx1, target = ck.prepare_out(be, out, input, x, g)
     if x.size:
         w, m, istd = ck.apart(be, out, w, mean, invstd)
         gw, gb = k.layer_backward(g, x, dx1, w, L, m, istd, be.threads())
     else:
-        gw, gb = be.xp.zeros(L), be.xp.zeros(L)
+        gw, gb = _zeros(be, x, L), _zeros(be, x, L)
     return ck.finish(dx, target), gw.astype(dt).reshape(shape), gb.astype(dt).reshape(shape)
 
 
@@ -229,8 +251,8 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
     use_input_stats = ck.flag(use_input_stats, "use_input_stats")
     if not use_input_stats and running_mean is None:
         raise ValueError("instance_norm needs running_mean and running_var when use_input_stats=False")
-    w = _param(weight, "weight", be, C, dt, 1.0)
-    b = _param(bias, "bias", be, C, dt, 0.0)
+    w = _param(weight, "weight", be, x, C, dt, 1.0)
+    b = _param(bias, "bias", be, x, C, dt, 0.0)
     if running_mean is not None:
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if not be.is_array(buf):
@@ -240,10 +262,12 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
         momentum = ck.scalar(momentum, "momentum", *((0.0, 1.0) if running_mean is not None else (-math.inf, math.inf)))
         if S == 1:  # as PyTorch, also for an empty batch (an empty spatial size passes)
             raise ValueError(f"expected more than 1 spatial element when training, got input of shape {tuple(input.shape)}")
+    _on_device(be, input, ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+               ("running_var", running_var), ("out", out))
     y, y1, target = ck.prepare_out(be, out, input, x)
     if use_input_stats:  # (otherwise the buffers are copied into mean and invstd before out is written)
         ck.out_apart_from(be, out, (("running_mean", running_mean), ("running_var", running_var)))
-    mean, var, invstd = (be.xp.zeros((N, C)) for _ in range(3))
+    mean, var, invstd = (_zeros(be, x, (N, C)) for _ in range(3))
     if use_input_stats:
         if x.size:
             k.group_forward(x, y1, *ck.apart(be, out, w, b), C, S, eps, mean, var, invstd, be.threads())

@@ -639,6 +639,21 @@ def test_norms_mixing_numpy_and_cupy_raises(rng):
         fastbn.group_norm(x, 2, np.ones(6, np.float32))
     with pytest.raises(TypeError, match="grad_output"):
         fastbn.layer_norm_backward(np.ones((4, 6, 5), np.float32), x, 5, None, cp.zeros((4, 6)), cp.ones((4, 6)))
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        return
+    with cp.cuda.Device(1):  # an array of the other GPU: refused before any kernel runs, with its name
+        w1, x1, o1 = cp.ones(6, cp.float32), cp.asarray(x.get()), cp.empty(x.shape, cp.float32)
+    for call, name in ((lambda: fastbn.group_norm(x, 2, w1), "weight"),
+                       (lambda: fastbn.layer_norm(x, 5, out=o1), "out"),
+                       (lambda: fastbn.instance_norm(x, cp.zeros(6, cp.float32), w1), "running_mean|running_var"),
+                       (lambda: fastbn.group_norm_backward(x1, x, 2, None, cp.zeros((4, 2)), cp.ones((4, 2))),
+                        "grad_output")):
+        with pytest.raises(ValueError, match=f"({name}) is on CUDA device 1 but the input is on device 0"):
+            call()
+    with cp.cuda.Device(1):  # called from its own device, the same input normalizes there
+        y = fastbn.group_norm(x1, 2, w1)
+        assert y.device.id == 1
+    _close(y, fastbn.group_norm(x.get(), 2), 1e-5, "on device 1")
 
 
 NORM_LAYERS = [(lambda **k: fastbn.GroupNorm(3, 6, **k), (4, 6, 5, 5)),

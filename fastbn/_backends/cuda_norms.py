@@ -31,11 +31,25 @@ def _shape(x, C, S):
     return n // (C * S), C, S
 
 
+def _on_device(fn):
+    """Run fn with its first argument's GPU current (the arrays CuPy makes on the way land there),
+    after checking that every other array argument is on it."""
+    names = fn.__code__.co_varnames[1:fn.__code__.co_argcount]
+
+    def run(a, *args):
+        cuda.check_device(a, tuple((n, v) for n, v in zip(names, args) if cuda.is_array(v)))
+        with a.device:
+            return fn(a, *args)
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
 def _per_channel(v, Cg):
     """A per-(n, g) row value, once for each of the row's Cg channels: (N * C,)."""
     return cuda.xp.repeat(v.reshape(-1), Cg)
 
 
+@_on_device
 def group_forward(x, y, weight, bias, G, S, eps, mean, var, invstd, threads, stream=-1):
     """Group norm's forward: write y, and mean, var, invstd of shape (N, G) (float64)."""
     N, C, S = _shape(x, weight.shape[0], S)
@@ -46,6 +60,7 @@ def group_forward(x, y, weight, bias, G, S, eps, mean, var, invstd, threads, str
     group_apply(x, y, weight, bias, G, S, mean, invstd, threads)
 
 
+@_on_device
 def group_apply(x, y, weight, bias, G, S, mean, invstd, threads, stream=-1):
     """y = (x - mean) * invstd * weight + bias with the given (N, G) statistics."""
     cp = cuda.xp
@@ -55,6 +70,7 @@ def group_apply(x, y, weight, bias, G, S, mean, invstd, threads, stream=-1):
                       _per_channel(mean, Cg), _per_channel(invstd, Cg))
 
 
+@_on_device
 def group_backward(dy, x, dx, weight, G, S, mean, invstd, training, threads, stream=-1):
     """Group norm's backward: write dx; return (grad_weight, grad_bias) as float64 (C,) arrays.
     ``training`` False: the statistics were constants (dx = dy * weight * invstd)."""
@@ -77,6 +93,7 @@ def group_backward(dy, x, dx, weight, G, S, mean, invstd, training, threads, str
     return gw.reshape(N, C).sum(axis=0), gb.reshape(N, C).sum(axis=0)
 
 
+@_on_device
 def layer_forward(x, y, weight, bias, L, eps, mean, var, invstd, threads, stream=-1):
     """Layer norm's forward over rows of L elements: write y, and mean, var, invstd (float64)."""
     cp = cuda.xp
@@ -91,6 +108,7 @@ def layer_forward(x, y, weight, bias, L, eps, mean, var, invstd, threads, stream
     cuda.forward_eval(y.reshape(R, L, 1), y.reshape(R, L, 1), weight, bias, cp.zeros(L), cp.ones(L))
 
 
+@_on_device
 def layer_backward(dy, x, dx, weight, L, mean, invstd, threads, stream=-1):
     """Layer norm's backward: write dx; return (grad_weight, grad_bias) as float64 (L,) arrays."""
     cp = cuda.xp
