@@ -73,6 +73,8 @@ cdef extern from "_norm_simd.h" nogil:
     void fbn_ln_grad_input_fl(const float *dy, const float *x, float *dx, Py_ssize_t n, const float *w, float istd, float mhi, float mlo, float kx, float kc, int nt)
     void fbn_ln_grad_input_f64(const double *dy, const double *x, double *dx, Py_ssize_t n, const double *w, double istd, double mhi, double mlo, double kx, double kc, int nt)
     int fbn_pair_affine(const float *x, float *y, Py_ssize_t C, Py_ssize_t S, const float *cf, int nt, const float *xn, double *acc)
+    int fbn_pair_grad(const float *dy, const float *x, float *dx, Py_ssize_t C, Py_ssize_t S, const float *cf, int nt,
+                      const float *dyn, const float *xn, const double *meann, double *acc)
     int fbn_row_pairs(int set)
 
 cdef enum:
@@ -153,13 +155,10 @@ cdef void _pass(const Job *jb, Py_ssize_t k, floating tag) noexcept nogil:
         r1 = min(jb.R, r0 + jb.rows_task)
         if op == GN_FWD:
             _group_forward_rows(jb, r0, r1, tag)
+        elif op == GN_BWD:
+            _group_backward_rows(jb, r0, r1, tag)
         else:
             for r in range(r0, r1):
-                if op == GN_BWD:
-                    _group_gsums(jb, r, 0, jb.L, jb.sums + r * 2 * jb.Cg, tag)
-                    _group_grad_coefs(jb, r, tag)
-                    _group_ginput(jb, r, 0, jb.L, tag)
-                    continue
                 _moments(jb, r, 0, jb.L, acc, tag)
                 _finish_row(jb, r, acc)
                 _ln_apply(jb, r, 0, jb.L, tag)
@@ -254,9 +253,10 @@ def short_inline(enabled=None):
 
 
 def row_pairs(enabled=None):
-    """Whether group norm's fused float32 forward tasks pair rows (_norm_simd.h: a row's normalize
-    in one loop with the next row's moments; the same bits as a row at a time) where they can;
-    sets it when given (the tests run both).  Not part of fastbn's API."""
+    """Whether group norm's fused float32 tasks pair rows (_norm_simd.h: a row's normalize in one
+    loop with the next row's moments, a row's grad_input with the next row's gradient sums; the
+    same bits as a row at a time) where they can; sets it when given (the tests run both).  Not
+    part of fastbn's API."""
     return bool(fbn_row_pairs(-1 if enabled is None else int(bool(enabled))))
 
 

@@ -175,8 +175,9 @@ cdef void _group_ginput(const Job *jb, Py_ssize_t r, Py_ssize_t f0, Py_ssize_t f
             fbn_affine_f64(<const double *>jb.dy + o, <double *>jb.y + o, jb.Cg, jb.S, f0, f1, cf, jb.nt, 0)
 
 
-# ---- a forward task's whole rows, one after the other; float32 rows that pair (fbn_pair_affine
-# in _norm_simd.h) normalize a row in one loop with the next row's moments.
+# ---- a task's whole rows, one after the other; float32 rows that pair (fbn_pair_affine and
+# fbn_pair_grad in _norm_simd.h) normalize a row in one loop with the next row's moments, or take a
+# row's grad_input in one loop with the next row's gradient sums.
 cdef bint _group_apply_pair(const Job *jb, Py_ssize_t r, double *acc, floating tag) noexcept nogil:
     """Row r's normalize (as _group_apply, a mean that is not wide) with row r + 1's moments into
     acc, where the rows pair."""
@@ -199,6 +200,33 @@ cdef void _group_forward_rows(const Job *jb, Py_ssize_t r0, Py_ssize_t r1, float
         summed = r + 1 < r1 and _group_apply_pair(jb, r, acc, tag)
         if not summed:
             _group_apply(jb, r, 0, jb.L, tag)
+
+
+cdef bint _group_ginput_pair(const Job *jb, Py_ssize_t r, floating tag) noexcept nogil:
+    """Row r's grad_input (as _group_ginput's float loops) with row r + 1's gradient sums into its
+    jb.sums (as _group_gsums), where the rows pair."""
+    cdef Py_ssize_t o = r * jb.L, c
+    cdef double *acc = jb.sums + (r + 1) * 2 * jb.Cg
+    if (floating is double or not jb.training or jb.L == 1 or _wide(jb.mean[r], tag) or _steep(jb.invstd[r], tag)
+            or _wide(jb.mean[r + 1], tag)):
+        return False
+    for c in range(2 * jb.Cg):
+        acc[c] = 0.0
+    return fbn_pair_grad(<const float *>jb.dy + o, <const float *>jb.x + o, <float *>jb.y + o, jb.Cg, jb.S,
+                         <const float *>jb.cf + r * 5 * jb.Cg, jb.nt, <const float *>jb.dy + o + jb.L,
+                         <const float *>jb.x + o + jb.L, jb.cmean + (r + 1) * jb.Cg, acc) != 0
+
+
+cdef void _group_backward_rows(const Job *jb, Py_ssize_t r0, Py_ssize_t r1, floating tag) noexcept nogil:
+    cdef bint summed = False  # row r's gradient sums are in jb.sums
+    cdef Py_ssize_t r
+    for r in range(r0, r1):
+        if not summed:
+            _group_gsums(jb, r, 0, jb.L, jb.sums + r * 2 * jb.Cg, tag)
+        _group_grad_coefs(jb, r, tag)
+        summed = r + 1 < r1 and _group_ginput_pair(jb, r, tag)
+        if not summed:
+            _group_ginput(jb, r, 0, jb.L, tag)
 
 
 cdef void _ln_row_coefs(const Job *jb, Py_ssize_t r, double A, double B, floating *istd, floating *hi,

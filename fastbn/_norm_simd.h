@@ -166,22 +166,26 @@ __attribute__((target("avx512f,fma"))) static void fbn_row_sums_512(const float 
     fbn_rs512_end(&a, p, i, n, k, s_out, q_out);
 }
 
-/* *a = sum(g) and *b = sum(g * (x - m)) over [0, n) in double lanes, 16 elements a step, both sums
- * as multiply-adds (a += g * 1), as fbn_row_sums_512. */
-__attribute__((target("avx512f,fma"))) static void fbn_grad_run_512(const float *g, const float *p, ptrdiff_t n,
-                                                                    double m, double *a_out, double *b_out)
+/* fbn_grad_run_512's lanes: two accumulators of sum(g) and two of sum(g * (x - m)). */
+typedef struct { __m512d a0, a1, b0, b1; } fbn_gr512;
+
+/* One step: the 16 elements at g and p, m in M, into the lanes of *s (both sums as multiply-adds,
+ * a += g * 1, as fbn_row_sums_512's). */
+FBN_SUM512 void fbn_gr512_step(fbn_gr512 *s, const float *g, const float *p, __m512d M)
 {
-    const __m512d M = _mm512_set1_pd(m), ONE = _mm512_set1_pd(1.0);
-    __m512d a0 = _mm512_setzero_pd(), a1 = a0, b0 = a0, b1 = a0;
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m512d g0 = _mm512_cvtps_pd(_mm256_loadu_ps(g + i)), g1 = _mm512_cvtps_pd(_mm256_loadu_ps(g + i + 8));
-        const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i)), M);
-        const __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + i + 8)), M);
-        a0 = _mm512_fmadd_pd(g0, ONE, a0), a1 = _mm512_fmadd_pd(g1, ONE, a1);
-        b0 = _mm512_fmadd_pd(g0, d0, b0), b1 = _mm512_fmadd_pd(g1, d1, b1);
-    }
-    double a = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1)), b = _mm512_reduce_add_pd(_mm512_add_pd(b0, b1));
+    const __m512d ONE = _mm512_set1_pd(1.0);
+    const __m512d g0 = _mm512_cvtps_pd(_mm256_loadu_ps(g)), g1 = _mm512_cvtps_pd(_mm256_loadu_ps(g + 8));
+    const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p)), M);
+    const __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)), M);
+    s->a0 = _mm512_fmadd_pd(g0, ONE, s->a0), s->a1 = _mm512_fmadd_pd(g1, ONE, s->a1);
+    s->b0 = _mm512_fmadd_pd(g0, d0, s->b0), s->b1 = _mm512_fmadd_pd(g1, d1, s->b1);
+}
+
+/* The lanes added up, then elements [i, n) one at a time. */
+FBN_SUM512 void fbn_gr512_end(const fbn_gr512 *s, const float *g, const float *p, ptrdiff_t i, ptrdiff_t n,
+                              double m, double *a_out, double *b_out)
+{
+    double a = _mm512_reduce_add_pd(_mm512_add_pd(s->a0, s->a1)), b = _mm512_reduce_add_pd(_mm512_add_pd(s->b0, s->b1));
     for (; i < n; i++) {
         const double gi = (double)g[i];
         a += gi;
@@ -189,6 +193,18 @@ __attribute__((target("avx512f,fma"))) static void fbn_grad_run_512(const float 
     }
     *a_out = a;
     *b_out = b;
+}
+
+/* *a = sum(g) and *b = sum(g * (x - m)) over [0, n) in double lanes, 16 elements a step. */
+__attribute__((target("avx512f,fma"))) static void fbn_grad_run_512(const float *g, const float *p, ptrdiff_t n,
+                                                                    double m, double *a_out, double *b_out)
+{
+    const __m512d M = _mm512_set1_pd(m), z = _mm512_setzero_pd();
+    fbn_gr512 s = {z, z, z, z};
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        fbn_gr512_step(&s, g + i, p + i, M);
+    fbn_gr512_end(&s, g, p, i, n, m, a_out, b_out);
 }
 
 /* Layer norm: dx = (dy * w) * istd + (((x - mhi) - mlo) * kx + kc), as fbn_ln_grad_input_f32's. */
@@ -691,9 +707,10 @@ FBN_CLONES static void fbn_ln_fold(float *gf, double *g, ptrdiff_t n)
  * fastbn._norm_kernels.row_pairs).  Stores as fbn_affine_512's: 64-byte aligned whole vectors,
  * streamed with nt.  Measured, min of 8 alternating rounds in one process, paired / a row at a time,
  * on 2 and 1 threads: (8, 256, 28, 28) 0.87, 0.85; (32, 64, 56, 56) 0.91, 0.97; (16, 64, 64, 64)
- * (one channel a group) 0.96, 0.96.  The backward's version (row r's grad_input with row r + 1's gradient sums)
- * did not gain: 0.92-1.08 in cache, 1.03-1.25 with streaming stores; its sums are bound by their
- * float-to-double conversions, two an element, not by memory. */
+ * (one channel a group) 0.96, 0.96.  The backward's version (fbn_pair_grad below: row r's
+ * grad_input with row r + 1's gradient sums, channel run by channel run) gains less, its sums being
+ * bound by their float-to-double conversions (two an element), and only in the cache: with streaming
+ * stores a first version measured 1.03-1.25, so those rows keep a row at a time. */
 #if defined(FBN_NT512) && defined(FBN_FLANES)
 static int fbn_pairs_off; /* tests: 1 takes a row at a time (fbn_row_pairs) */
 
@@ -743,6 +760,72 @@ __attribute__((target("avx512f,fma"))) static void fbn_pair_affine_512(const flo
     fbn_shift_merge(acc, (double)n, k, s / (double)n, q2 - s * (s / (double)n));
 }
 
+/* The backward's pairing: row r's grad_input (dy, x -> dx, cf = [mhi | mlo | kdy | kx | kc] as
+ * fbn_grad_input_fl's) while summing the next row's gradient sums (dyn, xn, its channels' means
+ * meann) as fbn_grad_sums_fl does with fbn_grad_run_512, into acc[2c], acc[2c + 1] (added): channel
+ * run c of one with channel run c of the other, a step of the sums (16 elements, the same adds in
+ * the same order) with each whole vector of results.  Stores as fbn_gi_512's with ordinary stores
+ * (masked head up to dx's next 64-byte line, aligned whole vectors, masked tail).  Measured in a C
+ * harness of these loops on (8, 256, 28, 28) GroupNorm(32) rows, 2 threads: 190-222 us paired
+ * against 222-246 a row at a time (sums alone 124-128, grad_input alone 114-139); group_norm_backward
+ * on that shape, paired / a row at a time in alternating rounds: 0.89-0.93 on 2 threads, 0.92 on 1. */
+__attribute__((target("avx512f,fma"))) static void fbn_pair_grad_512(const float *dy, const float *x, float *dx,
+                                                                     ptrdiff_t C, ptrdiff_t S, const float *cf,
+                                                                     const float *dyn, const float *xn,
+                                                                     const double *meann, double *acc)
+{
+    const __m512d z = _mm512_setzero_pd();
+    for (ptrdiff_t c = 0; c < C; c++) {
+        const float kx = cf[3 * C + c], kc = fbn_fold_lo(cf[4 * C + c], cf[C + c], kx);
+        const __m512 M = _mm512_set1_ps(cf[c]), KD = _mm512_set1_ps(cf[2 * C + c]), KX = _mm512_set1_ps(kx);
+        const __m512 KC = _mm512_set1_ps(kc);
+        const __m512d MN = _mm512_set1_pd(meann[c]);
+        const float *g = dy + c * S, *p = x + c * S, *gn = dyn + c * S, *pn = xn + c * S;
+        float *q = dx + c * S;
+        fbn_gr512 sums = {z, z, z, z};
+        ptrdiff_t i = 0; /* the sums' next step */
+        double a, b;
+#define FBN_PG_VEC(j, k, full)                                                                          \
+    fbn_st512(q + (j),                                                                                  \
+              _mm512_fmadd_ps(KD, _mm512_maskz_loadu_ps(k, g + (j)),                                    \
+                              _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + (j)), M), KX, KC)), \
+              k, full, 0)
+        ptrdiff_t j = (ptrdiff_t)((-(uintptr_t)q & 63) / 4);
+        if (j > S)
+            j = S;
+        if (j)
+            FBN_PG_VEC(0, (__mmask16)((1u << j) - 1), 0);
+        for (; j + 16 <= S; j += 16) {
+            FBN_PG_VEC(j, (__mmask16)0xffff, 1);
+            if (i + 16 <= S) {
+                fbn_gr512_step(&sums, gn + i, pn + i, MN);
+                i += 16;
+            }
+        }
+        if (j < S)
+            FBN_PG_VEC(j, (__mmask16)((1u << (S - j)) - 1), 0);
+#undef FBN_PG_VEC
+        for (; i + 16 <= S; i += 16) /* the step the head left over */
+            fbn_gr512_step(&sums, gn + i, pn + i, MN);
+        fbn_gr512_end(&sums, gn, pn, i, S, meann[c], &a, &b);
+        acc[2 * c] += a;
+        acc[2 * c + 1] += b;
+    }
+}
+
+/* Row r's grad_input with row r + 1's gradient sums (acc, added to); 0 where the rows do not pair,
+ * and nothing was done: they pair where the unpaired loops take the AVX-512 sums (fbn_grad_sums_fl:
+ * runs of FBN_AL512_RUN or more) and no streaming stores. */
+static int fbn_pair_grad(const float *dy, const float *x, float *dx, ptrdiff_t C, ptrdiff_t S, const float *cf,
+                         int nt, const float *dyn, const float *xn, const double *meann, double *acc)
+{
+    if (__atomic_load_n(&fbn_pairs_off, __ATOMIC_RELAXED) || nt || S < FBN_AL512_RUN || !fbn_nt512_ok(dx) ||
+        !fbn_nt512_ok(dyn))
+        return 0;
+    fbn_pair_grad_512(dy, x, dx, C, S, cf, dyn, xn, meann, acc);
+    return 1;
+}
+
 /* Row r's normalize (x, y) with row r + 1's moments (xn) into acc; 0 where the rows do not pair,
  * and nothing was done: they pair where the unpaired loops take the AVX-512 sums (rows of
  * FBN_NORM_LONG or more) and vector loops (runs of FBN_AL512_RUN or more; with nt, of
@@ -761,6 +844,12 @@ static int fbn_pair_affine(const float *x, float *y, ptrdiff_t C, ptrdiff_t S, c
                            const float *xn, double *acc)
 {
     (void)x, (void)y, (void)C, (void)S, (void)cf, (void)nt, (void)xn, (void)acc;
+    return 0;
+}
+static int fbn_pair_grad(const float *dy, const float *x, float *dx, ptrdiff_t C, ptrdiff_t S, const float *cf,
+                         int nt, const float *dyn, const float *xn, const double *meann, double *acc)
+{
+    (void)dy, (void)x, (void)dx, (void)C, (void)S, (void)cf, (void)nt, (void)dyn, (void)xn, (void)meann, (void)acc;
     return 0;
 }
 #endif

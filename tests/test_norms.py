@@ -998,6 +998,61 @@ def test_paired_rows_are_rows_one_at_a_time(shape, G, skew, stream):
         np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
 
 
+@pytest.mark.parametrize("shape, G, skew, stream", [((4, 64, 28, 28), 8, 0, 0), ((3, 4, 700), 2, 1, 0),
+                                                    ((2, 6, 300), 3, 3, 0), ((4, 8, 16, 17), 4, 2, 0),
+                                                    ((3, 4, 257), 4, 1, 0), ((3, 4, 700), 2, 0, 1),
+                                                    ((2, 64, 130), 16, 1, 0)])
+def test_paired_backward_rows_are_rows_one_at_a_time(shape, G, skew, stream):
+    """Group norm's float32 backward tasks with AVX-512 take a row's grad_input in one loop with the
+    next row's gradient sums (_norm_simd.h's fbn_pair_grad; fastbn._norm_kernels.row_pairs switches
+    them): the same bits as a row at a time, grad_input and the parameter gradients, on 1 and 2
+    threads, arrays 4 * skew bytes past a 64-byte line (runs whose head vector is partial, and a
+    sums step left after the last whole vector), NaN input, a 1e4 offset, and a row with a wide
+    mean among paired ones.  With streaming stores (the sixth case) and on runs shorter than 256
+    (the last) rows never pair; instance norm on running statistics (no sums) neither."""
+    from fastbn import _norm_kernels as K
+
+    before = K.row_pairs()
+    if not K.row_pairs(True):
+        K.row_pairs(before)
+        pytest.skip("no AVX-512F here, or a build without the paired loops: one set of loops")
+    rng = np.random.default_rng(41)
+    N, C = shape[0], shape[1]
+    S = int(np.prod(shape[2:]))
+    R = N * G
+
+    def skewed(a, k=skew):  # a copy 4 * k bytes past a 64-byte aligned start
+        buf = np.empty(a.size + 16 + k, np.float32)
+        out = buf[(-buf.ctypes.data % 64) // 4 + k:][:a.size].reshape(a.shape)
+        out[...] = a
+        return out
+
+    x = rng.standard_normal(shape) * 2 + 1e4 * rng.standard_normal((1, C) + (1,) * (len(shape) - 2))
+    x = skewed(x.astype(np.float32))
+    g = skewed(rng.standard_normal(shape).astype(np.float32), (skew + 2) % 4)
+    rows = x.reshape(R, -1)
+    rows[1, 7] = np.nan
+    if R > 3:
+        rows[2] = 3e38  # a wide mean: the rows' double loops
+    w = skewed(rng.uniform(-2, 2, C).astype(np.float32))
+    mean, var, invstd = (np.empty(R) for _ in range(3))
+    K.group_forward(x, np.empty_like(x), w, w, G, S, 1e-5, mean, var, invstd, 1, 0)
+    results = {}
+    try:
+        for paired in (True, False):
+            K.row_pairs(paired)
+            for threads in (1, 2):
+                for training in (True, False):
+                    dx = skewed(np.zeros(shape, np.float32), (skew + 1) % 4)
+                    gw, gb = K.group_backward(g, x, dx, w, G, S, mean, invstd, training, threads, stream)
+                    results[paired, threads, training] = (dx, gw, gb)
+    finally:
+        K.row_pairs(before)
+    for key in results:
+        for a, c in zip(results[key], results[(False,) + key[1:]]):
+            np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
+
+
 @pytest.mark.parametrize("shape, G", [((3, 64, 2, 2), 4), ((2, 24, 3, 3), 3), ((3, 10, 5), 2), ((2, 64, 3, 4), 2),
                                       ((3, 20, 11), 1), ((4, 6, 2), 6), ((2, 33, 3), 1), ((4, 64, 4, 4), 2),
                                       ((2, 6, 200), 3)])
