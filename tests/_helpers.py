@@ -1,5 +1,5 @@
-"""What fastbn's test modules import: a plain float64 NumPy reference, random inputs, and
-``assert_close`` with its tolerances.
+"""What fastbn's test modules import: a plain float64 NumPy reference, random inputs,
+``assert_close`` with its tolerances, and ``switched_on`` for the kernels' test switches.
 
 The reference is written independently of fastbn (no shared code, not even an import):
 batch statistics over every axis but 1, biased variance for normalizing, unbiased for the
@@ -9,6 +9,7 @@ Test modules ``from _helpers import ...`` (pytest puts tests/ on ``sys.path``, a
 conftest.py); the fixtures stay in conftest.py, which nothing imports by name.
 """
 import numpy as np
+import pytest
 
 # Tolerances against the float64 reference (absolute, on O(1) outputs).
 TOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-11}
@@ -114,3 +115,19 @@ def assert_close(actual, expected, dtype=None, tol=None, rel=True):
     scale = max(1.0, float(np.max(np.abs(expected), initial=0.0))) if rel else 1.0
     err = float(np.max(np.abs(actual.astype(np.float64) - expected), initial=0.0))
     assert err <= tol * scale, f"max error {err:.3e} > {tol:.1e} * {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------------- kernel switches
+def switched_on(switch, why):
+    """For a fixture (``yield from``): a kernel switch turned on for the test and restored after it.
+    ``switch`` returns its state and sets it when given a bool (fastbn._kernels.short_inline,
+    fastbn._norm_kernels.row_pairs, ...); where it will not turn on (no AVX-512 on this CPU, or a
+    build without those loops) the test is skipped with ``why``."""
+    before = switch()
+    if not switch(True):
+        switch(before)
+        pytest.skip(why)
+    try:
+        yield switch
+    finally:
+        switch(before)

@@ -7,7 +7,7 @@ forward's arithmetic.
 """
 import numpy as np
 import pytest
-from _helpers import assert_close, random_input, random_params
+from _helpers import assert_close, random_input, random_params, switched_on
 
 import fastbn
 from fastbn import _kernels
@@ -280,12 +280,7 @@ SHORT_SHAPES = ((3, 6, 7, 7), (2, 5, 9), (4, 3, 1, 8), (2, 4, 127), (3, 2, 1), (
 def short_inline():
     """Runs the test with _short512.h's AVX-512 loops on, then restores the switch; the tests switch
     it off and on to compare the two (fastbn._kernels.short_inline)."""
-    before = _kernels.short_inline()
-    if not _kernels.short_inline(True):
-        _kernels.short_inline(before)
-        pytest.skip("the short-row loops need AVX-512F, VL and FMA, which this CPU lacks")
-    yield _kernels.short_inline
-    _kernels.short_inline(before)
+    yield from switched_on(_kernels.short_inline, "the short-row loops need AVX-512F, VL and FMA, which this CPU lacks")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import fastbn
+from _helpers import switched_on
+from fastbn import _norm_kernels as K
 
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
@@ -520,8 +522,6 @@ def test_float32_streaming_stores_same_grad_input(kind, shape, shift):
     at either end of a run masked) give the dx of ordinary stores, at any offset of dx within a
     64-byte line: runs of 481 (buffered: shorter than FBN_NT512_RUN), 2115, 2050 and 1003 elements,
     not multiples of 16, and rows of 768."""
-    from fastbn import _norm_kernels as K
-
     rng = np.random.default_rng(23)
     x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
     g = rng.standard_normal(shape).astype(np.float32)
@@ -555,8 +555,6 @@ def test_group_norm_output_at_any_offset_in_a_line_has_the_same_values(shape):
     partial vectors at a run's ends masked): the forward's y and the backward's dx are those of an
     aligned output, at every offset of the output in a line, runs of 784, 323 (not a multiple of
     16) and 256 elements; nothing outside the output is written."""
-    from fastbn import _norm_kernels as K
-
     rng = np.random.default_rng(31)
     x = (rng.standard_normal(shape) * 3 + 20).astype(np.float32)
     g = rng.standard_normal(shape).astype(np.float32)
@@ -882,8 +880,6 @@ def test_zero_variance_with_eps_0_warns_nothing():
 def test_group_norm_forward_streams_short_channels_with_the_same_bits(shape, shift):
     """One element a channel (S = 1: a vector loop along the row) and short channel runs (results
     gathered across runs before they are streamed): streaming stores on and off, the same bits."""
-    from fastbn import _norm_kernels as K
-
     rng = np.random.default_rng(29)
     x = (rng.standard_normal(shape) * 2 + 7).astype(np.float32)
     C, G, S = shape[1], 2, int(np.prod(shape[2:]))
@@ -945,32 +941,45 @@ def test_float32_statistics_are_float64s(kind, head):
     assert ulps.max() <= 3, ulps.max()
 
 
+@pytest.fixture
+def row_pairs():
+    """fastbn._norm_kernels.row_pairs, restored after the test; skips where the build has one set of
+    loops (no AVX-512F)."""
+    yield from switched_on(K.row_pairs, "no AVX-512F here, or a build without the paired loops: one set of loops")
+
+
+@pytest.fixture
+def norm_short_inline():
+    """fastbn._norm_kernels.short_inline, on, restored after the test (skips as row_pairs)."""
+    yield from switched_on(K.short_inline, "no AVX-512F, VL and FMA here, or a build without the AVX-512 loops: "
+                                           "one set of loops")
+
+
+def _skewed(a, k):
+    """A float32 copy of a, 4 * k bytes past a 64-byte aligned start."""
+    buf = np.empty(a.size + 16 + k, np.float32)
+    out = buf[(-buf.ctypes.data % 64) // 4 + k:][:a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
 @pytest.mark.parametrize("stream", [0, 1])
 @pytest.mark.parametrize("shape, G, skew", [((6, 8, 16, 16), 1, 0), ((5, 12, 17, 31), 2, 1), ((4, 6, 2100), 3, 3),
                                             ((3, 4, 700), 1, 2), ((3, 8, 16, 16), 4, 0), ((2, 64, 130), 16, 1)])
-def test_paired_rows_are_rows_one_at_a_time(shape, G, skew, stream):
+def test_paired_rows_are_rows_one_at_a_time(row_pairs, shape, G, skew, stream):
     """Group norm's fused float32 forward tasks with AVX-512 normalize a row in one loop with the
     next row's moments (_norm_simd.h's paired rows; fastbn._norm_kernels.row_pairs switches them):
     the same bits as a row at a time, output and statistics, with streaming stores and without,
     arrays 4 * skew bytes past a 64-byte line, NaN input, a 1e4 offset, and a row with a wide mean
     among paired ones (it takes the double loop, the rest pair).  Rows shorter than 2048 (the fifth
     case) and runs shorter than 256 (the last; with streaming stores, 2048) never pair."""
-    from fastbn import _norm_kernels as K
-
-    before = K.row_pairs()
-    if not K.row_pairs(True):
-        K.row_pairs(before)
-        pytest.skip("no AVX-512F here, or a build without the paired loop: one set of loops")
     rng = np.random.default_rng(37)
     N, C = shape[0], shape[1]
     S = int(np.prod(shape[2:]))
     R = N * G
 
-    def skewed(a):  # a copy 4 * skew bytes past a 64-byte aligned start
-        buf = np.empty(a.size + 16 + skew, np.float32)
-        out = buf[(-buf.ctypes.data % 64) // 4 + skew:][:a.size].reshape(a.shape)
-        out[...] = a
-        return out
+    def skewed(a):
+        return _skewed(a, skew)
 
     x = (rng.standard_normal(shape) * 2 + 1e4 * rng.standard_normal((1, C) + (1,) * (len(shape) - 2)))
     x = skewed(x.astype(np.float32))
@@ -981,16 +990,13 @@ def test_paired_rows_are_rows_one_at_a_time(shape, G, skew, stream):
     w = skewed(rng.uniform(-2, 2, C).astype(np.float32))
     b = skewed(rng.standard_normal(C).astype(np.float32))
     results = {}
-    try:
-        for paired in (True, False):
-            K.row_pairs(paired)
-            for threads in (1, 2):
-                y = skewed(np.zeros(shape, np.float32))
-                mean, var, invstd = (np.empty(R) for _ in range(3))
-                K.group_forward(x, y, w, b, G, S, 1e-5, mean, var, invstd, threads, stream)
-                results[paired, threads] = (y, mean, var, invstd)
-    finally:
-        K.row_pairs(before)
+    for paired in (True, False):
+        row_pairs(paired)
+        for threads in (1, 2):
+            y = skewed(np.zeros(shape, np.float32))
+            mean, var, invstd = (np.empty(R) for _ in range(3))
+            K.group_forward(x, y, w, b, G, S, 1e-5, mean, var, invstd, threads, stream)
+            results[paired, threads] = (y, mean, var, invstd)
     for threads in (1, 2):
         for a, c in zip(results[True, threads], results[False, threads]):
             np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
@@ -1002,7 +1008,7 @@ def test_paired_rows_are_rows_one_at_a_time(shape, G, skew, stream):
                                                     ((2, 6, 300), 3, 3, 0), ((4, 8, 16, 17), 4, 2, 0),
                                                     ((3, 4, 257), 4, 1, 0), ((3, 4, 700), 2, 0, 1),
                                                     ((2, 64, 130), 16, 1, 0)])
-def test_paired_backward_rows_are_rows_one_at_a_time(shape, G, skew, stream):
+def test_paired_backward_rows_are_rows_one_at_a_time(row_pairs, shape, G, skew, stream):
     """Group norm's float32 backward tasks with AVX-512 take a row's grad_input in one loop with the
     next row's gradient sums (_norm_simd.h's fbn_pair_grad; fastbn._norm_kernels.row_pairs switches
     them): the same bits as a row at a time, grad_input and the parameter gradients, on 1 and 2
@@ -1010,22 +1016,13 @@ def test_paired_backward_rows_are_rows_one_at_a_time(shape, G, skew, stream):
     sums step left after the last whole vector), NaN input, a 1e4 offset, and a row with a wide
     mean among paired ones.  With streaming stores (the sixth case) and on runs shorter than 256
     (the last) rows never pair; instance norm on running statistics (no sums) neither."""
-    from fastbn import _norm_kernels as K
-
-    before = K.row_pairs()
-    if not K.row_pairs(True):
-        K.row_pairs(before)
-        pytest.skip("no AVX-512F here, or a build without the paired loops: one set of loops")
     rng = np.random.default_rng(41)
     N, C = shape[0], shape[1]
     S = int(np.prod(shape[2:]))
     R = N * G
 
-    def skewed(a, k=skew):  # a copy 4 * k bytes past a 64-byte aligned start
-        buf = np.empty(a.size + 16 + k, np.float32)
-        out = buf[(-buf.ctypes.data % 64) // 4 + k:][:a.size].reshape(a.shape)
-        out[...] = a
-        return out
+    def skewed(a, k=skew):
+        return _skewed(a, k)
 
     x = rng.standard_normal(shape) * 2 + 1e4 * rng.standard_normal((1, C) + (1,) * (len(shape) - 2))
     x = skewed(x.astype(np.float32))
@@ -1038,16 +1035,13 @@ def test_paired_backward_rows_are_rows_one_at_a_time(shape, G, skew, stream):
     mean, var, invstd = (np.empty(R) for _ in range(3))
     K.group_forward(x, np.empty_like(x), w, w, G, S, 1e-5, mean, var, invstd, 1, 0)
     results = {}
-    try:
-        for paired in (True, False):
-            K.row_pairs(paired)
-            for threads in (1, 2):
-                for training in (True, False):
-                    dx = skewed(np.zeros(shape, np.float32), (skew + 1) % 4)
-                    gw, gb = K.group_backward(g, x, dx, w, G, S, mean, invstd, training, threads, stream)
-                    results[paired, threads, training] = (dx, gw, gb)
-    finally:
-        K.row_pairs(before)
+    for paired in (True, False):
+        row_pairs(paired)
+        for threads in (1, 2):
+            for training in (True, False):
+                dx = skewed(np.zeros(shape, np.float32), (skew + 1) % 4)
+                gw, gb = K.group_backward(g, x, dx, w, G, S, mean, invstd, training, threads, stream)
+                results[paired, threads, training] = (dx, gw, gb)
     for key in results:
         for a, c in zip(results[key], results[(False,) + key[1:]]):
             np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
@@ -1056,7 +1050,7 @@ def test_paired_backward_rows_are_rows_one_at_a_time(shape, G, skew, stream):
 @pytest.mark.parametrize("shape, G", [((3, 64, 2, 2), 4), ((2, 24, 3, 3), 3), ((3, 10, 5), 2), ((2, 64, 3, 4), 2),
                                       ((3, 20, 11), 1), ((4, 6, 2), 6), ((2, 33, 3), 1), ((4, 64, 4, 4), 2),
                                       ((2, 6, 200), 3)])
-def test_short_channel_runs_loops_are_the_generic_ones(shape, G):
+def test_short_channel_runs_loops_are_the_generic_ones(norm_short_inline, shape, G):
     """Rows of short channel runs take one vector loop a row with AVX-512 (_norm_simd.h's
     fbn_gs_affine and fbn_gs_grad_input; fastbn._norm_kernels.short_inline switches them and
     _short512.h's sums): the generic loops' values for the forward, grad_input and the parameter
@@ -1065,39 +1059,31 @@ def test_short_channel_runs_loops_are_the_generic_ones(shape, G):
     gradient where a weight is 0.  Runs of 2 to 12 elements
     take them, with 1 to 32 channels a group (one register of coefficients or two); more channels
     or longer runs (the last cases) take the generic loops both times."""
-    from fastbn import _norm_kernels as K
-
-    before = K.short_inline()
-    if not K.short_inline(True):
-        K.short_inline(before)
-        pytest.skip("no AVX-512F, VL and FMA here, or a build without the AVX-512 loops: one set of loops")
     rng = np.random.default_rng(31)
     C = shape[1]
     results = {}
-    try:
-        for offset in (0.0, 1e4):
-            x = (rng.standard_normal(shape) + offset).astype(np.float32)
-            x.flat[5] = np.nan
-            dy = rng.standard_normal(shape).astype(np.float32)
-            if offset:  # +-2**40 in each run's first two elements: a change in the sums' order shows
-                runs = dy.reshape(shape[0], C, -1)
-                runs[:, :, 0] += np.float32(2.0 ** 40)
-                runs[:, :, min(1, runs.shape[2] - 1)] -= np.float32(2.0 ** 40)
-            w = rng.uniform(-2, 2, C).astype(np.float32)
-            w[0], w[-1] = 0.0, np.inf
-            b = rng.standard_normal(C).astype(np.float32)
-            for inline in (True, False):
-                K.short_inline(inline)
-                y, m, s = fastbn.group_norm_forward(x, G, w, b)
-                dx, gw, gb = fastbn.group_norm_backward(dy, x, G, w, m, s)
-                yi, mi, si = fastbn.instance_norm_forward(x, weight=w, bias=b)
-                dxi, gwi, gbi = fastbn.instance_norm_backward(dy, x, w, mi, si)
-                results[offset, inline] = (y, dx, gw, gb, yi, dxi, gwi, gbi)
-    finally:
-        K.short_inline(before)
+    for offset in (0.0, 1e4):
+        x = (rng.standard_normal(shape) + offset).astype(np.float32)
+        x.flat[5] = np.nan
+        dy = rng.standard_normal(shape).astype(np.float32)
+        if offset:  # +-2**40 in each run's first two elements: a change in the sums' order shows
+            runs = dy.reshape(shape[0], C, -1)
+            runs[:, :, 0] += np.float32(2.0 ** 40)
+            runs[:, :, min(1, runs.shape[2] - 1)] -= np.float32(2.0 ** 40)
+        w = rng.uniform(-2, 2, C).astype(np.float32)
+        w[0], w[-1] = 0.0, np.inf
+        b = rng.standard_normal(C).astype(np.float32)
+        for inline in (True, False):
+            norm_short_inline(inline)
+            y, m, s = fastbn.group_norm_forward(x, G, w, b)
+            dx, gw, gb = fastbn.group_norm_backward(dy, x, G, w, m, s)
+            yi, mi, si = fastbn.instance_norm_forward(x, weight=w, bias=b)
+            dxi, gwi, gbi = fastbn.instance_norm_backward(dy, x, w, mi, si)
+            results[offset, inline] = (y, dx, gw, gb, yi, dxi, gwi, gbi)
     for offset in (0.0, 1e4):
         for a, c in zip(results[offset, True], results[offset, False]):
             np.testing.assert_array_equal(a, c)  # (equal values: +0 == -0, NaN where NaN)
+    norm_short_inline(True)
     # and PyTorch's, where the input is finite and the weights too
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.uniform(-2, 2, C).astype(np.float32)
