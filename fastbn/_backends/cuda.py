@@ -396,21 +396,26 @@ def _apply_grid(sm, total):
 
 def forward_train(x, y, weight, bias, eps, relu=False):
     """Write the normalized x (then ReLU'd where ``relu``) into y; return the batch (mean, biased
-    var, invstd), float64."""
+    var, invstd), float64.  y None: the statistics alone, writing nothing else (``moments``)."""
     cp = _import_cupy()
     N, C, S = x.shape
     dev = x.device
-    _check_device(dev.id, (("out", y), ("weight", weight), ("bias", bias)))
+    if y is not None:
+        _check_device(dev.id, (("out", y), ("weight", weight), ("bias", bias)))
     with dev:
         mean, var, invstd = cp.empty(C), cp.empty(C), cp.empty(C)
         if C == 0 or N * S == 0:
             return mean, var, invstd
         kern = _kernels(dev.id, x.dtype)
         pdt = _param_dtype(x.dtype)
+        eps = np.float64(eps)
+        if y is None:  # no affine to write: unit coefficients, the reducing kernels only
+            path, k, U = _split_plan(cp, dev.id, C, S, N * S)
+            _statistics(cp, kern, x, path, k, U, eps, cp.ones(C, pdt), cp.zeros(C, pdt), mean, var, invstd)
+            return mean, var, invstd
         w, b = _vec(cp, weight, pdt), _vec(cp, bias, pdt)  # apart from y: _checks.apart
         act = np.int32(1 if relu else 0)
         path, k, U = _plan(cp, dev.id, C, S, N * S)
-        eps = np.float64(eps)
         if path == "channels":
             kern["bn_forward_channels"](_grid(C), (BLOCK,),
                                         (x, y, w, b, eps, act, _i(N), _i(C), _i(S), mean, var, invstd))
@@ -455,18 +460,7 @@ def moments(x, eps):
     """The statistics of each channel of (N, C, S) x, (mean, biased var, invstd = 1 / sqrt(var +
     eps)) as float64 vectors, as forward_train's, writing nothing else (the group and layer norms
     of cuda_norms)."""
-    cp = _import_cupy()
-    N, C, S = x.shape
-    dev = x.device
-    with dev:
-        mean, var, invstd = cp.empty(C), cp.empty(C), cp.empty(C)
-        if C == 0 or N * S == 0:
-            return mean, var, invstd
-        kern = _kernels(dev.id, x.dtype)
-        pdt = _param_dtype(x.dtype)
-        path, k, U = _split_plan(cp, dev.id, C, S, N * S)
-        _statistics(cp, kern, x, path, k, U, np.float64(eps), cp.ones(C, pdt), cp.zeros(C, pdt), mean, var, invstd)
-    return mean, var, invstd
+    return forward_train(x, None, None, None, eps)
 
 
 def update_running(running_mean, running_var, mean, var, momentum, n, unbiased=True):
